@@ -1,0 +1,182 @@
+//! The `flowcore` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use flowcore::ports::FlowStore;
+use flowcore::ports::memory::MemoryFlowStore;
+use flowcore::{Engine, FlowDef, RunEvent, RunOptions, RunStatus};
+use serde_json::Value;
+
+/// flowcore: a workflow engine.
+#[derive(Debug, Parser)]
+#[command(name = "flowcore", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Checks a flow file: prints "ok", or every problem one a line and exits 1.
+    Validate {
+        /// The flow's JSON file.
+        flow: PathBuf,
+    },
+    /// Runs a flow in this process (no server, nothing stored): progress on stderr, the output
+    /// as JSON on stdout; exits 1 when the run does not succeed.
+    Run {
+        /// The flow's JSON file.
+        flow: PathBuf,
+        /// The run's input, as JSON.
+        #[arg(long, default_value = "{}")]
+        input: String,
+        /// A folder of flow files that `subflow` nodes may call, by their `id`.
+        #[arg(long)]
+        flows_dir: Option<PathBuf>,
+        /// The run's time limit in seconds.
+        #[arg(long, env = "FLOW_TIMEOUT_SECONDS", default_value_t = 600)]
+        timeout_seconds: u64,
+        /// No progress lines on stderr.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    match cli.command {
+        Command::Validate { flow } => validate(&flow),
+        Command::Run { flow, input, flows_dir, timeout_seconds, quiet } => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => return fail(format!("cannot start the runtime: {e}")),
+            };
+            runtime.block_on(run(&flow, &input, flows_dir.as_deref(), timeout_seconds, quiet))
+        }
+    }
+}
+
+fn fail(message: String) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::FAILURE
+}
+
+fn read_flow(path: &Path) -> Result<FlowDef, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    FlowDef::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn validate(path: &Path) -> ExitCode {
+    let flow = match read_flow(path) {
+        Ok(flow) => flow,
+        Err(e) => return fail(e),
+    };
+    match Engine::new().compile(&flow) {
+        Ok(_) => {
+            println!("ok");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            for problem in &e.problems {
+                println!("{problem}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(path: &Path, input: &str, flows_dir: Option<&Path>, timeout_seconds: u64, quiet: bool) -> ExitCode {
+    let flow = match read_flow(path) {
+        Ok(flow) => flow,
+        Err(e) => return fail(e),
+    };
+    let input: Value = match serde_json::from_str(input) {
+        Ok(v) => v,
+        Err(e) => return fail(format!("--input is not valid JSON: {e}")),
+    };
+    let store = Arc::new(MemoryFlowStore::new());
+    if let Some(dir) = flows_dir {
+        if let Err(e) = load_flows(&*store, dir).await {
+            return fail(e);
+        }
+    }
+    if flow.id.is_some() && store.get(flow.id.as_deref().unwrap_or_default(), None).await.is_err() {
+        let _ = store.create(&flow).await;
+    }
+    let limits = flowcore::Limits { run_timeout: std::time::Duration::from_secs(timeout_seconds.max(1)), ..Default::default() };
+    let engine = Engine::builder().limits(limits).flow_store(store).build();
+    let plan = match engine.compile(&flow) {
+        Ok(plan) => plan,
+        Err(e) => {
+            for problem in &e.problems {
+                eprintln!("{problem}");
+            }
+            return fail(format!("{} is not a valid flow", path.display()));
+        }
+    };
+    let started = Instant::now();
+    let mut options = RunOptions::default();
+    if !quiet {
+        options.events = Some(Arc::new(move |event: &RunEvent| progress(event, started)));
+    }
+    let handle = engine.start(&plan, input, options);
+    let cancel = handle.cancellation_token().clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            cancel.cancel();
+        }
+    });
+    let result = handle.wait().await;
+    match result.status {
+        RunStatus::Succeeded => {
+            let output = result.output.unwrap_or(Value::Null);
+            match serde_json::to_string_pretty(&output) {
+                Ok(text) => println!("{text}"),
+                Err(e) => return fail(format!("cannot print the output: {e}")),
+            }
+            ExitCode::SUCCESS
+        }
+        status => fail(format!("run {status}: {}", result.error.unwrap_or_default())),
+    }
+}
+
+async fn load_flows(store: &dyn FlowStore, dir: &Path) -> Result<(), String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    for entry in entries {
+        let path = entry.map_err(|e| format!("cannot read {}: {e}", dir.display()))?.path();
+        if path.extension().is_some_and(|x| x == "json") {
+            let flow = read_flow(&path)?;
+            if flow.id.is_none() {
+                return Err(format!("{}: a flow in --flows-dir needs an id", path.display()));
+            }
+            store.create(&flow).await.map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn progress(event: &RunEvent, started: Instant) {
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    match event {
+        RunEvent::NodeStarted { node, attempt, .. } if *attempt > 1 => {
+            eprintln!("{ms:9.1} ms  {node}: retry, attempt {attempt}");
+        }
+        RunEvent::NodeStarted { node, .. } => eprintln!("{ms:9.1} ms  {node}: started"),
+        RunEvent::NodeFinished { node, status, error, .. } => match error {
+            Some(error) => eprintln!("{ms:9.1} ms  {node}: {status}: {error}"),
+            None => eprintln!("{ms:9.1} ms  {node}: {status}"),
+        },
+        RunEvent::RunFinished { status, .. } => eprintln!("{ms:9.1} ms  run {status}"),
+        _ => {}
+    }
+}

@@ -1,0 +1,659 @@
+//! The scheduler: executes a compiled [`Plan`] on tokio.
+//!
+//! One run is one driver future. Nodes that are ready execute concurrently inside it (a
+//! `FuturesUnordered`), so a node costs a boxed future and a wake-up rather than a spawned task;
+//! the engine's many runs spread over the runtime's threads, and blocking nodes (scripts) move
+//! their work to the blocking pool. The plan is never changed: a run keeps its own counters.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{CompileError, Error, NodeError};
+use crate::event::{EventSink, RunEvent};
+use crate::expr::NodeOutputs;
+use crate::ids::RunId;
+use crate::model::{FlowDef, OnError};
+use crate::node::{NodeContext, Registry};
+use crate::plan::{ERROR_PORT, Plan, compile};
+use crate::ports::FlowStore;
+use crate::ports::memory::MemoryFlowStore;
+use crate::run::{RunResult, RunStatus, StepRecord, StepRecorder, StepStatus};
+
+/// Limits the engine enforces on every run.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A run's time limit (`FLOW_TIMEOUT_SECONDS`, 600 s). A flow's `settings.timeout_seconds`
+    /// may lower it, not raise it.
+    pub run_timeout: Duration,
+    /// The largest output of one step, as serialized JSON (`MAX_FILE_SIZE_MB`, 25 MB).
+    pub max_output_bytes: usize,
+    /// How many nodes may execute at once across all runs of this engine; `None` for no limit.
+    pub max_concurrent_nodes: Option<usize>,
+    /// How deep subflows may nest.
+    pub max_subflow_depth: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            run_timeout: Duration::from_secs(600),
+            max_output_bytes: 25 * 1024 * 1024,
+            max_concurrent_nodes: None,
+            max_subflow_depth: 8,
+        }
+    }
+}
+
+/// Builds an [`Engine`].
+#[derive(Default)]
+pub struct EngineBuilder {
+    registry: Option<Registry>,
+    limits: Limits,
+    flows: Option<Arc<dyn FlowStore>>,
+}
+
+impl fmt::Debug for EngineBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EngineBuilder").field("limits", &self.limits).finish_non_exhaustive()
+    }
+}
+
+impl EngineBuilder {
+    /// The node types (default: [`Registry::with_builtins`]).
+    pub fn registry(mut self, registry: Registry) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+    /// The limits (default: [`Limits::default`]).
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+    /// Where `subflow` nodes find flows (default: an empty in-memory store).
+    pub fn flow_store(mut self, flows: Arc<dyn FlowStore>) -> Self {
+        self.flows = Some(flows);
+        self
+    }
+    /// The engine.
+    pub fn build(self) -> Engine {
+        let permits = self.limits.max_concurrent_nodes.map(|n| Arc::new(Semaphore::new(n.max(1))));
+        Engine(Arc::new(EngineInner {
+            registry: self.registry.unwrap_or_else(Registry::with_builtins),
+            limits: self.limits,
+            permits,
+            flows: self.flows.unwrap_or_else(|| Arc::new(MemoryFlowStore::new())),
+        }))
+    }
+}
+
+/// Compiles flows and executes runs. Cheap to clone; clones share limits and concurrency.
+#[derive(Clone)]
+pub struct Engine(Arc<EngineInner>);
+
+struct EngineInner {
+    registry: Registry,
+    limits: Limits,
+    permits: Option<Arc<Semaphore>>,
+    flows: Arc<dyn FlowStore>,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine").field("registry", &self.0.registry).field("limits", &self.0.limits).finish()
+    }
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How to execute one run; every field is optional.
+#[derive(Default)]
+pub struct RunOptions {
+    /// The run's id (default: a fresh one).
+    pub run_id: Option<RunId>,
+    /// Receives the run's events.
+    pub events: Option<Arc<dyn EventSink>>,
+    /// Receives every finished step before the nodes after it start.
+    pub recorder: Option<Arc<dyn StepRecorder>>,
+    /// Steps finished by an earlier execution of this run: they are not executed again.
+    pub resume: Vec<StepRecord>,
+    /// Cancels the run from outside.
+    pub cancel: Option<CancellationToken>,
+    /// Overrides the run's time limit.
+    pub timeout: Option<Duration>,
+}
+
+impl fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("run_id", &self.run_id)
+            .field("events", &self.events.is_some())
+            .field("recorder", &self.recorder.is_some())
+            .field("resume", &self.resume.len())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// A run started with [`Engine::start`].
+#[derive(Debug)]
+pub struct RunHandle {
+    run_id: RunId,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<RunResult>,
+}
+
+impl RunHandle {
+    /// The run's id.
+    pub fn run_id(&self) -> &RunId {
+        &self.run_id
+    }
+    /// Cancels the run: running nodes are stopped and the run ends as `cancelled`.
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+    /// The run's cancellation token.
+    pub fn cancellation_token(&self) -> &CancellationToken {
+        &self.cancel
+    }
+    /// Waits for the run's result.
+    pub async fn wait(self) -> RunResult {
+        let now = Utc::now();
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => RunResult {
+                run_id: self.run_id,
+                status: RunStatus::Failed,
+                output: None,
+                error: Some(format!("the run's task ended abnormally: {e}")),
+                steps: Vec::new(),
+                started_at: now,
+                finished_at: now,
+            },
+        }
+    }
+}
+
+impl Engine {
+    /// An engine with the built-in nodes, default limits and an in-memory flow store.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let engine = flowcore::Engine::new();
+    /// let plan = engine.compile_json(r#"{"nodes": [{"id": "a", "type": "template", "params": {"template": "hi {{ input.who }}"}}]}"#).unwrap();
+    /// let result = engine.run(&plan, serde_json::json!({"who": "you"})).await;
+    /// assert_eq!(result.output, Some(serde_json::json!("hi you")));
+    /// # });
+    /// ```
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+    /// A builder to set the registry, limits and flow store.
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::default()
+    }
+    /// The node types.
+    pub fn registry(&self) -> &Registry {
+        &self.0.registry
+    }
+    /// The limits.
+    pub fn limits(&self) -> &Limits {
+        &self.0.limits
+    }
+    /// The flow store that `subflow` nodes read.
+    pub fn flow_store(&self) -> &Arc<dyn FlowStore> {
+        &self.0.flows
+    }
+    /// Compiles a flow, reporting every problem.
+    pub fn compile(&self, flow: &FlowDef) -> Result<Plan, CompileError> {
+        compile(flow, &self.0.registry)
+    }
+    /// Parses and compiles a flow from JSON text.
+    pub fn compile_json(&self, text: &str) -> Result<Plan, Error> {
+        Ok(self.compile(&FlowDef::from_json(text)?)?)
+    }
+    /// Executes a run to its end with default options.
+    pub async fn run(&self, plan: &Plan, input: Value) -> RunResult {
+        self.execute(plan, input, RunOptions::default()).await
+    }
+    /// Starts a run on the current tokio runtime and returns a handle to cancel or await it.
+    pub fn start(&self, plan: &Plan, input: Value, mut options: RunOptions) -> RunHandle {
+        let run_id = options.run_id.get_or_insert_with(RunId::new).clone();
+        let cancel = options.cancel.get_or_insert_with(CancellationToken::new).clone();
+        let engine = self.clone();
+        let plan = plan.clone();
+        let task = tokio::spawn(async move { engine.execute(&plan, input, options).await });
+        RunHandle { run_id, cancel, task }
+    }
+    /// Executes a run to its end.
+    pub async fn execute(&self, plan: &Plan, input: Value, options: RunOptions) -> RunResult {
+        Driver::new(self.clone(), plan.clone(), Arc::new(input), options, 0).run().await
+    }
+    /// Executes a run as a child of a running node (for `subflow`): it is cancelled with its
+    /// parent and does not take a second concurrency permit.
+    pub async fn execute_child(&self, plan: &Plan, input: Value, parent: &NodeContext) -> RunResult {
+        let options = RunOptions { cancel: Some(parent.cancellation().child_token()), ..RunOptions::default() };
+        Driver::new(self.clone(), plan.clone(), Arc::new(input), options, parent.depth() + 1).run().await
+    }
+}
+
+/// The part of a run that its nodes share.
+pub(crate) struct RunShared {
+    pub(crate) plan: Plan,
+    pub(crate) run_id: RunId,
+    pub(crate) input: Arc<Value>,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) engine: Engine,
+    pub(crate) depth: u32,
+    pub(crate) events: Option<Arc<dyn EventSink>>,
+    recorder: Option<Arc<dyn StepRecorder>>,
+    outputs: Box<[OnceLock<Arc<Value>>]>,
+}
+
+impl fmt::Debug for RunShared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunShared").field("run_id", &self.run_id).finish_non_exhaustive()
+    }
+}
+
+impl RunShared {
+    pub(crate) fn output(&self, index: usize) -> Option<&Arc<Value>> {
+        self.outputs[index].get()
+    }
+
+    fn emit(&self, make: impl FnOnce() -> RunEvent) {
+        if let Some(sink) = &self.events {
+            sink.emit(&make());
+        }
+    }
+}
+
+impl NodeOutputs for RunShared {
+    fn get(&self, id: &str) -> Option<Arc<Value>> {
+        self.plan.index_of(id).and_then(|i| self.outputs[i].get().cloned())
+    }
+    fn ids(&self) -> Vec<String> {
+        (0..self.plan.len()).filter(|&i| self.outputs[i].get().is_some()).map(|i| self.plan.node_id(i).to_owned()).collect()
+    }
+}
+
+/// Which outgoing edges of a finished node are live.
+#[derive(Debug, Clone)]
+enum Taken {
+    /// The main output, plus a named port if any.
+    Main(Option<Arc<str>>),
+    /// Only the `error` port (a routed failure).
+    ErrorPort,
+    /// None (a skipped node).
+    Nothing,
+}
+
+impl Taken {
+    fn is_live(&self, edge_port: Option<&Arc<str>>) -> bool {
+        match (self, edge_port) {
+            (Self::Main(_), None) => true,
+            (Self::Main(Some(p)), Some(e)) => p == e,
+            (Self::ErrorPort, Some(e)) => &**e == ERROR_PORT,
+            _ => false,
+        }
+    }
+
+    fn of_checkpoint(step: &StepRecord) -> Self {
+        match (step.status, step.port.as_deref()) {
+            (StepStatus::Skipped, _) => Self::Nothing,
+            (StepStatus::Failed, Some(ERROR_PORT)) => Self::ErrorPort,
+            (_, _) => Self::Main(step.port.clone()),
+        }
+    }
+}
+
+struct Done {
+    index: usize,
+    step: StepRecord,
+    taken: Taken,
+    /// Set when the run must stop: a failed node with `on_error: fail`, or a failed recording.
+    fail_run: Option<String>,
+}
+
+struct Driver {
+    run: Arc<RunShared>,
+    options_resume: Vec<Option<StepRecord>>,
+    timeout: Duration,
+    pending: Vec<usize>,
+    live: Vec<bool>,
+    steps: Vec<Option<StepRecord>>,
+    launched: Vec<Option<DateTime<Utc>>>,
+    ready: VecDeque<usize>,
+}
+
+impl Driver {
+    fn new(engine: Engine, plan: Plan, input: Arc<Value>, options: RunOptions, depth: u32) -> Self {
+        let n = plan.len();
+        let limit = engine.limits().run_timeout;
+        let timeout = options.timeout.unwrap_or_else(|| plan.timeout().map_or(limit, |t| t.min(limit)));
+        let mut resume: Vec<Option<StepRecord>> = vec![None; n];
+        for step in options.resume {
+            if let Some(i) = plan.index_of(&step.node) {
+                if step.is_checkpoint() {
+                    resume[i] = Some(step);
+                }
+            }
+        }
+        let pending: Vec<usize> = (0..n).map(|i| plan.node(i).in_edges).collect();
+        let ready = (0..n).filter(|&i| pending[i] == 0).collect();
+        let run = Arc::new(RunShared {
+            run_id: options.run_id.unwrap_or_default(),
+            input,
+            cancel: options.cancel.unwrap_or_default(),
+            engine,
+            depth,
+            events: options.events,
+            recorder: options.recorder,
+            outputs: (0..n).map(|_| OnceLock::new()).collect(),
+            plan,
+        });
+        Self {
+            run,
+            options_resume: resume,
+            timeout,
+            pending,
+            live: vec![false; n],
+            steps: vec![None; n],
+            launched: vec![None; n],
+            ready,
+        }
+    }
+
+    async fn run(mut self) -> RunResult {
+        let started_at = Utc::now();
+        let run = self.run.clone();
+        run.emit(|| RunEvent::RunStarted { run_id: run.run_id.clone() });
+
+        let too_deep = run.depth > run.engine.limits().max_subflow_depth;
+        let limit = run.plan.max_concurrency().unwrap_or(usize::MAX);
+        let mut running = FuturesUnordered::new();
+        let deadline = tokio::time::sleep(self.timeout);
+        tokio::pin!(deadline);
+        let token = run.cancel.clone();
+        let cancelled = token.cancelled();
+        tokio::pin!(cancelled);
+
+        let mut failure: Option<(RunStatus, String)> = too_deep.then(|| {
+            (RunStatus::Failed, format!("subflows nest deeper than {}", run.engine.limits().max_subflow_depth))
+        });
+        while failure.is_none() {
+            while running.len() < limit {
+                let Some(i) = self.ready.pop_front() else { break };
+                if let Some(step) = self.options_resume[i].take() {
+                    let taken = Taken::of_checkpoint(&step);
+                    if let Some(out) = &step.output {
+                        let _ = run.outputs[i].set(out.clone());
+                    }
+                    self.finish(i, step, &taken);
+                } else if run.plan.node(i).in_edges > 0 && !self.live[i] {
+                    let step = StepRecord {
+                        node: run.plan.node(i).id.clone(),
+                        status: StepStatus::Skipped,
+                        attempts: 0,
+                        started_at: None,
+                        finished_at: Some(Utc::now()),
+                        output: None,
+                        error: None,
+                        port: None,
+                    };
+                    if let Err(e) = record(&run, &step).await {
+                        failure = Some((RunStatus::Failed, e));
+                    }
+                    run.emit(|| finished_event(&run, &step));
+                    self.finish(i, step, &Taken::Nothing);
+                } else {
+                    let now = Utc::now();
+                    self.launched[i] = Some(now);
+                    running.push(execute_node(run.clone(), i, now));
+                }
+            }
+            if running.is_empty() {
+                if self.ready.is_empty() {
+                    break;
+                }
+                continue;
+            }
+            tokio::select! {
+                biased;
+                () = &mut cancelled => failure = Some((RunStatus::Cancelled, "the run was cancelled".to_owned())),
+                () = &mut deadline => failure = Some((
+                    RunStatus::TimedOut,
+                    format!("the run timed out after {} s", self.timeout.as_secs_f64()),
+                )),
+                Some(done) = running.next() => {
+                    if let Some(message) = done.fail_run {
+                        failure = Some((RunStatus::Failed, message));
+                    }
+                    self.finish(done.index, done.step, &done.taken);
+                }
+            }
+        }
+
+        if failure.is_some() {
+            // Stop everything still executing, including blocking work that watches the token.
+            token.cancel();
+            drop(running);
+            let now = Utc::now();
+            for i in 0..self.steps.len() {
+                if self.steps[i].is_none() {
+                    if let Some(at) = self.launched[i] {
+                        let step = StepRecord {
+                            node: run.plan.node(i).id.clone(),
+                            status: StepStatus::Cancelled,
+                            attempts: 0,
+                            started_at: Some(at),
+                            finished_at: Some(now),
+                            output: None,
+                            error: None,
+                            port: None,
+                        };
+                        let _ = record(&run, &step).await;
+                        run.emit(|| finished_event(&run, &step));
+                        self.steps[i] = Some(step);
+                    }
+                }
+            }
+        }
+
+        let (status, output, error) = match failure {
+            Some((status, message)) => (status, None, Some(message)),
+            None => (RunStatus::Succeeded, Some(self.output()), None),
+        };
+        run.emit(|| RunEvent::RunFinished { run_id: run.run_id.clone(), status, error: error.clone() });
+        RunResult {
+            run_id: run.run_id.clone(),
+            status,
+            output,
+            error,
+            steps: self.steps.into_iter().flatten().collect(),
+            started_at,
+            finished_at: Utc::now(),
+        }
+    }
+
+    /// Takes a node's final step and resolves its outgoing edges.
+    fn finish(&mut self, index: usize, step: StepRecord, taken: &Taken) {
+        self.steps[index] = Some(step);
+        let plan = &self.run.plan;
+        for (port, target) in &plan.node(index).out {
+            if taken.is_live(port.as_ref()) {
+                self.live[*target] = true;
+            }
+            self.pending[*target] -= 1;
+            if self.pending[*target] == 0 {
+                self.ready.push_back(*target);
+            }
+        }
+    }
+
+    /// The run's output: the `output` node's, else the one sink's that ran, else an object of
+    /// the sinks that ran by id.
+    fn output(&self) -> Value {
+        let value_of = |i: usize| self.run.output(i).map(|v| (**v).clone());
+        if let Some(i) = self.run.plan.output_node() {
+            return value_of(i).unwrap_or(Value::Null);
+        }
+        let ran: Vec<usize> = self.run.plan.sinks().iter().copied().filter(|&i| self.run.output(i).is_some()).collect();
+        match ran.as_slice() {
+            [one] => value_of(*one).unwrap_or(Value::Null),
+            many => Value::Object(
+                many.iter().map(|&i| (self.run.plan.node_id(i).to_owned(), value_of(i).unwrap_or(Value::Null))).collect(),
+            ),
+        }
+    }
+}
+
+fn finished_event(run: &RunShared, step: &StepRecord) -> RunEvent {
+    RunEvent::NodeFinished {
+        run_id: run.run_id.clone(),
+        node: step.node.clone(),
+        status: step.status,
+        attempt: step.attempts,
+        error: step.error.clone(),
+    }
+}
+
+async fn record(run: &RunShared, step: &StepRecord) -> Result<(), String> {
+    match &run.recorder {
+        None => Ok(()),
+        Some(recorder) => recorder
+            .record_step(&run.run_id, step)
+            .await
+            .map_err(|e| format!("could not record step `{}`: {e}", step.node)),
+    }
+}
+
+/// Executes one node with its retries, timeout and size limit, and records its step.
+async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Utc>) -> Done {
+    // Child runs of a subflow node run under their parent's permit.
+    let _permit = match (&run.engine.0.permits, run.depth) {
+        (Some(permits), 0) => permits.acquire().await.ok(),
+        _ => None,
+    };
+    let pn = run.plan.node(index);
+    let max_attempts = pn.retry.map_or(1, |r| r.max_attempts.max(1));
+    let max_bytes = run.engine.limits().max_output_bytes;
+    let mut attempt = 0;
+    let result = loop {
+        attempt += 1;
+        run.emit(|| RunEvent::NodeStarted { run_id: run.run_id.clone(), node: pn.id.clone(), attempt });
+        let cx = NodeContext { run: run.clone(), index, attempt };
+        let call = AssertUnwindSafe(pn.node.run(&cx)).catch_unwind();
+        let outcome = match pn.timeout {
+            None => call.await,
+            Some(limit) => tokio::time::timeout(limit, call).await.unwrap_or(Ok(Err(NodeError::Timeout(limit)))),
+        };
+        let outcome = match outcome {
+            Ok(result) => result.and_then(|out| check_size(&out.value, max_bytes).map(|()| out)),
+            Err(panic) => Err(NodeError::fatal(format!("the node panicked: {}", panic_message(&panic)))),
+        };
+        match outcome {
+            Err(e) if e.is_retryable() && attempt < max_attempts => {
+                let wait = pn.retry.unwrap_or_default().backoff(attempt + 1);
+                tokio::time::sleep(wait).await;
+            }
+            other => break other,
+        }
+    };
+
+    let mut step = StepRecord {
+        node: pn.id.clone(),
+        status: StepStatus::Succeeded,
+        attempts: attempt,
+        started_at: Some(started_at),
+        finished_at: Some(Utc::now()),
+        output: None,
+        error: None,
+        port: None,
+    };
+    let mut fail_run = None;
+    let taken = match result {
+        Ok(out) => {
+            let value = Arc::new(out.value);
+            let _ = run.outputs[index].set(value.clone());
+            step.output = Some(value);
+            step.port = out.port.map(|p| Arc::from(&*p));
+            Taken::Main(step.port.clone())
+        }
+        Err(e) => {
+            let message = e.to_string();
+            step.status = StepStatus::Failed;
+            step.error = Some(message.clone());
+            match pn.on_error {
+                OnError::Fail => {
+                    fail_run = Some(format!("node `{}` failed: {message}", pn.id));
+                    Taken::Nothing
+                }
+                OnError::Continue | OnError::Route => {
+                    let value = Arc::new(serde_json::json!({ "error": message }));
+                    let _ = run.outputs[index].set(value.clone());
+                    step.output = Some(value);
+                    if pn.on_error == OnError::Route {
+                        step.port = Some(Arc::from(ERROR_PORT));
+                        Taken::ErrorPort
+                    } else {
+                        Taken::Main(None)
+                    }
+                }
+            }
+        }
+    };
+    if let Err(e) = record(&run, &step).await {
+        fail_run = Some(e);
+    }
+    run.emit(|| finished_event(&run, &step));
+    Done { index, step, taken, fail_run }
+}
+
+/// Fails when `value` serializes to more than `limit` bytes, without building the whole text.
+fn check_size(value: &Value, limit: usize) -> Result<(), NodeError> {
+    struct Counter {
+        written: usize,
+        limit: usize,
+    }
+    impl io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.written += buf.len();
+            if self.written > self.limit { Err(io::Error::other("over the limit")) } else { Ok(buf.len()) }
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    if matches!(value, Value::Null | Value::Bool(_) | Value::Number(_)) {
+        return Ok(());
+    }
+    if let Value::String(s) = value {
+        if s.len() + 2 <= limit / 6 {
+            return Ok(()); // even fully escaped it fits
+        }
+    }
+    serde_json::to_writer(Counter { written: 0, limit }, value).map_err(|_| NodeError::OutputTooLarge { limit })
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("unknown panic")
+}

@@ -1,0 +1,270 @@
+//! Errors of the flowcore library: one enum per concern, each with a stable `code()`.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// One problem found while checking or compiling a flow, with where it is.
+///
+/// Serialized as `{"node": ..., "edge": ..., "problem": ...}`, the shape of the HTTP API's
+/// `invalid_flow` details.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// The id of the node the problem is about, if any.
+    pub node: Option<String>,
+    /// The index of the edge in `edges` the problem is about, if any.
+    pub edge: Option<usize>,
+    /// What is wrong, in one sentence.
+    pub problem: String,
+}
+
+impl Problem {
+    /// A problem with the flow as a whole.
+    pub fn flow(problem: impl Into<String>) -> Self {
+        Self { node: None, edge: None, problem: problem.into() }
+    }
+    /// A problem with one node.
+    pub fn node(node: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self { node: Some(node.into()), edge: None, problem: problem.into() }
+    }
+    /// A problem with one edge.
+    pub fn edge(edge: usize, problem: impl Into<String>) -> Self {
+        Self { node: None, edge: Some(edge), problem: problem.into() }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.node, self.edge) {
+            (Some(node), Some(edge)) => write!(f, "node `{node}`, edge {edge}: {}", self.problem),
+            (Some(node), None) => write!(f, "node `{node}`: {}", self.problem),
+            (None, Some(edge)) => write!(f, "edge {edge}: {}", self.problem),
+            (None, None) => write!(f, "flow: {}", self.problem),
+        }
+    }
+}
+
+/// Why a flow was refused: every problem found, not only the first.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid flow: {}", self.problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct CompileError {
+    /// The problems, in the order of the flow's nodes and edges.
+    pub problems: Vec<Problem>,
+}
+
+impl CompileError {
+    /// The stable error code, `invalid_flow`.
+    pub fn code(&self) -> &'static str {
+        "invalid_flow"
+    }
+}
+
+/// A flow document that could not be read at all (not JSON, wrong types, unknown fields).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid flow JSON at line {line}, column {column}: {message}")]
+pub struct ParseError {
+    /// 1-based line of the problem.
+    pub line: usize,
+    /// 1-based column of the problem.
+    pub column: usize,
+    /// What serde found wrong.
+    pub message: String,
+    #[source]
+    source: serde_json::Error,
+}
+
+impl ParseError {
+    /// The stable error code, `invalid_json`.
+    pub fn code(&self) -> &'static str {
+        "invalid_json"
+    }
+}
+
+impl From<serde_json::Error> for ParseError {
+    fn from(source: serde_json::Error) -> Self {
+        let full = source.to_string();
+        // serde_json appends " at line L column C"; we keep the position as fields instead.
+        let message = match full.rfind(" at line ") {
+            Some(i) => full[..i].to_owned(),
+            None => full,
+        };
+        Self { line: source.line(), column: source.column(), message, source }
+    }
+}
+
+/// A node type refused its params at compile time.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParamError(pub String);
+
+impl ParamError {
+    /// A new param error with a message naming the param.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+/// Why one execution of a node failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The node failed; retrying may help (a timeout, a 503, a connection reset).
+    #[error("{0}")]
+    Retryable(String),
+    /// The node failed and would fail the same way again (bad data, a 404, a script error).
+    #[error("{0}")]
+    Fatal(String),
+    /// The attempt ran past the node's `timeout_ms`.
+    #[error("timed out after {} ms", .0.as_millis())]
+    Timeout(Duration),
+    /// The node's output is larger than the engine's limit.
+    #[error("output is larger than the limit of {limit} bytes")]
+    OutputTooLarge {
+        /// The limit in force, in bytes of serialized JSON.
+        limit: usize,
+    },
+    /// The node failed with an underlying error kept as its source.
+    #[error("{message}")]
+    Other {
+        /// What failed.
+        message: String,
+        /// Whether a retry may succeed.
+        retryable: bool,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl NodeError {
+    /// A failure that a retry may fix.
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self::Retryable(message.into())
+    }
+    /// A failure that a retry will not fix.
+    pub fn fatal(message: impl Into<String>) -> Self {
+        Self::Fatal(message.into())
+    }
+    /// Whether the node's `retry` policy applies to this error.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Retryable(_) | Self::Timeout(_) => true,
+            Self::Other { retryable, .. } => *retryable,
+            Self::Fatal(_) | Self::OutputTooLarge { .. } => false,
+        }
+    }
+    /// A stable code for the kind of failure.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Retryable(_) | Self::Fatal(_) | Self::Other { .. } => "node_failed",
+            Self::Timeout(_) => "node_timeout",
+            Self::OutputTooLarge { .. } => "output_too_large",
+        }
+    }
+}
+
+/// An error of a storage port (flows, runs, queue, blobs).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The thing asked for does not exist.
+    #[error("{what} `{id}` not found")]
+    NotFound {
+        /// What kind of thing: "flow", "run", "blob", ...
+        what: &'static str,
+        /// Its id or key.
+        id: String,
+    },
+    /// The thing exists already (a flow id taken, a unique key used).
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// A compare-and-set found another state than expected.
+    #[error("{0}")]
+    Conflict(String),
+    /// A write came with a lease (epoch or token) that is no longer the current one.
+    #[error("stale lease: {0}")]
+    StaleLease(String),
+    /// The input is not acceptable to the store (a bad key, a bad cursor).
+    #[error("{0}")]
+    Invalid(String),
+    /// The data is larger than the store accepts.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The backend could not be reached or did not answer in time.
+    #[error("{message}")]
+    Unavailable {
+        /// What was being done.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// Any other backend failure.
+    #[error("{message}")]
+    Backend {
+        /// What was being done.
+        message: String,
+        /// The underlying error.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+}
+
+impl StoreError {
+    /// A `NotFound` for `what` with this id.
+    pub fn not_found(what: &'static str, id: impl Into<String>) -> Self {
+        Self::NotFound { what, id: id.into() }
+    }
+    /// A backend failure with its source.
+    pub fn backend(message: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Backend { message: message.into(), source: Some(Box::new(source)) }
+    }
+    /// An outage of the backend with its source.
+    pub fn unavailable(message: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Unavailable { message: message.into(), source: Some(Box::new(source)) }
+    }
+    /// A stable snake_case code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotFound { .. } => "not_found",
+            Self::AlreadyExists(_) => "already_exists",
+            Self::Conflict(_) => "conflict",
+            Self::StaleLease(_) => "stale_lease",
+            Self::Invalid(_) => "invalid_request",
+            Self::TooLarge(_) => "payload_too_large",
+            Self::Unavailable { .. } => "unavailable",
+            Self::Backend { .. } => "backend_error",
+        }
+    }
+    /// Whether trying the same call again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+}
+
+/// Any error of the library, for callers that do not care which step failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The flow document could not be parsed.
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    /// The flow was parsed but is invalid.
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    /// A storage port failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Error {
+    /// A stable snake_case code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Parse(e) => e.code(),
+            Self::Compile(e) => e.code(),
+            Self::Store(e) => e.code(),
+        }
+    }
+}

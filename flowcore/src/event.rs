@@ -1,0 +1,128 @@
+//! Run events: what a caller subscribes to while a run executes.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use crate::ids::RunId;
+use crate::run::{RunStatus, StepStatus};
+
+/// Something that happened in a run. Serialized with an `event` tag:
+/// `{"event": "node_finished", "run_id": ..., "node": ..., "status": ..., "attempt": ...}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RunEvent {
+    /// The run began executing.
+    RunStarted {
+        /// The run.
+        run_id: RunId,
+    },
+    /// An attempt of a node began.
+    NodeStarted {
+        /// The run.
+        run_id: RunId,
+        /// The node's id.
+        node: Arc<str>,
+        /// 1 for the first attempt.
+        attempt: u32,
+    },
+    /// A node reached its final status (after its retries).
+    NodeFinished {
+        /// The run.
+        run_id: RunId,
+        /// The node's id.
+        node: Arc<str>,
+        /// Succeeded, failed, skipped or cancelled.
+        status: StepStatus,
+        /// Attempts made (0 for a skipped node).
+        attempt: u32,
+        /// The error of the last attempt, if it failed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// A streamed piece of a node's output, such as an LLM token.
+    Token {
+        /// The run.
+        run_id: RunId,
+        /// The node's id.
+        node: Arc<str>,
+        /// The text.
+        text: String,
+    },
+    /// The run reached its final status.
+    RunFinished {
+        /// The run.
+        run_id: RunId,
+        /// Its final status.
+        status: RunStatus,
+        /// Why it did not succeed.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+}
+
+impl RunEvent {
+    /// The event's name: `run_started`, `node_started`, `node_finished`, `token`, `run_finished`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::RunStarted { .. } => "run_started",
+            Self::NodeStarted { .. } => "node_started",
+            Self::NodeFinished { .. } => "node_finished",
+            Self::Token { .. } => "token",
+            Self::RunFinished { .. } => "run_finished",
+        }
+    }
+
+    /// The run the event belongs to.
+    pub fn run_id(&self) -> &RunId {
+        match self {
+            Self::RunStarted { run_id }
+            | Self::NodeStarted { run_id, .. }
+            | Self::NodeFinished { run_id, .. }
+            | Self::Token { run_id, .. }
+            | Self::RunFinished { run_id, .. } => run_id,
+        }
+    }
+}
+
+/// Receives a run's events as they happen. Called inline by the scheduler: it must not block.
+pub trait EventSink: Send + Sync {
+    /// Takes one event.
+    fn emit(&self, event: &RunEvent);
+}
+
+impl<F: Fn(&RunEvent) + Send + Sync> EventSink for F {
+    fn emit(&self, event: &RunEvent) {
+        self(event)
+    }
+}
+
+/// An event sink that fans out to any number of subscribers through a tokio broadcast channel.
+///
+/// ```
+/// let sink = flowcore::BroadcastSink::new(64);
+/// let mut rx = sink.subscribe();
+/// # drop(rx);
+/// ```
+#[derive(Debug, Clone)]
+pub struct BroadcastSink(broadcast::Sender<RunEvent>);
+
+impl BroadcastSink {
+    /// A sink keeping up to `capacity` events for slow subscribers.
+    pub fn new(capacity: usize) -> Self {
+        Self(broadcast::channel(capacity.max(1)).0)
+    }
+    /// A new subscriber, seeing events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<RunEvent> {
+        self.0.subscribe()
+    }
+}
+
+impl EventSink for BroadcastSink {
+    fn emit(&self, event: &RunEvent) {
+        // No subscriber is not an error: events are best effort for watchers.
+        let _ = self.0.send(event.clone());
+    }
+}

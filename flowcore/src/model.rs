@@ -1,0 +1,235 @@
+//! The flow definition: the JSON document users write (contract section 1).
+//!
+//! Every struct refuses unknown fields, so a typo such as `"on_eror"` is an error, not a silently
+//! ignored setting.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::ParseError;
+
+/// A flow: nodes, the edges between them, and how it is triggered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowDef {
+    /// `[A-Za-z0-9_-]{1,64}`; optional on create, the server assigns one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// A human name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A longer description.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The steps.
+    pub nodes: Vec<NodeDef>,
+    /// The wiring between steps.
+    #[serde(default)]
+    pub edges: Vec<EdgeDef>,
+    /// The node whose output is the run's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// What starts the flow besides the API.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub triggers: Vec<Trigger>,
+    /// Run-wide settings.
+    #[serde(default, skip_serializing_if = "Settings::is_empty")]
+    pub settings: Settings,
+}
+
+impl FlowDef {
+    /// Parses a flow from JSON text, refusing unknown fields.
+    ///
+    /// ```
+    /// let flow = flowcore::FlowDef::from_json(r#"{"nodes": [{"id": "a", "type": "noop"}]}"#).unwrap();
+    /// assert_eq!(flow.nodes[0].id, "a");
+    /// assert!(flowcore::FlowDef::from_json(r#"{"nodes": [], "nodez": 1}"#).is_err());
+    /// ```
+    pub fn from_json(text: &str) -> Result<Self, ParseError> {
+        Ok(serde_json::from_str(text)?)
+    }
+
+    /// Parses a flow from JSON bytes (which must be UTF-8).
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, ParseError> {
+        Ok(serde_json::from_slice(bytes)?)
+    }
+
+    /// Reads a flow from an already parsed JSON value.
+    pub fn from_value(value: Value) -> Result<Self, ParseError> {
+        Ok(serde_json::from_value(value)?)
+    }
+}
+
+/// One step of a flow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeDef {
+    /// Unique in the flow, `[A-Za-z0-9_-]{1,64}`.
+    pub id: String,
+    /// The registered node type, such as `set` or `http_request`.
+    #[serde(rename = "type")]
+    pub node_type: String,
+    /// The node type's parameters.
+    #[serde(default = "empty_object", skip_serializing_if = "is_empty_object")]
+    pub params: Value,
+    /// Retries of a failed attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    /// The limit of one attempt, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// What a failure of this node does to the run.
+    #[serde(default, skip_serializing_if = "OnError::is_fail")]
+    pub on_error: OnError,
+}
+
+fn empty_object() -> Value {
+    Value::Object(serde_json::Map::new())
+}
+
+fn is_empty_object(v: &Value) -> bool {
+    v.as_object().is_some_and(serde_json::Map::is_empty)
+}
+
+/// Exponential backoff with jitter between attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    #[serde(default = "RetryPolicy::default_max_attempts")]
+    pub max_attempts: u32,
+    /// The wait before the second attempt; it doubles for each further one.
+    #[serde(default = "RetryPolicy::default_backoff_ms")]
+    pub backoff_ms: u64,
+    /// The longest wait between two attempts.
+    #[serde(default = "RetryPolicy::default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+impl RetryPolicy {
+    fn default_max_attempts() -> u32 {
+        3
+    }
+    fn default_backoff_ms() -> u64 {
+        100
+    }
+    fn default_max_backoff_ms() -> u64 {
+        10_000
+    }
+
+    /// The wait before attempt `next_attempt` (2 for the first retry): `backoff_ms * 2^(n-2)`,
+    /// capped at `max_backoff_ms`, with "equal jitter" (half fixed, half random) so that many
+    /// runs failing together do not retry in lockstep.
+    pub fn backoff(&self, next_attempt: u32) -> std::time::Duration {
+        let exp = next_attempt.saturating_sub(2).min(32);
+        let base = self.backoff_ms.saturating_mul(1u64 << exp).min(self.max_backoff_ms);
+        let half = base / 2;
+        let jitter = if half == 0 { 0 } else { fastrand::u64(0..=half) };
+        std::time::Duration::from_millis(base - half + jitter)
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: Self::default_max_attempts(),
+            backoff_ms: Self::default_backoff_ms(),
+            max_backoff_ms: Self::default_max_backoff_ms(),
+        }
+    }
+}
+
+/// What a node's failure does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// The run fails (the default).
+    #[default]
+    Fail,
+    /// The node's output becomes `{"error": "..."}` and the run goes on.
+    Continue,
+    /// The error object goes out of the node's `error` port; its other ports are not taken.
+    Route,
+}
+
+impl OnError {
+    fn is_fail(&self) -> bool {
+        *self == Self::Fail
+    }
+}
+
+/// A wire from one node (optionally one of its ports) to another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeDef {
+    /// The source node's id.
+    pub from: String,
+    /// The target node's id.
+    pub to: String,
+    /// The source's port; the main output when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
+}
+
+/// What starts a flow besides the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Trigger {
+    /// An HTTP call to `/webhooks/{path}`.
+    Webhook {
+        /// The path after `/webhooks/`.
+        path: String,
+        /// The HTTP method, POST by default.
+        #[serde(default = "default_method")]
+        method: String,
+        /// `sync` answers with the run's output, `async` with its id.
+        #[serde(default)]
+        mode: WebhookMode,
+    },
+    /// A cron schedule.
+    Schedule {
+        /// A 5-field cron expression.
+        cron: String,
+    },
+}
+
+fn default_method() -> String {
+    "POST".to_owned()
+}
+
+/// Whether a webhook call waits for the run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookMode {
+    /// Wait for the run (up to the webhook timeout) and answer with its output.
+    #[default]
+    Sync,
+    /// Answer at once with the run id.
+    Async,
+}
+
+/// Run-wide settings of a flow.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The run's time limit; the engine's limit (600 s by default) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
+    /// How many nodes of one run may execute at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<usize>,
+    /// The worker group whose queue runs this flow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_group: Option<String>,
+}
+
+impl Settings {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Whether `id` is a valid flow or node id: `[A-Za-z0-9_-]{1,64}`.
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}

@@ -1,0 +1,215 @@
+//! The `Node` trait, node factories and the registry of node types.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{Engine, RunShared};
+use crate::error::{NodeError, ParamError};
+use crate::event::RunEvent;
+use crate::expr::{References, Scope};
+use crate::ids::RunId;
+
+/// What one successful execution of a node produced: a JSON value and, for nodes with named
+/// ports such as `branch`, the port taken.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    /// The node's output, visible to later nodes as `nodes.<id>`.
+    pub value: Value,
+    /// The named port taken besides the main output (`"true"` or `"false"` for a branch).
+    pub port: Option<Cow<'static, str>>,
+}
+
+impl Output {
+    /// An output that takes only the main port.
+    pub fn new(value: Value) -> Self {
+        Self { value, port: None }
+    }
+    /// An output that also takes the named port.
+    pub fn with_port(value: Value, port: impl Into<Cow<'static, str>>) -> Self {
+        Self { value, port: Some(port.into()) }
+    }
+}
+
+impl From<Value> for Output {
+    fn from(value: Value) -> Self {
+        Self::new(value)
+    }
+}
+
+/// A step's behaviour, built once from its params when the flow is compiled.
+///
+/// ```
+/// use flowcore::{async_trait, Node, NodeContext, NodeError, Output};
+/// struct Upper;
+/// #[async_trait]
+/// impl Node for Upper {
+///     async fn run(&self, cx: &NodeContext) -> Result<Output, NodeError> {
+///         let name = cx.input()["name"].as_str().unwrap_or_default();
+///         Ok(serde_json::json!(name.to_uppercase()).into())
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait Node: Send + Sync {
+    /// Executes one attempt. Called again for each retry, with `cx.attempt()` counting up.
+    async fn run(&self, cx: &NodeContext) -> Result<Output, NodeError>;
+
+    /// The named output ports this node may take besides its main output (`branch`: true, false).
+    /// Edges may name these, and `error` when the node's `on_error` is `route`.
+    fn ports(&self) -> &[&str] {
+        &[]
+    }
+
+    /// The names its templates and expressions use, so that compilation can refuse a reference
+    /// to an unknown variable or to a node that is not upstream.
+    fn references(&self) -> References {
+        References::default()
+    }
+}
+
+/// Builds a node from its params; bad params fail here, at compile time, not at run time.
+///
+/// Any `Fn(&Value) -> Result<Box<dyn Node>, ParamError>` is a factory.
+pub trait NodeFactory: Send + Sync {
+    /// Checks the params and builds the node.
+    fn build(&self, params: &Value) -> Result<Box<dyn Node>, ParamError>;
+}
+
+impl<F> NodeFactory for F
+where
+    F: Fn(&Value) -> Result<Box<dyn Node>, ParamError> + Send + Sync,
+{
+    fn build(&self, params: &Value) -> Result<Box<dyn Node>, ParamError> {
+        self(params)
+    }
+}
+
+/// The node types a flow may use, by their persistent type name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    factories: HashMap<String, Arc<dyn NodeFactory>>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut names: Vec<_> = self.factories.keys().collect();
+        names.sort();
+        f.debug_struct("Registry").field("types", &names).finish()
+    }
+}
+
+impl Registry {
+    /// A registry with no node types.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// A registry with every built-in node type (`set`, `branch`, `template`, `noop`, `delay`,
+    /// `subflow`, and `script` and `http_request` when their features are on).
+    pub fn with_builtins() -> Self {
+        let mut registry = Self::empty();
+        crate::nodes::register_builtins(&mut registry);
+        registry
+    }
+
+    /// Adds or replaces a node type. The name is persistent API: stored flows refer to it.
+    pub fn register(&mut self, name: impl Into<String>, factory: impl NodeFactory + 'static) -> &mut Self {
+        self.factories.insert(name.into(), Arc::new(factory));
+        self
+    }
+
+    /// The factory of a node type.
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn NodeFactory>> {
+        self.factories.get(name)
+    }
+
+    /// The registered type names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.factories.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+}
+
+/// What a node sees while it runs: the run's input, upstream outputs, the attempt number,
+/// cancellation, and the engine (for subflows).
+pub struct NodeContext {
+    pub(crate) run: Arc<RunShared>,
+    pub(crate) index: usize,
+    pub(crate) attempt: u32,
+}
+
+impl fmt::Debug for NodeContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeContext")
+            .field("run_id", &self.run.run_id)
+            .field("node", &self.node_id())
+            .field("attempt", &self.attempt)
+            .finish()
+    }
+}
+
+impl NodeContext {
+    /// The run's id.
+    pub fn run_id(&self) -> &RunId {
+        &self.run.run_id
+    }
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        self.run.plan.node_id(self.index)
+    }
+    /// 1 on the first attempt, 2 on the first retry, ...
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+    /// The run's input.
+    pub fn input(&self) -> &Arc<Value> {
+        &self.run.input
+    }
+    /// The scope that templates and expressions of this node evaluate in.
+    pub fn scope(&self) -> Scope {
+        Scope::new(self.run.input.clone(), self.run.clone(), self.attempt)
+    }
+    /// The outputs of this node's finished ancestors, by id.
+    pub fn ancestor_outputs(&self) -> serde_json::Map<String, Value> {
+        let plan = &self.run.plan;
+        let mut seen = vec![false; plan.len()];
+        let mut stack: Vec<usize> = plan.preds(self.index).to_vec();
+        let mut out = serde_json::Map::new();
+        while let Some(i) = stack.pop() {
+            if std::mem::replace(&mut seen[i], true) {
+                continue;
+            }
+            if let Some(v) = self.run.output(i) {
+                out.insert(plan.node_id(i).to_owned(), (**v).clone());
+            }
+            stack.extend_from_slice(plan.preds(i));
+        }
+        out
+    }
+    /// The token that is cancelled when the run is cancelled, times out or fails. Async nodes
+    /// are simply dropped; blocking work should watch this.
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.run.cancel
+    }
+    /// The engine running this flow, for nodes that start other runs.
+    pub fn engine(&self) -> &Engine {
+        &self.run.engine
+    }
+    /// How deep in subflows this run is (0 for a top-level run).
+    pub fn depth(&self) -> u32 {
+        self.run.depth
+    }
+    /// Sends an event to the run's subscribers, such as streamed LLM tokens.
+    pub fn emit(&self, event: &RunEvent) {
+        if let Some(sink) = &self.run.events {
+            sink.emit(event);
+        }
+    }
+}

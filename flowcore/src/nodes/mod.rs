@@ -1,0 +1,34 @@
+//! The built-in node types.
+
+mod basic;
+#[cfg(feature = "http")]
+mod http;
+#[cfg(feature = "script")]
+mod script;
+mod subflow;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::error::ParamError;
+use crate::node::Registry;
+
+pub(crate) fn register_builtins(registry: &mut Registry) {
+    registry
+        .register("set", basic::set)
+        .register("branch", basic::branch)
+        .register("template", basic::template)
+        .register("noop", basic::noop)
+        .register("delay", basic::delay)
+        .register("subflow", subflow::build);
+    #[cfg(feature = "script")]
+    registry.register("script", script::build);
+    #[cfg(feature = "http")]
+    registry.register("http_request", http::build);
+}
+
+/// Reads a node's params into a typed struct (which should refuse unknown fields), with a
+/// message that names the param.
+pub fn parse_params<T: DeserializeOwned>(params: &Value) -> Result<T, ParamError> {
+    T::deserialize(params).map_err(|e| ParamError::new(e.to_string()))
+}

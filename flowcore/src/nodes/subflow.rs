@@ -1,0 +1,69 @@
+//! `subflow`: runs another stored flow as one step.
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::parse_params;
+use crate::error::{NodeError, ParamError, StoreError};
+use crate::expr::{References, ValueTemplate};
+use crate::model::is_valid_id;
+use crate::node::{Node, NodeContext, Output};
+use crate::run::RunStatus;
+
+struct Subflow {
+    flow_id: String,
+    version: Option<u32>,
+    input: Option<ValueTemplate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubflowParams {
+    flow_id: String,
+    #[serde(default)]
+    version: Option<u32>,
+    #[serde(default)]
+    input: Option<Value>,
+}
+
+pub(crate) fn build(params: &Value) -> Result<Box<dyn Node>, ParamError> {
+    let p: SubflowParams = parse_params(params)?;
+    if !is_valid_id(&p.flow_id) {
+        return Err(ParamError::new("flow_id: not a valid flow id"));
+    }
+    let input = p.input.as_ref().map(ValueTemplate::compile).transpose().map_err(|e| ParamError::new(format!("input: {e}")))?;
+    Ok(Box::new(Subflow { flow_id: p.flow_id, version: p.version, input }))
+}
+
+#[async_trait]
+impl Node for Subflow {
+    async fn run(&self, cx: &NodeContext) -> Result<Output, NodeError> {
+        let engine = cx.engine();
+        let stored = engine.flow_store().get(&self.flow_id, self.version).await.map_err(|e| match e {
+            StoreError::NotFound { .. } => NodeError::fatal(format!("subflow `{}` not found", self.flow_id)),
+            e if e.is_retryable() => NodeError::retryable(format!("loading subflow `{}`: {e}", self.flow_id)),
+            e => NodeError::fatal(format!("loading subflow `{}`: {e}", self.flow_id)),
+        })?;
+        let plan = engine
+            .compile(&stored.definition)
+            .map_err(|e| NodeError::fatal(format!("subflow `{}`: {e}", self.flow_id)))?;
+        let input = match &self.input {
+            Some(t) => t.render(&cx.scope()).map_err(|e| NodeError::fatal(format!("input: {e}")))?,
+            None => (**cx.input()).clone(),
+        };
+        let result = engine.execute_child(&plan, input, cx).await;
+        match result.status {
+            RunStatus::Succeeded => Ok(result.output.unwrap_or(Value::Null).into()),
+            status => Err(NodeError::fatal(format!(
+                "subflow `{}` {status}: {}",
+                self.flow_id,
+                result.error.unwrap_or_default()
+            ))),
+        }
+    }
+
+    fn references(&self) -> References {
+        self.input.as_ref().map(ValueTemplate::references).unwrap_or_default()
+    }
+}

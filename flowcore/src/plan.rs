@@ -1,0 +1,415 @@
+//! Compilation: a flow definition becomes an immutable [`Plan`], or every problem is reported.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use petgraph::algo::tarjan_scc;
+use petgraph::graph::{DiGraph, NodeIndex};
+
+use crate::error::{CompileError, Problem};
+use crate::model::{FlowDef, OnError, RetryPolicy, Trigger, is_valid_id};
+use crate::node::{Node, Registry};
+
+/// The port name a routed failure goes out of.
+pub const ERROR_PORT: &str = "error";
+
+/// A compiled flow: nodes built from their params, edges resolved to indices, templates compiled.
+/// Cheap to clone and shared by every run of the flow; never changed by a run.
+#[derive(Clone)]
+pub struct Plan(Arc<PlanInner>);
+
+struct PlanInner {
+    flow: FlowDef,
+    nodes: Vec<PlanNode>,
+    index: HashMap<Arc<str>, usize>,
+    output: Option<usize>,
+    sinks: Vec<usize>,
+    timeout: Option<Duration>,
+    max_concurrency: Option<usize>,
+}
+
+pub(crate) struct PlanNode {
+    pub(crate) id: Arc<str>,
+    pub(crate) node_type: Arc<str>,
+    pub(crate) node: Box<dyn Node>,
+    pub(crate) retry: Option<RetryPolicy>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) on_error: OnError,
+    /// Number of incoming edges: a node is ready when all have been resolved.
+    pub(crate) in_edges: usize,
+    /// Distinct predecessor nodes.
+    pub(crate) preds: Vec<usize>,
+    /// Outgoing edges: the source port (`None` = main output) and the target.
+    pub(crate) out: Vec<(Option<Arc<str>>, usize)>,
+}
+
+impl fmt::Debug for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plan")
+            .field("flow", &self.0.flow.id)
+            .field("nodes", &self.0.nodes.len())
+            .finish()
+    }
+}
+
+impl Plan {
+    /// The flow this plan was compiled from.
+    pub fn flow(&self) -> &FlowDef {
+        &self.0.flow
+    }
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.0.nodes.len()
+    }
+    /// Whether the plan has no nodes (never true: compilation refuses empty flows).
+    pub fn is_empty(&self) -> bool {
+        self.0.nodes.is_empty()
+    }
+    /// The index of node `id`.
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.0.index.get(id).copied()
+    }
+    /// The id of the node at `index`.
+    pub fn node_id(&self, index: usize) -> &str {
+        &self.0.nodes[index].id
+    }
+    /// The type name of the node at `index`.
+    pub fn node_type(&self, index: usize) -> &str {
+        &self.0.nodes[index].node_type
+    }
+    /// The flow's own time limit.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.0.timeout
+    }
+    pub(crate) fn node(&self, index: usize) -> &PlanNode {
+        &self.0.nodes[index]
+    }
+    pub(crate) fn preds(&self, index: usize) -> &[usize] {
+        &self.0.nodes[index].preds
+    }
+    pub(crate) fn output_node(&self) -> Option<usize> {
+        self.0.output
+    }
+    pub(crate) fn sinks(&self) -> &[usize] {
+        &self.0.sinks
+    }
+    pub(crate) fn max_concurrency(&self) -> Option<usize> {
+        self.0.max_concurrency
+    }
+}
+
+/// Compiles a flow with the node types of `registry`.
+pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError> {
+    let mut problems = Vec::new();
+
+    if let Some(id) = &flow.id {
+        if !is_valid_id(id) {
+            problems.push(Problem::flow(format!("flow id `{}` is not 1 to 64 of A-Z a-z 0-9 _ -", shorten(id))));
+        }
+    }
+    if flow.nodes.is_empty() {
+        problems.push(Problem::flow("a flow needs at least one node"));
+    }
+
+    // Ids first, so that edges and references can be checked against them.
+    let mut index: HashMap<Arc<str>, usize> = HashMap::with_capacity(flow.nodes.len());
+    let mut ids: Vec<Arc<str>> = Vec::with_capacity(flow.nodes.len());
+    for (i, def) in flow.nodes.iter().enumerate() {
+        let id: Arc<str> = Arc::from(def.id.as_str());
+        if !is_valid_id(&def.id) {
+            problems.push(Problem::node(shorten(&def.id), "node id is not 1 to 64 of A-Z a-z 0-9 _ -"));
+        } else if index.contains_key(&id) {
+            problems.push(Problem::node(&*def.id, "duplicate node id"));
+        } else {
+            index.insert(id.clone(), i);
+        }
+        ids.push(id);
+    }
+
+    // Build each node from its params.
+    let mut built: Vec<Option<Box<dyn Node>>> = Vec::with_capacity(flow.nodes.len());
+    for def in &flow.nodes {
+        let node = match registry.get(&def.node_type) {
+            None => {
+                problems.push(Problem::node(&*def.id, format!("unknown node type `{}`", shorten(&def.node_type))));
+                None
+            }
+            Some(factory) => match factory.build(&def.params) {
+                Ok(node) => Some(node),
+                Err(e) => {
+                    problems.push(Problem::node(&*def.id, format!("bad params: {e}")));
+                    None
+                }
+            },
+        };
+        if let Some(retry) = &def.retry {
+            if retry.max_attempts == 0 || retry.max_attempts > 100 {
+                problems.push(Problem::node(&*def.id, "retry.max_attempts must be between 1 and 100"));
+            }
+            if retry.max_backoff_ms < retry.backoff_ms {
+                problems.push(Problem::node(&*def.id, "retry.max_backoff_ms is smaller than retry.backoff_ms"));
+            }
+        }
+        if def.timeout_ms == Some(0) {
+            problems.push(Problem::node(&*def.id, "timeout_ms must be at least 1"));
+        }
+        built.push(node);
+    }
+
+    // Edges.
+    let n = flow.nodes.len();
+    let mut graph: DiGraph<usize, ()> = DiGraph::with_capacity(n, flow.edges.len());
+    let gidx: Vec<NodeIndex> = (0..n).map(|i| graph.add_node(i)).collect();
+    let mut out: Vec<Vec<(Option<Arc<str>>, usize)>> = vec![Vec::new(); n];
+    let mut in_edges = vec![0usize; n];
+    let mut preds: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (e, edge) in flow.edges.iter().enumerate() {
+        let from = index.get(edge.from.as_str()).copied();
+        let to = index.get(edge.to.as_str()).copied();
+        if from.is_none() {
+            problems.push(Problem::edge(e, format!("edge from missing node `{}`", shorten(&edge.from))));
+        }
+        if to.is_none() {
+            problems.push(Problem::edge(e, format!("edge to missing node `{}`", shorten(&edge.to))));
+        }
+        let (Some(from), Some(to)) = (from, to) else { continue };
+        let port: Option<Arc<str>> = edge.port.as_deref().map(Arc::from);
+        if let Some(p) = &edge.port {
+            let def = &flow.nodes[from];
+            if p == ERROR_PORT {
+                if def.on_error != OnError::Route {
+                    problems.push(Problem {
+                        node: Some(def.id.clone()),
+                        edge: Some(e),
+                        problem: "port `error` is only taken when the node's on_error is `route`".into(),
+                    });
+                }
+            } else if let Some(node) = &built[from] {
+                if !node.ports().contains(&p.as_str()) {
+                    let known = node.ports().iter().copied().chain([ERROR_PORT]).collect::<Vec<_>>().join(", ");
+                    problems.push(Problem {
+                        node: Some(def.id.clone()),
+                        edge: Some(e),
+                        problem: format!("unknown port `{}` of a `{}` node (ports: {known})", shorten(p), def.node_type),
+                    });
+                }
+            }
+        }
+        graph.add_edge(gidx[from], gidx[to], ());
+        out[from].push((port, to));
+        in_edges[to] += 1;
+        if !preds[to].contains(&from) {
+            preds[to].push(from);
+        }
+    }
+
+    let output = match &flow.output {
+        None => None,
+        Some(id) => {
+            let found = index.get(id.as_str()).copied();
+            if found.is_none() {
+                problems.push(Problem::flow(format!("output node `{}` does not exist", shorten(id))));
+            }
+            found
+        }
+    };
+
+    check_triggers(flow, &mut problems);
+    if flow.settings.max_concurrency == Some(0) {
+        problems.push(Problem::flow("settings.max_concurrency must be at least 1"));
+    }
+    if flow.settings.timeout_seconds == Some(0) {
+        problems.push(Problem::flow("settings.timeout_seconds must be at least 1"));
+    }
+    if let Some(group) = &flow.settings.worker_group {
+        if !is_valid_id(group) {
+            problems.push(Problem::flow("settings.worker_group is not 1 to 64 of A-Z a-z 0-9 _ -"));
+        }
+    }
+
+    // Cycles: each strongly connected component with more than one node, or a self loop.
+    let mut acyclic = true;
+    for scc in tarjan_scc(&graph) {
+        let is_cycle = scc.len() > 1 || graph.contains_edge(scc[0], scc[0]);
+        if !is_cycle {
+            continue;
+        }
+        acyclic = false;
+        let path = cycle_path(&graph, &scc);
+        let names: Vec<&str> = path.iter().map(|&g| &*ids[graph[g]]).collect();
+        problems.push(Problem {
+            node: Some(names[0].to_owned()),
+            edge: None,
+            problem: format!("cycle: {}", names.join(" -> ")),
+        });
+    }
+
+    // References of templates and expressions: known names, upstream nodes only.
+    if acyclic {
+        let mut stamp = vec![0u32; n];
+        let mut generation = 0u32;
+        for (i, node) in built.iter().enumerate() {
+            let Some(node) = node else { continue };
+            let refs = node.references();
+            for name in &refs.unknown {
+                problems.push(Problem::node(
+                    &*ids[i],
+                    format!("unknown variable `{name}` (templates see `input`, `nodes` and `attempt`)"),
+                ));
+            }
+            let mut wanted: HashSet<usize> = HashSet::new();
+            for id in &refs.nodes {
+                match index.get(id.as_str()) {
+                    None => problems.push(Problem::node(&*ids[i], format!("refers to missing node `{id}`"))),
+                    Some(&j) => {
+                        wanted.insert(j);
+                    }
+                }
+            }
+            if wanted.is_empty() {
+                continue;
+            }
+            generation += 1;
+            find_ancestors(&preds, i, &mut wanted, &mut stamp, generation);
+            let mut missing: Vec<&str> = wanted.iter().map(|&j| &*ids[j]).collect();
+            missing.sort_unstable();
+            for id in missing {
+                problems.push(Problem::node(
+                    &*ids[i],
+                    format!("refers to `nodes.{id}`, but `{id}` is not upstream of this node"),
+                ));
+            }
+        }
+    }
+
+    if !problems.is_empty() {
+        return Err(CompileError { problems });
+    }
+
+    let sinks = (0..n).filter(|&i| out[i].is_empty()).collect();
+    let nodes = flow
+        .nodes
+        .iter()
+        .zip(built)
+        .zip(out)
+        .zip(preds)
+        .enumerate()
+        .map(|(i, (((def, node), out), preds))| PlanNode {
+            id: ids[i].clone(),
+            node_type: Arc::from(def.node_type.as_str()),
+            node: node.expect("no problems means every node was built"),
+            retry: def.retry,
+            timeout: def.timeout_ms.map(Duration::from_millis),
+            on_error: def.on_error,
+            in_edges: in_edges[i],
+            preds,
+            out,
+        })
+        .collect();
+    Ok(Plan(Arc::new(PlanInner {
+        flow: flow.clone(),
+        nodes,
+        index,
+        output,
+        sinks,
+        timeout: flow.settings.timeout_seconds.map(Duration::from_secs),
+        max_concurrency: flow.settings.max_concurrency,
+    })))
+}
+
+/// Walks up from `node` and removes each found ancestor from `wanted`, stopping early once all
+/// are found. `stamp`/`generation` mark visited nodes without clearing a vector per call.
+fn find_ancestors(preds: &[Vec<usize>], node: usize, wanted: &mut HashSet<usize>, stamp: &mut [u32], generation: u32) {
+    let mut stack: Vec<usize> = preds[node].clone();
+    while let Some(j) = stack.pop() {
+        if stamp[j] == generation {
+            continue;
+        }
+        stamp[j] = generation;
+        wanted.remove(&j);
+        if wanted.is_empty() {
+            return;
+        }
+        stack.extend_from_slice(&preds[j]);
+    }
+}
+
+/// One actual cycle inside a strongly connected component, starting and ending at the same node.
+fn cycle_path(graph: &DiGraph<usize, ()>, scc: &[NodeIndex]) -> Vec<NodeIndex> {
+    let members: HashSet<NodeIndex> = scc.iter().copied().collect();
+    let start = *scc.iter().min_by_key(|g| graph[**g]).unwrap_or(&scc[0]);
+    let mut path = vec![start];
+    let mut seen_at: HashMap<NodeIndex, usize> = HashMap::from([(start, 0)]);
+    let mut current = start;
+    loop {
+        // Every member of a strongly connected component has a successor inside it.
+        let next = graph
+            .neighbors(current)
+            .filter(|g| members.contains(g))
+            .min_by_key(|g| graph[*g])
+            .unwrap_or(start);
+        if let Some(&at) = seen_at.get(&next) {
+            let mut cycle = path[at..].to_vec();
+            cycle.push(next);
+            return cycle;
+        }
+        seen_at.insert(next, path.len());
+        path.push(next);
+        current = next;
+    }
+}
+
+fn check_triggers(flow: &FlowDef, problems: &mut Vec<Problem>) {
+    let mut paths = HashSet::new();
+    for trigger in &flow.triggers {
+        match trigger {
+            Trigger::Webhook { path, method, .. } => {
+                let ok = !path.is_empty()
+                    && path.len() <= 200
+                    && !path.starts_with('/')
+                    && !path.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..")
+                    && path.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+                if !ok {
+                    problems.push(Problem::flow(format!(
+                        "webhook path `{}` must be segments of A-Z a-z 0-9 - _ . separated by /",
+                        shorten(path)
+                    )));
+                } else if !paths.insert((path.as_str(), method.to_ascii_uppercase())) {
+                    problems.push(Problem::flow(format!("webhook path `{path}` is used twice")));
+                }
+                if !["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&method.to_ascii_uppercase().as_str()) {
+                    problems.push(Problem::flow(format!("webhook method `{}` is not GET, POST, PUT, PATCH or DELETE", shorten(method))));
+                }
+            }
+            Trigger::Schedule { cron } => {
+                if let Err(e) = parse_cron(cron) {
+                    problems.push(Problem::flow(e));
+                }
+            }
+        }
+    }
+}
+
+/// Parses a 5-field cron expression (minute hour day-of-month month day-of-week).
+pub fn parse_cron(cron: &str) -> Result<croner::Cron, String> {
+    if cron.split_whitespace().count() != 5 {
+        return Err(format!("invalid cron `{}`: expected 5 fields (minute hour day month weekday)", shorten(cron)));
+    }
+    croner::Cron::from_str(cron).map_err(|e| format!("invalid cron `{}`: {e}", shorten(cron)))
+}
+
+/// Keeps error messages short when the input is huge.
+fn shorten(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.len() <= MAX {
+        return s.to_owned();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}

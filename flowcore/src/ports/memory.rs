@@ -1,0 +1,570 @@
+//! In-memory implementations of the ports: the embedded defaults for tests and for services that
+//! embed flowcore with no servers. They keep everything in the process and lose it on exit.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
+
+use super::{
+    BlobStore, FlowStore, Job, Lease, LeasedJob, NewRun, Page, Queue, QueueDepth, RunFilter, RunOutcome, RunRecord,
+    RunStore, StoreResult, StoredFlow, is_valid_blob_key,
+};
+use crate::error::StoreError;
+use crate::ids::{RunId, new_id};
+use crate::model::FlowDef;
+use crate::run::{RunStatus, StepRecord};
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it: every critical section
+/// here leaves the state consistent before anything can panic.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn parse_cursor(cursor: Option<&str>) -> StoreResult<u64> {
+    match cursor {
+        None => Ok(u64::MAX),
+        Some(c) => c.parse().map_err(|_| StoreError::Invalid(format!("invalid cursor `{c}`"))),
+    }
+}
+
+fn ttl_to_chrono(ttl: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX)
+}
+
+/// Flows in memory.
+#[derive(Debug, Default)]
+pub struct MemoryFlowStore {
+    state: Mutex<FlowState>,
+}
+
+#[derive(Debug, Default)]
+struct FlowState {
+    next_seq: u64,
+    /// id -> (seq of the latest version, versions)
+    flows: HashMap<String, (u64, Vec<StoredFlow>)>,
+    /// seq -> id, to list newest first.
+    order: BTreeMap<u64, String>,
+}
+
+impl MemoryFlowStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+fn flow_id(flow: &FlowDef) -> StoreResult<&str> {
+    flow.id.as_deref().ok_or_else(|| StoreError::Invalid("a stored flow needs an id".into()))
+}
+
+#[async_trait]
+impl FlowStore for MemoryFlowStore {
+    async fn create(&self, flow: &FlowDef) -> StoreResult<StoredFlow> {
+        let id = flow_id(flow)?.to_owned();
+        let mut st = lock(&self.state);
+        if st.flows.contains_key(&id) {
+            return Err(StoreError::AlreadyExists(format!("flow `{id}` exists")));
+        }
+        st.next_seq += 1;
+        let seq = st.next_seq;
+        let stored = StoredFlow { id: id.clone(), version: 1, definition: flow.clone(), created_at: Utc::now() };
+        st.flows.insert(id.clone(), (seq, vec![stored.clone()]));
+        st.order.insert(seq, id);
+        Ok(stored)
+    }
+
+    async fn update(&self, id: &str, flow: &FlowDef) -> StoreResult<StoredFlow> {
+        let mut st = lock(&self.state);
+        st.next_seq += 1;
+        let seq = st.next_seq;
+        let (old_seq, versions) = st.flows.get_mut(id).ok_or_else(|| StoreError::not_found("flow", id))?;
+        let mut definition = flow.clone();
+        definition.id = Some(id.to_owned());
+        let version = versions.last().map_or(1, |v| v.version + 1);
+        let stored = StoredFlow { id: id.to_owned(), version, definition, created_at: Utc::now() };
+        versions.push(stored.clone());
+        let old = std::mem::replace(old_seq, seq);
+        st.order.remove(&old);
+        st.order.insert(seq, id.to_owned());
+        Ok(stored)
+    }
+
+    async fn get(&self, id: &str, version: Option<u32>) -> StoreResult<StoredFlow> {
+        let st = lock(&self.state);
+        let (_, versions) = st.flows.get(id).ok_or_else(|| StoreError::not_found("flow", id))?;
+        match version {
+            None => versions.last().cloned(),
+            Some(v) => versions.iter().find(|s| s.version == v).cloned(),
+        }
+        .ok_or_else(|| StoreError::not_found("flow version", format!("{id}@{}", version.unwrap_or(0))))
+    }
+
+    async fn list(&self, limit: usize, cursor: Option<&str>) -> StoreResult<Page<StoredFlow>> {
+        let before = parse_cursor(cursor)?;
+        let st = lock(&self.state);
+        let limit = limit.clamp(1, 1000);
+        let mut items = Vec::new();
+        let mut last = None;
+        for (seq, id) in st.order.range(..before).rev().take(limit) {
+            if let Some((_, versions)) = st.flows.get(id) {
+                items.extend(versions.last().cloned());
+            }
+            last = Some(*seq);
+        }
+        let more = last.is_some_and(|l| st.order.range(..l).next().is_some());
+        Ok(Page { items, next_cursor: if more { last.map(|l| l.to_string()) } else { None } })
+    }
+
+    async fn delete(&self, id: &str) -> StoreResult<()> {
+        let mut st = lock(&self.state);
+        let (seq, _) = st.flows.remove(id).ok_or_else(|| StoreError::not_found("flow", id))?;
+        st.order.remove(&seq);
+        Ok(())
+    }
+}
+
+/// Runs in memory.
+#[derive(Debug, Default)]
+pub struct MemoryRunStore {
+    state: Mutex<RunState>,
+}
+
+#[derive(Debug, Default)]
+struct RunState {
+    next_seq: u64,
+    runs: HashMap<RunId, (u64, RunRecord)>,
+    order: BTreeMap<u64, RunId>,
+    idempotency: HashMap<(String, String), RunId>,
+    steps: HashMap<RunId, Vec<StepRecord>>,
+}
+
+impl MemoryRunStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl RunState {
+    fn run_mut(&mut self, id: &RunId) -> StoreResult<&mut RunRecord> {
+        self.runs.get_mut(id).map(|(_, r)| r).ok_or_else(|| StoreError::not_found("run", id.as_str()))
+    }
+
+    /// The run, if `epoch` is its current lease and it is running.
+    fn owned_mut(&mut self, id: &RunId, epoch: u64) -> StoreResult<&mut RunRecord> {
+        let run = self.run_mut(id)?;
+        if run.epoch != epoch || run.status != RunStatus::Running {
+            return Err(StoreError::StaleLease(format!(
+                "run `{id}` is {} at epoch {}, not running at epoch {epoch}",
+                run.status, run.epoch
+            )));
+        }
+        Ok(run)
+    }
+}
+
+#[async_trait]
+impl RunStore for MemoryRunStore {
+    async fn create(&self, run: NewRun) -> StoreResult<(RunRecord, bool)> {
+        let mut st = lock(&self.state);
+        if let Some(key) = &run.idempotency_key {
+            if let Some(existing) = st.idempotency.get(&(run.flow_id.clone(), key.clone())) {
+                let existing = existing.clone();
+                return Ok((st.run_mut(&existing)?.clone(), false));
+            }
+        }
+        if st.runs.contains_key(&run.id) {
+            return Err(StoreError::AlreadyExists(format!("run `{}` exists", run.id)));
+        }
+        st.next_seq += 1;
+        let seq = st.next_seq;
+        let record = RunRecord {
+            id: run.id.clone(),
+            flow_id: run.flow_id.clone(),
+            flow_version: run.flow_version,
+            status: RunStatus::Queued,
+            input: run.input,
+            output: None,
+            error: None,
+            idempotency_key: run.idempotency_key.clone(),
+            created_at: Utc::now(),
+            started_at: None,
+            finished_at: None,
+            lease: None,
+            epoch: 0,
+        };
+        if let Some(key) = run.idempotency_key {
+            st.idempotency.insert((run.flow_id, key), run.id.clone());
+        }
+        st.order.insert(seq, run.id.clone());
+        st.runs.insert(run.id, (seq, record.clone()));
+        Ok((record, true))
+    }
+
+    async fn get(&self, id: &RunId) -> StoreResult<RunRecord> {
+        lock(&self.state).run_mut(id).map(|r| r.clone())
+    }
+
+    async fn list(&self, filter: &RunFilter) -> StoreResult<Page<RunRecord>> {
+        let before = parse_cursor(filter.cursor.as_deref())?;
+        let limit = filter.limit.clamp(1, 1000);
+        let st = lock(&self.state);
+        let mut items = Vec::new();
+        let mut next_cursor = None;
+        for (seq, id) in st.order.range(..before).rev() {
+            let Some((_, run)) = st.runs.get(id) else { continue };
+            if filter.flow_id.as_ref().is_some_and(|f| *f != run.flow_id)
+                || filter.status.is_some_and(|s| s != run.status)
+            {
+                continue;
+            }
+            if items.len() == limit {
+                // The cursor is exclusive: this run, the first not returned, opens the next page.
+                next_cursor = Some((seq + 1).to_string());
+                break;
+            }
+            items.push(run.clone());
+        }
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn claim(&self, id: &RunId, owner: &str, ttl: Duration) -> StoreResult<Lease> {
+        let mut st = lock(&self.state);
+        let run = st.run_mut(id)?;
+        let now = Utc::now();
+        let claimable = match (&run.status, &run.lease) {
+            (RunStatus::Queued, _) => true,
+            (RunStatus::Running, Some(lease)) => lease.expires_at <= now,
+            (RunStatus::Running, None) => true,
+            _ => false,
+        };
+        if !claimable {
+            return Err(StoreError::Conflict(format!("run `{id}` is {} and not claimable", run.status)));
+        }
+        run.epoch += 1;
+        let lease = Lease { owner: owner.to_owned(), expires_at: now + ttl_to_chrono(ttl), epoch: run.epoch };
+        run.status = RunStatus::Running;
+        run.started_at.get_or_insert(now);
+        run.lease = Some(lease.clone());
+        Ok(lease)
+    }
+
+    async fn renew(&self, id: &RunId, epoch: u64, ttl: Duration) -> StoreResult<Lease> {
+        let mut st = lock(&self.state);
+        let run = st.owned_mut(id, epoch)?;
+        let lease = run.lease.as_mut().ok_or_else(|| StoreError::StaleLease(format!("run `{id}` has no lease")))?;
+        lease.expires_at = Utc::now() + ttl_to_chrono(ttl);
+        Ok(lease.clone())
+    }
+
+    async fn record_steps(&self, id: &RunId, epoch: u64, steps: &[StepRecord]) -> StoreResult<()> {
+        let mut st = lock(&self.state);
+        st.owned_mut(id, epoch)?;
+        let stored = st.steps.entry(id.clone()).or_default();
+        for step in steps {
+            match stored.iter_mut().find(|s| s.node == step.node) {
+                Some(existing) => *existing = step.clone(),
+                None => stored.push(step.clone()),
+            }
+        }
+        Ok(())
+    }
+
+    async fn steps(&self, id: &RunId) -> StoreResult<Vec<StepRecord>> {
+        let mut st = lock(&self.state);
+        st.run_mut(id)?;
+        Ok(st.steps.get(id).cloned().unwrap_or_default())
+    }
+
+    async fn finish(&self, id: &RunId, epoch: u64, outcome: RunOutcome) -> StoreResult<RunRecord> {
+        if !outcome.status.is_final() {
+            return Err(StoreError::Invalid(format!("`{}` is not a final status", outcome.status)));
+        }
+        let mut st = lock(&self.state);
+        let run = st.owned_mut(id, epoch)?;
+        run.status = outcome.status;
+        run.output = outcome.output;
+        run.error = outcome.error;
+        run.finished_at = Some(Utc::now());
+        run.lease = None;
+        Ok(run.clone())
+    }
+
+    async fn release(&self, id: &RunId, epoch: u64) -> StoreResult<()> {
+        let mut st = lock(&self.state);
+        let run = st.owned_mut(id, epoch)?;
+        run.status = RunStatus::Queued;
+        run.lease = None;
+        Ok(())
+    }
+
+    async fn transition(&self, id: &RunId, from: RunStatus, to: RunStatus) -> StoreResult<RunRecord> {
+        let mut st = lock(&self.state);
+        let run = st.run_mut(id)?;
+        if run.status != from {
+            return Err(StoreError::Conflict(format!("run `{id}` is {}, not {from}", run.status)));
+        }
+        run.status = to;
+        if to.is_final() {
+            run.finished_at = Some(Utc::now());
+            run.lease = None;
+        }
+        Ok(run.clone())
+    }
+
+    async fn expired(&self, now: DateTime<Utc>, limit: usize) -> StoreResult<Vec<RunId>> {
+        let st = lock(&self.state);
+        Ok(st
+            .order
+            .values()
+            .filter_map(|id| st.runs.get(id))
+            .filter(|(_, r)| r.status == RunStatus::Running && r.lease.as_ref().is_none_or(|l| l.expires_at <= now))
+            .map(|(_, r)| r.id.clone())
+            .take(limit)
+            .collect())
+    }
+
+    async fn prune(&self, before: DateTime<Utc>, batch: usize) -> StoreResult<usize> {
+        let mut st = lock(&self.state);
+        let doomed: Vec<(u64, RunId)> = st
+            .order
+            .iter()
+            .filter_map(|(seq, id)| st.runs.get(id).map(|(_, r)| (*seq, r)))
+            .filter(|(_, r)| r.status.is_final() && r.created_at < before)
+            .map(|(seq, r)| (seq, r.id.clone()))
+            .take(batch)
+            .collect();
+        for (seq, id) in &doomed {
+            st.order.remove(seq);
+            if let Some((_, run)) = st.runs.remove(id) {
+                if let Some(key) = run.idempotency_key {
+                    st.idempotency.remove(&(run.flow_id, key));
+                }
+            }
+            st.steps.remove(id);
+        }
+        Ok(doomed.len())
+    }
+}
+
+/// An in-process queue with leases, delays and a dead-letter list: the embedded twin of the
+/// Redis queue.
+#[derive(Debug)]
+pub struct MemoryQueue {
+    max_deliveries: u32,
+    state: Mutex<HashMap<String, GroupState>>,
+    notify: Notify,
+}
+
+#[derive(Debug, Default)]
+struct GroupState {
+    seq: u64,
+    jobs: HashMap<String, QueuedJob>,
+    /// Every job once: keyed by when it is due (ready time, or lease expiry when leased).
+    due: BTreeSet<(DateTime<Utc>, u64, String)>,
+    dead: Vec<Job>,
+}
+
+#[derive(Debug)]
+struct QueuedJob {
+    job: Job,
+    due: (DateTime<Utc>, u64),
+    token: Option<String>,
+}
+
+impl MemoryQueue {
+    /// A queue that dead-letters a job after `max_deliveries` deliveries.
+    pub fn new(max_deliveries: u32) -> Self {
+        Self { max_deliveries: max_deliveries.max(1), state: Mutex::default(), notify: Notify::new() }
+    }
+
+    fn try_lease(&self, group: &str, max: usize, ttl: Duration) -> (Vec<LeasedJob>, Option<DateTime<Utc>>) {
+        let mut groups = lock(&self.state);
+        let g = groups.entry(group.to_owned()).or_default();
+        let now = Utc::now();
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(first) = g.due.first().cloned() else { break };
+            if first.0 > now {
+                break;
+            }
+            g.due.pop_first();
+            let id = first.2;
+            let Some(q) = g.jobs.get_mut(&id) else { continue };
+            if q.job.deliveries >= self.max_deliveries {
+                if let Some(q) = g.jobs.remove(&id) {
+                    g.dead.push(q.job);
+                }
+                continue;
+            }
+            q.job.deliveries += 1;
+            let token = new_id();
+            q.token = Some(token.clone());
+            g.seq += 1;
+            q.due = (now + ttl_to_chrono(ttl), g.seq);
+            g.due.insert((q.due.0, q.due.1, id));
+            out.push(LeasedJob { job: q.job.clone(), group: group.to_owned(), token });
+        }
+        let next_due = g.due.first().map(|d| d.0);
+        (out, next_due)
+    }
+
+    fn with_lease<T>(&self, leased: &LeasedJob, f: impl FnOnce(&mut GroupState, &str) -> T) -> StoreResult<T> {
+        let mut groups = lock(&self.state);
+        let g = groups.entry(leased.group.clone()).or_default();
+        match g.jobs.get(&leased.job.id) {
+            Some(q) if q.token.as_deref() == Some(leased.token.as_str()) => Ok(f(g, &leased.job.id)),
+            _ => Err(StoreError::StaleLease(format!("job `{}` was delivered again or finished", leased.job.id))),
+        }
+    }
+}
+
+impl Default for MemoryQueue {
+    fn default() -> Self {
+        Self::new(5)
+    }
+}
+
+impl GroupState {
+    fn reschedule(&mut self, id: &str, at: DateTime<Utc>, token: Option<String>) {
+        self.seq += 1;
+        let seq = self.seq;
+        if let Some(q) = self.jobs.get_mut(id) {
+            self.due.remove(&(q.due.0, q.due.1, id.to_owned()));
+            q.due = (at, seq);
+            q.token = token;
+            self.due.insert((at, seq, id.to_owned()));
+        }
+    }
+}
+
+#[async_trait]
+impl Queue for MemoryQueue {
+    async fn enqueue(&self, group: &str, run_id: &RunId, not_before: Option<DateTime<Utc>>) -> StoreResult<String> {
+        let id = new_id();
+        {
+            let mut groups = lock(&self.state);
+            let g = groups.entry(group.to_owned()).or_default();
+            g.seq += 1;
+            let due = (not_before.unwrap_or_else(Utc::now), g.seq);
+            g.due.insert((due.0, due.1, id.clone()));
+            let job = Job { id: id.clone(), run_id: run_id.clone(), deliveries: 0 };
+            g.jobs.insert(id.clone(), QueuedJob { job, due, token: None });
+        }
+        self.notify.notify_waiters();
+        Ok(id)
+    }
+
+    async fn lease(&self, group: &str, _worker: &str, max: usize, ttl: Duration, wait: Duration) -> StoreResult<Vec<LeasedJob>> {
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            // Register interest before looking, so an enqueue between the look and the wait
+            // is not missed.
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (jobs, next_due) = self.try_lease(group, max.max(1), ttl);
+            let now = tokio::time::Instant::now();
+            if !jobs.is_empty() || now >= until {
+                return Ok(jobs);
+            }
+            let mut sleep_for = until - now;
+            if let Some(due) = next_due {
+                let until_due = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO) + Duration::from_millis(1);
+                sleep_for = sleep_for.min(until_due);
+            }
+            let _ = tokio::time::timeout(sleep_for, notified).await;
+        }
+    }
+
+    async fn heartbeat(&self, job: &LeasedJob, ttl: Duration) -> StoreResult<()> {
+        let at = Utc::now() + ttl_to_chrono(ttl);
+        self.with_lease(job, |g, id| g.reschedule(id, at, Some(job.token.clone())))
+    }
+
+    async fn ack(&self, job: &LeasedJob) -> StoreResult<()> {
+        let mut groups = lock(&self.state);
+        let g = groups.entry(job.group.clone()).or_default();
+        match g.jobs.get(&job.job.id) {
+            // Already gone: acked before (by this delivery or a later one). Nothing to undo.
+            None => Ok(()),
+            Some(q) if q.token.as_deref() == Some(job.token.as_str()) => {
+                if let Some(q) = g.jobs.remove(&job.job.id) {
+                    g.due.remove(&(q.due.0, q.due.1, job.job.id.clone()));
+                }
+                Ok(())
+            }
+            Some(_) => Err(StoreError::StaleLease(format!("job `{}` was delivered again", job.job.id))),
+        }
+    }
+
+    async fn nack(&self, job: &LeasedJob, retry_at: Option<DateTime<Utc>>) -> StoreResult<()> {
+        let at = retry_at.unwrap_or_else(Utc::now);
+        self.with_lease(job, |g, id| g.reschedule(id, at, None))?;
+        self.notify.notify_waiters();
+        Ok(())
+    }
+
+    async fn depth(&self, group: &str) -> StoreResult<QueueDepth> {
+        let groups = lock(&self.state);
+        let Some(g) = groups.get(group) else { return Ok(QueueDepth::default()) };
+        let now = Utc::now();
+        let mut depth = QueueDepth { dead: g.dead.len() as u64, ..QueueDepth::default() };
+        for q in g.jobs.values() {
+            match (&q.token, q.due.0 <= now) {
+                (Some(_), false) => depth.leased += 1,
+                (None, false) => depth.delayed += 1,
+                (_, true) => depth.ready += 1,
+            }
+        }
+        Ok(depth)
+    }
+
+    async fn dead_letters(&self, group: &str, limit: usize) -> StoreResult<Vec<Job>> {
+        let groups = lock(&self.state);
+        Ok(groups.get(group).map(|g| g.dead.iter().take(limit).cloned().collect()).unwrap_or_default())
+    }
+}
+
+/// Blobs in memory.
+#[derive(Debug, Default)]
+pub struct MemoryBlobStore {
+    blobs: Mutex<HashMap<String, Vec<u8>>>,
+}
+
+impl MemoryBlobStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+fn check_key(key: &str) -> StoreResult<()> {
+    if is_valid_blob_key(key) { Ok(()) } else { Err(StoreError::Invalid(format!("invalid blob key `{key}`"))) }
+}
+
+#[async_trait]
+impl BlobStore for MemoryBlobStore {
+    async fn put(&self, key: &str, data: Vec<u8>) -> StoreResult<()> {
+        check_key(key)?;
+        lock(&self.blobs).insert(key.to_owned(), data);
+        Ok(())
+    }
+    async fn get(&self, key: &str) -> StoreResult<Vec<u8>> {
+        check_key(key)?;
+        lock(&self.blobs).get(key).cloned().ok_or_else(|| StoreError::not_found("blob", key))
+    }
+    async fn stat(&self, key: &str) -> StoreResult<Option<u64>> {
+        check_key(key)?;
+        Ok(lock(&self.blobs).get(key).map(|b| b.len() as u64))
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        check_key(key)?;
+        lock(&self.blobs).remove(key);
+        Ok(())
+    }
+}

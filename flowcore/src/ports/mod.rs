@@ -1,0 +1,253 @@
+//! Ports: the storage traits the engine and the server depend on. Implementations live apart:
+//! in-memory ones in [`memory`] (for tests and zero-server embedding), SQL, Redis and blob stores
+//! in `flowcore-store`. Every implementation runs the conformance kit in `flowcore::testkit`.
+
+pub mod memory;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::StoreError;
+use crate::ids::RunId;
+use crate::model::FlowDef;
+use crate::run::{RunStatus, StepRecord};
+
+/// A result of a storage port.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// One version of a stored flow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredFlow {
+    /// The flow's id.
+    pub id: String,
+    /// 1 for the first version, then 2, 3, ...
+    pub version: u32,
+    /// The definition of this version (its `id` is the flow's id).
+    pub definition: FlowDef,
+    /// When this version was stored.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A page of a listing, newest first, with the cursor of the next page.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Page<T> {
+    /// The items of this page.
+    pub items: Vec<T>,
+    /// Pass this as `cursor` to get the next page; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Flows and their versions. A run is pinned to the version it started on, and old versions stay
+/// readable after a new one is stored.
+#[async_trait]
+pub trait FlowStore: Send + Sync {
+    /// Stores version 1 of a new flow; its `id` must be set. `AlreadyExists` when the id is taken.
+    async fn create(&self, flow: &FlowDef) -> StoreResult<StoredFlow>;
+    /// Stores the next version of an existing flow. `NotFound` when there is none.
+    async fn update(&self, id: &str, flow: &FlowDef) -> StoreResult<StoredFlow>;
+    /// One version of a flow, the latest when `version` is `None`.
+    async fn get(&self, id: &str, version: Option<u32>) -> StoreResult<StoredFlow>;
+    /// The latest version of each flow, newest first.
+    async fn list(&self, limit: usize, cursor: Option<&str>) -> StoreResult<Page<StoredFlow>>;
+    /// Deletes a flow and all its versions.
+    async fn delete(&self, id: &str) -> StoreResult<()>;
+}
+
+/// A new run, as the API accepts it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRun {
+    /// Its id.
+    pub id: RunId,
+    /// The flow.
+    pub flow_id: String,
+    /// The version the run is pinned to.
+    pub flow_version: u32,
+    /// The input.
+    pub input: Value,
+    /// The same key for the same flow gives the same run.
+    pub idempotency_key: Option<String>,
+}
+
+/// Who executes a running run, until when, and which ownership this is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The worker's name.
+    pub owner: String,
+    /// When the lease lapses unless renewed.
+    pub expires_at: DateTime<Utc>,
+    /// Grows with every new owner; a write with an older epoch is refused.
+    pub epoch: u64,
+}
+
+/// A stored run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Its id.
+    pub id: RunId,
+    /// The flow.
+    pub flow_id: String,
+    /// The flow version it runs.
+    pub flow_version: u32,
+    /// Its status.
+    pub status: RunStatus,
+    /// Its input.
+    pub input: Value,
+    /// Its output, once succeeded.
+    pub output: Option<Value>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Its idempotency key.
+    pub idempotency_key: Option<String>,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+    /// When a worker first started it.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it reached a final status.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The current worker lease, while running.
+    pub lease: Option<Lease>,
+    /// The epoch of the latest lease (0 before any).
+    pub epoch: u64,
+}
+
+/// Filters of a run listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunFilter {
+    /// Only runs of this flow.
+    pub flow_id: Option<String>,
+    /// Only runs in this status.
+    pub status: Option<RunStatus>,
+    /// Page size (the store may cap it).
+    pub limit: usize,
+    /// The cursor from the previous page.
+    pub cursor: Option<String>,
+}
+
+/// The end of a run, written by its lease owner.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunOutcome {
+    /// A final status.
+    pub status: RunStatus,
+    /// The output, when succeeded.
+    pub output: Option<Value>,
+    /// Why it did not succeed.
+    pub error: Option<String>,
+}
+
+/// Runs and their steps, with worker leases so that exactly one worker owns a running run.
+#[async_trait]
+pub trait RunStore: Send + Sync {
+    /// Stores a queued run. With an idempotency key already used for this flow, returns the
+    /// existing run and `false`.
+    async fn create(&self, run: NewRun) -> StoreResult<(RunRecord, bool)>;
+    /// One run.
+    async fn get(&self, id: &RunId) -> StoreResult<RunRecord>;
+    /// Runs, newest first, with a cursor that stays correct under concurrent inserts.
+    async fn list(&self, filter: &RunFilter) -> StoreResult<Page<RunRecord>>;
+    /// Takes ownership of a run to execute it: a queued run, or a running one whose lease has
+    /// expired. Sets `running`, a lease for `ttl` and a new epoch. `Conflict` otherwise.
+    async fn claim(&self, id: &RunId, owner: &str, ttl: Duration) -> StoreResult<Lease>;
+    /// Extends the lease of the current owner. `StaleLease` when another owner took over.
+    async fn renew(&self, id: &RunId, epoch: u64, ttl: Duration) -> StoreResult<Lease>;
+    /// Checkpoints steps (insert or replace by node). `StaleLease` when `epoch` is not current.
+    async fn record_steps(&self, id: &RunId, epoch: u64, steps: &[StepRecord]) -> StoreResult<()>;
+    /// The recorded steps of a run.
+    async fn steps(&self, id: &RunId) -> StoreResult<Vec<StepRecord>>;
+    /// Writes the final status of a running run. `StaleLease` when `epoch` is not current.
+    async fn finish(&self, id: &RunId, epoch: u64, outcome: RunOutcome) -> StoreResult<RunRecord>;
+    /// Hands a running run back (`running` -> `queued`) without waiting for its lease to expire.
+    async fn release(&self, id: &RunId, epoch: u64) -> StoreResult<()>;
+    /// Compare-and-set of the status, for changes without a lease (such as cancelling a queued
+    /// run). `Conflict` when the status is not `from`.
+    async fn transition(&self, id: &RunId, from: RunStatus, to: RunStatus) -> StoreResult<RunRecord>;
+    /// Running runs whose lease expired before `now`, for the reaper.
+    async fn expired(&self, now: DateTime<Utc>, limit: usize) -> StoreResult<Vec<RunId>>;
+    /// Deletes up to `batch` finished runs (and their steps) created before `before`; returns
+    /// how many were deleted. Callers loop until it returns less than `batch`.
+    async fn prune(&self, before: DateTime<Utc>, batch: usize) -> StoreResult<usize>;
+}
+
+/// A job in a queue: the run to execute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// The job's id.
+    pub id: String,
+    /// The run it executes.
+    pub run_id: RunId,
+    /// How many times it has been delivered, this delivery included.
+    pub deliveries: u32,
+}
+
+/// A job delivered to one worker until its lease lapses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeasedJob {
+    /// The job.
+    pub job: Job,
+    /// The worker group's queue it came from.
+    pub group: String,
+    /// Proves this delivery: heartbeats, acks and nacks with an older token are refused.
+    pub token: String,
+}
+
+/// How many jobs a queue holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct QueueDepth {
+    /// Ready to be leased.
+    pub ready: u64,
+    /// Waiting for their time.
+    pub delayed: u64,
+    /// Leased to a worker.
+    pub leased: u64,
+    /// In the dead-letter list.
+    pub dead: u64,
+}
+
+/// Hands runs to workers: at-least-once delivery with leases, one queue per worker group.
+///
+/// A job leased and not acked before its lease lapses is delivered again; after
+/// `max_deliveries` deliveries it moves to the dead-letter list instead.
+#[async_trait]
+pub trait Queue: Send + Sync {
+    /// Adds a job for `run_id`, ready at `not_before` (now when `None`). Returns the job id.
+    async fn enqueue(&self, group: &str, run_id: &RunId, not_before: Option<DateTime<Utc>>) -> StoreResult<String>;
+    /// Leases up to `max` ready jobs (expired leases included) for `ttl`, waiting up to `wait`
+    /// for the first one. Returns an empty list when none came.
+    async fn lease(&self, group: &str, worker: &str, max: usize, ttl: Duration, wait: Duration) -> StoreResult<Vec<LeasedJob>>;
+    /// Extends a lease. `StaleLease` when the job was delivered again or acked since.
+    async fn heartbeat(&self, job: &LeasedJob, ttl: Duration) -> StoreResult<()>;
+    /// Removes a finished job. Idempotent for the same delivery; `StaleLease` for an older one.
+    async fn ack(&self, job: &LeasedJob) -> StoreResult<()>;
+    /// Gives a job back to be delivered again at `retry_at` (now when `None`).
+    async fn nack(&self, job: &LeasedJob, retry_at: Option<DateTime<Utc>>) -> StoreResult<()>;
+    /// The depth of a group's queue.
+    async fn depth(&self, group: &str) -> StoreResult<QueueDepth>;
+    /// Jobs in a group's dead-letter list.
+    async fn dead_letters(&self, group: &str, limit: usize) -> StoreResult<Vec<Job>>;
+}
+
+/// Whether `key` is acceptable as a blob key: segments of `[A-Za-z0-9._-]` joined by `/`, no
+/// empty, `.` or `..` segment, at most 512 bytes. Keys are made by the server; a name a caller
+/// supplies never becomes a key unchecked.
+pub fn is_valid_blob_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 512
+        && key.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+}
+
+/// Files and large outputs, by key.
+#[async_trait]
+pub trait BlobStore: Send + Sync {
+    /// Stores `data` under `key`, replacing what was there.
+    async fn put(&self, key: &str, data: Vec<u8>) -> StoreResult<()>;
+    /// The bytes under `key`. `NotFound` when there are none.
+    async fn get(&self, key: &str) -> StoreResult<Vec<u8>>;
+    /// The size of the blob under `key`, `None` when there is none.
+    async fn stat(&self, key: &str) -> StoreResult<Option<u64>>;
+    /// Removes `key`; removing a missing key is not an error.
+    async fn delete(&self, key: &str) -> StoreResult<()>;
+}

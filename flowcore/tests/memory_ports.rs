@@ -1,0 +1,25 @@
+//! The conformance kit against the in-memory ports.
+
+use std::sync::Arc;
+
+use flowcore::ports::memory::{MemoryBlobStore, MemoryFlowStore, MemoryQueue, MemoryRunStore};
+
+#[tokio::test]
+async fn memory_flow_store() {
+    flowcore::testkit::flow_store(&MemoryFlowStore::new()).await;
+}
+
+#[tokio::test]
+async fn memory_run_store() {
+    flowcore::testkit::run_store(&MemoryRunStore::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_queue() {
+    flowcore::testkit::queue(Arc::new(MemoryQueue::new(3))).await;
+}
+
+#[tokio::test]
+async fn memory_blob_store() {
+    flowcore::testkit::blob_store(&MemoryBlobStore::new()).await;
+}

@@ -440,10 +440,16 @@ impl Driver {
                     format!("the run timed out after {} s", self.timeout.as_secs_f64()),
                 )),
                 Some(done) = running.next() => {
-                    if let Some(message) = done.fail_run {
-                        failure = Some((RunStatus::Failed, message));
+                    let mut next = Some(done);
+                    // Take every completion that is already there before going back through
+                    // the select: with a wide fan-out this saves a timer and token poll per node.
+                    while let Some(done) = next {
+                        if let Some(message) = done.fail_run {
+                            failure = Some((RunStatus::Failed, message));
+                        }
+                        self.finish(done.index, done.step, &done.taken);
+                        next = if failure.is_none() { running.next().now_or_never().flatten() } else { None };
                     }
-                    self.finish(done.index, done.step, &done.taken);
                 }
             }
         }
@@ -560,7 +566,9 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
         let call = AssertUnwindSafe(pn.node.run(&cx)).catch_unwind();
         let outcome = match pn.timeout {
             None => call.await,
-            Some(limit) => tokio::time::timeout(limit, call).await.unwrap_or(Ok(Err(NodeError::Timeout(limit)))),
+            // Boxed: most nodes have no timeout, and an inline timer would enlarge every node's
+            // future.
+            Some(limit) => Box::pin(tokio::time::timeout(limit, call)).await.unwrap_or(Ok(Err(NodeError::Timeout(limit)))),
         };
         let outcome = match outcome {
             Ok(result) => result.and_then(|out| check_size(&out.value, max_bytes).map(|()| out)),
@@ -569,7 +577,7 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
         match outcome {
             Err(e) if e.is_retryable() && attempt < max_attempts => {
                 let wait = pn.retry.unwrap_or_default().backoff(attempt + 1);
-                tokio::time::sleep(wait).await;
+                Box::pin(tokio::time::sleep(wait)).await;
             }
             other => break other,
         }

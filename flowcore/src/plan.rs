@@ -22,7 +22,7 @@ pub const ERROR_PORT: &str = "error";
 pub struct Plan(Arc<PlanInner>);
 
 struct PlanInner {
-    flow: FlowDef,
+    flow_id: Option<String>,
     nodes: Vec<PlanNode>,
     index: HashMap<Arc<str>, usize>,
     output: Option<usize>,
@@ -49,16 +49,16 @@ pub(crate) struct PlanNode {
 impl fmt::Debug for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Plan")
-            .field("flow", &self.0.flow.id)
+            .field("flow", &self.0.flow_id)
             .field("nodes", &self.0.nodes.len())
             .finish()
     }
 }
 
 impl Plan {
-    /// The flow this plan was compiled from.
-    pub fn flow(&self) -> &FlowDef {
-        &self.0.flow
+    /// The id of the flow this plan was compiled from.
+    pub fn flow_id(&self) -> Option<&str> {
+        self.0.flow_id.as_deref()
     }
     /// Number of nodes.
     pub fn len(&self) -> usize {
@@ -129,7 +129,8 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
         ids.push(id);
     }
 
-    // Build each node from its params.
+    // Build each node from its params. Type names are shared between nodes of a type.
+    let mut type_names: HashMap<&str, Arc<str>> = HashMap::new();
     let mut built: Vec<Option<Box<dyn Node>>> = Vec::with_capacity(flow.nodes.len());
     for def in &flow.nodes {
         let node = match registry.get(&def.node_type) {
@@ -145,6 +146,9 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
                 }
             },
         };
+        if node.is_some() && !type_names.contains_key(def.node_type.as_str()) {
+            type_names.insert(def.node_type.as_str(), Arc::from(def.node_type.as_str()));
+        }
         if let Some(retry) = &def.retry {
             if retry.max_attempts == 0 || retry.max_attempts > 100 {
                 problems.push(Problem::node(&*def.id, "retry.max_attempts must be between 1 and 100"));
@@ -161,8 +165,7 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
 
     // Edges.
     let n = flow.nodes.len();
-    let mut graph: DiGraph<usize, ()> = DiGraph::with_capacity(n, flow.edges.len());
-    let gidx: Vec<NodeIndex> = (0..n).map(|i| graph.add_node(i)).collect();
+    let mut pairs: Vec<(usize, usize)> = Vec::with_capacity(flow.edges.len());
     let mut out: Vec<Vec<(Option<Arc<str>>, usize)>> = vec![Vec::new(); n];
     let mut in_edges = vec![0usize; n];
     let mut preds: Vec<Vec<usize>> = vec![Vec::new(); n];
@@ -198,7 +201,7 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
                 }
             }
         }
-        graph.add_edge(gidx[from], gidx[to], ());
+        pairs.push((from, to));
         out[from].push((port, to));
         in_edges[to] += 1;
         if !preds[to].contains(&from) {
@@ -230,21 +233,11 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
         }
     }
 
-    // Cycles: each strongly connected component with more than one node, or a self loop.
-    let mut acyclic = true;
-    for scc in tarjan_scc(&graph) {
-        let is_cycle = scc.len() > 1 || graph.contains_edge(scc[0], scc[0]);
-        if !is_cycle {
-            continue;
-        }
-        acyclic = false;
-        let path = cycle_path(&graph, &scc);
-        let names: Vec<&str> = path.iter().map(|&g| &*ids[graph[g]]).collect();
-        problems.push(Problem {
-            node: Some(names[0].to_owned()),
-            edge: None,
-            problem: format!("cycle: {}", names.join(" -> ")),
-        });
+    // Cycles. Kahn's algorithm tells cheaply whether there is one; only then does petgraph find
+    // the strongly connected components to name the nodes on each cycle.
+    let acyclic = is_acyclic(&out, &in_edges);
+    if !acyclic {
+        report_cycles(n, &pairs, &ids, &mut problems);
     }
 
     // References of templates and expressions: known names, upstream nodes only.
@@ -299,7 +292,7 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
         .enumerate()
         .map(|(i, (((def, node), out), preds))| PlanNode {
             id: ids[i].clone(),
-            node_type: Arc::from(def.node_type.as_str()),
+            node_type: type_names.get(def.node_type.as_str()).cloned().unwrap_or_else(|| Arc::from(def.node_type.as_str())),
             node: node.expect("no problems means every node was built"),
             retry: def.retry,
             timeout: def.timeout_ms.map(Duration::from_millis),
@@ -310,7 +303,7 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
         })
         .collect();
     Ok(Plan(Arc::new(PlanInner {
-        flow: flow.clone(),
+        flow_id: flow.id.clone(),
         nodes,
         index,
         output,
@@ -318,6 +311,45 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
         timeout: flow.settings.timeout_seconds.map(Duration::from_secs),
         max_concurrency: flow.settings.max_concurrency,
     })))
+}
+
+fn is_acyclic(out: &[Vec<(Option<Arc<str>>, usize)>], in_edges: &[usize]) -> bool {
+    let mut remaining = in_edges.to_vec();
+    let mut stack: Vec<usize> = (0..remaining.len()).filter(|&i| remaining[i] == 0).collect();
+    let mut seen = 0;
+    while let Some(i) = stack.pop() {
+        seen += 1;
+        for (_, t) in &out[i] {
+            remaining[*t] -= 1;
+            if remaining[*t] == 0 {
+                stack.push(*t);
+            }
+        }
+    }
+    seen == in_edges.len()
+}
+
+/// One problem per cycle: each strongly connected component with more than one node, or a self
+/// loop, named by an actual cycle through it.
+fn report_cycles(n: usize, pairs: &[(usize, usize)], ids: &[Arc<str>], problems: &mut Vec<Problem>) {
+    let mut graph: DiGraph<usize, ()> = DiGraph::with_capacity(n, pairs.len());
+    let gidx: Vec<NodeIndex> = (0..n).map(|i| graph.add_node(i)).collect();
+    for &(a, b) in pairs {
+        graph.add_edge(gidx[a], gidx[b], ());
+    }
+    for scc in tarjan_scc(&graph) {
+        let is_cycle = scc.len() > 1 || graph.contains_edge(scc[0], scc[0]);
+        if !is_cycle {
+            continue;
+        }
+        let path = cycle_path(&graph, &scc);
+        let names: Vec<&str> = path.iter().map(|&g| &*ids[graph[g]]).collect();
+        problems.push(Problem {
+            node: Some(names[0].to_owned()),
+            edge: None,
+            problem: format!("cycle: {}", names.join(" -> ")),
+        });
+    }
 }
 
 /// Walks up from `node` and removes each found ancestor from `wanted`, stopping early once all

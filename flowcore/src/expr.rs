@@ -18,12 +18,18 @@ use crate::error::ParamError;
 /// The names a template or expression may use at its top level.
 pub const SCOPE_NAMES: [&str; 3] = ["input", "nodes", "attempt"];
 
+/// The most VM instructions one template or expression evaluation may execute.
+pub const MAX_FUEL: u64 = 5_000_000;
+
 static ENV: LazyLock<Environment<'static>> = LazyLock::new(|| {
     let mut env = Environment::new();
     // Lenient, as in Jinja: a missing field renders empty and tests false, but an attribute of a
     // missing value (`input.missing.deeper`) is an error, so a wrong path shows up.
     env.set_undefined_behavior(UndefinedBehavior::Lenient);
     env.set_recursion_limit(64);
+    // Bounds the work of one evaluation, so that `{% for %}` loops nested in a template cannot
+    // hang a run (fuzzing found this for inputs like nested `range(100000)`).
+    env.set_fuel(Some(MAX_FUEL));
     env
 });
 
@@ -542,6 +548,13 @@ mod tests {
         let r = t.references();
         assert_eq!(r.nodes.into_iter().collect::<Vec<_>>(), vec!["a"]);
         assert_eq!(r.unknown.into_iter().collect::<Vec<_>>(), vec!["inptu"]);
+    }
+
+    #[test]
+    fn runaway_templates_run_out_of_fuel() {
+        let t = Template::compile("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}").unwrap();
+        let err = t.render(&scope(json!({}))).unwrap_err();
+        assert!(err.contains("fuel"), "{err}");
     }
 
     #[test]

@@ -13,7 +13,11 @@ use flowcore::{Engine, FlowDef, Plan};
 use serde_json::{Value, json};
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 fn noop(i: usize) -> Value {
@@ -22,13 +26,17 @@ fn noop(i: usize) -> Value {
 
 fn chain(n: usize) -> FlowDef {
     let nodes: Vec<Value> = (0..n).map(noop).collect();
-    let edges: Vec<Value> = (1..n).map(|i| json!({"from": format!("n{}", i - 1), "to": format!("n{i}")})).collect();
+    let edges: Vec<Value> = (1..n)
+        .map(|i| json!({"from": format!("n{}", i - 1), "to": format!("n{i}")}))
+        .collect();
     FlowDef::from_value(json!({"nodes": nodes, "edges": edges})).expect("flow")
 }
 
 fn fan_out(n: usize) -> FlowDef {
     let nodes: Vec<Value> = (0..=n).map(noop).collect();
-    let edges: Vec<Value> = (1..=n).map(|i| json!({"from": "n0", "to": format!("n{i}")})).collect();
+    let edges: Vec<Value> = (1..=n)
+        .map(|i| json!({"from": "n0", "to": format!("n{i}")}))
+        .collect();
     FlowDef::from_value(json!({"nodes": nodes, "edges": edges, "output": "n0"})).expect("flow")
 }
 
@@ -61,14 +69,20 @@ fn baseline(c: &mut Criterion) {
     g.bench_function("spawn_join_sequential_1000", |b| {
         b.to_async(&rt).iter(|| async {
             for i in 0..1000u64 {
-                black_box(tokio::spawn(async move { black_box(i) }).await.expect("join"));
+                black_box(
+                    tokio::spawn(async move { black_box(i) })
+                        .await
+                        .expect("join"),
+                );
             }
         });
     });
     g.throughput(Throughput::Elements(10_000));
     g.bench_function("spawn_join_all_10000", |b| {
         b.to_async(&rt).iter(|| async {
-            let handles: Vec<_> = (0..10_000u64).map(|i| tokio::spawn(async move { black_box(i) })).collect();
+            let handles: Vec<_> = (0..10_000u64)
+                .map(|i| tokio::spawn(async move { black_box(i) }))
+                .collect();
             for h in handles {
                 black_box(h.await.expect("join"));
             }
@@ -105,7 +119,9 @@ fn compiling(c: &mut Criterion) {
     for n in [1000usize, 10_000] {
         let flow = chain(n);
         g.throughput(Throughput::Elements(n as u64));
-        g.bench_with_input(BenchmarkId::new("chain", n), &flow, |b, flow| b.iter(|| compile(&engine, black_box(flow))));
+        g.bench_with_input(BenchmarkId::new("chain", n), &flow, |b, flow| {
+            b.iter(|| compile(&engine, black_box(flow)))
+        });
     }
     let templated = {
         let n = 10_000;
@@ -118,18 +134,23 @@ fn compiling(c: &mut Criterion) {
                 }
             })
             .collect();
-        let edges: Vec<Value> = (1..n).map(|i| json!({"from": format!("n{}", i - 1), "to": format!("n{i}")})).collect();
+        let edges: Vec<Value> = (1..n)
+            .map(|i| json!({"from": format!("n{}", i - 1), "to": format!("n{i}")}))
+            .collect();
         FlowDef::from_value(json!({"nodes": nodes, "edges": edges})).expect("flow")
     };
     g.throughput(Throughput::Elements(10_000));
-    g.bench_function("templated_chain/10000", |b| b.iter(|| compile(&engine, black_box(&templated))));
+    g.bench_function("templated_chain/10000", |b| {
+        b.iter(|| compile(&engine, black_box(&templated)))
+    });
     g.finish();
 }
 
 fn end_to_end(c: &mut Criterion) {
     let rt = runtime();
     let engine = Engine::new();
-    let greet: FlowDef = FlowDef::from_json(include_str!("../examples/flows/greet.json")).expect("flow");
+    let greet: FlowDef =
+        FlowDef::from_json(include_str!("../examples/flows/greet.json")).expect("flow");
     let plan = compile(&engine, &greet);
     let mut g = c.benchmark_group("run");
     const RUNS: u64 = 1000;
@@ -140,7 +161,9 @@ fn end_to_end(c: &mut Criterion) {
                 .map(|i| {
                     let engine = engine.clone();
                     let plan = plan.clone();
-                    tokio::spawn(async move { engine.run(&plan, json!({"name": "ada", "n": i % 10})).await })
+                    tokio::spawn(async move {
+                        engine.run(&plan, json!({"name": "ada", "n": i % 10})).await
+                    })
                 })
                 .collect();
             for h in handles {

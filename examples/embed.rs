@@ -17,10 +17,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let stored = flows.get("greet", None).await?;
     let plan = engine.compile(&stored.definition)?;
     let options = RunOptions {
-        events: Some(Arc::new(|e: &RunEvent| eprintln!("event: {}", serde_json::to_string(e).unwrap_or_default()))),
+        events: Some(Arc::new(|e: &RunEvent| {
+            eprintln!("event: {}", serde_json::to_string(e).unwrap_or_default())
+        })),
         ..RunOptions::default()
     };
-    let result = engine.execute(&plan, json!({"name": "ada", "n": 7}), options).await;
+    let result = engine
+        .execute(&plan, json!({"name": "ada", "n": 7}), options)
+        .await;
     println!("{} -> {}", result.status, result.output.unwrap_or_default());
     Ok(())
 }

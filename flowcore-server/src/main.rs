@@ -51,17 +51,33 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
     match cli.command {
         Command::Validate { flow } => validate(&flow),
-        Command::Run { flow, input, flows_dir, timeout_seconds, quiet } => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Command::Run {
+            flow,
+            input,
+            flows_dir,
+            timeout_seconds,
+            quiet,
+        } => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => return fail(format!("cannot start the runtime: {e}")),
             };
-            runtime.block_on(run(&flow, &input, flows_dir.as_deref(), timeout_seconds, quiet))
+            runtime.block_on(run(
+                &flow,
+                &input,
+                flows_dir.as_deref(),
+                timeout_seconds,
+                quiet,
+            ))
         }
     }
 }
@@ -95,7 +111,13 @@ fn validate(path: &Path) -> ExitCode {
     }
 }
 
-async fn run(path: &Path, input: &str, flows_dir: Option<&Path>, timeout_seconds: u64, quiet: bool) -> ExitCode {
+async fn run(
+    path: &Path,
+    input: &str,
+    flows_dir: Option<&Path>,
+    timeout_seconds: u64,
+    quiet: bool,
+) -> ExitCode {
     let flow = match read_flow(path) {
         Ok(flow) => flow,
         Err(e) => return fail(e),
@@ -110,10 +132,18 @@ async fn run(path: &Path, input: &str, flows_dir: Option<&Path>, timeout_seconds
             return fail(e);
         }
     }
-    if flow.id.is_some() && store.get(flow.id.as_deref().unwrap_or_default(), None).await.is_err() {
+    if flow.id.is_some()
+        && store
+            .get(flow.id.as_deref().unwrap_or_default(), None)
+            .await
+            .is_err()
+    {
         let _ = store.create(&flow).await;
     }
-    let limits = flowcore::Limits { run_timeout: std::time::Duration::from_secs(timeout_seconds.max(1)), ..Default::default() };
+    let limits = flowcore::Limits {
+        run_timeout: std::time::Duration::from_secs(timeout_seconds.max(1)),
+        ..Default::default()
+    };
     let engine = Engine::builder().limits(limits).flow_store(store).build();
     let plan = match engine.compile(&flow) {
         Ok(plan) => plan,
@@ -146,20 +176,32 @@ async fn run(path: &Path, input: &str, flows_dir: Option<&Path>, timeout_seconds
             }
             ExitCode::SUCCESS
         }
-        status => fail(format!("run {status}: {}", result.error.unwrap_or_default())),
+        status => fail(format!(
+            "run {status}: {}",
+            result.error.unwrap_or_default()
+        )),
     }
 }
 
 async fn load_flows(store: &dyn FlowStore, dir: &Path) -> Result<(), String> {
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
     for entry in entries {
-        let path = entry.map_err(|e| format!("cannot read {}: {e}", dir.display()))?.path();
+        let path = entry
+            .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+            .path();
         if path.extension().is_some_and(|x| x == "json") {
             let flow = read_flow(&path)?;
             if flow.id.is_none() {
-                return Err(format!("{}: a flow in --flows-dir needs an id", path.display()));
+                return Err(format!(
+                    "{}: a flow in --flows-dir needs an id",
+                    path.display()
+                ));
             }
-            store.create(&flow).await.map_err(|e| format!("{}: {e}", path.display()))?;
+            store
+                .create(&flow)
+                .await
+                .map_err(|e| format!("{}: {e}", path.display()))?;
         }
     }
     Ok(())
@@ -172,7 +214,12 @@ fn progress(event: &RunEvent, started: Instant) {
             eprintln!("{ms:9.1} ms  {node}: retry, attempt {attempt}");
         }
         RunEvent::NodeStarted { node, .. } => eprintln!("{ms:9.1} ms  {node}: started"),
-        RunEvent::NodeFinished { node, status, error, .. } => match error {
+        RunEvent::NodeFinished {
+            node,
+            status,
+            error,
+            ..
+        } => match error {
             Some(error) => eprintln!("{ms:9.1} ms  {node}: {status}: {error}"),
             None => eprintln!("{ms:9.1} ms  {node}: {status}"),
         },

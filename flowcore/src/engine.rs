@@ -13,8 +13,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
+use futures::stream::{FuturesUnordered, StreamExt};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -65,7 +65,9 @@ pub struct EngineBuilder {
 
 impl fmt::Debug for EngineBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EngineBuilder").field("limits", &self.limits).finish_non_exhaustive()
+        f.debug_struct("EngineBuilder")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
     }
 }
 
@@ -87,12 +89,17 @@ impl EngineBuilder {
     }
     /// The engine.
     pub fn build(self) -> Engine {
-        let permits = self.limits.max_concurrent_nodes.map(|n| Arc::new(Semaphore::new(n.max(1))));
+        let permits = self
+            .limits
+            .max_concurrent_nodes
+            .map(|n| Arc::new(Semaphore::new(n.max(1))));
         Engine(Arc::new(EngineInner {
             registry: self.registry.unwrap_or_else(Registry::with_builtins),
             limits: self.limits,
             permits,
-            flows: self.flows.unwrap_or_else(|| Arc::new(MemoryFlowStore::new())),
+            flows: self
+                .flows
+                .unwrap_or_else(|| Arc::new(MemoryFlowStore::new())),
         }))
     }
 }
@@ -110,7 +117,10 @@ struct EngineInner {
 
 impl fmt::Debug for Engine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Engine").field("registry", &self.0.registry).field("limits", &self.0.limits).finish()
+        f.debug_struct("Engine")
+            .field("registry", &self.0.registry)
+            .field("limits", &self.0.limits)
+            .finish()
     }
 }
 
@@ -233,21 +243,46 @@ impl Engine {
     /// Starts a run on the current tokio runtime and returns a handle to cancel or await it.
     pub fn start(&self, plan: &Plan, input: Value, mut options: RunOptions) -> RunHandle {
         let run_id = options.run_id.get_or_insert_with(RunId::new).clone();
-        let cancel = options.cancel.get_or_insert_with(CancellationToken::new).clone();
+        let cancel = options
+            .cancel
+            .get_or_insert_with(CancellationToken::new)
+            .clone();
         let engine = self.clone();
         let plan = plan.clone();
         let task = tokio::spawn(async move { engine.execute(&plan, input, options).await });
-        RunHandle { run_id, cancel, task }
+        RunHandle {
+            run_id,
+            cancel,
+            task,
+        }
     }
     /// Executes a run to its end.
     pub async fn execute(&self, plan: &Plan, input: Value, options: RunOptions) -> RunResult {
-        Driver::new(self.clone(), plan.clone(), Arc::new(input), options, 0).run().await
+        Driver::new(self.clone(), plan.clone(), Arc::new(input), options, 0)
+            .run()
+            .await
     }
     /// Executes a run as a child of a running node (for `subflow`): it is cancelled with its
     /// parent and does not take a second concurrency permit.
-    pub async fn execute_child(&self, plan: &Plan, input: Value, parent: &NodeContext) -> RunResult {
-        let options = RunOptions { cancel: Some(parent.cancellation().child_token()), ..RunOptions::default() };
-        Driver::new(self.clone(), plan.clone(), Arc::new(input), options, parent.depth() + 1).run().await
+    pub async fn execute_child(
+        &self,
+        plan: &Plan,
+        input: Value,
+        parent: &NodeContext,
+    ) -> RunResult {
+        let options = RunOptions {
+            cancel: Some(parent.cancellation().child_token()),
+            ..RunOptions::default()
+        };
+        Driver::new(
+            self.clone(),
+            plan.clone(),
+            Arc::new(input),
+            options,
+            parent.depth() + 1,
+        )
+        .run()
+        .await
     }
 }
 
@@ -266,7 +301,9 @@ pub(crate) struct RunShared {
 
 impl fmt::Debug for RunShared {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RunShared").field("run_id", &self.run_id).finish_non_exhaustive()
+        f.debug_struct("RunShared")
+            .field("run_id", &self.run_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -284,10 +321,15 @@ impl RunShared {
 
 impl NodeOutputs for RunShared {
     fn get(&self, id: &str) -> Option<Arc<Value>> {
-        self.plan.index_of(id).and_then(|i| self.outputs[i].get().cloned())
+        self.plan
+            .index_of(id)
+            .and_then(|i| self.outputs[i].get().cloned())
     }
     fn ids(&self) -> Vec<String> {
-        (0..self.plan.len()).filter(|&i| self.outputs[i].get().is_some()).map(|i| self.plan.node_id(i).to_owned()).collect()
+        (0..self.plan.len())
+            .filter(|&i| self.outputs[i].get().is_some())
+            .map(|i| self.plan.node_id(i).to_owned())
+            .collect()
     }
 }
 
@@ -344,7 +386,9 @@ impl Driver {
     fn new(engine: Engine, plan: Plan, input: Arc<Value>, options: RunOptions, depth: u32) -> Self {
         let n = plan.len();
         let limit = engine.limits().run_timeout;
-        let timeout = options.timeout.unwrap_or_else(|| plan.timeout().map_or(limit, |t| t.min(limit)));
+        let timeout = options
+            .timeout
+            .unwrap_or_else(|| plan.timeout().map_or(limit, |t| t.min(limit)));
         let mut resume: Vec<Option<StepRecord>> = vec![None; n];
         for step in options.resume {
             if let Some(i) = plan.index_of(&step.node) {
@@ -381,7 +425,9 @@ impl Driver {
     async fn run(mut self) -> RunResult {
         let started_at = Utc::now();
         let run = self.run.clone();
-        run.emit(|| RunEvent::RunStarted { run_id: run.run_id.clone() });
+        run.emit(|| RunEvent::RunStarted {
+            run_id: run.run_id.clone(),
+        });
 
         let too_deep = run.depth > run.engine.limits().max_subflow_depth;
         let limit = run.plan.max_concurrency().unwrap_or(usize::MAX);
@@ -393,11 +439,19 @@ impl Driver {
         tokio::pin!(cancelled);
 
         let mut failure: Option<(RunStatus, String)> = too_deep.then(|| {
-            (RunStatus::Failed, format!("subflows nest deeper than {}", run.engine.limits().max_subflow_depth))
+            (
+                RunStatus::Failed,
+                format!(
+                    "subflows nest deeper than {}",
+                    run.engine.limits().max_subflow_depth
+                ),
+            )
         });
         while failure.is_none() {
             while running.len() < limit {
-                let Some(i) = self.ready.pop_front() else { break };
+                let Some(i) = self.ready.pop_front() else {
+                    break;
+                };
                 if let Some(step) = self.options_resume[i].take() {
                     let taken = Taken::of_checkpoint(&step);
                     if let Some(out) = &step.output {
@@ -484,7 +538,11 @@ impl Driver {
             Some((status, message)) => (status, None, Some(message)),
             None => (RunStatus::Succeeded, Some(self.output()), None),
         };
-        run.emit(|| RunEvent::RunFinished { run_id: run.run_id.clone(), status, error: error.clone() });
+        run.emit(|| RunEvent::RunFinished {
+            run_id: run.run_id.clone(),
+            status,
+            error: error.clone(),
+        });
         RunResult {
             run_id: run.run_id.clone(),
             status,
@@ -518,11 +576,25 @@ impl Driver {
         if let Some(i) = self.run.plan.output_node() {
             return value_of(i).unwrap_or(Value::Null);
         }
-        let ran: Vec<usize> = self.run.plan.sinks().iter().copied().filter(|&i| self.run.output(i).is_some()).collect();
+        let ran: Vec<usize> = self
+            .run
+            .plan
+            .sinks()
+            .iter()
+            .copied()
+            .filter(|&i| self.run.output(i).is_some())
+            .collect();
         match ran.as_slice() {
             [one] => value_of(*one).unwrap_or(Value::Null),
             many => Value::Object(
-                many.iter().map(|&i| (self.run.plan.node_id(i).to_owned(), value_of(i).unwrap_or(Value::Null))).collect(),
+                many.iter()
+                    .map(|&i| {
+                        (
+                            self.run.plan.node_id(i).to_owned(),
+                            value_of(i).unwrap_or(Value::Null),
+                        )
+                    })
+                    .collect(),
             ),
         }
     }
@@ -561,18 +633,31 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
     let mut attempt = 0;
     let result = loop {
         attempt += 1;
-        run.emit(|| RunEvent::NodeStarted { run_id: run.run_id.clone(), node: pn.id.clone(), attempt });
-        let cx = NodeContext { run: run.clone(), index, attempt };
+        run.emit(|| RunEvent::NodeStarted {
+            run_id: run.run_id.clone(),
+            node: pn.id.clone(),
+            attempt,
+        });
+        let cx = NodeContext {
+            run: run.clone(),
+            index,
+            attempt,
+        };
         let call = AssertUnwindSafe(pn.node.run(&cx)).catch_unwind();
         let outcome = match pn.timeout {
             None => call.await,
             // Boxed: most nodes have no timeout, and an inline timer would enlarge every node's
             // future.
-            Some(limit) => Box::pin(tokio::time::timeout(limit, call)).await.unwrap_or(Ok(Err(NodeError::Timeout(limit)))),
+            Some(limit) => Box::pin(tokio::time::timeout(limit, call))
+                .await
+                .unwrap_or(Ok(Err(NodeError::Timeout(limit)))),
         };
         let outcome = match outcome {
             Ok(result) => result.and_then(|out| check_size(&out.value, max_bytes).map(|()| out)),
-            Err(panic) => Err(NodeError::fatal(format!("the node panicked: {}", panic_message(&panic)))),
+            Err(panic) => Err(NodeError::fatal(format!(
+                "the node panicked: {}",
+                panic_message(&panic)
+            ))),
         };
         match outcome {
             Err(e) if e.is_retryable() && attempt < max_attempts => {
@@ -629,7 +714,12 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
         fail_run = Some(e);
     }
     run.emit(|| finished_event(&run, &step));
-    Done { index, step, taken, fail_run }
+    Done {
+        index,
+        step,
+        taken,
+        fail_run,
+    }
 }
 
 /// Fails when `value` serializes to more than `limit` bytes, without building the whole text.
@@ -641,7 +731,11 @@ fn check_size(value: &Value, limit: usize) -> Result<(), NodeError> {
     impl io::Write for Counter {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
             self.written += buf.len();
-            if self.written > self.limit { Err(io::Error::other("over the limit")) } else { Ok(buf.len()) }
+            if self.written > self.limit {
+                Err(io::Error::other("over the limit"))
+            } else {
+                Ok(buf.len())
+            }
         }
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
@@ -655,7 +749,8 @@ fn check_size(value: &Value, limit: usize) -> Result<(), NodeError> {
             return Ok(()); // even fully escaped it fits
         }
     }
-    serde_json::to_writer(Counter { written: 0, limit }, value).map_err(|_| NodeError::OutputTooLarge { limit })
+    serde_json::to_writer(Counter { written: 0, limit }, value)
+        .map_err(|_| NodeError::OutputTooLarge { limit })
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {

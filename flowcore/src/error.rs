@@ -22,15 +22,27 @@ pub struct Problem {
 impl Problem {
     /// A problem with the flow as a whole.
     pub fn flow(problem: impl Into<String>) -> Self {
-        Self { node: None, edge: None, problem: problem.into() }
+        Self {
+            node: None,
+            edge: None,
+            problem: problem.into(),
+        }
     }
     /// A problem with one node.
     pub fn node(node: impl Into<String>, problem: impl Into<String>) -> Self {
-        Self { node: Some(node.into()), edge: None, problem: problem.into() }
+        Self {
+            node: Some(node.into()),
+            edge: None,
+            problem: problem.into(),
+        }
     }
     /// A problem with one edge.
     pub fn edge(edge: usize, problem: impl Into<String>) -> Self {
-        Self { node: None, edge: Some(edge), problem: problem.into() }
+        Self {
+            node: None,
+            edge: Some(edge),
+            problem: problem.into(),
+        }
     }
 }
 
@@ -89,7 +101,12 @@ impl From<serde_json::Error> for ParseError {
             Some(i) => full[..i].to_owned(),
             None => full,
         };
-        Self { line: source.line(), column: source.column(), message, source }
+        Self {
+            line: source.line(),
+            column: source.column(),
+            message,
+            source,
+        }
     }
 }
 
@@ -214,15 +231,30 @@ pub enum StoreError {
 impl StoreError {
     /// A `NotFound` for `what` with this id.
     pub fn not_found(what: &'static str, id: impl Into<String>) -> Self {
-        Self::NotFound { what, id: id.into() }
+        Self::NotFound {
+            what,
+            id: id.into(),
+        }
     }
     /// A backend failure with its source.
-    pub fn backend(message: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        Self::Backend { message: message.into(), source: Some(Box::new(source)) }
+    pub fn backend(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Backend {
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
     }
     /// An outage of the backend with its source.
-    pub fn unavailable(message: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        Self::Unavailable { message: message.into(), source: Some(Box::new(source)) }
+    pub fn unavailable(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Unavailable {
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
     }
     /// A stable snake_case code.
     pub fn code(&self) -> &'static str {

@@ -57,8 +57,13 @@ impl Expression {
     pub fn compile(source: &str) -> Result<Self, ParamError> {
         let compiled = ENV
             .compile_expression_owned(source.to_owned())
-            .map_err(|e| ParamError::new(format!("invalid expression `{source}`: {}", describe(&e))))?;
-        Ok(Self { source: source.into(), compiled })
+            .map_err(|e| {
+                ParamError::new(format!("invalid expression `{source}`: {}", describe(&e)))
+            })?;
+        Ok(Self {
+            source: source.into(),
+            compiled,
+        })
     }
 
     /// The expression's text.
@@ -68,7 +73,9 @@ impl Expression {
 
     /// Evaluates to a minijinja value.
     pub fn eval(&self, scope: &Scope) -> Result<JValue, String> {
-        self.compiled.eval(scope.to_value()).map_err(|e| format!("`{}`: {}", self.source, describe(&e)))
+        self.compiled
+            .eval(scope.to_value())
+            .map_err(|e| format!("`{}`: {}", self.source, describe(&e)))
     }
 
     /// Evaluates to JSON.
@@ -102,7 +109,10 @@ enum Kind {
     /// Text mixed with expressions: rendered to a string.
     Pieces(Vec<Piece>),
     /// Block tags or whitespace control: minijinja renders the full template.
-    Full { source: Box<str>, references: References },
+    Full {
+        source: Box<str>,
+        references: References,
+    },
 }
 
 /// A compiled string template.
@@ -128,23 +138,33 @@ impl Template {
                 for piece in pieces {
                     compiled.push(match piece {
                         RawPiece::Text(t) => Piece::Text(t.into()),
-                        RawPiece::Expr(e) => Piece::Expr(Expression::compile(e.trim()).map_err(|e| {
-                            ParamError::new(format!("invalid template `{source}`: {}", strip_prefix(&e.0)))
-                        })?),
+                        RawPiece::Expr(e) => {
+                            Piece::Expr(Expression::compile(e.trim()).map_err(|e| {
+                                ParamError::new(format!(
+                                    "invalid template `{source}`: {}",
+                                    strip_prefix(&e.0)
+                                ))
+                            })?)
+                        }
                     });
                 }
                 if compiled.len() == 1 && matches!(compiled[0], Piece::Expr(_)) {
-                    let Some(Piece::Expr(e)) = compiled.pop() else { unreachable!("checked above") };
+                    let Some(Piece::Expr(e)) = compiled.pop() else {
+                        unreachable!("checked above")
+                    };
                     return Ok(Self(Kind::Single(e)));
                 }
                 return Ok(Self(Kind::Pieces(compiled)));
             }
         }
-        let template = ENV
-            .template_from_str(source)
-            .map_err(|e| ParamError::new(format!("invalid template `{source}`: {}", describe(&e))))?;
+        let template = ENV.template_from_str(source).map_err(|e| {
+            ParamError::new(format!("invalid template `{source}`: {}", describe(&e)))
+        })?;
         let references = References::from_names(template.undeclared_variables(true));
-        Ok(Self(Kind::Full { source: source.into(), references }))
+        Ok(Self(Kind::Full {
+            source: source.into(),
+            references,
+        }))
     }
 
     /// Whether the template has no `{{ }}` at all.
@@ -182,7 +202,9 @@ impl Template {
                 }
                 Ok(out)
             }
-            Kind::Full { source, .. } => ENV.render_str(source, scope.to_value()).map_err(|e| describe(&e)),
+            Kind::Full { source, .. } => ENV
+                .render_str(source, scope.to_value())
+                .map_err(|e| describe(&e)),
         }
     }
 
@@ -223,9 +245,13 @@ impl ValueTemplate {
     pub fn compile(value: &Value) -> Result<Self, ParamError> {
         Ok(match value {
             Value::String(s) => Self::Template(Template::compile(s)?),
-            Value::Array(items) => Self::Array(items.iter().map(Self::compile).collect::<Result<_, _>>()?),
+            Value::Array(items) => {
+                Self::Array(items.iter().map(Self::compile).collect::<Result<_, _>>()?)
+            }
             Value::Object(map) => Self::Object(
-                map.iter().map(|(k, v)| Ok((k.clone(), Self::compile(v)?))).collect::<Result<_, ParamError>>()?,
+                map.iter()
+                    .map(|(k, v)| Ok((k.clone(), Self::compile(v)?)))
+                    .collect::<Result<_, ParamError>>()?,
             ),
             other => Self::Plain(other.clone()),
         })
@@ -235,9 +261,17 @@ impl ValueTemplate {
     pub fn render(&self, scope: &Scope) -> Result<Value, String> {
         Ok(match self {
             Self::Template(t) => t.render(scope)?,
-            Self::Array(items) => Value::Array(items.iter().map(|i| i.render(scope)).collect::<Result<_, _>>()?),
+            Self::Array(items) => Value::Array(
+                items
+                    .iter()
+                    .map(|i| i.render(scope))
+                    .collect::<Result<_, _>>()?,
+            ),
             Self::Object(fields) => Value::Object(
-                fields.iter().map(|(k, v)| Ok((k.clone(), v.render(scope)?))).collect::<Result<_, String>>()?,
+                fields
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), v.render(scope)?)))
+                    .collect::<Result<_, String>>()?,
             ),
             Self::Plain(v) => v.clone(),
         })
@@ -354,7 +388,11 @@ fn describe(e: &minijinja::Error) -> String {
 }
 
 fn display(v: &JValue) -> String {
-    if v.is_undefined() || v.is_none() { String::new() } else { v.to_string() }
+    if v.is_undefined() || v.is_none() {
+        String::new()
+    } else {
+        v.to_string()
+    }
 }
 
 /// Converts a minijinja value to JSON; undefined becomes `null`.
@@ -384,12 +422,20 @@ pub struct Scope {
 impl Scope {
     /// A scope over a run's input, the completed nodes' outputs and the attempt number.
     pub fn new(input: Arc<Value>, nodes: Arc<dyn NodeOutputs>, attempt: u32) -> Self {
-        Self { input, nodes: Some(nodes), attempt }
+        Self {
+            input,
+            nodes: Some(nodes),
+            attempt,
+        }
     }
 
     /// A scope with only `input` (and `attempt` = 1), for tests and one-off evaluation.
     pub fn input_only(input: Arc<Value>) -> Self {
-        Self { input, nodes: None, attempt: 1 }
+        Self {
+            input,
+            nodes: None,
+            attempt: 1,
+        }
     }
 
     fn to_value(&self) -> JValue {
@@ -462,7 +508,10 @@ impl JsonView {
 }
 
 fn json_value(root: &Arc<Value>, path: &[PathSeg]) -> JValue {
-    let view = JsonView { root: root.clone(), path: path.to_vec() };
+    let view = JsonView {
+        root: root.clone(),
+        path: path.to_vec(),
+    };
     match view.target() {
         Value::Null => JValue::from(()),
         Value::Bool(b) => JValue::from(*b),
@@ -492,7 +541,8 @@ impl Object for JsonView {
         match self.target() {
             Value::Object(m) => {
                 let k = key.as_str()?;
-                m.get_key_value(k).map(|(k, _)| self.child(PathSeg::Key(Arc::from(k.as_str()))))
+                m.get_key_value(k)
+                    .map(|(k, _)| self.child(PathSeg::Key(Arc::from(k.as_str()))))
             }
             Value::Array(a) => {
                 let i = usize::try_from(key.as_i64()?).ok()?;
@@ -504,8 +554,14 @@ impl Object for JsonView {
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
         match self.target() {
-            Value::Object(m) => Enumerator::Values(m.keys().map(|k| JValue::from(k.as_str())).collect()),
-            Value::Array(a) => Enumerator::Values((0..a.len()).map(|i| self.child(PathSeg::Index(i))).collect()),
+            Value::Object(m) => {
+                Enumerator::Values(m.keys().map(|k| JValue::from(k.as_str())).collect())
+            }
+            Value::Array(a) => Enumerator::Values(
+                (0..a.len())
+                    .map(|i| self.child(PathSeg::Index(i)))
+                    .collect(),
+            ),
             _ => Enumerator::Empty,
         }
     }
@@ -523,15 +579,51 @@ mod tests {
     #[test]
     fn literal_single_and_mixed() {
         let s = scope(json!({"n": 7, "name": "ada", "list": [1, 2], "o": {"k": "v"}}));
-        assert_eq!(Template::compile("plain").unwrap().render(&s).unwrap(), json!("plain"));
-        assert_eq!(Template::compile("{{ input.n }}").unwrap().render(&s).unwrap(), json!(7));
-        assert_eq!(Template::compile("{{ input.o }}").unwrap().render(&s).unwrap(), json!({"k": "v"}));
-        assert_eq!(Template::compile("n={{ input.n + 1 }}!").unwrap().render(&s).unwrap(), json!("n=8!"));
-        assert_eq!(Template::compile("{{ input.list[1] }}").unwrap().render(&s).unwrap(), json!(2));
-        assert_eq!(Template::compile("{{ '}}' }}").unwrap().render(&s).unwrap(), json!("}}"));
+        assert_eq!(
+            Template::compile("plain").unwrap().render(&s).unwrap(),
+            json!("plain")
+        );
+        assert_eq!(
+            Template::compile("{{ input.n }}")
+                .unwrap()
+                .render(&s)
+                .unwrap(),
+            json!(7)
+        );
+        assert_eq!(
+            Template::compile("{{ input.o }}")
+                .unwrap()
+                .render(&s)
+                .unwrap(),
+            json!({"k": "v"})
+        );
+        assert_eq!(
+            Template::compile("n={{ input.n + 1 }}!")
+                .unwrap()
+                .render(&s)
+                .unwrap(),
+            json!("n=8!")
+        );
+        assert_eq!(
+            Template::compile("{{ input.list[1] }}")
+                .unwrap()
+                .render(&s)
+                .unwrap(),
+            json!(2)
+        );
+        assert_eq!(
+            Template::compile("{{ '}}' }}").unwrap().render(&s).unwrap(),
+            json!("}}")
+        );
         let full = Template::compile("{% for x in input.list %}{{ x }},{% endfor %}").unwrap();
         assert_eq!(full.render(&s).unwrap(), json!("1,2,"));
-        assert_eq!(Template::compile("{{ input.list | length }}").unwrap().render(&s).unwrap(), json!(2));
+        assert_eq!(
+            Template::compile("{{ input.list | length }}")
+                .unwrap()
+                .render(&s)
+                .unwrap(),
+            json!(2)
+        );
     }
 
     #[test]
@@ -552,7 +644,10 @@ mod tests {
 
     #[test]
     fn runaway_templates_run_out_of_fuel() {
-        let t = Template::compile("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}").unwrap();
+        let t = Template::compile(
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+        )
+        .unwrap();
         let err = t.render(&scope(json!({}))).unwrap_err();
         assert!(err.contains("fuel"), "{err}");
     }

@@ -122,9 +122,16 @@ impl RetryPolicy {
     /// runs failing together do not retry in lockstep.
     pub fn backoff(&self, next_attempt: u32) -> std::time::Duration {
         let exp = next_attempt.saturating_sub(2).min(32);
-        let base = self.backoff_ms.saturating_mul(1u64 << exp).min(self.max_backoff_ms);
+        let base = self
+            .backoff_ms
+            .saturating_mul(1u64 << exp)
+            .min(self.max_backoff_ms);
         let half = base / 2;
-        let jitter = if half == 0 { 0 } else { fastrand::u64(0..=half) };
+        let jitter = if half == 0 {
+            0
+        } else {
+            fastrand::u64(0..=half)
+        };
         std::time::Duration::from_millis(base - half + jitter)
     }
 }
@@ -231,5 +238,8 @@ impl Settings {
 
 /// Whether `id` is a valid flow or node id: `[A-Za-z0-9_-]{1,64}`.
 pub fn is_valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }

@@ -32,7 +32,10 @@ impl Output {
     }
     /// An output that also takes the named port.
     pub fn with_port(value: Value, port: impl Into<Cow<'static, str>>) -> Self {
-        Self { value, port: Some(port.into()) }
+        Self {
+            value,
+            port: Some(port.into()),
+        }
     }
 }
 
@@ -119,7 +122,11 @@ impl Registry {
     }
 
     /// Adds or replaces a node type. The name is persistent API: stored flows refer to it.
-    pub fn register(&mut self, name: impl Into<String>, factory: impl NodeFactory + 'static) -> &mut Self {
+    pub fn register(
+        &mut self,
+        name: impl Into<String>,
+        factory: impl NodeFactory + 'static,
+    ) -> &mut Self {
         self.factories.insert(name.into(), Arc::new(factory));
         self
     }

@@ -107,7 +107,10 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
 
     if let Some(id) = &flow.id {
         if !is_valid_id(id) {
-            problems.push(Problem::flow(format!("flow id `{}` is not 1 to 64 of A-Z a-z 0-9 _ -", shorten(id))));
+            problems.push(Problem::flow(format!(
+                "flow id `{}` is not 1 to 64 of A-Z a-z 0-9 _ -",
+                shorten(id)
+            )));
         }
     }
     if flow.nodes.is_empty() {
@@ -120,7 +123,10 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
     for (i, def) in flow.nodes.iter().enumerate() {
         let id: Arc<str> = Arc::from(def.id.as_str());
         if !is_valid_id(&def.id) {
-            problems.push(Problem::node(shorten(&def.id), "node id is not 1 to 64 of A-Z a-z 0-9 _ -"));
+            problems.push(Problem::node(
+                shorten(&def.id),
+                "node id is not 1 to 64 of A-Z a-z 0-9 _ -",
+            ));
         } else if index.contains_key(&id) {
             problems.push(Problem::node(&*def.id, "duplicate node id"));
         } else {
@@ -135,7 +141,10 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
     for def in &flow.nodes {
         let node = match registry.get(&def.node_type) {
             None => {
-                problems.push(Problem::node(&*def.id, format!("unknown node type `{}`", shorten(&def.node_type))));
+                problems.push(Problem::node(
+                    &*def.id,
+                    format!("unknown node type `{}`", shorten(&def.node_type)),
+                ));
                 None
             }
             Some(factory) => match factory.build(&def.params) {
@@ -151,10 +160,16 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
         }
         if let Some(retry) = &def.retry {
             if retry.max_attempts == 0 || retry.max_attempts > 100 {
-                problems.push(Problem::node(&*def.id, "retry.max_attempts must be between 1 and 100"));
+                problems.push(Problem::node(
+                    &*def.id,
+                    "retry.max_attempts must be between 1 and 100",
+                ));
             }
             if retry.max_backoff_ms < retry.backoff_ms {
-                problems.push(Problem::node(&*def.id, "retry.max_backoff_ms is smaller than retry.backoff_ms"));
+                problems.push(Problem::node(
+                    &*def.id,
+                    "retry.max_backoff_ms is smaller than retry.backoff_ms",
+                ));
             }
         }
         if def.timeout_ms == Some(0) {
@@ -173,12 +188,20 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
         let from = index.get(edge.from.as_str()).copied();
         let to = index.get(edge.to.as_str()).copied();
         if from.is_none() {
-            problems.push(Problem::edge(e, format!("edge from missing node `{}`", shorten(&edge.from))));
+            problems.push(Problem::edge(
+                e,
+                format!("edge from missing node `{}`", shorten(&edge.from)),
+            ));
         }
         if to.is_none() {
-            problems.push(Problem::edge(e, format!("edge to missing node `{}`", shorten(&edge.to))));
+            problems.push(Problem::edge(
+                e,
+                format!("edge to missing node `{}`", shorten(&edge.to)),
+            ));
         }
-        let (Some(from), Some(to)) = (from, to) else { continue };
+        let (Some(from), Some(to)) = (from, to) else {
+            continue;
+        };
         let port: Option<Arc<str>> = edge.port.as_deref().map(Arc::from);
         if let Some(p) = &edge.port {
             let def = &flow.nodes[from];
@@ -187,16 +210,27 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
                     problems.push(Problem {
                         node: Some(def.id.clone()),
                         edge: Some(e),
-                        problem: "port `error` is only taken when the node's on_error is `route`".into(),
+                        problem: "port `error` is only taken when the node's on_error is `route`"
+                            .into(),
                     });
                 }
             } else if let Some(node) = &built[from] {
                 if !node.ports().contains(&p.as_str()) {
-                    let known = node.ports().iter().copied().chain([ERROR_PORT]).collect::<Vec<_>>().join(", ");
+                    let known = node
+                        .ports()
+                        .iter()
+                        .copied()
+                        .chain([ERROR_PORT])
+                        .collect::<Vec<_>>()
+                        .join(", ");
                     problems.push(Problem {
                         node: Some(def.id.clone()),
                         edge: Some(e),
-                        problem: format!("unknown port `{}` of a `{}` node (ports: {known})", shorten(p), def.node_type),
+                        problem: format!(
+                            "unknown port `{}` of a `{}` node (ports: {known})",
+                            shorten(p),
+                            def.node_type
+                        ),
                     });
                 }
             }
@@ -214,7 +248,10 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
         Some(id) => {
             let found = index.get(id.as_str()).copied();
             if found.is_none() {
-                problems.push(Problem::flow(format!("output node `{}` does not exist", shorten(id))));
+                problems.push(Problem::flow(format!(
+                    "output node `{}` does not exist",
+                    shorten(id)
+                )));
             }
             found
         }
@@ -229,7 +266,9 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
     }
     if let Some(group) = &flow.settings.worker_group {
         if !is_valid_id(group) {
-            problems.push(Problem::flow("settings.worker_group is not 1 to 64 of A-Z a-z 0-9 _ -"));
+            problems.push(Problem::flow(
+                "settings.worker_group is not 1 to 64 of A-Z a-z 0-9 _ -",
+            ));
         }
     }
 
@@ -250,13 +289,18 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
             for name in &refs.unknown {
                 problems.push(Problem::node(
                     &*ids[i],
-                    format!("unknown variable `{name}` (templates see `input`, `nodes` and `attempt`)"),
+                    format!(
+                        "unknown variable `{name}` (templates see `input`, `nodes` and `attempt`)"
+                    ),
                 ));
             }
             let mut wanted: HashSet<usize> = HashSet::new();
             for id in &refs.nodes {
                 match index.get(id.as_str()) {
-                    None => problems.push(Problem::node(&*ids[i], format!("refers to missing node `{id}`"))),
+                    None => problems.push(Problem::node(
+                        &*ids[i],
+                        format!("refers to missing node `{id}`"),
+                    )),
                     Some(&j) => {
                         wanted.insert(j);
                     }
@@ -292,7 +336,10 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
         .enumerate()
         .map(|(i, (((def, node), out), preds))| PlanNode {
             id: ids[i].clone(),
-            node_type: type_names.get(def.node_type.as_str()).cloned().unwrap_or_else(|| Arc::from(def.node_type.as_str())),
+            node_type: type_names
+                .get(def.node_type.as_str())
+                .cloned()
+                .unwrap_or_else(|| Arc::from(def.node_type.as_str())),
             node: node.expect("no problems means every node was built"),
             retry: def.retry,
             timeout: def.timeout_ms.map(Duration::from_millis),
@@ -315,7 +362,9 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
 
 fn is_acyclic(out: &[Vec<(Option<Arc<str>>, usize)>], in_edges: &[usize]) -> bool {
     let mut remaining = in_edges.to_vec();
-    let mut stack: Vec<usize> = (0..remaining.len()).filter(|&i| remaining[i] == 0).collect();
+    let mut stack: Vec<usize> = (0..remaining.len())
+        .filter(|&i| remaining[i] == 0)
+        .collect();
     let mut seen = 0;
     while let Some(i) = stack.pop() {
         seen += 1;
@@ -331,7 +380,12 @@ fn is_acyclic(out: &[Vec<(Option<Arc<str>>, usize)>], in_edges: &[usize]) -> boo
 
 /// One problem per cycle: each strongly connected component with more than one node, or a self
 /// loop, named by an actual cycle through it.
-fn report_cycles(n: usize, pairs: &[(usize, usize)], ids: &[Arc<str>], problems: &mut Vec<Problem>) {
+fn report_cycles(
+    n: usize,
+    pairs: &[(usize, usize)],
+    ids: &[Arc<str>],
+    problems: &mut Vec<Problem>,
+) {
     let mut graph: DiGraph<usize, ()> = DiGraph::with_capacity(n, pairs.len());
     let gidx: Vec<NodeIndex> = (0..n).map(|i| graph.add_node(i)).collect();
     for &(a, b) in pairs {
@@ -354,7 +408,13 @@ fn report_cycles(n: usize, pairs: &[(usize, usize)], ids: &[Arc<str>], problems:
 
 /// Walks up from `node` and removes each found ancestor from `wanted`, stopping early once all
 /// are found. `stamp`/`generation` mark visited nodes without clearing a vector per call.
-fn find_ancestors(preds: &[Vec<usize>], node: usize, wanted: &mut HashSet<usize>, stamp: &mut [u32], generation: u32) {
+fn find_ancestors(
+    preds: &[Vec<usize>],
+    node: usize,
+    wanted: &mut HashSet<usize>,
+    stamp: &mut [u32],
+    generation: u32,
+) {
     let mut stack: Vec<usize> = preds[node].clone();
     while let Some(j) = stack.pop() {
         if stamp[j] == generation {
@@ -402,18 +462,29 @@ fn check_triggers(flow: &FlowDef, problems: &mut Vec<Problem>) {
                 let ok = !path.is_empty()
                     && path.len() <= 200
                     && !path.starts_with('/')
-                    && !path.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..")
-                    && path.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+                    && !path
+                        .split('/')
+                        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+                    && path
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
                 if !ok {
                     problems.push(Problem::flow(format!(
                         "webhook path `{}` must be segments of A-Z a-z 0-9 - _ . separated by /",
                         shorten(path)
                     )));
                 } else if !paths.insert((path.as_str(), method.to_ascii_uppercase())) {
-                    problems.push(Problem::flow(format!("webhook path `{path}` is used twice")));
+                    problems.push(Problem::flow(format!(
+                        "webhook path `{path}` is used twice"
+                    )));
                 }
-                if !["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&method.to_ascii_uppercase().as_str()) {
-                    problems.push(Problem::flow(format!("webhook method `{}` is not GET, POST, PUT, PATCH or DELETE", shorten(method))));
+                if !["GET", "POST", "PUT", "PATCH", "DELETE"]
+                    .contains(&method.to_ascii_uppercase().as_str())
+                {
+                    problems.push(Problem::flow(format!(
+                        "webhook method `{}` is not GET, POST, PUT, PATCH or DELETE",
+                        shorten(method)
+                    )));
                 }
             }
             Trigger::Schedule { cron } => {
@@ -428,7 +499,10 @@ fn check_triggers(flow: &FlowDef, problems: &mut Vec<Problem>) {
 /// Parses a 5-field cron expression (minute hour day-of-month month day-of-week).
 pub fn parse_cron(cron: &str) -> Result<croner::Cron, String> {
     if cron.split_whitespace().count() != 5 {
-        return Err(format!("invalid cron `{}`: expected 5 fields (minute hour day month weekday)", shorten(cron)));
+        return Err(format!(
+            "invalid cron `{}`: expected 5 fields (minute hour day month weekday)",
+            shorten(cron)
+        ));
     }
     croner::Cron::from_str(cron).map_err(|e| format!("invalid cron `{}`: {e}", shorten(cron)))
 }

@@ -32,8 +32,14 @@ pub enum RunStatus {
 
 impl RunStatus {
     /// Every status, in life order.
-    pub const ALL: [RunStatus; 6] =
-        [Self::Queued, Self::Running, Self::Succeeded, Self::Failed, Self::Cancelled, Self::TimedOut];
+    pub const ALL: [RunStatus; 6] = [
+        Self::Queued,
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Cancelled,
+        Self::TimedOut,
+    ];
 
     /// Whether the run is over.
     pub fn is_final(self) -> bool {
@@ -61,7 +67,10 @@ impl fmt::Display for RunStatus {
 impl FromStr for RunStatus {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| format!("unknown run status `{s}`"))
+        Self::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown run status `{s}`"))
     }
 }
 
@@ -85,8 +94,14 @@ pub enum StepStatus {
 
 impl StepStatus {
     /// Every status.
-    pub const ALL: [StepStatus; 6] =
-        [Self::Pending, Self::Running, Self::Succeeded, Self::Failed, Self::Skipped, Self::Cancelled];
+    pub const ALL: [StepStatus; 6] = [
+        Self::Pending,
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Skipped,
+        Self::Cancelled,
+    ];
 
     /// The snake_case name.
     pub fn as_str(self) -> &'static str {
@@ -110,7 +125,10 @@ impl fmt::Display for StepStatus {
 impl FromStr for StepStatus {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| format!("unknown step status `{s}`"))
+        Self::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown step status `{s}`"))
     }
 }
 

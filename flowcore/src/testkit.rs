@@ -25,7 +25,8 @@ use crate::ports::{BlobStore, FlowStore, NewRun, Queue, RunFilter, RunOutcome, R
 use crate::run::{RunStatus, StepRecord, StepStatus};
 
 fn flow(id: &str, node_type: &str) -> FlowDef {
-    FlowDef::from_value(json!({"id": id, "nodes": [{"id": "n", "type": node_type}]})).expect("a valid flow")
+    FlowDef::from_value(json!({"id": id, "nodes": [{"id": "n", "type": node_type}]}))
+        .expect("a valid flow")
 }
 
 fn new_run(flow_id: &str, key: Option<&str>) -> NewRun {
@@ -54,25 +55,63 @@ fn step(node: &str, status: StepStatus) -> StepRecord {
 /// The flow store suite: create, conflicts, versions, listing with a cursor, delete.
 pub async fn flow_store(store: &dyn FlowStore) {
     let created = store.create(&flow("f1", "noop")).await.expect("create f1");
-    assert_eq!((created.id.as_str(), created.version), ("f1", 1), "create returns version 1");
+    assert_eq!(
+        (created.id.as_str(), created.version),
+        ("f1", 1),
+        "create returns version 1"
+    );
     assert!(
-        matches!(store.create(&flow("f1", "noop")).await, Err(StoreError::AlreadyExists(_))),
+        matches!(
+            store.create(&flow("f1", "noop")).await,
+            Err(StoreError::AlreadyExists(_))
+        ),
         "a second create with the same id is AlreadyExists"
     );
-    let v2 = store.update("f1", &flow("f1", "set")).await.expect("update f1");
+    let v2 = store
+        .update("f1", &flow("f1", "set"))
+        .await
+        .expect("update f1");
     assert_eq!(v2.version, 2, "update stores version 2");
-    assert_eq!(store.get("f1", None).await.expect("latest").definition.nodes[0].node_type, "set", "latest is v2");
+    assert_eq!(
+        store
+            .get("f1", None)
+            .await
+            .expect("latest")
+            .definition
+            .nodes[0]
+            .node_type,
+        "set",
+        "latest is v2"
+    );
     assert_eq!(
         store.get("f1", Some(1)).await.expect("v1").definition.nodes[0].node_type,
         "noop",
         "old versions stay readable"
     );
-    assert!(matches!(store.get("f1", Some(9)).await, Err(StoreError::NotFound { .. })), "missing version");
-    assert!(matches!(store.update("nope", &flow("nope", "noop")).await, Err(StoreError::NotFound { .. })));
-    assert!(matches!(store.get("nope", None).await, Err(StoreError::NotFound { .. })), "missing flow");
+    assert!(
+        matches!(
+            store.get("f1", Some(9)).await,
+            Err(StoreError::NotFound { .. })
+        ),
+        "missing version"
+    );
+    assert!(matches!(
+        store.update("nope", &flow("nope", "noop")).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(
+        matches!(
+            store.get("nope", None).await,
+            Err(StoreError::NotFound { .. })
+        ),
+        "missing flow"
+    );
 
     for i in 2..=5 {
-        store.create(&flow(&format!("f{i}"), "noop")).await.expect("create");
+        store
+            .create(&flow(&format!("f{i}"), "noop"))
+            .await
+            .expect("create");
     }
     let mut seen = Vec::new();
     let mut cursor = None;
@@ -85,95 +124,260 @@ pub async fn flow_store(store: &dyn FlowStore) {
             break;
         }
     }
-    assert_eq!(seen.len(), 5, "listing pages through every flow once: {seen:?}");
-    assert_eq!(seen.iter().collect::<HashSet<_>>().len(), 5, "no flow listed twice");
+    assert_eq!(
+        seen.len(),
+        5,
+        "listing pages through every flow once: {seen:?}"
+    );
+    assert_eq!(
+        seen.iter().collect::<HashSet<_>>().len(),
+        5,
+        "no flow listed twice"
+    );
     assert_eq!(seen[0], "f5", "newest first");
-    assert!(store.list(2, Some("not a cursor")).await.is_err(), "a bad cursor is an error");
+    assert!(
+        store.list(2, Some("not a cursor")).await.is_err(),
+        "a bad cursor is an error"
+    );
 
     store.delete("f1").await.expect("delete");
-    assert!(matches!(store.get("f1", None).await, Err(StoreError::NotFound { .. })), "deleted");
-    assert!(matches!(store.delete("f1").await, Err(StoreError::NotFound { .. })), "delete twice");
+    assert!(
+        matches!(
+            store.get("f1", None).await,
+            Err(StoreError::NotFound { .. })
+        ),
+        "deleted"
+    );
+    assert!(
+        matches!(store.delete("f1").await, Err(StoreError::NotFound { .. })),
+        "delete twice"
+    );
 }
 
 /// The run store suite: idempotency keys, leases and epochs, compare-and-set, stale writes
 /// refused, steps, listing with a cursor under concurrent inserts, expiry and pruning.
 pub async fn run_store(store: &dyn RunStore) {
     // Idempotency: same key and flow -> same run; same key, other flow -> another run.
-    let (a, created) = store.create(new_run("flow-a", Some("k1"))).await.expect("create");
+    let (a, created) = store
+        .create(new_run("flow-a", Some("k1")))
+        .await
+        .expect("create");
     assert!(created);
     assert_eq!(a.status, RunStatus::Queued);
-    let (again, created) = store.create(new_run("flow-a", Some("k1"))).await.expect("create again");
-    assert!(!created, "the same idempotency key does not create a second run");
+    let (again, created) = store
+        .create(new_run("flow-a", Some("k1")))
+        .await
+        .expect("create again");
+    assert!(
+        !created,
+        "the same idempotency key does not create a second run"
+    );
     assert_eq!(again.id, a.id, "the same key gives the same run");
-    let (other, created) = store.create(new_run("flow-b", Some("k1"))).await.expect("other flow");
+    let (other, created) = store
+        .create(new_run("flow-b", Some("k1")))
+        .await
+        .expect("other flow");
     assert!(created && other.id != a.id, "keys are per flow");
 
     // Claim, epochs and stale writes.
     let ttl = Duration::from_millis(300);
-    let lease1 = store.claim(&a.id, "w1", ttl).await.expect("claim a queued run");
-    assert_eq!(store.get(&a.id).await.expect("get").status, RunStatus::Running);
-    assert!(matches!(store.claim(&a.id, "w2", ttl).await, Err(StoreError::Conflict(_))), "a leased run is not claimable");
-    store.record_steps(&a.id, lease1.epoch, &[step("s1", StepStatus::Succeeded)]).await.expect("record");
+    let lease1 = store
+        .claim(&a.id, "w1", ttl)
+        .await
+        .expect("claim a queued run");
+    assert_eq!(
+        store.get(&a.id).await.expect("get").status,
+        RunStatus::Running
+    );
+    assert!(
+        matches!(
+            store.claim(&a.id, "w2", ttl).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "a leased run is not claimable"
+    );
+    store
+        .record_steps(&a.id, lease1.epoch, &[step("s1", StepStatus::Succeeded)])
+        .await
+        .expect("record");
     store.renew(&a.id, lease1.epoch, ttl).await.expect("renew");
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
     let expired = store.expired(Utc::now(), 100).await.expect("expired");
-    assert!(expired.contains(&a.id), "a lapsed lease shows up for the reaper");
-    let lease2 = store.claim(&a.id, "w2", ttl).await.expect("claim after expiry");
-    assert!(lease2.epoch > lease1.epoch, "a new owner gets a higher epoch");
+    assert!(
+        expired.contains(&a.id),
+        "a lapsed lease shows up for the reaper"
+    );
+    let lease2 = store
+        .claim(&a.id, "w2", ttl)
+        .await
+        .expect("claim after expiry");
+    assert!(
+        lease2.epoch > lease1.epoch,
+        "a new owner gets a higher epoch"
+    );
     assert!(
         matches!(
-            store.record_steps(&a.id, lease1.epoch, &[step("s2", StepStatus::Succeeded)]).await,
+            store
+                .record_steps(&a.id, lease1.epoch, &[step("s2", StepStatus::Succeeded)])
+                .await,
             Err(StoreError::StaleLease(_))
         ),
         "the old owner's step write is refused"
     );
-    assert!(matches!(store.renew(&a.id, lease1.epoch, ttl).await, Err(StoreError::StaleLease(_))), "stale renew");
-    let stale_finish =
-        store.finish(&a.id, lease1.epoch, RunOutcome { status: RunStatus::Failed, output: None, error: None }).await;
-    assert!(matches!(stale_finish, Err(StoreError::StaleLease(_))), "the old owner cannot finish the run");
-    store.record_steps(&a.id, lease2.epoch, &[step("s1", StepStatus::Failed), step("s2", StepStatus::Succeeded)]).await.expect("record");
+    assert!(
+        matches!(
+            store.renew(&a.id, lease1.epoch, ttl).await,
+            Err(StoreError::StaleLease(_))
+        ),
+        "stale renew"
+    );
+    let stale_finish = store
+        .finish(
+            &a.id,
+            lease1.epoch,
+            RunOutcome {
+                status: RunStatus::Failed,
+                output: None,
+                error: None,
+            },
+        )
+        .await;
+    assert!(
+        matches!(stale_finish, Err(StoreError::StaleLease(_))),
+        "the old owner cannot finish the run"
+    );
+    store
+        .record_steps(
+            &a.id,
+            lease2.epoch,
+            &[
+                step("s1", StepStatus::Failed),
+                step("s2", StepStatus::Succeeded),
+            ],
+        )
+        .await
+        .expect("record");
     let steps = store.steps(&a.id).await.expect("steps");
     assert_eq!(steps.len(), 2, "steps are kept once per node: {steps:?}");
-    assert_eq!(steps.iter().find(|s| &*s.node == "s1").map(|s| s.status), Some(StepStatus::Failed), "a step is replaced");
-    assert_eq!(steps.iter().find(|s| &*s.node == "s2").and_then(|s| s.output.clone()), Some(Arc::new(json!({"node": "s2"}))));
+    assert_eq!(
+        steps.iter().find(|s| &*s.node == "s1").map(|s| s.status),
+        Some(StepStatus::Failed),
+        "a step is replaced"
+    );
+    assert_eq!(
+        steps
+            .iter()
+            .find(|s| &*s.node == "s2")
+            .and_then(|s| s.output.clone()),
+        Some(Arc::new(json!({"node": "s2"})))
+    );
     let done = store
-        .finish(&a.id, lease2.epoch, RunOutcome { status: RunStatus::Succeeded, output: Some(json!(42)), error: None })
+        .finish(
+            &a.id,
+            lease2.epoch,
+            RunOutcome {
+                status: RunStatus::Succeeded,
+                output: Some(json!(42)),
+                error: None,
+            },
+        )
         .await
         .expect("finish");
-    assert_eq!((done.status, done.output.clone()), (RunStatus::Succeeded, Some(json!(42))));
-    assert!(done.finished_at.is_some() && done.started_at.is_some(), "timestamps are set");
-    assert!(matches!(store.claim(&a.id, "w3", ttl).await, Err(StoreError::Conflict(_))), "a finished run is not claimable");
+    assert_eq!(
+        (done.status, done.output.clone()),
+        (RunStatus::Succeeded, Some(json!(42)))
+    );
     assert!(
-        store.finish(&a.id, lease2.epoch, RunOutcome { status: RunStatus::Failed, output: None, error: None }).await.is_err(),
+        done.finished_at.is_some() && done.started_at.is_some(),
+        "timestamps are set"
+    );
+    assert!(
+        matches!(
+            store.claim(&a.id, "w3", ttl).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "a finished run is not claimable"
+    );
+    assert!(
+        store
+            .finish(
+                &a.id,
+                lease2.epoch,
+                RunOutcome {
+                    status: RunStatus::Failed,
+                    output: None,
+                    error: None
+                }
+            )
+            .await
+            .is_err(),
         "a finished run cannot be finished again"
     );
 
     // Release hands the run back; compare-and-set transitions.
-    let (b, _) = store.create(new_run("flow-a", None)).await.expect("create b");
+    let (b, _) = store
+        .create(new_run("flow-a", None))
+        .await
+        .expect("create b");
     let lease = store.claim(&b.id, "w1", ttl).await.expect("claim b");
     store.release(&b.id, lease.epoch).await.expect("release");
-    assert_eq!(store.get(&b.id).await.expect("get").status, RunStatus::Queued, "released runs are queued again");
-    assert!(matches!(store.release(&b.id, lease.epoch).await, Err(StoreError::StaleLease(_))), "release twice");
-    store.transition(&b.id, RunStatus::Queued, RunStatus::Cancelled).await.expect("cancel a queued run");
+    assert_eq!(
+        store.get(&b.id).await.expect("get").status,
+        RunStatus::Queued,
+        "released runs are queued again"
+    );
     assert!(
-        matches!(store.transition(&b.id, RunStatus::Queued, RunStatus::Cancelled).await, Err(StoreError::Conflict(_))),
+        matches!(
+            store.release(&b.id, lease.epoch).await,
+            Err(StoreError::StaleLease(_))
+        ),
+        "release twice"
+    );
+    store
+        .transition(&b.id, RunStatus::Queued, RunStatus::Cancelled)
+        .await
+        .expect("cancel a queued run");
+    assert!(
+        matches!(
+            store
+                .transition(&b.id, RunStatus::Queued, RunStatus::Cancelled)
+                .await,
+            Err(StoreError::Conflict(_))
+        ),
         "compare-and-set fails when the status moved on"
     );
-    assert!(matches!(store.get(&RunId::from("missing")).await, Err(StoreError::NotFound { .. })));
+    assert!(matches!(
+        store.get(&RunId::from("missing")).await,
+        Err(StoreError::NotFound { .. })
+    ));
 
     // Pagination, newest first, stable under concurrent inserts.
     let mut ids = Vec::new();
     for _ in 0..7 {
-        ids.push(store.create(new_run("flow-p", None)).await.expect("create").0.id);
+        ids.push(
+            store
+                .create(new_run("flow-p", None))
+                .await
+                .expect("create")
+                .0
+                .id,
+        );
     }
-    let mut filter = RunFilter { flow_id: Some("flow-p".into()), limit: 3, ..RunFilter::default() };
+    let mut filter = RunFilter {
+        flow_id: Some("flow-p".into()),
+        limit: 3,
+        ..RunFilter::default()
+    };
     let mut seen = Vec::new();
     for page_no in 0..10 {
         let page = store.list(&filter).await.expect("list");
         seen.extend(page.items.iter().map(|r| r.id.clone()));
         if page_no == 0 {
             // Inserted while paging: must not shift the following pages.
-            store.create(new_run("flow-p", None)).await.expect("concurrent insert");
+            store
+                .create(new_run("flow-p", None))
+                .await
+                .expect("concurrent insert");
         }
         match page.next_cursor {
             Some(c) => filter.cursor = Some(c),
@@ -181,20 +385,50 @@ pub async fn run_store(store: &dyn RunStore) {
         }
     }
     ids.reverse();
-    assert_eq!(seen, ids, "pages list every run once, newest first, despite a concurrent insert");
+    assert_eq!(
+        seen, ids,
+        "pages list every run once, newest first, despite a concurrent insert"
+    );
     let queued = store
-        .list(&RunFilter { status: Some(RunStatus::Cancelled), limit: 10, ..RunFilter::default() })
+        .list(&RunFilter {
+            status: Some(RunStatus::Cancelled),
+            limit: 10,
+            ..RunFilter::default()
+        })
         .await
         .expect("list by status");
-    assert_eq!(queued.items.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), vec![b.id.clone()], "status filter");
-    assert!(store.list(&RunFilter { cursor: Some("zz".into()), limit: 1, ..RunFilter::default() }).await.is_err());
+    assert_eq!(
+        queued
+            .items
+            .iter()
+            .map(|r| r.id.clone())
+            .collect::<Vec<_>>(),
+        vec![b.id.clone()],
+        "status filter"
+    );
+    assert!(
+        store
+            .list(&RunFilter {
+                cursor: Some("zz".into()),
+                limit: 1,
+                ..RunFilter::default()
+            })
+            .await
+            .is_err()
+    );
 
     // Pruning removes finished runs only, in batches.
     let pruned_first = store.prune(Utc::now(), 1).await.expect("prune");
     assert_eq!(pruned_first, 1, "prune respects the batch size");
     let pruned_rest = store.prune(Utc::now(), 100).await.expect("prune");
-    assert_eq!(pruned_rest, 1, "only the finished runs (a and b) are pruned");
-    assert!(matches!(store.get(&a.id).await, Err(StoreError::NotFound { .. })), "a was pruned");
+    assert_eq!(
+        pruned_rest, 1,
+        "only the finished runs (a and b) are pruned"
+    );
+    assert!(
+        matches!(store.get(&a.id).await, Err(StoreError::NotFound { .. })),
+        "a was pruned"
+    );
     assert!(store.get(&ids[0]).await.is_ok(), "queued runs stay");
 }
 
@@ -211,29 +445,85 @@ pub async fn queue(queue: Arc<dyn Queue>) {
     assert_eq!(depth.ready, 1, "one ready job: {depth:?}");
     let got = queue.lease(g, "w1", 10, ttl, none).await.expect("lease");
     assert_eq!(got.len(), 1);
-    assert_eq!((got[0].job.run_id.clone(), got[0].job.deliveries), (run.clone(), 1));
-    assert!(queue.lease(g, "w2", 10, ttl, none).await.expect("lease").is_empty(), "a leased job is not delivered twice");
-    assert!(queue.lease("other-group", "w2", 10, ttl, none).await.expect("lease").is_empty(), "groups are separate");
+    assert_eq!(
+        (got[0].job.run_id.clone(), got[0].job.deliveries),
+        (run.clone(), 1)
+    );
+    assert!(
+        queue
+            .lease(g, "w2", 10, ttl, none)
+            .await
+            .expect("lease")
+            .is_empty(),
+        "a leased job is not delivered twice"
+    );
+    assert!(
+        queue
+            .lease("other-group", "w2", 10, ttl, none)
+            .await
+            .expect("lease")
+            .is_empty(),
+        "groups are separate"
+    );
     queue.heartbeat(&got[0], ttl).await.expect("heartbeat");
 
     // Expiry: delivered again, and the old delivery can no longer ack or heartbeat.
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
-    let again = queue.lease(g, "w2", 10, ttl, none).await.expect("lease after expiry");
+    let again = queue
+        .lease(g, "w2", 10, ttl, none)
+        .await
+        .expect("lease after expiry");
     assert_eq!(again.len(), 1, "an expired lease is delivered again");
     assert_eq!(again[0].job.deliveries, 2);
-    assert!(matches!(queue.ack(&got[0]).await, Err(StoreError::StaleLease(_))), "the old delivery's ack is refused");
-    assert!(matches!(queue.heartbeat(&got[0], ttl).await, Err(StoreError::StaleLease(_))), "stale heartbeat");
+    assert!(
+        matches!(queue.ack(&got[0]).await, Err(StoreError::StaleLease(_))),
+        "the old delivery's ack is refused"
+    );
+    assert!(
+        matches!(
+            queue.heartbeat(&got[0], ttl).await,
+            Err(StoreError::StaleLease(_))
+        ),
+        "stale heartbeat"
+    );
     queue.ack(&again[0]).await.expect("ack");
     queue.ack(&again[0]).await.expect("ack is idempotent");
-    assert_eq!(queue.depth(g).await.expect("depth").ready + queue.depth(g).await.expect("depth").leased, 0);
+    assert_eq!(
+        queue.depth(g).await.expect("depth").ready + queue.depth(g).await.expect("depth").leased,
+        0
+    );
 
     // Nack with a delay; delayed enqueue.
-    queue.enqueue(g, &RunId::new(), None).await.expect("enqueue");
-    let job = queue.lease(g, "w1", 1, ttl, none).await.expect("lease").remove(0);
-    queue.nack(&job, Some(Utc::now() + chrono::Duration::milliseconds(200))).await.expect("nack");
-    assert!(queue.lease(g, "w1", 1, ttl, none).await.expect("lease").is_empty(), "a nacked job waits for its time");
-    assert_eq!(queue.depth(g).await.expect("depth").delayed, 1, "the nacked job counts as delayed");
-    let later = queue.lease(g, "w1", 1, ttl, Duration::from_secs(2)).await.expect("lease with wait");
+    queue
+        .enqueue(g, &RunId::new(), None)
+        .await
+        .expect("enqueue");
+    let job = queue
+        .lease(g, "w1", 1, ttl, none)
+        .await
+        .expect("lease")
+        .remove(0);
+    queue
+        .nack(&job, Some(Utc::now() + chrono::Duration::milliseconds(200)))
+        .await
+        .expect("nack");
+    assert!(
+        queue
+            .lease(g, "w1", 1, ttl, none)
+            .await
+            .expect("lease")
+            .is_empty(),
+        "a nacked job waits for its time"
+    );
+    assert_eq!(
+        queue.depth(g).await.expect("depth").delayed,
+        1,
+        "the nacked job counts as delayed"
+    );
+    let later = queue
+        .lease(g, "w1", 1, ttl, Duration::from_secs(2))
+        .await
+        .expect("lease with wait");
     assert_eq!(later.len(), 1, "lease waits for the delayed job");
     queue.ack(&later[0]).await.expect("ack");
 
@@ -241,19 +531,37 @@ pub async fn queue(queue: Arc<dyn Queue>) {
     let doomed = RunId::new();
     queue.enqueue(g, &doomed, None).await.expect("enqueue");
     for delivery in 1..=3 {
-        let job = queue.lease(g, "w1", 1, ttl, none).await.expect("lease").remove(0);
+        let job = queue
+            .lease(g, "w1", 1, ttl, none)
+            .await
+            .expect("lease")
+            .remove(0);
         assert_eq!(job.job.deliveries, delivery);
         queue.nack(&job, None).await.expect("nack");
     }
-    assert!(queue.lease(g, "w1", 1, ttl, none).await.expect("lease").is_empty(), "no fourth delivery");
+    assert!(
+        queue
+            .lease(g, "w1", 1, ttl, none)
+            .await
+            .expect("lease")
+            .is_empty(),
+        "no fourth delivery"
+    );
     let dead = queue.dead_letters(g, 10).await.expect("dead letters");
-    assert_eq!(dead.iter().map(|j| j.run_id.clone()).collect::<Vec<_>>(), vec![doomed], "dead-lettered");
+    assert_eq!(
+        dead.iter().map(|j| j.run_id.clone()).collect::<Vec<_>>(),
+        vec![doomed],
+        "dead-lettered"
+    );
     assert_eq!(queue.depth(g).await.expect("depth").dead, 1);
 
     // Concurrent leases: every job delivered exactly once.
     let total = 200;
     for _ in 0..total {
-        queue.enqueue("kit-many", &RunId::new(), None).await.expect("enqueue");
+        queue
+            .enqueue("kit-many", &RunId::new(), None)
+            .await
+            .expect("enqueue");
     }
     let mut workers = Vec::new();
     for w in 0..4 {
@@ -261,7 +569,16 @@ pub async fn queue(queue: Arc<dyn Queue>) {
         workers.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             loop {
-                let batch = queue.lease("kit-many", &format!("w{w}"), 7, Duration::from_secs(30), Duration::ZERO).await.expect("lease");
+                let batch = queue
+                    .lease(
+                        "kit-many",
+                        &format!("w{w}"),
+                        7,
+                        Duration::from_secs(30),
+                        Duration::ZERO,
+                    )
+                    .await
+                    .expect("lease");
                 if batch.is_empty() {
                     break mine;
                 }
@@ -277,26 +594,69 @@ pub async fn queue(queue: Arc<dyn Queue>) {
         all.extend(w.await.expect("worker"));
     }
     assert_eq!(all.len(), total, "every job was delivered");
-    assert_eq!(all.iter().collect::<HashSet<_>>().len(), total, "no job was delivered twice");
+    assert_eq!(
+        all.iter().collect::<HashSet<_>>().len(),
+        total,
+        "no job was delivered twice"
+    );
 }
 
 /// The blob store suite: round trips, replace, stat, delete, missing keys, keys that would
 /// escape the store refused.
 pub async fn blob_store(store: &dyn BlobStore) {
-    store.put("files/a.txt", b"hello".to_vec()).await.expect("put");
+    store
+        .put("files/a.txt", b"hello".to_vec())
+        .await
+        .expect("put");
     assert_eq!(store.get("files/a.txt").await.expect("get"), b"hello");
     assert_eq!(store.stat("files/a.txt").await.expect("stat"), Some(5));
-    store.put("files/a.txt", vec![7; 100_000]).await.expect("replace");
-    assert_eq!(store.get("files/a.txt").await.expect("get").len(), 100_000, "put replaces");
-    store.put("files/empty", Vec::new()).await.expect("empty blob");
-    assert_eq!(store.get("files/empty").await.expect("get empty"), Vec::<u8>::new());
-    assert!(matches!(store.get("files/none").await, Err(StoreError::NotFound { .. })), "missing blob");
+    store
+        .put("files/a.txt", vec![7; 100_000])
+        .await
+        .expect("replace");
+    assert_eq!(
+        store.get("files/a.txt").await.expect("get").len(),
+        100_000,
+        "put replaces"
+    );
+    store
+        .put("files/empty", Vec::new())
+        .await
+        .expect("empty blob");
+    assert_eq!(
+        store.get("files/empty").await.expect("get empty"),
+        Vec::<u8>::new()
+    );
+    assert!(
+        matches!(
+            store.get("files/none").await,
+            Err(StoreError::NotFound { .. })
+        ),
+        "missing blob"
+    );
     assert_eq!(store.stat("files/none").await.expect("stat"), None);
     store.delete("files/a.txt").await.expect("delete");
-    store.delete("files/a.txt").await.expect("deleting a missing blob is fine");
-    assert!(matches!(store.get("files/a.txt").await, Err(StoreError::NotFound { .. })));
-    for bad in ["../etc/passwd", "/abs", "a//b", "a/./b", "", "a\\b", "sp ace"] {
-        assert!(matches!(store.put(bad, vec![1]).await, Err(StoreError::Invalid(_))), "key `{bad}` must be refused");
+    store
+        .delete("files/a.txt")
+        .await
+        .expect("deleting a missing blob is fine");
+    assert!(matches!(
+        store.get("files/a.txt").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    for bad in [
+        "../etc/passwd",
+        "/abs",
+        "a//b",
+        "a/./b",
+        "",
+        "a\\b",
+        "sp ace",
+    ] {
+        assert!(
+            matches!(store.put(bad, vec![1]).await, Err(StoreError::Invalid(_))),
+            "key `{bad}` must be refused"
+        );
         assert!(store.get(bad).await.is_err(), "key `{bad}` must be refused");
     }
 }

@@ -5,11 +5,16 @@ use serde_json::{Value, json};
 
 fn problems(flow: Value) -> Vec<Problem> {
     let flow = FlowDef::from_value(flow).expect("parses");
-    Engine::new().compile(&flow).expect_err("must be refused").problems
+    Engine::new()
+        .compile(&flow)
+        .expect_err("must be refused")
+        .problems
 }
 
 fn has(problems: &[Problem], node: Option<&str>, edge: Option<usize>, text: &str) -> bool {
-    problems.iter().any(|p| p.node.as_deref() == node && p.edge == edge && p.problem.contains(text))
+    problems
+        .iter()
+        .any(|p| p.node.as_deref() == node && p.edge == edge && p.problem.contains(text))
 }
 
 #[test]
@@ -49,7 +54,12 @@ fn every_problem_is_reported_at_once() {
     assert!(has(&p, None, Some(0), "edge to missing node `ghost`"));
     assert!(has(&p, None, Some(1), "edge from missing node `phantom`"));
     assert!(has(&p, Some("e"), Some(2), "unknown port `sideways`"));
-    assert!(has(&p, Some("e"), Some(3), "only taken when the node's on_error is `route`"));
+    assert!(has(
+        &p,
+        Some("e"),
+        Some(3),
+        "only taken when the node's on_error is `route`"
+    ));
     assert!(has(&p, None, None, "output node `nowhere`"));
     assert!(has(&p, None, None, "invalid cron `61 * * * *`"));
     assert!(has(&p, None, None, "expected 5 fields"));
@@ -67,7 +77,10 @@ fn cycles_name_their_nodes() {
             {"from": "self", "to": "self"}
         ]
     }));
-    assert!(has(&p, Some("x"), None, "cycle: x -> y -> z -> x"), "{p:#?}");
+    assert!(
+        has(&p, Some("x"), None, "cycle: x -> y -> z -> x"),
+        "{p:#?}"
+    );
     assert!(has(&p, Some("self"), None, "cycle: self -> self"), "{p:#?}");
     assert_eq!(p.len(), 2);
 }
@@ -83,23 +96,39 @@ fn templates_may_only_use_upstream_nodes_and_known_names() {
         "edges": [{"from": "a", "to": "b"}]
     }));
     assert!(has(&p, Some("b"), None, "`c` is not upstream"), "{p:#?}");
-    assert!(has(&p, Some("b"), None, "refers to missing node `zz`"), "{p:#?}");
-    assert!(has(&p, Some("c"), None, "unknown variable `inptu`"), "{p:#?}");
-    assert!(!has(&p, Some("b"), None, "`a` is not upstream"), "a is upstream of b");
+    assert!(
+        has(&p, Some("b"), None, "refers to missing node `zz`"),
+        "{p:#?}"
+    );
+    assert!(
+        has(&p, Some("c"), None, "unknown variable `inptu`"),
+        "{p:#?}"
+    );
+    assert!(
+        !has(&p, Some("b"), None, "`a` is not upstream"),
+        "a is upstream of b"
+    );
     assert_eq!(p.len(), 3, "{p:#?}");
 }
 
 #[test]
 fn parse_refuses_unknown_fields_and_bad_json() {
-    let err = FlowDef::from_json(r#"{"nodes": [{"id": "a", "type": "noop", "on_eror": "continue"}]}"#).unwrap_err();
+    let err =
+        FlowDef::from_json(r#"{"nodes": [{"id": "a", "type": "noop", "on_eror": "continue"}]}"#)
+            .unwrap_err();
     assert!(err.message.contains("unknown field `on_eror`"), "{err}");
     assert_eq!(err.code(), "invalid_json");
     let err = FlowDef::from_json("{\"nodes\": [").unwrap_err();
     assert_eq!(err.line, 1);
     assert!(FlowDef::from_json(r#"{"nodes": "many"}"#).is_err());
-    assert!(FlowDef::from_json(r#"{"nodes": [], "triggers": [{"type": "carrier_pigeon"}]}"#).is_err());
+    assert!(
+        FlowDef::from_json(r#"{"nodes": [], "triggers": [{"type": "carrier_pigeon"}]}"#).is_err()
+    );
     let deep = "[".repeat(100_000);
-    assert!(FlowDef::from_json(&deep).is_err(), "deep nesting is an error, not a stack overflow");
+    assert!(
+        FlowDef::from_json(&deep).is_err(),
+        "deep nesting is an error, not a stack overflow"
+    );
     assert!(FlowDef::from_slice(b"\xff\xfe").is_err(), "non-UTF-8");
 }
 

@@ -17,7 +17,9 @@ async fn server() -> (String, Arc<AtomicUsize>) {
     let counter = flaky.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
             let counter = counter.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
@@ -32,7 +34,11 @@ async fn server() -> (String, Arc<AtomicUsize>) {
                     if let Some(head_end) = text.find("\r\n\r\n") {
                         let content_length = text[..head_end]
                             .lines()
-                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length: ")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
                             .unwrap_or(0);
                         if len >= head_end + 4 + content_length {
                             break text;
@@ -41,16 +47,34 @@ async fn server() -> (String, Arc<AtomicUsize>) {
                 };
                 let first = request.lines().next().unwrap_or_default().to_owned();
                 let path = first.split(' ').nth(1).unwrap_or("/").to_owned();
-                let body = request.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-                let auth = request.lines().find_map(|l| l.strip_prefix("x-token: ")).unwrap_or_default().to_owned();
+                let body = request
+                    .split("\r\n\r\n")
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_owned();
+                let auth = request
+                    .lines()
+                    .find_map(|l| l.strip_prefix("x-token: "))
+                    .unwrap_or_default()
+                    .to_owned();
                 let (status, ctype, payload) = match path.as_str() {
-                    "/json" => ("200 OK", "application/json", json!({"method": first.split(' ').next(), "body": body, "token": auth}).to_string()),
-                    "/flaky" if counter.fetch_add(1, Ordering::SeqCst) < 2 => ("503 Service Unavailable", "text/plain", "busy".into()),
+                    "/json" => (
+                        "200 OK",
+                        "application/json",
+                        json!({"method": first.split(' ').next(), "body": body, "token": auth})
+                            .to_string(),
+                    ),
+                    "/flaky" if counter.fetch_add(1, Ordering::SeqCst) < 2 => {
+                        ("503 Service Unavailable", "text/plain", "busy".into())
+                    }
                     "/flaky" => ("200 OK", "text/plain", "finally".into()),
                     "/big" => ("200 OK", "text/plain", "x".repeat(5000)),
                     _ => ("404 Not Found", "text/plain", "nope".into()),
                 };
-                let response = format!("HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{payload}", payload.len());
+                let response = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{payload}",
+                    payload.len()
+                );
                 let _ = sock.write_all(response.as_bytes()).await;
             });
         }
@@ -91,7 +115,12 @@ async fn http_request_calls_a_real_server() {
         json!({}),
     )
     .await;
-    assert_eq!(result.status, RunStatus::Succeeded, "503s are retried: {:?}", result.error);
+    assert_eq!(
+        result.status,
+        RunStatus::Succeeded,
+        "503s are retried: {:?}",
+        result.error
+    );
     assert_eq!(result.output.unwrap()["body"], "finally");
     assert_eq!(flaky.load(Ordering::SeqCst), 3);
 
@@ -103,7 +132,11 @@ async fn http_request_calls_a_real_server() {
     .await;
     assert_eq!(result.status, RunStatus::Failed);
     let step = result.step("nf").unwrap();
-    assert_eq!((step.attempts, step.error.as_deref()), (1, Some("HTTP 404 Not Found")), "a 404 is not retried");
+    assert_eq!(
+        (step.attempts, step.error.as_deref()),
+        (1, Some("HTTP 404 Not Found")),
+        "a 404 is not retried"
+    );
 
     let result = run(
         &engine,
@@ -113,15 +146,40 @@ async fn http_request_calls_a_real_server() {
     .await;
     assert_eq!(result.output.unwrap()["status"], 404);
 
-    let small = Engine::builder().limits(flowcore::Limits { max_output_bytes: 1000, ..Default::default() }).build();
-    let result = run(&small, json!({"id": "big", "type": "http_request", "params": {"url": format!("{base}/big")}}), json!({})).await;
-    assert_eq!(result.step("big").unwrap().error.as_deref(), Some("output is larger than the limit of 1000 bytes"));
+    let small = Engine::builder()
+        .limits(flowcore::Limits {
+            max_output_bytes: 1000,
+            ..Default::default()
+        })
+        .build();
+    let result = run(
+        &small,
+        json!({"id": "big", "type": "http_request", "params": {"url": format!("{base}/big")}}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        result.step("big").unwrap().error.as_deref(),
+        Some("output is larger than the limit of 1000 bytes")
+    );
 }
 
 #[tokio::test]
 async fn http_request_refuses_bad_urls() {
-    let flow = FlowDef::from_value(json!({"nodes": [{"id": "h", "type": "http_request", "params": {"url": "not a url"}}]})).unwrap();
-    assert!(Engine::new().compile(&flow).unwrap_err().problems[0].problem.contains("url"));
-    let result = run(&Engine::new(), json!({"id": "h", "type": "http_request", "params": {"url": "{{ input.u }}"}}), json!({"u": "file:///etc/passwd"})).await;
+    let flow = FlowDef::from_value(
+        json!({"nodes": [{"id": "h", "type": "http_request", "params": {"url": "not a url"}}]}),
+    )
+    .unwrap();
+    assert!(
+        Engine::new().compile(&flow).unwrap_err().problems[0]
+            .problem
+            .contains("url")
+    );
+    let result = run(
+        &Engine::new(),
+        json!({"id": "h", "type": "http_request", "params": {"url": "{{ input.u }}"}}),
+        json!({"u": "file:///etc/passwd"}),
+    )
+    .await;
     assert!(result.error.unwrap().contains("only http and https"));
 }

@@ -13,7 +13,10 @@ fn dag() -> impl Strategy<Value = (usize, Vec<(usize, usize)>)> {
     (1usize..40).prop_flat_map(|n| {
         let pairs: Vec<(usize, usize)> = (0..n).flat_map(|j| (0..j).map(move |i| (i, j))).collect();
         let len = pairs.len();
-        (Just(n), proptest::sample::subsequence(pairs, 0..=len.min(120)))
+        (
+            Just(n),
+            proptest::sample::subsequence(pairs, 0..=len.min(120)),
+        )
     })
 }
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::{Probe, compile, engine, engine_with_limits};
 use flowcore::{
-    Engine, Limits, RunEvent, RunId, RunOptions, RunStatus, StepRecord, StepRecorder, StepStatus, StoreError,
-    async_trait,
+    Engine, Limits, RunEvent, RunId, RunOptions, RunStatus, StepRecord, StepRecorder, StepStatus,
+    StoreError, async_trait,
 };
 use serde_json::{Value, json};
 
@@ -26,7 +26,10 @@ async fn contract_example_takes_one_branch() {
     assert_eq!(big.status, RunStatus::Succeeded);
     assert_eq!(big.output, Some(json!({"path": "a", "msg": "hello ada"})));
     assert_eq!(big.step("b").unwrap().status, StepStatus::Skipped);
-    assert_eq!(big.step("big").unwrap().output.as_deref(), Some(&json!(true)));
+    assert_eq!(
+        big.step("big").unwrap().output.as_deref(),
+        Some(&json!(true))
+    );
     assert_eq!(big.step("big").unwrap().port.as_deref(), Some("true"));
 
     let small = engine.run(&plan, json!({"name": "bob", "n": 1})).await;
@@ -53,7 +56,11 @@ async fn diamond_runs_branches_concurrently_and_joins() {
     let result = engine.run(&plan, json!({})).await;
     assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
     assert_eq!(result.output, Some(json!({"a": "a", "b": "b", "c": "c"})));
-    assert_eq!(probe.max_in_flight.load(Ordering::SeqCst), 2, "b and c overlap");
+    assert_eq!(
+        probe.max_in_flight.load(Ordering::SeqCst),
+        2,
+        "b and c overlap"
+    );
     let order = probe.order.lock().unwrap().clone();
     assert_eq!(order[0], "a");
 }
@@ -62,27 +69,46 @@ async fn diamond_runs_branches_concurrently_and_joins() {
 async fn max_concurrency_of_a_flow_is_respected() {
     let probe = Arc::new(Probe::default());
     let engine = engine(&probe);
-    let nodes: Vec<Value> = (0..6).map(|i| json!({"id": format!("n{i}"), "type": "probe", "params": {"sleep_ms": 10}})).collect();
-    let plan = compile(&engine, json!({"nodes": nodes, "settings": {"max_concurrency": 2}}));
+    let nodes: Vec<Value> = (0..6)
+        .map(|i| json!({"id": format!("n{i}"), "type": "probe", "params": {"sleep_ms": 10}}))
+        .collect();
+    let plan = compile(
+        &engine,
+        json!({"nodes": nodes, "settings": {"max_concurrency": 2}}),
+    );
     let result = engine.run(&plan, json!({})).await;
     assert_eq!(result.status, RunStatus::Succeeded);
     assert_eq!(probe.max_in_flight.load(Ordering::SeqCst), 2);
-    assert_eq!(result.output.unwrap().as_object().unwrap().len(), 6, "six sinks give an object keyed by id");
+    assert_eq!(
+        result.output.unwrap().as_object().unwrap().len(),
+        6,
+        "six sinks give an object keyed by id"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_wide_limit_bounds_all_runs_together() {
     let probe = Arc::new(Probe::default());
-    let limits = Limits { max_concurrent_nodes: Some(3), ..Limits::default() };
+    let limits = Limits {
+        max_concurrent_nodes: Some(3),
+        ..Limits::default()
+    };
     let engine = engine_with_limits(&probe, limits);
-    let nodes: Vec<Value> = (0..4).map(|i| json!({"id": format!("n{i}"), "type": "probe", "params": {"sleep_ms": 10}})).collect();
+    let nodes: Vec<Value> = (0..4)
+        .map(|i| json!({"id": format!("n{i}"), "type": "probe", "params": {"sleep_ms": 10}}))
+        .collect();
     let plan = compile(&engine, json!({"nodes": nodes}));
-    let handles: Vec<_> = (0..5).map(|_| engine.start(&plan, json!({}), RunOptions::default())).collect();
+    let handles: Vec<_> = (0..5)
+        .map(|_| engine.start(&plan, json!({}), RunOptions::default()))
+        .collect();
     for h in handles {
         assert_eq!(h.wait().await.status, RunStatus::Succeeded);
     }
     assert_eq!(probe.order.lock().unwrap().len(), 20);
-    assert!(probe.max_in_flight.load(Ordering::SeqCst) <= 3, "at most 3 nodes at once over all runs");
+    assert!(
+        probe.max_in_flight.load(Ordering::SeqCst) <= 3,
+        "at most 3 nodes at once over all runs"
+    );
 }
 
 #[tokio::test]
@@ -114,7 +140,11 @@ async fn join_after_a_branch_runs_and_skips_spread() {
     assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
     assert_eq!(result.output, Some(json!("yes")));
     for skipped in ["no", "after_no", "deep"] {
-        assert_eq!(result.step(skipped).unwrap().status, StepStatus::Skipped, "{skipped} is skipped");
+        assert_eq!(
+            result.step(skipped).unwrap().status,
+            StepStatus::Skipped,
+            "{skipped} is skipped"
+        );
     }
     let result = engine.run(&plan, json!({"go": false})).await;
     assert_eq!(result.output, Some(json!("no")));
@@ -131,7 +161,12 @@ async fn retries_succeed_on_attempt_three() {
     );
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink = events.clone();
-    let options = RunOptions { events: Some(Arc::new(move |e: &RunEvent| sink.lock().unwrap().push(e.clone()))), ..Default::default() };
+    let options = RunOptions {
+        events: Some(Arc::new(move |e: &RunEvent| {
+            sink.lock().unwrap().push(e.clone())
+        })),
+        ..Default::default()
+    };
     let result = engine.execute(&plan, json!({}), options).await;
     assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
     assert_eq!(result.output, Some(json!({"node": "f", "attempt": 3})));
@@ -159,14 +194,23 @@ async fn retries_stop_when_exhausted_or_fatal() {
     let result = engine.run(&plan, json!({})).await;
     assert_eq!(result.status, RunStatus::Failed);
     assert_eq!(result.step("f").unwrap().attempts, 2);
-    assert!(result.error.unwrap().contains("node `f` failed: failing attempt 2"));
+    assert!(
+        result
+            .error
+            .unwrap()
+            .contains("node `f` failed: failing attempt 2")
+    );
 
     let plan = compile(
         &engine,
         json!({"nodes": [{"id": "g", "type": "probe", "params": {"fail_until": 9, "fatal": true}, "retry": {"max_attempts": 5, "backoff_ms": 1}}]}),
     );
     let result = engine.run(&plan, json!({})).await;
-    assert_eq!(result.step("g").unwrap().attempts, 1, "a fatal error is not retried");
+    assert_eq!(
+        result.step("g").unwrap().attempts,
+        1,
+        "a fatal error is not retried"
+    );
 }
 
 #[tokio::test]
@@ -190,7 +234,10 @@ async fn run_timeout_cancels_running_nodes() {
         &engine,
         json!({"nodes": [{"id": "quick", "type": "noop"}, {"id": "slow", "type": "delay", "params": {"ms": 60000}}]}),
     );
-    let options = RunOptions { timeout: Some(Duration::from_millis(50)), ..Default::default() };
+    let options = RunOptions {
+        timeout: Some(Duration::from_millis(50)),
+        ..Default::default()
+    };
     let result = engine.execute(&plan, json!({}), options).await;
     assert_eq!(result.status, RunStatus::TimedOut);
     assert_eq!(result.step("slow").unwrap().status, StepStatus::Cancelled);
@@ -205,7 +252,9 @@ async fn flow_setting_lowers_the_run_timeout() {
         &engine,
         json!({"nodes": [{"id": "slow", "type": "delay", "params": {"ms": 60000}}], "settings": {"timeout_seconds": 1}}),
     );
-    let result = tokio::time::timeout(Duration::from_secs(30), engine.run(&plan, json!({}))).await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(30), engine.run(&plan, json!({})))
+        .await
+        .unwrap();
     assert_eq!(result.status, RunStatus::TimedOut);
     assert!(result.error.unwrap().contains("timed out after 1 s"));
 }
@@ -219,14 +268,23 @@ async fn cancellation_from_outside_stops_the_run() {
     );
     let sink = flowcore::BroadcastSink::new(16);
     let mut rx = sink.subscribe();
-    let handle = engine.start(&plan, json!({}), RunOptions { events: Some(Arc::new(sink)), ..Default::default() });
+    let handle = engine.start(
+        &plan,
+        json!({}),
+        RunOptions {
+            events: Some(Arc::new(sink)),
+            ..Default::default()
+        },
+    );
     loop {
         if let RunEvent::NodeStarted { .. } = rx.recv().await.unwrap() {
             break;
         }
     }
     handle.cancel();
-    let result = tokio::time::timeout(Duration::from_secs(10), handle.wait()).await.expect("cancel is prompt");
+    let result = tokio::time::timeout(Duration::from_secs(10), handle.wait())
+        .await
+        .expect("cancel is prompt");
     assert_eq!(result.status, RunStatus::Cancelled);
     assert_eq!(result.step("slow").unwrap().status, StepStatus::Cancelled);
     assert!(result.step("after").is_none(), "never started");
@@ -249,7 +307,12 @@ async fn on_error_continue_passes_the_error_on() {
     assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
     assert_eq!(result.step("bad").unwrap().status, StepStatus::Failed);
     let out = result.output.unwrap();
-    assert!(out.as_str().unwrap().starts_with("got the script threw: no luck"), "{out}");
+    assert!(
+        out.as_str()
+            .unwrap()
+            .starts_with("got the script threw: no luck"),
+        "{out}"
+    );
 }
 
 #[tokio::test]
@@ -270,7 +333,12 @@ async fn on_error_route_takes_only_the_error_port() {
     assert_eq!(result.status, RunStatus::Succeeded);
     assert_eq!(result.step("ok_path").unwrap().status, StepStatus::Skipped);
     assert_eq!(result.step("bad").unwrap().port.as_deref(), Some("error"));
-    assert!(result.output.unwrap()["why"].as_str().unwrap().contains("the script threw: x"));
+    assert!(
+        result.output.unwrap()["why"]
+            .as_str()
+            .unwrap()
+            .contains("the script threw: x")
+    );
 }
 
 #[tokio::test]
@@ -283,14 +351,19 @@ async fn a_failed_node_fails_the_run_and_stops_the_others() {
             {"id": "slow", "type": "delay", "params": {"ms": 60000}}
         ]}),
     );
-    let result = tokio::time::timeout(Duration::from_secs(10), engine.run(&plan, json!({}))).await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(10), engine.run(&plan, json!({})))
+        .await
+        .unwrap();
     assert_eq!(result.status, RunStatus::Failed);
     assert_eq!(result.step("slow").unwrap().status, StepStatus::Cancelled);
 }
 
 #[tokio::test]
 async fn output_over_the_limit_fails_the_step() {
-    let limits = Limits { max_output_bytes: 1000, ..Limits::default() };
+    let limits = Limits {
+        max_output_bytes: 1000,
+        ..Limits::default()
+    };
     let engine = Engine::builder().limits(limits).build();
     let plan = compile(
         &engine,
@@ -298,9 +371,18 @@ async fn output_over_the_limit_fails_the_step() {
     );
     let result = engine.run(&plan, json!({})).await;
     assert_eq!(result.status, RunStatus::Failed);
-    assert_eq!(result.step("big").unwrap().error.as_deref(), Some("output is larger than the limit of 1000 bytes"));
-    let small = compile(&engine, json!({"nodes": [{"id": "ok", "type": "script", "params": {"source": "\"fine\""}}]}));
-    assert_eq!(engine.run(&small, json!({})).await.output, Some(json!("fine")));
+    assert_eq!(
+        result.step("big").unwrap().error.as_deref(),
+        Some("output is larger than the limit of 1000 bytes")
+    );
+    let small = compile(
+        &engine,
+        json!({"nodes": [{"id": "ok", "type": "script", "params": {"source": "\"fine\""}}]}),
+    );
+    assert_eq!(
+        engine.run(&small, json!({})).await.output,
+        Some(json!("fine"))
+    );
 }
 
 #[tokio::test]
@@ -310,7 +392,10 @@ async fn a_panicking_node_fails_instead_of_crashing() {
     let plan = compile(&engine, json!({"nodes": [{"id": "b", "type": "boom"}]}));
     let result = engine.run(&plan, json!({})).await;
     assert_eq!(result.status, RunStatus::Failed);
-    assert_eq!(result.step("b").unwrap().error.as_deref(), Some("the node panicked: boom"));
+    assert_eq!(
+        result.step("b").unwrap().error.as_deref(),
+        Some("the node panicked: boom")
+    );
 }
 
 #[tokio::test]
@@ -319,8 +404,15 @@ async fn events_come_in_order() {
     let plan = compile(&engine, greet());
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink = events.clone();
-    let options = RunOptions { events: Some(Arc::new(move |e: &RunEvent| sink.lock().unwrap().push(e.clone()))), ..Default::default() };
-    engine.execute(&plan, json!({"name": "x", "n": 9}), options).await;
+    let options = RunOptions {
+        events: Some(Arc::new(move |e: &RunEvent| {
+            sink.lock().unwrap().push(e.clone())
+        })),
+        ..Default::default()
+    };
+    engine
+        .execute(&plan, json!({"name": "x", "n": 9}), options)
+        .await;
     let names: Vec<String> = events
         .lock()
         .unwrap()
@@ -334,8 +426,15 @@ async fn events_come_in_order() {
     assert_eq!(
         names,
         vec![
-            "run_started", "start hello", "succeeded hello", "start big", "succeeded big", "skipped b", "start a",
-            "succeeded a", "run_finished"
+            "run_started",
+            "start hello",
+            "succeeded hello",
+            "start big",
+            "succeeded big",
+            "skipped b",
+            "start a",
+            "succeeded a",
+            "run_finished"
         ]
     );
 }
@@ -375,17 +474,39 @@ async fn resume_skips_finished_steps() {
     };
     let recorder = Arc::new(Recorder::default());
     let first = engine
-        .execute(&compile(&engine, flow(true)), json!({}), RunOptions { recorder: Some(recorder.clone()), ..Default::default() })
+        .execute(
+            &compile(&engine, flow(true)),
+            json!({}),
+            RunOptions {
+                recorder: Some(recorder.clone()),
+                ..Default::default()
+            },
+        )
         .await;
     assert_eq!(first.status, RunStatus::Failed);
     let recorded = recorder.steps.lock().unwrap().clone();
-    assert_eq!(recorded.len(), 5, "every step reached the recorder: {recorded:?}");
+    assert_eq!(
+        recorded.len(),
+        5,
+        "every step reached the recorder: {recorded:?}"
+    );
 
     let second = engine
-        .execute(&compile(&engine, flow(false)), json!({}), RunOptions { resume: recorded, ..Default::default() })
+        .execute(
+            &compile(&engine, flow(false)),
+            json!({}),
+            RunOptions {
+                resume: recorded,
+                ..Default::default()
+            },
+        )
         .await;
     assert_eq!(second.status, RunStatus::Succeeded, "{:?}", second.error);
-    assert_eq!(probe.runs_of("one"), 1, "finished steps are not executed again");
+    assert_eq!(
+        probe.runs_of("one"),
+        1,
+        "finished steps are not executed again"
+    );
     assert_eq!(probe.runs_of("two"), 1);
     assert_eq!(probe.runs_of("three"), 2, "the failed step runs again");
     assert_eq!(probe.runs_of("no"), 0, "the skip is kept");
@@ -405,11 +526,27 @@ impl StepRecorder for FailingRecorder {
 async fn a_failed_recording_stops_the_run() {
     let probe = Arc::new(Probe::default());
     let engine = engine(&probe);
-    let plan = compile(&engine, json!({"nodes": [{"id": "a", "type": "probe"}, {"id": "b", "type": "probe"}], "edges": [{"from": "a", "to": "b"}]}));
-    let result = engine.execute(&plan, json!({}), RunOptions { recorder: Some(Arc::new(FailingRecorder)), ..Default::default() }).await;
+    let plan = compile(
+        &engine,
+        json!({"nodes": [{"id": "a", "type": "probe"}, {"id": "b", "type": "probe"}], "edges": [{"from": "a", "to": "b"}]}),
+    );
+    let result = engine
+        .execute(
+            &plan,
+            json!({}),
+            RunOptions {
+                recorder: Some(Arc::new(FailingRecorder)),
+                ..Default::default()
+            },
+        )
+        .await;
     assert_eq!(result.status, RunStatus::Failed);
     assert!(result.error.unwrap().contains("stale lease"));
-    assert_eq!(probe.runs_of("b"), 0, "nothing runs after a step that could not be recorded");
+    assert_eq!(
+        probe.runs_of("b"),
+        0,
+        "nothing runs after a step that could not be recorded"
+    );
 }
 
 #[tokio::test]
@@ -425,18 +562,33 @@ async fn subflows_run_through_the_flow_store_and_nest_boundedly() {
         json!({"nodes": [{"id": "call", "type": "subflow", "params": {"flow_id": "child", "input": {"v": "{{ input.x }}"}}}]}),
     );
     let result = engine.run(&plan, json!({"x": 5})).await;
-    assert_eq!(result.output, Some(json!("child got 5")), "{:?}", result.error);
+    assert_eq!(
+        result.output,
+        Some(json!("child got 5")),
+        "{:?}",
+        result.error
+    );
 
     let selfish = flowcore::FlowDef::from_value(json!({
         "id": "selfish", "nodes": [{"id": "again", "type": "subflow", "params": {"flow_id": "selfish"}}]
     }))
     .unwrap();
     engine.flow_store().create(&selfish).await.unwrap();
-    let result = engine.run(&engine.compile(&selfish).unwrap(), json!({})).await;
+    let result = engine
+        .run(&engine.compile(&selfish).unwrap(), json!({}))
+        .await;
     assert_eq!(result.status, RunStatus::Failed);
-    assert!(result.error.unwrap().contains("subflows nest deeper than 8"));
+    assert!(
+        result
+            .error
+            .unwrap()
+            .contains("subflows nest deeper than 8")
+    );
 
-    let missing = compile(&engine, json!({"nodes": [{"id": "m", "type": "subflow", "params": {"flow_id": "nope"}}]}));
+    let missing = compile(
+        &engine,
+        json!({"nodes": [{"id": "m", "type": "subflow", "params": {"flow_id": "nope"}}]}),
+    );
     let result = engine.run(&missing, json!({})).await;
     assert!(result.error.unwrap().contains("subflow `nope` not found"));
 }
@@ -444,14 +596,28 @@ async fn subflows_run_through_the_flow_store_and_nest_boundedly() {
 #[tokio::test]
 async fn scripts_are_bounded() {
     let engine = Engine::new();
-    let looping = compile(&engine, json!({"nodes": [{"id": "spin", "type": "script", "params": {"source": "loop {}", "timeout_ms": 100, "max_operations": 1000000000}}]}));
-    let result = tokio::time::timeout(Duration::from_secs(20), engine.run(&looping, json!({}))).await.unwrap();
+    let looping = compile(
+        &engine,
+        json!({"nodes": [{"id": "spin", "type": "script", "params": {"source": "loop {}", "timeout_ms": 100, "max_operations": 1000000000}}]}),
+    );
+    let result = tokio::time::timeout(Duration::from_secs(20), engine.run(&looping, json!({})))
+        .await
+        .unwrap();
     assert_eq!(result.status, RunStatus::Failed);
-    assert_eq!(result.step("spin").unwrap().error.as_deref(), Some("the script ran past its time limit"));
+    assert_eq!(
+        result.step("spin").unwrap().error.as_deref(),
+        Some("the script ran past its time limit")
+    );
 
-    let counted = compile(&engine, json!({"nodes": [{"id": "spin", "type": "script", "params": {"source": "loop {}", "max_operations": 5000}}]}));
+    let counted = compile(
+        &engine,
+        json!({"nodes": [{"id": "spin", "type": "script", "params": {"source": "loop {}", "max_operations": 5000}}]}),
+    );
     let result = engine.run(&counted, json!({})).await;
-    assert_eq!(result.step("spin").unwrap().error.as_deref(), Some("the script ran more than 5000 operations"));
+    assert_eq!(
+        result.step("spin").unwrap().error.as_deref(),
+        Some("the script ran more than 5000 operations")
+    );
 
     let computed = compile(
         &engine,
@@ -474,7 +640,10 @@ async fn templates_keep_types_and_see_attempts() {
         }}}]}),
     );
     let result = engine.run(&plan, json!({"n": 4})).await;
-    assert_eq!(result.output, Some(json!({"n": 4, "text": "n is 4", "obj": {"nested": [8, true]}, "plain": 3, "att": 1})));
+    assert_eq!(
+        result.output,
+        Some(json!({"n": 4, "text": "n is 4", "obj": {"nested": [8, true]}, "plain": 3, "att": 1}))
+    );
 }
 
 #[tokio::test]
@@ -484,13 +653,25 @@ async fn output_field_picks_the_run_output() {
         &engine,
         json!({"nodes": [{"id": "x", "type": "set", "params": {"fields": {"v": 1}}}, {"id": "y", "type": "noop"}], "edges": [{"from": "x", "to": "y"}], "output": "x"}),
     );
-    assert_eq!(engine.run(&plan, json!({})).await.output, Some(json!({"v": 1})));
+    assert_eq!(
+        engine.run(&plan, json!({})).await.output,
+        Some(json!({"v": 1}))
+    );
 }
 
 #[tokio::test]
 async fn engine_flow_store_is_shared_by_clones() {
     let engine = Engine::new();
     let clone = engine.clone();
-    clone.flow_store().create(&flowcore::FlowDef::from_value(json!({"id": "z", "nodes": [{"id": "n", "type": "noop"}]})).unwrap()).await.unwrap();
+    clone
+        .flow_store()
+        .create(
+            &flowcore::FlowDef::from_value(
+                json!({"id": "z", "nodes": [{"id": "n", "type": "noop"}]}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
     assert!(engine.flow_store().get("z", None).await.is_ok());
 }

@@ -28,7 +28,9 @@ pub(crate) fn set(params: &Value) -> Result<Box<dyn Node>, ParamError> {
         .fields
         .iter()
         .map(|(k, v)| {
-            ValueTemplate::compile(v).map(|t| (k.clone(), t)).map_err(|e| ParamError::new(format!("fields.{k}: {e}")))
+            ValueTemplate::compile(v)
+                .map(|t| (k.clone(), t))
+                .map_err(|e| ParamError::new(format!("fields.{k}: {e}")))
         })
         .collect::<Result<_, _>>()?;
     Ok(Box::new(Set { fields }))
@@ -40,7 +42,9 @@ impl Node for Set {
         let scope = cx.scope();
         let mut out = Map::with_capacity(self.fields.len());
         for (name, template) in &self.fields {
-            let value = template.render(&scope).map_err(|e| NodeError::fatal(format!("fields.{name}: {e}")))?;
+            let value = template
+                .render(&scope)
+                .map_err(|e| NodeError::fatal(format!("fields.{name}: {e}")))?;
             out.insert(name.clone(), value);
         }
         Ok(Value::Object(out).into())
@@ -48,7 +52,9 @@ impl Node for Set {
 
     fn references(&self) -> References {
         let mut refs = References::default();
-        self.fields.iter().for_each(|(_, t)| refs.merge(t.references()));
+        self.fields
+            .iter()
+            .for_each(|(_, t)| refs.merge(t.references()));
         refs
     }
 }
@@ -66,15 +72,22 @@ struct BranchParams {
 
 pub(crate) fn branch(params: &Value) -> Result<Box<dyn Node>, ParamError> {
     let p: BranchParams = parse_params(params)?;
-    let condition = Expression::compile(&p.condition).map_err(|e| ParamError::new(format!("condition: {e}")))?;
+    let condition = Expression::compile(&p.condition)
+        .map_err(|e| ParamError::new(format!("condition: {e}")))?;
     Ok(Box::new(Branch { condition }))
 }
 
 #[async_trait]
 impl Node for Branch {
     async fn run(&self, cx: &NodeContext) -> Result<Output, NodeError> {
-        let taken = self.condition.eval_bool(&cx.scope()).map_err(|e| NodeError::fatal(format!("condition {e}")))?;
-        Ok(Output::with_port(Value::Bool(taken), if taken { "true" } else { "false" }))
+        let taken = self
+            .condition
+            .eval_bool(&cx.scope())
+            .map_err(|e| NodeError::fatal(format!("condition {e}")))?;
+        Ok(Output::with_port(
+            Value::Bool(taken),
+            if taken { "true" } else { "false" },
+        ))
     }
 
     fn ports(&self) -> &[&str] {
@@ -99,14 +112,18 @@ struct TemplateParams {
 
 pub(crate) fn template(params: &Value) -> Result<Box<dyn Node>, ParamError> {
     let p: TemplateParams = parse_params(params)?;
-    let template = Template::compile(&p.template).map_err(|e| ParamError::new(format!("template: {e}")))?;
+    let template =
+        Template::compile(&p.template).map_err(|e| ParamError::new(format!("template: {e}")))?;
     Ok(Box::new(TemplateNode { template }))
 }
 
 #[async_trait]
 impl Node for TemplateNode {
     async fn run(&self, cx: &NodeContext) -> Result<Output, NodeError> {
-        let text = self.template.render_string(&cx.scope()).map_err(NodeError::fatal)?;
+        let text = self
+            .template
+            .render_string(&cx.scope())
+            .map_err(NodeError::fatal)?;
         Ok(Value::String(text).into())
     }
 
@@ -151,9 +168,14 @@ const MAX_DELAY_MS: u64 = 24 * 3600 * 1000;
 pub(crate) fn delay(params: &Value) -> Result<Box<dyn Node>, ParamError> {
     let p: DelayParams = parse_params(params)?;
     if p.ms > MAX_DELAY_MS {
-        return Err(ParamError::new(format!("ms: {} is over the maximum of {MAX_DELAY_MS}", p.ms)));
+        return Err(ParamError::new(format!(
+            "ms: {} is over the maximum of {MAX_DELAY_MS}",
+            p.ms
+        )));
     }
-    Ok(Box::new(Delay { wait: Duration::from_millis(p.ms) }))
+    Ok(Box::new(Delay {
+        wait: Duration::from_millis(p.ms),
+    }))
 }
 
 #[async_trait]

@@ -72,9 +72,14 @@ pub(crate) fn build(params: &Value) -> Result<Box<dyn Node>, ParamError> {
     let p: HttpParams = parse_params(params)?;
     let method = match p.method.to_ascii_uppercase().as_str() {
         m @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS") => {
-            reqwest::Method::from_bytes(m.as_bytes()).map_err(|e| ParamError::new(format!("method: {e}")))?
+            reqwest::Method::from_bytes(m.as_bytes())
+                .map_err(|e| ParamError::new(format!("method: {e}")))?
         }
-        other => return Err(ParamError::new(format!("method: `{other}` is not an HTTP method"))),
+        other => {
+            return Err(ParamError::new(format!(
+                "method: `{other}` is not an HTTP method"
+            )));
+        }
     };
     let url = Template::compile(&p.url).map_err(|e| ParamError::new(format!("url: {e}")))?;
     if url.is_literal() {
@@ -84,16 +89,29 @@ pub(crate) fn build(params: &Value) -> Result<Box<dyn Node>, ParamError> {
         .headers
         .iter()
         .map(|(k, v)| {
-            let text = v.as_str().ok_or_else(|| ParamError::new(format!("headers.{k}: must be a string")))?;
+            let text = v
+                .as_str()
+                .ok_or_else(|| ParamError::new(format!("headers.{k}: must be a string")))?;
             reqwest::header::HeaderName::from_bytes(k.as_bytes())
                 .map_err(|_| ParamError::new(format!("headers.{k}: not a valid header name")))?;
-            Ok((k.clone(), Template::compile(text).map_err(|e| ParamError::new(format!("headers.{k}: {e}")))?))
+            Ok((
+                k.clone(),
+                Template::compile(text)
+                    .map_err(|e| ParamError::new(format!("headers.{k}: {e}")))?,
+            ))
         })
         .collect::<Result<_, ParamError>>()?;
-    let body = p.body.as_ref().map(ValueTemplate::compile).transpose().map_err(|e| ParamError::new(format!("body: {e}")))?;
+    let body = p
+        .body
+        .as_ref()
+        .map(ValueTemplate::compile)
+        .transpose()
+        .map_err(|e| ParamError::new(format!("body: {e}")))?;
     let timeout_ms = p.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
     if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
-        return Err(ParamError::new(format!("timeout_ms must be between 1 and {MAX_TIMEOUT_MS}")));
+        return Err(ParamError::new(format!(
+            "timeout_ms must be between 1 and {MAX_TIMEOUT_MS}"
+        )));
     }
     Ok(Box::new(HttpRequest {
         client: client()?,
@@ -110,18 +128,32 @@ pub(crate) fn build(params: &Value) -> Result<Box<dyn Node>, ParamError> {
 impl Node for HttpRequest {
     async fn run(&self, cx: &NodeContext) -> Result<Output, NodeError> {
         let scope = cx.scope();
-        let url = self.url.render_string(&scope).map_err(|e| NodeError::fatal(format!("url: {e}")))?;
-        let url = reqwest::Url::parse(&url).map_err(|e| NodeError::fatal(format!("url `{url}`: {e}")))?;
+        let url = self
+            .url
+            .render_string(&scope)
+            .map_err(|e| NodeError::fatal(format!("url: {e}")))?;
+        let url =
+            reqwest::Url::parse(&url).map_err(|e| NodeError::fatal(format!("url `{url}`: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(NodeError::fatal(format!("url `{url}`: only http and https are allowed")));
+            return Err(NodeError::fatal(format!(
+                "url `{url}`: only http and https are allowed"
+            )));
         }
-        let mut request = self.client.request(self.method.clone(), url).timeout(self.timeout);
+        let mut request = self
+            .client
+            .request(self.method.clone(), url)
+            .timeout(self.timeout);
         for (name, template) in &self.headers {
-            let value = template.render_string(&scope).map_err(|e| NodeError::fatal(format!("headers.{name}: {e}")))?;
+            let value = template
+                .render_string(&scope)
+                .map_err(|e| NodeError::fatal(format!("headers.{name}: {e}")))?;
             request = request.header(name.as_str(), value);
         }
         if let Some(body) = &self.body {
-            request = match body.render(&scope).map_err(|e| NodeError::fatal(format!("body: {e}")))? {
+            request = match body
+                .render(&scope)
+                .map_err(|e| NodeError::fatal(format!("body: {e}")))?
+            {
                 Value::String(text) => request.body(text),
                 json => request.json(&json),
             };
@@ -134,9 +166,15 @@ impl Node for HttpRequest {
         let status = response.status();
         let mut headers = Map::new();
         for (name, value) in response.headers() {
-            headers.insert(name.as_str().to_owned(), Value::String(String::from_utf8_lossy(value.as_bytes()).into_owned()));
+            headers.insert(
+                name.as_str().to_owned(),
+                Value::String(String::from_utf8_lossy(value.as_bytes()).into_owned()),
+            );
         }
-        let is_json = headers.get("content-type").and_then(Value::as_str).is_some_and(|ct| ct.contains("json"));
+        let is_json = headers
+            .get("content-type")
+            .and_then(Value::as_str)
+            .is_some_and(|ct| ct.contains("json"));
         // Read the body chunk by chunk so that a huge answer fails at the limit instead of
         // filling memory first.
         let limit = cx.engine().limits().max_output_bytes;
@@ -152,7 +190,8 @@ impl Node for HttpRequest {
             bytes.extend_from_slice(&chunk);
         }
         let body = if is_json {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         } else {
             Value::String(String::from_utf8_lossy(&bytes).into_owned())
         };
@@ -164,12 +203,17 @@ impl Node for HttpRequest {
                 NodeError::fatal(message)
             });
         }
-        Ok(serde_json::json!({ "status": status.as_u16(), "headers": headers, "body": body }).into())
+        Ok(
+            serde_json::json!({ "status": status.as_u16(), "headers": headers, "body": body })
+                .into(),
+        )
     }
 
     fn references(&self) -> References {
         let mut refs = self.url.references();
-        self.headers.iter().for_each(|(_, t)| refs.merge(t.references()));
+        self.headers
+            .iter()
+            .for_each(|(_, t)| refs.merge(t.references()));
         if let Some(body) = &self.body {
             refs.merge(body.references());
         }

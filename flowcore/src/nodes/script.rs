@@ -50,12 +50,17 @@ static RHAI: LazyLock<rhai::Engine> = LazyLock::new(|| {
     engine.on_progress(|ops| {
         let budget = BUDGET.get()?;
         if ops > budget.max_operations {
-            return Some(Dynamic::from(format!("the script ran more than {} operations", budget.max_operations)));
+            return Some(Dynamic::from(format!(
+                "the script ran more than {} operations",
+                budget.max_operations
+            )));
         }
         // Reading the clock costs more than an operation: look every 1024 operations.
         if ops % 1024 == 0 {
             if Instant::now() >= budget.deadline {
-                return Some(Dynamic::from("the script ran past its time limit".to_owned()));
+                return Some(Dynamic::from(
+                    "the script ran past its time limit".to_owned(),
+                ));
             }
             if CANCEL.with_borrow(|c| c.as_ref().is_some_and(CancellationToken::is_cancelled)) {
                 return Some(Dynamic::from("the run was cancelled".to_owned()));
@@ -86,50 +91,77 @@ pub(crate) fn build(params: &Value) -> Result<Box<dyn Node>, ParamError> {
     let p: ScriptParams = parse_params(params)?;
     let max_operations = p.max_operations.unwrap_or(DEFAULT_MAX_OPERATIONS);
     if max_operations == 0 || max_operations > MAX_MAX_OPERATIONS {
-        return Err(ParamError::new(format!("max_operations must be between 1 and {MAX_MAX_OPERATIONS}")));
+        return Err(ParamError::new(format!(
+            "max_operations must be between 1 and {MAX_MAX_OPERATIONS}"
+        )));
     }
     let timeout_ms = p.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
     if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
-        return Err(ParamError::new(format!("timeout_ms must be between 1 and {MAX_TIMEOUT_MS}")));
+        return Err(ParamError::new(format!(
+            "timeout_ms must be between 1 and {MAX_TIMEOUT_MS}"
+        )));
     }
-    let ast = RHAI.compile(&p.source).map_err(|e| ParamError::new(format!("source: {e}")))?;
-    Ok(Box::new(Script { ast: Arc::new(ast), max_operations, timeout: Duration::from_millis(timeout_ms) }))
+    let ast = RHAI
+        .compile(&p.source)
+        .map_err(|e| ParamError::new(format!("source: {e}")))?;
+    Ok(Box::new(Script {
+        ast: Arc::new(ast),
+        max_operations,
+        timeout: Duration::from_millis(timeout_ms),
+    }))
 }
 
 #[async_trait]
 impl Node for Script {
     async fn run(&self, cx: &NodeContext) -> Result<Output, NodeError> {
-        let input = rhai::serde::to_dynamic(&**cx.input()).map_err(|e| NodeError::fatal(format!("input: {e}")))?;
-        let nodes = rhai::serde::to_dynamic(cx.ancestor_outputs()).map_err(|e| NodeError::fatal(format!("nodes: {e}")))?;
+        let input = rhai::serde::to_dynamic(&**cx.input())
+            .map_err(|e| NodeError::fatal(format!("input: {e}")))?;
+        let nodes = rhai::serde::to_dynamic(cx.ancestor_outputs())
+            .map_err(|e| NodeError::fatal(format!("nodes: {e}")))?;
         let attempt = i64::from(cx.attempt());
         let ast = self.ast.clone();
-        let budget = Budget { deadline: Instant::now() + self.timeout, max_operations: self.max_operations };
+        let budget = Budget {
+            deadline: Instant::now() + self.timeout,
+            max_operations: self.max_operations,
+        };
         let cancel = cx.cancellation().clone();
         let task = tokio::task::spawn_blocking(move || {
             BUDGET.set(Some(budget));
             CANCEL.set(Some(cancel));
             let mut scope = Scope::new();
-            scope.push_constant("input", input).push_constant("nodes", nodes).push_constant("attempt", attempt);
+            scope
+                .push_constant("input", input)
+                .push_constant("nodes", nodes)
+                .push_constant("attempt", attempt);
             let result = RHAI.eval_ast_with_scope::<Dynamic>(&mut scope, &ast);
             BUDGET.set(None);
             CANCEL.set(None);
             result.map_err(describe).and_then(|value| {
-                rhai::serde::from_dynamic::<Value>(&value).map_err(|e| format!("the script's value is not JSON: {e}"))
+                rhai::serde::from_dynamic::<Value>(&value)
+                    .map_err(|e| format!("the script's value is not JSON: {e}"))
             })
         });
         match task.await {
             Ok(Ok(value)) => Ok(value.into()),
             Ok(Err(message)) => Err(NodeError::fatal(message)),
-            Err(e) => Err(NodeError::fatal(format!("the script stopped abnormally: {e}"))),
+            Err(e) => Err(NodeError::fatal(format!(
+                "the script stopped abnormally: {e}"
+            ))),
         }
     }
 }
 
 fn describe(error: Box<EvalAltResult>) -> String {
     match *error {
-        EvalAltResult::ErrorTerminated(reason, _) => reason.into_string().unwrap_or_else(|_| "the script was stopped".into()),
+        EvalAltResult::ErrorTerminated(reason, _) => reason
+            .into_string()
+            .unwrap_or_else(|_| "the script was stopped".into()),
         EvalAltResult::ErrorRuntime(value, pos) => {
-            let text = if value.is_string() { value.into_string().unwrap_or_default() } else { value.to_string() };
+            let text = if value.is_string() {
+                value.into_string().unwrap_or_default()
+            } else {
+                value.to_string()
+            };
             format!("the script threw: {text} ({pos})")
         }
         other => format!("script error: {other}"),

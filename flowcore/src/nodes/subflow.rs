@@ -32,24 +32,43 @@ pub(crate) fn build(params: &Value) -> Result<Box<dyn Node>, ParamError> {
     if !is_valid_id(&p.flow_id) {
         return Err(ParamError::new("flow_id: not a valid flow id"));
     }
-    let input = p.input.as_ref().map(ValueTemplate::compile).transpose().map_err(|e| ParamError::new(format!("input: {e}")))?;
-    Ok(Box::new(Subflow { flow_id: p.flow_id, version: p.version, input }))
+    let input = p
+        .input
+        .as_ref()
+        .map(ValueTemplate::compile)
+        .transpose()
+        .map_err(|e| ParamError::new(format!("input: {e}")))?;
+    Ok(Box::new(Subflow {
+        flow_id: p.flow_id,
+        version: p.version,
+        input,
+    }))
 }
 
 #[async_trait]
 impl Node for Subflow {
     async fn run(&self, cx: &NodeContext) -> Result<Output, NodeError> {
         let engine = cx.engine();
-        let stored = engine.flow_store().get(&self.flow_id, self.version).await.map_err(|e| match e {
-            StoreError::NotFound { .. } => NodeError::fatal(format!("subflow `{}` not found", self.flow_id)),
-            e if e.is_retryable() => NodeError::retryable(format!("loading subflow `{}`: {e}", self.flow_id)),
-            e => NodeError::fatal(format!("loading subflow `{}`: {e}", self.flow_id)),
-        })?;
+        let stored = engine
+            .flow_store()
+            .get(&self.flow_id, self.version)
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound { .. } => {
+                    NodeError::fatal(format!("subflow `{}` not found", self.flow_id))
+                }
+                e if e.is_retryable() => {
+                    NodeError::retryable(format!("loading subflow `{}`: {e}", self.flow_id))
+                }
+                e => NodeError::fatal(format!("loading subflow `{}`: {e}", self.flow_id)),
+            })?;
         let plan = engine
             .compile(&stored.definition)
             .map_err(|e| NodeError::fatal(format!("subflow `{}`: {e}", self.flow_id)))?;
         let input = match &self.input {
-            Some(t) => t.render(&cx.scope()).map_err(|e| NodeError::fatal(format!("input: {e}")))?,
+            Some(t) => t
+                .render(&cx.scope())
+                .map_err(|e| NodeError::fatal(format!("input: {e}")))?,
             None => (**cx.input()).clone(),
         };
         let result = engine.execute_child(&plan, input, cx).await;
@@ -64,6 +83,9 @@ impl Node for Subflow {
     }
 
     fn references(&self) -> References {
-        self.input.as_ref().map(ValueTemplate::references).unwrap_or_default()
+        self.input
+            .as_ref()
+            .map(ValueTemplate::references)
+            .unwrap_or_default()
     }
 }

@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 
 use super::{
-    BlobStore, FlowStore, Job, Lease, LeasedJob, NewRun, Page, Queue, QueueDepth, RunFilter, RunOutcome, RunRecord,
-    RunStore, StoreResult, StoredFlow, is_valid_blob_key,
+    BlobStore, FlowStore, Job, Lease, LeasedJob, NewRun, Page, Queue, QueueDepth, RunFilter,
+    RunOutcome, RunRecord, RunStore, StoreResult, StoredFlow, is_valid_blob_key,
 };
 use crate::error::StoreError;
 use crate::ids::{RunId, new_id};
@@ -27,7 +27,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 fn parse_cursor(cursor: Option<&str>) -> StoreResult<u64> {
     match cursor {
         None => Ok(u64::MAX),
-        Some(c) => c.parse().map_err(|_| StoreError::Invalid(format!("invalid cursor `{c}`"))),
+        Some(c) => c
+            .parse()
+            .map_err(|_| StoreError::Invalid(format!("invalid cursor `{c}`"))),
     }
 }
 
@@ -58,7 +60,9 @@ impl MemoryFlowStore {
 }
 
 fn flow_id(flow: &FlowDef) -> StoreResult<&str> {
-    flow.id.as_deref().ok_or_else(|| StoreError::Invalid("a stored flow needs an id".into()))
+    flow.id
+        .as_deref()
+        .ok_or_else(|| StoreError::Invalid("a stored flow needs an id".into()))
 }
 
 #[async_trait]
@@ -71,7 +75,12 @@ impl FlowStore for MemoryFlowStore {
         }
         st.next_seq += 1;
         let seq = st.next_seq;
-        let stored = StoredFlow { id: id.clone(), version: 1, definition: flow.clone(), created_at: Utc::now() };
+        let stored = StoredFlow {
+            id: id.clone(),
+            version: 1,
+            definition: flow.clone(),
+            created_at: Utc::now(),
+        };
         st.flows.insert(id.clone(), (seq, vec![stored.clone()]));
         st.order.insert(seq, id);
         Ok(stored)
@@ -81,11 +90,19 @@ impl FlowStore for MemoryFlowStore {
         let mut st = lock(&self.state);
         st.next_seq += 1;
         let seq = st.next_seq;
-        let (old_seq, versions) = st.flows.get_mut(id).ok_or_else(|| StoreError::not_found("flow", id))?;
+        let (old_seq, versions) = st
+            .flows
+            .get_mut(id)
+            .ok_or_else(|| StoreError::not_found("flow", id))?;
         let mut definition = flow.clone();
         definition.id = Some(id.to_owned());
         let version = versions.last().map_or(1, |v| v.version + 1);
-        let stored = StoredFlow { id: id.to_owned(), version, definition, created_at: Utc::now() };
+        let stored = StoredFlow {
+            id: id.to_owned(),
+            version,
+            definition,
+            created_at: Utc::now(),
+        };
         versions.push(stored.clone());
         let old = std::mem::replace(old_seq, seq);
         st.order.remove(&old);
@@ -95,12 +112,17 @@ impl FlowStore for MemoryFlowStore {
 
     async fn get(&self, id: &str, version: Option<u32>) -> StoreResult<StoredFlow> {
         let st = lock(&self.state);
-        let (_, versions) = st.flows.get(id).ok_or_else(|| StoreError::not_found("flow", id))?;
+        let (_, versions) = st
+            .flows
+            .get(id)
+            .ok_or_else(|| StoreError::not_found("flow", id))?;
         match version {
             None => versions.last().cloned(),
             Some(v) => versions.iter().find(|s| s.version == v).cloned(),
         }
-        .ok_or_else(|| StoreError::not_found("flow version", format!("{id}@{}", version.unwrap_or(0))))
+        .ok_or_else(|| {
+            StoreError::not_found("flow version", format!("{id}@{}", version.unwrap_or(0)))
+        })
     }
 
     async fn list(&self, limit: usize, cursor: Option<&str>) -> StoreResult<Page<StoredFlow>> {
@@ -116,12 +138,22 @@ impl FlowStore for MemoryFlowStore {
             last = Some(*seq);
         }
         let more = last.is_some_and(|l| st.order.range(..l).next().is_some());
-        Ok(Page { items, next_cursor: if more { last.map(|l| l.to_string()) } else { None } })
+        Ok(Page {
+            items,
+            next_cursor: if more {
+                last.map(|l| l.to_string())
+            } else {
+                None
+            },
+        })
     }
 
     async fn delete(&self, id: &str) -> StoreResult<()> {
         let mut st = lock(&self.state);
-        let (seq, _) = st.flows.remove(id).ok_or_else(|| StoreError::not_found("flow", id))?;
+        let (seq, _) = st
+            .flows
+            .remove(id)
+            .ok_or_else(|| StoreError::not_found("flow", id))?;
         st.order.remove(&seq);
         Ok(())
     }
@@ -151,7 +183,10 @@ impl MemoryRunStore {
 
 impl RunState {
     fn run_mut(&mut self, id: &RunId) -> StoreResult<&mut RunRecord> {
-        self.runs.get_mut(id).map(|(_, r)| r).ok_or_else(|| StoreError::not_found("run", id.as_str()))
+        self.runs
+            .get_mut(id)
+            .map(|(_, r)| r)
+            .ok_or_else(|| StoreError::not_found("run", id.as_str()))
     }
 
     /// The run, if `epoch` is its current lease and it is running.
@@ -178,7 +213,10 @@ impl RunStore for MemoryRunStore {
             }
         }
         if st.runs.contains_key(&run.id) {
-            return Err(StoreError::AlreadyExists(format!("run `{}` exists", run.id)));
+            return Err(StoreError::AlreadyExists(format!(
+                "run `{}` exists",
+                run.id
+            )));
         }
         st.next_seq += 1;
         let seq = st.next_seq;
@@ -216,7 +254,9 @@ impl RunStore for MemoryRunStore {
         let mut items = Vec::new();
         let mut next_cursor = None;
         for (seq, id) in st.order.range(..before).rev() {
-            let Some((_, run)) = st.runs.get(id) else { continue };
+            let Some((_, run)) = st.runs.get(id) else {
+                continue;
+            };
             if filter.flow_id.as_ref().is_some_and(|f| *f != run.flow_id)
                 || filter.status.is_some_and(|s| s != run.status)
             {
@@ -243,10 +283,17 @@ impl RunStore for MemoryRunStore {
             _ => false,
         };
         if !claimable {
-            return Err(StoreError::Conflict(format!("run `{id}` is {} and not claimable", run.status)));
+            return Err(StoreError::Conflict(format!(
+                "run `{id}` is {} and not claimable",
+                run.status
+            )));
         }
         run.epoch += 1;
-        let lease = Lease { owner: owner.to_owned(), expires_at: now + ttl_to_chrono(ttl), epoch: run.epoch };
+        let lease = Lease {
+            owner: owner.to_owned(),
+            expires_at: now + ttl_to_chrono(ttl),
+            epoch: run.epoch,
+        };
         run.status = RunStatus::Running;
         run.started_at.get_or_insert(now);
         run.lease = Some(lease.clone());
@@ -256,7 +303,10 @@ impl RunStore for MemoryRunStore {
     async fn renew(&self, id: &RunId, epoch: u64, ttl: Duration) -> StoreResult<Lease> {
         let mut st = lock(&self.state);
         let run = st.owned_mut(id, epoch)?;
-        let lease = run.lease.as_mut().ok_or_else(|| StoreError::StaleLease(format!("run `{id}` has no lease")))?;
+        let lease = run
+            .lease
+            .as_mut()
+            .ok_or_else(|| StoreError::StaleLease(format!("run `{id}` has no lease")))?;
         lease.expires_at = Utc::now() + ttl_to_chrono(ttl);
         Ok(lease.clone())
     }
@@ -282,7 +332,10 @@ impl RunStore for MemoryRunStore {
 
     async fn finish(&self, id: &RunId, epoch: u64, outcome: RunOutcome) -> StoreResult<RunRecord> {
         if !outcome.status.is_final() {
-            return Err(StoreError::Invalid(format!("`{}` is not a final status", outcome.status)));
+            return Err(StoreError::Invalid(format!(
+                "`{}` is not a final status",
+                outcome.status
+            )));
         }
         let mut st = lock(&self.state);
         let run = st.owned_mut(id, epoch)?;
@@ -302,11 +355,19 @@ impl RunStore for MemoryRunStore {
         Ok(())
     }
 
-    async fn transition(&self, id: &RunId, from: RunStatus, to: RunStatus) -> StoreResult<RunRecord> {
+    async fn transition(
+        &self,
+        id: &RunId,
+        from: RunStatus,
+        to: RunStatus,
+    ) -> StoreResult<RunRecord> {
         let mut st = lock(&self.state);
         let run = st.run_mut(id)?;
         if run.status != from {
-            return Err(StoreError::Conflict(format!("run `{id}` is {}, not {from}", run.status)));
+            return Err(StoreError::Conflict(format!(
+                "run `{id}` is {}, not {from}",
+                run.status
+            )));
         }
         run.status = to;
         if to.is_final() {
@@ -322,7 +383,10 @@ impl RunStore for MemoryRunStore {
             .order
             .values()
             .filter_map(|id| st.runs.get(id))
-            .filter(|(_, r)| r.status == RunStatus::Running && r.lease.as_ref().is_none_or(|l| l.expires_at <= now))
+            .filter(|(_, r)| {
+                r.status == RunStatus::Running
+                    && r.lease.as_ref().is_none_or(|l| l.expires_at <= now)
+            })
             .map(|(_, r)| r.id.clone())
             .take(limit)
             .collect())
@@ -379,22 +443,35 @@ struct QueuedJob {
 impl MemoryQueue {
     /// A queue that dead-letters a job after `max_deliveries` deliveries.
     pub fn new(max_deliveries: u32) -> Self {
-        Self { max_deliveries: max_deliveries.max(1), state: Mutex::default(), notify: Notify::new() }
+        Self {
+            max_deliveries: max_deliveries.max(1),
+            state: Mutex::default(),
+            notify: Notify::new(),
+        }
     }
 
-    fn try_lease(&self, group: &str, max: usize, ttl: Duration) -> (Vec<LeasedJob>, Option<DateTime<Utc>>) {
+    fn try_lease(
+        &self,
+        group: &str,
+        max: usize,
+        ttl: Duration,
+    ) -> (Vec<LeasedJob>, Option<DateTime<Utc>>) {
         let mut groups = lock(&self.state);
         let g = groups.entry(group.to_owned()).or_default();
         let now = Utc::now();
         let mut out = Vec::new();
         while out.len() < max {
-            let Some(first) = g.due.first().cloned() else { break };
+            let Some(first) = g.due.first().cloned() else {
+                break;
+            };
             if first.0 > now {
                 break;
             }
             g.due.pop_first();
             let id = first.2;
-            let Some(q) = g.jobs.get_mut(&id) else { continue };
+            let Some(q) = g.jobs.get_mut(&id) else {
+                continue;
+            };
             if q.job.deliveries >= self.max_deliveries {
                 if let Some(q) = g.jobs.remove(&id) {
                     g.dead.push(q.job);
@@ -407,18 +484,31 @@ impl MemoryQueue {
             g.seq += 1;
             q.due = (now + ttl_to_chrono(ttl), g.seq);
             g.due.insert((q.due.0, q.due.1, id));
-            out.push(LeasedJob { job: q.job.clone(), group: group.to_owned(), token });
+            out.push(LeasedJob {
+                job: q.job.clone(),
+                group: group.to_owned(),
+                token,
+            });
         }
         let next_due = g.due.first().map(|d| d.0);
         (out, next_due)
     }
 
-    fn with_lease<T>(&self, leased: &LeasedJob, f: impl FnOnce(&mut GroupState, &str) -> T) -> StoreResult<T> {
+    fn with_lease<T>(
+        &self,
+        leased: &LeasedJob,
+        f: impl FnOnce(&mut GroupState, &str) -> T,
+    ) -> StoreResult<T> {
         let mut groups = lock(&self.state);
         let g = groups.entry(leased.group.clone()).or_default();
         match g.jobs.get(&leased.job.id) {
-            Some(q) if q.token.as_deref() == Some(leased.token.as_str()) => Ok(f(g, &leased.job.id)),
-            _ => Err(StoreError::StaleLease(format!("job `{}` was delivered again or finished", leased.job.id))),
+            Some(q) if q.token.as_deref() == Some(leased.token.as_str()) => {
+                Ok(f(g, &leased.job.id))
+            }
+            _ => Err(StoreError::StaleLease(format!(
+                "job `{}` was delivered again or finished",
+                leased.job.id
+            ))),
         }
     }
 }
@@ -444,7 +534,12 @@ impl GroupState {
 
 #[async_trait]
 impl Queue for MemoryQueue {
-    async fn enqueue(&self, group: &str, run_id: &RunId, not_before: Option<DateTime<Utc>>) -> StoreResult<String> {
+    async fn enqueue(
+        &self,
+        group: &str,
+        run_id: &RunId,
+        not_before: Option<DateTime<Utc>>,
+    ) -> StoreResult<String> {
         let id = new_id();
         {
             let mut groups = lock(&self.state);
@@ -452,14 +547,32 @@ impl Queue for MemoryQueue {
             g.seq += 1;
             let due = (not_before.unwrap_or_else(Utc::now), g.seq);
             g.due.insert((due.0, due.1, id.clone()));
-            let job = Job { id: id.clone(), run_id: run_id.clone(), deliveries: 0 };
-            g.jobs.insert(id.clone(), QueuedJob { job, due, token: None });
+            let job = Job {
+                id: id.clone(),
+                run_id: run_id.clone(),
+                deliveries: 0,
+            };
+            g.jobs.insert(
+                id.clone(),
+                QueuedJob {
+                    job,
+                    due,
+                    token: None,
+                },
+            );
         }
         self.notify.notify_waiters();
         Ok(id)
     }
 
-    async fn lease(&self, group: &str, _worker: &str, max: usize, ttl: Duration, wait: Duration) -> StoreResult<Vec<LeasedJob>> {
+    async fn lease(
+        &self,
+        group: &str,
+        _worker: &str,
+        max: usize,
+        ttl: Duration,
+        wait: Duration,
+    ) -> StoreResult<Vec<LeasedJob>> {
         let until = tokio::time::Instant::now() + wait;
         loop {
             // Register interest before looking, so an enqueue between the look and the wait
@@ -474,7 +587,8 @@ impl Queue for MemoryQueue {
             }
             let mut sleep_for = until - now;
             if let Some(due) = next_due {
-                let until_due = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO) + Duration::from_millis(1);
+                let until_due = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO)
+                    + Duration::from_millis(1);
                 sleep_for = sleep_for.min(until_due);
             }
             let _ = tokio::time::timeout(sleep_for, notified).await;
@@ -498,7 +612,10 @@ impl Queue for MemoryQueue {
                 }
                 Ok(())
             }
-            Some(_) => Err(StoreError::StaleLease(format!("job `{}` was delivered again", job.job.id))),
+            Some(_) => Err(StoreError::StaleLease(format!(
+                "job `{}` was delivered again",
+                job.job.id
+            ))),
         }
     }
 
@@ -511,9 +628,14 @@ impl Queue for MemoryQueue {
 
     async fn depth(&self, group: &str) -> StoreResult<QueueDepth> {
         let groups = lock(&self.state);
-        let Some(g) = groups.get(group) else { return Ok(QueueDepth::default()) };
+        let Some(g) = groups.get(group) else {
+            return Ok(QueueDepth::default());
+        };
         let now = Utc::now();
-        let mut depth = QueueDepth { dead: g.dead.len() as u64, ..QueueDepth::default() };
+        let mut depth = QueueDepth {
+            dead: g.dead.len() as u64,
+            ..QueueDepth::default()
+        };
         for q in g.jobs.values() {
             match (&q.token, q.due.0 <= now) {
                 (Some(_), false) => depth.leased += 1,
@@ -526,7 +648,10 @@ impl Queue for MemoryQueue {
 
     async fn dead_letters(&self, group: &str, limit: usize) -> StoreResult<Vec<Job>> {
         let groups = lock(&self.state);
-        Ok(groups.get(group).map(|g| g.dead.iter().take(limit).cloned().collect()).unwrap_or_default())
+        Ok(groups
+            .get(group)
+            .map(|g| g.dead.iter().take(limit).cloned().collect())
+            .unwrap_or_default())
     }
 }
 
@@ -544,7 +669,11 @@ impl MemoryBlobStore {
 }
 
 fn check_key(key: &str) -> StoreResult<()> {
-    if is_valid_blob_key(key) { Ok(()) } else { Err(StoreError::Invalid(format!("invalid blob key `{key}`"))) }
+    if is_valid_blob_key(key) {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!("invalid blob key `{key}`")))
+    }
 }
 
 #[async_trait]
@@ -556,7 +685,10 @@ impl BlobStore for MemoryBlobStore {
     }
     async fn get(&self, key: &str) -> StoreResult<Vec<u8>> {
         check_key(key)?;
-        lock(&self.blobs).get(key).cloned().ok_or_else(|| StoreError::not_found("blob", key))
+        lock(&self.blobs)
+            .get(key)
+            .cloned()
+            .ok_or_else(|| StoreError::not_found("blob", key))
     }
     async fn stat(&self, key: &str) -> StoreResult<Option<u64>> {
         check_key(key)?;

@@ -163,7 +163,12 @@ pub trait RunStore: Send + Sync {
     async fn release(&self, id: &RunId, epoch: u64) -> StoreResult<()>;
     /// Compare-and-set of the status, for changes without a lease (such as cancelling a queued
     /// run). `Conflict` when the status is not `from`.
-    async fn transition(&self, id: &RunId, from: RunStatus, to: RunStatus) -> StoreResult<RunRecord>;
+    async fn transition(
+        &self,
+        id: &RunId,
+        from: RunStatus,
+        to: RunStatus,
+    ) -> StoreResult<RunRecord>;
     /// Running runs whose lease expired before `now`, for the reaper.
     async fn expired(&self, now: DateTime<Utc>, limit: usize) -> StoreResult<Vec<RunId>>;
     /// Deletes up to `batch` finished runs (and their steps) created before `before`; returns
@@ -213,10 +218,22 @@ pub struct QueueDepth {
 #[async_trait]
 pub trait Queue: Send + Sync {
     /// Adds a job for `run_id`, ready at `not_before` (now when `None`). Returns the job id.
-    async fn enqueue(&self, group: &str, run_id: &RunId, not_before: Option<DateTime<Utc>>) -> StoreResult<String>;
+    async fn enqueue(
+        &self,
+        group: &str,
+        run_id: &RunId,
+        not_before: Option<DateTime<Utc>>,
+    ) -> StoreResult<String>;
     /// Leases up to `max` ready jobs (expired leases included) for `ttl`, waiting up to `wait`
     /// for the first one. Returns an empty list when none came.
-    async fn lease(&self, group: &str, worker: &str, max: usize, ttl: Duration, wait: Duration) -> StoreResult<Vec<LeasedJob>>;
+    async fn lease(
+        &self,
+        group: &str,
+        worker: &str,
+        max: usize,
+        ttl: Duration,
+        wait: Duration,
+    ) -> StoreResult<Vec<LeasedJob>>;
     /// Extends a lease. `StaleLease` when the job was delivered again or acked since.
     async fn heartbeat(&self, job: &LeasedJob, ttl: Duration) -> StoreResult<()>;
     /// Removes a finished job. Idempotent for the same delivery; `StaleLease` for an older one.
@@ -235,8 +252,12 @@ pub trait Queue: Send + Sync {
 pub fn is_valid_blob_key(key: &str) -> bool {
     !key.is_empty()
         && key.len() <= 512
-        && key.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != "..")
-        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+        && key
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
 }
 
 /// Files and large outputs, by key.

@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flowcore::{Engine, Limits, Node, NodeContext, NodeError, Output, ParamError, Plan, Registry, async_trait};
+use flowcore::{
+    Engine, Limits, Node, NodeContext, NodeError, Output, ParamError, Plan, Registry, async_trait,
+};
 use serde_json::{Value, json};
 
 /// Counts executions per node and the most nodes in flight at once.
@@ -18,7 +20,12 @@ pub struct Probe {
 
 impl Probe {
     pub fn runs_of(&self, id: &str) -> usize {
-        self.order.lock().unwrap().iter().filter(|n| *n == id).count()
+        self.order
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|n| *n == id)
+            .count()
     }
 }
 
@@ -32,7 +39,11 @@ struct ProbeNode {
 #[async_trait]
 impl Node for ProbeNode {
     async fn run(&self, cx: &NodeContext) -> Result<Output, NodeError> {
-        self.probe.order.lock().unwrap().push(cx.node_id().to_owned());
+        self.probe
+            .order
+            .lock()
+            .unwrap()
+            .push(cx.node_id().to_owned());
         let now = self.probe.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.probe.max_in_flight.fetch_max(now, Ordering::SeqCst);
         if !self.sleep.is_zero() {
@@ -41,7 +52,11 @@ impl Node for ProbeNode {
         self.probe.in_flight.fetch_sub(1, Ordering::SeqCst);
         if cx.attempt() < self.fail_until {
             let message = format!("failing attempt {}", cx.attempt());
-            return Err(if self.fatal { NodeError::fatal(message) } else { NodeError::retryable(message) });
+            return Err(if self.fatal {
+                NodeError::fatal(message)
+            } else {
+                NodeError::retryable(message)
+            });
         }
         Ok(json!({"node": cx.node_id(), "attempt": cx.attempt()}).into())
     }
@@ -52,15 +67,20 @@ impl Node for ProbeNode {
 pub fn registry(probe: &Arc<Probe>) -> Registry {
     let mut registry = Registry::with_builtins();
     let p = probe.clone();
-    registry.register("probe", move |params: &Value| -> Result<Box<dyn Node>, ParamError> {
-        Ok(Box::new(ProbeNode {
-            probe: p.clone(),
-            sleep: Duration::from_millis(params["sleep_ms"].as_u64().unwrap_or(0)),
-            fail_until: params["fail_until"].as_u64().unwrap_or(0) as u32,
-            fatal: params["fatal"].as_bool().unwrap_or(false),
-        }))
+    registry.register(
+        "probe",
+        move |params: &Value| -> Result<Box<dyn Node>, ParamError> {
+            Ok(Box::new(ProbeNode {
+                probe: p.clone(),
+                sleep: Duration::from_millis(params["sleep_ms"].as_u64().unwrap_or(0)),
+                fail_until: params["fail_until"].as_u64().unwrap_or(0) as u32,
+                fatal: params["fatal"].as_bool().unwrap_or(false),
+            }))
+        },
+    );
+    registry.register("boom", |_: &Value| -> Result<Box<dyn Node>, ParamError> {
+        Ok(Box::new(Boom))
     });
-    registry.register("boom", |_: &Value| -> Result<Box<dyn Node>, ParamError> { Ok(Box::new(Boom)) });
     registry
 }
 
@@ -78,7 +98,10 @@ pub fn engine(probe: &Arc<Probe>) -> Engine {
 }
 
 pub fn engine_with_limits(probe: &Arc<Probe>, limits: Limits) -> Engine {
-    Engine::builder().registry(registry(probe)).limits(limits).build()
+    Engine::builder()
+        .registry(registry(probe))
+        .limits(limits)
+        .build()
 }
 
 pub fn compile(engine: &Engine, flow: Value) -> Plan {

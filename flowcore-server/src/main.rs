@@ -127,10 +127,10 @@ async fn run(
         Err(e) => return fail(format!("--input is not valid JSON: {e}")),
     };
     let store = Arc::new(MemoryFlowStore::new());
-    if let Some(dir) = flows_dir {
-        if let Err(e) = load_flows(&*store, dir).await {
-            return fail(e);
-        }
+    if let Some(dir) = flows_dir
+        && let Err(e) = load_flows(&*store, dir).await
+    {
+        return fail(e);
     }
     if flow.id.is_some()
         && store

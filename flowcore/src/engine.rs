@@ -391,10 +391,10 @@ impl Driver {
             .unwrap_or_else(|| plan.timeout().map_or(limit, |t| t.min(limit)));
         let mut resume: Vec<Option<StepRecord>> = vec![None; n];
         for step in options.resume {
-            if let Some(i) = plan.index_of(&step.node) {
-                if step.is_checkpoint() {
-                    resume[i] = Some(step);
-                }
+            if let Some(i) = plan.index_of(&step.node)
+                && step.is_checkpoint()
+            {
+                resume[i] = Some(step);
             }
         }
         let pending: Vec<usize> = (0..n).map(|i| plan.node(i).in_edges).collect();
@@ -514,22 +514,22 @@ impl Driver {
             drop(running);
             let now = Utc::now();
             for i in 0..self.steps.len() {
-                if self.steps[i].is_none() {
-                    if let Some(at) = self.launched[i] {
-                        let step = StepRecord {
-                            node: run.plan.node(i).id.clone(),
-                            status: StepStatus::Cancelled,
-                            attempts: 0,
-                            started_at: Some(at),
-                            finished_at: Some(now),
-                            output: None,
-                            error: None,
-                            port: None,
-                        };
-                        let _ = record(&run, &step).await;
-                        run.emit(|| finished_event(&run, &step));
-                        self.steps[i] = Some(step);
-                    }
+                if self.steps[i].is_none()
+                    && let Some(at) = self.launched[i]
+                {
+                    let step = StepRecord {
+                        node: run.plan.node(i).id.clone(),
+                        status: StepStatus::Cancelled,
+                        attempts: 0,
+                        started_at: Some(at),
+                        finished_at: Some(now),
+                        output: None,
+                        error: None,
+                        port: None,
+                    };
+                    let _ = record(&run, &step).await;
+                    run.emit(|| finished_event(&run, &step));
+                    self.steps[i] = Some(step);
                 }
             }
         }
@@ -744,10 +744,10 @@ fn check_size(value: &Value, limit: usize) -> Result<(), NodeError> {
     if matches!(value, Value::Null | Value::Bool(_) | Value::Number(_)) {
         return Ok(());
     }
-    if let Value::String(s) = value {
-        if s.len() + 2 <= limit / 6 {
-            return Ok(()); // even fully escaped it fits
-        }
+    if let Value::String(s) = value
+        && s.len() + 2 <= limit / 6
+    {
+        return Ok(()); // even fully escaped it fits
     }
     serde_json::to_writer(Counter { written: 0, limit }, value)
         .map_err(|_| NodeError::OutputTooLarge { limit })

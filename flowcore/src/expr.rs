@@ -132,30 +132,31 @@ impl Template {
         if !source.contains("{{") && !source.contains("{%") && !source.contains("{#") {
             return Ok(Self(Kind::Literal(source.into())));
         }
-        if !source.contains("{%") && !source.contains("{#") {
-            if let Some(pieces) = split_pieces(source) {
-                let mut compiled = Vec::with_capacity(pieces.len());
-                for piece in pieces {
-                    compiled.push(match piece {
-                        RawPiece::Text(t) => Piece::Text(t.into()),
-                        RawPiece::Expr(e) => {
-                            Piece::Expr(Expression::compile(e.trim()).map_err(|e| {
-                                ParamError::new(format!(
-                                    "invalid template `{source}`: {}",
-                                    strip_prefix(&e.0)
-                                ))
-                            })?)
-                        }
-                    });
-                }
-                if compiled.len() == 1 && matches!(compiled[0], Piece::Expr(_)) {
-                    let Some(Piece::Expr(e)) = compiled.pop() else {
-                        unreachable!("checked above")
-                    };
-                    return Ok(Self(Kind::Single(e)));
-                }
-                return Ok(Self(Kind::Pieces(compiled)));
+        if !source.contains("{%")
+            && !source.contains("{#")
+            && let Some(pieces) = split_pieces(source)
+        {
+            let mut compiled = Vec::with_capacity(pieces.len());
+            for piece in pieces {
+                compiled.push(match piece {
+                    RawPiece::Text(t) => Piece::Text(t.into()),
+                    RawPiece::Expr(e) => {
+                        Piece::Expr(Expression::compile(e.trim()).map_err(|e| {
+                            ParamError::new(format!(
+                                "invalid template `{source}`: {}",
+                                strip_prefix(&e.0)
+                            ))
+                        })?)
+                    }
+                });
             }
+            if compiled.len() == 1 && matches!(compiled[0], Piece::Expr(_)) {
+                let Some(Piece::Expr(e)) = compiled.pop() else {
+                    unreachable!("checked above")
+                };
+                return Ok(Self(Kind::Single(e)));
+            }
+            return Ok(Self(Kind::Pieces(compiled)));
         }
         let template = ENV.template_from_str(source).map_err(|e| {
             ParamError::new(format!("invalid template `{source}`: {}", describe(&e)))

@@ -31,6 +31,9 @@ struct PlanInner {
     max_concurrency: Option<usize>,
 }
 
+/// An outgoing edge: the source port (`None` = main output) and the target's index.
+pub(crate) type OutEdge = (Option<Arc<str>>, usize);
+
 pub(crate) struct PlanNode {
     pub(crate) id: Arc<str>,
     pub(crate) node_type: Arc<str>,
@@ -43,7 +46,7 @@ pub(crate) struct PlanNode {
     /// Distinct predecessor nodes.
     pub(crate) preds: Vec<usize>,
     /// Outgoing edges: the source port (`None` = main output) and the target.
-    pub(crate) out: Vec<(Option<Arc<str>>, usize)>,
+    pub(crate) out: Vec<OutEdge>,
 }
 
 impl fmt::Debug for Plan {
@@ -105,13 +108,13 @@ impl Plan {
 pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError> {
     let mut problems = Vec::new();
 
-    if let Some(id) = &flow.id {
-        if !is_valid_id(id) {
-            problems.push(Problem::flow(format!(
-                "flow id `{}` is not 1 to 64 of A-Z a-z 0-9 _ -",
-                shorten(id)
-            )));
-        }
+    if let Some(id) = &flow.id
+        && !is_valid_id(id)
+    {
+        problems.push(Problem::flow(format!(
+            "flow id `{}` is not 1 to 64 of A-Z a-z 0-9 _ -",
+            shorten(id)
+        )));
     }
     if flow.nodes.is_empty() {
         problems.push(Problem::flow("a flow needs at least one node"));
@@ -181,7 +184,7 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
     // Edges.
     let n = flow.nodes.len();
     let mut pairs: Vec<(usize, usize)> = Vec::with_capacity(flow.edges.len());
-    let mut out: Vec<Vec<(Option<Arc<str>>, usize)>> = vec![Vec::new(); n];
+    let mut out: Vec<Vec<OutEdge>> = vec![Vec::new(); n];
     let mut in_edges = vec![0usize; n];
     let mut preds: Vec<Vec<usize>> = vec![Vec::new(); n];
     for (e, edge) in flow.edges.iter().enumerate() {
@@ -214,25 +217,25 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
                             .into(),
                     });
                 }
-            } else if let Some(node) = &built[from] {
-                if !node.ports().contains(&p.as_str()) {
-                    let known = node
-                        .ports()
-                        .iter()
-                        .copied()
-                        .chain([ERROR_PORT])
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    problems.push(Problem {
-                        node: Some(def.id.clone()),
-                        edge: Some(e),
-                        problem: format!(
-                            "unknown port `{}` of a `{}` node (ports: {known})",
-                            shorten(p),
-                            def.node_type
-                        ),
-                    });
-                }
+            } else if let Some(node) = &built[from]
+                && !node.ports().contains(&p.as_str())
+            {
+                let known = node
+                    .ports()
+                    .iter()
+                    .copied()
+                    .chain([ERROR_PORT])
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                problems.push(Problem {
+                    node: Some(def.id.clone()),
+                    edge: Some(e),
+                    problem: format!(
+                        "unknown port `{}` of a `{}` node (ports: {known})",
+                        shorten(p),
+                        def.node_type
+                    ),
+                });
             }
         }
         pairs.push((from, to));
@@ -264,12 +267,12 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
     if flow.settings.timeout_seconds == Some(0) {
         problems.push(Problem::flow("settings.timeout_seconds must be at least 1"));
     }
-    if let Some(group) = &flow.settings.worker_group {
-        if !is_valid_id(group) {
-            problems.push(Problem::flow(
-                "settings.worker_group is not 1 to 64 of A-Z a-z 0-9 _ -",
-            ));
-        }
+    if let Some(group) = &flow.settings.worker_group
+        && !is_valid_id(group)
+    {
+        problems.push(Problem::flow(
+            "settings.worker_group is not 1 to 64 of A-Z a-z 0-9 _ -",
+        ));
     }
 
     // Cycles. Kahn's algorithm tells cheaply whether there is one; only then does petgraph find
@@ -360,7 +363,7 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
     })))
 }
 
-fn is_acyclic(out: &[Vec<(Option<Arc<str>>, usize)>], in_edges: &[usize]) -> bool {
+fn is_acyclic(out: &[Vec<OutEdge>], in_edges: &[usize]) -> bool {
     let mut remaining = in_edges.to_vec();
     let mut stack: Vec<usize> = (0..remaining.len())
         .filter(|&i| remaining[i] == 0)

@@ -136,7 +136,7 @@ impl Node for Script {
             let result = RHAI.eval_ast_with_scope::<Dynamic>(&mut scope, &ast);
             BUDGET.set(None);
             CANCEL.set(None);
-            result.map_err(describe).and_then(|value| {
+            result.map_err(|e| describe(*e)).and_then(|value| {
                 rhai::serde::from_dynamic::<Value>(&value)
                     .map_err(|e| format!("the script's value is not JSON: {e}"))
             })
@@ -151,8 +151,8 @@ impl Node for Script {
     }
 }
 
-fn describe(error: Box<EvalAltResult>) -> String {
-    match *error {
+fn describe(error: EvalAltResult) -> String {
+    match error {
         EvalAltResult::ErrorTerminated(reason, _) => reason
             .into_string()
             .unwrap_or_else(|_| "the script was stopped".into()),

@@ -206,11 +206,11 @@ impl RunState {
 impl RunStore for MemoryRunStore {
     async fn create(&self, run: NewRun) -> StoreResult<(RunRecord, bool)> {
         let mut st = lock(&self.state);
-        if let Some(key) = &run.idempotency_key {
-            if let Some(existing) = st.idempotency.get(&(run.flow_id.clone(), key.clone())) {
-                let existing = existing.clone();
-                return Ok((st.run_mut(&existing)?.clone(), false));
-            }
+        if let Some(key) = &run.idempotency_key
+            && let Some(existing) = st.idempotency.get(&(run.flow_id.clone(), key.clone()))
+        {
+            let existing = existing.clone();
+            return Ok((st.run_mut(&existing)?.clone(), false));
         }
         if st.runs.contains_key(&run.id) {
             return Err(StoreError::AlreadyExists(format!(
@@ -404,10 +404,10 @@ impl RunStore for MemoryRunStore {
             .collect();
         for (seq, id) in &doomed {
             st.order.remove(seq);
-            if let Some((_, run)) = st.runs.remove(id) {
-                if let Some(key) = run.idempotency_key {
-                    st.idempotency.remove(&(run.flow_id, key));
-                }
+            if let Some((_, run)) = st.runs.remove(id)
+                && let Some(key) = run.idempotency_key
+            {
+                st.idempotency.remove(&(run.flow_id, key));
             }
             st.steps.remove(id);
         }

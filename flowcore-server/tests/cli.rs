@@ -1,0 +1,131 @@
+//! The `flowcore` binary: `validate` and `run`, driven as a user would.
+
+use std::io::Write;
+use std::process::{Command, Output};
+
+fn flowcore(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flowcore")).args(args).output().expect("the binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn temp_file(content: &[u8]) -> tempfile_path::TempPath {
+    tempfile_path::TempPath::with(content)
+}
+
+/// A file in the temp dir removed on drop (std only, to keep dev-dependencies lean).
+mod tempfile_path {
+    use super::Write;
+    use std::path::PathBuf;
+
+    pub struct TempPath(pub PathBuf);
+
+    impl TempPath {
+        pub fn with(content: &[u8]) -> Self {
+            let path = std::env::temp_dir().join(format!("flowcore-cli-{}.json", uuid_like()));
+            std::fs::File::create(&path).and_then(|mut f| f.write_all(content)).expect("write temp file");
+            Self(path)
+        }
+        pub fn arg(&self) -> &str {
+            self.0.to_str().expect("utf-8 path")
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn uuid_like() -> String {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+    }
+}
+
+const GREET: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/flows/greet.json");
+
+#[test]
+fn validate_says_ok_for_a_good_flow() {
+    let out = flowcore(&["validate", GREET]);
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout).trim(), "ok");
+}
+
+#[test]
+fn validate_lists_every_problem_one_a_line() {
+    let bad = temp_file(
+        br#"{"nodes": [{"id": "a", "type": "nope"}, {"id": "b", "type": "noop"}],
+            "edges": [{"from": "b", "to": "b"}, {"from": "a", "to": "ghost"}]}"#,
+    );
+    let out = flowcore(&["validate", bad.arg()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(lines.iter().any(|l| l.contains("unknown node type `nope`")));
+    assert!(lines.iter().any(|l| l.contains("cycle: b -> b")));
+    assert!(lines.iter().any(|l| l.contains("edge 1: edge to missing node `ghost`")));
+}
+
+#[test]
+fn bad_files_get_a_message_not_a_panic() {
+    let out = flowcore(&["validate", "/no/such/file.json"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("cannot read /no/such/file.json"));
+
+    let garbage = temp_file(b"\xff\xfe not json");
+    let out = flowcore(&["validate", garbage.arg()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("invalid flow JSON at line 1"), "{}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains("panicked"));
+
+    let unknown = temp_file(br#"{"nodes": [], "colour": "blue"}"#);
+    let out = flowcore(&["run", unknown.arg()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("unknown field `colour`"));
+}
+
+#[test]
+fn run_prints_the_output_and_progress() {
+    let out = flowcore(&["run", GREET, "--input", r#"{"name": "ada", "n": 7}"#]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let output: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    assert_eq!(output, serde_json::json!({"path": "a", "msg": "hello ada"}));
+    let progress = text(&out.stderr);
+    assert!(progress.contains("hello: started"), "{progress}");
+    assert!(progress.contains("b: skipped"), "{progress}");
+    assert!(progress.contains("run succeeded"), "{progress}");
+}
+
+#[test]
+fn run_failures_exit_1_with_the_error() {
+    let failing = temp_file(br#"{"nodes": [{"id": "s", "type": "script", "params": {"source": "throw \"bad day\""}}]}"#);
+    let out = flowcore(&["run", failing.arg(), "--quiet"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("run failed: node `s` failed: the script threw: bad day"), "{}", text(&out.stderr));
+    assert!(out.stdout.is_empty());
+
+    let out = flowcore(&["run", GREET, "--input", "{not json"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("--input is not valid JSON"));
+}
+
+#[test]
+fn subflows_come_from_a_flows_dir() {
+    let dir = std::env::temp_dir().join(format!("flowcore-cli-flows-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("child.json"),
+        br#"{"id": "child", "nodes": [{"id": "t", "type": "template", "params": {"template": "child of {{ input.who }}"}}]}"#,
+    )
+    .unwrap();
+    let parent = temp_file(br#"{"nodes": [{"id": "call", "type": "subflow", "params": {"flow_id": "child"}}]}"#);
+    let out = flowcore(&["run", parent.arg(), "--flows-dir", dir.to_str().unwrap(), "--input", r#"{"who": "x"}"#, "-q"]);
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), r#""child of x""#);
+}

@@ -4,7 +4,10 @@ use std::io::Write;
 use std::process::{Command, Output};
 
 fn flowcore(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flowcore")).args(args).output().expect("the binary runs")
+    Command::new(env!("CARGO_BIN_EXE_flowcore"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -25,7 +28,9 @@ mod tempfile_path {
     impl TempPath {
         pub fn with(content: &[u8]) -> Self {
             let path = std::env::temp_dir().join(format!("flowcore-cli-{}.json", uuid_like()));
-            std::fs::File::create(&path).and_then(|mut f| f.write_all(content)).expect("write temp file");
+            std::fs::File::create(&path)
+                .and_then(|mut f| f.write_all(content))
+                .expect("write temp file");
             Self(path)
         }
         pub fn arg(&self) -> &str {
@@ -42,7 +47,11 @@ mod tempfile_path {
     fn uuid_like() -> String {
         use std::sync::atomic::{AtomicU64, Ordering};
         static N: AtomicU64 = AtomicU64::new(0);
-        format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+        format!(
+            "{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        )
     }
 }
 
@@ -68,7 +77,11 @@ fn validate_lists_every_problem_one_a_line() {
     assert_eq!(lines.len(), 3, "{stdout}");
     assert!(lines.iter().any(|l| l.contains("unknown node type `nope`")));
     assert!(lines.iter().any(|l| l.contains("cycle: b -> b")));
-    assert!(lines.iter().any(|l| l.contains("edge 1: edge to missing node `ghost`")));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("edge 1: edge to missing node `ghost`"))
+    );
 }
 
 #[test]
@@ -80,7 +93,11 @@ fn bad_files_get_a_message_not_a_panic() {
     let garbage = temp_file(b"\xff\xfe not json");
     let out = flowcore(&["validate", garbage.arg()]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("invalid flow JSON at line 1"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("invalid flow JSON at line 1"),
+        "{}",
+        text(&out.stderr)
+    );
     assert!(!text(&out.stderr).contains("panicked"));
 
     let unknown = temp_file(br#"{"nodes": [], "colour": "blue"}"#);
@@ -103,10 +120,16 @@ fn run_prints_the_output_and_progress() {
 
 #[test]
 fn run_failures_exit_1_with_the_error() {
-    let failing = temp_file(br#"{"nodes": [{"id": "s", "type": "script", "params": {"source": "throw \"bad day\""}}]}"#);
+    let failing = temp_file(
+        br#"{"nodes": [{"id": "s", "type": "script", "params": {"source": "throw \"bad day\""}}]}"#,
+    );
     let out = flowcore(&["run", failing.arg(), "--quiet"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("run failed: node `s` failed: the script threw: bad day"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("run failed: node `s` failed: the script threw: bad day"),
+        "{}",
+        text(&out.stderr)
+    );
     assert!(out.stdout.is_empty());
 
     let out = flowcore(&["run", GREET, "--input", "{not json"]);
@@ -123,8 +146,18 @@ fn subflows_come_from_a_flows_dir() {
         br#"{"id": "child", "nodes": [{"id": "t", "type": "template", "params": {"template": "child of {{ input.who }}"}}]}"#,
     )
     .unwrap();
-    let parent = temp_file(br#"{"nodes": [{"id": "call", "type": "subflow", "params": {"flow_id": "child"}}]}"#);
-    let out = flowcore(&["run", parent.arg(), "--flows-dir", dir.to_str().unwrap(), "--input", r#"{"who": "x"}"#, "-q"]);
+    let parent = temp_file(
+        br#"{"nodes": [{"id": "call", "type": "subflow", "params": {"flow_id": "child"}}]}"#,
+    );
+    let out = flowcore(&[
+        "run",
+        parent.arg(),
+        "--flows-dir",
+        dir.to_str().unwrap(),
+        "--input",
+        r#"{"who": "x"}"#,
+        "-q",
+    ]);
     std::fs::remove_dir_all(&dir).ok();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), r#""child of x""#);

@@ -412,9 +412,12 @@ pub trait NodeOutputs: Send + Sync + std::fmt::Debug {
     fn ids(&self) -> Vec<String>;
 }
 
-/// The data a template or expression sees: `input`, `nodes` and `attempt`.
+/// The data a template or expression sees: `input`, `nodes` and `attempt`. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Scope {
+pub struct Scope(JValue);
+
+#[derive(Debug)]
+struct ScopeObject {
     input: Arc<Value>,
     nodes: Option<Arc<dyn NodeOutputs>>,
     attempt: u32,
@@ -423,28 +426,28 @@ pub struct Scope {
 impl Scope {
     /// A scope over a run's input, the completed nodes' outputs and the attempt number.
     pub fn new(input: Arc<Value>, nodes: Arc<dyn NodeOutputs>, attempt: u32) -> Self {
-        Self {
+        Self(JValue::from_object(ScopeObject {
             input,
             nodes: Some(nodes),
             attempt,
-        }
+        }))
     }
 
     /// A scope with only `input` (and `attempt` = 1), for tests and one-off evaluation.
     pub fn input_only(input: Arc<Value>) -> Self {
-        Self {
+        Self(JValue::from_object(ScopeObject {
             input,
             nodes: None,
             attempt: 1,
-        }
+        }))
     }
 
     fn to_value(&self) -> JValue {
-        JValue::from_object(self.clone())
+        self.0.clone()
     }
 }
 
-impl Object for Scope {
+impl Object for ScopeObject {
     fn get_value(self: &Arc<Self>, key: &JValue) -> Option<JValue> {
         match key.as_str()? {
             "input" => Some(json_value(&self.input, &[])),

@@ -558,7 +558,7 @@ impl Driver {
     fn finish(&mut self, index: usize, step: StepRecord, taken: &Taken) {
         self.steps[index] = Some(step);
         let plan = &self.run.plan;
-        for (port, target) in &plan.node(index).out {
+        for (port, target) in plan.out(index) {
             if taken.is_live(port.as_ref()) {
                 self.live[*target] = true;
             }

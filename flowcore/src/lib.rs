@@ -31,6 +31,8 @@
 //! with in-memory implementations in [`ports::memory`]; `flowcore-store` has the SQL, Redis and
 //! blob adapters.
 
+#![warn(missing_docs)]
+
 pub mod engine;
 pub mod error;
 pub mod event;

@@ -1,0 +1,9 @@
+DROP TABLE schedule_fires;
+DROP TABLE files;
+DROP TABLE usage_daily;
+DROP TABLE api_keys;
+DROP TABLE credentials;
+DROP TABLE steps;
+DROP TABLE runs;
+DROP TABLE flow_versions;
+DROP TABLE flows;

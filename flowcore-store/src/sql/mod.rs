@@ -1,0 +1,365 @@
+//! SQL persistence with diesel-async: SQLite (the embedded default) and PostgreSQL.
+//!
+//! The backend follows the URL scheme (`sqlite://`, `postgres://`); an unknown scheme is an
+//! error. The schema is shared; migrations are embedded, one folder per backend, and run at
+//! start-up ([`SqlStore::migrate`]): on PostgreSQL under an advisory lock, so that when many
+//! processes start at once exactly one migrates and the others wait, then find nothing to do.
+//!
+//! SQLite runs in WAL mode with a busy timeout, through diesel-async's `SyncConnectionWrapper`
+//! (each query on tokio's blocking pool). All writes of a process go through one connection:
+//! SQLite has one writer at a time anyway, and this way our own writers never meet
+//! `SQLITE_BUSY`. Reads use a pool of their own.
+
+mod flows;
+mod runs;
+pub mod schema;
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::SqliteConnection;
+use diesel_async::pooled_connection::bb8::Pool;
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use flowcore::StoreError;
+
+pub(crate) type Sqlite = SyncConnectionWrapper<SqliteConnection>;
+
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+
+/// An arbitrary constant: the advisory lock key under which PostgreSQL migrations run.
+const MIGRATION_LOCK_KEY: i64 = 0x666c_6f77_636f_7265; // "flowcore"
+
+/// How to connect.
+#[derive(Clone)]
+pub struct SqlConfig {
+    /// `sqlite://PATH`, `sqlite::memory:` or `postgres://...` (`DATABASE_URL`).
+    pub url: String,
+    /// Connections per process (`DATABASE_POOL_SIZE`, 10).
+    pub pool_size: u32,
+    /// PostgreSQL `statement_timeout`; the SQLite busy timeout.
+    pub statement_timeout: Duration,
+    /// How long to wait for a pooled connection.
+    pub connect_timeout: Duration,
+}
+
+impl SqlConfig {
+    /// Defaults for `url`: a pool of 10, 30 s statement timeout, 10 s to get a connection.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            pool_size: 10,
+            statement_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl fmt::Debug for SqlConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqlConfig")
+            .field("url", &redact_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("statement_timeout", &self.statement_timeout)
+            .finish()
+    }
+}
+
+/// Hides the password of a database URL for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let creds = &url[scheme_end + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &creds[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Which database a [`SqlStore`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite, embedded.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+#[derive(Clone)]
+pub(crate) enum Pools {
+    Sqlite {
+        writer: Pool<Sqlite>,
+        readers: Pool<Sqlite>,
+    },
+    Postgres(Pool<AsyncPgConnection>),
+}
+
+/// The SQL store: implements [`flowcore::ports::FlowStore`] and [`flowcore::ports::RunStore`].
+/// Cheap to clone (the pools are shared).
+#[derive(Clone)]
+pub struct SqlStore {
+    pub(crate) pools: Pools,
+    config: SqlConfig,
+}
+
+impl fmt::Debug for SqlStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqlStore")
+            .field("backend", &self.backend())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+/// Runs `$body` with `$conn` bound to a pooled connection of either backend: the body is
+/// written once and compiled for each. `writer` picks SQLite's writer connection.
+macro_rules! with_conn {
+    ($store:expr, $kind:ident, |$conn:ident| $body:expr) => {
+        match &$store.pools {
+            $crate::sql::Pools::Sqlite { writer, readers } => {
+                let pool = if stringify!($kind) == "write" {
+                    writer
+                } else {
+                    readers
+                };
+                let mut pooled = pool.get().await.map_err($crate::sql::pool_error)?;
+                let $conn: &mut $crate::sql::Sqlite = &mut *pooled;
+                $body
+            }
+            $crate::sql::Pools::Postgres(pool) => {
+                let mut pooled = pool.get().await.map_err($crate::sql::pool_error)?;
+                let $conn: &mut diesel_async::AsyncPgConnection = &mut *pooled;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_conn;
+
+impl SqlStore {
+    /// Connects to the database of `config.url`. Does not migrate: call [`SqlStore::migrate`].
+    pub async fn connect(config: SqlConfig) -> Result<Self, StoreError> {
+        let url = config.url.trim();
+        let pools = if let Some(path) = sqlite_path(url) {
+            if path != ":memory:"
+                && let Some(dir) = Path::new(&path)
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+            {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    StoreError::unavailable(
+                        format!("cannot create the database folder {}", dir.display()),
+                        e,
+                    )
+                })?;
+            }
+            let busy_ms = config.statement_timeout.as_millis();
+            let setup = move || -> SetupFn<Sqlite> {
+                Box::new(move |url: &str| {
+                    let url = url.to_owned();
+                    Box::pin(async move {
+                        let mut conn = Sqlite::establish(&url).await?;
+                        conn.batch_execute(&format!(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                             PRAGMA busy_timeout = {busy_ms}; PRAGMA foreign_keys = ON;"
+                        ))
+                        .await
+                        .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+                        Ok(conn)
+                    })
+                })
+            };
+            let manager = |setup: SetupFn<Sqlite>| {
+                let mut mc = ManagerConfig::default();
+                mc.recycling_method = RecyclingMethod::Fast;
+                mc.custom_setup = setup;
+                AsyncDieselConnectionManager::<Sqlite>::new_with_config(path.clone(), mc)
+            };
+            // `:memory:` is one database per connection: keep a single connection for all.
+            let memory = path == ":memory:";
+            let writer = build_pool!(manager(setup()), 1, config)?;
+            let readers = if memory {
+                writer.clone()
+            } else {
+                build_pool!(manager(setup()), config.pool_size.max(1), config)?
+            };
+            Pools::Sqlite { writer, readers }
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let timeout_ms = config.statement_timeout.as_millis();
+            let setup: SetupFn<AsyncPgConnection> = Box::new(move |url: &str| {
+                let url = url.to_owned();
+                Box::pin(async move {
+                    let mut conn = AsyncPgConnection::establish(&url).await?;
+                    conn.batch_execute(&format!("SET statement_timeout = {timeout_ms}"))
+                        .await
+                        .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+                    Ok(conn)
+                })
+            });
+            let mut mc = ManagerConfig::default();
+            mc.recycling_method = RecyclingMethod::Fast;
+            mc.custom_setup = setup;
+            let manager =
+                AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, mc);
+            Pools::Postgres(build_pool!(manager, config.pool_size.max(1), config)?)
+        } else {
+            let scheme = url.split(':').next().unwrap_or_default();
+            return Err(StoreError::Invalid(format!(
+                "DATABASE_URL: unknown scheme `{scheme}` (expected sqlite:// or postgres://)"
+            )));
+        };
+        Ok(Self { pools, config })
+    }
+
+    /// Which backend this is.
+    pub fn backend(&self) -> Backend {
+        match self.pools {
+            Pools::Sqlite { .. } => Backend::Sqlite,
+            Pools::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Runs the pending migrations. On PostgreSQL, under an advisory lock: concurrent callers
+    /// wait for the one migrating, then find nothing left to do. Returns how many ran.
+    pub async fn migrate(&self) -> Result<usize, StoreError> {
+        let url = self.config.url.clone();
+        match self.backend() {
+            Backend::Sqlite => {
+                // Through the writer connection, so that `:memory:` databases see the tables.
+                let Pools::Sqlite { writer, .. } = &self.pools else {
+                    unreachable!("checked")
+                };
+                let mut pooled = writer.get().await.map_err(pool_error)?;
+                let conn: &mut Sqlite = &mut pooled;
+                conn.spawn_blocking(|conn| {
+                    conn.run_pending_migrations(SQLITE_MIGRATIONS)
+                        .map(|v| v.len())
+                        .map_err(diesel::result::Error::QueryBuilderError)
+                })
+                .await
+                .map_err(|e| StoreError::backend(format!("migrating {}", redact_url(&url)), e))
+            }
+            Backend::Postgres => tokio::task::spawn_blocking(move || migrate_postgres(&url))
+                .await
+                .map_err(|e| StoreError::backend("the migration task failed", e))?,
+        }
+    }
+}
+
+type SetupFn<C> = diesel_async::pooled_connection::SetupCallback<C>;
+
+/// Runs on a blocking thread: diesel's migration harness is synchronous, and PostgreSQL goes
+/// through diesel-async's `AsyncConnectionWrapper` (no libpq).
+fn migrate_postgres(url: &str) -> Result<usize, StoreError> {
+    use diesel::Connection;
+    use diesel::connection::SimpleConnection;
+    type Wrapped =
+        diesel_async::async_connection_wrapper::AsyncConnectionWrapper<AsyncPgConnection>;
+    let mut conn = <Wrapped as Connection>::establish(url)
+        .map_err(|e| StoreError::unavailable(format!("connecting to {}", redact_url(url)), e))?;
+    SimpleConnection::batch_execute(
+        &mut conn,
+        &format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"),
+    )
+    .map_err(|e| StoreError::backend("taking the migration lock", e))?;
+    let result = conn
+        .run_pending_migrations(POSTGRES_MIGRATIONS)
+        .map(|v| v.len());
+    let unlock = SimpleConnection::batch_execute(
+        &mut conn,
+        &format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"),
+    );
+    let ran = result.map_err(|e| StoreError::Backend {
+        message: format!("migrating: {e}"),
+        source: None,
+    })?;
+    unlock.map_err(|e| StoreError::backend("releasing the migration lock", e))?;
+    Ok(ran)
+}
+
+/// A bb8 pool of `size` connections. A macro, not a function: the manager's trait bounds are
+/// long and differ per connection type.
+macro_rules! build_pool {
+    ($manager:expr, $size:expr, $config:expr) => {
+        Pool::builder()
+            .max_size($size)
+            .connection_timeout($config.connect_timeout)
+            .build($manager)
+            .await
+            .map_err(|e| {
+                StoreError::unavailable(format!("connecting to {}", redact_url(&$config.url)), e)
+            })
+    };
+}
+use build_pool;
+
+fn sqlite_path(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("sqlite:")?;
+    Some(rest.strip_prefix("//").unwrap_or(rest).to_owned())
+}
+
+pub(crate) fn pool_error<E: std::error::Error + Send + Sync + 'static>(
+    e: bb8::RunError<E>,
+) -> StoreError {
+    match e {
+        bb8::RunError::User(e) => StoreError::unavailable("database connection failed", e),
+        bb8::RunError::TimedOut => StoreError::Unavailable {
+            message: "timed out waiting for a database connection".into(),
+            source: None,
+        },
+    }
+}
+
+/// Maps a diesel error: unique violations to `AlreadyExists`, lost connections to
+/// `Unavailable`, the rest to `Backend`.
+pub(crate) fn db_error(what: &str, e: diesel::result::Error) -> StoreError {
+    use diesel::result::{DatabaseErrorKind, Error};
+    match e {
+        Error::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => {
+            StoreError::AlreadyExists(format!("{what}: already exists"))
+        }
+        Error::DatabaseError(DatabaseErrorKind::ClosedConnection, _) => {
+            StoreError::unavailable(what.to_owned(), e)
+        }
+        Error::NotFound => StoreError::not_found("row", what.to_owned()),
+        e => StoreError::backend(what.to_owned(), e),
+    }
+}
+
+pub(crate) fn is_unique_violation(e: &diesel::result::Error) -> bool {
+    matches!(
+        e,
+        diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _)
+    )
+}
+
+pub(crate) fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+pub(crate) fn from_micros(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+pub(crate) fn to_text<T: serde::Serialize + ?Sized>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::backend("encoding JSON", e))
+}
+
+pub(crate) fn from_text<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::backend("decoding stored JSON", e))
+}

@@ -1,0 +1,617 @@
+//! `RunStore` over SQL. Every change of a run is one conditional statement (compare-and-set on
+//! status and lease epoch), so workers racing for a run need no other lock; step writes first
+//! touch the run row under the caller's epoch, which takes the row lock (PostgreSQL) or the write
+//! lock (SQLite) until the steps are in.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+use diesel_async::{AsyncConnection, RunQueryDsl};
+use flowcore::ports::{
+    Lease, NewRun, Page, RunFilter, RunOutcome, RunRecord, RunStore, StoreResult,
+};
+use flowcore::{RunId, RunStatus, StepRecord, StepStatus, StoreError};
+
+use super::schema::{runs, steps};
+use super::{
+    SqlStore, db_error, from_micros, from_text, is_unique_violation, micros, to_text, with_conn,
+};
+
+const FINAL: [&str; 4] = ["succeeded", "failed", "cancelled", "timed_out"];
+
+type RunRow = (
+    i64,
+    String,
+    String,
+    i32,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+    i64,
+);
+
+#[allow(clippy::type_complexity)] // the selected columns of `RunRow`, in order
+fn run_columns() -> (
+    runs::seq,
+    runs::id,
+    runs::flow_id,
+    runs::flow_version,
+    runs::status,
+    runs::input,
+    runs::output,
+    runs::error,
+    runs::idempotency_key,
+    runs::created_at,
+    runs::started_at,
+    runs::finished_at,
+    runs::lease_owner,
+    runs::lease_expires_at,
+    runs::epoch,
+) {
+    (
+        runs::seq,
+        runs::id,
+        runs::flow_id,
+        runs::flow_version,
+        runs::status,
+        runs::input,
+        runs::output,
+        runs::error,
+        runs::idempotency_key,
+        runs::created_at,
+        runs::started_at,
+        runs::finished_at,
+        runs::lease_owner,
+        runs::lease_expires_at,
+        runs::epoch,
+    )
+}
+
+fn record(row: RunRow) -> StoreResult<RunRecord> {
+    let (
+        _,
+        id,
+        flow_id,
+        flow_version,
+        status,
+        input,
+        output,
+        error,
+        key,
+        created,
+        started,
+        finished,
+        owner,
+        expires,
+        epoch,
+    ) = row;
+    let lease = match (owner, expires) {
+        (Some(owner), Some(expires)) => Some(Lease {
+            owner,
+            expires_at: from_micros(expires),
+            epoch: epoch as u64,
+        }),
+        _ => None,
+    };
+    Ok(RunRecord {
+        id: RunId::from(id),
+        flow_id,
+        flow_version: u32::try_from(flow_version).unwrap_or_default(),
+        status: status.parse().map_err(|e: String| StoreError::Backend {
+            message: e,
+            source: None,
+        })?,
+        input: from_text(&input)?,
+        output: output.as_deref().map(from_text).transpose()?,
+        error,
+        idempotency_key: key,
+        created_at: from_micros(created),
+        started_at: started.map(from_micros),
+        finished_at: finished.map(from_micros),
+        lease,
+        epoch: epoch as u64,
+    })
+}
+
+type StepRow = (
+    String,
+    String,
+    i32,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+fn step_record(row: StepRow) -> StoreResult<StepRecord> {
+    let (node, status, attempts, started, finished, output, error, port) = row;
+    Ok(StepRecord {
+        node: node.into(),
+        status: status
+            .parse::<StepStatus>()
+            .map_err(|e| StoreError::Backend {
+                message: e,
+                source: None,
+            })?,
+        attempts: u32::try_from(attempts).unwrap_or_default(),
+        started_at: started.map(from_micros),
+        finished_at: finished.map(from_micros),
+        output: output
+            .as_deref()
+            .map(from_text)
+            .transpose()?
+            .map(std::sync::Arc::new),
+        error,
+        port: port.map(Into::into),
+    })
+}
+
+fn ttl_micros(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX / 2)
+}
+
+fn parse_cursor(cursor: Option<&str>) -> StoreResult<i64> {
+    match cursor {
+        None => Ok(i64::MAX),
+        Some(c) => c
+            .parse()
+            .map_err(|_| StoreError::Invalid(format!("invalid cursor `{c}`"))),
+    }
+}
+
+impl SqlStore {
+    async fn get_row(&self, id: &str) -> StoreResult<Option<RunRecord>> {
+        let row: Option<RunRow> = with_conn!(self, read, |conn| {
+            runs::table
+                .filter(runs::id.eq(id))
+                .select(run_columns())
+                .first(conn)
+                .await
+                .optional()
+                .map_err(|e| db_error("reading a run", e))?
+        });
+        row.map(record).transpose()
+    }
+
+    async fn find_by_key(&self, flow_id: &str, key: &str) -> StoreResult<Option<RunRecord>> {
+        let row: Option<RunRow> = with_conn!(self, read, |conn| {
+            runs::table
+                .filter(runs::flow_id.eq(flow_id).and(runs::idempotency_key.eq(key)))
+                .select(run_columns())
+                .first(conn)
+                .await
+                .optional()
+                .map_err(|e| db_error("reading a run", e))?
+        });
+        row.map(record).transpose()
+    }
+
+    /// Why a lease-guarded write found nothing: the run is missing, or the epoch is stale.
+    async fn stale(&self, id: &RunId, epoch: u64) -> StoreError {
+        match self.get_row(id.as_str()).await {
+            Ok(Some(run)) => StoreError::StaleLease(format!(
+                "run `{id}` is {} at epoch {}, not running at epoch {epoch}",
+                run.status, run.epoch
+            )),
+            Ok(None) => StoreError::not_found("run", id.as_str()),
+            Err(e) => e,
+        }
+    }
+}
+
+#[async_trait]
+impl RunStore for SqlStore {
+    async fn create(&self, run: NewRun) -> StoreResult<(RunRecord, bool)> {
+        if let Some(key) = &run.idempotency_key
+            && let Some(existing) = self.find_by_key(&run.flow_id, key).await?
+        {
+            return Ok((existing, false));
+        }
+        let input = to_text(&run.input)?;
+        let now = micros(Utc::now());
+        let inserted: Result<RunRow, diesel::result::Error> = with_conn!(self, write, |conn| {
+            diesel::insert_into(runs::table)
+                .values((
+                    runs::id.eq(run.id.as_str()),
+                    runs::flow_id.eq(&run.flow_id),
+                    runs::flow_version.eq(i32::try_from(run.flow_version).unwrap_or(i32::MAX)),
+                    runs::status.eq(RunStatus::Queued.as_str()),
+                    runs::input.eq(&input),
+                    runs::idempotency_key.eq(run.idempotency_key.as_deref()),
+                    runs::created_at.eq(now),
+                    runs::epoch.eq(0i64),
+                ))
+                .returning(run_columns())
+                .get_result(conn)
+                .await
+        });
+        match inserted {
+            Ok(row) => Ok((record(row)?, true)),
+            Err(e) if is_unique_violation(&e) => {
+                // Either a concurrent create with the same idempotency key won, or the id is taken.
+                if let Some(key) = &run.idempotency_key
+                    && let Some(existing) = self.find_by_key(&run.flow_id, key).await?
+                {
+                    return Ok((existing, false));
+                }
+                Err(StoreError::AlreadyExists(format!(
+                    "run `{}` exists",
+                    run.id
+                )))
+            }
+            Err(e) => Err(db_error("creating a run", e)),
+        }
+    }
+
+    async fn get(&self, id: &RunId) -> StoreResult<RunRecord> {
+        self.get_row(id.as_str())
+            .await?
+            .ok_or_else(|| StoreError::not_found("run", id.as_str()))
+    }
+
+    async fn list(&self, filter: &RunFilter) -> StoreResult<Page<RunRecord>> {
+        let before = parse_cursor(filter.cursor.as_deref())?;
+        let limit = filter.limit.clamp(1, 1000);
+        let rows: Vec<RunRow> = with_conn!(self, read, |conn| {
+            let mut query = runs::table
+                .filter(runs::seq.lt(before))
+                .select(run_columns())
+                .order(runs::seq.desc())
+                .limit(limit as i64 + 1)
+                .into_boxed();
+            if let Some(flow_id) = &filter.flow_id {
+                query = query.filter(runs::flow_id.eq(flow_id.clone()));
+            }
+            if let Some(status) = filter.status {
+                query = query.filter(runs::status.eq(status.as_str()));
+            }
+            query
+                .load(conn)
+                .await
+                .map_err(|e| db_error("listing runs", e))?
+        });
+        let more = rows.len() > limit;
+        let mut items = Vec::with_capacity(rows.len().min(limit));
+        let mut last = None;
+        for row in rows.into_iter().take(limit) {
+            last = Some(row.0);
+            items.push(record(row)?);
+        }
+        Ok(Page {
+            items,
+            next_cursor: if more {
+                last.map(|s| s.to_string())
+            } else {
+                None
+            },
+        })
+    }
+
+    async fn claim(&self, id: &RunId, owner: &str, ttl: Duration) -> StoreResult<Lease> {
+        let now = micros(Utc::now());
+        let expires = now.saturating_add(ttl_micros(ttl));
+        let epoch: Option<i64> = with_conn!(self, write, |conn| {
+            diesel::update(
+                runs::table.filter(runs::id.eq(id.as_str())).filter(
+                    runs::status.eq("queued").or(runs::status.eq("running").and(
+                        runs::lease_expires_at
+                            .is_null()
+                            .or(runs::lease_expires_at.le(now)),
+                    )),
+                ),
+            )
+            .set((
+                runs::status.eq("running"),
+                runs::epoch.eq(runs::epoch + 1),
+                runs::lease_owner.eq(owner),
+                runs::lease_expires_at.eq(expires),
+                runs::started_at.eq(diesel::dsl::sql::<
+                    diesel::sql_types::Nullable<diesel::sql_types::BigInt>,
+                >(&format!("COALESCE(started_at, {now})"))),
+            ))
+            .returning(runs::epoch)
+            .get_result(conn)
+            .await
+            .optional()
+            .map_err(|e| db_error("claiming a run", e))?
+        });
+        match epoch {
+            Some(epoch) => Ok(Lease {
+                owner: owner.to_owned(),
+                expires_at: from_micros(expires),
+                epoch: epoch as u64,
+            }),
+            None => match self.get_row(id.as_str()).await? {
+                Some(run) => Err(StoreError::Conflict(format!(
+                    "run `{id}` is {} and not claimable",
+                    run.status
+                ))),
+                None => Err(StoreError::not_found("run", id.as_str())),
+            },
+        }
+    }
+
+    async fn renew(&self, id: &RunId, epoch: u64, ttl: Duration) -> StoreResult<Lease> {
+        let expires = micros(Utc::now()).saturating_add(ttl_micros(ttl));
+        let owner: Option<Option<String>> = with_conn!(self, write, |conn| {
+            diesel::update(
+                runs::table.filter(
+                    runs::id
+                        .eq(id.as_str())
+                        .and(runs::epoch.eq(epoch as i64))
+                        .and(runs::status.eq("running")),
+                ),
+            )
+            .set(runs::lease_expires_at.eq(expires))
+            .returning(runs::lease_owner)
+            .get_result(conn)
+            .await
+            .optional()
+            .map_err(|e| db_error("renewing a lease", e))?
+        });
+        match owner {
+            Some(owner) => Ok(Lease {
+                owner: owner.unwrap_or_default(),
+                expires_at: from_micros(expires),
+                epoch,
+            }),
+            None => Err(self.stale(id, epoch).await),
+        }
+    }
+
+    async fn record_steps(&self, id: &RunId, epoch: u64, steps: &[StepRecord]) -> StoreResult<()> {
+        let rows = steps
+            .iter()
+            .map(|s| {
+                Ok((
+                    steps::run_id.eq(id.as_str().to_owned()),
+                    steps::node.eq(s.node.to_string()),
+                    steps::status.eq(s.status.as_str()),
+                    steps::attempts.eq(i32::try_from(s.attempts).unwrap_or(i32::MAX)),
+                    steps::started_at.eq(s.started_at.map(micros)),
+                    steps::finished_at.eq(s.finished_at.map(micros)),
+                    steps::output.eq(s.output.as_deref().map(to_text).transpose()?),
+                    steps::error.eq(s.error.clone()),
+                    steps::port.eq(s.port.as_deref().map(str::to_owned)),
+                ))
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        let owned: bool = with_conn!(self, write, |conn| {
+            let run_id = id.as_str().to_owned();
+            conn.transaction(async move |conn| {
+                // Touching the run row under our epoch takes its lock until commit: a new owner
+                // cannot claim it between this check and the step writes.
+                let touched = diesel::update(
+                    runs::table.filter(
+                        runs::id
+                            .eq(&run_id)
+                            .and(runs::epoch.eq(epoch as i64))
+                            .and(runs::status.eq("running")),
+                    ),
+                )
+                .set(runs::epoch.eq(epoch as i64))
+                .execute(conn)
+                .await?;
+                if touched == 0 {
+                    return Ok::<bool, diesel::result::Error>(false);
+                }
+                for row in rows {
+                    diesel::insert_into(steps::table)
+                        .values(row)
+                        .on_conflict((steps::run_id, steps::node))
+                        .do_update()
+                        .set((
+                            steps::status.eq(excluded(steps::status)),
+                            steps::attempts.eq(excluded(steps::attempts)),
+                            steps::started_at.eq(excluded(steps::started_at)),
+                            steps::finished_at.eq(excluded(steps::finished_at)),
+                            steps::output.eq(excluded(steps::output)),
+                            steps::error.eq(excluded(steps::error)),
+                            steps::port.eq(excluded(steps::port)),
+                        ))
+                        .execute(conn)
+                        .await?;
+                }
+                Ok(true)
+            })
+            .await
+            .map_err(|e| db_error("recording steps", e))?
+        });
+        if owned {
+            Ok(())
+        } else {
+            Err(self.stale(id, epoch).await)
+        }
+    }
+
+    async fn steps(&self, id: &RunId) -> StoreResult<Vec<StepRecord>> {
+        let rows: Vec<StepRow> = with_conn!(self, read, |conn| {
+            steps::table
+                .filter(steps::run_id.eq(id.as_str()))
+                .select((
+                    steps::node,
+                    steps::status,
+                    steps::attempts,
+                    steps::started_at,
+                    steps::finished_at,
+                    steps::output,
+                    steps::error,
+                    steps::port,
+                ))
+                .order((steps::started_at.asc(), steps::node.asc()))
+                .load(conn)
+                .await
+                .map_err(|e| db_error("reading steps", e))?
+        });
+        if rows.is_empty() && self.get_row(id.as_str()).await?.is_none() {
+            return Err(StoreError::not_found("run", id.as_str()));
+        }
+        rows.into_iter().map(step_record).collect()
+    }
+
+    async fn finish(&self, id: &RunId, epoch: u64, outcome: RunOutcome) -> StoreResult<RunRecord> {
+        if !outcome.status.is_final() {
+            return Err(StoreError::Invalid(format!(
+                "`{}` is not a final status",
+                outcome.status
+            )));
+        }
+        let output = outcome.output.as_ref().map(to_text).transpose()?;
+        let now = micros(Utc::now());
+        let row: Option<RunRow> = with_conn!(self, write, |conn| {
+            diesel::update(
+                runs::table.filter(
+                    runs::id
+                        .eq(id.as_str())
+                        .and(runs::epoch.eq(epoch as i64))
+                        .and(runs::status.eq("running")),
+                ),
+            )
+            .set((
+                runs::status.eq(outcome.status.as_str()),
+                runs::output.eq(output.as_deref()),
+                runs::error.eq(outcome.error.as_deref()),
+                runs::finished_at.eq(now),
+                runs::lease_owner.eq(None::<String>),
+                runs::lease_expires_at.eq(None::<i64>),
+            ))
+            .returning(run_columns())
+            .get_result(conn)
+            .await
+            .optional()
+            .map_err(|e| db_error("finishing a run", e))?
+        });
+        match row {
+            Some(row) => record(row),
+            None => Err(self.stale(id, epoch).await),
+        }
+    }
+
+    async fn release(&self, id: &RunId, epoch: u64) -> StoreResult<()> {
+        let released: usize = with_conn!(self, write, |conn| {
+            diesel::update(
+                runs::table.filter(
+                    runs::id
+                        .eq(id.as_str())
+                        .and(runs::epoch.eq(epoch as i64))
+                        .and(runs::status.eq("running")),
+                ),
+            )
+            .set((
+                runs::status.eq("queued"),
+                runs::lease_owner.eq(None::<String>),
+                runs::lease_expires_at.eq(None::<i64>),
+            ))
+            .execute(conn)
+            .await
+            .map_err(|e| db_error("releasing a run", e))?
+        });
+        if released == 1 {
+            Ok(())
+        } else {
+            Err(self.stale(id, epoch).await)
+        }
+    }
+
+    async fn transition(
+        &self,
+        id: &RunId,
+        from: RunStatus,
+        to: RunStatus,
+    ) -> StoreResult<RunRecord> {
+        let now = micros(Utc::now());
+        let row: Option<RunRow> = with_conn!(self, write, |conn| {
+            let target =
+                runs::table.filter(runs::id.eq(id.as_str()).and(runs::status.eq(from.as_str())));
+            if to.is_final() {
+                diesel::update(target)
+                    .set((
+                        runs::status.eq(to.as_str()),
+                        runs::finished_at.eq(now),
+                        runs::lease_owner.eq(None::<String>),
+                        runs::lease_expires_at.eq(None::<i64>),
+                    ))
+                    .returning(run_columns())
+                    .get_result(conn)
+                    .await
+            } else {
+                diesel::update(target)
+                    .set(runs::status.eq(to.as_str()))
+                    .returning(run_columns())
+                    .get_result(conn)
+                    .await
+            }
+            .optional()
+            .map_err(|e| db_error("changing a run's status", e))?
+        });
+        match row {
+            Some(row) => record(row),
+            None => match self.get_row(id.as_str()).await? {
+                Some(run) => Err(StoreError::Conflict(format!(
+                    "run `{id}` is {}, not {from}",
+                    run.status
+                ))),
+                None => Err(StoreError::not_found("run", id.as_str())),
+            },
+        }
+    }
+
+    async fn expired(&self, now: DateTime<Utc>, limit: usize) -> StoreResult<Vec<RunId>> {
+        let now = micros(now);
+        let ids: Vec<String> = with_conn!(self, read, |conn| {
+            runs::table
+                .filter(runs::status.eq("running"))
+                .filter(
+                    runs::lease_expires_at
+                        .is_null()
+                        .or(runs::lease_expires_at.le(now)),
+                )
+                .select(runs::id)
+                .order(runs::seq.asc())
+                .limit(limit.min(10_000) as i64)
+                .load(conn)
+                .await
+                .map_err(|e| db_error("finding expired leases", e))?
+        });
+        Ok(ids.into_iter().map(RunId::from).collect())
+    }
+
+    async fn prune(&self, before: DateTime<Utc>, batch: usize) -> StoreResult<usize> {
+        let before = micros(before);
+        let batch = batch.clamp(1, 10_000) as i64;
+        with_conn!(self, write, |conn| {
+            conn.transaction(async move |conn| {
+                let ids: Vec<String> = runs::table
+                    .filter(runs::status.eq_any(FINAL))
+                    .filter(runs::created_at.lt(before))
+                    .select(runs::id)
+                    .order(runs::seq.asc())
+                    .limit(batch)
+                    .load(conn)
+                    .await?;
+                if ids.is_empty() {
+                    return Ok::<usize, diesel::result::Error>(0);
+                }
+                diesel::delete(steps::table.filter(steps::run_id.eq_any(&ids)))
+                    .execute(conn)
+                    .await?;
+                diesel::delete(runs::table.filter(runs::id.eq_any(&ids)))
+                    .execute(conn)
+                    .await
+            })
+            .await
+            .map_err(|e| db_error("pruning runs", e))
+        })
+    }
+}

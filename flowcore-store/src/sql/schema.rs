@@ -1,0 +1,55 @@
+//! The tables, shared by both backends (the DDL differs only in the `runs.seq` and binary types).
+
+diesel::table! {
+    flows (id) {
+        id -> Text,
+        latest_version -> Integer,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    flow_versions (flow_id, version) {
+        flow_id -> Text,
+        version -> Integer,
+        definition -> Text,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    runs (seq) {
+        seq -> BigInt,
+        id -> Text,
+        flow_id -> Text,
+        flow_version -> Integer,
+        status -> Text,
+        input -> Text,
+        output -> Nullable<Text>,
+        error -> Nullable<Text>,
+        idempotency_key -> Nullable<Text>,
+        created_at -> BigInt,
+        started_at -> Nullable<BigInt>,
+        finished_at -> Nullable<BigInt>,
+        lease_owner -> Nullable<Text>,
+        lease_expires_at -> Nullable<BigInt>,
+        epoch -> BigInt,
+    }
+}
+
+diesel::table! {
+    steps (run_id, node) {
+        run_id -> Text,
+        node -> Text,
+        status -> Text,
+        attempts -> Integer,
+        started_at -> Nullable<BigInt>,
+        finished_at -> Nullable<BigInt>,
+        output -> Nullable<Text>,
+        error -> Nullable<Text>,
+        port -> Nullable<Text>,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(flows, flow_versions, runs, steps);

@@ -1,0 +1,183 @@
+//! The conformance kit against SQLite and a real PostgreSQL (the machine's; each test run makes
+//! its own database and drops it). PostgreSQL missing is a failure, not a skip.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use flowcore::ports::FlowStore;
+use flowcore_store::{Backend, SqlConfig, SqlStore};
+
+fn postgres_base() -> String {
+    std::env::var("FLOWCORE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+/// A fresh PostgreSQL database for one test, dropped by [`TestDb::drop_db`].
+struct TestDb {
+    name: String,
+}
+
+impl TestDb {
+    async fn create() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "flowcore_test_{}_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst),
+            fastrand_suffix()
+        );
+        let mut admin = AsyncPgConnection::establish(&format!("{}/postgres", postgres_base()))
+            .await
+            .expect("PostgreSQL must run on 127.0.0.1:5432 (or FLOWCORE_TEST_POSTGRES_URL) for these tests");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create the test database");
+        Self { name }
+    }
+
+    fn url(&self) -> String {
+        format!("{}/{}", postgres_base(), self.name)
+    }
+
+    async fn drop_db(self) {
+        let mut admin = AsyncPgConnection::establish(&format!("{}/postgres", postgres_base()))
+            .await
+            .expect("connect");
+        admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await
+            .expect("drop the test database");
+    }
+}
+
+fn fastrand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+}
+
+async fn store(url: &str) -> SqlStore {
+    let store = SqlStore::connect(SqlConfig::new(url))
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    store
+}
+
+fn temp_sqlite() -> (std::path::PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!(
+        "flowcore-sql-{}-{}",
+        std::process::id(),
+        fastrand_suffix()
+    ));
+    let url = format!("sqlite://{}/db.sqlite", dir.display());
+    (dir, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_file_passes_the_kit() {
+    let (dir, url) = temp_sqlite();
+    let store = SqlStore::connect(SqlConfig::new(&url))
+        .await
+        .expect("connect");
+    assert_eq!(store.backend(), Backend::Sqlite);
+    assert_eq!(
+        store.migrate().await.expect("migrate"),
+        1,
+        "the first migration runs"
+    );
+    assert_eq!(
+        store.migrate().await.expect("migrate again"),
+        0,
+        "a second run is a no-op"
+    );
+    flowcore::testkit::flow_store(&store).await;
+    flowcore::testkit::run_store(&store).await;
+    drop(store);
+    // The data survives a reconnect.
+    let again = store_for_check(&url).await;
+    assert!(
+        again.get("f2", None).await.is_ok(),
+        "flows persist across connections"
+    );
+    drop(again);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+async fn store_for_check(url: &str) -> SqlStore {
+    store(url).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_in_memory_passes_the_kit() {
+    let store = store("sqlite::memory:").await;
+    flowcore::testkit::flow_store(&store).await;
+    flowcore::testkit::run_store(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_passes_the_kit() {
+    let db = TestDb::create().await;
+    {
+        let store = store(&db.url()).await;
+        assert_eq!(store.backend(), Backend::Postgres);
+        flowcore::testkit::flow_store(&store).await;
+        flowcore::testkit::run_store(&store).await;
+    }
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_postgres_migrations_run_once() {
+    let db = TestDb::create().await;
+    {
+        let mut tasks = Vec::new();
+        for _ in 0..6 {
+            let url = db.url();
+            tasks.push(tokio::spawn(async move {
+                let store = SqlStore::connect(SqlConfig::new(url))
+                    .await
+                    .expect("connect");
+                store.migrate().await.expect("migrate")
+            }));
+        }
+        let mut ran = Vec::new();
+        for t in tasks {
+            ran.push(t.await.expect("task"));
+        }
+        ran.sort_unstable();
+        assert_eq!(
+            ran,
+            vec![0, 0, 0, 0, 0, 1],
+            "exactly one process migrates; the others wait and find nothing"
+        );
+        let store = store(&db.url()).await;
+        flowcore::testkit::flow_store(&store).await;
+    }
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn unknown_schemes_are_refused() {
+    let err = SqlStore::connect(SqlConfig::new("mysql://localhost/x"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("unknown scheme `mysql`"), "{err}");
+}
+
+#[test]
+fn urls_are_redacted() {
+    assert_eq!(
+        flowcore_store::sql::redact_url("postgres://u:secret@h:5432/db"),
+        "postgres://u:***@h:5432/db"
+    );
+    assert_eq!(
+        flowcore_store::sql::redact_url("sqlite://x.db"),
+        "sqlite://x.db"
+    );
+}

@@ -13,10 +13,11 @@ use crate::error::StoreError;
 use crate::ids::RunId;
 
 /// A run's status. `queued` and `running` are live; the others are final.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     /// Accepted, waiting for a worker.
+    #[default]
     Queued,
     /// A worker is executing it.
     Running,

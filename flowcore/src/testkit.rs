@@ -21,7 +21,7 @@ use serde_json::json;
 use crate::error::StoreError;
 use crate::ids::RunId;
 use crate::model::FlowDef;
-use crate::ports::{BlobStore, FlowStore, NewRun, Queue, RunFilter, RunOutcome, RunStore};
+use crate::ports::{BlobStore, Claim, FlowStore, NewRun, Queue, RunFilter, RunOutcome, RunStore};
 use crate::run::{RunStatus, StepRecord, StepStatus};
 
 fn flow(id: &str, node_type: &str) -> FlowDef {
@@ -36,6 +36,7 @@ fn new_run(flow_id: &str, key: Option<&str>) -> NewRun {
         flow_version: 1,
         input: json!({"x": 1}),
         idempotency_key: key.map(str::to_owned),
+        claim: None,
     }
 }
 
@@ -237,8 +238,7 @@ pub async fn run_store(store: &dyn RunStore) {
             lease1.epoch,
             RunOutcome {
                 status: RunStatus::Failed,
-                output: None,
-                error: None,
+                ..RunOutcome::default()
             },
         )
         .await;
@@ -279,6 +279,7 @@ pub async fn run_store(store: &dyn RunStore) {
                 status: RunStatus::Succeeded,
                 output: Some(json!(42)),
                 error: None,
+                steps: vec![step("s3", StepStatus::Succeeded)],
             },
         )
         .await
@@ -290,6 +291,11 @@ pub async fn run_store(store: &dyn RunStore) {
     assert!(
         done.finished_at.is_some() && done.started_at.is_some(),
         "timestamps are set"
+    );
+    assert_eq!(
+        store.steps(&a.id).await.expect("steps").len(),
+        3,
+        "finish writes its steps with the status"
     );
     assert!(
         matches!(
@@ -305,14 +311,69 @@ pub async fn run_store(store: &dyn RunStore) {
                 lease2.epoch,
                 RunOutcome {
                     status: RunStatus::Failed,
-                    output: None,
-                    error: None
+                    ..RunOutcome::default()
                 }
             )
             .await
             .is_err(),
         "a finished run cannot be finished again"
     );
+
+    // Created already claimed: running at epoch 1, one commit.
+    let claimed = NewRun {
+        claim: Some(Claim {
+            owner: "w9".into(),
+            ttl,
+        }),
+        ..new_run("flow-c", None)
+    };
+    let (c, created) = store.create(claimed).await.expect("create claimed");
+    assert!(created);
+    assert_eq!(
+        (c.status, c.epoch),
+        (RunStatus::Running, 1),
+        "a claimed create is running at epoch 1"
+    );
+    assert_eq!(c.lease.as_ref().map(|l| l.owner.as_str()), Some("w9"));
+    assert!(c.started_at.is_some());
+    assert!(
+        matches!(
+            store.claim(&c.id, "w1", ttl).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "a claimed run is not claimable while its lease holds"
+    );
+    let stale_finish = store
+        .finish(
+            &c.id,
+            2,
+            RunOutcome {
+                status: RunStatus::Succeeded,
+                steps: vec![step("x", StepStatus::Succeeded)],
+                ..RunOutcome::default()
+            },
+        )
+        .await;
+    assert!(
+        matches!(stale_finish, Err(StoreError::StaleLease(_))),
+        "a stale finish is refused"
+    );
+    assert!(
+        store.steps(&c.id).await.expect("steps").is_empty(),
+        "and its steps are not written"
+    );
+    store
+        .finish(
+            &c.id,
+            1,
+            RunOutcome {
+                status: RunStatus::Failed,
+                error: Some("boom".into()),
+                ..RunOutcome::default()
+            },
+        )
+        .await
+        .expect("finish the claimed run");
 
     // Release hands the run back; compare-and-set transitions.
     let (b, _) = store
@@ -422,8 +483,8 @@ pub async fn run_store(store: &dyn RunStore) {
     assert_eq!(pruned_first, 1, "prune respects the batch size");
     let pruned_rest = store.prune(Utc::now(), 100).await.expect("prune");
     assert_eq!(
-        pruned_rest, 1,
-        "only the finished runs (a and b) are pruned"
+        pruned_rest, 2,
+        "only the finished runs (a, b and c) are pruned"
     );
     assert!(
         matches!(store.get(&a.id).await, Err(StoreError::NotFound { .. })),

@@ -157,6 +157,79 @@ fn step_record(row: StepRow) -> StoreResult<StepRecord> {
     })
 }
 
+/// The run `id` while `epoch` owns it and it runs: the target of every lease-guarded write.
+fn owned_run(
+    id: &str,
+    epoch: u64,
+) -> diesel::dsl::Filter<
+    runs::table,
+    diesel::dsl::And<
+        diesel::dsl::And<diesel::dsl::Eq<runs::id, &str>, diesel::dsl::Eq<runs::epoch, i64>>,
+        diesel::dsl::Eq<runs::status, &'static str>,
+    >,
+> {
+    runs::table.filter(
+        runs::id
+            .eq(id)
+            .and(runs::epoch.eq(epoch as i64))
+            .and(runs::status.eq("running")),
+    )
+}
+
+type StepValues = (
+    diesel::dsl::Eq<steps::run_id, String>,
+    diesel::dsl::Eq<steps::node, String>,
+    diesel::dsl::Eq<steps::status, &'static str>,
+    diesel::dsl::Eq<steps::attempts, i32>,
+    diesel::dsl::Eq<steps::started_at, Option<i64>>,
+    diesel::dsl::Eq<steps::finished_at, Option<i64>>,
+    diesel::dsl::Eq<steps::output, Option<String>>,
+    diesel::dsl::Eq<steps::error, Option<String>>,
+    diesel::dsl::Eq<steps::port, Option<String>>,
+);
+
+fn step_rows(id: &RunId, steps: &[StepRecord]) -> StoreResult<Vec<StepValues>> {
+    steps
+        .iter()
+        .map(|s| {
+            Ok((
+                steps::run_id.eq(id.as_str().to_owned()),
+                steps::node.eq(s.node.to_string()),
+                steps::status.eq(s.status.as_str()),
+                steps::attempts.eq(i32::try_from(s.attempts).unwrap_or(i32::MAX)),
+                steps::started_at.eq(s.started_at.map(micros)),
+                steps::finished_at.eq(s.finished_at.map(micros)),
+                steps::output.eq(s.output.as_deref().map(to_text).transpose()?),
+                steps::error.eq(s.error.clone()),
+                steps::port.eq(s.port.as_deref().map(str::to_owned)),
+            ))
+        })
+        .collect()
+}
+
+/// Inserts or replaces step rows, one statement each (SQLite cannot batch an upsert in diesel).
+macro_rules! upsert_steps {
+    ($conn:expr, $rows:expr) => {
+        for row in $rows {
+            diesel::insert_into(steps::table)
+                .values(row)
+                .on_conflict((steps::run_id, steps::node))
+                .do_update()
+                .set((
+                    steps::status.eq(excluded(steps::status)),
+                    steps::attempts.eq(excluded(steps::attempts)),
+                    steps::started_at.eq(excluded(steps::started_at)),
+                    steps::finished_at.eq(excluded(steps::finished_at)),
+                    steps::output.eq(excluded(steps::output)),
+                    steps::error.eq(excluded(steps::error)),
+                    steps::port.eq(excluded(steps::port)),
+                ))
+                .execute($conn)
+                .await?;
+        }
+    };
+}
+
 fn ttl_micros(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX / 2)
 }
@@ -220,17 +293,29 @@ impl RunStore for SqlStore {
         }
         let input = to_text(&run.input)?;
         let now = micros(Utc::now());
+        let claim = run
+            .claim
+            .as_ref()
+            .map(|c| (c.owner.clone(), now.saturating_add(ttl_micros(c.ttl))));
+        let status = if claim.is_some() {
+            RunStatus::Running
+        } else {
+            RunStatus::Queued
+        };
         let inserted: Result<RunRow, diesel::result::Error> = with_conn!(self, write, |conn| {
             diesel::insert_into(runs::table)
                 .values((
                     runs::id.eq(run.id.as_str()),
                     runs::flow_id.eq(&run.flow_id),
                     runs::flow_version.eq(i32::try_from(run.flow_version).unwrap_or(i32::MAX)),
-                    runs::status.eq(RunStatus::Queued.as_str()),
+                    runs::status.eq(status.as_str()),
                     runs::input.eq(&input),
                     runs::idempotency_key.eq(run.idempotency_key.as_deref()),
                     runs::created_at.eq(now),
-                    runs::epoch.eq(0i64),
+                    runs::started_at.eq(claim.as_ref().map(|_| now)),
+                    runs::lease_owner.eq(claim.as_ref().map(|c| c.0.clone())),
+                    runs::lease_expires_at.eq(claim.as_ref().map(|c| c.1)),
+                    runs::epoch.eq(i64::from(claim.is_some())),
                 ))
                 .returning(run_columns())
                 .get_result(conn)
@@ -345,20 +430,13 @@ impl RunStore for SqlStore {
     async fn renew(&self, id: &RunId, epoch: u64, ttl: Duration) -> StoreResult<Lease> {
         let expires = micros(Utc::now()).saturating_add(ttl_micros(ttl));
         let owner: Option<Option<String>> = with_conn!(self, write, |conn| {
-            diesel::update(
-                runs::table.filter(
-                    runs::id
-                        .eq(id.as_str())
-                        .and(runs::epoch.eq(epoch as i64))
-                        .and(runs::status.eq("running")),
-                ),
-            )
-            .set(runs::lease_expires_at.eq(expires))
-            .returning(runs::lease_owner)
-            .get_result(conn)
-            .await
-            .optional()
-            .map_err(|e| db_error("renewing a lease", e))?
+            diesel::update(owned_run(id.as_str(), epoch))
+                .set(runs::lease_expires_at.eq(expires))
+                .returning(runs::lease_owner)
+                .get_result(conn)
+                .await
+                .optional()
+                .map_err(|e| db_error("renewing a lease", e))?
         });
         match owner {
             Some(owner) => Ok(Lease {
@@ -371,58 +449,20 @@ impl RunStore for SqlStore {
     }
 
     async fn record_steps(&self, id: &RunId, epoch: u64, steps: &[StepRecord]) -> StoreResult<()> {
-        let rows = steps
-            .iter()
-            .map(|s| {
-                Ok((
-                    steps::run_id.eq(id.as_str().to_owned()),
-                    steps::node.eq(s.node.to_string()),
-                    steps::status.eq(s.status.as_str()),
-                    steps::attempts.eq(i32::try_from(s.attempts).unwrap_or(i32::MAX)),
-                    steps::started_at.eq(s.started_at.map(micros)),
-                    steps::finished_at.eq(s.finished_at.map(micros)),
-                    steps::output.eq(s.output.as_deref().map(to_text).transpose()?),
-                    steps::error.eq(s.error.clone()),
-                    steps::port.eq(s.port.as_deref().map(str::to_owned)),
-                ))
-            })
-            .collect::<StoreResult<Vec<_>>>()?;
+        let rows = step_rows(id, steps)?;
         let owned: bool = with_conn!(self, write, |conn| {
             let run_id = id.as_str().to_owned();
             conn.transaction(async move |conn| {
                 // Touching the run row under our epoch takes its lock until commit: a new owner
                 // cannot claim it between this check and the step writes.
-                let touched = diesel::update(
-                    runs::table.filter(
-                        runs::id
-                            .eq(&run_id)
-                            .and(runs::epoch.eq(epoch as i64))
-                            .and(runs::status.eq("running")),
-                    ),
-                )
-                .set(runs::epoch.eq(epoch as i64))
-                .execute(conn)
-                .await?;
+                let touched = diesel::update(owned_run(&run_id, epoch))
+                    .set(runs::epoch.eq(epoch as i64))
+                    .execute(conn)
+                    .await?;
                 if touched == 0 {
                     return Ok::<bool, diesel::result::Error>(false);
                 }
-                for row in rows {
-                    diesel::insert_into(steps::table)
-                        .values(row)
-                        .on_conflict((steps::run_id, steps::node))
-                        .do_update()
-                        .set((
-                            steps::status.eq(excluded(steps::status)),
-                            steps::attempts.eq(excluded(steps::attempts)),
-                            steps::started_at.eq(excluded(steps::started_at)),
-                            steps::finished_at.eq(excluded(steps::finished_at)),
-                            steps::output.eq(excluded(steps::output)),
-                            steps::error.eq(excluded(steps::error)),
-                            steps::port.eq(excluded(steps::port)),
-                        ))
-                        .execute(conn)
-                        .await?;
-                }
+                upsert_steps!(conn, rows);
                 Ok(true)
             })
             .await
@@ -468,28 +508,31 @@ impl RunStore for SqlStore {
             )));
         }
         let output = outcome.output.as_ref().map(to_text).transpose()?;
+        let rows = step_rows(id, &outcome.steps)?;
         let now = micros(Utc::now());
         let row: Option<RunRow> = with_conn!(self, write, |conn| {
-            diesel::update(
-                runs::table.filter(
-                    runs::id
-                        .eq(id.as_str())
-                        .and(runs::epoch.eq(epoch as i64))
-                        .and(runs::status.eq("running")),
-                ),
-            )
-            .set((
-                runs::status.eq(outcome.status.as_str()),
-                runs::output.eq(output.as_deref()),
-                runs::error.eq(outcome.error.as_deref()),
-                runs::finished_at.eq(now),
-                runs::lease_owner.eq(None::<String>),
-                runs::lease_expires_at.eq(None::<i64>),
-            ))
-            .returning(run_columns())
-            .get_result(conn)
+            let run_id = id.as_str().to_owned();
+            let (status, error) = (outcome.status, outcome.error.clone());
+            conn.transaction(async move |conn| {
+                let row: Option<RunRow> = diesel::update(owned_run(&run_id, epoch))
+                    .set((
+                        runs::status.eq(status.as_str()),
+                        runs::output.eq(output.as_deref()),
+                        runs::error.eq(error.as_deref()),
+                        runs::finished_at.eq(now),
+                        runs::lease_owner.eq(None::<String>),
+                        runs::lease_expires_at.eq(None::<i64>),
+                    ))
+                    .returning(run_columns())
+                    .get_result(conn)
+                    .await
+                    .optional()?;
+                if row.is_some() {
+                    upsert_steps!(conn, rows);
+                }
+                Ok::<_, diesel::result::Error>(row)
+            })
             .await
-            .optional()
             .map_err(|e| db_error("finishing a run", e))?
         });
         match row {
@@ -500,22 +543,15 @@ impl RunStore for SqlStore {
 
     async fn release(&self, id: &RunId, epoch: u64) -> StoreResult<()> {
         let released: usize = with_conn!(self, write, |conn| {
-            diesel::update(
-                runs::table.filter(
-                    runs::id
-                        .eq(id.as_str())
-                        .and(runs::epoch.eq(epoch as i64))
-                        .and(runs::status.eq("running")),
-                ),
-            )
-            .set((
-                runs::status.eq("queued"),
-                runs::lease_owner.eq(None::<String>),
-                runs::lease_expires_at.eq(None::<i64>),
-            ))
-            .execute(conn)
-            .await
-            .map_err(|e| db_error("releasing a run", e))?
+            diesel::update(owned_run(id.as_str(), epoch))
+                .set((
+                    runs::status.eq("queued"),
+                    runs::lease_owner.eq(None::<String>),
+                    runs::lease_expires_at.eq(None::<i64>),
+                ))
+                .execute(conn)
+                .await
+                .map_err(|e| db_error("releasing a run", e))?
         });
         if released == 1 {
             Ok(())

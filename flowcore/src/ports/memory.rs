@@ -182,6 +182,16 @@ impl MemoryRunStore {
 }
 
 impl RunState {
+    fn upsert_steps(&mut self, id: &RunId, steps: &[StepRecord]) {
+        let stored = self.steps.entry(id.clone()).or_default();
+        for step in steps {
+            match stored.iter_mut().find(|s| s.node == step.node) {
+                Some(existing) => *existing = step.clone(),
+                None => stored.push(step.clone()),
+            }
+        }
+    }
+
     fn run_mut(&mut self, id: &RunId) -> StoreResult<&mut RunRecord> {
         self.runs
             .get_mut(id)
@@ -220,20 +230,30 @@ impl RunStore for MemoryRunStore {
         }
         st.next_seq += 1;
         let seq = st.next_seq;
+        let now = Utc::now();
+        let lease = run.claim.as_ref().map(|c| Lease {
+            owner: c.owner.clone(),
+            expires_at: now + ttl_to_chrono(c.ttl),
+            epoch: 1,
+        });
         let record = RunRecord {
             id: run.id.clone(),
             flow_id: run.flow_id.clone(),
             flow_version: run.flow_version,
-            status: RunStatus::Queued,
+            status: if lease.is_some() {
+                RunStatus::Running
+            } else {
+                RunStatus::Queued
+            },
             input: run.input,
             output: None,
             error: None,
             idempotency_key: run.idempotency_key.clone(),
-            created_at: Utc::now(),
-            started_at: None,
+            created_at: now,
+            started_at: lease.as_ref().map(|_| now),
             finished_at: None,
-            lease: None,
-            epoch: 0,
+            epoch: u64::from(lease.is_some()),
+            lease,
         };
         if let Some(key) = run.idempotency_key {
             st.idempotency.insert((run.flow_id, key), run.id.clone());
@@ -314,13 +334,7 @@ impl RunStore for MemoryRunStore {
     async fn record_steps(&self, id: &RunId, epoch: u64, steps: &[StepRecord]) -> StoreResult<()> {
         let mut st = lock(&self.state);
         st.owned_mut(id, epoch)?;
-        let stored = st.steps.entry(id.clone()).or_default();
-        for step in steps {
-            match stored.iter_mut().find(|s| s.node == step.node) {
-                Some(existing) => *existing = step.clone(),
-                None => stored.push(step.clone()),
-            }
-        }
+        st.upsert_steps(id, steps);
         Ok(())
     }
 
@@ -344,7 +358,9 @@ impl RunStore for MemoryRunStore {
         run.error = outcome.error;
         run.finished_at = Some(Utc::now());
         run.lease = None;
-        Ok(run.clone())
+        let record = run.clone();
+        st.upsert_steps(id, &outcome.steps);
+        Ok(record)
     }
 
     async fn release(&self, id: &RunId, epoch: u64) -> StoreResult<()> {

@@ -70,6 +70,18 @@ pub struct NewRun {
     pub input: Value,
     /// The same key for the same flow gives the same run.
     pub idempotency_key: Option<String>,
+    /// Create the run already claimed (`running`, epoch 1) by this owner, for a process that
+    /// executes the run itself: one commit instead of two.
+    pub claim: Option<Claim>,
+}
+
+/// A worker's claim on a run: who, and for how long without renewal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The worker's name.
+    pub owner: String,
+    /// The lease's time to live.
+    pub ttl: Duration,
 }
 
 /// Who executes a running run, until when, and which ownership this is.
@@ -128,7 +140,7 @@ pub struct RunFilter {
 }
 
 /// The end of a run, written by its lease owner.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct RunOutcome {
     /// A final status.
     pub status: RunStatus,
@@ -136,13 +148,15 @@ pub struct RunOutcome {
     pub output: Option<Value>,
     /// Why it did not succeed.
     pub error: Option<String>,
+    /// Steps not yet recorded, written in the same commit as the status.
+    pub steps: Vec<StepRecord>,
 }
 
 /// Runs and their steps, with worker leases so that exactly one worker owns a running run.
 #[async_trait]
 pub trait RunStore: Send + Sync {
-    /// Stores a queued run. With an idempotency key already used for this flow, returns the
-    /// existing run and `false`.
+    /// Stores a queued run (or a running one, with `claim`). With an idempotency key already
+    /// used for this flow, returns the existing run and `false`.
     async fn create(&self, run: NewRun) -> StoreResult<(RunRecord, bool)>;
     /// One run.
     async fn get(&self, id: &RunId) -> StoreResult<RunRecord>;
@@ -157,7 +171,8 @@ pub trait RunStore: Send + Sync {
     async fn record_steps(&self, id: &RunId, epoch: u64, steps: &[StepRecord]) -> StoreResult<()>;
     /// The recorded steps of a run.
     async fn steps(&self, id: &RunId) -> StoreResult<Vec<StepRecord>>;
-    /// Writes the final status of a running run. `StaleLease` when `epoch` is not current.
+    /// Writes the final status of a running run and its last steps, atomically. `StaleLease`
+    /// when `epoch` is not current.
     async fn finish(&self, id: &RunId, epoch: u64, outcome: RunOutcome) -> StoreResult<RunRecord>;
     /// Hands a running run back (`running` -> `queued`) without waiting for its lease to expire.
     async fn release(&self, id: &RunId, epoch: u64) -> StoreResult<()>;

@@ -158,16 +158,16 @@ fn step_record(row: StepRow) -> StoreResult<StepRecord> {
 }
 
 /// The run `id` while `epoch` owns it and it runs: the target of every lease-guarded write.
-fn owned_run(
-    id: &str,
-    epoch: u64,
-) -> diesel::dsl::Filter<
+/// The filter type of [`owned_run`].
+type OwnedRun<'a> = diesel::dsl::Filter<
     runs::table,
     diesel::dsl::And<
-        diesel::dsl::And<diesel::dsl::Eq<runs::id, &str>, diesel::dsl::Eq<runs::epoch, i64>>,
+        diesel::dsl::And<diesel::dsl::Eq<runs::id, &'a str>, diesel::dsl::Eq<runs::epoch, i64>>,
         diesel::dsl::Eq<runs::status, &'static str>,
     >,
-> {
+>;
+
+fn owned_run(id: &str, epoch: u64) -> OwnedRun<'_> {
     runs::table.filter(
         runs::id
             .eq(id)

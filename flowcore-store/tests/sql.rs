@@ -114,6 +114,24 @@ async fn store_for_check(url: &str) -> SqlStore {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_runs_on_sqlite() {
+    let (dir, url) = temp_sqlite();
+    let store = store(&url).await;
+    flowcore::testkit::durable_runs(std::sync::Arc::new(store)).await;
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_runs_on_postgres() {
+    let db = TestDb::create().await;
+    {
+        let store = store(&db.url()).await;
+        flowcore::testkit::durable_runs(std::sync::Arc::new(store)).await;
+    }
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_in_memory_passes_the_kit() {
     let store = store("sqlite::memory:").await;
     flowcore::testkit::flow_store(&store).await;

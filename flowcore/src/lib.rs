@@ -33,6 +33,7 @@
 
 #![warn(missing_docs)]
 
+pub mod durable;
 pub mod engine;
 pub mod error;
 pub mod event;

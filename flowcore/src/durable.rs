@@ -1,0 +1,272 @@
+//! Durable execution: a run kept in a [`RunStore`], checkpointed step by step, with its worker
+//! lease renewed while it runs. This is the core of a worker; it uses only the ports.
+//!
+//! ```
+//! # tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(async {
+//! use std::sync::Arc;
+//! use flowcore::durable::{self, DurableOptions};
+//! use flowcore::ports::{NewRun, RunStore, memory::MemoryRunStore};
+//! use flowcore::{Engine, RunId, RunStatus};
+//!
+//! let engine = Engine::new();
+//! let plan = engine.compile_json(r#"{"nodes": [{"id": "t", "type": "template", "params": {"template": "hi {{ input.who }}"}}]}"#).unwrap();
+//! let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new());
+//! let options = DurableOptions::new("worker-1");
+//! let new = NewRun { id: RunId::new(), flow_id: "f".into(), flow_version: 1, input: serde_json::json!({"who": "you"}),
+//!                    idempotency_key: None, claim: Some(options.claim()) };
+//! let (run, _) = runs.create(new).await.unwrap();
+//! let done = durable::execute(&engine, &plan, &runs, &run, &options, Default::default()).await.unwrap();
+//! assert_eq!(done.status, RunStatus::Succeeded);
+//! assert_eq!(done.output, Some(serde_json::json!("hi you")));
+//! assert_eq!(runs.steps(&run.id).await.unwrap().len(), 1);
+//! # });
+//! ```
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{Engine, RunOptions};
+use crate::error::StoreError;
+use crate::event::EventSink;
+use crate::ids::RunId;
+use crate::plan::Plan;
+use crate::ports::{Claim, RunOutcome, RunRecord, RunStore};
+use crate::run::{StepRecord, StepRecorder};
+
+/// When finished steps are written to the run store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// Each step is written before the nodes after it start: a crash never re-executes a
+    /// finished step. One commit per step.
+    EveryStep,
+    /// Steps are buffered and written at most this long after they finish, or with the run's
+    /// final status: a fast run costs one commit for all its steps, and a crash re-executes at
+    /// most the steps of the last interval.
+    Batched(Duration),
+}
+
+/// How a worker executes durable runs.
+#[derive(Debug, Clone)]
+pub struct DurableOptions {
+    /// The worker's name, stored as the lease owner.
+    pub owner: String,
+    /// The lease's time to live; it is renewed every third of it.
+    pub lease_ttl: Duration,
+    /// When steps are written.
+    pub checkpoint: Checkpoint,
+}
+
+impl DurableOptions {
+    /// A 30 s lease, renewed every 10 s, and every step checkpointed.
+    pub fn new(owner: impl Into<String>) -> Self {
+        Self {
+            owner: owner.into(),
+            lease_ttl: Duration::from_secs(30),
+            checkpoint: Checkpoint::EveryStep,
+        }
+    }
+    /// The claim to create a run with, or to claim one.
+    pub fn claim(&self) -> Claim {
+        Claim {
+            owner: self.owner.clone(),
+            ttl: self.lease_ttl,
+        }
+    }
+}
+
+/// What else an execution takes: events and outside cancellation.
+#[derive(Default)]
+pub struct Hooks {
+    /// Receives the run's events.
+    pub events: Option<Arc<dyn EventSink>>,
+    /// Cancels the run from outside (it then ends `cancelled`).
+    pub cancel: Option<CancellationToken>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("events", &self.events.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Executes `run`, which this worker holds (its `lease` is ours, status `running`): resumes from
+/// its recorded steps, checkpoints steps as `options.checkpoint` says, renews the lease, and
+/// writes the final status with the last steps in one commit.
+///
+/// Returns `StoreError::StaleLease` when the lease was lost on the way (another worker took
+/// the run): the run was stopped and nothing more was written.
+pub async fn execute(
+    engine: &Engine,
+    plan: &Plan,
+    runs: &Arc<dyn RunStore>,
+    run: &RunRecord,
+    options: &DurableOptions,
+    hooks: Hooks,
+) -> Result<RunRecord, StoreError> {
+    let epoch = run.epoch;
+    // The first owner of a run (epoch 1) cannot find steps of an earlier one.
+    let resume = if epoch > 1 {
+        runs.steps(&run.id).await?
+    } else {
+        Vec::new()
+    };
+    let cancel = hooks.cancel.unwrap_or_default();
+    let recorder = Arc::new(Recorder {
+        runs: runs.clone(),
+        run_id: run.id.clone(),
+        epoch,
+        checkpoint: options.checkpoint,
+        buffer: Mutex::new(Vec::new()),
+        lost: CancellationToken::new(),
+    });
+    // Stopped when this function returns or its future is dropped (a worker shutting down
+    // abruptly): the lease must then lapse, not be renewed by an orphan task.
+    let keeper = AbortOnDrop(tokio::spawn(keep(
+        recorder.clone(),
+        options.lease_ttl,
+        cancel.clone(),
+    )));
+    let result = engine
+        .execute(
+            plan,
+            run.input.clone(),
+            RunOptions {
+                run_id: Some(run.id.clone()),
+                events: hooks.events,
+                recorder: Some(recorder.clone()),
+                resume,
+                cancel: Some(cancel.clone()),
+                timeout: None,
+            },
+        )
+        .await;
+    drop(keeper);
+    if recorder.lost.is_cancelled() {
+        return Err(StoreError::StaleLease(format!(
+            "run `{}` was taken over by another worker",
+            run.id
+        )));
+    }
+    let steps = std::mem::take(&mut *lock(&recorder.buffer));
+    runs.finish(
+        &run.id,
+        epoch,
+        RunOutcome {
+            status: result.status,
+            output: result.output,
+            error: result.error,
+            steps,
+        },
+    )
+    .await
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Renews the lease and flushes buffered steps until aborted. Losing the lease cancels the run.
+async fn keep(recorder: Arc<Recorder>, ttl: Duration, cancel: CancellationToken) {
+    let renew_every = (ttl / 3).max(Duration::from_millis(10));
+    let flush_every = match recorder.checkpoint {
+        Checkpoint::Batched(d) => d.max(Duration::from_millis(1)),
+        Checkpoint::EveryStep => renew_every,
+    };
+    let mut renew = tokio::time::interval(renew_every);
+    let mut flush = tokio::time::interval(flush_every);
+    renew.tick().await;
+    flush.tick().await;
+    let mut failing_since: Option<tokio::time::Instant> = None;
+    loop {
+        let outcome = tokio::select! {
+            _ = renew.tick() => recorder.runs.renew(&recorder.run_id, recorder.epoch, ttl).await.map(|_| ()),
+            _ = flush.tick() => recorder.flush().await,
+        };
+        match outcome {
+            Ok(()) => failing_since = None,
+            Err(StoreError::StaleLease(_)) => {
+                recorder.lost.cancel();
+                cancel.cancel();
+                return;
+            }
+            Err(e) => {
+                // The store is unreachable: keep trying while the lease may still hold.
+                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                tracing::warn!(run_id = %recorder.run_id, error = %e, "lease renewal or checkpoint failed");
+                if since.elapsed() >= ttl {
+                    recorder.lost.cancel();
+                    cancel.cancel();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+struct Recorder {
+    runs: Arc<dyn RunStore>,
+    run_id: RunId,
+    epoch: u64,
+    checkpoint: Checkpoint,
+    buffer: Mutex<Vec<StepRecord>>,
+    lost: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Recorder {
+    async fn flush(&self) -> Result<(), StoreError> {
+        let steps = std::mem::take(&mut *lock(&self.buffer));
+        if steps.is_empty() {
+            return Ok(());
+        }
+        match self
+            .runs
+            .record_steps(&self.run_id, self.epoch, &steps)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Put them back (before newer ones) so that a later flush or the finish writes them.
+                let mut buffer = lock(&self.buffer);
+                let newer = std::mem::replace(&mut *buffer, steps);
+                buffer.extend(newer);
+                Err(e)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl StepRecorder for Recorder {
+    async fn record_step(&self, _run_id: &RunId, step: &StepRecord) -> Result<(), StoreError> {
+        if self.lost.is_cancelled() {
+            return Err(StoreError::StaleLease(format!(
+                "run `{}` was taken over by another worker",
+                self.run_id
+            )));
+        }
+        match self.checkpoint {
+            Checkpoint::EveryStep => {
+                self.runs
+                    .record_steps(&self.run_id, self.epoch, std::slice::from_ref(step))
+                    .await
+            }
+            Checkpoint::Batched(_) => {
+                lock(&self.buffer).push(step.clone());
+                Ok(())
+            }
+        }
+    }
+}

@@ -207,27 +207,50 @@ fn step_rows(id: &RunId, steps: &[StepRecord]) -> StoreResult<Vec<StepValues>> {
         .collect()
 }
 
-/// Inserts or replaces step rows, one statement each (SQLite cannot batch an upsert in diesel).
-macro_rules! upsert_steps {
+/// Inserts or replaces step rows: one multi-row statement on PostgreSQL; one statement a row on
+/// SQLite, where diesel cannot batch an upsert (and a statement costs no round trip).
+trait UpsertSteps {
+    fn upsert_steps(
+        &mut self,
+        rows: Vec<StepValues>,
+    ) -> impl Future<Output = QueryResult<()>> + Send;
+}
+
+macro_rules! upsert {
     ($conn:expr, $rows:expr) => {
-        for row in $rows {
-            diesel::insert_into(steps::table)
-                .values(row)
-                .on_conflict((steps::run_id, steps::node))
-                .do_update()
-                .set((
-                    steps::status.eq(excluded(steps::status)),
-                    steps::attempts.eq(excluded(steps::attempts)),
-                    steps::started_at.eq(excluded(steps::started_at)),
-                    steps::finished_at.eq(excluded(steps::finished_at)),
-                    steps::output.eq(excluded(steps::output)),
-                    steps::error.eq(excluded(steps::error)),
-                    steps::port.eq(excluded(steps::port)),
-                ))
-                .execute($conn)
-                .await?;
-        }
+        diesel::insert_into(steps::table)
+            .values($rows)
+            .on_conflict((steps::run_id, steps::node))
+            .do_update()
+            .set((
+                steps::status.eq(excluded(steps::status)),
+                steps::attempts.eq(excluded(steps::attempts)),
+                steps::started_at.eq(excluded(steps::started_at)),
+                steps::finished_at.eq(excluded(steps::finished_at)),
+                steps::output.eq(excluded(steps::output)),
+                steps::error.eq(excluded(steps::error)),
+                steps::port.eq(excluded(steps::port)),
+            ))
+            .execute($conn)
     };
+}
+
+impl UpsertSteps for diesel_async::AsyncPgConnection {
+    async fn upsert_steps(&mut self, rows: Vec<StepValues>) -> QueryResult<()> {
+        if !rows.is_empty() {
+            upsert!(self, rows).await?;
+        }
+        Ok(())
+    }
+}
+
+impl UpsertSteps for super::Sqlite {
+    async fn upsert_steps(&mut self, rows: Vec<StepValues>) -> QueryResult<()> {
+        for row in rows {
+            upsert!(&mut *self, row).await?;
+        }
+        Ok(())
+    }
 }
 
 fn ttl_micros(ttl: Duration) -> i64 {
@@ -462,7 +485,7 @@ impl RunStore for SqlStore {
                 if touched == 0 {
                     return Ok::<bool, diesel::result::Error>(false);
                 }
-                upsert_steps!(conn, rows);
+                conn.upsert_steps(rows).await?;
                 Ok(true)
             })
             .await
@@ -528,7 +551,7 @@ impl RunStore for SqlStore {
                     .await
                     .optional()?;
                 if row.is_some() {
-                    upsert_steps!(conn, rows);
+                    conn.upsert_steps(rows).await?;
                 }
                 Ok::<_, diesel::result::Error>(row)
             })

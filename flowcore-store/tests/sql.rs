@@ -98,6 +98,8 @@ async fn sqlite_file_passes_the_kit() {
     );
     flowcore::testkit::flow_store(&store).await;
     flowcore::testkit::run_store(&store).await;
+    flowcore::testkit::pruning(&store).await;
+    flowcore::testkit::meta_store(std::sync::Arc::new(store.clone())).await;
     drop(store);
     // The data survives a reconnect.
     let again = store_for_check(&url).await;
@@ -146,6 +148,8 @@ async fn postgres_passes_the_kit() {
         assert_eq!(store.backend(), Backend::Postgres);
         flowcore::testkit::flow_store(&store).await;
         flowcore::testkit::run_store(&store).await;
+        flowcore::testkit::pruning(&store).await;
+        flowcore::testkit::meta_store(std::sync::Arc::new(store.clone())).await;
     }
     db.drop_db().await;
 }

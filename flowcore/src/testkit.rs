@@ -970,3 +970,249 @@ pub async fn durable_runs(runs: Arc<dyn RunStore>) {
     let done = task.await.expect("task").expect("cancelled run");
     assert_eq!(done.status, RunStatus::Cancelled);
 }
+
+/// Pruning in bounded batches: all old finished runs go, live and recent ones stay.
+pub async fn pruning(store: &dyn RunStore) {
+    let mut old = Vec::new();
+    for _ in 0..25 {
+        let (run, _) = store.create(new_run("prune", None)).await.expect("create");
+        store
+            .transition(&run.id, RunStatus::Queued, RunStatus::Cancelled)
+            .await
+            .expect("finish");
+        old.push(run.id);
+    }
+    let (live, _) = store.create(new_run("prune", None)).await.expect("create");
+    let cutoff = Utc::now();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let (recent, _) = store.create(new_run("prune", None)).await.expect("create");
+    store
+        .transition(&recent.id, RunStatus::Queued, RunStatus::Cancelled)
+        .await
+        .expect("finish");
+    let deleted = crate::ports::prune_runs(store, cutoff, 10, Duration::from_millis(1))
+        .await
+        .expect("prune");
+    assert_eq!(
+        deleted, 25,
+        "every old finished run is pruned, in batches of 10"
+    );
+    for id in &old {
+        assert!(matches!(
+            store.get(id).await,
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+    assert!(store.get(&live.id).await.is_ok(), "a live run stays");
+    assert!(store.get(&recent.id).await.is_ok(), "a recent run stays");
+}
+
+/// Credentials, API keys, usage, files and schedule ticks.
+pub async fn meta_store<S>(store: Arc<S>)
+where
+    S: crate::ports::CredentialStore
+        + crate::ports::ApiKeyStore
+        + crate::ports::UsageStore
+        + crate::ports::FileStore
+        + crate::ports::ScheduleStore
+        + 'static,
+{
+    use crate::ports::{ApiKeyRecord, FileRecord, StoredCredential};
+    let now = Utc::now();
+
+    // Credentials.
+    let cred = StoredCredential {
+        id: "c1".into(),
+        name: "github".into(),
+        kind: "api_key".into(),
+        key_id: "k1".into(),
+        ciphertext: vec![1, 2, 3, 0, 255],
+        created_at: now,
+        updated_at: now,
+    };
+    store
+        .insert_credential(&cred)
+        .await
+        .expect("insert credential");
+    assert!(
+        matches!(
+            store
+                .insert_credential(&StoredCredential {
+                    id: "c2".into(),
+                    ..cred.clone()
+                })
+                .await,
+            Err(StoreError::AlreadyExists(_))
+        ),
+        "credential names are unique"
+    );
+    assert_eq!(
+        store.get_credential("c1").await.expect("by id").ciphertext,
+        vec![1, 2, 3, 0, 255],
+        "binary round trip"
+    );
+    assert_eq!(
+        store.get_credential("github").await.expect("by name").id,
+        "c1"
+    );
+    store
+        .reencrypt_credential("c1", "k1", "k2", &[9, 9])
+        .await
+        .expect("re-encrypt");
+    assert!(
+        matches!(
+            store.reencrypt_credential("c1", "k1", "k3", &[7]).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "re-encryption is compare-and-set on the key id"
+    );
+    let got = store.get_credential("c1").await.expect("get");
+    assert_eq!(
+        (got.key_id.as_str(), got.ciphertext.as_slice()),
+        ("k2", &[9u8, 9][..])
+    );
+    assert_eq!(store.list_credentials().await.expect("list").len(), 1);
+    store.delete_credential("c1").await.expect("delete");
+    assert!(matches!(
+        store.get_credential("c1").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.delete_credential("c1").await,
+        Err(StoreError::NotFound { .. })
+    ));
+
+    // API keys.
+    let key = ApiKeyRecord {
+        id: "a1".into(),
+        name: "ci".into(),
+        prefix: "fc_abc123".into(),
+        hash: "hash".into(),
+        created_at: now,
+        revoked_at: None,
+    };
+    store.insert_api_key(&key).await.expect("insert key");
+    assert!(matches!(
+        store
+            .insert_api_key(&ApiKeyRecord {
+                id: "a2".into(),
+                ..key.clone()
+            })
+            .await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    assert_eq!(
+        store
+            .find_api_key("fc_abc123")
+            .await
+            .expect("find")
+            .map(|k| k.id),
+        Some("a1".into())
+    );
+    assert!(store.find_api_key("fc_nope").await.expect("find").is_none());
+    store.revoke_api_key("a1").await.expect("revoke");
+    store
+        .revoke_api_key("a1")
+        .await
+        .expect("revoke is idempotent");
+    assert!(
+        store
+            .find_api_key("fc_abc123")
+            .await
+            .expect("find")
+            .and_then(|k| k.revoked_at)
+            .is_some()
+    );
+    assert!(matches!(
+        store.revoke_api_key("zz").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(store.list_api_keys().await.expect("list").len(), 1);
+
+    // Usage: concurrent adds all count.
+    let mut adds = Vec::new();
+    for _ in 0..20 {
+        let store = store.clone();
+        adds.push(tokio::spawn(async move {
+            store.add_usage("f1", "2026-11-22", 1, 4, 10).await
+        }));
+    }
+    for a in adds {
+        a.await.expect("task").expect("add usage");
+    }
+    store
+        .add_usage("f1", "2026-11-23", 1, 1, 0)
+        .await
+        .expect("add");
+    store
+        .add_usage("f2", "2026-11-22", 2, 2, 2)
+        .await
+        .expect("add");
+    let f1 = store
+        .usage(Some("f1"), "2026-11-01", "2026-11-30")
+        .await
+        .expect("usage");
+    assert_eq!(f1.len(), 2);
+    assert_eq!(
+        (
+            f1[0].day.as_str(),
+            f1[0].runs,
+            f1[0].node_executions,
+            f1[0].tokens
+        ),
+        ("2026-11-22", 20, 80, 200)
+    );
+    assert_eq!(
+        store
+            .usage(None, "2026-11-22", "2026-11-22")
+            .await
+            .expect("usage")
+            .len(),
+        2,
+        "all flows, one day"
+    );
+
+    // Files.
+    let file = FileRecord {
+        id: "file1".into(),
+        name: "report.pdf".into(),
+        content_type: "application/pdf".into(),
+        size: 1234,
+        blob_key: "files/file1".into(),
+        created_at: now,
+    };
+    store.insert_file(&file).await.expect("insert file");
+    assert_eq!(store.get_file("file1").await.expect("get").size, 1234);
+    store.delete_file("file1").await.expect("delete");
+    assert!(matches!(
+        store.get_file("file1").await,
+        Err(StoreError::NotFound { .. })
+    ));
+
+    // Schedule ticks: of many concurrent callers, one fires.
+    let tick = chrono::DateTime::from_timestamp(1_800_000_000, 0).expect("time");
+    let mut fires = Vec::new();
+    for _ in 0..8 {
+        let store = store.clone();
+        fires.push(tokio::spawn(async move {
+            store.try_fire("greet#0", tick, &RunId::new()).await
+        }));
+    }
+    let mut won = 0;
+    for f in fires {
+        if f.await.expect("task").expect("try fire") {
+            won += 1;
+        }
+    }
+    assert_eq!(won, 1, "a tick fires once");
+    assert!(
+        store
+            .try_fire(
+                "greet#0",
+                tick + chrono::Duration::minutes(1),
+                &RunId::new()
+            )
+            .await
+            .expect("next tick")
+    );
+}

@@ -23,3 +23,13 @@ async fn memory_queue() {
 async fn memory_blob_store() {
     flowcore::testkit::blob_store(&MemoryBlobStore::new()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_meta_store() {
+    flowcore::testkit::meta_store(Arc::new(flowcore::ports::memory::MemoryMetaStore::new())).await;
+}
+
+#[tokio::test]
+async fn memory_pruning() {
+    flowcore::testkit::pruning(&MemoryRunStore::new()).await;
+}

@@ -11,6 +11,7 @@
 //! `SQLITE_BUSY`. Reads use a pool of their own.
 
 mod flows;
+mod meta;
 mod runs;
 pub mod schema;
 

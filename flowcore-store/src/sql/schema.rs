@@ -52,4 +52,58 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    credentials (id) {
+        id -> Text,
+        name -> Text,
+        kind -> Text,
+        key_id -> Text,
+        ciphertext -> Binary,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    api_keys (id) {
+        id -> Text,
+        name -> Text,
+        prefix -> Text,
+        hash -> Text,
+        created_at -> BigInt,
+        last_used_at -> Nullable<BigInt>,
+        revoked_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    usage_daily (flow_id, day) {
+        flow_id -> Text,
+        day -> Text,
+        runs -> BigInt,
+        node_executions -> BigInt,
+        tokens -> BigInt,
+    }
+}
+
+diesel::table! {
+    files (id) {
+        id -> Text,
+        name -> Text,
+        content_type -> Text,
+        size -> BigInt,
+        blob_key -> Text,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    schedule_fires (schedule_id, fire_at) {
+        schedule_id -> Text,
+        fire_at -> BigInt,
+        run_id -> Nullable<Text>,
+        created_at -> BigInt,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(flows, flow_versions, runs, steps);

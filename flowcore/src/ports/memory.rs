@@ -10,8 +10,10 @@ use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 
 use super::{
-    BlobStore, FlowStore, Job, Lease, LeasedJob, NewRun, Page, Queue, QueueDepth, RunFilter,
-    RunOutcome, RunRecord, RunStore, StoreResult, StoredFlow, is_valid_blob_key,
+    ApiKeyRecord, ApiKeyStore, BlobStore, CredentialStore, FileRecord, FileStore, FlowStore, Job,
+    Lease, LeasedJob, NewRun, Page, Queue, QueueDepth, RunFilter, RunOutcome, RunRecord, RunStore,
+    ScheduleStore, StoreResult, StoredCredential, StoredFlow, UsageDay, UsageStore,
+    is_valid_blob_key,
 };
 use crate::error::StoreError;
 use crate::ids::{RunId, new_id};
@@ -714,5 +716,222 @@ impl BlobStore for MemoryBlobStore {
         check_key(key)?;
         lock(&self.blobs).remove(key);
         Ok(())
+    }
+}
+
+/// Credentials, API keys, usage, files and schedule ticks in memory.
+#[derive(Debug, Default)]
+pub struct MemoryMetaStore {
+    state: Mutex<MetaState>,
+}
+
+#[derive(Debug, Default)]
+struct MetaState {
+    credentials: Vec<StoredCredential>,
+    api_keys: Vec<ApiKeyRecord>,
+    usage: BTreeMap<(String, String), UsageDay>,
+    files: HashMap<String, FileRecord>,
+    fires: HashMap<(String, DateTime<Utc>), RunId>,
+}
+
+impl MemoryMetaStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl CredentialStore for MemoryMetaStore {
+    async fn insert_credential(&self, credential: &StoredCredential) -> StoreResult<()> {
+        let mut st = lock(&self.state);
+        if st
+            .credentials
+            .iter()
+            .any(|c| c.name == credential.name || c.id == credential.id)
+        {
+            return Err(StoreError::AlreadyExists(format!(
+                "credential `{}` exists",
+                credential.name
+            )));
+        }
+        st.credentials.push(credential.clone());
+        Ok(())
+    }
+    async fn get_credential(&self, id_or_name: &str) -> StoreResult<StoredCredential> {
+        lock(&self.state)
+            .credentials
+            .iter()
+            .find(|c| c.id == id_or_name || c.name == id_or_name)
+            .cloned()
+            .ok_or_else(|| StoreError::not_found("credential", id_or_name))
+    }
+    async fn list_credentials(&self) -> StoreResult<Vec<StoredCredential>> {
+        Ok(lock(&self.state).credentials.clone())
+    }
+    async fn reencrypt_credential(
+        &self,
+        id: &str,
+        old_key_id: &str,
+        key_id: &str,
+        ciphertext: &[u8],
+    ) -> StoreResult<()> {
+        let mut st = lock(&self.state);
+        let c = st
+            .credentials
+            .iter_mut()
+            .find(|c| c.id == id)
+            .ok_or_else(|| StoreError::not_found("credential", id))?;
+        if c.key_id != old_key_id {
+            return Err(StoreError::Conflict(format!(
+                "credential `{id}` is under key `{}`, not `{old_key_id}`",
+                c.key_id
+            )));
+        }
+        c.key_id = key_id.to_owned();
+        c.ciphertext = ciphertext.to_vec();
+        c.updated_at = Utc::now();
+        Ok(())
+    }
+    async fn delete_credential(&self, id: &str) -> StoreResult<()> {
+        let mut st = lock(&self.state);
+        let before = st.credentials.len();
+        st.credentials.retain(|c| c.id != id);
+        if st.credentials.len() == before {
+            Err(StoreError::not_found("credential", id))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl ApiKeyStore for MemoryMetaStore {
+    async fn insert_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
+        let mut st = lock(&self.state);
+        if st
+            .api_keys
+            .iter()
+            .any(|k| k.prefix == key.prefix || k.id == key.id)
+        {
+            return Err(StoreError::AlreadyExists(format!(
+                "API key prefix `{}` exists",
+                key.prefix
+            )));
+        }
+        st.api_keys.push(key.clone());
+        Ok(())
+    }
+    async fn find_api_key(&self, prefix: &str) -> StoreResult<Option<ApiKeyRecord>> {
+        Ok(lock(&self.state)
+            .api_keys
+            .iter()
+            .find(|k| k.prefix == prefix)
+            .cloned())
+    }
+    async fn list_api_keys(&self) -> StoreResult<Vec<ApiKeyRecord>> {
+        Ok(lock(&self.state).api_keys.clone())
+    }
+    async fn revoke_api_key(&self, id: &str) -> StoreResult<()> {
+        let mut st = lock(&self.state);
+        let key = st
+            .api_keys
+            .iter_mut()
+            .find(|k| k.id == id)
+            .ok_or_else(|| StoreError::not_found("API key", id))?;
+        key.revoked_at.get_or_insert_with(Utc::now);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl UsageStore for MemoryMetaStore {
+    async fn add_usage(
+        &self,
+        flow_id: &str,
+        day: &str,
+        runs: u64,
+        node_executions: u64,
+        tokens: u64,
+    ) -> StoreResult<()> {
+        let mut st = lock(&self.state);
+        let entry = st
+            .usage
+            .entry((flow_id.to_owned(), day.to_owned()))
+            .or_insert_with(|| UsageDay {
+                flow_id: flow_id.to_owned(),
+                day: day.to_owned(),
+                runs: 0,
+                node_executions: 0,
+                tokens: 0,
+            });
+        entry.runs += runs;
+        entry.node_executions += node_executions;
+        entry.tokens += tokens;
+        Ok(())
+    }
+    async fn usage(
+        &self,
+        flow_id: Option<&str>,
+        from_day: &str,
+        to_day: &str,
+    ) -> StoreResult<Vec<UsageDay>> {
+        Ok(lock(&self.state)
+            .usage
+            .values()
+            .filter(|u| {
+                flow_id.is_none_or(|f| f == u.flow_id)
+                    && u.day.as_str() >= from_day
+                    && u.day.as_str() <= to_day
+            })
+            .cloned()
+            .collect())
+    }
+}
+
+#[async_trait]
+impl FileStore for MemoryMetaStore {
+    async fn insert_file(&self, file: &FileRecord) -> StoreResult<()> {
+        let mut st = lock(&self.state);
+        if st.files.contains_key(&file.id) {
+            return Err(StoreError::AlreadyExists(format!(
+                "file `{}` exists",
+                file.id
+            )));
+        }
+        st.files.insert(file.id.clone(), file.clone());
+        Ok(())
+    }
+    async fn get_file(&self, id: &str) -> StoreResult<FileRecord> {
+        lock(&self.state)
+            .files
+            .get(id)
+            .cloned()
+            .ok_or_else(|| StoreError::not_found("file", id))
+    }
+    async fn delete_file(&self, id: &str) -> StoreResult<()> {
+        lock(&self.state)
+            .files
+            .remove(id)
+            .map(|_| ())
+            .ok_or_else(|| StoreError::not_found("file", id))
+    }
+}
+
+#[async_trait]
+impl ScheduleStore for MemoryMetaStore {
+    async fn try_fire(
+        &self,
+        schedule_id: &str,
+        fire_at: DateTime<Utc>,
+        run_id: &RunId,
+    ) -> StoreResult<bool> {
+        let mut st = lock(&self.state);
+        let key = (schedule_id.to_owned(), fire_at);
+        if st.fires.contains_key(&key) {
+            return Ok(false);
+        }
+        st.fires.insert(key, run_id.clone());
+        Ok(true)
     }
 }

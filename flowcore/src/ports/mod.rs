@@ -287,3 +287,172 @@ pub trait BlobStore: Send + Sync {
     /// Removes `key`; removing a missing key is not an error.
     async fn delete(&self, key: &str) -> StoreResult<()>;
 }
+
+/// Deletes finished runs created before `before`, in batches of `batch`, pausing `pause`
+/// between batches so that normal work gets the database in between (n8n and Activepieces
+/// users hit pruning that locks the pool). Returns how many runs were deleted.
+pub async fn prune_runs(
+    store: &dyn RunStore,
+    before: DateTime<Utc>,
+    batch: usize,
+    pause: Duration,
+) -> StoreResult<usize> {
+    let batch = batch.max(1);
+    let mut total = 0;
+    loop {
+        let n = store.prune(before, batch).await?;
+        total += n;
+        if n < batch {
+            return Ok(total);
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// A stored credential: only ciphertext, tagged with the id of the key that encrypted it (the
+/// crypto is the server's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCredential {
+    /// Its id.
+    pub id: String,
+    /// A unique name that flows refer to.
+    pub name: String,
+    /// What kind of secret (`api_key`, `basic_auth`, ...).
+    pub kind: String,
+    /// The id of the encryption key.
+    pub key_id: String,
+    /// The encrypted secret (nonce included).
+    pub ciphertext: Vec<u8>,
+    /// When it was stored.
+    pub created_at: DateTime<Utc>,
+    /// When it was last re-encrypted or replaced.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Encrypted credentials.
+#[async_trait]
+pub trait CredentialStore: Send + Sync {
+    /// Stores a new credential. `AlreadyExists` when the name is taken.
+    async fn insert_credential(&self, credential: &StoredCredential) -> StoreResult<()>;
+    /// One credential by id or by name.
+    async fn get_credential(&self, id_or_name: &str) -> StoreResult<StoredCredential>;
+    /// All credentials, oldest first.
+    async fn list_credentials(&self) -> StoreResult<Vec<StoredCredential>>;
+    /// Replaces the ciphertext and key id (key rotation), if `key_id` is still `old_key_id`.
+    async fn reencrypt_credential(
+        &self,
+        id: &str,
+        old_key_id: &str,
+        key_id: &str,
+        ciphertext: &[u8],
+    ) -> StoreResult<()>;
+    /// Deletes a credential.
+    async fn delete_credential(&self, id: &str) -> StoreResult<()>;
+}
+
+/// A stored API key: a hash and a short public prefix, never the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyRecord {
+    /// Its id.
+    pub id: String,
+    /// A human name.
+    pub name: String,
+    /// The key's first characters, shown in listings and used to find the hash.
+    pub prefix: String,
+    /// The key's hash.
+    pub hash: String,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it was revoked.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// API keys.
+#[async_trait]
+pub trait ApiKeyStore: Send + Sync {
+    /// Stores a new key. `AlreadyExists` when the prefix is taken.
+    async fn insert_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()>;
+    /// The key with this prefix, revoked or not.
+    async fn find_api_key(&self, prefix: &str) -> StoreResult<Option<ApiKeyRecord>>;
+    /// All keys, oldest first.
+    async fn list_api_keys(&self) -> StoreResult<Vec<ApiKeyRecord>>;
+    /// Revokes a key (idempotent). `NotFound` when there is none.
+    async fn revoke_api_key(&self, id: &str) -> StoreResult<()>;
+}
+
+/// Usage of one flow on one day (UTC).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UsageDay {
+    /// The flow.
+    pub flow_id: String,
+    /// `YYYY-MM-DD`.
+    pub day: String,
+    /// Runs started.
+    pub runs: u64,
+    /// Node executions.
+    pub node_executions: u64,
+    /// LLM tokens.
+    pub tokens: u64,
+}
+
+/// Usage counters per flow and day.
+#[async_trait]
+pub trait UsageStore: Send + Sync {
+    /// Adds to a flow's counters of a day (atomically; concurrent adds all count).
+    async fn add_usage(
+        &self,
+        flow_id: &str,
+        day: &str,
+        runs: u64,
+        node_executions: u64,
+        tokens: u64,
+    ) -> StoreResult<()>;
+    /// Counters of one flow (or all) between two days, inclusive, by flow then day.
+    async fn usage(
+        &self,
+        flow_id: Option<&str>,
+        from_day: &str,
+        to_day: &str,
+    ) -> StoreResult<Vec<UsageDay>>;
+}
+
+/// Metadata of an uploaded file; the bytes are in the blob store under `blob_key`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FileRecord {
+    /// Its id.
+    pub id: String,
+    /// The name it was uploaded with (metadata only: never a path).
+    pub name: String,
+    /// Its content type.
+    pub content_type: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Where the bytes are.
+    pub blob_key: String,
+    /// When it was uploaded.
+    pub created_at: DateTime<Utc>,
+}
+
+/// File metadata.
+#[async_trait]
+pub trait FileStore: Send + Sync {
+    /// Stores a file's metadata.
+    async fn insert_file(&self, file: &FileRecord) -> StoreResult<()>;
+    /// One file's metadata.
+    async fn get_file(&self, id: &str) -> StoreResult<FileRecord>;
+    /// Deletes a file's metadata.
+    async fn delete_file(&self, id: &str) -> StoreResult<()>;
+}
+
+/// Schedule ticks: a cron tick fires once however many servers run.
+#[async_trait]
+pub trait ScheduleStore: Send + Sync {
+    /// Records that `schedule_id` fires at `fire_at`; `true` for the one caller that got there
+    /// first, `false` for everyone else.
+    async fn try_fire(
+        &self,
+        schedule_id: &str,
+        fire_at: DateTime<Utc>,
+        run_id: &RunId,
+    ) -> StoreResult<bool>;
+}

@@ -1,0 +1,431 @@
+//! Credentials (ciphertext only), API keys (hashes), usage counters, file metadata and
+//! schedule ticks over SQL.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+use diesel_async::RunQueryDsl;
+use flowcore::ports::{
+    ApiKeyRecord, ApiKeyStore, CredentialStore, FileRecord, FileStore, ScheduleStore, StoreResult,
+    StoredCredential, UsageDay, UsageStore,
+};
+use flowcore::{RunId, StoreError};
+
+use super::schema::{api_keys, credentials, files, schedule_fires, usage_daily};
+use super::{SqlStore, db_error, from_micros, micros, with_conn};
+
+type CredentialRow = (String, String, String, String, Vec<u8>, i64, i64);
+
+fn credential(row: CredentialRow) -> StoredCredential {
+    let (id, name, kind, key_id, ciphertext, created_at, updated_at) = row;
+    StoredCredential {
+        id,
+        name,
+        kind,
+        key_id,
+        ciphertext,
+        created_at: from_micros(created_at),
+        updated_at: from_micros(updated_at),
+    }
+}
+
+const CREDENTIAL_COLUMNS: (
+    credentials::id,
+    credentials::name,
+    credentials::kind,
+    credentials::key_id,
+    credentials::ciphertext,
+    credentials::created_at,
+    credentials::updated_at,
+) = (
+    credentials::id,
+    credentials::name,
+    credentials::kind,
+    credentials::key_id,
+    credentials::ciphertext,
+    credentials::created_at,
+    credentials::updated_at,
+);
+
+fn already_exists(what: String) -> impl FnOnce(diesel::result::Error) -> StoreError {
+    move |e| {
+        if super::is_unique_violation(&e) {
+            StoreError::AlreadyExists(what)
+        } else {
+            db_error("writing", e)
+        }
+    }
+}
+
+#[async_trait]
+impl CredentialStore for SqlStore {
+    async fn insert_credential(&self, c: &StoredCredential) -> StoreResult<()> {
+        with_conn!(self, write, |conn| {
+            diesel::insert_into(credentials::table)
+                .values((
+                    credentials::id.eq(&c.id),
+                    credentials::name.eq(&c.name),
+                    credentials::kind.eq(&c.kind),
+                    credentials::key_id.eq(&c.key_id),
+                    credentials::ciphertext.eq(&c.ciphertext),
+                    credentials::created_at.eq(micros(c.created_at)),
+                    credentials::updated_at.eq(micros(c.updated_at)),
+                ))
+                .execute(conn)
+                .await
+                .map_err(already_exists(format!("credential `{}` exists", c.name)))?;
+        });
+        Ok(())
+    }
+
+    async fn get_credential(&self, id_or_name: &str) -> StoreResult<StoredCredential> {
+        let row: Option<CredentialRow> = with_conn!(self, read, |conn| {
+            credentials::table
+                .filter(
+                    credentials::id
+                        .eq(id_or_name)
+                        .or(credentials::name.eq(id_or_name)),
+                )
+                .select(CREDENTIAL_COLUMNS)
+                .first(conn)
+                .await
+                .optional()
+                .map_err(|e| db_error("reading a credential", e))?
+        });
+        row.map(credential)
+            .ok_or_else(|| StoreError::not_found("credential", id_or_name))
+    }
+
+    async fn list_credentials(&self) -> StoreResult<Vec<StoredCredential>> {
+        let rows: Vec<CredentialRow> = with_conn!(self, read, |conn| {
+            credentials::table
+                .select(CREDENTIAL_COLUMNS)
+                .order((credentials::created_at.asc(), credentials::id.asc()))
+                .load(conn)
+                .await
+                .map_err(|e| db_error("listing credentials", e))?
+        });
+        Ok(rows.into_iter().map(credential).collect())
+    }
+
+    async fn reencrypt_credential(
+        &self,
+        id: &str,
+        old_key_id: &str,
+        key_id: &str,
+        ciphertext: &[u8],
+    ) -> StoreResult<()> {
+        let now = micros(Utc::now());
+        let changed: usize = with_conn!(self, write, |conn| {
+            diesel::update(
+                credentials::table.filter(
+                    credentials::id
+                        .eq(id)
+                        .and(credentials::key_id.eq(old_key_id)),
+                ),
+            )
+            .set((
+                credentials::key_id.eq(key_id),
+                credentials::ciphertext.eq(ciphertext),
+                credentials::updated_at.eq(now),
+            ))
+            .execute(conn)
+            .await
+            .map_err(|e| db_error("re-encrypting a credential", e))?
+        });
+        if changed == 1 {
+            return Ok(());
+        }
+        let current = self.get_credential(id).await?;
+        Err(StoreError::Conflict(format!(
+            "credential `{id}` is under key `{}`, not `{old_key_id}`",
+            current.key_id
+        )))
+    }
+
+    async fn delete_credential(&self, id: &str) -> StoreResult<()> {
+        let deleted: usize = with_conn!(self, write, |conn| {
+            diesel::delete(credentials::table.find(id))
+                .execute(conn)
+                .await
+                .map_err(|e| db_error("deleting a credential", e))?
+        });
+        if deleted == 0 {
+            Err(StoreError::not_found("credential", id))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+type ApiKeyRow = (String, String, String, String, i64, Option<i64>);
+
+fn api_key(row: ApiKeyRow) -> ApiKeyRecord {
+    let (id, name, prefix, hash, created_at, revoked_at) = row;
+    ApiKeyRecord {
+        id,
+        name,
+        prefix,
+        hash,
+        created_at: from_micros(created_at),
+        revoked_at: revoked_at.map(from_micros),
+    }
+}
+
+const API_KEY_COLUMNS: (
+    api_keys::id,
+    api_keys::name,
+    api_keys::prefix,
+    api_keys::hash,
+    api_keys::created_at,
+    api_keys::revoked_at,
+) = (
+    api_keys::id,
+    api_keys::name,
+    api_keys::prefix,
+    api_keys::hash,
+    api_keys::created_at,
+    api_keys::revoked_at,
+);
+
+#[async_trait]
+impl ApiKeyStore for SqlStore {
+    async fn insert_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
+        with_conn!(self, write, |conn| {
+            diesel::insert_into(api_keys::table)
+                .values((
+                    api_keys::id.eq(&key.id),
+                    api_keys::name.eq(&key.name),
+                    api_keys::prefix.eq(&key.prefix),
+                    api_keys::hash.eq(&key.hash),
+                    api_keys::created_at.eq(micros(key.created_at)),
+                    api_keys::revoked_at.eq(key.revoked_at.map(micros)),
+                ))
+                .execute(conn)
+                .await
+                .map_err(already_exists(format!(
+                    "API key prefix `{}` exists",
+                    key.prefix
+                )))?;
+        });
+        Ok(())
+    }
+
+    async fn find_api_key(&self, prefix: &str) -> StoreResult<Option<ApiKeyRecord>> {
+        let row: Option<ApiKeyRow> = with_conn!(self, read, |conn| {
+            api_keys::table
+                .filter(api_keys::prefix.eq(prefix))
+                .select(API_KEY_COLUMNS)
+                .first(conn)
+                .await
+                .optional()
+                .map_err(|e| db_error("reading an API key", e))?
+        });
+        Ok(row.map(api_key))
+    }
+
+    async fn list_api_keys(&self) -> StoreResult<Vec<ApiKeyRecord>> {
+        let rows: Vec<ApiKeyRow> = with_conn!(self, read, |conn| {
+            api_keys::table
+                .select(API_KEY_COLUMNS)
+                .order((api_keys::created_at.asc(), api_keys::id.asc()))
+                .load(conn)
+                .await
+                .map_err(|e| db_error("listing API keys", e))?
+        });
+        Ok(rows.into_iter().map(api_key).collect())
+    }
+
+    async fn revoke_api_key(&self, id: &str) -> StoreResult<()> {
+        let now = micros(Utc::now());
+        let found: usize = with_conn!(self, write, |conn| {
+            diesel::update(api_keys::table.find(id))
+                .set(api_keys::revoked_at.eq(diesel::dsl::sql::<
+                    diesel::sql_types::Nullable<diesel::sql_types::BigInt>,
+                >(&format!(
+                    "COALESCE(revoked_at, {now})"
+                ))))
+                .execute(conn)
+                .await
+                .map_err(|e| db_error("revoking an API key", e))?
+        });
+        if found == 0 {
+            Err(StoreError::not_found("API key", id))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn count(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl UsageStore for SqlStore {
+    async fn add_usage(
+        &self,
+        flow_id: &str,
+        day: &str,
+        runs: u64,
+        node_executions: u64,
+        tokens: u64,
+    ) -> StoreResult<()> {
+        with_conn!(self, write, |conn| {
+            diesel::insert_into(usage_daily::table)
+                .values((
+                    usage_daily::flow_id.eq(flow_id),
+                    usage_daily::day.eq(day),
+                    usage_daily::runs.eq(count(runs)),
+                    usage_daily::node_executions.eq(count(node_executions)),
+                    usage_daily::tokens.eq(count(tokens)),
+                ))
+                .on_conflict((usage_daily::flow_id, usage_daily::day))
+                .do_update()
+                .set((
+                    usage_daily::runs.eq(usage_daily::runs + excluded(usage_daily::runs)),
+                    usage_daily::node_executions
+                        .eq(usage_daily::node_executions + excluded(usage_daily::node_executions)),
+                    usage_daily::tokens.eq(usage_daily::tokens + excluded(usage_daily::tokens)),
+                ))
+                .execute(conn)
+                .await
+                .map_err(|e| db_error("adding usage", e))?;
+        });
+        Ok(())
+    }
+
+    async fn usage(
+        &self,
+        flow_id: Option<&str>,
+        from_day: &str,
+        to_day: &str,
+    ) -> StoreResult<Vec<UsageDay>> {
+        let rows: Vec<(String, String, i64, i64, i64)> = with_conn!(self, read, |conn| {
+            let mut query = usage_daily::table
+                .filter(
+                    usage_daily::day
+                        .ge(from_day)
+                        .and(usage_daily::day.le(to_day)),
+                )
+                .select((
+                    usage_daily::flow_id,
+                    usage_daily::day,
+                    usage_daily::runs,
+                    usage_daily::node_executions,
+                    usage_daily::tokens,
+                ))
+                .order((usage_daily::flow_id.asc(), usage_daily::day.asc()))
+                .into_boxed();
+            if let Some(flow_id) = flow_id {
+                query = query.filter(usage_daily::flow_id.eq(flow_id.to_owned()));
+            }
+            query
+                .load(conn)
+                .await
+                .map_err(|e| db_error("reading usage", e))?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|(flow_id, day, runs, node_executions, tokens)| UsageDay {
+                flow_id,
+                day,
+                runs: runs.max(0) as u64,
+                node_executions: node_executions.max(0) as u64,
+                tokens: tokens.max(0) as u64,
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl FileStore for SqlStore {
+    async fn insert_file(&self, file: &FileRecord) -> StoreResult<()> {
+        with_conn!(self, write, |conn| {
+            diesel::insert_into(files::table)
+                .values((
+                    files::id.eq(&file.id),
+                    files::name.eq(&file.name),
+                    files::content_type.eq(&file.content_type),
+                    files::size.eq(count(file.size)),
+                    files::blob_key.eq(&file.blob_key),
+                    files::created_at.eq(micros(file.created_at)),
+                ))
+                .execute(conn)
+                .await
+                .map_err(already_exists(format!("file `{}` exists", file.id)))?;
+        });
+        Ok(())
+    }
+
+    async fn get_file(&self, id: &str) -> StoreResult<FileRecord> {
+        let row: Option<(String, String, String, i64, String, i64)> =
+            with_conn!(self, read, |conn| {
+                files::table
+                    .find(id)
+                    .select((
+                        files::id,
+                        files::name,
+                        files::content_type,
+                        files::size,
+                        files::blob_key,
+                        files::created_at,
+                    ))
+                    .first(conn)
+                    .await
+                    .optional()
+                    .map_err(|e| db_error("reading a file", e))?
+            });
+        let (id, name, content_type, size, blob_key, created_at) =
+            row.ok_or_else(|| StoreError::not_found("file", id))?;
+        Ok(FileRecord {
+            id,
+            name,
+            content_type,
+            size: size.max(0) as u64,
+            blob_key,
+            created_at: from_micros(created_at),
+        })
+    }
+
+    async fn delete_file(&self, id: &str) -> StoreResult<()> {
+        let deleted: usize = with_conn!(self, write, |conn| {
+            diesel::delete(files::table.find(id))
+                .execute(conn)
+                .await
+                .map_err(|e| db_error("deleting a file", e))?
+        });
+        if deleted == 0 {
+            Err(StoreError::not_found("file", id))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl ScheduleStore for SqlStore {
+    async fn try_fire(
+        &self,
+        schedule_id: &str,
+        fire_at: DateTime<Utc>,
+        run_id: &RunId,
+    ) -> StoreResult<bool> {
+        let now = micros(Utc::now());
+        let inserted: usize = with_conn!(self, write, |conn| {
+            diesel::insert_into(schedule_fires::table)
+                .values((
+                    schedule_fires::schedule_id.eq(schedule_id),
+                    schedule_fires::fire_at.eq(micros(fire_at)),
+                    schedule_fires::run_id.eq(run_id.as_str()),
+                    schedule_fires::created_at.eq(now),
+                ))
+                .on_conflict_do_nothing()
+                .execute(conn)
+                .await
+                .map_err(|e| db_error("recording a schedule tick", e))?
+        });
+        Ok(inserted == 1)
+    }
+}

@@ -1216,3 +1216,53 @@ where
             .expect("next tick")
     );
 }
+
+/// `claim_next` under concurrency: every claimable run is claimed exactly once.
+pub async fn claim_next(store: Arc<dyn RunStore>) {
+    let mut ours = HashSet::new();
+    for _ in 0..30 {
+        ours.insert(
+            store
+                .create(new_run("claim-next", None))
+                .await
+                .expect("create")
+                .0
+                .id,
+        );
+    }
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            while let Some(run) = store
+                .claim_next(&format!("w{w}"), Duration::from_secs(60))
+                .await
+                .expect("claim next")
+            {
+                assert_eq!(run.status, RunStatus::Running);
+                assert_eq!(
+                    run.lease.as_ref().map(|l| l.owner.clone()),
+                    Some(format!("w{w}"))
+                );
+                mine.push(run.id);
+            }
+            mine
+        }));
+    }
+    let mut claimed = Vec::new();
+    for t in tasks {
+        claimed.extend(t.await.expect("task"));
+    }
+    let unique: HashSet<_> = claimed.iter().cloned().collect();
+    assert_eq!(unique.len(), claimed.len(), "no run was claimed twice");
+    assert!(ours.is_subset(&unique), "every queued run was claimed");
+    assert!(
+        store
+            .claim_next("late", Duration::from_secs(60))
+            .await
+            .expect("claim next")
+            .is_none(),
+        "nothing left"
+    );
+}

@@ -33,3 +33,8 @@ async fn memory_meta_store() {
 async fn memory_pruning() {
     flowcore::testkit::pruning(&MemoryRunStore::new()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_claim_next() {
+    flowcore::testkit::claim_next(Arc::new(MemoryRunStore::new())).await;
+}

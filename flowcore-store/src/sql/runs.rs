@@ -450,6 +450,45 @@ impl RunStore for SqlStore {
         }
     }
 
+    async fn claim_next(&self, owner: &str, ttl: Duration) -> StoreResult<Option<RunRecord>> {
+        use diesel::sql_types::{BigInt, Text};
+        #[derive(QueryableByName)]
+        struct Claimed {
+            #[diesel(sql_type = Text)]
+            id: String,
+        }
+        let now = micros(Utc::now());
+        let expires = now.saturating_add(ttl_micros(ttl));
+        // The same statement on both backends but for the row lock: PostgreSQL skips rows other
+        // claimers hold; SQLite has one writer at a time, so the statement is atomic as is.
+        let lock = match self.backend() {
+            super::Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+            super::Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "UPDATE runs SET status = 'running', epoch = epoch + 1, lease_owner = $1, lease_expires_at = $2, \
+             started_at = COALESCE(started_at, $3) \
+             WHERE seq = (SELECT seq FROM runs WHERE status = 'queued' \
+                 OR (status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at <= $3)) \
+                 ORDER BY seq LIMIT 1 {lock}) \
+             RETURNING id"
+        );
+        let claimed: Option<Claimed> = with_conn!(self, write, |conn| {
+            diesel::sql_query(&sql)
+                .bind::<Text, _>(owner)
+                .bind::<BigInt, _>(expires)
+                .bind::<BigInt, _>(now)
+                .get_result(conn)
+                .await
+                .optional()
+                .map_err(|e| db_error("claiming the next run", e))?
+        });
+        match claimed {
+            Some(c) => self.get_row(&c.id).await,
+            None => Ok(None),
+        }
+    }
+
     async fn renew(&self, id: &RunId, epoch: u64, ttl: Duration) -> StoreResult<Lease> {
         let expires = micros(Utc::now()).saturating_add(ttl_micros(ttl));
         let owner: Option<Option<String>> = with_conn!(self, write, |conn| {

@@ -322,6 +322,31 @@ impl RunStore for MemoryRunStore {
         Ok(lease)
     }
 
+    async fn claim_next(&self, owner: &str, ttl: Duration) -> StoreResult<Option<RunRecord>> {
+        let mut st = lock(&self.state);
+        let now = Utc::now();
+        let next = st.order.values().find(|id| {
+            st.runs.get(*id).is_some_and(|(_, r)| {
+                r.status == RunStatus::Queued
+                    || (r.status == RunStatus::Running
+                        && r.lease.as_ref().is_none_or(|l| l.expires_at <= now))
+            })
+        });
+        let Some(id) = next.cloned() else {
+            return Ok(None);
+        };
+        let run = st.run_mut(&id)?;
+        run.epoch += 1;
+        run.status = RunStatus::Running;
+        run.started_at.get_or_insert(now);
+        run.lease = Some(Lease {
+            owner: owner.to_owned(),
+            expires_at: now + ttl_to_chrono(ttl),
+            epoch: run.epoch,
+        });
+        Ok(Some(run.clone()))
+    }
+
     async fn renew(&self, id: &RunId, epoch: u64, ttl: Duration) -> StoreResult<Lease> {
         let mut st = lock(&self.state);
         let run = st.owned_mut(id, epoch)?;

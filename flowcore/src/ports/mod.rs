@@ -165,6 +165,10 @@ pub trait RunStore: Send + Sync {
     /// Takes ownership of a run to execute it: a queued run, or a running one whose lease has
     /// expired. Sets `running`, a lease for `ttl` and a new epoch. `Conflict` otherwise.
     async fn claim(&self, id: &RunId, owner: &str, ttl: Duration) -> StoreResult<Lease>;
+    /// Claims the oldest claimable run (queued, or running with an expired lease), if any: the
+    /// way a reaper recovers runs whose worker died, and a queue of last resort. Concurrent
+    /// callers never get the same run (PostgreSQL: `FOR UPDATE SKIP LOCKED`).
+    async fn claim_next(&self, owner: &str, ttl: Duration) -> StoreResult<Option<RunRecord>>;
     /// Extends the lease of the current owner. `StaleLease` when another owner took over.
     async fn renew(&self, id: &RunId, epoch: u64, ttl: Duration) -> StoreResult<Lease>;
     /// Checkpoints steps (insert or replace by node). `StaleLease` when `epoch` is not current.

@@ -8,3 +8,137 @@ use flowcore::ports::memory::MemoryRunStore;
 async fn durable_runs_on_the_memory_store() {
     flowcore::testkit::durable_runs(Arc::new(MemoryRunStore::new())).await;
 }
+
+mod commits {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use chrono::{DateTime, Utc};
+    use flowcore::durable::{self, Checkpoint, DurableOptions, Hooks};
+    use flowcore::ports::memory::MemoryRunStore;
+    use flowcore::ports::{
+        Lease, NewRun, Page, RunFilter, RunOutcome, RunRecord, RunStore, StoreResult,
+    };
+    use flowcore::{Engine, FlowDef, RunId, RunStatus, StepRecord, async_trait};
+
+    /// Counts the calls that write (each is one commit in the SQL store).
+    #[derive(Default)]
+    struct Counting {
+        inner: MemoryRunStore,
+        writes: AtomicUsize,
+    }
+
+    impl Counting {
+        fn write(&self) {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[async_trait]
+    impl RunStore for Counting {
+        async fn create(&self, run: NewRun) -> StoreResult<(RunRecord, bool)> {
+            self.write();
+            self.inner.create(run).await
+        }
+        async fn get(&self, id: &RunId) -> StoreResult<RunRecord> {
+            self.inner.get(id).await
+        }
+        async fn list(&self, filter: &RunFilter) -> StoreResult<Page<RunRecord>> {
+            self.inner.list(filter).await
+        }
+        async fn claim(&self, id: &RunId, owner: &str, ttl: Duration) -> StoreResult<Lease> {
+            self.write();
+            self.inner.claim(id, owner, ttl).await
+        }
+        async fn claim_next(&self, owner: &str, ttl: Duration) -> StoreResult<Option<RunRecord>> {
+            self.write();
+            self.inner.claim_next(owner, ttl).await
+        }
+        async fn renew(&self, id: &RunId, epoch: u64, ttl: Duration) -> StoreResult<Lease> {
+            self.write();
+            self.inner.renew(id, epoch, ttl).await
+        }
+        async fn record_steps(
+            &self,
+            id: &RunId,
+            epoch: u64,
+            steps: &[StepRecord],
+        ) -> StoreResult<()> {
+            self.write();
+            self.inner.record_steps(id, epoch, steps).await
+        }
+        async fn steps(&self, id: &RunId) -> StoreResult<Vec<StepRecord>> {
+            self.inner.steps(id).await
+        }
+        async fn finish(
+            &self,
+            id: &RunId,
+            epoch: u64,
+            outcome: RunOutcome,
+        ) -> StoreResult<RunRecord> {
+            self.write();
+            self.inner.finish(id, epoch, outcome).await
+        }
+        async fn release(&self, id: &RunId, epoch: u64) -> StoreResult<()> {
+            self.write();
+            self.inner.release(id, epoch).await
+        }
+        async fn transition(
+            &self,
+            id: &RunId,
+            from: RunStatus,
+            to: RunStatus,
+        ) -> StoreResult<RunRecord> {
+            self.write();
+            self.inner.transition(id, from, to).await
+        }
+        async fn expired(&self, now: DateTime<Utc>, limit: usize) -> StoreResult<Vec<RunId>> {
+            self.inner.expired(now, limit).await
+        }
+        async fn prune(&self, before: DateTime<Utc>, batch: usize) -> StoreResult<usize> {
+            self.inner.prune(before, batch).await
+        }
+    }
+
+    async fn writes_for(checkpoint: Checkpoint) -> (usize, usize) {
+        let counting = Arc::new(Counting::default());
+        let runs: Arc<dyn RunStore> = counting.clone();
+        let engine = Engine::new();
+        let flow = FlowDef::from_json(include_str!("../../examples/flows/greet.json")).unwrap();
+        let plan = engine.compile(&flow).unwrap();
+        let options = DurableOptions {
+            checkpoint,
+            ..DurableOptions::new("w")
+        };
+        let new = NewRun {
+            id: RunId::new(),
+            flow_id: "greet".into(),
+            flow_version: 1,
+            input: serde_json::json!({"name": "ada", "n": 7}),
+            idempotency_key: None,
+            claim: Some(options.claim()),
+        };
+        let (run, _) = runs.create(new).await.unwrap();
+        let done = durable::execute(&engine, &plan, &runs, &run, &options, Hooks::default())
+            .await
+            .unwrap();
+        assert_eq!(done.status, RunStatus::Succeeded);
+        let steps = runs.steps(&run.id).await.unwrap().len();
+        (counting.writes.load(Ordering::SeqCst), steps)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fast_four_node_run_costs_two_commits_when_batched() {
+        assert_eq!(
+            writes_for(Checkpoint::Batched(Duration::from_secs(5))).await,
+            (2, 4),
+            "create + finish"
+        );
+        assert_eq!(
+            writes_for(Checkpoint::EveryStep).await,
+            (6, 4),
+            "create + 4 steps + finish"
+        );
+    }
+}

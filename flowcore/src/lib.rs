@@ -58,8 +58,3 @@ pub use node::{Node, NodeContext, NodeFactory, Output, Registry};
 pub use plan::Plan;
 pub use run::{RunResult, RunStatus, StepRecord, StepRecorder, StepStatus};
 pub use tokio_util::sync::CancellationToken;
-
-/// The README's Rust examples, compiled and run as doctests so that they stay true.
-#[doc = include_str!("../../README.md")]
-#[cfg(doctest)]
-pub struct ReadmeDoctests;

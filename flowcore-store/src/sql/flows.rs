@@ -203,10 +203,6 @@ impl FlowStore for SqlStore {
             .await
             .map_err(|e| db_error("deleting a flow", e))?
         });
-        if deleted == 0 {
-            Err(StoreError::not_found("flow", id))
-        } else {
-            Ok(())
-        }
+        super::found(deleted, "flow", id)
     }
 }

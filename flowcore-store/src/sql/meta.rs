@@ -151,11 +151,7 @@ impl CredentialStore for SqlStore {
                 .await
                 .map_err(|e| db_error("deleting a credential", e))?
         });
-        if deleted == 0 {
-            Err(StoreError::not_found("credential", id))
-        } else {
-            Ok(())
-        }
+        super::found(deleted, "credential", id)
     }
 }
 
@@ -250,11 +246,7 @@ impl ApiKeyStore for SqlStore {
                 .await
                 .map_err(|e| db_error("revoking an API key", e))?
         });
-        if found == 0 {
-            Err(StoreError::not_found("API key", id))
-        } else {
-            Ok(())
-        }
+        super::found(found, "API key", id)
     }
 }
 
@@ -396,11 +388,7 @@ impl FileStore for SqlStore {
                 .await
                 .map_err(|e| db_error("deleting a file", e))?
         });
-        if deleted == 0 {
-            Err(StoreError::not_found("file", id))
-        } else {
-            Ok(())
-        }
+        super::found(deleted, "file", id)
     }
 }
 

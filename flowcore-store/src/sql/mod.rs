@@ -349,6 +349,15 @@ pub(crate) fn is_unique_violation(e: &diesel::result::Error) -> bool {
     )
 }
 
+/// `Ok` when a write touched a row, `NotFound` for `what` `id` when it touched none.
+pub(crate) fn found(rows: usize, what: &'static str, id: &str) -> Result<(), StoreError> {
+    if rows == 0 {
+        Err(StoreError::not_found(what, id))
+    } else {
+        Ok(())
+    }
+}
+
 pub(crate) fn micros(t: DateTime<Utc>) -> i64 {
     t.timestamp_micros()
 }

@@ -1,0 +1,573 @@
+//! The Redis queue: the shared twin of [`flowcore::ports::memory::MemoryQueue`].
+//!
+//! Design (see ARCHITECTURE.md): per worker group, a sorted set `due` holds every job once,
+//! scored by when it is next due (its ready time, or its lease expiry while leased); a hash per
+//! job holds the run id, the delivery count and the current lease token; `leased` tracks live
+//! leases for the depth metric; `dead` lists dead-lettered jobs. Every operation is one Lua
+//! script, so it is atomic and one round trip: enqueue + lease = 2 round trips per dispatched
+//! job. Redis' own clock (`TIME`) decides expiry, so worker clocks do not matter. Enqueues
+//! publish on a channel that one subscriber per process turns into a wake-up for waiting
+//! leases; a lost message only delays a waiter to its next poll.
+//!
+//! Connections come from a bb8 pool with our own manager: bb8-redis pings on every checkout
+//! (a round trip per command) and never reports a broken connection, so after a Redis restart its
+//! pool would hand out dead connections. Ours marks a connection broken on an I/O error, bb8
+//! drops it, and the next checkout reconnects. Every command has a timeout.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use flowcore::ports::{Job, LeasedJob, Queue, QueueDepth, StoreResult};
+use flowcore::{RunId, StoreError};
+use futures::StreamExt;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, RedisError, Script};
+use tokio::sync::Notify;
+
+/// How to reach Redis.
+#[derive(Clone)]
+pub struct RedisConfig {
+    /// `REDIS_URL`.
+    pub url: String,
+    /// `FLOWCORE_REDIS_PREFIX`: every key starts with it.
+    pub prefix: String,
+    /// The longest a command may take.
+    pub command_timeout: Duration,
+    /// Connections in the pool.
+    pub pool_size: u32,
+    /// Deliveries of a job before it is dead-lettered.
+    pub max_deliveries: u32,
+}
+
+impl RedisConfig {
+    /// Defaults: prefix `flowcore`, 5 s command timeout, 8 connections, 5 deliveries.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefix: "flowcore".into(),
+            command_timeout: Duration::from_secs(5),
+            pool_size: 8,
+            max_deliveries: 5,
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &crate::sql::redact_url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("command_timeout", &self.command_timeout)
+            .finish()
+    }
+}
+
+/// A pooled connection that remembers whether it failed.
+pub(crate) struct Conn {
+    inner: MultiplexedConnection,
+    broken: bool,
+}
+
+pub(crate) struct Manager {
+    client: Client,
+    timeout: Duration,
+}
+
+impl bb8::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = RedisError;
+
+    async fn connect(&self) -> Result<Conn, RedisError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let inner = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        Ok(Conn {
+            inner,
+            broken: false,
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut Conn) -> Result<(), RedisError> {
+        redis::cmd("PING").query_async::<()>(&mut conn.inner).await
+    }
+
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        conn.broken
+    }
+}
+
+/// Redis-backed [`Queue`].
+#[derive(Clone)]
+pub struct RedisQueue {
+    pool: bb8::Pool<Manager>,
+    prefix: Arc<str>,
+    timeout: Duration,
+    max_deliveries: u32,
+    wake: Arc<Notify>,
+    subscriber_up: Arc<AtomicBool>,
+    _subscriber: Arc<AbortOnDrop>,
+}
+
+impl std::fmt::Debug for RedisQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisQueue")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+const ENQUEUE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = tonumber(ARGV[3]) or now
+redis.call('HSET', KEYS[2], 'run_id', ARGV[2], 'deliveries', 0, 'token', '')
+redis.call('ZADD', KEYS[1], due, ARGV[1])
+if due <= now then redis.call('PUBLISH', ARGV[4], '1') end
+return 1
+"#;
+
+const LEASE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {tostring(now), ''}
+for _, id in ipairs(ids) do
+  local jk = ARGV[1] .. id
+  local d = redis.call('HINCRBY', jk, 'deliveries', 1)
+  if d > tonumber(ARGV[4]) then
+    redis.call('HINCRBY', jk, 'deliveries', -1)
+    redis.call('HSET', jk, 'token', '')
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+    redis.call('RPUSH', KEYS[3], id)
+  else
+    local token = ARGV[5] .. ':' .. id .. ':' .. d
+    local expires = now + tonumber(ARGV[3])
+    redis.call('HSET', jk, 'token', token)
+    redis.call('ZADD', KEYS[1], expires, id)
+    redis.call('ZADD', KEYS[2], expires, id)
+    table.insert(out, id)
+    table.insert(out, redis.call('HGET', jk, 'run_id'))
+    table.insert(out, tostring(d))
+    table.insert(out, token)
+  end
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if nxt[2] then out[2] = nxt[2] end
+return out
+"#;
+
+const HEARTBEAT: &str = r#"
+if redis.call('HGET', KEYS[3], 'token') ~= ARGV[1] then return 0 end
+local t = redis.call('TIME')
+local expires = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], expires, ARGV[2])
+redis.call('ZADD', KEYS[2], expires, ARGV[2])
+return 1
+"#;
+
+const ACK: &str = r#"
+local token = redis.call('HGET', KEYS[3], 'token')
+if not token then return 1 end
+if token ~= ARGV[1] then return -1 end
+redis.call('DEL', KEYS[3])
+redis.call('ZREM', KEYS[1], ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[2])
+return 1
+"#;
+
+const NACK: &str = r#"
+if redis.call('HGET', KEYS[3], 'token') ~= ARGV[1] then return -1 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local at = tonumber(ARGV[3]) or now
+redis.call('HSET', KEYS[3], 'token', '')
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[1], at, ARGV[2])
+if at <= now then redis.call('PUBLISH', ARGV[4], '1') end
+return 1
+"#;
+
+const DEPTH: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ready = redis.call('ZCOUNT', KEYS[1], '-inf', now)
+local leased = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
+local total = redis.call('ZCARD', KEYS[1])
+return {ready, math.max(0, total - ready - leased), leased, redis.call('LLEN', KEYS[3])}
+"#;
+
+fn scripts() -> &'static [Script; 6] {
+    static SCRIPTS: std::sync::OnceLock<[Script; 6]> = std::sync::OnceLock::new();
+    SCRIPTS.get_or_init(|| {
+        [
+            Script::new(ENQUEUE),
+            Script::new(LEASE),
+            Script::new(HEARTBEAT),
+            Script::new(ACK),
+            Script::new(NACK),
+            Script::new(DEPTH),
+        ]
+    })
+}
+
+fn check_group(group: &str) -> StoreResult<()> {
+    if flowcore::model::is_valid_id(group) {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "invalid worker group `{group}`"
+        )))
+    }
+}
+
+impl RedisQueue {
+    /// Connects (the pool fills lazily) and starts the wake-up subscriber.
+    pub async fn connect(config: RedisConfig) -> StoreResult<Self> {
+        let client = Client::open(config.url.as_str())
+            .map_err(|e| StoreError::Invalid(format!("REDIS_URL: {e}")))?;
+        let pool = bb8::Pool::builder()
+            .max_size(config.pool_size.max(1))
+            .test_on_check_out(false)
+            .connection_timeout(config.command_timeout)
+            .build_unchecked(Manager {
+                client: client.clone(),
+                timeout: config.command_timeout,
+            });
+        let wake = Arc::new(Notify::new());
+        let subscriber_up = Arc::new(AtomicBool::new(false));
+        let channel = format!("{}:q:wake", config.prefix);
+        let task = tokio::spawn(subscribe(
+            client,
+            channel,
+            wake.clone(),
+            subscriber_up.clone(),
+        ));
+        let queue = Self {
+            pool,
+            prefix: config.prefix.into(),
+            timeout: config.command_timeout,
+            max_deliveries: config.max_deliveries.max(1),
+            wake,
+            subscriber_up,
+            _subscriber: Arc::new(AbortOnDrop(task)),
+        };
+        queue.ping().await?;
+        Ok(queue)
+    }
+
+    /// Answers when Redis does (for readiness checks).
+    pub async fn ping(&self) -> StoreResult<()> {
+        self.run(|mut conn| async move { redis::cmd("PING").query_async::<()>(&mut conn).await })
+            .await
+    }
+
+    /// Whether the wake-up subscriber is connected (waiters fall back to polling when not).
+    pub fn subscriber_connected(&self) -> bool {
+        self.subscriber_up.load(Ordering::Relaxed)
+    }
+
+    fn key(&self, group: &str, what: &str) -> String {
+        format!("{}:q:{group}:{what}", self.prefix)
+    }
+
+    fn job_prefix(&self, group: &str) -> String {
+        format!("{}:q:{group}:job:", self.prefix)
+    }
+
+    fn channel(&self) -> String {
+        format!("{}:q:wake", self.prefix)
+    }
+
+    /// Runs `f` on a pooled connection with the command timeout; an I/O error or a timeout
+    /// marks the connection broken so that the pool replaces it.
+    async fn run<T, F, Fut>(&self, f: F) -> StoreResult<T>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        let mut conn = self.pool.get().await.map_err(|e| match e {
+            bb8::RunError::User(e) => StoreError::unavailable("connecting to Redis", e),
+            bb8::RunError::TimedOut => StoreError::Unavailable {
+                message: "timed out connecting to Redis".into(),
+                source: None,
+            },
+        })?;
+        // A multiplexed connection is a cheap handle: the command runs on a clone.
+        match tokio::time::timeout(self.timeout, f(conn.inner.clone())).await {
+            Err(_) => {
+                conn.broken = true;
+                Err(StoreError::Unavailable {
+                    message: "Redis did not answer in time".into(),
+                    source: None,
+                })
+            }
+            Ok(Err(e))
+                if e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_timeout()
+                    || e.is_unrecoverable_error() =>
+            {
+                conn.broken = true;
+                Err(StoreError::unavailable("Redis connection failed", e))
+            }
+            Ok(Err(e)) => Err(StoreError::backend("Redis command failed", e)),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
+    async fn script<T: redis::FromRedisValue + Send>(
+        &self,
+        which: usize,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> StoreResult<T> {
+        self.run(|mut conn| async move {
+            let mut invocation = scripts()[which].prepare_invoke();
+            for k in &keys {
+                invocation.key(k);
+            }
+            for a in &args {
+                invocation.arg(a);
+            }
+            invocation.invoke_async::<T>(&mut conn).await
+        })
+        .await
+    }
+
+    fn lease_keys(&self, group: &str, job_id: &str) -> Vec<String> {
+        vec![
+            self.key(group, "due"),
+            self.key(group, "leased"),
+            format!("{}{job_id}", self.job_prefix(group)),
+        ]
+    }
+}
+
+/// Forwards wake-up messages to waiting leases; reconnects after an outage.
+async fn subscribe(client: Client, channel: String, wake: Arc<Notify>, up: Arc<AtomicBool>) {
+    loop {
+        if let Ok(mut pubsub) = client.get_async_pubsub().await
+            && pubsub.subscribe(&channel).await.is_ok()
+        {
+            up.store(true, Ordering::Relaxed);
+            // Jobs may have been enqueued while we were away: let waiters look.
+            wake.notify_waiters();
+            let mut messages = pubsub.on_message();
+            while messages.next().await.is_some() {
+                wake.notify_waiters();
+            }
+        }
+        up.store(false, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn millis(t: DateTime<Utc>) -> String {
+    t.timestamp_millis().to_string()
+}
+
+/// The longest a waiting lease sleeps between looks when no wake-up comes (a lost message or
+/// the subscriber reconnecting).
+const MAX_POLL: Duration = Duration::from_millis(500);
+
+#[async_trait]
+impl Queue for RedisQueue {
+    async fn enqueue(
+        &self,
+        group: &str,
+        run_id: &RunId,
+        not_before: Option<DateTime<Utc>>,
+    ) -> StoreResult<String> {
+        check_group(group)?;
+        let id = flowcore::ids::new_id();
+        let keys = vec![
+            self.key(group, "due"),
+            format!("{}{id}", self.job_prefix(group)),
+        ];
+        let args = vec![
+            id.clone(),
+            run_id.to_string(),
+            not_before.map(millis).unwrap_or_default(),
+            self.channel(),
+        ];
+        self.script::<i64>(0, keys, args).await?;
+        Ok(id)
+    }
+
+    async fn lease(
+        &self,
+        group: &str,
+        _worker: &str,
+        max: usize,
+        ttl: Duration,
+        wait: Duration,
+    ) -> StoreResult<Vec<LeasedJob>> {
+        check_group(group)?;
+        let until = tokio::time::Instant::now() + wait;
+        let token_prefix = flowcore::ids::new_id();
+        loop {
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let keys = vec![
+                self.key(group, "due"),
+                self.key(group, "leased"),
+                self.key(group, "dead"),
+            ];
+            let args = vec![
+                self.job_prefix(group),
+                max.clamp(1, 1000).to_string(),
+                ttl.as_millis().max(1).to_string(),
+                self.max_deliveries.to_string(),
+                token_prefix.clone(),
+            ];
+            let out: Vec<String> = self.script(1, keys, args).await?;
+            let now_ms: i64 = out.first().and_then(|s| s.parse().ok()).unwrap_or(0);
+            let next_due: Option<i64> = out
+                .get(1)
+                .and_then(|s| s.parse::<f64>().ok())
+                .map(|f| f as i64);
+            let jobs: Vec<LeasedJob> = out[2.min(out.len())..]
+                .chunks_exact(4)
+                .map(|c| LeasedJob {
+                    job: Job {
+                        id: c[0].clone(),
+                        run_id: RunId::from(c[1].clone()),
+                        deliveries: c[2].parse().unwrap_or(0),
+                    },
+                    group: group.to_owned(),
+                    token: c[3].clone(),
+                })
+                .collect();
+            let now = tokio::time::Instant::now();
+            if !jobs.is_empty() || now >= until {
+                return Ok(jobs);
+            }
+            let mut sleep = (until - now).min(MAX_POLL);
+            if let Some(due) = next_due {
+                let until_due = Duration::from_millis(u64::try_from(due - now_ms).unwrap_or(0) + 1);
+                sleep = sleep.min(until_due);
+            }
+            let _ = tokio::time::timeout(sleep, notified).await;
+        }
+    }
+
+    async fn heartbeat(&self, job: &LeasedJob, ttl: Duration) -> StoreResult<()> {
+        let keys = self.lease_keys(&job.group, &job.job.id);
+        let args = vec![
+            job.token.clone(),
+            job.job.id.clone(),
+            ttl.as_millis().max(1).to_string(),
+        ];
+        match self.script::<i64>(2, keys, args).await? {
+            1 => Ok(()),
+            _ => Err(StoreError::StaleLease(format!(
+                "job `{}` was delivered again or finished",
+                job.job.id
+            ))),
+        }
+    }
+
+    async fn ack(&self, job: &LeasedJob) -> StoreResult<()> {
+        let keys = self.lease_keys(&job.group, &job.job.id);
+        match self
+            .script::<i64>(3, keys, vec![job.token.clone(), job.job.id.clone()])
+            .await?
+        {
+            1 => Ok(()),
+            _ => Err(StoreError::StaleLease(format!(
+                "job `{}` was delivered again",
+                job.job.id
+            ))),
+        }
+    }
+
+    async fn nack(&self, job: &LeasedJob, retry_at: Option<DateTime<Utc>>) -> StoreResult<()> {
+        let keys = self.lease_keys(&job.group, &job.job.id);
+        let args = vec![
+            job.token.clone(),
+            job.job.id.clone(),
+            retry_at.map(millis).unwrap_or_default(),
+            self.channel(),
+        ];
+        match self.script::<i64>(4, keys, args).await? {
+            1 => Ok(()),
+            _ => Err(StoreError::StaleLease(format!(
+                "job `{}` was delivered again or finished",
+                job.job.id
+            ))),
+        }
+    }
+
+    async fn depth(&self, group: &str) -> StoreResult<QueueDepth> {
+        check_group(group)?;
+        let keys = vec![
+            self.key(group, "due"),
+            self.key(group, "leased"),
+            self.key(group, "dead"),
+        ];
+        let v: Vec<i64> = self.script(5, keys, vec![]).await?;
+        let get = |i: usize| v.get(i).copied().unwrap_or(0).max(0) as u64;
+        Ok(QueueDepth {
+            ready: get(0),
+            delayed: get(1),
+            leased: get(2),
+            dead: get(3),
+        })
+    }
+
+    async fn dead_letters(&self, group: &str, limit: usize) -> StoreResult<Vec<Job>> {
+        check_group(group)?;
+        let dead = self.key(group, "dead");
+        let prefix = self.job_prefix(group);
+        let limit = limit.clamp(1, 10_000) as isize;
+        let rows: Vec<(String, Option<String>, Option<u32>)> = self
+            .run(|mut conn| async move {
+                let ids: Vec<String> = redis::cmd("LRANGE")
+                    .arg(&dead)
+                    .arg(0)
+                    .arg(limit - 1)
+                    .query_async(&mut conn)
+                    .await?;
+                let mut pipe = redis::pipe();
+                for id in &ids {
+                    pipe.cmd("HMGET")
+                        .arg(format!("{prefix}{id}"))
+                        .arg("run_id")
+                        .arg("deliveries");
+                }
+                let fields: Vec<(Option<String>, Option<u32>)> =
+                    pipe.query_async(&mut conn).await?;
+                Ok(ids
+                    .into_iter()
+                    .zip(fields)
+                    .map(|(id, (run, d))| (id, run, d))
+                    .collect())
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, run, deliveries)| Job {
+                id,
+                run_id: RunId::from(run.unwrap_or_default()),
+                deliveries: deliveries.unwrap_or(0),
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,240 @@
+//! The queue kit against the machine's Redis (a key prefix per test run), and fault tests
+//! against a throwaway `redis-server` on a free port that is killed and restarted. Redis
+//! missing is a failure, not a skip.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flowcore::RunId;
+use flowcore::ports::Queue;
+use flowcore_store::{RedisConfig, RedisQueue};
+
+fn redis_url() -> String {
+    std::env::var("FLOWCORE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn unique_prefix() -> String {
+    format!(
+        "flowcore-test-{}-{}",
+        std::process::id(),
+        flowcore::ids::new_id()
+    )
+}
+
+/// Deletes every key under `prefix` from the shared Redis.
+async fn clean(prefix: &str) {
+    let client = redis::Client::open(redis_url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .expect("del");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_queue_passes_the_kit() {
+    let mut config = RedisConfig::new(redis_url());
+    config.prefix = unique_prefix();
+    config.max_deliveries = 3;
+    let prefix = config.prefix.clone();
+    let queue = RedisQueue::connect(config)
+        .await
+        .expect("Redis must run on 127.0.0.1:6379 (or FLOWCORE_TEST_REDIS_URL)");
+    flowcore::testkit::queue(Arc::new(queue)).await;
+    clean(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_lease_wakes_on_enqueue() {
+    let mut config = RedisConfig::new(redis_url());
+    config.prefix = unique_prefix();
+    let prefix = config.prefix.clone();
+    let queue = Arc::new(RedisQueue::connect(config).await.expect("connect"));
+    let waiter = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let jobs = queue
+                .lease(
+                    "g",
+                    "w",
+                    1,
+                    Duration::from_secs(30),
+                    Duration::from_secs(20),
+                )
+                .await
+                .expect("lease");
+            (jobs, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    queue
+        .enqueue("g", &RunId::new(), None)
+        .await
+        .expect("enqueue");
+    let (jobs, waited) = waiter.await.expect("task");
+    clean(&prefix).await;
+    assert_eq!(jobs.len(), 1);
+    assert!(
+        waited < Duration::from_secs(10),
+        "woken by the enqueue, not by the 20 s wait"
+    );
+}
+
+#[tokio::test]
+async fn bad_urls_and_groups_are_refused() {
+    assert!(
+        RedisQueue::connect(RedisConfig::new("nope://x"))
+            .await
+            .is_err()
+    );
+    let mut config = RedisConfig::new(redis_url());
+    config.prefix = unique_prefix();
+    let queue = RedisQueue::connect(config).await.expect("connect");
+    assert!(
+        queue
+            .enqueue("bad group!", &RunId::new(), None)
+            .await
+            .is_err()
+    );
+}
+
+/// A throwaway redis-server with an append-only file, killed with SIGKILL on demand.
+struct Throwaway {
+    child: Option<Child>,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Throwaway {
+    fn start(port: u16, dir: &std::path::Path) -> Self {
+        std::fs::create_dir_all(dir).expect("dir");
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+            ])
+            .args([
+                "--appendfsync",
+                "always",
+                "--dir",
+                dir.to_str().expect("utf-8"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child: Some(child),
+            port,
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill(); // SIGKILL
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Throwaway {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_loses_nothing_and_clients_reconnect() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let dir = std::env::temp_dir().join(format!(
+        "flowcore-redis-fault-{}-{port}",
+        std::process::id()
+    ));
+    let mut server = Throwaway::start(port, &dir);
+    let mut config = RedisConfig::new(format!("redis://127.0.0.1:{port}"));
+    config.command_timeout = Duration::from_millis(500);
+    let queue = RedisQueue::connect(config).await.expect("connect");
+    let mut accepted = Vec::new();
+    for _ in 0..20 {
+        let run = RunId::new();
+        queue.enqueue("g", &run, None).await.expect("enqueue");
+        accepted.push(run);
+    }
+
+    server.kill();
+    let started = Instant::now();
+    let err = queue
+        .enqueue("g", &RunId::new(), None)
+        .await
+        .expect_err("Redis is down");
+    assert!(
+        err.is_retryable(),
+        "an outage is reported as unavailable: {err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "commands time out instead of hanging"
+    );
+    assert!(queue.ping().await.is_err(), "readiness sees the outage");
+
+    let _server = Throwaway::start(server.port, &server.dir);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while queue.ping().await.is_err() {
+        assert!(Instant::now() < deadline, "the queue reconnected by itself");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut leased = Vec::new();
+    while leased.len() < accepted.len() {
+        let jobs = queue
+            .lease(
+                "g",
+                "w",
+                100,
+                Duration::from_secs(30),
+                Duration::from_secs(2),
+            )
+            .await
+            .expect("lease");
+        assert!(
+            !jobs.is_empty(),
+            "every accepted job is still there after the restart"
+        );
+        for job in jobs {
+            queue.ack(&job).await.expect("ack");
+            leased.push(job.job.run_id);
+        }
+    }
+    leased.sort();
+    accepted.sort();
+    assert_eq!(leased, accepted, "nothing accepted was lost");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -5,6 +5,7 @@
 //! - enqueue-to-lease latency (p50, p99, max) of 2,000 jobs enqueued one at a time while a
 //!   worker waits in `lease`;
 //! - jobs/s of 20,000 jobs through 4 producers and 4 workers (lease up to 64, ack each).
+//!
 //! A custom harness rather than criterion: the figures are percentiles of single events.
 
 use std::sync::Arc;

@@ -212,17 +212,43 @@ local total = redis.call('ZCARD', KEYS[1])
 return {ready, math.max(0, total - ready - leased), leased, redis.call('LLEN', KEYS[3])}
 "#;
 
-fn scripts() -> &'static [Script; 6] {
-    static SCRIPTS: std::sync::OnceLock<[Script; 6]> = std::sync::OnceLock::new();
-    SCRIPTS.get_or_init(|| {
-        [
-            Script::new(ENQUEUE),
-            Script::new(LEASE),
-            Script::new(HEARTBEAT),
-            Script::new(ACK),
-            Script::new(NACK),
-            Script::new(DEPTH),
-        ]
+/// GCRA (see `flowcore::ports::memory::gcra`): one "theoretical arrival time" per key, which
+/// expires when it is in the past.
+const RATE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = tonumber(ARGV[1])
+local interval = math.floor(60000 / n)
+local burst = interval * n
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - burst
+if allow_at > now then return {0, allow_at - now, 0} end
+redis.call('SET', KEYS[1], new_tat, 'PX', new_tat - now)
+return {1, 0, math.floor((now - allow_at) / interval)}
+"#;
+
+struct Scripts {
+    enqueue: Script,
+    lease: Script,
+    heartbeat: Script,
+    ack: Script,
+    nack: Script,
+    depth: Script,
+    rate: Script,
+}
+
+fn scripts() -> &'static Scripts {
+    static SCRIPTS: std::sync::OnceLock<Scripts> = std::sync::OnceLock::new();
+    SCRIPTS.get_or_init(|| Scripts {
+        enqueue: Script::new(ENQUEUE),
+        lease: Script::new(LEASE),
+        heartbeat: Script::new(HEARTBEAT),
+        ack: Script::new(ACK),
+        nack: Script::new(NACK),
+        depth: Script::new(DEPTH),
+        rate: Script::new(RATE),
     })
 }
 
@@ -333,12 +359,12 @@ impl RedisQueue {
 
     async fn script<T: redis::FromRedisValue + Send>(
         &self,
-        which: usize,
+        script: &'static Script,
         keys: Vec<String>,
         args: Vec<String>,
     ) -> StoreResult<T> {
         self.run(|mut conn| async move {
-            let mut invocation = scripts()[which].prepare_invoke();
+            let mut invocation = script.prepare_invoke();
             for k in &keys {
                 invocation.key(k);
             }
@@ -406,7 +432,7 @@ impl Queue for RedisQueue {
             not_before.map(millis).unwrap_or_default(),
             self.channel(),
         ];
-        self.script::<i64>(0, keys, args).await?;
+        self.script::<i64>(&scripts().enqueue, keys, args).await?;
         Ok(id)
     }
 
@@ -437,7 +463,7 @@ impl Queue for RedisQueue {
                 self.max_deliveries.to_string(),
                 token_prefix.clone(),
             ];
-            let out: Vec<String> = self.script(1, keys, args).await?;
+            let out: Vec<String> = self.script(&scripts().lease, keys, args).await?;
             let now_ms: i64 = out.first().and_then(|s| s.parse().ok()).unwrap_or(0);
             let next_due: Option<i64> = out
                 .get(1)
@@ -475,7 +501,7 @@ impl Queue for RedisQueue {
             job.job.id.clone(),
             ttl.as_millis().max(1).to_string(),
         ];
-        match self.script::<i64>(2, keys, args).await? {
+        match self.script::<i64>(&scripts().heartbeat, keys, args).await? {
             1 => Ok(()),
             _ => Err(StoreError::StaleLease(format!(
                 "job `{}` was delivered again or finished",
@@ -487,7 +513,11 @@ impl Queue for RedisQueue {
     async fn ack(&self, job: &LeasedJob) -> StoreResult<()> {
         let keys = self.lease_keys(&job.group, &job.job.id);
         match self
-            .script::<i64>(3, keys, vec![job.token.clone(), job.job.id.clone()])
+            .script::<i64>(
+                &scripts().ack,
+                keys,
+                vec![job.token.clone(), job.job.id.clone()],
+            )
             .await?
         {
             1 => Ok(()),
@@ -506,7 +536,7 @@ impl Queue for RedisQueue {
             retry_at.map(millis).unwrap_or_default(),
             self.channel(),
         ];
-        match self.script::<i64>(4, keys, args).await? {
+        match self.script::<i64>(&scripts().nack, keys, args).await? {
             1 => Ok(()),
             _ => Err(StoreError::StaleLease(format!(
                 "job `{}` was delivered again or finished",
@@ -522,7 +552,7 @@ impl Queue for RedisQueue {
             self.key(group, "leased"),
             self.key(group, "dead"),
         ];
-        let v: Vec<i64> = self.script(5, keys, vec![]).await?;
+        let v: Vec<i64> = self.script(&scripts().depth, keys, vec![]).await?;
         let get = |i: usize| v.get(i).copied().unwrap_or(0).max(0) as u64;
         Ok(QueueDepth {
             ready: get(0),
@@ -569,5 +599,49 @@ impl Queue for RedisQueue {
                 deliveries: deliveries.unwrap_or(0),
             })
             .collect())
+    }
+}
+
+/// The rate limiter shared by all API servers: one atomic script call per request. It uses the
+/// queue's connections.
+#[derive(Debug, Clone)]
+pub struct RedisRateLimiter(RedisQueue);
+
+impl RedisQueue {
+    /// A rate limiter over the same connections and key prefix.
+    pub fn rate_limiter(&self) -> RedisRateLimiter {
+        RedisRateLimiter(self.clone())
+    }
+}
+
+#[async_trait]
+impl flowcore::ports::RateLimiter for RedisRateLimiter {
+    async fn check(
+        &self,
+        key: &str,
+        per_minute: u32,
+    ) -> StoreResult<flowcore::ports::RateDecision> {
+        if per_minute == 0 {
+            return Ok(flowcore::ports::RateDecision {
+                allowed: true,
+                retry_after: Duration::ZERO,
+                remaining: u32::MAX,
+            });
+        }
+        let redis_key = format!("{}:rl:{key}", self.0.prefix);
+        let v: Vec<i64> = self
+            .0
+            .script(
+                &scripts().rate,
+                vec![redis_key],
+                vec![per_minute.to_string()],
+            )
+            .await?;
+        let get = |i: usize| v.get(i).copied().unwrap_or(0).max(0);
+        Ok(flowcore::ports::RateDecision {
+            allowed: get(0) == 1,
+            retry_after: Duration::from_millis(get(1) as u64),
+            remaining: u32::try_from(get(2)).unwrap_or(u32::MAX),
+        })
     }
 }

@@ -238,3 +238,13 @@ async fn redis_restart_loses_nothing_and_clients_reconnect() {
     assert_eq!(leased, accepted, "nothing accepted was lost");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_rate_limiter_passes_the_kit() {
+    let mut config = RedisConfig::new(redis_url());
+    config.prefix = unique_prefix();
+    let prefix = config.prefix.clone();
+    let queue = RedisQueue::connect(config).await.expect("connect");
+    flowcore::testkit::rate_limiter(Arc::new(queue.rate_limiter())).await;
+    clean(&prefix).await;
+}

@@ -38,3 +38,9 @@ async fn memory_pruning() {
 async fn memory_claim_next() {
     flowcore::testkit::claim_next(Arc::new(MemoryRunStore::new())).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_rate_limiter() {
+    flowcore::testkit::rate_limiter(Arc::new(flowcore::ports::memory::MemoryRateLimiter::new()))
+        .await;
+}

@@ -107,6 +107,7 @@ impl bb8::ManageConnection for Manager {
 #[derive(Clone)]
 pub struct RedisQueue {
     pool: bb8::Pool<Manager>,
+    client: Client,
     prefix: Arc<str>,
     timeout: Duration,
     max_deliveries: u32,
@@ -279,13 +280,14 @@ impl RedisQueue {
         let subscriber_up = Arc::new(AtomicBool::new(false));
         let channel = format!("{}:q:wake", config.prefix);
         let task = tokio::spawn(subscribe(
-            client,
+            client.clone(),
             channel,
             wake.clone(),
             subscriber_up.clone(),
         ));
         let queue = Self {
             pool,
+            client,
             prefix: config.prefix.into(),
             timeout: config.command_timeout,
             max_deliveries: config.max_deliveries.max(1),
@@ -643,5 +645,136 @@ impl flowcore::ports::RateLimiter for RedisRateLimiter {
             retry_after: Duration::from_millis(get(1) as u64),
             remaining: u32::try_from(get(2)).unwrap_or(u32::MAX),
         })
+    }
+}
+
+/// Run events in Redis Streams, one stream per run (`{prefix}:ev:{run_id}`), capped in length
+/// and expiring an hour after the last event. A read without news blocks (`XREAD BLOCK`) on a
+/// connection of its own, so it never holds up the shared ones.
+#[derive(Debug, Clone)]
+pub struct RedisEventBus {
+    queue: RedisQueue,
+    client: Client,
+}
+
+/// Events kept per run, and how long after its last event.
+const EVENTS_PER_RUN: usize = 10_000;
+const EVENTS_TTL_SECONDS: i64 = 3600;
+
+impl RedisQueue {
+    /// An event bus over the same Redis (shared connections for writes, one connection per
+    /// blocking read).
+    pub fn event_bus(&self) -> RedisEventBus {
+        RedisEventBus {
+            queue: self.clone(),
+            client: self.client.clone(),
+        }
+    }
+}
+
+fn records(reply: redis::streams::StreamReadReply) -> Vec<flowcore::ports::EventRecord> {
+    reply
+        .keys
+        .into_iter()
+        .flat_map(|k| k.ids)
+        .map(|entry| {
+            let name: String = entry.get("name").unwrap_or_default();
+            let data: String = entry.get("data").unwrap_or_default();
+            flowcore::ports::EventRecord {
+                id: entry.id,
+                name,
+                data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
+            }
+        })
+        .collect()
+}
+
+#[async_trait]
+impl flowcore::ports::EventBus for RedisEventBus {
+    async fn publish(&self, event: &flowcore::RunEvent) -> StoreResult<String> {
+        let key = format!("{}:ev:{}", self.queue.prefix, event.run_id());
+        let data = serde_json::to_string(event)
+            .map_err(|e| StoreError::backend("encoding an event", e))?;
+        let name = event.name();
+        self.queue
+            .run(|mut conn| async move {
+                let (id,): (String,) = redis::pipe()
+                    .cmd("XADD")
+                    .arg(&key)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(EVENTS_PER_RUN)
+                    .arg("*")
+                    .arg("name")
+                    .arg(name)
+                    .arg("data")
+                    .arg(&data)
+                    .cmd("EXPIRE")
+                    .arg(&key)
+                    .arg(EVENTS_TTL_SECONDS)
+                    .ignore()
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(id)
+            })
+            .await
+    }
+
+    async fn read(
+        &self,
+        run_id: &RunId,
+        after: Option<&str>,
+        wait: Duration,
+    ) -> StoreResult<Vec<flowcore::ports::EventRecord>> {
+        let after = after.unwrap_or("0-0").to_owned();
+        let valid = after.split_once('-').is_some_and(|(a, b)| {
+            !a.is_empty()
+                && !b.is_empty()
+                && a.bytes().all(|c| c.is_ascii_digit())
+                && b.bytes().all(|c| c.is_ascii_digit())
+        });
+        if !valid {
+            return Err(StoreError::Invalid(format!("invalid event id `{after}`")));
+        }
+        let key = format!("{}:ev:{run_id}", self.queue.prefix);
+        let (k, a) = (key.clone(), after.clone());
+        let now: redis::streams::StreamReadReply = self
+            .queue
+            .run(|mut conn| async move {
+                redis::cmd("XREAD")
+                    .arg("COUNT")
+                    .arg(1000)
+                    .arg("STREAMS")
+                    .arg(&k)
+                    .arg(&a)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        let events = records(now);
+        if !events.is_empty() || wait.is_zero() {
+            return Ok(events);
+        }
+        // Nothing yet: block on a connection of our own, so the shared ones stay free.
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.queue.timeout))
+            .set_response_timeout(Some(wait + self.queue.timeout));
+        let mut conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| StoreError::unavailable("connecting to Redis", e))?;
+        let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(1000)
+            .arg("BLOCK")
+            .arg(wait.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(&key)
+            .arg(&after)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| StoreError::unavailable("reading events from Redis", e))?;
+        Ok(reply.map(records).unwrap_or_default())
     }
 }

@@ -248,3 +248,13 @@ async fn redis_rate_limiter_passes_the_kit() {
     flowcore::testkit::rate_limiter(Arc::new(queue.rate_limiter())).await;
     clean(&prefix).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_event_bus_passes_the_kit() {
+    let mut config = RedisConfig::new(redis_url());
+    config.prefix = unique_prefix();
+    let prefix = config.prefix.clone();
+    let queue = RedisQueue::connect(config).await.expect("connect");
+    flowcore::testkit::event_bus(Arc::new(queue.event_bus())).await;
+    clean(&prefix).await;
+}

@@ -1309,3 +1309,116 @@ pub async fn rate_limiter(limiter: Arc<dyn crate::ports::RateLimiter>) {
     }
     assert_eq!(allowed, 25, "concurrent requests get exactly the limit");
 }
+
+/// An event bus: every event of a run in order, resume after an id, a waiting read woken by a
+/// publish, runs apart, a real run streamed through [`crate::ports::BusSink`].
+pub async fn event_bus(bus: Arc<dyn crate::ports::EventBus>) {
+    use crate::event::RunEvent;
+    let run = RunId::new();
+    let other = RunId::new();
+    assert!(
+        bus.read(&run, None, Duration::ZERO)
+            .await
+            .expect("read")
+            .is_empty(),
+        "nothing yet"
+    );
+    let waiter = {
+        let (bus, run) = (bus.clone(), run.clone());
+        tokio::spawn(async move {
+            bus.read(&run, None, Duration::from_secs(10))
+                .await
+                .expect("read")
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let first = bus
+        .publish(&RunEvent::RunStarted {
+            run_id: run.clone(),
+        })
+        .await
+        .expect("publish");
+    let woken = waiter.await.expect("task");
+    assert_eq!(woken.len(), 1, "a waiting read returns the new event");
+    assert_eq!(
+        (woken[0].id.as_str(), woken[0].name.as_str()),
+        (first.as_str(), "run_started")
+    );
+    bus.publish(&RunEvent::RunStarted {
+        run_id: other.clone(),
+    })
+    .await
+    .expect("publish");
+    for i in 0..5u32 {
+        bus.publish(&RunEvent::NodeStarted {
+            run_id: run.clone(),
+            node: Arc::from(format!("n{i}")),
+            attempt: 1,
+        })
+        .await
+        .expect("publish");
+    }
+    let all = bus.read(&run, None, Duration::ZERO).await.expect("read");
+    assert_eq!(all.len(), 6, "runs are apart: {all:?}");
+    let nodes: Vec<&str> = all[1..]
+        .iter()
+        .map(|e| e.data["node"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(nodes, vec!["n0", "n1", "n2", "n3", "n4"], "in order");
+    let rest = bus
+        .read(&run, Some(&all[2].id), Duration::ZERO)
+        .await
+        .expect("resume");
+    assert_eq!(rest.len(), 3, "resume after an id");
+    assert_eq!(rest[0].id, all[3].id);
+    assert!(
+        bus.read(&run, Some("not-an-id"), Duration::ZERO)
+            .await
+            .is_err(),
+        "a bad id is refused"
+    );
+
+    // A real run streamed through the sink.
+    let engine = crate::Engine::new();
+    let plan = engine
+        .compile_json(r#"{"nodes": [{"id": "a", "type": "noop"}, {"id": "b", "type": "noop"}], "edges": [{"from": "a", "to": "b"}]}"#)
+        .expect("compile");
+    let sink = Arc::new(crate::ports::BusSink::new(bus.clone()));
+    let result = engine
+        .execute(
+            &plan,
+            json!({}),
+            crate::RunOptions {
+                events: Some(sink),
+                ..Default::default()
+            },
+        )
+        .await;
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    for _ in 0..50 {
+        let batch = bus
+            .read(&result.run_id, after.as_deref(), Duration::from_millis(200))
+            .await
+            .expect("read");
+        if let Some(last) = batch.last() {
+            after = Some(last.id.clone());
+        }
+        seen.extend(batch.into_iter().map(|e| e.name));
+        if seen.last().map(String::as_str) == Some("run_finished") {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            "run_started",
+            "node_started",
+            "node_finished",
+            "node_started",
+            "node_finished",
+            "run_finished"
+        ],
+        "every event of the run, in order"
+    );
+}

@@ -44,3 +44,9 @@ async fn memory_rate_limiter() {
     flowcore::testkit::rate_limiter(Arc::new(flowcore::ports::memory::MemoryRateLimiter::new()))
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_event_bus() {
+    flowcore::testkit::event_bus(Arc::new(flowcore::ports::memory::MemoryEventBus::default()))
+        .await;
+}

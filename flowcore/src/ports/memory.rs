@@ -10,10 +10,10 @@ use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 
 use super::{
-    ApiKeyRecord, ApiKeyStore, BlobStore, CredentialStore, FileRecord, FileStore, FlowStore, Job,
-    Lease, LeasedJob, NewRun, Page, Queue, QueueDepth, RateDecision, RateLimiter, RunFilter,
-    RunOutcome, RunRecord, RunStore, ScheduleStore, StoreResult, StoredCredential, StoredFlow,
-    UsageDay, UsageStore, is_valid_blob_key,
+    ApiKeyRecord, ApiKeyStore, BlobStore, CredentialStore, EventBus, EventRecord, FileRecord,
+    FileStore, FlowStore, Job, Lease, LeasedJob, NewRun, Page, Queue, QueueDepth, RateDecision,
+    RateLimiter, RunFilter, RunOutcome, RunRecord, RunStore, ScheduleStore, StoreResult,
+    StoredCredential, StoredFlow, UsageDay, UsageStore, is_valid_blob_key,
 };
 use crate::error::StoreError;
 use crate::ids::{RunId, new_id};
@@ -1024,5 +1024,116 @@ impl RateLimiter for MemoryRateLimiter {
         let (decision, tat) = gcra(tats.get(key).copied(), now, per_minute);
         tats.insert(key.to_owned(), tat);
         Ok(decision)
+    }
+}
+
+/// Run events in memory, kept for `keep` after a run's last event and for at most `max_runs`
+/// runs.
+#[derive(Debug)]
+pub struct MemoryEventBus {
+    runs: Mutex<HashMap<RunId, RunLog>>,
+    notify: Notify,
+    keep: Duration,
+    max_runs: usize,
+}
+
+#[derive(Debug, Default)]
+struct RunLog {
+    next: u64,
+    events: Vec<EventRecord>,
+    last: Option<std::time::Instant>,
+}
+
+impl Default for MemoryEventBus {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(3600), 10_000)
+    }
+}
+
+impl MemoryEventBus {
+    /// A bus keeping each run's events for `keep` after its last one, and at most `max_runs` runs.
+    pub fn new(keep: Duration, max_runs: usize) -> Self {
+        Self {
+            runs: Mutex::default(),
+            notify: Notify::new(),
+            keep,
+            max_runs: max_runs.max(1),
+        }
+    }
+
+    fn after(&self, run_id: &RunId, after: u64) -> Vec<EventRecord> {
+        let runs = lock(&self.runs);
+        runs.get(run_id)
+            .map(|log| {
+                log.events
+                    .iter()
+                    .filter(|e| e.id.parse::<u64>().is_ok_and(|n| n > after))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[async_trait]
+impl EventBus for MemoryEventBus {
+    async fn publish(&self, event: &crate::event::RunEvent) -> StoreResult<String> {
+        let data =
+            serde_json::to_value(event).map_err(|e| StoreError::backend("encoding an event", e))?;
+        let id = {
+            let mut runs = lock(&self.runs);
+            let now = std::time::Instant::now();
+            if runs.len() >= self.max_runs && !runs.contains_key(event.run_id()) {
+                let keep = self.keep;
+                runs.retain(|_, log| log.last.is_some_and(|t| now.duration_since(t) < keep));
+                if runs.len() >= self.max_runs {
+                    // Still full: drop the run idle the longest.
+                    if let Some(oldest) = runs
+                        .iter()
+                        .min_by_key(|(_, log)| log.last)
+                        .map(|(id, _)| id.clone())
+                    {
+                        runs.remove(&oldest);
+                    }
+                }
+            }
+            let log = runs.entry(event.run_id().clone()).or_default();
+            log.next += 1;
+            log.last = Some(now);
+            let id = log.next.to_string();
+            log.events.push(EventRecord {
+                id: id.clone(),
+                name: event.name().to_owned(),
+                data,
+            });
+            id
+        };
+        self.notify.notify_waiters();
+        Ok(id)
+    }
+
+    async fn read(
+        &self,
+        run_id: &RunId,
+        after: Option<&str>,
+        wait: Duration,
+    ) -> StoreResult<Vec<EventRecord>> {
+        let after = match after {
+            None => 0,
+            Some(a) => a
+                .parse::<u64>()
+                .map_err(|_| StoreError::Invalid(format!("invalid event id `{a}`")))?,
+        };
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let events = self.after(run_id, after);
+            if !events.is_empty() || tokio::time::Instant::now() >= until {
+                return Ok(events);
+            }
+            let _ = tokio::time::timeout_at(until, notified).await;
+        }
     }
 }

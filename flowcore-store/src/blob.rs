@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use flowcore::StoreError;
-use flowcore::ports::{BlobStore, StoreResult, is_valid_blob_key};
+use flowcore::ports::{BlobStore, ChunkStream, StoreResult, is_valid_blob_key, too_large};
 use opendal::layers::{RetryLayer, TimeoutLayer};
 use opendal::{ErrorKind, Operator, services};
 
@@ -101,13 +101,18 @@ impl OpendalBlobStore {
         let invalid = |e: opendal::Error| StoreError::Invalid(format!("blob storage: {e}"));
         let (op, kind) = match config {
             BlobConfig::Fs { root } => {
-                std::fs::create_dir_all(Path::new(root)).map_err(|e| {
-                    StoreError::unavailable(format!("cannot create the blob folder {root}"), e)
-                })?;
-                (
-                    Operator::new(services::Fs::default().root(root)).map_err(invalid)?,
-                    "fs",
-                )
+                // Writes go to a folder beside the root and are renamed into place when complete,
+                // so a failed or aborted write never leaves a partial blob.
+                let staging = format!("{}.tmp", root.trim_end_matches('/'));
+                for dir in [root.as_str(), staging.as_str()] {
+                    std::fs::create_dir_all(Path::new(dir)).map_err(|e| {
+                        StoreError::unavailable(format!("cannot create the blob folder {dir}"), e)
+                    })?;
+                }
+                let builder = services::Fs::default()
+                    .root(root)
+                    .atomic_write_dir(&staging);
+                (Operator::new(builder).map_err(invalid)?, "fs")
             }
             BlobConfig::Memory => (
                 Operator::new(services::Memory::default()).map_err(invalid)?,
@@ -208,5 +213,46 @@ impl BlobStore for OpendalBlobStore {
             .delete(key)
             .await
             .map_err(|e| map_error("deleting blob", key, e))
+    }
+
+    /// Writes chunk by chunk through an opendal writer (S3: multipart), aborting the write as
+    /// soon as the limit is passed, so an oversized upload never sits in memory or in the store.
+    async fn put_stream(
+        &self,
+        key: &str,
+        mut chunks: ChunkStream,
+        max_bytes: u64,
+    ) -> StoreResult<u64> {
+        use futures::StreamExt;
+        check_key(key)?;
+        let mut writer = self
+            .op
+            .writer(key)
+            .await
+            .map_err(|e| map_error("writing blob", key, e))?;
+        let mut size = 0u64;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    let _ = writer.abort().await;
+                    return Err(e);
+                }
+            };
+            size += chunk.len() as u64;
+            if size > max_bytes {
+                let _ = writer.abort().await;
+                return Err(too_large(max_bytes));
+            }
+            if let Err(e) = writer.write(chunk).await {
+                let _ = writer.abort().await;
+                return Err(map_error("writing blob", key, e));
+            }
+        }
+        writer
+            .close()
+            .await
+            .map_err(|e| map_error("writing blob", key, e))?;
+        Ok(size)
     }
 }

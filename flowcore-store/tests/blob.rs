@@ -18,7 +18,8 @@ async fn fs_blob_store() {
     flowcore::testkit::blob_store(&store).await;
     // Keys stay inside the root: nothing was written outside it.
     assert!(root.join("files").is_dir());
-    std::fs::remove_dir_all(root).ok();
+    std::fs::remove_dir_all(&root).ok();
+    std::fs::remove_dir_all(format!("{}.tmp", root.display())).ok();
 }
 
 #[tokio::test]

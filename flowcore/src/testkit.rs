@@ -705,6 +705,35 @@ pub async fn blob_store(store: &dyn BlobStore) {
         store.get("files/a.txt").await,
         Err(StoreError::NotFound { .. })
     ));
+    // Streaming uploads: stored when under the limit, refused (and not stored) when over.
+    let chunks = |n: usize| -> crate::ports::ChunkStream {
+        Box::pin(futures::stream::iter(
+            (0..n).map(|i| Ok(vec![i as u8; 1000])),
+        ))
+    };
+    assert_eq!(
+        store
+            .put_stream("files/streamed", chunks(10), 10_000)
+            .await
+            .expect("put_stream"),
+        10_000
+    );
+    assert_eq!(
+        store.get("files/streamed").await.expect("get").len(),
+        10_000
+    );
+    assert!(
+        matches!(
+            store.put_stream("files/too-big", chunks(11), 10_000).await,
+            Err(StoreError::TooLarge(_))
+        ),
+        "a stream over the limit is refused"
+    );
+    assert_eq!(
+        store.stat("files/too-big").await.expect("stat"),
+        None,
+        "and nothing is left behind"
+    );
     for bad in [
         "../etc/passwd",
         "/abs",

@@ -290,6 +290,36 @@ pub trait BlobStore: Send + Sync {
     async fn stat(&self, key: &str) -> StoreResult<Option<u64>>;
     /// Removes `key`; removing a missing key is not an error.
     async fn delete(&self, key: &str) -> StoreResult<()>;
+    /// Stores a stream of chunks under `key`, refusing with `TooLarge` as soon as more than
+    /// `max_bytes` arrive: nothing over the limit is held in memory or left in the store.
+    /// Returns the size stored. The default collects the chunks (with the limit) and calls `put`.
+    async fn put_stream(
+        &self,
+        key: &str,
+        mut chunks: ChunkStream,
+        max_bytes: u64,
+    ) -> StoreResult<u64> {
+        use futures::StreamExt;
+        let mut data = Vec::new();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            if data.len() as u64 + chunk.len() as u64 > max_bytes {
+                return Err(too_large(max_bytes));
+            }
+            data.extend_from_slice(&chunk);
+        }
+        let size = data.len() as u64;
+        self.put(key, data).await?;
+        Ok(size)
+    }
+}
+
+/// Chunks of an upload, as they arrive.
+pub type ChunkStream = futures::stream::BoxStream<'static, StoreResult<Vec<u8>>>;
+
+/// The error of an upload over its limit.
+pub fn too_large(max_bytes: u64) -> StoreError {
+    StoreError::TooLarge(format!("larger than the limit of {max_bytes} bytes"))
 }
 
 /// Deletes finished runs created before `before`, in batches of `batch`, pausing `pause`

@@ -9,7 +9,7 @@ pub mod redis;
 pub mod sql;
 
 pub use blob::{BlobConfig, OpendalBlobStore, S3Config};
-pub use redis::{RedisConfig, RedisEventBus, RedisQueue, RedisRateLimiter};
+pub use redis::{RedisConfig, RedisEventBus, RedisFlowChanges, RedisQueue, RedisRateLimiter};
 pub use sql::{Backend, SqlConfig, SqlStore};
 
 /// The README's Rust examples, compiled and run as doctests so that they stay true (here,

@@ -113,6 +113,7 @@ pub struct RedisQueue {
     max_deliveries: u32,
     wake: Arc<Notify>,
     subscriber_up: Arc<AtomicBool>,
+    flow_changes: tokio::sync::broadcast::Sender<String>,
     _subscriber: Arc<AbortOnDrop>,
 }
 
@@ -279,9 +280,15 @@ impl RedisQueue {
         let wake = Arc::new(Notify::new());
         let subscriber_up = Arc::new(AtomicBool::new(false));
         let channel = format!("{}:q:wake", config.prefix);
+        let flow_changes = tokio::sync::broadcast::channel(1024).0;
+        let channels = Channels {
+            wake: channel,
+            flows: format!("{}:flows:changed", config.prefix),
+            flow_changes: flow_changes.clone(),
+        };
         let task = tokio::spawn(subscribe(
             client.clone(),
-            channel,
+            channels,
             wake.clone(),
             subscriber_up.clone(),
         ));
@@ -293,6 +300,7 @@ impl RedisQueue {
             max_deliveries: config.max_deliveries.max(1),
             wake,
             subscriber_up,
+            flow_changes,
             _subscriber: Arc::new(AbortOnDrop(task)),
         };
         queue.ping().await?;
@@ -388,23 +396,43 @@ impl RedisQueue {
 }
 
 /// Forwards wake-up messages to waiting leases; reconnects after an outage.
-async fn subscribe(client: Client, channel: String, wake: Arc<Notify>, up: Arc<AtomicBool>) {
+async fn subscribe(client: Client, channels: Channels, wake: Arc<Notify>, up: Arc<AtomicBool>) {
     loop {
         if let Ok(mut pubsub) = client.get_async_pubsub().await
-            && pubsub.subscribe(&channel).await.is_ok()
+            && pubsub
+                .subscribe(&[&channels.wake, &channels.flows])
+                .await
+                .is_ok()
         {
             up.store(true, Ordering::Relaxed);
-            // Jobs may have been enqueued while we were away: let waiters look.
+            // While we were away jobs may have been enqueued and flows changed: let waiters
+            // look, and tell caches to drop everything.
             wake.notify_waiters();
+            let _ = channels.flow_changes.send(ALL_FLOWS.to_owned());
             let mut messages = pubsub.on_message();
-            while messages.next().await.is_some() {
-                wake.notify_waiters();
+            while let Some(message) = messages.next().await {
+                if message.get_channel_name() == channels.flows {
+                    if let Ok(flow_id) = message.get_payload::<String>() {
+                        let _ = channels.flow_changes.send(flow_id);
+                    }
+                } else {
+                    wake.notify_waiters();
+                }
             }
         }
         up.store(false, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+struct Channels {
+    wake: String,
+    flows: String,
+    flow_changes: tokio::sync::broadcast::Sender<String>,
+}
+
+/// Sent to flow-change subscribers when changes may have been missed: drop every cached flow.
+pub const ALL_FLOWS: &str = "*";
 
 fn millis(t: DateTime<Utc>) -> String {
     t.timestamp_millis().to_string()
@@ -776,5 +804,38 @@ impl flowcore::ports::EventBus for RedisEventBus {
             .await
             .map_err(|e| StoreError::unavailable("reading events from Redis", e))?;
         Ok(reply.map(records).unwrap_or_default())
+    }
+}
+
+/// Flow changes over Redis pub/sub: every process's caches hear of every change. After the
+/// subscriber reconnects, subscribers receive [`ALL_FLOWS`] (changes may have been missed).
+#[derive(Debug, Clone)]
+pub struct RedisFlowChanges(RedisQueue);
+
+impl RedisQueue {
+    /// Flow-change announcements over the same Redis.
+    pub fn flow_changes(&self) -> RedisFlowChanges {
+        RedisFlowChanges(self.clone())
+    }
+}
+
+#[async_trait]
+impl flowcore::ports::FlowChanges for RedisFlowChanges {
+    async fn publish(&self, flow_id: &str) -> StoreResult<()> {
+        let channel = format!("{}:flows:changed", self.0.prefix);
+        let flow_id = flow_id.to_owned();
+        self.0
+            .run(|mut conn| async move {
+                redis::cmd("PUBLISH")
+                    .arg(&channel)
+                    .arg(&flow_id)
+                    .query_async::<()>(&mut conn)
+                    .await
+            })
+            .await
+    }
+
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.0.flow_changes.subscribe()
     }
 }

@@ -258,3 +258,34 @@ async fn redis_event_bus_passes_the_kit() {
     flowcore::testkit::event_bus(Arc::new(queue.event_bus())).await;
     clean(&prefix).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_changes_cross_processes_through_redis() {
+    let prefix = unique_prefix();
+    let connect = || {
+        let mut config = RedisConfig::new(redis_url());
+        config.prefix = prefix.clone();
+        RedisQueue::connect(config)
+    };
+    // Two connections, two subscribers: as two processes would have.
+    let (first, second) = (
+        connect().await.expect("connect"),
+        connect().await.expect("connect"),
+    );
+    for q in [&first, &second] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !q.subscriber_connected() {
+            assert!(Instant::now() < deadline, "subscriber connected");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let flows: Arc<dyn flowcore::ports::FlowStore> =
+        Arc::new(flowcore::ports::memory::MemoryFlowStore::new());
+    flowcore::testkit::flow_changes(
+        flows,
+        Arc::new(first.flow_changes()),
+        Arc::new(second.flow_changes()),
+    )
+    .await;
+    clean(&prefix).await;
+}

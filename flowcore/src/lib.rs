@@ -33,6 +33,7 @@
 
 #![warn(missing_docs)]
 
+pub mod cache;
 pub mod durable;
 pub mod engine;
 pub mod error;

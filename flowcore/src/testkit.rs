@@ -1451,3 +1451,48 @@ pub async fn event_bus(bus: Arc<dyn crate::ports::EventBus>) {
         "every event of the run, in order"
     );
 }
+
+/// Flow changes between two caches ("two processes") sharing a flow store: an update announced
+/// through one is seen by the other, without a restart; pinned versions stay cached.
+pub async fn flow_changes(
+    flows: Arc<dyn FlowStore>,
+    first: Arc<dyn crate::ports::FlowChanges>,
+    second: Arc<dyn crate::ports::FlowChanges>,
+) {
+    use crate::cache::PlanCache;
+    let a = PlanCache::new(crate::Engine::new(), flows.clone(), Some(first), 100);
+    let b = PlanCache::new(crate::Engine::new(), flows.clone(), Some(second), 100);
+    let id = format!("cache-{}", fastrand::u64(..));
+    flows.create(&flow(&id, "noop")).await.expect("create");
+    assert_eq!(a.get(&id, None).await.expect("a").0, 1);
+    assert_eq!(b.get(&id, None).await.expect("b").0, 1);
+    let two_nodes = FlowDef::from_value(
+        json!({"id": id, "nodes": [{"id": "x", "type": "noop"}, {"id": "y", "type": "noop"}]}),
+    )
+    .expect("flow");
+    flows.update(&id, &two_nodes).await.expect("update");
+    assert_eq!(
+        b.get(&id, None).await.expect("b").0,
+        1,
+        "until announced, b serves its cached latest"
+    );
+    a.changed(&id).await.expect("announce");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (version, plan) = b.get(&id, None).await.expect("b");
+        if version == 2 {
+            assert_eq!(plan.len(), 2, "b compiled the new version");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the change reached the other cache"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        b.get(&id, Some(1)).await.expect("v1 pinned").1.len(),
+        1,
+        "pinned versions stay readable"
+    );
+}

@@ -50,3 +50,10 @@ async fn memory_event_bus() {
     flowcore::testkit::event_bus(Arc::new(flowcore::ports::memory::MemoryEventBus::default()))
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_flow_changes() {
+    let changes = Arc::new(flowcore::ports::memory::MemoryFlowChanges::default());
+    flowcore::testkit::flow_changes(Arc::new(MemoryFlowStore::new()), changes.clone(), changes)
+        .await;
+}

@@ -1137,3 +1137,26 @@ impl EventBus for MemoryEventBus {
         }
     }
 }
+
+use super::FlowChanges;
+
+/// Flow changes within one process.
+#[derive(Debug)]
+pub struct MemoryFlowChanges(tokio::sync::broadcast::Sender<String>);
+
+impl Default for MemoryFlowChanges {
+    fn default() -> Self {
+        Self(tokio::sync::broadcast::channel(1024).0)
+    }
+}
+
+#[async_trait]
+impl FlowChanges for MemoryFlowChanges {
+    async fn publish(&self, flow_id: &str) -> StoreResult<()> {
+        let _ = self.0.send(flow_id.to_owned());
+        Ok(())
+    }
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.0.subscribe()
+    }
+}

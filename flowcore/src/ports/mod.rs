@@ -574,3 +574,13 @@ impl crate::event::EventSink for BusSink {
         let _ = self.tx.send(event.clone());
     }
 }
+
+/// Announces flow changes to every process, so that caches of compiled flows drop stale entries.
+#[async_trait]
+pub trait FlowChanges: Send + Sync {
+    /// Tells every subscriber (in every process) that `flow_id` changed or was deleted.
+    async fn publish(&self, flow_id: &str) -> StoreResult<()>;
+    /// A receiver of changed flow ids. `*` (or a `Lagged` error) means changes may have been
+    /// missed: drop everything.
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String>;
+}

@@ -122,10 +122,10 @@ impl PlanCache {
         {
             let st = lock(&self.state);
             let wanted = version.or_else(|| st.latest.get(flow_id).copied());
-            if let Some(v) = wanted {
-                if let Some(plan) = st.plans.get(&(flow_id.to_owned(), v)) {
-                    return Ok((v, plan.clone()));
-                }
+            if let Some(v) = wanted
+                && let Some(plan) = st.plans.get(&(flow_id.to_owned(), v))
+            {
+                return Ok((v, plan.clone()));
             }
         }
         let stored = self.flows.get(flow_id, version).await?;

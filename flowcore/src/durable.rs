@@ -33,8 +33,9 @@ use crate::error::StoreError;
 use crate::event::EventSink;
 use crate::ids::RunId;
 use crate::plan::Plan;
-use crate::ports::{Claim, RunOutcome, RunRecord, RunStore};
+use crate::ports::{BlobStore, Claim, RunOutcome, RunRecord, RunStore};
 use crate::run::{StepRecord, StepRecorder};
+use serde_json::Value;
 
 /// When finished steps are written to the run store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +58,17 @@ pub struct DurableOptions {
     pub lease_ttl: Duration,
     /// When steps are written.
     pub checkpoint: Checkpoint,
+    /// Where step outputs and run outputs larger than `offload_over` bytes go, so that the run
+    /// store stays small; the store then keeps `{"$blob": key, "size": n}` (see [`resolve`]).
+    pub blobs: Option<Arc<dyn BlobStore>>,
+    /// The serialized size above which outputs go to `blobs` (64 KiB by default).
+    pub offload_over: usize,
+}
+
+impl std::fmt::Debug for dyn BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BlobStore")
+    }
 }
 
 impl DurableOptions {
@@ -66,6 +78,8 @@ impl DurableOptions {
             owner: owner.into(),
             lease_ttl: Duration::from_secs(30),
             checkpoint: Checkpoint::EveryStep,
+            blobs: None,
+            offload_over: 64 * 1024,
         }
     }
     /// The claim to create a run with, or to claim one.
@@ -110,11 +124,23 @@ pub async fn execute(
 ) -> Result<RunRecord, StoreError> {
     let epoch = run.epoch;
     // The first owner of a run (epoch 1) cannot find steps of an earlier one.
-    let resume = if epoch > 1 {
+    let offload = options.blobs.clone().map(|b| Offload {
+        blobs: b,
+        over: options.offload_over,
+        run_id: run.id.clone(),
+    });
+    let mut resume = if epoch > 1 {
         runs.steps(&run.id).await?
     } else {
         Vec::new()
     };
+    if let Some(offload) = &offload {
+        for step in &mut resume {
+            if let Some(output) = &step.output {
+                step.output = Some(Arc::new(resolve(output, offload.blobs.as_ref()).await?));
+            }
+        }
+    }
     let cancel = hooks.cancel.unwrap_or_default();
     let recorder = Arc::new(Recorder {
         runs: runs.clone(),
@@ -123,6 +149,7 @@ pub async fn execute(
         checkpoint: options.checkpoint,
         buffer: Mutex::new(Vec::new()),
         lost: CancellationToken::new(),
+        offload: offload.clone(),
     });
     // Stopped when this function returns or its future is dropped (a worker shutting down
     // abruptly): the lease must then lapse, not be renewed by an orphan task.
@@ -153,17 +180,71 @@ pub async fn execute(
         )));
     }
     let steps = std::mem::take(&mut *lock(&recorder.buffer));
+    let output = match (&offload, result.output) {
+        (Some(offload), Some(output)) => Some(offload.store("output", output).await?),
+        (_, output) => output,
+    };
     runs.finish(
         &run.id,
         epoch,
         RunOutcome {
             status: result.status,
-            output: result.output,
+            output,
             error: result.error,
             steps,
         },
     )
     .await
+}
+
+/// Large outputs go to the blob store; the run store keeps a reference.
+#[derive(Clone)]
+struct Offload {
+    blobs: Arc<dyn BlobStore>,
+    over: usize,
+    run_id: RunId,
+}
+
+impl Offload {
+    /// `value`, or a `{"$blob": key, "size": n}` reference when it is larger than the limit.
+    async fn store(&self, name: &str, value: Value) -> Result<Value, StoreError> {
+        if matches!(value, Value::Null | Value::Bool(_) | Value::Number(_)) {
+            return Ok(value);
+        }
+        let bytes =
+            serde_json::to_vec(&value).map_err(|e| StoreError::backend("encoding an output", e))?;
+        if bytes.len() <= self.over {
+            return Ok(value);
+        }
+        let key = format!("runs/{}/{name}.json", self.run_id);
+        let size = bytes.len();
+        self.blobs.put(&key, bytes).await?;
+        Ok(serde_json::json!({ BLOB_REF: key, "size": size }))
+    }
+}
+
+/// The field that marks an output kept in the blob store.
+pub const BLOB_REF: &str = "$blob";
+
+/// An output as stored, with a blob reference (`{"$blob": key, "size": n}`) replaced by the
+/// value it points to. Readers of stored runs (the API) call this before showing an output.
+pub async fn resolve(value: &Value, blobs: &dyn BlobStore) -> Result<Value, StoreError> {
+    match value
+        .as_object()
+        .and_then(|o| o.get(BLOB_REF))
+        .and_then(Value::as_str)
+    {
+        Some(key)
+            if value
+                .as_object()
+                .is_some_and(|o| o.len() == 2 && o.contains_key("size")) =>
+        {
+            let bytes = blobs.get(key).await?;
+            serde_json::from_slice(&bytes)
+                .map_err(|e| StoreError::backend("decoding an offloaded output", e))
+        }
+        _ => Ok(value.clone()),
+    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -219,6 +300,7 @@ struct Recorder {
     checkpoint: Checkpoint,
     buffer: Mutex<Vec<StepRecord>>,
     lost: CancellationToken,
+    offload: Option<Offload>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -257,14 +339,21 @@ impl StepRecorder for Recorder {
                 self.run_id
             )));
         }
+        let mut step = step.clone();
+        if let (Some(offload), Some(output)) = (&self.offload, &step.output) {
+            let stored = offload
+                .store(&format!("steps/{}", step.node), (**output).clone())
+                .await?;
+            step.output = Some(Arc::new(stored));
+        }
         match self.checkpoint {
             Checkpoint::EveryStep => {
                 self.runs
-                    .record_steps(&self.run_id, self.epoch, std::slice::from_ref(step))
+                    .record_steps(&self.run_id, self.epoch, std::slice::from_ref(&step))
                     .await
             }
             Checkpoint::Batched(_) => {
-                lock(&self.buffer).push(step.clone());
+                lock(&self.buffer).push(step);
                 Ok(())
             }
         }

@@ -142,3 +142,101 @@ mod commits {
         );
     }
 }
+
+mod offload {
+    use std::sync::Arc;
+
+    use flowcore::durable::{self, DurableOptions, Hooks};
+    use flowcore::ports::memory::{MemoryBlobStore, MemoryRunStore};
+    use flowcore::ports::{BlobStore, NewRun, RunStore};
+    use flowcore::{Engine, RunId, RunStatus};
+    use serde_json::json;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_outputs_go_to_the_blob_store_and_come_back_on_resume() {
+        let engine = Engine::new();
+        let plan = engine
+            .compile_json(
+                r#"{"nodes": [
+                    {"id": "big", "type": "script", "params": {"source": "let s = \"\"; for i in 0..2000 { s += \"abcdefghij\"; } s"}},
+                    {"id": "len", "type": "template", "params": {"template": "{{ nodes.big | length }}"}}
+                ], "edges": [{"from": "big", "to": "len"}], "output": "big"}"#,
+            )
+            .unwrap();
+        let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new());
+        let blobs: Arc<dyn BlobStore> = Arc::new(MemoryBlobStore::new());
+        let options = DurableOptions {
+            blobs: Some(blobs.clone()),
+            offload_over: 1024,
+            ..DurableOptions::new("w")
+        };
+        let new = || NewRun {
+            id: RunId::new(),
+            flow_id: "f".into(),
+            flow_version: 1,
+            input: json!({}),
+            idempotency_key: None,
+            claim: Some(options.claim()),
+        };
+        let (run, _) = runs.create(new()).await.unwrap();
+        let done = durable::execute(&engine, &plan, &runs, &run, &options, Hooks::default())
+            .await
+            .unwrap();
+        assert_eq!(done.status, RunStatus::Succeeded);
+        let stored = done.output.clone().unwrap();
+        assert_eq!(
+            stored["size"], 20_002,
+            "the run's output is a reference in the run store: {stored}"
+        );
+        assert_eq!(
+            durable::resolve(&stored, blobs.as_ref())
+                .await
+                .unwrap()
+                .as_str()
+                .map(str::len),
+            Some(20_000)
+        );
+        let steps = runs.steps(&run.id).await.unwrap();
+        let big = steps.iter().find(|s| &*s.node == "big").unwrap();
+        assert!(
+            big.output
+                .as_ref()
+                .unwrap()
+                .get(durable::BLOB_REF)
+                .is_some(),
+            "the step's output is a reference"
+        );
+        let small = steps.iter().find(|s| &*s.node == "len").unwrap();
+        assert_eq!(
+            small.output.as_deref(),
+            Some(&json!("20000")),
+            "small outputs stay inline"
+        );
+
+        // Resume: a new owner gets the reference back as the value, so `len` sees the string.
+        let (run2, _) = runs.create(new()).await.unwrap();
+        runs.record_steps(&run2.id, 1, &[big.clone()])
+            .await
+            .unwrap();
+        runs.release(&run2.id, 1).await.unwrap();
+        runs.claim(&run2.id, "w2", std::time::Duration::from_secs(30))
+            .await
+            .unwrap();
+        let claimed = runs.get(&run2.id).await.unwrap();
+        durable::execute(&engine, &plan, &runs, &claimed, &options, Hooks::default())
+            .await
+            .unwrap();
+        let len = runs
+            .steps(&run2.id)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|s| &*s.node == "len")
+            .unwrap();
+        assert_eq!(
+            len.output.as_deref(),
+            Some(&json!("20000")),
+            "the resumed step's output was resolved"
+        );
+    }
+}

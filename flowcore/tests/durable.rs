@@ -215,7 +215,7 @@ mod offload {
 
         // Resume: a new owner gets the reference back as the value, so `len` sees the string.
         let (run2, _) = runs.create(new()).await.unwrap();
-        runs.record_steps(&run2.id, 1, &[big.clone()])
+        runs.record_steps(&run2.id, 1, std::slice::from_ref(big))
             .await
             .unwrap();
         runs.release(&run2.id, 1).await.unwrap();

@@ -21,6 +21,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Runs the server (configuration from the environment; see the variables below).
+    #[command(after_help = serve_help())]
+    Serve,
     /// Checks a flow file: prints "ok", or every problem one a line and exits 1.
     Validate {
         /// The flow's JSON file.
@@ -56,6 +59,16 @@ fn main() -> ExitCode {
         )
         .init();
     match cli.command {
+        Command::Serve => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return fail(format!("cannot start the runtime: {e}")),
+            };
+            runtime.block_on(serve())
+        }
         Command::Validate { flow } => validate(&flow),
         Command::Run {
             flow,
@@ -79,6 +92,62 @@ fn main() -> ExitCode {
                 quiet,
             ))
         }
+    }
+}
+
+fn serve_help() -> String {
+    let mut text = String::from("Environment variables:\n");
+    for (var, default, meaning) in flowcore_server::config::VARIABLES {
+        text.push_str(&format!("  {var:<30} {meaning} (default: {default})\n"));
+    }
+    text
+}
+
+async fn serve() -> ExitCode {
+    let config = match flowcore_server::config::Config::from_env() {
+        Ok(config) => config,
+        Err(e) => return fail(format!("configuration: {e}")),
+    };
+    let bind = config.bind;
+    let state = match flowcore_server::build_state(config).await {
+        Ok(state) => state,
+        Err(e) => return fail(format!("start-up: {e}")),
+    };
+    let listener = match tokio::net::TcpListener::bind(bind).await {
+        Ok(l) => l,
+        Err(e) => return fail(format!("cannot listen on {bind}: {e}")),
+    };
+    tracing::info!(%bind, "flowcore listening");
+    eprintln!("flowcore listening on http://{bind}");
+    let app = flowcore_server::app::app(state);
+    match axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format!("server error: {e}")),
+    }
+}
+
+/// Ctrl-C or SIGTERM: stop accepting, finish in-flight requests.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
     }
 }
 

@@ -1,0 +1,115 @@
+//! The HTTP API: `fn app(state) -> Router`, so tests drive it without a socket.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use flowcore::Engine;
+use flowcore::cache::PlanCache;
+use flowcore::ports::{BlobStore, FlowStore, Queue};
+use flowcore_store::{OpendalBlobStore, SqlStore};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tower_http::limit::RequestBodyLimitLayer;
+
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::routes;
+
+/// What every request handler shares.
+pub struct AppState {
+    /// The configuration.
+    pub config: Config,
+    /// Compiles and runs flows.
+    pub engine: Engine,
+    /// Flows, runs and the server's records.
+    pub sql: SqlStore,
+    /// Compiled flows.
+    pub plans: PlanCache,
+    /// Runs waiting for a worker.
+    pub queue: Arc<dyn Queue>,
+    /// Files and large outputs.
+    pub blobs: OpendalBlobStore,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The shared state handlers get.
+pub type Shared = Arc<AppState>;
+
+/// The router of the whole API.
+pub fn app(state: Shared) -> Router {
+    let body_limit = usize::try_from(state.config.max_payload_mb.saturating_mul(1024 * 1024))
+        .unwrap_or(usize::MAX);
+    let api = routes::flows::router()
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .nest("/api/v1", api)
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(DefaultBodyLimit::disable())
+        .layer(RequestBodyLimitLayer::new(body_limit))
+        .with_state(state)
+}
+
+/// 200 when the database, the queue and the blob store answer; 503 with each one's state.
+async fn readyz(State(state): State<Shared>) -> Response {
+    let database = FlowStore::list(&state.sql, 1, None).await.map(|_| ());
+    let queue = state
+        .queue
+        .depth(&state.config.worker_group)
+        .await
+        .map(|_| ());
+    let blobs = state.blobs.stat("readyz/probe").await.map(|_| ());
+    let show = |r: &Result<(), flowcore::StoreError>| if r.is_ok() { "ok" } else { "unavailable" };
+    let body =
+        json!({"database": show(&database), "queue": show(&queue), "blob_store": show(&blobs)});
+    let status = if database.is_ok() && queue.is_ok() && blobs.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+/// The API key of a request: `Authorization: Bearer <key>` or `x-api-key: <key>`.
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(v.trim());
+    }
+    let auth = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, key) = auth.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+}
+
+/// Refuses requests without a valid key with 401. Keys are compared in constant time.
+async fn require_key(
+    State(state): State<Shared>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let presented = presented_key(request.headers()).ok_or_else(ApiError::unauthorized)?;
+    let admin_ok = state
+        .config
+        .admin_key
+        .as_deref()
+        .is_some_and(|admin| bool::from(admin.as_bytes().ct_eq(presented.as_bytes())));
+    if !admin_ok {
+        return Err(ApiError::unauthorized());
+    }
+    Ok(next.run(request).await)
+}

@@ -1,0 +1,59 @@
+//! The flowcore server: configuration, the HTTP API and the composition of the stores into the
+//! topology (`all`, `api`, `worker`). The `flowcore` binary is `src/main.rs`.
+
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod routes;
+
+use std::sync::Arc;
+
+use flowcore::Engine;
+use flowcore::cache::PlanCache;
+use flowcore::ports::memory::{MemoryFlowChanges, MemoryQueue};
+use flowcore::ports::{FlowChanges, FlowStore, Queue};
+use flowcore_store::{OpendalBlobStore, RedisConfig, RedisQueue, SqlConfig, SqlStore};
+
+use crate::app::{AppState, Shared};
+use crate::config::Config;
+
+/// Connects the stores the configuration names (migrating the database) and builds the state.
+pub async fn build_state(config: Config) -> Result<Shared, flowcore::StoreError> {
+    let mut sql_config = SqlConfig::new(config.database_url.clone());
+    sql_config.pool_size = config.database_pool_size;
+    let sql = SqlStore::connect(sql_config).await?;
+    sql.migrate().await?;
+    let blobs = OpendalBlobStore::open(&config.storage)?;
+    let (queue, changes): (Arc<dyn Queue>, Arc<dyn FlowChanges>) = match &config.redis_url {
+        Some(url) => {
+            let mut redis = RedisConfig::new(url.clone());
+            redis.prefix = config.redis_prefix.clone();
+            let queue = RedisQueue::connect(redis).await?;
+            (Arc::new(queue.clone()), Arc::new(queue.flow_changes()))
+        }
+        None => (
+            Arc::new(MemoryQueue::default()),
+            Arc::new(MemoryFlowChanges::default()),
+        ),
+    };
+    let limits = flowcore::Limits {
+        run_timeout: std::time::Duration::from_secs(config.flow_timeout_seconds),
+        max_output_bytes: usize::try_from(config.max_file_mb.saturating_mul(1024 * 1024))
+            .unwrap_or(usize::MAX),
+        ..flowcore::Limits::default()
+    };
+    let flows: Arc<dyn FlowStore> = Arc::new(sql.clone());
+    let engine = Engine::builder()
+        .limits(limits)
+        .flow_store(flows.clone())
+        .build();
+    let plans = PlanCache::new(engine.clone(), flows, Some(changes), 10_000);
+    Ok(Arc::new(AppState {
+        config,
+        engine,
+        sql,
+        plans,
+        queue,
+        blobs,
+    }))
+}

@@ -1,0 +1,123 @@
+//! `/api/v1/flows`: create, list, read, new version, delete.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use flowcore::FlowDef;
+use flowcore::model::is_valid_id;
+use flowcore::ports::FlowStore;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::app::Shared;
+use crate::error::ApiError;
+
+/// The flows routes.
+pub fn router() -> Router<Shared> {
+    Router::new()
+        .route("/flows", get(list).post(create))
+        .route("/flows/{id}", get(read).put(update).delete(delete))
+}
+
+fn parse_flow(
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<FlowDef, ApiError> {
+    let Json(value) = body?;
+    FlowDef::from_value(value)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))
+}
+
+fn check_id(id: &str) -> Result<(), ApiError> {
+    if is_valid_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "the flow id is not 1 to 64 of A-Z a-z 0-9 _ -",
+        ))
+    }
+}
+
+async fn create(
+    State(state): State<Shared>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let mut flow = parse_flow(body)?;
+    let id = flow.id.get_or_insert_with(flowcore::ids::new_id).clone();
+    state.engine.compile(&flow)?;
+    let stored = FlowStore::create(&state.sql, &flow).await?;
+    state.plans.changed(&id).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": stored.id, "version": stored.version})),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+async fn list(
+    State(state): State<Shared>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let page = FlowStore::list(&state.sql, q.limit.unwrap_or(50), q.cursor.as_deref()).await?;
+    let items: Vec<Value> = page
+        .items
+        .iter()
+        .map(|f| json!({"id": f.id, "version": f.version, "name": f.definition.name, "created_at": f.created_at}))
+        .collect();
+    Ok(Json(
+        json!({"items": items, "next_cursor": page.next_cursor}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadQuery {
+    version: Option<u32>,
+}
+
+async fn read(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    Query(q): Query<ReadQuery>,
+) -> Result<Json<Value>, ApiError> {
+    check_id(&id)?;
+    let f = FlowStore::get(&state.sql, &id, q.version).await?;
+    Ok(Json(
+        json!({"id": f.id, "version": f.version, "created_at": f.created_at, "definition": f.definition}),
+    ))
+}
+
+async fn update(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    check_id(&id)?;
+    let mut flow = parse_flow(body)?;
+    if flow.id.as_deref().is_some_and(|body_id| body_id != id) {
+        return Err(ApiError::bad_request(
+            "the body's id differs from the path's",
+        ));
+    }
+    flow.id = Some(id.clone());
+    state.engine.compile(&flow)?;
+    let stored = FlowStore::update(&state.sql, &id, &flow).await?;
+    state.plans.changed(&id).await?;
+    Ok(Json(json!({"id": stored.id, "version": stored.version})))
+}
+
+async fn delete(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    check_id(&id)?;
+    FlowStore::delete(&state.sql, &id).await?;
+    state.plans.changed(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,296 @@
+//! The HTTP API in process (tower `oneshot`, no socket) and the real binary over TCP.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use flowcore_server::config::Config;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const KEY: &str = "test-admin-key";
+
+async fn app(extra: &[(&str, &str)]) -> (axum::Router, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!(
+        "flowcore-api-{}-{}",
+        std::process::id(),
+        flowcore::ids::new_id()
+    ));
+    let mut vars = vec![
+        ("FLOWCORE_DATA_DIR".to_owned(), dir.display().to_string()),
+        ("FLOWCORE_ADMIN_KEY".to_owned(), KEY.to_owned()),
+        ("STORAGE_TYPE".to_owned(), "memory".to_owned()),
+    ];
+    vars.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    let config = Config::from_vars(vars).expect("config");
+    let state = flowcore_server::build_state(config).await.expect("state");
+    (flowcore_server::app::app(state), dir)
+}
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(path);
+    if let Some(key) = key {
+        req = req.header("authorization", format!("Bearer {key}"));
+    }
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let req = req
+        .body(body.map(Body::from).unwrap_or_else(Body::empty))
+        .expect("request");
+    let res = app.clone().oneshot(req).await.expect("response");
+    let status = res.status();
+    let bytes = axum::body::to_bytes(res.into_body(), usize::MAX)
+        .await
+        .expect("body");
+    let json = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+    };
+    (status, json)
+}
+
+fn greet() -> Vec<u8> {
+    include_bytes!("../../examples/flows/greet.json").to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_readiness() {
+    let (app, dir) = app(&[]).await;
+    assert_eq!(
+        call(&app, "GET", "/healthz", None, None).await,
+        (StatusCode::OK, json!({"status": "ok"}))
+    );
+    let (status, body) = call(&app, "GET", "/readyz", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({"database": "ok", "queue": "ok", "blob_store": "ok"})
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_api_route_needs_a_key() {
+    let (app, dir) = app(&[]).await;
+    for (method, path) in [
+        ("GET", "/api/v1/flows"),
+        ("POST", "/api/v1/flows"),
+        ("GET", "/api/v1/flows/x"),
+        ("PUT", "/api/v1/flows/x"),
+        ("DELETE", "/api/v1/flows/x"),
+    ] {
+        for key in [None, Some("wrong"), Some("")] {
+            let (status, body) = call(&app, method, path, key, None).await;
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} with {key:?}"
+            );
+            assert_eq!(body["error"]["code"], "unauthorized");
+        }
+    }
+    let req = Request::builder()
+        .uri("/api/v1/flows")
+        .header("x-api-key", KEY)
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(
+        app.clone().oneshot(req).await.unwrap().status(),
+        StatusCode::OK,
+        "x-api-key works too"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_crud_and_errors() {
+    let (app, dir) = app(&[("MAX_PAYLOAD_SIZE_MB", "1")]).await;
+    let k = Some(KEY);
+    assert_eq!(
+        call(&app, "POST", "/api/v1/flows", k, Some(greet())).await,
+        (StatusCode::CREATED, json!({"id": "greet", "version": 1}))
+    );
+    let (status, body) = call(&app, "POST", "/api/v1/flows", k, Some(greet())).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("already_exists"))
+    );
+
+    let (status, body) = call(&app, "GET", "/api/v1/flows/greet", k, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (
+            body["version"].as_u64(),
+            body["definition"]["nodes"].as_array().map(Vec::len)
+        ),
+        (Some(1), Some(4))
+    );
+
+    let mut v2: Value = serde_json::from_slice(&greet()).unwrap();
+    v2["name"] = json!("Greeting v2");
+    let (status, body) = call(
+        &app,
+        "PUT",
+        "/api/v1/flows/greet",
+        k,
+        Some(serde_json::to_vec(&v2).unwrap()),
+    )
+    .await;
+    assert_eq!(
+        (status, body["version"].as_u64()),
+        (StatusCode::OK, Some(2))
+    );
+    let (_, old) = call(&app, "GET", "/api/v1/flows/greet?version=1", k, None).await;
+    assert_eq!(
+        old["definition"]["name"], "Greeting",
+        "old versions stay readable"
+    );
+
+    let (status, list) = call(&app, "GET", "/api/v1/flows?limit=10", k, None).await;
+    assert_eq!(
+        (status, list["items"][0]["id"].as_str()),
+        (StatusCode::OK, Some("greet"))
+    );
+
+    // Server-assigned id.
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/api/v1/flows",
+        k,
+        Some(br#"{"nodes": [{"id": "a", "type": "noop"}]}"#.to_vec()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(flowcore::model::is_valid_id(body["id"].as_str().unwrap()));
+
+    // Every problem, with where it is.
+    let bad = br#"{"nodes": [{"id": "a", "type": "nope"}, {"id": "b", "type": "noop"}], "edges": [{"from": "b", "to": "b"}]}"#;
+    let (status, body) = call(&app, "POST", "/api/v1/flows", k, Some(bad.to_vec())).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_flow"))
+    );
+    assert_eq!(
+        body["error"]["details"].as_array().map(Vec::len),
+        Some(2),
+        "{body}"
+    );
+    assert_eq!(
+        body["error"]["details"][0],
+        json!({"node": "a", "edge": null, "problem": "unknown node type `nope`"})
+    );
+
+    for (payload, code) in [
+        (b"{not json".to_vec(), "invalid_json"),
+        (br#"{"nodes": [], "extra": 1}"#.to_vec(), "invalid_json"),
+        (br#"{"nodes": "many"}"#.to_vec(), "invalid_json"),
+        (b"\xff\xfe\xfd".to_vec(), "invalid_json"),
+        (
+            format!("{}1{}", "[".repeat(10_000), "]".repeat(10_000)).into_bytes(),
+            "invalid_json",
+        ),
+    ] {
+        let (status, body) = call(&app, "POST", "/api/v1/flows", k, Some(payload)).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(code)),
+            "{body}"
+        );
+    }
+    let huge = format!(
+        r#"{{"nodes": [], "description": "{}"}}"#,
+        "x".repeat(2 * 1024 * 1024)
+    );
+    let (status, body) = call(&app, "POST", "/api/v1/flows", k, Some(huge.into_bytes())).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large"))
+    );
+
+    assert_eq!(
+        call(&app, "GET", "/api/v1/flows/nope", k, None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        call(&app, "GET", "/api/v1/flows/bad%20id", k, None).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        call(&app, "GET", "/api/v1/flows/greet?version=zz", k, None)
+            .await
+            .0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        call(&app, "DELETE", "/api/v1/flows/greet", k, None).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        call(&app, "DELETE", "/api/v1/flows/greet", k, None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let (status, body) = call(&app, "GET", "/no/such/route", None, None).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn the_binary_serves_over_tcp() {
+    use std::io::{Read, Write};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("flowcore-serve-{}-{port}", std::process::id()));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flowcore"))
+        .arg("serve")
+        .env("FLOWCORE_BIND", format!("127.0.0.1:{port}"))
+        .env("FLOWCORE_DATA_DIR", &dir)
+        .env("FLOWCORE_ADMIN_KEY", KEY)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let started = std::time::Instant::now();
+    let get = |path: &str| -> Option<String> {
+        let mut sock = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        write!(
+            sock,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = String::new();
+        sock.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    let mut answer = None;
+    while started.elapsed() < std::time::Duration::from_secs(20) {
+        if let Some(a) = get("/healthz") {
+            answer = Some(a);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let flows = get("/api/v1/flows");
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).ok();
+    let answer = answer.expect("the server answered /healthz");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with(r#"{"status":"ok"}"#), "{answer}");
+    assert!(flows.expect("flows").starts_with("HTTP/1.1 200"));
+}

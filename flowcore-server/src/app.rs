@@ -34,6 +34,12 @@ pub struct AppState {
     pub queue: Arc<dyn Queue>,
     /// Files and large outputs.
     pub blobs: OpendalBlobStore,
+    /// Run events, for waiting and streaming.
+    pub events: Arc<dyn flowcore::ports::EventBus>,
+    /// Runs executing in this process.
+    pub running: crate::worker::Running,
+    /// This process's name as a lease owner.
+    pub worker_name: String,
 }
 
 impl std::fmt::Debug for AppState {
@@ -52,6 +58,7 @@ pub fn app(state: Shared) -> Router {
     let body_limit = usize::try_from(state.config.max_payload_mb.saturating_mul(1024 * 1024))
         .unwrap_or(usize::MAX);
     let api = routes::flows::router()
+        .merge(routes::runs::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))

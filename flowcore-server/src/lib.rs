@@ -5,13 +5,14 @@ pub mod app;
 pub mod config;
 pub mod error;
 pub mod routes;
+pub mod worker;
 
 use std::sync::Arc;
 
 use flowcore::Engine;
 use flowcore::cache::PlanCache;
-use flowcore::ports::memory::{MemoryFlowChanges, MemoryQueue};
-use flowcore::ports::{FlowChanges, FlowStore, Queue};
+use flowcore::ports::memory::{MemoryEventBus, MemoryFlowChanges, MemoryQueue};
+use flowcore::ports::{EventBus, FlowChanges, FlowStore, Queue};
 use flowcore_store::{OpendalBlobStore, RedisConfig, RedisQueue, SqlConfig, SqlStore};
 
 use crate::app::{AppState, Shared};
@@ -24,16 +25,22 @@ pub async fn build_state(config: Config) -> Result<Shared, flowcore::StoreError>
     let sql = SqlStore::connect(sql_config).await?;
     sql.migrate().await?;
     let blobs = OpendalBlobStore::open(&config.storage)?;
-    let (queue, changes): (Arc<dyn Queue>, Arc<dyn FlowChanges>) = match &config.redis_url {
+    type Backends = (Arc<dyn Queue>, Arc<dyn FlowChanges>, Arc<dyn EventBus>);
+    let (queue, changes, events): Backends = match &config.redis_url {
         Some(url) => {
             let mut redis = RedisConfig::new(url.clone());
             redis.prefix = config.redis_prefix.clone();
             let queue = RedisQueue::connect(redis).await?;
-            (Arc::new(queue.clone()), Arc::new(queue.flow_changes()))
+            (
+                Arc::new(queue.clone()),
+                Arc::new(queue.flow_changes()),
+                Arc::new(queue.event_bus()),
+            )
         }
         None => (
             Arc::new(MemoryQueue::default()),
             Arc::new(MemoryFlowChanges::default()),
+            Arc::new(MemoryEventBus::default()),
         ),
     };
     let limits = flowcore::Limits {
@@ -48,6 +55,7 @@ pub async fn build_state(config: Config) -> Result<Shared, flowcore::StoreError>
         .flow_store(flows.clone())
         .build();
     let plans = PlanCache::new(engine.clone(), flows, Some(changes), 10_000);
+    let worker_name = format!("{}-{}", std::process::id(), &flowcore::ids::new_id()[24..]);
     Ok(Arc::new(AppState {
         config,
         engine,
@@ -55,5 +63,8 @@ pub async fn build_state(config: Config) -> Result<Shared, flowcore::StoreError>
         plans,
         queue,
         blobs,
+        events,
+        running: crate::worker::Running::default(),
+        worker_name,
     }))
 }

@@ -9,6 +9,17 @@ use tower::ServiceExt;
 const KEY: &str = "test-admin-key";
 
 async fn app(extra: &[(&str, &str)]) -> (axum::Router, std::path::PathBuf) {
+    let (router, _, dir) = app_with_state(extra).await;
+    (router, dir)
+}
+
+async fn app_with_state(
+    extra: &[(&str, &str)],
+) -> (
+    axum::Router,
+    flowcore_server::app::Shared,
+    std::path::PathBuf,
+) {
     let dir = std::env::temp_dir().join(format!(
         "flowcore-api-{}-{}",
         std::process::id(),
@@ -26,7 +37,7 @@ async fn app(extra: &[(&str, &str)]) -> (axum::Router, std::path::PathBuf) {
     );
     let config = Config::from_vars(vars).expect("config");
     let state = flowcore_server::build_state(config).await.expect("state");
-    (flowcore_server::app::app(state), dir)
+    (flowcore_server::app::app(state.clone()), state, dir)
 }
 
 async fn call(
@@ -293,4 +304,172 @@ fn the_binary_serves_over_tcp() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with(r#"{"status":"ok"}"#), "{answer}");
     assert!(flows.expect("flows").starts_with("HTTP/1.1 200"));
+}
+
+async fn wait_for_status(app: &axum::Router, run_id: &str, want: &str) -> Value {
+    for _ in 0..200 {
+        let (_, run) = call(
+            app,
+            "GET",
+            &format!("/api/v1/runs/{run_id}"),
+            Some(KEY),
+            None,
+        )
+        .await;
+        if run["status"] == want {
+            return run;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("run {run_id} never became {want}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_sync_async_idempotent_cancel() {
+    let (app, state, dir) = app_with_state(&[("WEBHOOK_TIMEOUT_SECONDS", "1")]).await;
+    let shutdown = flowcore::CancellationToken::new();
+    let worker = tokio::spawn(flowcore_server::worker::work(
+        state.clone(),
+        shutdown.clone(),
+    ));
+    let k = Some(KEY);
+    call(&app, "POST", "/api/v1/flows", k, Some(greet())).await;
+
+    // Sync: the output in the answer.
+    let body = json!({"input": {"name": "ada", "n": 7}})
+        .to_string()
+        .into_bytes();
+    let (status, run) = call(&app, "POST", "/api/v1/flows/greet/runs", k, Some(body)).await;
+    assert_eq!(status, StatusCode::OK, "{run}");
+    assert_eq!(run["status"], "succeeded");
+    assert_eq!(run["output"], json!({"path": "a", "msg": "hello ada"}));
+    let run_id = run["run_id"].as_str().unwrap().to_owned();
+    let (status, full) = call(&app, "GET", &format!("/api/v1/runs/{run_id}"), k, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (full["flow_id"].as_str(), full["flow_version"].as_u64()),
+        (Some("greet"), Some(1))
+    );
+    assert_eq!(full["steps"].as_array().map(Vec::len), Some(4), "{full}");
+    assert_eq!(full["input"], json!({"name": "ada", "n": 7}));
+
+    // Async through the queue and the worker.
+    let body = json!({"input": {"name": "bob", "n": 1}, "wait": false})
+        .to_string()
+        .into_bytes();
+    let (status, queued) = call(&app, "POST", "/api/v1/flows/greet/runs", k, Some(body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{queued}");
+    let done = wait_for_status(&app, queued["run_id"].as_str().unwrap(), "succeeded").await;
+    assert_eq!(done["output"], json!({"path": "b"}));
+
+    // Idempotency: the same key gives the same run.
+    let body = json!({"input": {"name": "x", "n": 9}, "idempotency_key": "k-1"})
+        .to_string()
+        .into_bytes();
+    let (_, first) = call(
+        &app,
+        "POST",
+        "/api/v1/flows/greet/runs",
+        k,
+        Some(body.clone()),
+    )
+    .await;
+    let (status, again) = call(&app, "POST", "/api/v1/flows/greet/runs", k, Some(body)).await;
+    assert_eq!(
+        (status, &again["run_id"]),
+        (StatusCode::OK, &first["run_id"])
+    );
+
+    // A sync run that outlives the wait: 202, then it finishes.
+    let slow = br#"{"id": "slow", "nodes": [{"id": "d", "type": "delay", "params": {"ms": 1500}}, {"id": "t", "type": "template", "params": {"template": "done"}}], "edges": [{"from": "d", "to": "t"}]}"#;
+    call(&app, "POST", "/api/v1/flows", k, Some(slow.to_vec())).await;
+    let (status, pending) = call(
+        &app,
+        "POST",
+        "/api/v1/flows/slow/runs",
+        k,
+        Some(b"{}".to_vec()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{pending}");
+    let done = wait_for_status(&app, pending["run_id"].as_str().unwrap(), "succeeded").await;
+    assert_eq!(done["output"], json!("done"));
+
+    // Cancel a running run.
+    let long =
+        br#"{"id": "long", "nodes": [{"id": "d", "type": "delay", "params": {"ms": 60000}}]}"#;
+    call(&app, "POST", "/api/v1/flows", k, Some(long.to_vec())).await;
+    let (_, started) = call(
+        &app,
+        "POST",
+        "/api/v1/flows/long/runs",
+        k,
+        Some(br#"{"wait": false}"#.to_vec()),
+    )
+    .await;
+    let id = started["run_id"].as_str().unwrap().to_owned();
+    wait_for_status(&app, &id, "running").await;
+    let (status, cancelled) =
+        call(&app, "POST", &format!("/api/v1/runs/{id}/cancel"), k, None).await;
+    assert_eq!(
+        (status, cancelled["status"].as_str()),
+        (StatusCode::OK, Some("cancelled")),
+        "{cancelled}"
+    );
+    let (status, again) = call(&app, "POST", &format!("/api/v1/runs/{id}/cancel"), k, None).await;
+    assert_eq!(
+        (status, again["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("already_finished"))
+    );
+
+    // Listing, filters, errors.
+    let (status, list) = call(
+        &app,
+        "GET",
+        "/api/v1/runs?flow_id=greet&status=succeeded&limit=2",
+        k,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(2));
+    assert!(list["next_cursor"].is_string());
+    assert_eq!(
+        call(&app, "GET", "/api/v1/runs?status=bogus", k, None)
+            .await
+            .0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        call(&app, "GET", "/api/v1/runs/nope", k, None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        call(
+            &app,
+            "POST",
+            "/api/v1/flows/nope/runs",
+            k,
+            Some(b"{}".to_vec())
+        )
+        .await
+        .0,
+        StatusCode::NOT_FOUND
+    );
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/api/v1/flows/greet/runs",
+        k,
+        Some(br#"{"inptu": {}}"#.to_vec()),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_json"))
+    );
+
+    shutdown.cancel();
+    worker.await.unwrap();
+    std::fs::remove_dir_all(dir).ok();
 }

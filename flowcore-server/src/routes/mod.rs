@@ -1,3 +1,4 @@
 //! Route handlers, one module per resource.
 
 pub mod flows;
+pub mod runs;

@@ -1,0 +1,259 @@
+//! Runs: start (sync or async, idempotent), read with steps, list, cancel.
+
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use flowcore::durable::resolve;
+use flowcore::ports::{NewRun, RunFilter, RunRecord, RunStore};
+use flowcore::{RunId, RunStatus};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::app::Shared;
+use crate::config::Role;
+use crate::error::ApiError;
+
+/// The runs routes.
+pub fn router() -> Router<Shared> {
+    Router::new()
+        .route("/flows/{id}/runs", post(start))
+        .route("/runs", get(list))
+        .route("/runs/{id}", get(read))
+        .route("/runs/{id}/cancel", post(cancel))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct StartBody {
+    #[serde(default)]
+    input: Option<Value>,
+    #[serde(default)]
+    wait: Option<bool>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+async fn start(
+    State(state): State<Shared>,
+    Path(flow_id): Path<String>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if !flowcore::model::is_valid_id(&flow_id) {
+        return Err(ApiError::bad_request(
+            "the flow id is not 1 to 64 of A-Z a-z 0-9 _ -",
+        ));
+    }
+    let Json(value) = body?;
+    let body: StartBody = serde_json::from_value(value)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))?;
+    if body
+        .idempotency_key
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.len() > 200)
+    {
+        return Err(ApiError::bad_request(
+            "idempotency_key must be 1 to 200 characters",
+        ));
+    }
+    start_run(
+        &state,
+        &flow_id,
+        body.input.unwrap_or_else(|| json!({})),
+        body.wait.unwrap_or(true),
+        body.idempotency_key,
+    )
+    .await
+}
+
+/// Starts a run of the latest version of `flow_id` (shared by the API and webhooks).
+pub async fn start_run(
+    state: &Shared,
+    flow_id: &str,
+    input: Value,
+    wait: bool,
+    idempotency_key: Option<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let (version, _plan) = state.plans.get(flow_id, None).await?;
+    // The `all` role executes a waited run itself: created already claimed (one commit) and
+    // run at once; the run is still leased and checkpointed, so a crash loses nothing.
+    let inline = wait && state.config.role == Role::All;
+    let claim = inline.then(|| crate::worker::durable_options(state).claim());
+    let new = NewRun {
+        id: RunId::new(),
+        flow_id: flow_id.to_owned(),
+        flow_version: version,
+        input,
+        idempotency_key,
+        claim,
+    };
+    let (run, created) = RunStore::create(&state.sql, new).await?;
+    if !created {
+        return answer(state, &run).await;
+    }
+    let limit = Duration::from_secs(state.config.webhook_timeout_seconds);
+    if inline {
+        let task = {
+            let (state, run) = (state.clone(), run.clone());
+            tokio::spawn(async move { crate::worker::execute(&state, run).await })
+        };
+        if !wait {
+            return answer(state, &run).await;
+        }
+        return match tokio::time::timeout(limit, task).await {
+            Ok(Ok(Ok(done))) => answer(state, &done).await,
+            Ok(Ok(Err(e))) => Err(e.into()),
+            Ok(Err(_)) | Err(_) => answer(state, &RunStore::get(&state.sql, &run.id).await?).await,
+        };
+    }
+    let group = state.config.worker_group.clone();
+    state.queue.enqueue(&group, &run.id, None).await?;
+    if wait {
+        wait_for_end(state, &run.id, limit).await;
+    }
+    answer(state, &RunStore::get(&state.sql, &run.id).await?).await
+}
+
+/// Follows the run's events until it finishes or `limit` passes.
+async fn wait_for_end(state: &Shared, run_id: &RunId, limit: Duration) {
+    let until = tokio::time::Instant::now() + limit;
+    let mut after: Option<String> = None;
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        match state.events.read(run_id, after.as_deref(), left).await {
+            Ok(events) => {
+                if events.iter().any(|e| e.name == "run_finished") {
+                    return;
+                }
+                after = events.last().map(|e| e.id.clone()).or(after);
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// 200 with the output when the run is over, else 202 with its id and status.
+async fn answer(state: &Shared, run: &RunRecord) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if run.status.is_final() {
+        let output = match &run.output {
+            Some(v) => Some(resolve(v, &state.blobs).await?),
+            None => None,
+        };
+        let mut body = json!({"run_id": run.id, "status": run.status, "output": output});
+        if let Some(error) = &run.error {
+            body["error"] = json!(error);
+        }
+        Ok((StatusCode::OK, Json(body)))
+    } else {
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"run_id": run.id, "status": run.status})),
+        ))
+    }
+}
+
+async fn read(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = RunId::from(id);
+    let run = RunStore::get(&state.sql, &id).await?;
+    let mut steps = Vec::new();
+    for step in RunStore::steps(&state.sql, &id).await? {
+        let output = match &step.output {
+            Some(v) => Some(resolve(v, &state.blobs).await?),
+            None => None,
+        };
+        steps.push(json!({
+            "node": step.node, "status": step.status, "attempts": step.attempts,
+            "started_at": step.started_at, "finished_at": step.finished_at, "output": output, "error": step.error,
+        }));
+    }
+    let output = match &run.output {
+        Some(v) => Some(resolve(v, &state.blobs).await?),
+        None => None,
+    };
+    Ok(Json(json!({
+        "id": run.id, "flow_id": run.flow_id, "flow_version": run.flow_version, "status": run.status,
+        "input": run.input, "output": output, "error": run.error, "created_at": run.created_at,
+        "started_at": run.started_at, "finished_at": run.finished_at, "steps": steps,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    flow_id: Option<String>,
+    status: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+async fn list(
+    State(state): State<Shared>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let status = q
+        .status
+        .as_deref()
+        .map(str::parse::<RunStatus>)
+        .transpose()
+        .map_err(ApiError::bad_request)?;
+    let filter = RunFilter {
+        flow_id: q.flow_id,
+        status,
+        limit: q.limit.unwrap_or(50),
+        cursor: q.cursor,
+    };
+    let page = RunStore::list(&state.sql, &filter).await?;
+    let items: Vec<Value> = page
+        .items
+        .iter()
+        .map(|r| json!({"id": r.id, "flow_id": r.flow_id, "flow_version": r.flow_version, "status": r.status, "created_at": r.created_at, "finished_at": r.finished_at}))
+        .collect();
+    Ok(Json(
+        json!({"items": items, "next_cursor": page.next_cursor}),
+    ))
+}
+
+async fn cancel(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = RunId::from(id);
+    let run = RunStore::get(&state.sql, &id).await?;
+    match run.status {
+        RunStatus::Queued => {
+            let run =
+                RunStore::transition(&state.sql, &id, RunStatus::Queued, RunStatus::Cancelled)
+                    .await?;
+            Ok(Json(json!({"run_id": run.id, "status": run.status})))
+        }
+        RunStatus::Running if state.running.cancel(&id) => {
+            // Executing here: wait (briefly) for the engine to stop it and write the status.
+            for _ in 0..100 {
+                let run = RunStore::get(&state.sql, &id).await?;
+                if run.status.is_final() {
+                    return Ok(Json(json!({"run_id": run.id, "status": run.status})));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(Json(json!({"run_id": id, "status": "running"})))
+        }
+        RunStatus::Running => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_cancellable_here",
+            "the run executes in another process; cancelling across processes is not built yet",
+        )),
+        status => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_finished",
+            format!("the run is {status}"),
+        )),
+    }
+}

@@ -1,0 +1,178 @@
+//! Executing runs: inline for the `all` role's waited runs, and from the queue for `all` and
+//! `worker`. Both go through `flowcore::durable::execute`, so every run is checkpointed,
+//! leased and resumable.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flowcore::durable::{self, Checkpoint, DurableOptions, Hooks};
+use flowcore::ports::{BusSink, EventBus, LeasedJob, RunRecord, RunStore};
+use flowcore::{CancellationToken, RunId, StoreError};
+use tokio::sync::Semaphore;
+
+use crate::app::AppState;
+
+/// Runs executing in this process, so that a cancel can reach them.
+#[derive(Debug, Default)]
+pub struct Running(Mutex<HashMap<RunId, CancellationToken>>);
+
+impl Running {
+    fn insert(&self, id: &RunId) -> CancellationToken {
+        let token = CancellationToken::new();
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.clone(), token.clone());
+        token
+    }
+    fn remove(&self, id: &RunId) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id);
+    }
+    /// Cancels a run executing here; `false` when it is not here.
+    pub fn cancel(&self, id: &RunId) -> bool {
+        match self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(id)
+        {
+            Some(token) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The durable options of this process's runs.
+pub fn durable_options(state: &AppState) -> DurableOptions {
+    DurableOptions {
+        // Batched checkpoints: a fast run costs two commits; a longer one is checkpointed every
+        // 200 ms.
+        checkpoint: Checkpoint::Batched(Duration::from_millis(200)),
+        blobs: Some(Arc::new(state.blobs.clone())),
+        ..DurableOptions::new(state.worker_name.clone())
+    }
+}
+
+/// Executes a run this process holds (its lease is ours) to its end.
+pub async fn execute(state: &AppState, run: RunRecord) -> Result<RunRecord, StoreError> {
+    let (_, plan) = state
+        .plans
+        .get(&run.flow_id, Some(run.flow_version))
+        .await
+        .map_err(|e| match e {
+            flowcore::Error::Store(e) => e,
+            other => StoreError::Invalid(other.to_string()),
+        })?;
+    let runs: Arc<dyn RunStore> = Arc::new(state.sql.clone());
+    let events: Arc<dyn EventBus> = state.events.clone();
+    let token = state.running.insert(&run.id);
+    let hooks = Hooks {
+        events: Some(Arc::new(BusSink::new(events))),
+        cancel: Some(token),
+    };
+    let result = durable::execute(
+        &state.engine,
+        &plan,
+        &runs,
+        &run,
+        &durable_options(state),
+        hooks,
+    )
+    .await;
+    state.running.remove(&run.id);
+    result
+}
+
+/// Takes runs from the queue and executes them, `WORKER_CONCURRENCY` at a time, until
+/// `shutdown` fires.
+pub async fn work(state: Arc<AppState>, shutdown: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(state.config.worker_concurrency));
+    let ttl = Duration::from_secs(30);
+    loop {
+        let free = slots.available_permits();
+        if free == 0 {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                permit = slots.clone().acquire_owned() => drop(permit),
+            }
+            continue;
+        }
+        let lease = tokio::select! {
+            () = shutdown.cancelled() => return,
+            lease = state.queue.lease(&state.config.worker_group, &state.worker_name, free, ttl, Duration::from_secs(1)) => lease,
+        };
+        let jobs = match lease {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::warn!(error = %e, "leasing jobs failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        for job in jobs {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                run_job(&state, job, ttl).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+async fn run_job(state: &AppState, job: LeasedJob, ttl: Duration) {
+    let run_id = job.job.run_id.clone();
+    // Keep the job's lease while the run executes.
+    let heartbeat = {
+        let (queue, job) = (state.queue.clone(), job.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                if queue.heartbeat(&job, ttl).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let outcome = match RunStore::claim(
+        &state.sql,
+        &run_id,
+        &state.worker_name,
+        Duration::from_secs(30),
+    )
+    .await
+    {
+        Ok(_) => match RunStore::get(&state.sql, &run_id).await {
+            Ok(run) => execute(state, run).await.map(|_| ()),
+            Err(e) => Err(e),
+        },
+        // Finished, cancelled or owned by a live worker: nothing to do for this delivery.
+        Err(StoreError::Conflict(_) | StoreError::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e),
+    };
+    heartbeat.abort();
+    match outcome {
+        Ok(()) | Err(StoreError::StaleLease(_)) => {
+            let _ = state.queue.ack(&job).await;
+        }
+        Err(e) => {
+            tracing::warn!(run_id = %run_id, error = %e, "run failed to execute; retrying later");
+            let _ = state
+                .queue
+                .nack(
+                    &job,
+                    Some(chrono::Utc::now() + chrono::Duration::seconds(5)),
+                )
+                .await;
+        }
+    }
+}

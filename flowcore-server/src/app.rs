@@ -40,6 +40,8 @@ pub struct AppState {
     pub running: crate::worker::Running,
     /// This process's name as a lease owner.
     pub worker_name: String,
+    /// Webhook paths to flows.
+    pub webhooks: Arc<crate::routes::webhooks::WebhookIndex>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -59,11 +61,13 @@ pub fn app(state: Shared) -> Router {
         .unwrap_or(usize::MAX);
     let api = routes::flows::router()
         .merge(routes::runs::router())
+        .merge(routes::events::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .nest("/api/v1", api)
+        .merge(routes::webhooks::router())
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::disable())
         .layer(RequestBodyLimitLayer::new(body_limit))

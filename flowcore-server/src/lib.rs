@@ -54,6 +54,7 @@ pub async fn build_state(config: Config) -> Result<Shared, flowcore::StoreError>
         .limits(limits)
         .flow_store(flows.clone())
         .build();
+    let webhooks = routes::webhooks::WebhookIndex::new(&changes);
     let plans = PlanCache::new(engine.clone(), flows, Some(changes), 10_000);
     let worker_name = format!("{}-{}", std::process::id(), &flowcore::ids::new_id()[24..]);
     Ok(Arc::new(AppState {
@@ -66,5 +67,6 @@ pub async fn build_state(config: Config) -> Result<Shared, flowcore::StoreError>
         events,
         running: crate::worker::Running::default(),
         worker_name,
+        webhooks,
     }))
 }

@@ -473,3 +473,153 @@ async fn runs_sync_async_idempotent_cancel() {
     worker.await.unwrap();
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_and_events() {
+    let (app, state, dir) = app_with_state(&[]).await;
+    let shutdown = flowcore::CancellationToken::new();
+    let worker = tokio::spawn(flowcore_server::worker::work(
+        state.clone(),
+        shutdown.clone(),
+    ));
+    let k = Some(KEY);
+    call(&app, "POST", "/api/v1/flows", k, Some(greet())).await;
+    let async_flow = br#"{"id": "later", "nodes": [{"id": "t", "type": "template", "params": {"template": "got {{ input.body }}"}}],
+        "triggers": [{"type": "webhook", "path": "hooks/later", "method": "PUT", "mode": "async"}]}"#;
+    call(&app, "POST", "/api/v1/flows", k, Some(async_flow.to_vec())).await;
+
+    // Sync webhook: no API key needed, the body is the input, the answer has the output.
+    let mut answer = (StatusCode::NOT_FOUND, Value::Null);
+    for _ in 0..100 {
+        answer = call(
+            &app,
+            "POST",
+            "/webhooks/greet",
+            None,
+            Some(br#"{"name": "ada", "n": 9}"#.to_vec()),
+        )
+        .await;
+        if answer.0 != StatusCode::NOT_FOUND {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(answer.0, StatusCode::OK, "{}", answer.1);
+    assert_eq!(answer.1["output"], json!({"path": "a", "msg": "hello ada"}));
+    let run_id = answer.1["run_id"].as_str().unwrap().to_owned();
+
+    // Async webhook with a text body.
+    let req = Request::builder()
+        .method("PUT")
+        .uri("/webhooks/hooks/later")
+        .header("content-type", "text/plain")
+        .body(Body::from("plain words"))
+        .unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let body: Value = serde_json::from_slice(
+        &axum::body::to_bytes(res.into_body(), usize::MAX)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let done = wait_for_status(&app, body["run_id"].as_str().unwrap(), "succeeded").await;
+    assert_eq!(done["output"], json!("got plain words"));
+
+    assert_eq!(
+        call(&app, "GET", "/webhooks/greet", None, None).await.0,
+        StatusCode::NOT_FOUND,
+        "wrong method"
+    );
+    assert_eq!(
+        call(&app, "POST", "/webhooks/nowhere", None, None).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/webhooks/greet",
+        None,
+        Some(b"{broken".to_vec()),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_json"))
+    );
+
+    // SSE: every event of the run, in order, then the stream ends; resumable.
+    let sse = |last: Option<&str>| {
+        let mut req = Request::builder()
+            .uri(format!("/api/v1/runs/{run_id}/events"))
+            .header("x-api-key", KEY);
+        if let Some(last) = last {
+            req = req.header("last-event-id", last);
+        }
+        req.body(Body::empty()).unwrap()
+    };
+    let res = app.clone().oneshot(sse(None)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let text = String::from_utf8(
+        axum::body::to_bytes(res.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(names.first(), Some(&"run_started"), "{text}");
+    assert_eq!(names.last(), Some(&"run_finished"));
+    assert_eq!(
+        names.iter().filter(|n| **n == "node_finished").count(),
+        4,
+        "{text}"
+    );
+    let ids: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .collect();
+    let res = app
+        .clone()
+        .oneshot(sse(Some(ids[ids.len() - 2])))
+        .await
+        .unwrap();
+    let rest = String::from_utf8(
+        axum::body::to_bytes(res.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    let rest_names: Vec<&str> = rest
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(
+        rest_names,
+        vec!["run_finished"],
+        "resume after Last-Event-ID"
+    );
+    assert_eq!(
+        app.clone()
+            .oneshot(
+                Request::builder()
+                    .uri("/api/v1/runs/nope/events")
+                    .header("x-api-key", KEY)
+                    .body(Body::empty())
+                    .unwrap()
+            )
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+
+    shutdown.cancel();
+    worker.await.unwrap();
+    std::fs::remove_dir_all(dir).ok();
+}

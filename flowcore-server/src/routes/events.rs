@@ -1,0 +1,88 @@
+//! `GET /api/v1/runs/{id}/events`: Server-Sent Events of a run, from any process, resumable with
+//! `Last-Event-ID`. The stream ends after `run_finished`; each poll of the event bus is bounded,
+//! so a client that leaves costs nothing after its current poll.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::routing::get;
+use flowcore::RunId;
+use flowcore::ports::RunStore;
+use futures::Stream;
+
+use crate::app::Shared;
+use crate::error::ApiError;
+
+/// The events route.
+pub fn router() -> Router<Shared> {
+    Router::new().route("/runs/{id}/events", get(events))
+}
+
+struct Cursor {
+    state: Shared,
+    run_id: RunId,
+    after: Option<String>,
+    pending: std::collections::VecDeque<flowcore::ports::EventRecord>,
+    done: bool,
+}
+
+async fn events(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let run_id = RunId::from(id);
+    RunStore::get(&state.sql, &run_id).await?;
+    let after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let cursor = Cursor {
+        state,
+        run_id,
+        after,
+        pending: Default::default(),
+        done: false,
+    };
+    let stream = futures::stream::unfold(cursor, |mut c| async move {
+        loop {
+            if let Some(record) = c.pending.pop_front() {
+                c.after = Some(record.id.clone());
+                if record.name == "run_finished" {
+                    c.done = true;
+                }
+                let event = Event::default()
+                    .id(record.id)
+                    .event(record.name)
+                    .data(record.data.to_string());
+                return Some((Ok(event), c));
+            }
+            if c.done {
+                return None;
+            }
+            match c
+                .state
+                .events
+                .read(&c.run_id, c.after.as_deref(), Duration::from_secs(15))
+                .await
+            {
+                Ok(batch) if batch.is_empty() => {
+                    // A run that finished before its events were kept (or long ago) ends the
+                    // stream instead of waiting for ever.
+                    match RunStore::get(&c.state.sql, &c.run_id).await {
+                        Ok(run) if run.status.is_final() && c.after.is_none() => return None,
+                        Ok(_) => {}
+                        Err(_) => return None,
+                    }
+                }
+                Ok(batch) => c.pending.extend(batch),
+                Err(_) => return None,
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}

@@ -13,7 +13,6 @@ use flowcore::cache::PlanCache;
 use flowcore::ports::{BlobStore, FlowStore, Queue};
 use flowcore_store::{OpendalBlobStore, SqlStore};
 use serde_json::json;
-use subtle::ConstantTimeEq;
 use tower_http::limit::RequestBodyLimitLayer;
 
 use crate::config::Config;
@@ -62,6 +61,7 @@ pub fn app(state: Shared) -> Router {
     let api = routes::flows::router()
         .merge(routes::runs::router())
         .merge(routes::events::router())
+        .merge(routes::api_keys::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -107,19 +107,14 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
-/// Refuses requests without a valid key with 401. Keys are compared in constant time.
+/// Refuses requests without a valid key (the admin key or a stored, unrevoked API key) with 401.
 async fn require_key(
     State(state): State<Shared>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     let presented = presented_key(request.headers()).ok_or_else(ApiError::unauthorized)?;
-    let admin_ok = state
-        .config
-        .admin_key
-        .as_deref()
-        .is_some_and(|admin| bool::from(admin.as_bytes().ct_eq(presented.as_bytes())));
-    if !admin_ok {
+    if !crate::auth::is_valid(&state.sql, state.config.admin_key.as_deref(), presented).await? {
         return Err(ApiError::unauthorized());
     }
     Ok(next.run(request).await)

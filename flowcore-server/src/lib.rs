@@ -2,6 +2,7 @@
 //! topology (`all`, `api`, `worker`). The `flowcore` binary is `src/main.rs`.
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod routes;

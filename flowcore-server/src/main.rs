@@ -24,6 +24,11 @@ enum Command {
     /// Runs the server (configuration from the environment; see the variables below).
     #[command(after_help = serve_help())]
     Serve,
+    /// Runs the database migrations (DATABASE_URL) and exits; a second run does nothing.
+    Migrate,
+    /// Manages API keys in the database (DATABASE_URL).
+    #[command(name = "api-key", subcommand)]
+    ApiKey(ApiKeyCommand),
     /// Checks a flow file: prints "ok", or every problem one a line and exits 1.
     Validate {
         /// The flow's JSON file.
@@ -49,6 +54,16 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum ApiKeyCommand {
+    /// Creates a key and prints it once on stdout.
+    Create {
+        /// A name to recognise the key by.
+        #[arg(long, default_value = "cli")]
+        name: String,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -69,6 +84,8 @@ fn main() -> ExitCode {
             };
             runtime.block_on(serve())
         }
+        Command::Migrate => with_runtime(migrate()),
+        Command::ApiKey(ApiKeyCommand::Create { name }) => with_runtime(api_key_create(name)),
         Command::Validate { flow } => validate(&flow),
         Command::Run {
             flow,
@@ -93,6 +110,65 @@ fn main() -> ExitCode {
             ))
         }
     }
+}
+
+fn with_runtime(job: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(job),
+        Err(e) => fail(format!("cannot start the runtime: {e}")),
+    }
+}
+
+async fn sql_store() -> Result<flowcore_store::SqlStore, String> {
+    let config =
+        flowcore_server::config::Config::from_env().map_err(|e| format!("configuration: {e}"))?;
+    let mut sql = flowcore_store::SqlConfig::new(config.database_url);
+    sql.pool_size = 2;
+    let store = flowcore_store::SqlStore::connect(sql)
+        .await
+        .map_err(|e| format!("database: {e}"))?;
+    Ok(store)
+}
+
+async fn migrate() -> ExitCode {
+    let store = match sql_store().await {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    match store.migrate().await {
+        Ok(n) => {
+            println!("{n} migration(s) applied");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!("migrating: {e}")),
+    }
+}
+
+async fn api_key_create(name: String) -> ExitCode {
+    use flowcore::ports::ApiKeyStore;
+    let store = match sql_store().await {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = store.migrate().await {
+        return fail(format!("migrating: {e}"));
+    }
+    let (record, key) = match flowcore_server::auth::generate(&name) {
+        Ok(k) => k,
+        Err(e) => return fail(e.to_string()),
+    };
+    if let Err(e) = store.insert_api_key(&record).await {
+        return fail(format!("storing the key: {e}"));
+    }
+    eprintln!(
+        "API key `{name}` created (id {}); it is shown once:",
+        record.id
+    );
+    println!("{key}");
+    ExitCode::SUCCESS
 }
 
 fn serve_help() -> String {

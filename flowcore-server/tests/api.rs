@@ -623,3 +623,98 @@ async fn webhooks_and_events() {
     worker.await.unwrap();
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_are_shown_once_stored_hashed_and_revocable() {
+    let (app, dir) = app(&[]).await;
+    let (status, created) = call(
+        &app,
+        "POST",
+        "/api/v1/api-keys",
+        Some(KEY),
+        Some(br#"{"name": "ci"}"#.to_vec()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let key = created["key"].as_str().unwrap().to_owned();
+    assert!(key.starts_with(created["prefix"].as_str().unwrap()));
+    let (status, _) = call(&app, "GET", "/api/v1/flows", Some(&key), None).await;
+    assert_eq!(status, StatusCode::OK, "the new key works");
+    let (_, list) = call(&app, "GET", "/api/v1/api-keys", Some(&key), None).await;
+    let text = list.to_string();
+    assert!(
+        !text.contains(&key) && !text.contains("hash"),
+        "listings never show the key or its hash: {text}"
+    );
+    let tampered = format!("{}0", &key[..key.len() - 1]);
+    assert_eq!(
+        call(&app, "GET", "/api/v1/flows", Some(&tampered), None)
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    let id = created["id"].as_str().unwrap();
+    assert_eq!(
+        call(
+            &app,
+            "DELETE",
+            &format!("/api/v1/api-keys/{id}"),
+            Some(KEY),
+            None
+        )
+        .await
+        .0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        call(&app, "GET", "/api/v1/flows", Some(&key), None).await.0,
+        StatusCode::UNAUTHORIZED,
+        "revoked"
+    );
+    let db = std::fs::read(dir.join("flowcore.db")).unwrap();
+    assert!(
+        !db.windows(key.len()).any(|w| w == key.as_bytes()),
+        "the key is not in the database file"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn cli_migrate_and_api_key_create() {
+    let dir = std::env::temp_dir().join(format!("flowcore-cli-db-{}", std::process::id()));
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flowcore"))
+            .args(args)
+            .env("FLOWCORE_DATA_DIR", &dir)
+            .output()
+            .unwrap()
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    let first = run(&["migrate"]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&first.stdout).trim(),
+        "1 migration(s) applied"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&run(&["migrate"]).stdout).trim(),
+        "0 migration(s) applied",
+        "a second run is a no-op"
+    );
+    let created = run(&["api-key", "create", "--name", "ops"]);
+    assert!(created.status.success());
+    let key = String::from_utf8_lossy(&created.stdout).trim().to_owned();
+    assert!(key.starts_with("fc_") && key.len() == 60, "{key}");
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_flowcore"))
+        .arg("migrate")
+        .env("DATABASE_URL", "mysql://x")
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("DATABASE_URL: unknown scheme `mysql`"));
+    std::fs::remove_dir_all(&dir).ok();
+}

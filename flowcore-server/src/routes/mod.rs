@@ -1,5 +1,6 @@
 //! Route handlers, one module per resource.
 
+pub mod api_keys;
 pub mod events;
 pub mod flows;
 pub mod runs;

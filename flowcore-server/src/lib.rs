@@ -5,6 +5,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod routes;
 pub mod worker;
 
@@ -69,5 +70,6 @@ pub async fn build_state(config: Config) -> Result<Shared, flowcore::StoreError>
         running: crate::worker::Running::default(),
         worker_name,
         webhooks,
+        metrics: Arc::new(metrics::Metrics::new()),
     }))
 }

@@ -73,10 +73,15 @@ pub async fn execute(state: &AppState, run: RunRecord) -> Result<RunRecord, Stor
     let runs: Arc<dyn RunStore> = Arc::new(state.sql.clone());
     let events: Arc<dyn EventBus> = state.events.clone();
     let token = state.running.insert(&run.id);
+    let sink = state
+        .metrics
+        .node_sink(&plan, Arc::new(BusSink::new(events)));
     let hooks = Hooks {
-        events: Some(Arc::new(BusSink::new(events))),
+        events: Some(sink),
         cancel: Some(token),
     };
+    let started = std::time::Instant::now();
+    state.metrics.run_started();
     let result = durable::execute(
         &state.engine,
         &plan,
@@ -86,6 +91,12 @@ pub async fn execute(state: &AppState, run: RunRecord) -> Result<RunRecord, Stor
         hooks,
     )
     .await;
+    let status = result
+        .as_ref()
+        .map_or(flowcore::RunStatus::Failed, |r| r.status);
+    state
+        .metrics
+        .run_finished(status, started.elapsed().as_secs_f64());
     state.running.remove(&run.id);
     result
 }

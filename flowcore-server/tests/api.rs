@@ -718,3 +718,60 @@ fn cli_migrate_and_api_key_create() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("DATABASE_URL: unknown scheme `mysql`"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_use_the_contract_names() {
+    let (app, dir) = app(&[]).await;
+    call(&app, "POST", "/api/v1/flows", Some(KEY), Some(greet())).await;
+    let body = json!({"input": {"name": "ada", "n": 7}})
+        .to_string()
+        .into_bytes();
+    assert_eq!(
+        call(
+            &app,
+            "POST",
+            "/api/v1/flows/greet/runs",
+            Some(KEY),
+            Some(body)
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    let res = app
+        .clone()
+        .oneshot(
+            Request::builder()
+                .uri("/metrics")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let text = String::from_utf8(
+        axum::body::to_bytes(res.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    for name in [
+        "flowcore_http_requests_total{",
+        "flowcore_http_request_duration_seconds_bucket{",
+        "flowcore_runs_total{status=\"succeeded\"} 1",
+        "flowcore_run_duration_seconds_count 1",
+        "flowcore_node_executions_total{node_type=\"set\",status=\"succeeded\"} 2",
+        "flowcore_node_executions_total{node_type=\"set\",status=\"skipped\"} 1",
+        "flowcore_queue_depth{group=\"default\"} 0",
+        "flowcore_runs_in_flight 0",
+        "process_resident_memory_bytes ",
+    ] {
+        assert!(text.contains(name), "missing `{name}` in:\n{text}");
+    }
+    assert!(
+        text.contains("route=\"/api/v1/flows/{id}/runs\""),
+        "routes are templates, not raw paths"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}

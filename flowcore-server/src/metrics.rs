@@ -1,0 +1,254 @@
+//! Prometheus metrics with the contract's names (prometheus-client), plus process memory and CPU
+//! read from `/proc` at scrape time.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use flowcore::{EventSink, Plan, RunEvent};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::app::Shared;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    method: String,
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    node_type: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupLabels {
+    group: String,
+}
+
+/// The server's metrics.
+pub struct Metrics {
+    registry: Registry,
+    http_requests: Family<HttpLabels, Counter>,
+    http_duration: Family<RouteLabels, Histogram>,
+    runs: Family<StatusLabels, Counter>,
+    run_duration: Histogram,
+    nodes: Family<NodeLabels, Counter>,
+    queue_depth: Family<GroupLabels, Gauge>,
+    in_flight: Gauge,
+    memory: Gauge,
+    cpu_millis: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        let http_duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        let runs = Family::<StatusLabels, Counter>::default();
+        let run_duration = Histogram::new(exponential_buckets(0.001, 2.0, 20));
+        let nodes = Family::<NodeLabels, Counter>::default();
+        let queue_depth = Family::<GroupLabels, Gauge>::default();
+        let in_flight = Gauge::default();
+        let memory = Gauge::default();
+        let cpu_millis = Gauge::default();
+        registry.register(
+            "flowcore_http_requests",
+            "HTTP requests",
+            http_requests.clone(),
+        );
+        registry.register(
+            "flowcore_http_request_duration_seconds",
+            "HTTP request duration",
+            http_duration.clone(),
+        );
+        registry.register("flowcore_runs", "Finished runs by status", runs.clone());
+        registry.register(
+            "flowcore_run_duration_seconds",
+            "Run duration",
+            run_duration.clone(),
+        );
+        registry.register(
+            "flowcore_node_executions",
+            "Node executions by type and status",
+            nodes.clone(),
+        );
+        registry.register(
+            "flowcore_queue_depth",
+            "Jobs ready in the worker group's queue",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "flowcore_runs_in_flight",
+            "Runs executing in this process",
+            in_flight.clone(),
+        );
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory of this process",
+            memory.clone(),
+        );
+        registry.register(
+            "process_cpu_milliseconds",
+            "CPU time used by this process (user + system)",
+            cpu_millis.clone(),
+        );
+        Self {
+            registry,
+            http_requests,
+            http_duration,
+            runs,
+            run_duration,
+            nodes,
+            queue_depth,
+            in_flight,
+            memory,
+            cpu_millis,
+        }
+    }
+
+    /// A run started executing here.
+    pub fn run_started(&self) {
+        self.in_flight.inc();
+    }
+
+    /// A run finished executing here.
+    pub fn run_finished(&self, status: flowcore::RunStatus, seconds: f64) {
+        self.in_flight.dec();
+        self.runs
+            .get_or_create(&StatusLabels {
+                status: status.as_str().to_owned(),
+            })
+            .inc();
+        self.run_duration.observe(seconds);
+    }
+
+    /// Counts node executions of a run from its events.
+    pub fn node_sink(
+        self: &Arc<Self>,
+        plan: &Plan,
+        inner: Arc<dyn EventSink>,
+    ) -> Arc<dyn EventSink> {
+        let (metrics, plan) = (self.clone(), plan.clone());
+        Arc::new(move |event: &RunEvent| {
+            if let RunEvent::NodeFinished { node, status, .. } = event
+                && let Some(i) = plan.index_of(node)
+            {
+                let labels = NodeLabels {
+                    node_type: plan.node_type(i).to_owned(),
+                    status: status.as_str().to_owned(),
+                };
+                metrics.nodes.get_or_create(&labels).inc();
+            }
+            inner.emit(event);
+        })
+    }
+
+    /// The text exposition, with the queue depth and process figures read now.
+    pub fn render(&self, queue_ready: Option<(&str, u64)>) -> String {
+        if let Some((group, ready)) = queue_ready {
+            self.queue_depth
+                .get_or_create(&GroupLabels {
+                    group: group.to_owned(),
+                })
+                .set(i64::try_from(ready).unwrap_or(i64::MAX));
+        }
+        if let Some((rss, cpu_ms)) = process_figures() {
+            self.memory.set(rss);
+            self.cpu_millis.set(cpu_ms);
+        }
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Resident memory (bytes) and CPU time (ms) from /proc (Linux); `None` elsewhere.
+fn process_figures() -> Option<(i64, i64)> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: i64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may contain spaces, so split after the last ')').
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: i64 = fields.get(11)?.parse::<i64>().ok()? + fields.get(12)?.parse::<i64>().ok()?;
+    // Linux reports in clock ticks of 1/100 s on every platform Rust supports here.
+    Some((pages * 4096, ticks * 10))
+}
+
+/// Counts and times every request by its route template (never the raw path: bounded labels).
+pub async fn track(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    let m = &state.metrics;
+    m.http_requests
+        .get_or_create(&HttpLabels {
+            method: method.clone(),
+            route: route.clone(),
+            status,
+        })
+        .inc();
+    m.http_duration
+        .get_or_create(&RouteLabels { method, route })
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// `GET /metrics`.
+pub async fn scrape(State(state): State<Shared>) -> Response {
+    let group = state.config.worker_group.clone();
+    let ready = state.queue.depth(&group).await.ok().map(|d| d.ready);
+    let body = state.metrics.render(ready.map(|r| (group.as_str(), r)));
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}

@@ -43,6 +43,8 @@ pub struct AppState {
     pub webhooks: Arc<crate::routes::webhooks::WebhookIndex>,
     /// Prometheus metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Requests per client address and API key.
+    pub limiter: Arc<dyn flowcore::ports::RateLimiter>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -60,17 +62,19 @@ pub type Shared = Arc<AppState>;
 pub fn app(state: Shared) -> Router {
     let body_limit = usize::try_from(state.config.max_payload_mb.saturating_mul(1024 * 1024))
         .unwrap_or(usize::MAX);
+    let limited = middleware::from_fn_with_state(state.clone(), crate::limits::rate_limit);
     let api = routes::flows::router()
         .merge(routes::runs::router())
         .merge(routes::events::router())
         .merge(routes::api_keys::router())
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key))
+        .route_layer(limited.clone());
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(crate::metrics::scrape))
         .nest("/api/v1", api)
-        .merge(routes::webhooks::router())
+        .merge(routes::webhooks::router().route_layer(limited))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -102,7 +106,7 @@ async fn readyz(State(state): State<Shared>) -> Response {
 }
 
 /// The API key of a request: `Authorization: Bearer <key>` or `x-api-key: <key>`.
-fn presented_key(headers: &HeaderMap) -> Option<&str> {
+pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
     if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
         return Some(v.trim());
     }

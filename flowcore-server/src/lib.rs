@@ -5,6 +5,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod routes;
 pub mod worker;
@@ -13,8 +14,8 @@ use std::sync::Arc;
 
 use flowcore::Engine;
 use flowcore::cache::PlanCache;
-use flowcore::ports::memory::{MemoryEventBus, MemoryFlowChanges, MemoryQueue};
-use flowcore::ports::{EventBus, FlowChanges, FlowStore, Queue};
+use flowcore::ports::memory::{MemoryEventBus, MemoryFlowChanges, MemoryQueue, MemoryRateLimiter};
+use flowcore::ports::{EventBus, FlowChanges, FlowStore, Queue, RateLimiter};
 use flowcore_store::{OpendalBlobStore, RedisConfig, RedisQueue, SqlConfig, SqlStore};
 
 use crate::app::{AppState, Shared};
@@ -27,8 +28,13 @@ pub async fn build_state(config: Config) -> Result<Shared, flowcore::StoreError>
     let sql = SqlStore::connect(sql_config).await?;
     sql.migrate().await?;
     let blobs = OpendalBlobStore::open(&config.storage)?;
-    type Backends = (Arc<dyn Queue>, Arc<dyn FlowChanges>, Arc<dyn EventBus>);
-    let (queue, changes, events): Backends = match &config.redis_url {
+    type Backends = (
+        Arc<dyn Queue>,
+        Arc<dyn FlowChanges>,
+        Arc<dyn EventBus>,
+        Arc<dyn RateLimiter>,
+    );
+    let (queue, changes, events, limiter): Backends = match &config.redis_url {
         Some(url) => {
             let mut redis = RedisConfig::new(url.clone());
             redis.prefix = config.redis_prefix.clone();
@@ -37,12 +43,14 @@ pub async fn build_state(config: Config) -> Result<Shared, flowcore::StoreError>
                 Arc::new(queue.clone()),
                 Arc::new(queue.flow_changes()),
                 Arc::new(queue.event_bus()),
+                Arc::new(queue.rate_limiter()),
             )
         }
         None => (
             Arc::new(MemoryQueue::default()),
             Arc::new(MemoryFlowChanges::default()),
             Arc::new(MemoryEventBus::default()),
+            Arc::new(MemoryRateLimiter::new()),
         ),
     };
     let limits = flowcore::Limits {
@@ -71,5 +79,6 @@ pub async fn build_state(config: Config) -> Result<Shared, flowcore::StoreError>
         worker_name,
         webhooks,
         metrics: Arc::new(metrics::Metrics::new()),
+        limiter,
     }))
 }

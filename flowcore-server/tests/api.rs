@@ -646,7 +646,8 @@ async fn api_keys_are_shown_once_stored_hashed_and_revocable() {
         !text.contains(&key) && !text.contains("hash"),
         "listings never show the key or its hash: {text}"
     );
-    let tampered = format!("{}0", &key[..key.len() - 1]);
+    let last = if key.ends_with('0') { '1' } else { '0' };
+    let tampered = format!("{}{last}", &key[..key.len() - 1]);
     assert_eq!(
         call(&app, "GET", "/api/v1/flows", Some(&tampered), None)
             .await
@@ -772,6 +773,55 @@ async fn metrics_use_the_contract_names() {
     assert!(
         text.contains("route=\"/api/v1/flows/{id}/runs\""),
         "routes are templates, not raw paths"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_answer_429_with_retry_after() {
+    let (app, dir) = app(&[("RATE_LIMIT_PER_MINUTE", "3"), ("NUMBER_OF_PROXIES", "1")]).await;
+    let get = |client: &str| {
+        Request::builder()
+            .uri("/api/v1/flows")
+            .header("x-api-key", KEY)
+            .header("x-forwarded-for", client)
+            .body(Body::empty())
+            .unwrap()
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            app.clone().oneshot(get("1.1.1.1")).await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+    let refused = app.clone().oneshot(get("1.1.1.1")).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=20).contains(&retry), "Retry-After {retry}");
+    let body: Value = serde_json::from_slice(
+        &axum::body::to_bytes(refused.into_body(), usize::MAX)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    // The same API key from another address is still limited by key.
+    assert_eq!(
+        app.clone().oneshot(get("2.2.2.2")).await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Health checks are not limited.
+    let health = Request::builder()
+        .uri("/healthz")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(
+        app.clone().oneshot(health).await.unwrap().status(),
+        StatusCode::OK
     );
     std::fs::remove_dir_all(dir).ok();
 }

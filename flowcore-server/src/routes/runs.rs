@@ -99,9 +99,6 @@ pub async fn start_run(
             let (state, run) = (state.clone(), run.clone());
             tokio::spawn(async move { crate::worker::execute(&state, run).await })
         };
-        if !wait {
-            return answer(state, &run).await;
-        }
         return match tokio::time::timeout(limit, task).await {
             Ok(Ok(Ok(done))) => answer(state, &done).await,
             Ok(Ok(Err(e))) => Err(e.into()),
@@ -110,9 +107,11 @@ pub async fn start_run(
     }
     let group = state.config.worker_group.clone();
     state.queue.enqueue(&group, &run.id, None).await?;
-    if wait {
-        wait_for_end(state, &run.id, limit).await;
+    if !wait {
+        // As accepted: a fast worker may already be done, but the caller asked not to wait.
+        return answer(state, &run).await;
     }
+    wait_for_end(state, &run.id, limit).await;
     answer(state, &RunStore::get(&state.sql, &run.id).await?).await
 }
 

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::HeaderName;
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +15,10 @@ use flowcore::ports::{BlobStore, FlowStore, Queue};
 use flowcore_store::{OpendalBlobStore, SqlStore};
 use serde_json::json;
 use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
 use crate::error::ApiError;
@@ -55,6 +60,21 @@ impl std::fmt::Debug for AppState {
     }
 }
 
+/// The header that carries a request's id (set when the client did not send one, and returned).
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Request ids: the same time-ordered ids as runs.
+#[derive(Clone, Copy, Debug)]
+struct MakeId;
+
+impl MakeRequestId for MakeId {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        axum::http::HeaderValue::from_str(&flowcore::ids::new_id())
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
 /// The shared state handlers get.
 pub type Shared = Arc<AppState>;
 
@@ -76,12 +96,17 @@ pub fn app(state: Shared) -> Router {
         .nest("/api/v1", api)
         .merge(routes::webhooks::router().route_layer(limited))
         .fallback(|| async { ApiError::not_found("no such route") })
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            crate::metrics::track,
-        ))
+        .layer(middleware::from_fn_with_state(state.clone(), crate::metrics::track))
         .layer(DefaultBodyLimit::disable())
         .layer(RequestBodyLimitLayer::new(body_limit))
+        // Outermost: every request gets an id (kept when the client sent one), a span with it
+        // for every log line, and the id back in the answer.
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+            let id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default();
+            tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
+        }))
+        .layer(PropagateRequestIdLayer::new(HeaderName::from_static(REQUEST_ID)))
+        .layer(SetRequestIdLayer::new(HeaderName::from_static(REQUEST_ID), MakeId))
         .with_state(state)
 }
 

@@ -69,8 +69,14 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                // The server logs its requests; the in-process commands only their problems.
+                tracing_subscriber::EnvFilter::new(if matches!(cli.command, Command::Serve) {
+                    "info"
+                } else {
+                    "warn"
+                })
+            }),
         )
         .init();
     match cli.command {

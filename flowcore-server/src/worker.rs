@@ -18,7 +18,9 @@ use crate::app::AppState;
 pub struct Running(Mutex<HashMap<RunId, CancellationToken>>);
 
 impl Running {
-    fn insert(&self, id: &RunId) -> CancellationToken {
+    /// Registers a run about to execute here (before it is claimed, so that a cancel arriving
+    /// in between is not lost) and returns its token.
+    pub fn insert(&self, id: &RunId) -> CancellationToken {
         let token = CancellationToken::new();
         self.0
             .lock()
@@ -26,7 +28,8 @@ impl Running {
             .insert(id.clone(), token.clone());
         token
     }
-    fn remove(&self, id: &RunId) {
+    /// Forgets a run.
+    pub fn remove(&self, id: &RunId) {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -60,8 +63,23 @@ pub fn durable_options(state: &AppState) -> DurableOptions {
     }
 }
 
-/// Executes a run this process holds (its lease is ours) to its end.
-pub async fn execute(state: &AppState, run: RunRecord) -> Result<RunRecord, StoreError> {
+/// Executes a run this process holds (its lease is ours) to its end; `token` is its entry in
+/// [`AppState::running`](crate::app::AppState), removed at the end.
+pub async fn execute(
+    state: &AppState,
+    run: RunRecord,
+    token: CancellationToken,
+) -> Result<RunRecord, StoreError> {
+    let result = execute_inner(state, &run, token).await;
+    state.running.remove(&run.id);
+    result
+}
+
+async fn execute_inner(
+    state: &AppState,
+    run: &RunRecord,
+    token: CancellationToken,
+) -> Result<RunRecord, StoreError> {
     let (_, plan) = state
         .plans
         .get(&run.flow_id, Some(run.flow_version))
@@ -72,7 +90,6 @@ pub async fn execute(state: &AppState, run: RunRecord) -> Result<RunRecord, Stor
         })?;
     let runs: Arc<dyn RunStore> = Arc::new(state.sql.clone());
     let events: Arc<dyn EventBus> = state.events.clone();
-    let token = state.running.insert(&run.id);
     let sink = state
         .metrics
         .node_sink(&plan, Arc::new(BusSink::new(events)));
@@ -86,7 +103,7 @@ pub async fn execute(state: &AppState, run: RunRecord) -> Result<RunRecord, Stor
         &state.engine,
         &plan,
         &runs,
-        &run,
+        run,
         &durable_options(state),
         hooks,
     )
@@ -154,6 +171,7 @@ async fn run_job(state: &AppState, job: LeasedJob, ttl: Duration) {
             }
         })
     };
+    let token = state.running.insert(&run_id);
     let outcome = match RunStore::claim(
         &state.sql,
         &run_id,
@@ -163,7 +181,7 @@ async fn run_job(state: &AppState, job: LeasedJob, ttl: Duration) {
     .await
     {
         Ok(_) => match RunStore::get(&state.sql, &run_id).await {
-            Ok(run) => execute(state, run).await.map(|_| ()),
+            Ok(run) => execute(state, run, token).await.map(|_| ()),
             Err(e) => Err(e),
         },
         // Finished, cancelled or owned by a live worker: nothing to do for this delivery.
@@ -171,6 +189,7 @@ async fn run_job(state: &AppState, job: LeasedJob, ttl: Duration) {
         Err(e) => Err(e),
     };
     heartbeat.abort();
+    state.running.remove(&run_id);
     match outcome {
         Ok(()) | Err(StoreError::StaleLease(_)) => {
             let _ = state.queue.ack(&job).await;

@@ -825,3 +825,33 @@ async fn rate_limits_answer_429_with_retry_after() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_carries_a_request_id() {
+    let (app, dir) = app(&[]).await;
+    let res = app
+        .clone()
+        .oneshot(
+            Request::builder()
+                .uri("/healthz")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(id.len(), 36, "a fresh id: {id}");
+    let req = Request::builder()
+        .uri("/api/v1/flows")
+        .header("x-request-id", "client-chosen-1")
+        .body(Body::empty())
+        .unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        res.headers()["x-request-id"],
+        "client-chosen-1",
+        "a client's id is kept, errors included"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -81,23 +81,34 @@ pub async fn start_run(
     // run at once; the run is still leased and checkpointed, so a crash loses nothing.
     let inline = wait && state.config.role == Role::All;
     let claim = inline.then(|| crate::worker::durable_options(state).claim());
+    let id = RunId::new();
+    // Registered before the run exists, so that a cancel can never miss it.
+    let token = inline.then(|| state.running.insert(&id));
     let new = NewRun {
-        id: RunId::new(),
+        id: id.clone(),
         flow_id: flow_id.to_owned(),
         flow_version: version,
         input,
         idempotency_key,
         claim,
     };
-    let (run, created) = RunStore::create(&state.sql, new).await?;
+    let created = RunStore::create(&state.sql, new).await;
+    let (run, created) = match created {
+        Ok(c) => c,
+        Err(e) => {
+            state.running.remove(&id);
+            return Err(e.into());
+        }
+    };
     if !created {
+        state.running.remove(&id);
         return answer(state, &run).await;
     }
     let limit = Duration::from_secs(state.config.webhook_timeout_seconds);
-    if inline {
+    if let Some(token) = token {
         let task = {
             let (state, run) = (state.clone(), run.clone());
-            tokio::spawn(async move { crate::worker::execute(&state, run).await })
+            tokio::spawn(async move { crate::worker::execute(&state, run, token).await })
         };
         return match tokio::time::timeout(limit, task).await {
             Ok(Ok(Ok(done))) => answer(state, &done).await,

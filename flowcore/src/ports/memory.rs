@@ -1045,8 +1045,10 @@ struct RunLog {
 }
 
 impl Default for MemoryEventBus {
+    /// Five minutes after a run's last event, at most 1,000 runs: enough for a stream to
+    /// attach or resume, small enough that a busy process does not grow with every run.
     fn default() -> Self {
-        Self::new(Duration::from_secs(3600), 10_000)
+        Self::new(Duration::from_secs(300), 1_000)
     }
 }
 

@@ -855,3 +855,36 @@ async fn every_answer_carries_a_request_id() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_go_to_their_flows_worker_group() {
+    let (app, state, dir) = app_with_state(&[]).await;
+    let flow = br#"{"id": "gpu", "nodes": [{"id": "n", "type": "noop"}], "settings": {"worker_group": "gpu"}}"#;
+    call(
+        &app,
+        "POST",
+        "/api/v1/flows",
+        Some(KEY),
+        Some(flow.to_vec()),
+    )
+    .await;
+    let (status, run) = call(
+        &app,
+        "POST",
+        "/api/v1/flows/gpu/runs",
+        Some(KEY),
+        Some(br#"{"wait": false}"#.to_vec()),
+    )
+    .await;
+    assert_eq!(
+        (status, run["status"].as_str()),
+        (StatusCode::ACCEPTED, Some("queued"))
+    );
+    assert_eq!(
+        state.queue.depth("gpu").await.unwrap().ready,
+        1,
+        "queued for the flow's group"
+    );
+    assert_eq!(state.queue.depth("default").await.unwrap().ready, 0);
+    std::fs::remove_dir_all(dir).ok();
+}

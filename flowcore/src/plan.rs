@@ -23,6 +23,7 @@ pub struct Plan(Arc<PlanInner>);
 
 struct PlanInner {
     flow_id: Option<String>,
+    worker_group: Option<String>,
     nodes: Vec<PlanNode>,
     index: HashMap<Arc<str>, usize>,
     output: Option<usize>,
@@ -96,6 +97,10 @@ impl Plan {
     /// The id of the flow this plan was compiled from.
     pub fn flow_id(&self) -> Option<&str> {
         self.0.flow_id.as_deref()
+    }
+    /// The worker group whose queue runs this flow (`settings.worker_group`), if the flow names one.
+    pub fn worker_group(&self) -> Option<&str> {
+        self.0.worker_group.as_deref()
     }
     /// Number of nodes.
     pub fn len(&self) -> usize {
@@ -387,6 +392,7 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
         .collect();
     Ok(Plan(Arc::new(PlanInner {
         flow_id: flow.id.clone(),
+        worker_group: flow.settings.worker_group.clone(),
         nodes,
         index,
         output,

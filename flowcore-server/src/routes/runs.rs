@@ -76,10 +76,14 @@ pub async fn start_run(
     wait: bool,
     idempotency_key: Option<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let (version, _plan) = state.plans.get(flow_id, None).await?;
+    let (version, plan) = state.plans.get(flow_id, None).await?;
     // The `all` role executes a waited run itself: created already claimed (one commit) and
     // run at once; the run is still leased and checkpointed, so a crash loses nothing.
-    let inline = wait && state.config.role == Role::All;
+    // ... unless the flow names another worker group: then its workers must run it.
+    let own_group = plan
+        .worker_group()
+        .is_none_or(|g| g == state.config.worker_group);
+    let inline = wait && own_group && state.config.role == Role::All;
     let claim = inline.then(|| crate::worker::durable_options(state).claim());
     let id = RunId::new();
     // Registered before the run exists, so that a cancel can never miss it.
@@ -116,8 +120,8 @@ pub async fn start_run(
             Ok(Err(_)) | Err(_) => answer(state, &RunStore::get(&state.sql, &run.id).await?).await,
         };
     }
-    let group = state.config.worker_group.clone();
-    state.queue.enqueue(&group, &run.id, None).await?;
+    let group = plan.worker_group().unwrap_or(&state.config.worker_group);
+    state.queue.enqueue(group, &run.id, None).await?;
     if !wait {
         // As accepted: a fast worker may already be done, but the caller asked not to wait.
         return answer(state, &run).await;

@@ -11,7 +11,11 @@ fn base() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_migrate_processes_migrate_once() {
-    let name = format!("flowcore_test_procs_{}", std::process::id());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let name = format!("flowcore_test_procs_{}_{nanos}", std::process::id());
     let mut admin = AsyncPgConnection::establish(&format!("{}/postgres", base()))
         .await
         .expect("PostgreSQL must run on 127.0.0.1:5432 (or FLOWCORE_TEST_POSTGRES_URL)");

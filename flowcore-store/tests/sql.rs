@@ -103,17 +103,13 @@ async fn sqlite_file_passes_the_kit() {
     flowcore::testkit::claim_next(std::sync::Arc::new(store.clone())).await;
     drop(store);
     // The data survives a reconnect.
-    let again = store_for_check(&url).await;
+    let again = crate::store(&url).await;
     assert!(
         again.get("f2", None).await.is_ok(),
         "flows persist across connections"
     );
     drop(again);
     std::fs::remove_dir_all(dir).ok();
-}
-
-async fn store_for_check(url: &str) -> SqlStore {
-    store(url).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,7 +50,7 @@ pub enum Checkpoint {
 }
 
 /// How a worker executes durable runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DurableOptions {
     /// The worker's name, stored as the lease owner.
     pub owner: String,
@@ -65,9 +65,15 @@ pub struct DurableOptions {
     pub offload_over: usize,
 }
 
-impl std::fmt::Debug for dyn BlobStore {
+impl std::fmt::Debug for DurableOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("BlobStore")
+        f.debug_struct("DurableOptions")
+            .field("owner", &self.owner)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("checkpoint", &self.checkpoint)
+            .field("blobs", &self.blobs.is_some())
+            .field("offload_over", &self.offload_over)
+            .finish()
     }
 }
 

@@ -48,6 +48,8 @@ pub struct AppState {
     pub webhooks: Arc<crate::routes::webhooks::WebhookIndex>,
     /// Prometheus metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Encrypted credentials.
+    pub credentials: crate::credentials::Credentials,
     /// Requests per client address and API key.
     pub limiter: Arc<dyn flowcore::ports::RateLimiter>,
 }
@@ -87,6 +89,7 @@ pub fn app(state: Shared) -> Router {
         .merge(routes::runs::router())
         .merge(routes::events::router())
         .merge(routes::api_keys::router())
+        .merge(routes::credentials::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key))
         .route_layer(limited.clone());
     Router::new()

@@ -4,7 +4,9 @@
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod credentials;
 pub mod error;
+pub mod keyring;
 pub mod limits;
 pub mod metrics;
 pub mod routes;
@@ -20,13 +22,41 @@ use flowcore_store::{OpendalBlobStore, RedisConfig, RedisQueue, SqlConfig, SqlSt
 
 use crate::app::{AppState, Shared};
 use crate::config::Config;
+use crate::credentials::Credentials;
+use crate::keyring::Keyring;
 
-/// Connects the stores the configuration names (migrating the database) and builds the state.
-pub async fn build_state(config: Config) -> Result<Shared, flowcore::StoreError> {
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A store did not connect or migrate.
+    #[error(transparent)]
+    Store(#[from] flowcore::StoreError),
+    /// The credential keys could not be loaded.
+    #[error(transparent)]
+    Keys(#[from] keyring::KeyError),
+}
+
+/// Connects to the database the configuration names and loads the credential keys (for the
+/// commands that need only those).
+pub async fn open_credentials(config: &Config) -> Result<(SqlStore, Credentials), StartError> {
     let mut sql_config = SqlConfig::new(config.database_url.clone());
     sql_config.pool_size = config.database_pool_size;
     let sql = SqlStore::connect(sql_config).await?;
     sql.migrate().await?;
+    if config.encryption_key.is_none() && config.database_url.starts_with("postgres") {
+        tracing::warn!(
+            "FLOWCORE_ENCRYPTION_KEY is unset: credentials are encrypted with a key generated into \
+             this machine's data dir, which other machines sharing the database cannot read"
+        );
+    }
+    let keyring = Keyring::load(config.encryption_key.as_deref(), &config.data_dir)?;
+    let credentials = Credentials::new(sql.clone(), Arc::new(keyring));
+    Ok((sql, credentials))
+}
+
+/// Connects the stores the configuration names (migrating the database) and builds the state.
+pub async fn build_state(config: Config) -> Result<Shared, StartError> {
+    let (sql, credentials) = open_credentials(&config).await?;
     let blobs = OpendalBlobStore::open(&config.storage)?;
     type Backends = (
         Arc<dyn Queue>,
@@ -63,6 +93,7 @@ pub async fn build_state(config: Config) -> Result<Shared, flowcore::StoreError>
     let engine = Engine::builder()
         .limits(limits)
         .flow_store(flows.clone())
+        .secrets(Arc::new(credentials.clone()))
         .build();
     let webhooks = routes::webhooks::WebhookIndex::new(&changes);
     let plans = PlanCache::new(engine.clone(), flows, Some(changes), 10_000);
@@ -80,5 +111,6 @@ pub async fn build_state(config: Config) -> Result<Shared, flowcore::StoreError>
         webhooks,
         metrics: Arc::new(metrics::Metrics::new()),
         limiter,
+        credentials,
     }))
 }

@@ -29,6 +29,10 @@ enum Command {
     /// Manages API keys in the database (DATABASE_URL).
     #[command(name = "api-key", subcommand)]
     ApiKey(ApiKeyCommand),
+    /// Makes a new credentials key current and re-encrypts every credential under it. With the
+    /// key file of the data dir, a new key is generated (older ones stay in the file, readable);
+    /// with FLOWCORE_ENCRYPTION_KEY, put the new key first in the variable, then run this.
+    RotateKey,
     /// Checks a flow file: prints "ok", or every problem one a line and exits 1.
     Validate {
         /// The flow's JSON file.
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
         }
         Command::Migrate => with_runtime(migrate()),
         Command::ApiKey(ApiKeyCommand::Create { name }) => with_runtime(api_key_create(name)),
+        Command::RotateKey => with_runtime(rotate_key()),
         Command::Validate { flow } => validate(&flow),
         Command::Run {
             flow,
@@ -175,6 +180,28 @@ async fn api_key_create(name: String) -> ExitCode {
     );
     println!("{key}");
     ExitCode::SUCCESS
+}
+
+async fn rotate_key() -> ExitCode {
+    let config = match flowcore_server::config::Config::from_env() {
+        Ok(c) => c,
+        Err(e) => return fail(format!("configuration: {e}")),
+    };
+    let (_, credentials) = match flowcore_server::open_credentials(&config).await {
+        Ok(c) => c,
+        Err(e) => return fail(format!("start-up: {e}")),
+    };
+    let key_id = match credentials.rotate() {
+        Ok(id) => id,
+        Err(e) => return fail(format!("rotating: {e}")),
+    };
+    match credentials.reencrypt_all().await {
+        Ok(n) => {
+            println!("{n} credential(s) re-encrypted under key {key_id}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!("re-encrypting: {e}")),
+    }
 }
 
 fn serve_help() -> String {

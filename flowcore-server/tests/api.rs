@@ -888,3 +888,280 @@ async fn runs_go_to_their_flows_worker_group() {
     assert_eq!(state.queue.depth("default").await.unwrap().ready, 0);
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// A `flowcore serve` child process on a free loopback port, killed on drop.
+struct Server {
+    child: std::process::Child,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+impl Server {
+    fn start(dir: &std::path::Path, env: &[(&str, &str)]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        let log = dir.join(format!("server-{port}.log"));
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_flowcore"));
+        command
+            .arg("serve")
+            .env("FLOWCORE_BIND", format!("127.0.0.1:{port}"))
+            .env("FLOWCORE_DATA_DIR", dir)
+            .env("FLOWCORE_ADMIN_KEY", KEY)
+            .env("RUST_LOG", "debug")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let server = Self {
+            child: command.spawn().expect("spawn"),
+            port,
+            log,
+        };
+        let started = std::time::Instant::now();
+        while server.request("GET", "/healthz", None).is_none() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(20),
+                "the server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        server
+    }
+
+    /// One HTTP/1.1 request with the admin key: the status and the raw answer.
+    fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut sock = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        let body = body.map(Value::to_string).unwrap_or_default();
+        write!(
+            sock,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .ok()?;
+        let mut out = String::new();
+        sock.read_to_string(&mut out).ok()?;
+        let status = out.get(9..12)?.parse().ok()?;
+        Some((status, out))
+    }
+
+    /// A request whose answer is JSON.
+    fn json(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let (status, raw) = self.request(method, path, body.as_ref()).expect("answer");
+        let body = raw
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+
+    fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback HTTP server that answers every request with the `Authorization` header it got,
+/// as JSON, and remembers it.
+fn echo_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/echo", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for sock in listener.incoming().take(100) {
+            let Ok(mut sock) = sock else { return };
+            let mut reader = BufReader::new(sock.try_clone().unwrap());
+            let mut authorization = String::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("authorization: ") {
+                    authorization = line[line.len() - v.len()..].trim().to_owned();
+                }
+            }
+            record.lock().unwrap().push(authorization.clone());
+            let body = json!({ "authorization": authorization }).to_string();
+            let _ = write!(
+                sock,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (url, seen)
+}
+
+/// Every byte under `dir` (the SQLite database, its WAL, the blobs, logs), as lossy text.
+fn all_bytes(dir: &std::path::Path) -> String {
+    let mut text = String::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            text.push_str(&all_bytes(&path));
+        } else {
+            text.push_str(&String::from_utf8_lossy(
+                &std::fs::read(&path).unwrap_or_default(),
+            ));
+        }
+    }
+    text
+}
+
+#[test]
+fn credentials_are_encrypted_used_by_reference_and_never_shown() {
+    const SECRET: &str = "sk-live-7f3a9c1e5b2d";
+    let dir = std::env::temp_dir().join(format!("flowcore-creds-{}", flowcore::ids::new_id()));
+    let server = Server::start(&dir, &[]);
+    let (url, seen) = echo_server();
+
+    let (status, created) = server.json(
+        "POST",
+        "/api/v1/credentials",
+        Some(json!({"name": "echo-api", "type": "bearer", "data": {"token": SECRET}})),
+    );
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["name"], "echo-api");
+    assert_eq!(created["type"], "bearer");
+    // Refusals quote no value.
+    for (body, code) in [
+        (
+            json!({"name": "x", "type": "bearer", "data": {"tok": SECRET}}),
+            "invalid_credential",
+        ),
+        (
+            json!({"name": "x", "type": "oauth9", "data": {"token": SECRET}}),
+            "invalid_credential",
+        ),
+        (
+            json!({"name": "x", "type": "bearer", "data": SECRET}),
+            "invalid_credential",
+        ),
+        (
+            json!({"name": "no spaces", "type": "bearer", "data": {"token": SECRET}}),
+            "invalid_request",
+        ),
+        (
+            json!({"name": "echo-api", "type": "bearer", "data": {"token": SECRET}}),
+            "already_exists",
+        ),
+    ] {
+        let (status, answer) = server.json("POST", "/api/v1/credentials", Some(body));
+        assert!((400..500).contains(&status), "{answer}");
+        assert_eq!(answer["error"]["code"], code, "{answer}");
+        assert!(!answer.to_string().contains(SECRET));
+    }
+
+    let flow = json!({
+        "id": "call", "nodes": [
+            {"id": "call", "type": "http_request", "params": {"url": url, "credential": "echo-api"}},
+            {"id": "copy", "type": "set", "params": {"fields": {"got": "{{ nodes.call.body.authorization }}"}}}
+        ],
+        "edges": [{"from": "call", "to": "copy"}]
+    });
+    assert_eq!(server.json("POST", "/api/v1/flows", Some(flow)).0, 201);
+    let (status, run) = server.json(
+        "POST",
+        "/api/v1/flows/call/runs",
+        Some(json!({"input": {}, "wait": true})),
+    );
+    assert_eq!(status, 200, "{run}");
+    assert_eq!(run["output"], json!({"got": "Bearer [redacted]"}));
+    assert_eq!(*seen.lock().unwrap(), vec![format!("Bearer {SECRET}")]);
+    let run_id = run["run_id"].as_str().unwrap();
+    let (_, stored) = server.json("GET", &format!("/api/v1/runs/{run_id}"), None);
+    assert_eq!(stored["status"], "succeeded");
+
+    let (_, list) = server.json("GET", "/api/v1/credentials", None);
+    let (_, one) = server.json(
+        "GET",
+        &format!("/api/v1/credentials/{}", created["id"].as_str().unwrap()),
+        None,
+    );
+    assert_eq!(list["items"][0]["id"], created["id"]);
+    assert_eq!(one["name"], "echo-api");
+    for answer in [&list, &one, &stored] {
+        assert!(!answer.to_string().contains(SECRET), "{answer}");
+    }
+    let log = server.stop();
+    assert!(log.contains("request"), "debug logs were written");
+    assert!(!log.contains(SECRET), "the secret is in the log");
+    let on_disk = all_bytes(&dir);
+    assert!(on_disk.len() > 10_000, "the database is there");
+    assert!(
+        !on_disk.contains(SECRET),
+        "the secret is on disk in plain text"
+    );
+    assert!(!on_disk.contains(&SECRET[3..]), "even a part of it");
+
+    // Rotation: a new key in the key file, every credential re-encrypted, still usable.
+    let rotated = std::process::Command::new(env!("CARGO_BIN_EXE_flowcore"))
+        .arg("rotate-key")
+        .env("FLOWCORE_DATA_DIR", &dir)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&rotated.stdout);
+    assert!(
+        rotated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    assert!(
+        said.starts_with("1 credential(s) re-encrypted under key "),
+        "{said}"
+    );
+    let keys = std::fs::read_to_string(dir.join("encryption.keys")).unwrap();
+    assert_eq!(keys.lines().count(), 2, "the old key stays");
+    let server = Server::start(&dir, &[]);
+    let (_, one) = server.json(
+        "GET",
+        &format!("/api/v1/credentials/{}", created["id"].as_str().unwrap()),
+        None,
+    );
+    assert_eq!(
+        Some(one["key_id"].as_str().unwrap()),
+        said.trim().rsplit(' ').next()
+    );
+    assert_ne!(one["key_id"], created["key_id"]);
+    let (status, run) = server.json(
+        "POST",
+        "/api/v1/flows/call/runs",
+        Some(json!({"input": {}})),
+    );
+    assert_eq!(
+        (status, &run["output"]["got"]),
+        (200, &json!("Bearer [redacted]"))
+    );
+    assert_eq!(seen.lock().unwrap().len(), 2);
+    assert_eq!(seen.lock().unwrap()[1], format!("Bearer {SECRET}"));
+    let (status, _) = server.json(
+        "DELETE",
+        &format!("/api/v1/credentials/{}", created["id"].as_str().unwrap()),
+        None,
+    );
+    assert_eq!(status, 204);
+    let (status, run) = server.json(
+        "POST",
+        "/api/v1/flows/call/runs",
+        Some(json!({"input": {}})),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(run["status"], "failed");
+    drop(server);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -29,6 +29,7 @@ use crate::plan::{ERROR_PORT, Plan, compile};
 use crate::ports::FlowStore;
 use crate::ports::memory::MemoryFlowStore;
 use crate::run::{RunResult, RunStatus, StepRecord, StepRecorder, StepStatus};
+use crate::secret::{Scrubber, SecretSource};
 
 /// Limits the engine enforces on every run.
 #[derive(Debug, Clone)]
@@ -61,6 +62,7 @@ pub struct EngineBuilder {
     registry: Option<Registry>,
     limits: Limits,
     flows: Option<Arc<dyn FlowStore>>,
+    secrets: Option<Arc<dyn SecretSource>>,
 }
 
 impl fmt::Debug for EngineBuilder {
@@ -87,6 +89,11 @@ impl EngineBuilder {
         self.flows = Some(flows);
         self
     }
+    /// Where nodes get credentials (default: none; nodes asking for one fail).
+    pub fn secrets(mut self, secrets: Arc<dyn SecretSource>) -> Self {
+        self.secrets = Some(secrets);
+        self
+    }
     /// The engine.
     pub fn build(self) -> Engine {
         let permits = self
@@ -100,6 +107,7 @@ impl EngineBuilder {
             flows: self
                 .flows
                 .unwrap_or_else(|| Arc::new(MemoryFlowStore::new())),
+            secrets: self.secrets,
         }))
     }
 }
@@ -113,6 +121,7 @@ struct EngineInner {
     limits: Limits,
     permits: Option<Arc<Semaphore>>,
     flows: Arc<dyn FlowStore>,
+    secrets: Option<Arc<dyn SecretSource>>,
 }
 
 impl fmt::Debug for Engine {
@@ -224,7 +233,11 @@ impl Engine {
     pub fn limits(&self) -> &Limits {
         &self.0.limits
     }
-    /// The flow store that `subflow` nodes read.
+    /// Where nodes get credentials, if anywhere.
+    pub fn secrets(&self) -> Option<&Arc<dyn SecretSource>> {
+        self.0.secrets.as_ref()
+    }
+    /// Where `subflow` nodes find flows.
     pub fn flow_store(&self) -> &Arc<dyn FlowStore> {
         &self.0.flows
     }
@@ -297,6 +310,8 @@ pub(crate) struct RunShared {
     pub(crate) events: Option<Arc<dyn EventSink>>,
     recorder: Option<Arc<dyn StepRecorder>>,
     outputs: Box<[OnceLock<Arc<Value>>]>,
+    /// The secrets handed to this run's nodes, scrubbed from what they produce.
+    pub(crate) scrubber: Scrubber,
 }
 
 impl fmt::Debug for RunShared {
@@ -408,6 +423,7 @@ impl Driver {
             events: options.events,
             recorder: options.recorder,
             outputs: (0..n).map(|_| OnceLock::new()).collect(),
+            scrubber: Scrubber::default(),
             plan,
         });
         Self {
@@ -681,14 +697,14 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
     let mut fail_run = None;
     let taken = match result {
         Ok(out) => {
-            let value = Arc::new(out.value);
+            let value = Arc::new(run.scrubber.value(out.value));
             let _ = run.outputs[index].set(value.clone());
             step.output = Some(value);
             step.port = out.port.map(|p| Arc::from(&*p));
             Taken::Main(step.port.clone())
         }
         Err(e) => {
-            let message = e.to_string();
+            let message = run.scrubber.text(e.to_string());
             step.status = StepStatus::Failed;
             step.error = Some(message.clone());
             match pn.on_error {

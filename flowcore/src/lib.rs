@@ -46,6 +46,7 @@ pub mod nodes;
 pub mod plan;
 pub mod ports;
 pub mod run;
+pub mod secret;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 

@@ -179,6 +179,23 @@ impl NodeContext {
     pub fn input(&self) -> &Arc<Value> {
         &self.run.input
     }
+    /// The credential called `name`, from the engine's [`SecretSource`]. Its text is scrubbed
+    /// (replaced by `[redacted]`) from every output and error of the run from now on, so it
+    /// never reaches stored steps, events or the run's output.
+    ///
+    /// [`SecretSource`]: crate::secret::SecretSource
+    pub async fn credential(&self, name: &str) -> Result<crate::secret::Secret, NodeError> {
+        let source =
+            self.run.engine.secrets().ok_or_else(|| {
+                NodeError::fatal(crate::secret::SecretError::Unavailable.to_string())
+            })?;
+        let secret = source.secret(name).await.map_err(|e| match e {
+            crate::secret::SecretError::Unreadable { .. } => NodeError::retryable(e.to_string()),
+            _ => NodeError::fatal(e.to_string()),
+        })?;
+        self.run.scrubber.add(&secret);
+        Ok(secret)
+    }
     /// The scope that templates and expressions of this node evaluate in.
     pub fn scope(&self) -> Scope {
         Scope::new(self.run.input.clone(), self.run.clone(), self.attempt)

@@ -8,6 +8,9 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+/// The last `Authorization` header the server received.
+static LAST_AUTHORIZATION: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
 /// A tiny HTTP/1.1 server: answers `/json` with JSON echoing the request, `/flaky` with 503
 /// for the first two calls, `/missing` with 404, `/big` with a large body.
 async fn server() -> (String, Arc<AtomicUsize>) {
@@ -57,11 +60,19 @@ async fn server() -> (String, Arc<AtomicUsize>) {
                     .find_map(|l| l.strip_prefix("x-token: "))
                     .unwrap_or_default()
                     .to_owned();
+                let authorization = request
+                    .lines()
+                    .find_map(|l| l.strip_prefix("authorization: "))
+                    .unwrap_or_default()
+                    .to_owned();
+                if !authorization.is_empty() {
+                    *LAST_AUTHORIZATION.lock().unwrap() = authorization.clone();
+                }
                 let (status, ctype, payload) = match path.as_str() {
                     "/json" => (
                         "200 OK",
                         "application/json",
-                        json!({"method": first.split(' ').next(), "body": body, "token": auth})
+                        json!({"method": first.split(' ').next(), "body": body, "token": auth, "authorization": authorization})
                             .to_string(),
                     ),
                     "/flaky" if counter.fetch_add(1, Ordering::SeqCst) < 2 => {
@@ -182,4 +193,71 @@ async fn http_request_refuses_bad_urls() {
     )
     .await;
     assert!(result.error.unwrap().contains("only http and https"));
+}
+
+#[tokio::test]
+async fn credentials_are_sent_by_reference_and_scrubbed_from_outputs_and_errors() {
+    use flowcore::secret::{MemorySecrets, Secret};
+    let (base, _) = server().await;
+    let secrets = Arc::new(MemorySecrets::default());
+    secrets.insert(
+        "api",
+        Secret::new("bearer", json!({"token": "s3cr3t-t0ken"})),
+    );
+    secrets.insert(
+        "odd",
+        Secret::new("oauth", json!({"token": "other-s3cr3t"})),
+    );
+    let engine = Engine::builder().secrets(secrets).build();
+
+    // The server gets the header; the stored output (which echoes it) and the events do not.
+    let flow = FlowDef::from_value(json!({"nodes": [
+        {"id": "call", "type": "http_request", "params": {"url": format!("{base}/json"), "credential": "api"}},
+        {"id": "copy", "type": "set", "params": {"fields": {"seen": "{{ nodes.call.body.authorization }}"}}}
+    ], "edges": [{"from": "call", "to": "copy"}]}))
+    .unwrap();
+    let plan = engine.compile(&flow).unwrap();
+    let result = engine.run(&plan, json!({})).await;
+    assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
+    assert_eq!(*LAST_AUTHORIZATION.lock().unwrap(), "Bearer s3cr3t-t0ken");
+    assert_eq!(result.output, Some(json!({"seen": "Bearer [redacted]"})));
+    let everything = format!("{:?}", result.steps);
+    assert!(!everything.contains("s3cr3t"), "{everything}");
+
+    // Unknown credentials and unusable kinds fail with a message naming the credential only.
+    for (name, expected) in [
+        ("missing", "credential `missing` does not exist"),
+        (
+            "odd",
+            "credential `odd` is of type `oauth`, which http_request cannot use",
+        ),
+    ] {
+        let result = run(
+            &engine,
+            json!({"id": "call", "type": "http_request", "params": {"url": format!("{base}/json"), "credential": name}}),
+            json!({}),
+        )
+        .await;
+        assert_eq!(result.status, RunStatus::Failed);
+        assert!(
+            result.error.as_deref().unwrap().contains(expected),
+            "{:?}",
+            result.error
+        );
+        assert!(!result.error.unwrap().contains("s3cr3t"));
+    }
+
+    // An engine without a secret source says so.
+    let result = run(
+        &Engine::new(),
+        json!({"id": "call", "type": "http_request", "params": {"url": format!("{base}/json"), "credential": "api"}}),
+        json!({}),
+    )
+    .await;
+    assert!(
+        result
+            .error
+            .unwrap()
+            .contains("credentials are not available")
+    );
 }

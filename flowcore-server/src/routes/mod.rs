@@ -1,6 +1,7 @@
 //! Route handlers, one module per resource.
 
 pub mod api_keys;
+pub mod credentials;
 pub mod events;
 pub mod flows;
 pub mod runs;

@@ -42,6 +42,7 @@ struct HttpRequest {
     body: Option<ValueTemplate>,
     timeout: Duration,
     fail_on_status: bool,
+    credential: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -58,6 +59,10 @@ struct HttpParams {
     timeout_ms: Option<u64>,
     #[serde(default = "yes")]
     fail_on_status: bool,
+    /// The name of a stored credential (literal: a template would let a run's input pick which
+    /// secret goes to which URL).
+    #[serde(default)]
+    credential: Option<String>,
 }
 
 fn default_method() -> String {
@@ -121,7 +126,45 @@ pub(crate) fn build(params: &Value) -> Result<Box<dyn Node>, ParamError> {
         body,
         timeout: Duration::from_millis(timeout_ms),
         fail_on_status: p.fail_on_status,
+        credential: p.credential,
     }))
+}
+
+/// Applies a credential to a request by its kind: `bearer` (`token`), `basic_auth` (`username`,
+/// `password`) or `header` (`name`, `value`).
+fn authenticate(
+    request: reqwest::RequestBuilder,
+    name: &str,
+    secret: &crate::secret::Secret,
+) -> Result<reqwest::RequestBuilder, NodeError> {
+    let field = |f: &str| {
+        secret.field(f).ok_or_else(|| {
+            NodeError::fatal(format!("credential `{name}` has no string field `{f}`"))
+        })
+    };
+    Ok(match secret.kind() {
+        "bearer" => request.bearer_auth(field("token")?),
+        "basic_auth" => request.basic_auth(field("username")?, Some(field("password")?)),
+        "header" => {
+            let header = reqwest::header::HeaderName::from_bytes(field("name")?.as_bytes())
+                .map_err(|_| {
+                    NodeError::fatal(format!("credential `{name}`: `name` is not a header name"))
+                })?;
+            let mut value =
+                reqwest::header::HeaderValue::from_str(field("value")?).map_err(|_| {
+                    NodeError::fatal(format!(
+                        "credential `{name}`: `value` is not a header value"
+                    ))
+                })?;
+            value.set_sensitive(true);
+            request.header(header, value)
+        }
+        other => {
+            return Err(NodeError::fatal(format!(
+                "credential `{name}` is of type `{other}`, which http_request cannot use"
+            )));
+        }
+    })
 }
 
 #[async_trait]
@@ -148,6 +191,9 @@ impl Node for HttpRequest {
                 .render_string(&scope)
                 .map_err(|e| NodeError::fatal(format!("headers.{name}: {e}")))?;
             request = request.header(name.as_str(), value);
+        }
+        if let Some(name) = &self.credential {
+            request = authenticate(request, name, &cx.credential(name).await?)?;
         }
         if let Some(body) = &self.body {
             request = match body

@@ -1,0 +1,80 @@
+//! `/api/v1/credentials`: create (validated, then encrypted), list and read (metadata only, never
+//! the secret), delete.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use flowcore::ports::CredentialStore;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::app::Shared;
+use crate::credentials::{public, validate};
+use crate::error::ApiError;
+
+/// The credentials routes.
+pub fn router() -> Router<Shared> {
+    Router::new()
+        .route("/credentials", get(list).post(create))
+        .route("/credentials/{id}", get(read).delete(remove))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    // Kept as a value so that a type error in it is reported by `validate`, whose messages never
+    // quote the secret (serde's would).
+    data: Value,
+}
+
+async fn create(
+    State(state): State<Shared>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let Json(value) = body?;
+    let body: CreateBody = serde_json::from_value(value)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))?;
+    if !flowcore::model::is_valid_id(&body.name) {
+        return Err(ApiError::bad_request(
+            "name must be 1 to 64 characters of A-Z, a-z, 0-9, _ and -",
+        ));
+    }
+    validate(&body.kind, &body.data)
+        .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_credential", m))?;
+    let stored = state
+        .credentials
+        .create(&body.name, &body.kind, &body.data)
+        .await?;
+    Ok((StatusCode::CREATED, Json(public(&stored))))
+}
+
+async fn list(State(state): State<Shared>) -> Result<Json<Value>, ApiError> {
+    let items: Vec<Value> = state
+        .sql
+        .list_credentials()
+        .await?
+        .iter()
+        .map(public)
+        .collect();
+    Ok(Json(json!({ "items": items })))
+}
+
+async fn read(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(public(&state.sql.get_credential(&id).await?)))
+}
+
+async fn remove(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let credential = state.sql.get_credential(&id).await?;
+    state.sql.delete_credential(&credential.id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -48,6 +48,12 @@ pub struct AppState {
     pub webhooks: Arc<crate::routes::webhooks::WebhookIndex>,
     /// Prometheus metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Flow changes from every process.
+    pub flow_changes: Arc<dyn flowcore::ports::FlowChanges>,
+    /// Usage counters.
+    pub usage: Arc<crate::usage::Usage>,
+    /// Fired when this process shuts down and hands its unfinished runs back.
+    pub hand_back: flowcore::CancellationToken,
     /// Encrypted credentials.
     pub credentials: crate::credentials::Credentials,
     /// Requests per client address and API key.
@@ -85,11 +91,16 @@ pub fn app(state: Shared) -> Router {
     let body_limit = usize::try_from(state.config.max_payload_mb.saturating_mul(1024 * 1024))
         .unwrap_or(usize::MAX);
     let limited = middleware::from_fn_with_state(state.clone(), crate::limits::rate_limit);
+    let payload_limit = RequestBodyLimitLayer::new(body_limit);
     let api = routes::flows::router()
         .merge(routes::runs::router())
         .merge(routes::events::router())
         .merge(routes::api_keys::router())
         .merge(routes::credentials::router())
+        .merge(routes::usage::router())
+        .layer(payload_limit)
+        // Files carry their own limit (MAX_FILE_SIZE_MB), enforced while streaming.
+        .merge(routes::files::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key))
         .route_layer(limited.clone());
     Router::new()
@@ -97,11 +108,14 @@ pub fn app(state: Shared) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(crate::metrics::scrape))
         .nest("/api/v1", api)
-        .merge(routes::webhooks::router().route_layer(limited))
+        .merge(
+            routes::webhooks::router()
+                .route_layer(limited)
+                .layer(payload_limit),
+        )
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(state.clone(), crate::metrics::track))
         .layer(DefaultBodyLimit::disable())
-        .layer(RequestBodyLimitLayer::new(body_limit))
         // Outermost: every request gets an id (kept when the client sent one), a span with it
         // for every log line, and the id back in the answer.
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {

@@ -96,6 +96,16 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "0",
         "per client address and per API key (0 = off)",
     ),
+    (
+        "FLOWCORE_QUOTA_RUNS_PER_DAY",
+        "0",
+        "runs one flow may start per UTC day; more get 429 quota_exceeded (0 = off)",
+    ),
+    (
+        "FLOWCORE_SHUTDOWN_GRACE_SECONDS",
+        "25",
+        "on SIGTERM, how long runs may finish before they are handed back to the queue",
+    ),
 ];
 
 /// The server's configuration.
@@ -133,6 +143,10 @@ pub struct Config {
     pub max_payload_mb: u64,
     /// `MAX_FILE_SIZE_MB` (25).
     pub max_file_mb: u64,
+    /// `FLOWCORE_QUOTA_RUNS_PER_DAY` (0 = off).
+    pub quota_runs_per_day: u64,
+    /// `FLOWCORE_SHUTDOWN_GRACE_SECONDS` (25).
+    pub shutdown_grace_seconds: u64,
     /// `MAX_RUN_LOG_SIZE_MB` (50).
     pub max_run_log_mb: u64,
     /// `NUMBER_OF_PROXIES` (0).
@@ -173,6 +187,8 @@ impl fmt::Debug for Config {
             .field("max_run_log_mb", &self.max_run_log_mb)
             .field("number_of_proxies", &self.number_of_proxies)
             .field("rate_limit_per_minute", &self.rate_limit_per_minute)
+            .field("quota_runs_per_day", &self.quota_runs_per_day)
+            .field("shutdown_grace_seconds", &self.shutdown_grace_seconds)
             .finish()
     }
 }
@@ -370,6 +386,18 @@ impl Config {
                 0u32,
                 |_| true,
                 "a number (0 = off)",
+            )?,
+            quota_runs_per_day: env.parse(
+                "FLOWCORE_QUOTA_RUNS_PER_DAY",
+                0u64,
+                |_| true,
+                "a number (0 = off)",
+            )?,
+            shutdown_grace_seconds: env.parse(
+                "FLOWCORE_SHUTDOWN_GRACE_SECONDS",
+                25u64,
+                |v| *v <= 3600,
+                "a number of seconds up to 3600",
             )?,
             data_dir,
         })

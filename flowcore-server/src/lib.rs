@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod background;
 pub mod config;
 pub mod credentials;
 pub mod error;
@@ -10,6 +11,8 @@ pub mod keyring;
 pub mod limits;
 pub mod metrics;
 pub mod routes;
+pub mod schedules;
+pub mod usage;
 pub mod worker;
 
 use std::sync::Arc;
@@ -96,8 +99,9 @@ pub async fn build_state(config: Config) -> Result<Shared, StartError> {
         .secrets(Arc::new(credentials.clone()))
         .build();
     let webhooks = routes::webhooks::WebhookIndex::new(&changes);
-    let plans = PlanCache::new(engine.clone(), flows, Some(changes), 10_000);
+    let plans = PlanCache::new(engine.clone(), flows, Some(changes.clone()), 10_000);
     let worker_name = format!("{}-{}", std::process::id(), &flowcore::ids::new_id()[24..]);
+    let usage = Arc::new(usage::Usage::new(sql.clone()));
     Ok(Arc::new(AppState {
         config,
         engine,
@@ -111,6 +115,9 @@ pub async fn build_state(config: Config) -> Result<Shared, StartError> {
         webhooks,
         metrics: Arc::new(metrics::Metrics::new()),
         limiter,
+        usage,
+        flow_changes: changes,
+        hand_back: flowcore::CancellationToken::new(),
         credentials,
     }))
 }

@@ -228,11 +228,37 @@ async fn serve() -> ExitCode {
     };
     tracing::info!(%bind, "flowcore listening");
     eprintln!("flowcore listening on http://{bind}");
+    let grace = std::time::Duration::from_secs(state.config.shutdown_grace_seconds);
+    let background = flowcore_server::background::start(&state);
+    let stop = flowcore::CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            stop.cancel();
+        }
+    });
+    // The background stops (runs finish or are handed back) while the server drains requests.
+    let stopping = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            stop.cancelled().await;
+            background.stop(grace).await
+        }
+    });
     let app = flowcore_server::app::app(state);
-    match axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-    {
+    let served = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop.clone().cancelled_owned())
+    .await;
+    stop.cancel();
+    if let Ok(handed_back) = stopping.await {
+        tracing::info!(handed_back, "stopped");
+    }
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(format!("server error: {e}")),
     }

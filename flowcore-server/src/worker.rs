@@ -35,6 +35,17 @@ impl Running {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(id);
     }
+    /// How many runs execute here.
+    pub fn len(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+    /// Whether no run executes here.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Cancels a run executing here; `false` when it is not here.
     pub fn cancel(&self, id: &RunId) -> bool {
         match self
@@ -75,6 +86,85 @@ pub async fn execute(
     result
 }
 
+/// The worker group whose queue a run goes to: its flow's, else this process's.
+pub async fn group_of(state: &AppState, run: &RunRecord) -> String {
+    state
+        .plans
+        .get(&run.flow_id, Some(run.flow_version))
+        .await
+        .ok()
+        .and_then(|(_, plan)| plan.worker_group().map(str::to_owned))
+        .unwrap_or_else(|| state.config.worker_group.clone())
+}
+
+/// Puts back in the queue the runs whose owner is gone (lease expired), and with
+/// `queued_too` every run waiting in the database (an in-process queue starts empty after a
+/// restart). A run already in the queue is delivered again at worst, and its claim refused.
+/// Returns how many runs were enqueued.
+pub async fn recover(state: &AppState, queued_too: bool) -> Result<usize, StoreError> {
+    let mut ids: Vec<RunId> = RunStore::expired(&state.sql, chrono::Utc::now(), 1000).await?;
+    if queued_too {
+        let mut filter = flowcore::ports::RunFilter {
+            status: Some(flowcore::RunStatus::Queued),
+            limit: 500,
+            ..Default::default()
+        };
+        loop {
+            let page = RunStore::list(&state.sql, &filter).await?;
+            ids.extend(page.items.into_iter().map(|r| r.id));
+            match page.next_cursor {
+                Some(c) => filter.cursor = Some(c),
+                None => break,
+            }
+        }
+    }
+    let mut count = 0;
+    for id in ids {
+        let run = match RunStore::get(&state.sql, &id).await {
+            Ok(run) => run,
+            Err(StoreError::NotFound { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        let group = group_of(state, &run).await;
+        state.queue.enqueue(&group, &id, None).await?;
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// Recovers runs (see [`recover`]) at start and every `every` until `shutdown`.
+pub async fn reap(state: Arc<AppState>, every: Duration, shutdown: CancellationToken) {
+    let mut first = true;
+    loop {
+        let queued_too = first && state.config.redis_url.is_none();
+        match recover(&state, queued_too).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(runs = n, "runs recovered into the queue"),
+            Err(e) => tracing::warn!(error = %e, "recovering runs failed; retrying"),
+        }
+        first = false;
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// [`execute`] for a run started inline by a request: handed back by a shutdown, it goes to
+/// the queue (it was never there).
+pub async fn execute_inline(
+    state: &AppState,
+    run: RunRecord,
+    token: CancellationToken,
+) -> Result<RunRecord, StoreError> {
+    let done = execute(state, run, token).await?;
+    if done.status == flowcore::RunStatus::Queued {
+        let group = group_of(state, &done).await;
+        state.queue.enqueue(&group, &done.id, None).await?;
+    }
+    Ok(done)
+}
+
 async fn execute_inner(
     state: &AppState,
     run: &RunRecord,
@@ -94,8 +184,9 @@ async fn execute_inner(
         .metrics
         .node_sink(&plan, Arc::new(BusSink::new(events)));
     let hooks = Hooks {
-        events: Some(sink),
+        events: Some(state.usage.node_sink(&run.flow_id, sink)),
         cancel: Some(token),
+        hand_back: Some(state.hand_back.clone()),
     };
     let started = std::time::Instant::now();
     state.metrics.run_started();
@@ -181,7 +272,15 @@ async fn run_job(state: &AppState, job: LeasedJob, ttl: Duration) {
     .await
     {
         Ok(_) => match RunStore::get(&state.sql, &run_id).await {
-            Ok(run) => execute(state, run, token).await.map(|_| ()),
+            Ok(run) => match execute(state, run, token).await {
+                // Handed back by a shutdown: due again at once, for another worker.
+                Ok(done) if done.status == flowcore::RunStatus::Queued => {
+                    heartbeat.abort();
+                    let _ = state.queue.nack(&job, None).await;
+                    return;
+                }
+                other => other.map(|_| ()),
+            },
             Err(e) => Err(e),
         },
         // Finished, cancelled or owned by a live worker: nothing to do for this delivery.

@@ -99,6 +99,23 @@ async fn every_api_route_needs_a_key() {
         ("GET", "/api/v1/flows/x"),
         ("PUT", "/api/v1/flows/x"),
         ("DELETE", "/api/v1/flows/x"),
+        ("POST", "/api/v1/flows/x/runs"),
+        ("GET", "/api/v1/runs"),
+        ("GET", "/api/v1/runs/x"),
+        ("POST", "/api/v1/runs/x/cancel"),
+        ("GET", "/api/v1/runs/x/events"),
+        ("GET", "/api/v1/api-keys"),
+        ("POST", "/api/v1/api-keys"),
+        ("DELETE", "/api/v1/api-keys/x"),
+        ("GET", "/api/v1/credentials"),
+        ("POST", "/api/v1/credentials"),
+        ("GET", "/api/v1/credentials/x"),
+        ("DELETE", "/api/v1/credentials/x"),
+        ("POST", "/api/v1/files"),
+        ("GET", "/api/v1/files/x"),
+        ("GET", "/api/v1/files/x/meta"),
+        ("DELETE", "/api/v1/files/x"),
+        ("GET", "/api/v1/usage"),
     ] {
         for key in [None, Some("wrong"), Some("")] {
             let (status, body) = call(&app, method, path, key, None).await;
@@ -1162,6 +1179,372 @@ fn credentials_are_encrypted_used_by_reference_and_never_shown() {
     );
     assert_eq!(status, 200);
     assert_eq!(run["status"], "failed");
+    drop(server);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_upload_stream_and_refuse_past_the_file_limit() {
+    let (app, state, dir) =
+        app_with_state(&[("MAX_FILE_SIZE_MB", "2"), ("MAX_PAYLOAD_SIZE_MB", "1")]).await;
+    let upload = |body: Body, len: Option<usize>, query: &str| {
+        let mut req = Request::builder()
+            .method("POST")
+            .uri(format!("/api/v1/files{query}"))
+            .header("x-api-key", KEY)
+            .header("content-type", "text/csv");
+        if let Some(len) = len {
+            req = req.header("content-length", len);
+        }
+        app.clone().oneshot(req.body(body).unwrap())
+    };
+    let json_of = |res: axum::response::Response| async move {
+        let bytes = axum::body::to_bytes(res.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        serde_json::from_slice::<Value>(&bytes).unwrap()
+    };
+
+    // Over MAX_PAYLOAD_SIZE_MB but under MAX_FILE_SIZE_MB: accepted.
+    let data: Vec<u8> = (0..1_500_000u32).map(|i| (i % 251) as u8).collect();
+    let res = upload(
+        Body::from(data.clone()),
+        Some(data.len()),
+        "?name=report%20q3.csv",
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let file = json_of(res).await;
+    assert_eq!(
+        (file["name"].as_str(), file["size"].as_u64()),
+        (Some("report q3.csv"), Some(1_500_000))
+    );
+    let id = file["id"].as_str().unwrap().to_owned();
+
+    let req = Request::builder()
+        .uri(format!("/api/v1/files/{id}"))
+        .header("x-api-key", KEY)
+        .body(Body::empty())
+        .unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["content-type"], "text/csv");
+    assert_eq!(
+        res.headers()["content-disposition"],
+        "attachment; filename=\"report_q3.csv\""
+    );
+    assert_eq!(
+        axum::body::to_bytes(res.into_body(), usize::MAX)
+            .await
+            .unwrap(),
+        data
+    );
+    let (status, meta) = call(
+        &app,
+        "GET",
+        &format!("/api/v1/files/{id}/meta"),
+        Some(KEY),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, meta["size"].as_u64()),
+        (StatusCode::OK, Some(1_500_000))
+    );
+
+    // Over the file limit: 413 whether the length is declared or the body is streamed, and
+    // nothing is left behind.
+    let big = vec![7u8; 2 * 1024 * 1024 + 1];
+    let res = upload(Body::from(big.clone()), Some(big.len()), "")
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(json_of(res).await["error"]["code"], "payload_too_large");
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        big.chunks(64 * 1024).map(|c| Ok(c.to_vec())).collect();
+    let res = upload(Body::from_stream(futures::stream::iter(chunks)), None, "")
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    use flowcore::ports::BlobStore;
+    assert_eq!(
+        state.blobs.list("files/").await.unwrap(),
+        vec![format!("files/{id}")]
+    );
+
+    for (query, what) in [
+        ("?name=", "empty name"),
+        ("?name=a%0Ab", "control character"),
+        ("?size=3", "unknown parameter"),
+    ] {
+        let res = upload(Body::from("x"), Some(1), query).await.unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{what}");
+    }
+
+    let (status, _) = call(
+        &app,
+        "DELETE",
+        &format!("/api/v1/files/{id}"),
+        Some(KEY),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = call(&app, "GET", &format!("/api/v1/files/{id}"), Some(KEY), None).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    assert_eq!(
+        state.blobs.stat(&format!("files/{id}")).await.unwrap(),
+        None
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_is_counted_per_flow_and_day_and_quotas_refuse_with_429() {
+    let (app, state, dir) = app_with_state(&[("FLOWCORE_QUOTA_RUNS_PER_DAY", "3")]).await;
+    let k = Some(KEY);
+    assert_eq!(
+        call(&app, "POST", "/api/v1/flows", k, Some(greet()))
+            .await
+            .0,
+        StatusCode::CREATED
+    );
+    let other = json!({"id": "other", "nodes": [{"id": "n", "type": "noop"}]});
+    assert_eq!(
+        call(
+            &app,
+            "POST",
+            "/api/v1/flows",
+            k,
+            Some(other.to_string().into_bytes())
+        )
+        .await
+        .0,
+        StatusCode::CREATED
+    );
+    let start = |flow: &'static str| {
+        let app = app.clone();
+        async move {
+            call(
+                &app,
+                "POST",
+                &format!("/api/v1/flows/{flow}/runs"),
+                Some(KEY),
+                Some(br#"{"input": {"name": "x", "n": 9}}"#.to_vec()),
+            )
+            .await
+        }
+    };
+    for _ in 0..3 {
+        assert_eq!(start("greet").await.0, StatusCode::OK);
+    }
+    let (status, body) = start("greet").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(body["error"]["code"], "quota_exceeded");
+    let (status, body) = call(&app, "POST", "/webhooks/greet", None, Some(b"{}".to_vec())).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("quota_exceeded")),
+        "webhooks count too"
+    );
+    assert_eq!(
+        start("other").await.0,
+        StatusCode::OK,
+        "quotas are per flow"
+    );
+
+    state.usage.flush().await.unwrap();
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let (status, body) = call(&app, "GET", "/api/v1/usage?flow_id=greet", k, None).await;
+    assert_eq!(status, StatusCode::OK);
+    // greet runs hello, big and one of a/b: three node executions a run.
+    assert_eq!(
+        body["items"],
+        json!([{"flow_id": "greet", "day": today, "runs": 3, "node_executions": 9, "tokens": 0}])
+    );
+    assert_eq!(body["quota"]["runs_per_flow_per_day"], 3);
+    let (_, all) = call(
+        &app,
+        "GET",
+        &format!("/api/v1/usage?from={today}&to={today}"),
+        k,
+        None,
+    )
+    .await;
+    assert_eq!(all["items"].as_array().unwrap().len(), 2);
+    for bad in [
+        "?from=yesterday",
+        "?from=2026-02-01&to=2026-01-01",
+        "?flow_id=a%20b",
+        "?color=red",
+    ] {
+        let (status, body) = call(&app, "GET", &format!("/api/v1/usage{bad}"), k, None).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_request")),
+            "{bad}"
+        );
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_tick_fires_once_across_processes() {
+    let (app, a, dir) = app_with_state(&[]).await;
+    // A second process on the same database.
+    let vars = [
+        ("FLOWCORE_DATA_DIR".to_owned(), dir.display().to_string()),
+        ("STORAGE_TYPE".to_owned(), "memory".to_owned()),
+    ];
+    let b = flowcore_server::build_state(Config::from_vars(vars).unwrap())
+        .await
+        .unwrap();
+    let flow = json!({"id": "tick", "nodes": [{"id": "n", "type": "noop"}], "triggers": [{"type": "schedule", "cron": "*/5 * * * *"}]});
+    assert_eq!(
+        call(
+            &app,
+            "POST",
+            "/api/v1/flows",
+            Some(KEY),
+            Some(flow.to_string().into_bytes())
+        )
+        .await
+        .0,
+        StatusCode::CREATED
+    );
+    let at = |s: &str| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    };
+    let (from, to) = (at("2026-01-01T10:00:00Z"), at("2026-01-01T11:00:00Z"));
+    let (fired_a, fired_b) = tokio::join!(
+        flowcore_server::schedules::fire_window(&a, from, to),
+        flowcore_server::schedules::fire_window(&b, from, to)
+    );
+    assert_eq!(
+        (fired_a.unwrap(), fired_b.unwrap()),
+        (10, 10),
+        "at most 10 ticks a window, each asked by both"
+    );
+    let (_, runs) = call(
+        &app,
+        "GET",
+        "/api/v1/runs?flow_id=tick&limit=100",
+        Some(KEY),
+        None,
+    )
+    .await;
+    let runs = runs["items"].as_array().unwrap();
+    assert_eq!(runs.len(), 10, "one run per tick");
+    let (_, one) = call(
+        &app,
+        "GET",
+        &format!("/api/v1/runs/{}", runs[9]["id"].as_str().unwrap()),
+        Some(KEY),
+        None,
+    )
+    .await;
+    assert_eq!(
+        one["input"],
+        json!({"scheduled_at": "2026-01-01T10:05:00Z", "schedule": "tick#0"})
+    );
+    // The same window again starts nothing new.
+    flowcore_server::schedules::fire_window(&b, from, to)
+        .await
+        .unwrap();
+    let (_, again) = call(
+        &app,
+        "GET",
+        "/api/v1/runs?flow_id=tick&limit=100",
+        Some(KEY),
+        None,
+    )
+    .await;
+    assert_eq!(again["items"].as_array().unwrap().len(), 10);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn sigterm_hands_running_runs_back_and_a_restart_resumes_them() {
+    let dir = std::env::temp_dir().join(format!("flowcore-term-{}", flowcore::ids::new_id()));
+    let server = Server::start(&dir, &[("FLOWCORE_SHUTDOWN_GRACE_SECONDS", "1")]);
+    let flow = json!({"id": "slow", "nodes": [
+        {"id": "first", "type": "set", "params": {"fields": {"at": "start"}}},
+        {"id": "wait", "type": "delay", "params": {"ms": 4000}},
+        {"id": "last", "type": "set", "params": {"fields": {"done": true}}}
+    ], "edges": [{"from": "first", "to": "wait"}, {"from": "wait", "to": "last"}]});
+    assert_eq!(server.json("POST", "/api/v1/flows", Some(flow)).0, 201);
+    let (status, run) = server.json(
+        "POST",
+        "/api/v1/flows/slow/runs",
+        Some(json!({"wait": false})),
+    );
+    assert_eq!(status, 202, "{run}");
+    let id = run["run_id"].as_str().unwrap().to_owned();
+    let started = std::time::Instant::now();
+    while server.json("GET", &format!("/api/v1/runs/{id}"), None).1["status"] != "running" {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the run never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pid = server.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let terminated = std::time::Instant::now();
+    let mut server = server;
+    let exit = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            terminated.elapsed() < std::time::Duration::from_secs(15),
+            "the server did not stop"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(exit.success(), "{exit:?}");
+    let log = server.stop();
+    assert!(log.contains("handing unfinished runs back"), "{log}");
+
+    // The run is queued again with its finished step kept; a new process resumes it.
+    let server = Server::start(&dir, &[]);
+    let (_, run) = server.json("GET", &format!("/api/v1/runs/{id}"), None);
+    assert!(
+        run["status"] == "queued" || run["status"] == "running",
+        "{run}"
+    );
+    let first_started = run["steps"][0]["started_at"].clone();
+    assert_eq!(run["steps"][0]["node"], "first");
+    let resumed = std::time::Instant::now();
+    let done = loop {
+        let (_, run) = server.json("GET", &format!("/api/v1/runs/{id}"), None);
+        if run["status"] == "succeeded" {
+            break run;
+        }
+        assert!(
+            resumed.elapsed() < std::time::Duration::from_secs(20),
+            "never finished: {run}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(done["output"], json!({"done": true}));
+    assert_eq!(
+        done["steps"][0]["started_at"], first_started,
+        "`first` did not run again"
+    );
     drop(server);
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -104,6 +104,10 @@ pub struct Hooks {
     pub events: Option<Arc<dyn EventSink>>,
     /// Cancels the run from outside (it then ends `cancelled`).
     pub cancel: Option<CancellationToken>,
+    /// Hands the run back (a worker shutting down): the nodes in flight are dropped, the
+    /// finished steps are stored, and the run goes back to `queued` for another worker, which
+    /// resumes it without executing those steps again.
+    pub hand_back: Option<CancellationToken>,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -119,7 +123,8 @@ impl std::fmt::Debug for Hooks {
 /// writes the final status with the last steps in one commit.
 ///
 /// Returns `StoreError::StaleLease` when the lease was lost on the way (another worker took
-/// the run): the run was stopped and nothing more was written.
+/// the run): the run was stopped and nothing more was written. A run handed back
+/// ([`Hooks::hand_back`]) returns its record, `queued`.
 pub async fn execute(
     engine: &Engine,
     plan: &Plan,
@@ -164,21 +169,33 @@ pub async fn execute(
         options.lease_ttl,
         cancel.clone(),
     )));
-    let result = engine
-        .execute(
-            plan,
-            run.input.clone(),
-            RunOptions {
-                run_id: Some(run.id.clone()),
-                events: hooks.events,
-                recorder: Some(recorder.clone()),
-                resume,
-                cancel: Some(cancel.clone()),
-                timeout: None,
-            },
-        )
-        .await;
+    let hand_back = hooks.hand_back.unwrap_or_default();
+    let execution = engine.execute(
+        plan,
+        run.input.clone(),
+        RunOptions {
+            run_id: Some(run.id.clone()),
+            events: hooks.events,
+            recorder: Some(recorder.clone()),
+            resume,
+            cancel: Some(cancel.clone()),
+            timeout: None,
+        },
+    );
+    // `None` once handed back; the execution (and its nodes in flight) is dropped by then.
+    let result = tokio::select! {
+        result = execution => Some(result),
+        () = hand_back.cancelled() => None,
+    };
     drop(keeper);
+    let Some(result) = result else {
+        let steps = std::mem::take(&mut *lock(&recorder.buffer));
+        if !steps.is_empty() {
+            runs.record_steps(&run.id, epoch, &steps).await?;
+        }
+        runs.release(&run.id, epoch).await?;
+        return runs.get(&run.id).await;
+    };
     if recorder.lost.is_cancelled() {
         return Err(StoreError::StaleLease(format!(
             "run `{}` was taken over by another worker",

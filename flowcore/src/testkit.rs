@@ -998,6 +998,66 @@ pub async fn durable_runs(runs: Arc<dyn RunStore>) {
     token.cancel();
     let done = task.await.expect("task").expect("cancelled run");
     assert_eq!(done.status, RunStatus::Cancelled);
+
+    // A worker shutting down hands its run back: finished steps stored even when buffered, the
+    // run queued again at once (no lease to wait for), resumed elsewhere without re-executing.
+    let slow_flush = DurableOptions {
+        checkpoint: Checkpoint::Batched(Duration::from_secs(60)),
+        ..worker("leaving")
+    };
+    let (run5, _) = runs
+        .create(NewRun {
+            claim: Some(slow_flush.claim()),
+            ..new_run("durable", None)
+        })
+        .await
+        .expect("create");
+    let (ones, twos) = (counts.of("one"), counts.of("two"));
+    let hand_back = crate::CancellationToken::new();
+    let task = {
+        let (engine, plan, runs, run5, hand_back) = (
+            engine.clone(),
+            plan.clone(),
+            runs.clone(),
+            run5.clone(),
+            hand_back.clone(),
+        );
+        tokio::spawn(async move {
+            let hooks = Hooks {
+                hand_back: Some(hand_back),
+                ..Hooks::default()
+            };
+            durable::execute(&engine, &plan, &runs, &run5, &slow_flush, hooks).await
+        })
+    };
+    // `two` (300 ms) has started: `one` is finished and buffered, `two` is in flight.
+    for _ in 0..500 {
+        if counts.of("two") > twos {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    hand_back.cancel();
+    let back = task.await.expect("task").expect("handed back");
+    assert_eq!(back.status, RunStatus::Queued);
+    let stored = runs.steps(&run5.id).await.expect("steps");
+    assert_eq!(stored.len(), 1, "the buffered step `one` was stored");
+    runs.claim(&run5.id, "next", ttl)
+        .await
+        .expect("claimed at once, without waiting for a lease");
+    let claimed = runs.get(&run5.id).await.expect("get");
+    let done = durable::execute(
+        &engine,
+        &plan,
+        &runs,
+        &claimed,
+        &worker("next"),
+        Hooks::default(),
+    )
+    .await
+    .expect("resumed");
+    assert_eq!(done.status, RunStatus::Succeeded);
+    assert_eq!(counts.of("one"), ones + 1, "`one` ran once");
 }
 
 /// Pruning in bounded batches: all old finished runs go, live and recent ones stay.

@@ -3,6 +3,8 @@
 pub mod api_keys;
 pub mod credentials;
 pub mod events;
+pub mod files;
 pub mod flows;
 pub mod runs;
+pub mod usage;
 pub mod webhooks;

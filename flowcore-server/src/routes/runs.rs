@@ -77,6 +77,16 @@ pub async fn start_run(
     idempotency_key: Option<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let (version, plan) = state.plans.get(flow_id, None).await?;
+    let quota = state.config.quota_runs_per_day;
+    if quota > 0 && state.usage.runs_today(flow_id).await? >= quota {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "quota_exceeded",
+            format!(
+                "flow `{flow_id}` has started its {quota} runs of today (FLOWCORE_QUOTA_RUNS_PER_DAY)"
+            ),
+        ));
+    }
     // The `all` role executes a waited run itself: created already claimed (one commit) and
     // run at once; the run is still leased and checkpointed, so a crash loses nothing.
     // ... unless the flow names another worker group: then its workers must run it.
@@ -108,11 +118,12 @@ pub async fn start_run(
         state.running.remove(&id);
         return answer(state, &run).await;
     }
+    state.usage.run_started(flow_id);
     let limit = Duration::from_secs(state.config.webhook_timeout_seconds);
     if let Some(token) = token {
         let task = {
             let (state, run) = (state.clone(), run.clone());
-            tokio::spawn(async move { crate::worker::execute(&state, run, token).await })
+            tokio::spawn(async move { crate::worker::execute_inline(&state, run, token).await })
         };
         return match tokio::time::timeout(limit, task).await {
             Ok(Ok(Ok(done))) => answer(state, &done).await,

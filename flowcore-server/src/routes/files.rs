@@ -1,0 +1,153 @@
+//! `/api/v1/files`: uploads streamed into the blob store (the body is the file; `?name=` and
+//! `Content-Type` describe it), refused with 413 past MAX_FILE_SIZE_MB while streaming; reads and
+//! deletes by id. The metadata is in the database, the bytes in the blob store.
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::Utc;
+use flowcore::StoreError;
+use flowcore::ports::{BlobStore, FileRecord, FileStore};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::app::Shared;
+use crate::error::ApiError;
+
+/// The files routes. They carry their own size limit (MAX_FILE_SIZE_MB), not the payload one.
+pub fn router() -> Router<Shared> {
+    Router::new()
+        .route("/files", post(upload))
+        .route("/files/{id}", get(download).delete(remove))
+        .route("/files/{id}/meta", get(meta))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadQuery {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+fn public(file: &FileRecord) -> Value {
+    json!({"id": file.id, "name": file.name, "content_type": file.content_type, "size": file.size, "created_at": file.created_at})
+}
+
+fn too_large(limit: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("the file is over MAX_FILE_SIZE_MB ({limit} bytes)"),
+    )
+}
+
+async fn upload(
+    State(state): State<Shared>,
+    query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
+    request: Request,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let name = query.name.unwrap_or_else(|| "upload".to_owned());
+    if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "name must be 1 to 255 characters without control characters",
+        ));
+    }
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/octet-stream")
+        .to_owned();
+    let limit = state.config.max_file_mb.saturating_mul(1024 * 1024);
+    // Refuse early when the client says how much is coming.
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large(limit));
+    }
+    let id = flowcore::ids::new_id();
+    let blob_key = format!("files/{id}");
+    let chunks = request
+        .into_body()
+        .into_data_stream()
+        .map(|chunk| {
+            chunk
+                .map(|bytes| bytes.to_vec())
+                .map_err(|e| StoreError::Invalid(format!("reading the upload: {e}")))
+        })
+        .boxed();
+    let size = match state.blobs.put_stream(&blob_key, chunks, limit).await {
+        Ok(size) => size,
+        Err(StoreError::TooLarge(_)) => return Err(too_large(limit)),
+        Err(e) => return Err(e.into()),
+    };
+    let file = FileRecord {
+        id,
+        name,
+        content_type,
+        size,
+        blob_key,
+        created_at: Utc::now(),
+    };
+    if let Err(e) = state.sql.insert_file(&file).await {
+        let _ = state.blobs.delete(&file.blob_key).await;
+        return Err(e.into());
+    }
+    Ok((StatusCode::CREATED, Json(public(&file))))
+}
+
+async fn meta(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(public(&state.sql.get_file(&id).await?)))
+}
+
+async fn download(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let file = state.sql.get_file(&id).await?;
+    let bytes = state.blobs.get(&file.blob_key).await?;
+    // The name is metadata from a client: only safe characters go into the header.
+    let safe: String = file
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    Ok((
+        [
+            (header::CONTENT_TYPE, file.content_type.clone()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{safe}\""),
+            ),
+        ],
+        Body::from(bytes),
+    )
+        .into_response())
+}
+
+async fn remove(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let file = state.sql.get_file(&id).await?;
+    state.sql.delete_file(&file.id).await?;
+    state.blobs.delete(&file.blob_key).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,157 @@
+//! Usage per flow and day (runs, node executions, tokens), counted in memory and added to the
+//! database once a second, so that counting costs a run no extra commit. A process that dies
+//! loses at most its last second of counts (usage, never runs). Quotas read the stored counts
+//! (refreshed at most once a second) plus this process's unflushed ones.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use flowcore::ports::UsageStore;
+use flowcore::{EventSink, RunEvent, StepStatus, StoreError};
+use flowcore_store::SqlStore;
+
+/// How often counts are added to the database.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+type Key = (String, String);
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    runs: u64,
+    nodes: u64,
+    tokens: u64,
+}
+
+/// The usage counter of one process.
+#[derive(Debug)]
+pub struct Usage {
+    store: SqlStore,
+    pending: Mutex<HashMap<Key, Counts>>,
+    /// Runs stored per (flow, day), as read at an instant, for quotas.
+    stored_runs: Mutex<HashMap<Key, (u64, Instant)>>,
+}
+
+/// Today (UTC) as `YYYY-MM-DD`.
+pub fn today() -> String {
+    Utc::now().format("%Y-%m-%d").to_string()
+}
+
+impl Usage {
+    /// A counter writing to `store`.
+    pub fn new(store: SqlStore) -> Self {
+        Self {
+            store,
+            pending: Mutex::new(HashMap::new()),
+            stored_runs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn add(&self, flow_id: &str, f: impl FnOnce(&mut Counts)) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        f(pending.entry((flow_id.to_owned(), today())).or_default());
+    }
+
+    /// Counts a run started now.
+    pub fn run_started(&self, flow_id: &str) {
+        self.add(flow_id, |c| c.runs += 1);
+    }
+
+    /// Counts LLM tokens used now.
+    pub fn tokens(&self, flow_id: &str, tokens: u64) {
+        self.add(flow_id, |c| c.tokens += tokens);
+    }
+
+    /// Wraps a run's event sink to count its node executions (steps that ran: succeeded or
+    /// failed, not skipped or cancelled).
+    pub fn node_sink(
+        self: &Arc<Self>,
+        flow_id: &str,
+        inner: Arc<dyn EventSink>,
+    ) -> Arc<dyn EventSink> {
+        let (usage, flow_id) = (self.clone(), flow_id.to_owned());
+        Arc::new(move |event: &RunEvent| {
+            if let RunEvent::NodeFinished { status, .. } = event
+                && matches!(status, StepStatus::Succeeded | StepStatus::Failed)
+            {
+                usage.add(&flow_id, |c| c.nodes += 1);
+            }
+            inner.emit(event);
+        })
+    }
+
+    /// Adds the pending counts to the database. Counts that fail to store are kept for the next
+    /// flush.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let taken = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut failed = None;
+        for ((flow, day), c) in taken {
+            if let Err(e) = self
+                .store
+                .add_usage(&flow, &day, c.runs, c.nodes, c.tokens)
+                .await
+            {
+                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                let slot = pending.entry((flow, day)).or_default();
+                slot.runs += c.runs;
+                slot.nodes += c.nodes;
+                slot.tokens += c.tokens;
+                failed = Some(e);
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Runs of `flow_id` today across all processes, as of at most [`FLUSH_EVERY`] ago, plus
+    /// this process's unflushed ones.
+    pub async fn runs_today(&self, flow_id: &str) -> Result<u64, StoreError> {
+        let key = (flow_id.to_owned(), today());
+        let cached = self
+            .stored_runs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .filter(|(_, at)| at.elapsed() < FLUSH_EVERY)
+            .map(|(n, _)| *n);
+        let stored = match cached {
+            Some(n) => n,
+            None => {
+                let n = self
+                    .store
+                    .usage(Some(flow_id), &key.1, &key.1)
+                    .await?
+                    .first()
+                    .map_or(0, |d| d.runs);
+                let mut cache = self.stored_runs.lock().unwrap_or_else(|e| e.into_inner());
+                // Yesterday's entries are of no use any more.
+                cache.retain(|(_, day), _| *day == key.1);
+                cache.insert(key.clone(), (n, Instant::now()));
+                n
+            }
+        };
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .map_or(0, |c| c.runs);
+        Ok(stored + pending)
+    }
+
+    /// Flushes every [`FLUSH_EVERY`] until `shutdown`, then once more.
+    pub async fn run_flusher(self: Arc<Self>, shutdown: flowcore::CancellationToken) {
+        loop {
+            let stop = tokio::select! {
+                () = shutdown.cancelled() => true,
+                () = tokio::time::sleep(FLUSH_EVERY) => false,
+            };
+            if let Err(e) = self.flush().await {
+                tracing::warn!(error = %e, "storing usage failed; kept for the next try");
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+}

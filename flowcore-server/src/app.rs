@@ -98,13 +98,14 @@ pub fn app(state: Shared) -> Router {
         .merge(routes::api_keys::router())
         .merge(routes::credentials::router())
         .merge(routes::usage::router())
+        .route("/openapi.json", get(crate::openapi::openapi_json))
         .layer(payload_limit)
         // Files carry their own limit (MAX_FILE_SIZE_MB), enforced while streaming.
         .merge(routes::files::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key))
         .route_layer(limited.clone());
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(crate::metrics::scrape))
         .nest("/api/v1", api)
@@ -127,8 +128,15 @@ pub fn app(state: Shared) -> Router {
         .with_state(state)
 }
 
+/// 200 while the process lives.
+#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "meta", responses((status = 200, description = "`{\"status\": \"ok\"}`", body = Object)))]
+pub(crate) async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
 /// 200 when the database, the queue and the blob store answer; 503 with each one's state.
-async fn readyz(State(state): State<Shared>) -> Response {
+#[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "meta", responses((status = 200, description = "every backend answers", body = Object), (status = 503, description = "each backend's state", body = Object)))]
+pub(crate) async fn readyz(State(state): State<Shared>) -> Response {
     let database = FlowStore::list(&state.sql, 1, None).await.map(|_| ());
     let queue = state
         .queue

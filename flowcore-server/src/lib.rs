@@ -10,6 +10,7 @@ pub mod error;
 pub mod keyring;
 pub mod limits;
 pub mod metrics;
+pub mod openapi;
 pub mod routes;
 pub mod schedules;
 pub mod usage;

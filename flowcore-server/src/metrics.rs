@@ -239,6 +239,7 @@ pub async fn track(State(state): State<Shared>, request: Request, next: Next) ->
 }
 
 /// `GET /metrics`.
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "meta", responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String)))]
 pub async fn scrape(State(state): State<Shared>) -> Response {
     let group = state.config.worker_group.clone();
     let ready = state.queue.depth(&group).await.ok().map(|d| d.ready);

@@ -70,6 +70,33 @@ async fn call(
     (status, json)
 }
 
+/// Every `/api/` route (method, path with `x` for parameters).
+const API_ROUTES: &[(&str, &str)] = &[
+    ("GET", "/api/v1/flows"),
+    ("POST", "/api/v1/flows"),
+    ("GET", "/api/v1/flows/x"),
+    ("PUT", "/api/v1/flows/x"),
+    ("DELETE", "/api/v1/flows/x"),
+    ("POST", "/api/v1/flows/x/runs"),
+    ("GET", "/api/v1/runs"),
+    ("GET", "/api/v1/runs/x"),
+    ("POST", "/api/v1/runs/x/cancel"),
+    ("GET", "/api/v1/runs/x/events"),
+    ("GET", "/api/v1/api-keys"),
+    ("POST", "/api/v1/api-keys"),
+    ("DELETE", "/api/v1/api-keys/x"),
+    ("GET", "/api/v1/credentials"),
+    ("POST", "/api/v1/credentials"),
+    ("GET", "/api/v1/credentials/x"),
+    ("DELETE", "/api/v1/credentials/x"),
+    ("POST", "/api/v1/files"),
+    ("GET", "/api/v1/files/x"),
+    ("GET", "/api/v1/files/x/meta"),
+    ("DELETE", "/api/v1/files/x"),
+    ("GET", "/api/v1/usage"),
+    ("GET", "/api/v1/openapi.json"),
+];
+
 fn greet() -> Vec<u8> {
     include_bytes!("../../examples/flows/greet.json").to_vec()
 }
@@ -93,30 +120,7 @@ async fn health_and_readiness() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_api_route_needs_a_key() {
     let (app, dir) = app(&[]).await;
-    for (method, path) in [
-        ("GET", "/api/v1/flows"),
-        ("POST", "/api/v1/flows"),
-        ("GET", "/api/v1/flows/x"),
-        ("PUT", "/api/v1/flows/x"),
-        ("DELETE", "/api/v1/flows/x"),
-        ("POST", "/api/v1/flows/x/runs"),
-        ("GET", "/api/v1/runs"),
-        ("GET", "/api/v1/runs/x"),
-        ("POST", "/api/v1/runs/x/cancel"),
-        ("GET", "/api/v1/runs/x/events"),
-        ("GET", "/api/v1/api-keys"),
-        ("POST", "/api/v1/api-keys"),
-        ("DELETE", "/api/v1/api-keys/x"),
-        ("GET", "/api/v1/credentials"),
-        ("POST", "/api/v1/credentials"),
-        ("GET", "/api/v1/credentials/x"),
-        ("DELETE", "/api/v1/credentials/x"),
-        ("POST", "/api/v1/files"),
-        ("GET", "/api/v1/files/x"),
-        ("GET", "/api/v1/files/x/meta"),
-        ("DELETE", "/api/v1/files/x"),
-        ("GET", "/api/v1/usage"),
-    ] {
+    for (method, path) in API_ROUTES {
         for key in [None, Some("wrong"), Some("")] {
             let (status, body) = call(&app, method, path, key, None).await;
             assert_eq!(
@@ -1547,4 +1551,55 @@ fn sigterm_hands_running_runs_back_and_a_restart_resumes_them() {
     );
     drop(server);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_matches_the_router() {
+    let (app, dir) = app(&[]).await;
+    let (status, doc) = call(&app, "GET", "/api/v1/openapi.json", Some(KEY), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(doc["openapi"], "3.1.0");
+    let mut documented = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let method = method.to_ascii_uppercase();
+            let concrete = path.replace("{id}", "x").replace("{path}", "nowhere");
+            // The route exists: whatever it answers, it is not the router's fallback or a 405.
+            let body = (method == "POST" || method == "PUT").then(|| b"{}".to_vec());
+            let (status, answer) = call(&app, &method, &concrete, Some(KEY), body).await;
+            assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            assert_ne!(
+                answer["error"]["message"], "no such route",
+                "{method} {path}"
+            );
+            assert!(status.as_u16() < 500, "{method} {path}: {status}");
+            assert!(
+                operation["responses"]
+                    .as_object()
+                    .is_some_and(|r| !r.is_empty())
+            );
+            if path.starts_with("/api/") {
+                assert_eq!(
+                    operation["security"],
+                    json!([{"api_key": []}]),
+                    "{method} {path}"
+                );
+                documented.push((method, concrete));
+            }
+        }
+    }
+    let mut expected: Vec<(String, String)> = API_ROUTES
+        .iter()
+        .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
+        .collect();
+    expected.sort();
+    documented.sort();
+    assert_eq!(
+        documented, expected,
+        "every /api/ route is documented, and only those"
+    );
+    for path in ["/healthz", "/readyz", "/metrics", "/webhooks/{path}"] {
+        assert!(doc["paths"].get(path).is_some(), "{path}");
+    }
+    std::fs::remove_dir_all(dir).ok();
 }

@@ -10,6 +10,8 @@ use serde_json::{Value, json};
 
 use crate::app::Shared;
 use crate::error::ApiError;
+#[allow(unused_imports)]
+use crate::openapi::*;
 
 /// The API keys routes.
 pub fn router() -> Router<Shared> {
@@ -24,7 +26,9 @@ struct CreateBody {
     name: String,
 }
 
-async fn create(
+/// Creates an API key (shown once).
+#[utoipa::path(post, path = "/api/v1/api-keys", operation_id = "create_api_key", tag = "api_keys", request_body = CreateApiKey, responses((status = 201, description = "the key, shown this once", body = Object), (status = 400, description = "invalid input", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn create(
     State(state): State<Shared>,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
@@ -44,7 +48,9 @@ async fn create(
     ))
 }
 
-async fn list(State(state): State<Shared>) -> Result<Json<Value>, ApiError> {
+/// Lists API keys (never the key or its hash).
+#[utoipa::path(get, path = "/api/v1/api-keys", operation_id = "list_api_keys", tag = "api_keys", responses((status = 200, description = "the keys", body = Object), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn list(State(state): State<Shared>) -> Result<Json<Value>, ApiError> {
     let keys = ApiKeyStore::list_api_keys(&state.sql).await?;
     let items: Vec<Value> = keys
         .iter()
@@ -53,7 +59,9 @@ async fn list(State(state): State<Shared>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({"items": items})))
 }
 
-async fn revoke(
+/// Revokes an API key.
+#[utoipa::path(delete, path = "/api/v1/api-keys/{id}", operation_id = "revoke_api_key", tag = "api_keys", params(("id" = String, Path, description = "its id")), responses((status = 204, description = "revoked"), (status = 404, description = "not found", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn revoke(
     State(state): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {

@@ -12,6 +12,8 @@ use serde_json::{Value, json};
 use crate::app::Shared;
 use crate::credentials::{public, validate};
 use crate::error::ApiError;
+#[allow(unused_imports)]
+use crate::openapi::*;
 
 /// The credentials routes.
 pub fn router() -> Router<Shared> {
@@ -31,7 +33,9 @@ struct CreateBody {
     data: Value,
 }
 
-async fn create(
+/// Stores a credential, encrypted.
+#[utoipa::path(post, path = "/api/v1/credentials", operation_id = "create_credential", tag = "credentials", request_body = CreateCredential, responses((status = 201, description = "its metadata (never the secret)", body = CredentialView), (status = 400, description = "invalid_credential", body = ApiErrorBody), (status = 409, description = "the name exists", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn create(
     State(state): State<Shared>,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
@@ -52,7 +56,9 @@ async fn create(
     Ok((StatusCode::CREATED, Json(public(&stored))))
 }
 
-async fn list(State(state): State<Shared>) -> Result<Json<Value>, ApiError> {
+/// Lists credentials (metadata only).
+#[utoipa::path(get, path = "/api/v1/credentials", operation_id = "list_credentials", tag = "credentials", responses((status = 200, description = "the credentials", body = Object), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn list(State(state): State<Shared>) -> Result<Json<Value>, ApiError> {
     let items: Vec<Value> = state
         .sql
         .list_credentials()
@@ -63,14 +69,18 @@ async fn list(State(state): State<Shared>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({ "items": items })))
 }
 
-async fn read(
+/// Reads a credential's metadata (by id or name).
+#[utoipa::path(get, path = "/api/v1/credentials/{id}", operation_id = "read_credential", tag = "credentials", params(("id" = String, Path, description = "its id")), responses((status = 200, description = "its metadata", body = CredentialView), (status = 404, description = "not found", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn read(
     State(state): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(public(&state.sql.get_credential(&id).await?)))
 }
 
-async fn remove(
+/// Deletes a credential.
+#[utoipa::path(delete, path = "/api/v1/credentials/{id}", operation_id = "delete_credential", tag = "credentials", params(("id" = String, Path, description = "its id")), responses((status = 204, description = "deleted"), (status = 404, description = "not found", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn remove(
     State(state): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {

@@ -16,6 +16,8 @@ use futures::Stream;
 
 use crate::app::Shared;
 use crate::error::ApiError;
+#[allow(unused_imports)]
+use crate::openapi::*;
 
 /// The events route.
 pub fn router() -> Router<Shared> {
@@ -30,7 +32,9 @@ struct Cursor {
     done: bool,
 }
 
-async fn events(
+/// Streams a run's events (Server-Sent Events; Last-Event-ID resumes).
+#[utoipa::path(get, path = "/api/v1/runs/{id}/events", operation_id = "run_events", tag = "events", params(("id" = String, Path, description = "its id")), responses((status = 200, description = "text/event-stream of run_started, node_started, node_finished, run_finished", content_type = "text/event-stream", body = String), (status = 404, description = "not found", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn events(
     State(state): State<Shared>,
     Path(id): Path<String>,
     headers: HeaderMap,

@@ -17,6 +17,8 @@ use serde_json::{Value, json};
 
 use crate::app::Shared;
 use crate::error::ApiError;
+#[allow(unused_imports)]
+use crate::openapi::*;
 
 /// The files routes. They carry their own size limit (MAX_FILE_SIZE_MB), not the payload one.
 pub fn router() -> Router<Shared> {
@@ -28,7 +30,7 @@ pub fn router() -> Router<Shared> {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UploadQuery {
+pub(crate) struct UploadQuery {
     #[serde(default)]
     name: Option<String>,
 }
@@ -45,7 +47,9 @@ fn too_large(limit: u64) -> ApiError {
     )
 }
 
-async fn upload(
+/// Uploads a file (the body is the file).
+#[utoipa::path(post, path = "/api/v1/files", operation_id = "upload_file", tag = "files", params(("name" = Option<String>, Query, description = "its name")), request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the bytes; Content-Type is kept"), responses((status = 201, description = "its metadata", body = FileView), (status = 413, description = "over MAX_FILE_SIZE_MB", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn upload(
     State(state): State<Shared>,
     query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
     request: Request,
@@ -104,14 +108,18 @@ async fn upload(
     Ok((StatusCode::CREATED, Json(public(&file))))
 }
 
-async fn meta(
+/// Reads a file's metadata.
+#[utoipa::path(get, path = "/api/v1/files/{id}/meta", operation_id = "file_meta", tag = "files", params(("id" = String, Path, description = "its id")), responses((status = 200, description = "its metadata", body = FileView), (status = 404, description = "not found", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn meta(
     State(state): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(public(&state.sql.get_file(&id).await?)))
 }
 
-async fn download(
+/// Downloads a file.
+#[utoipa::path(get, path = "/api/v1/files/{id}", operation_id = "download_file", tag = "files", params(("id" = String, Path, description = "its id")), responses((status = 200, description = "the bytes, with the Content-Type given at upload", content_type = "application/octet-stream", body = Vec<u8>), (status = 404, description = "not found", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn download(
     State(state): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -142,7 +150,9 @@ async fn download(
         .into_response())
 }
 
-async fn remove(
+/// Deletes a file.
+#[utoipa::path(delete, path = "/api/v1/files/{id}", operation_id = "delete_file", tag = "files", params(("id" = String, Path, description = "its id")), responses((status = 204, description = "deleted"), (status = 404, description = "not found", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn remove(
     State(state): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {

@@ -12,6 +12,8 @@ use serde_json::{Value, json};
 
 use crate::app::Shared;
 use crate::error::ApiError;
+#[allow(unused_imports)]
+use crate::openapi::*;
 
 /// The flows routes.
 pub fn router() -> Router<Shared> {
@@ -38,7 +40,9 @@ fn check_id(id: &str) -> Result<(), ApiError> {
     }
 }
 
-async fn create(
+/// Creates a flow.
+#[utoipa::path(post, path = "/api/v1/flows", operation_id = "create_flow", tag = "flows", request_body(content = Object, description = "a flow definition (contract section 1)"), responses((status = 201, description = "created", body = FlowCreated), (status = 400, description = "invalid_flow: every problem in details, or invalid_json", body = ApiErrorBody), (status = 409, description = "the id exists", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn create(
     State(state): State<Shared>,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
@@ -55,12 +59,14 @@ async fn create(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+pub(crate) struct ListQuery {
     limit: Option<usize>,
     cursor: Option<String>,
 }
 
-async fn list(
+/// Lists flows.
+#[utoipa::path(get, path = "/api/v1/flows", operation_id = "list_flows", tag = "flows", params(("limit" = Option<u32>, Query, description = "page size"), ("cursor" = Option<String>, Query, description = "from the previous page")), responses((status = 200, description = "a page of flows", body = Object), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn list(
     State(state): State<Shared>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
@@ -77,11 +83,13 @@ async fn list(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ReadQuery {
+pub(crate) struct ReadQuery {
     version: Option<u32>,
 }
 
-async fn read(
+/// Reads a flow (latest version).
+#[utoipa::path(get, path = "/api/v1/flows/{id}", operation_id = "read_flow", tag = "flows", params(("id" = String, Path, description = "its id"), ("version" = Option<u32>, Query, description = "a version (default: the latest)")), responses((status = 200, description = "the flow", body = Object), (status = 404, description = "not found", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn read(
     State(state): State<Shared>,
     Path(id): Path<String>,
     Query(q): Query<ReadQuery>,
@@ -93,7 +101,9 @@ async fn read(
     ))
 }
 
-async fn update(
+/// Stores a new version of a flow.
+#[utoipa::path(put, path = "/api/v1/flows/{id}", operation_id = "update_flow", tag = "flows", params(("id" = String, Path, description = "its id")), request_body(content = Object, description = "a flow definition"), responses((status = 200, description = "the new version", body = FlowCreated), (status = 400, description = "invalid input", body = ApiErrorBody), (status = 404, description = "not found", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn update(
     State(state): State<Shared>,
     Path(id): Path<String>,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
@@ -112,7 +122,9 @@ async fn update(
     Ok(Json(json!({"id": stored.id, "version": stored.version})))
 }
 
-async fn delete(
+/// Deletes a flow.
+#[utoipa::path(delete, path = "/api/v1/flows/{id}", operation_id = "delete_flow", tag = "flows", params(("id" = String, Path, description = "its id")), responses((status = 204, description = "deleted"), (status = 404, description = "not found", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn delete(
     State(state): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {

@@ -15,6 +15,8 @@ use serde_json::{Value, json};
 use crate::app::Shared;
 use crate::config::Role;
 use crate::error::ApiError;
+#[allow(unused_imports)]
+use crate::openapi::*;
 
 /// The runs routes.
 pub fn router() -> Router<Shared> {
@@ -36,7 +38,9 @@ struct StartBody {
     idempotency_key: Option<String>,
 }
 
-async fn start(
+/// Starts a run.
+#[utoipa::path(post, path = "/api/v1/flows/{id}/runs", operation_id = "start_run", tag = "runs", params(("id" = String, Path, description = "its id")), request_body = StartRun, responses((status = 200, description = "finished within the wait", body = RunAnswer), (status = 202, description = "queued, or still running after WEBHOOK_TIMEOUT_SECONDS", body = RunAnswer), (status = 400, description = "invalid input", body = ApiErrorBody), (status = 404, description = "not found", body = ApiErrorBody), (status = 429, description = "rate_limited or quota_exceeded", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn start(
     State(state): State<Shared>,
     Path(flow_id): Path<String>,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
@@ -182,7 +186,9 @@ async fn answer(state: &Shared, run: &RunRecord) -> Result<(StatusCode, Json<Val
     }
 }
 
-async fn read(
+/// Reads a run with its steps.
+#[utoipa::path(get, path = "/api/v1/runs/{id}", operation_id = "read_run", tag = "runs", params(("id" = String, Path, description = "its id")), responses((status = 200, description = "the run", body = Object), (status = 404, description = "not found", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn read(
     State(state): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
@@ -212,14 +218,16 @@ async fn read(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+pub(crate) struct ListQuery {
     flow_id: Option<String>,
     status: Option<String>,
     limit: Option<usize>,
     cursor: Option<String>,
 }
 
-async fn list(
+/// Lists runs, newest first.
+#[utoipa::path(get, path = "/api/v1/runs", operation_id = "list_runs", tag = "runs", params(("flow_id" = Option<String>, Query), ("status" = Option<String>, Query), ("limit" = Option<u32>, Query), ("cursor" = Option<String>, Query)), responses((status = 200, description = "a page of runs", body = Object), (status = 400, description = "invalid input", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn list(
     State(state): State<Shared>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
@@ -246,7 +254,9 @@ async fn list(
     ))
 }
 
-async fn cancel(
+/// Cancels a queued or running run.
+#[utoipa::path(post, path = "/api/v1/runs/{id}/cancel", operation_id = "cancel_run", tag = "runs", params(("id" = String, Path, description = "its id")), responses((status = 200, description = "the run", body = Object), (status = 404, description = "not found", body = ApiErrorBody), (status = 409, description = "already finished", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn cancel(
     State(state): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {

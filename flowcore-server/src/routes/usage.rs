@@ -12,6 +12,8 @@ use serde_json::{Value, json};
 
 use crate::app::Shared;
 use crate::error::ApiError;
+#[allow(unused_imports)]
+use crate::openapi::*;
 
 /// The usage route.
 pub fn router() -> Router<Shared> {
@@ -20,7 +22,7 @@ pub fn router() -> Router<Shared> {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UsageQuery {
+pub(crate) struct UsageQuery {
     #[serde(default)]
     flow_id: Option<String>,
     #[serde(default)]
@@ -37,7 +39,9 @@ fn day(value: Option<String>, default: NaiveDate, name: &str) -> Result<NaiveDat
     }
 }
 
-async fn usage(
+/// Usage by flow and day.
+#[utoipa::path(get, path = "/api/v1/usage", operation_id = "usage", tag = "usage", params(("flow_id" = Option<String>, Query), ("from" = Option<String>, Query, description = "YYYY-MM-DD"), ("to" = Option<String>, Query, description = "YYYY-MM-DD")), responses((status = 200, description = "runs, node executions and tokens by flow and day", body = Object), (status = 400, description = "invalid input", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn usage(
     State(state): State<Shared>,
     query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {

@@ -15,6 +15,8 @@ use serde_json::Value;
 
 use crate::app::Shared;
 use crate::error::ApiError;
+#[allow(unused_imports)]
+use crate::openapi::*;
 
 /// Webhook paths to flows, rebuilt from the flow store after any flow changes (in any process).
 #[derive(Debug, Default)]
@@ -110,7 +112,9 @@ pub fn router() -> Router<Shared> {
     Router::new().route("/webhooks/{*path}", any(call))
 }
 
-async fn call(
+/// Runs the flow whose webhook trigger has this path and method (any method; the body is the input).
+#[utoipa::path(post, path = "/webhooks/{path}", operation_id = "webhook", tag = "webhooks", params(("path" = String, Path, description = "the trigger's path")), request_body(content = Object, description = "the run's input"), responses((status = 200, description = "sync mode: the finished run", body = RunAnswer), (status = 202, description = "async mode, or past the wait", body = RunAnswer), (status = 404, description = "no flow has this webhook", body = ApiErrorBody)))]
+pub(crate) async fn call(
     State(state): State<Shared>,
     method: Method,
     Path(path): Path<String>,

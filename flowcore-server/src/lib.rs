@@ -91,6 +91,8 @@ pub async fn build_state(config: Config) -> Result<Shared, StartError> {
         run_timeout: std::time::Duration::from_secs(config.flow_timeout_seconds),
         max_output_bytes: usize::try_from(config.max_file_mb.saturating_mul(1024 * 1024))
             .unwrap_or(usize::MAX),
+        max_run_log_bytes: usize::try_from(config.max_run_log_mb.saturating_mul(1024 * 1024))
+            .unwrap_or(usize::MAX),
         ..flowcore::Limits::default()
     };
     let flows: Arc<dyn FlowStore> = Arc::new(sql.clone());

@@ -43,6 +43,9 @@ pub struct Limits {
     pub max_concurrent_nodes: Option<usize>,
     /// How deep subflows may nest.
     pub max_subflow_depth: u32,
+    /// The most a run may store as step outputs in all, as serialized JSON
+    /// (`MAX_RUN_LOG_SIZE_MB`, 50 MB); a node whose output would pass it fails.
+    pub max_run_log_bytes: usize,
 }
 
 impl Default for Limits {
@@ -52,6 +55,7 @@ impl Default for Limits {
             max_output_bytes: 25 * 1024 * 1024,
             max_concurrent_nodes: None,
             max_subflow_depth: 8,
+            max_run_log_bytes: 50 * 1024 * 1024,
         }
     }
 }
@@ -312,6 +316,8 @@ pub(crate) struct RunShared {
     outputs: Box<[OnceLock<Arc<Value>>]>,
     /// The secrets handed to this run's nodes, scrubbed from what they produce.
     pub(crate) scrubber: Scrubber,
+    /// Bytes of outputs stored so far.
+    log_bytes: std::sync::atomic::AtomicUsize,
 }
 
 impl fmt::Debug for RunShared {
@@ -323,6 +329,21 @@ impl fmt::Debug for RunShared {
 }
 
 impl RunShared {
+    /// Counts `bytes` more of the run's stored log (outputs and errors) against
+    /// [`Limits::max_run_log_bytes`].
+    fn take_log(&self, bytes: usize) -> Result<(), NodeError> {
+        let limit = self.engine.limits().max_run_log_bytes;
+        let before = self
+            .log_bytes
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        if before.saturating_add(bytes) > limit {
+            return Err(NodeError::fatal(format!(
+                "the run's stored outputs would pass their limit of {limit} bytes (MAX_RUN_LOG_SIZE_MB)"
+            )));
+        }
+        Ok(())
+    }
+
     pub(crate) fn output(&self, index: usize) -> Option<&Arc<Value>> {
         self.outputs[index].get()
     }
@@ -424,6 +445,7 @@ impl Driver {
             recorder: options.recorder,
             outputs: (0..n).map(|_| OnceLock::new()).collect(),
             scrubber: Scrubber::default(),
+            log_bytes: std::sync::atomic::AtomicUsize::new(0),
             plan,
         });
         Self {
@@ -669,7 +691,11 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
                 .unwrap_or(Ok(Err(NodeError::Timeout(limit)))),
         };
         let outcome = match outcome {
-            Ok(result) => result.and_then(|out| check_size(&out.value, max_bytes).map(|()| out)),
+            Ok(result) => result.and_then(|out| {
+                let size = check_size(&out.value, max_bytes)?;
+                run.take_log(size)?;
+                Ok(out)
+            }),
             Err(panic) => Err(NodeError::fatal(format!(
                 "the node panicked: {}",
                 panic_message(&panic)
@@ -739,7 +765,9 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
 }
 
 /// Fails when `value` serializes to more than `limit` bytes, without building the whole text.
-fn check_size(value: &Value, limit: usize) -> Result<(), NodeError> {
+/// Checks one output against the limit; returns its size as serialized JSON (an upper bound
+/// for plain values and short strings, which are not serialized to be measured).
+fn check_size(value: &Value, limit: usize) -> Result<usize, NodeError> {
     struct Counter {
         written: usize,
         limit: usize,
@@ -758,15 +786,16 @@ fn check_size(value: &Value, limit: usize) -> Result<(), NodeError> {
         }
     }
     if matches!(value, Value::Null | Value::Bool(_) | Value::Number(_)) {
-        return Ok(());
+        return Ok(24);
     }
     if let Value::String(s) = value
         && s.len() + 2 <= limit / 6
     {
-        return Ok(()); // even fully escaped it fits
+        return Ok(s.len() + 2); // even fully escaped it fits
     }
-    serde_json::to_writer(Counter { written: 0, limit }, value)
-        .map_err(|_| NodeError::OutputTooLarge { limit })
+    let mut counter = Counter { written: 0, limit };
+    serde_json::to_writer(&mut counter, value).map_err(|_| NodeError::OutputTooLarge { limit })?;
+    Ok(counter.written)
 }
 
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {

@@ -386,6 +386,37 @@ async fn output_over_the_limit_fails_the_step() {
 }
 
 #[tokio::test]
+async fn a_run_stores_no_more_than_its_log_limit() {
+    let limits = Limits {
+        max_output_bytes: 1000,
+        max_run_log_bytes: 2500,
+        ..Limits::default()
+    };
+    let engine = Engine::builder().limits(limits).build();
+    // Each step outputs 802 bytes: three fit (2,406), the fourth would pass 2,500.
+    let node =
+        |id: &str| json!({"id": id, "type": "template", "params": {"template": "{{ 'y' * 800 }}"}});
+    let plan = compile(
+        &engine,
+        json!({"nodes": [node("a"), node("b"), node("c"), node("d")],
+               "edges": [{"from": "a", "to": "b"}, {"from": "b", "to": "c"}, {"from": "c", "to": "d"}]}),
+    );
+    let result = engine.run(&plan, json!({})).await;
+    assert_eq!(result.status, RunStatus::Failed);
+    for id in ["a", "b", "c"] {
+        assert_eq!(
+            result.step(id).unwrap().status,
+            StepStatus::Succeeded,
+            "{id}"
+        );
+    }
+    assert_eq!(
+        result.step("d").unwrap().error.as_deref(),
+        Some("the run's stored outputs would pass their limit of 2500 bytes (MAX_RUN_LOG_SIZE_MB)")
+    );
+}
+
+#[tokio::test]
 async fn a_panicking_node_fails_instead_of_crashing() {
     let probe = Arc::new(Probe::default());
     let engine = engine(&probe);

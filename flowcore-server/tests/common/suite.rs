@@ -1,4 +1,5 @@
-//! The HTTP API in process (tower `oneshot`, no socket) and the real binary over TCP.
+// The HTTP API in process (tower `oneshot`, no socket) and the real binary over TCP, included
+// by `api_sqlite.rs` and `api_postgres.rs` with `POSTGRES` set: the same suite on both backends.
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -7,6 +8,82 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 const KEY: &str = "test-admin-key";
+
+fn postgres_base() -> String {
+    std::env::var("FLOWCORE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+fn psql(database: &str, sql: &str) -> String {
+    let out = std::process::Command::new("psql")
+        .args([&format!("{}/{database}", postgres_base()), "-XAtqc", sql])
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "PostgreSQL must run on 127.0.0.1:5432 (or FLOWCORE_TEST_POSTGRES_URL): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// With `POSTGRES`, the URL of a fresh database for the test whose data dir is `dir` (the same
+/// one on every call with that dir, so a restarted server finds its runs); `None` for SQLite.
+/// Databases of runs over an hour old are dropped on the way (a test that panicked leaves its
+/// database behind).
+fn database_for(dir: &std::path::Path) -> Option<String> {
+    if !POSTGRES {
+        return None;
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let marker = dir.join("database-url");
+    if let Ok(url) = std::fs::read_to_string(&marker) {
+        return Some(url);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for old in psql("postgres", "SELECT datname FROM pg_database WHERE datname LIKE 'flowcore_api_%'").lines() {
+        let created: u64 = old.split('_').nth(2).and_then(|t| t.parse().ok()).unwrap_or(now);
+        if created + 3600 < now {
+            psql("postgres", &format!("DROP DATABASE IF EXISTS {old} WITH (FORCE)"));
+        }
+    }
+    let name = format!("flowcore_api_{now}_{}", fastrand::u32(..));
+    psql("postgres", &format!("CREATE DATABASE {name}"));
+    let url = format!("{}/{name}", postgres_base());
+    std::fs::write(&marker, &url).unwrap();
+    Some(url)
+}
+
+/// Everything the test's database holds, as text: the SQLite files (with the WAL) or a
+/// PostgreSQL data dump.
+fn database_bytes(dir: &std::path::Path) -> String {
+    match std::fs::read_to_string(dir.join("database-url")) {
+        Ok(url) => {
+            let dump = std::process::Command::new("pg_dump")
+                .args(["--data-only", &url])
+                .output()
+                .expect("pg_dump runs");
+            assert!(dump.status.success());
+            String::from_utf8_lossy(&dump.stdout).into_owned()
+        }
+        Err(_) => ["flowcore.db", "flowcore.db-wal"]
+            .iter()
+            .map(|f| String::from_utf8_lossy(&std::fs::read(dir.join(f)).unwrap_or_default()).into_owned())
+            .collect(),
+    }
+}
+
+/// Drops the test's database (PostgreSQL) and removes its data dir.
+fn cleanup(dir: &std::path::Path) {
+    if let Ok(url) = std::fs::read_to_string(dir.join("database-url")) {
+        let name = url.rsplit('/').next().unwrap_or_default().to_owned();
+        psql("postgres", &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
 
 async fn app(extra: &[(&str, &str)]) -> (axum::Router, std::path::PathBuf) {
     let (router, _, dir) = app_with_state(extra).await;
@@ -30,6 +107,9 @@ async fn app_with_state(
         ("FLOWCORE_ADMIN_KEY".to_owned(), KEY.to_owned()),
         ("STORAGE_TYPE".to_owned(), "memory".to_owned()),
     ];
+    if let Some(url) = database_for(&dir) {
+        vars.push(("DATABASE_URL".to_owned(), url));
+    }
     vars.extend(
         extra
             .iter()
@@ -98,7 +178,7 @@ const API_ROUTES: &[(&str, &str)] = &[
 ];
 
 fn greet() -> Vec<u8> {
-    include_bytes!("../../examples/flows/greet.json").to_vec()
+    include_bytes!("../../../examples/flows/greet.json").to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,7 +194,7 @@ async fn health_and_readiness() {
         body,
         json!({"database": "ok", "queue": "ok", "blob_store": "ok"})
     );
-    std::fs::remove_dir_all(dir).ok();
+    cleanup(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +221,7 @@ async fn every_api_route_needs_a_key() {
         StatusCode::OK,
         "x-api-key works too"
     );
-    std::fs::remove_dir_all(dir).ok();
+    cleanup(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,7 +357,7 @@ async fn flows_crud_and_errors() {
         (status, body["error"]["code"].as_str()),
         (StatusCode::NOT_FOUND, Some("not_found"))
     );
-    std::fs::remove_dir_all(dir).ok();
+    cleanup(&dir);
 }
 
 #[test]
@@ -320,7 +400,7 @@ fn the_binary_serves_over_tcp() {
     let flows = get("/api/v1/flows");
     let _ = child.kill();
     let _ = child.wait();
-    std::fs::remove_dir_all(&dir).ok();
+    cleanup(&dir);
     let answer = answer.expect("the server answered /healthz");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with(r#"{"status":"ok"}"#), "{answer}");
@@ -492,7 +572,7 @@ async fn runs_sync_async_idempotent_cancel() {
 
     shutdown.cancel();
     worker.await.unwrap();
-    std::fs::remove_dir_all(dir).ok();
+    cleanup(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -642,7 +722,7 @@ async fn webhooks_and_events() {
 
     shutdown.cancel();
     worker.await.unwrap();
-    std::fs::remove_dir_all(dir).ok();
+    cleanup(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -693,12 +773,10 @@ async fn api_keys_are_shown_once_stored_hashed_and_revocable() {
         StatusCode::UNAUTHORIZED,
         "revoked"
     );
-    let db = std::fs::read(dir.join("flowcore.db")).unwrap();
-    assert!(
-        !db.windows(key.len()).any(|w| w == key.as_bytes()),
-        "the key is not in the database file"
-    );
-    std::fs::remove_dir_all(dir).ok();
+    let db = database_bytes(&dir);
+    assert!(db.contains("fc_"), "the key's prefix is in the database");
+    assert!(!db.contains(&key), "the key is not in the database");
+    cleanup(&dir);
 }
 
 #[test]
@@ -738,7 +816,7 @@ fn cli_migrate_and_api_key_create() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("DATABASE_URL: unknown scheme `mysql`"));
-    std::fs::remove_dir_all(&dir).ok();
+    cleanup(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -795,7 +873,7 @@ async fn metrics_use_the_contract_names() {
         text.contains("route=\"/api/v1/flows/{id}/runs\""),
         "routes are templates, not raw paths"
     );
-    std::fs::remove_dir_all(dir).ok();
+    cleanup(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -844,7 +922,7 @@ async fn rate_limits_answer_429_with_retry_after() {
         app.clone().oneshot(health).await.unwrap().status(),
         StatusCode::OK
     );
-    std::fs::remove_dir_all(dir).ok();
+    cleanup(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -874,7 +952,7 @@ async fn every_answer_carries_a_request_id() {
         "client-chosen-1",
         "a client's id is kept, errors included"
     );
-    std::fs::remove_dir_all(dir).ok();
+    cleanup(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -907,7 +985,7 @@ async fn runs_go_to_their_flows_worker_group() {
         "queued for the flow's group"
     );
     assert_eq!(state.queue.depth("default").await.unwrap().ready, 0);
-    std::fs::remove_dir_all(dir).ok();
+    cleanup(&dir);
 }
 
 /// A `flowcore serve` child process on a free loopback port, killed on drop.
@@ -934,6 +1012,9 @@ impl Server {
             .env("RUST_LOG", "debug")
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
+        if let Some(url) = database_for(dir) {
+            command.env("DATABASE_URL", url);
+        }
         for (k, v) in env {
             command.env(k, v);
         }
@@ -1122,8 +1203,10 @@ fn credentials_are_encrypted_used_by_reference_and_never_shown() {
     let log = server.stop();
     assert!(log.contains("request"), "debug logs were written");
     assert!(!log.contains(SECRET), "the secret is in the log");
-    let on_disk = all_bytes(&dir);
+    let mut on_disk = all_bytes(&dir);
+    on_disk.push_str(&database_bytes(&dir));
     assert!(on_disk.len() > 10_000, "the database is there");
+    assert!(on_disk.contains("echo-api"), "the credential's row is there");
     assert!(
         !on_disk.contains(SECRET),
         "the secret is on disk in plain text"
@@ -1134,6 +1217,7 @@ fn credentials_are_encrypted_used_by_reference_and_never_shown() {
     let rotated = std::process::Command::new(env!("CARGO_BIN_EXE_flowcore"))
         .arg("rotate-key")
         .env("FLOWCORE_DATA_DIR", &dir)
+        .envs(database_for(&dir).map(|url| ("DATABASE_URL", url)))
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&rotated.stdout);
@@ -1184,7 +1268,7 @@ fn credentials_are_encrypted_used_by_reference_and_never_shown() {
     assert_eq!(status, 200);
     assert_eq!(run["status"], "failed");
     drop(server);
-    std::fs::remove_dir_all(&dir).ok();
+    cleanup(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1304,7 +1388,7 @@ async fn files_upload_stream_and_refuse_past_the_file_limit() {
         state.blobs.stat(&format!("files/{id}")).await.unwrap(),
         None
     );
-    std::fs::remove_dir_all(dir).ok();
+    cleanup(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1393,7 +1477,7 @@ async fn usage_is_counted_per_flow_and_day_and_quotas_refuse_with_429() {
             "{bad}"
         );
     }
-    std::fs::remove_dir_all(dir).ok();
+    cleanup(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1403,6 +1487,7 @@ async fn a_schedule_tick_fires_once_across_processes() {
     let vars = [
         ("FLOWCORE_DATA_DIR".to_owned(), dir.display().to_string()),
         ("STORAGE_TYPE".to_owned(), "memory".to_owned()),
+        ("DATABASE_URL".to_owned(), a.config.database_url.clone()),
     ];
     let b = flowcore_server::build_state(Config::from_vars(vars).unwrap())
         .await
@@ -1470,7 +1555,7 @@ async fn a_schedule_tick_fires_once_across_processes() {
     )
     .await;
     assert_eq!(again["items"].as_array().unwrap().len(), 10);
-    std::fs::remove_dir_all(dir).ok();
+    cleanup(&dir);
 }
 
 #[test]
@@ -1550,7 +1635,7 @@ fn sigterm_hands_running_runs_back_and_a_restart_resumes_them() {
         "`first` did not run again"
     );
     drop(server);
-    std::fs::remove_dir_all(&dir).ok();
+    cleanup(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1601,5 +1686,5 @@ async fn the_openapi_document_matches_the_router() {
     for path in ["/healthz", "/readyz", "/metrics", "/webhooks/{path}"] {
         assert!(doc["paths"].get(path).is_some(), "{path}");
     }
-    std::fs::remove_dir_all(dir).ok();
+    cleanup(&dir);
 }

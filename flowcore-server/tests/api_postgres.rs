@@ -1,0 +1,6 @@
+//! The API suite (`common/suite.rs`) on PostgreSQL: a fresh database per test on the machine's
+//! server (127.0.0.1:5432, or FLOWCORE_TEST_POSTGRES_URL). PostgreSQL missing is a failure.
+
+const POSTGRES: bool = true;
+
+include!("common/suite.rs");

@@ -1,0 +1,5 @@
+//! The API suite (`common/suite.rs`) on SQLite, the embedded default.
+
+const POSTGRES: bool = false;
+
+include!("common/suite.rs");

@@ -101,6 +101,7 @@ async fn sqlite_file_passes_the_kit() {
     flowcore::testkit::pruning(&store).await;
     flowcore::testkit::meta_store(std::sync::Arc::new(store.clone())).await;
     flowcore::testkit::claim_next(std::sync::Arc::new(store.clone())).await;
+    flowcore::testkit::concurrent_creates(std::sync::Arc::new(store.clone())).await;
     drop(store);
     // The data survives a reconnect.
     let again = crate::store(&url).await;
@@ -148,6 +149,7 @@ async fn postgres_passes_the_kit() {
         flowcore::testkit::pruning(&store).await;
         flowcore::testkit::meta_store(std::sync::Arc::new(store.clone())).await;
         flowcore::testkit::claim_next(std::sync::Arc::new(store.clone())).await;
+        flowcore::testkit::concurrent_creates(std::sync::Arc::new(store.clone())).await;
     }
     db.drop_db().await;
 }

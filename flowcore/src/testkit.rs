@@ -1060,6 +1060,32 @@ pub async fn durable_runs(runs: Arc<dyn RunStore>) {
     assert_eq!(counts.of("one"), ones + 1, "`one` ran once");
 }
 
+/// Many creates at once (a group commit on SQLite puts them in one transaction): each gets its
+/// answer, and the ones sharing an idempotency key get the one run, without undoing the others.
+pub async fn concurrent_creates(store: Arc<dyn RunStore>) {
+    let tasks: Vec<_> = (0..60)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let key = (i % 3 == 0).then_some("together");
+                store.create(new_run("concurrent", key)).await
+            })
+        })
+        .collect();
+    let mut created = 0;
+    let mut keyed = std::collections::HashSet::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let (run, new) = task.await.expect("task").expect("create");
+        created += usize::from(new);
+        if i % 3 == 0 {
+            keyed.insert(run.id.clone());
+        }
+        assert_eq!(store.get(&run.id).await.expect("stored").id, run.id);
+    }
+    assert_eq!(keyed.len(), 1, "one run for the shared key");
+    assert_eq!(created, 41, "40 unique runs and the keyed one");
+}
+
 /// Pruning in bounded batches: all old finished runs go, live and recent ones stay.
 pub async fn pruning(store: &dyn RunStore) {
     let mut old = Vec::new();

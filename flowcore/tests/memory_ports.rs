@@ -57,3 +57,8 @@ async fn memory_flow_changes() {
     flowcore::testkit::flow_changes(Arc::new(MemoryFlowStore::new()), changes.clone(), changes)
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_concurrent_creates() {
+    flowcore::testkit::concurrent_creates(Arc::new(MemoryRunStore::new())).await;
+}

@@ -10,6 +10,7 @@
 //! SQLite has one writer at a time anyway, and this way our own writers never meet
 //! `SQLITE_BUSY`. Reads use a pool of their own.
 
+mod batch;
 mod flows;
 mod meta;
 mod runs;
@@ -116,6 +117,8 @@ pub(crate) enum Pools {
 pub struct SqlStore {
     pub(crate) pools: Pools,
     config: SqlConfig,
+    /// SQLite: the group-committing queue in front of the writer.
+    pub(crate) batcher: Option<batch::Batcher>,
 }
 
 impl fmt::Debug for SqlStore {
@@ -156,6 +159,7 @@ impl SqlStore {
     /// Connects to the database of `config.url`. Does not migrate: call [`SqlStore::migrate`].
     pub async fn connect(config: SqlConfig) -> Result<Self, StoreError> {
         let url = config.url.trim();
+        let mut batcher = None;
         let pools = if let Some(path) = sqlite_path(url) {
             if path != ":memory:"
                 && let Some(dir) = Path::new(&path)
@@ -199,6 +203,7 @@ impl SqlStore {
             } else {
                 build_pool!(manager(setup()), config.pool_size.max(1), config)?
             };
+            batcher = Some(batch::Batcher::start(writer.clone()));
             Pools::Sqlite { writer, readers }
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let timeout_ms = config.statement_timeout.as_millis();
@@ -224,7 +229,11 @@ impl SqlStore {
                 "DATABASE_URL: unknown scheme `{scheme}` (expected sqlite:// or postgres://)"
             )));
         };
-        Ok(Self { pools, config })
+        Ok(Self {
+            pools,
+            config,
+            batcher,
+        })
     }
 
     /// Which backend this is.

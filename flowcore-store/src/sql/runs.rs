@@ -253,6 +253,81 @@ impl UpsertSteps for super::Sqlite {
     }
 }
 
+/// SQLite's side of the hot writes, run whole on the connection's blocking thread: one hop to
+/// the blocking pool per transaction instead of one per statement (BEGIN, UPDATE, each step,
+/// COMMIT), which is most of a short write's cost.
+mod blocking {
+    use diesel::prelude::*;
+    use diesel::upsert::excluded;
+    use diesel::{RunQueryDsl, SqliteConnection};
+
+    use super::{RunRow, StepValues, owned_run, run_columns, runs, steps};
+
+    /// The final write of a run: the run row under the caller's epoch, then its last steps.
+    pub(super) fn finish(
+        conn: &mut SqliteConnection,
+        run_id: &str,
+        epoch: u64,
+        set: (&'static str, Option<String>, Option<String>, i64),
+        rows: Vec<StepValues>,
+    ) -> QueryResult<Option<RunRow>> {
+        let (status, output, error, now) = set;
+        {
+            let row: Option<RunRow> = diesel::update(owned_run(run_id, epoch))
+                .set((
+                    runs::status.eq(status),
+                    runs::output.eq(output.as_deref()),
+                    runs::error.eq(error.as_deref()),
+                    runs::finished_at.eq(now),
+                    runs::lease_owner.eq(None::<String>),
+                    runs::lease_expires_at.eq(None::<i64>),
+                ))
+                .returning(run_columns())
+                .get_result(conn)
+                .optional()?;
+            if row.is_some() {
+                for row in rows {
+                    upsert!(conn, row)?;
+                }
+            }
+            Ok(row)
+        }
+    }
+
+    /// A new run's row.
+    pub(super) fn create(conn: &mut SqliteConnection, new: NewRow) -> QueryResult<RunRow> {
+        diesel::insert_into(runs::table)
+            .values((
+                runs::id.eq(new.id),
+                runs::flow_id.eq(new.flow_id),
+                runs::flow_version.eq(new.flow_version),
+                runs::status.eq(new.status),
+                runs::input.eq(new.input),
+                runs::idempotency_key.eq(new.idempotency_key),
+                runs::created_at.eq(new.now),
+                runs::started_at.eq(new.lease.as_ref().map(|_| new.now)),
+                runs::lease_owner.eq(new.lease.as_ref().map(|l| l.0.clone())),
+                runs::lease_expires_at.eq(new.lease.as_ref().map(|l| l.1)),
+                runs::epoch.eq(i64::from(new.lease.is_some())),
+            ))
+            .returning(run_columns())
+            .get_result(conn)
+    }
+
+    /// The values of a new run's row.
+    pub(super) struct NewRow {
+        pub(super) id: String,
+        pub(super) flow_id: String,
+        pub(super) flow_version: i32,
+        pub(super) status: &'static str,
+        pub(super) input: String,
+        pub(super) idempotency_key: Option<String>,
+        pub(super) now: i64,
+        /// Owner and expiry, when created claimed.
+        pub(super) lease: Option<(String, i64)>,
+    }
+}
+
 fn ttl_micros(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX / 2)
 }
@@ -325,25 +400,44 @@ impl RunStore for SqlStore {
         } else {
             RunStatus::Queued
         };
-        let inserted: Result<RunRow, diesel::result::Error> = with_conn!(self, write, |conn| {
-            diesel::insert_into(runs::table)
-                .values((
-                    runs::id.eq(run.id.as_str()),
-                    runs::flow_id.eq(&run.flow_id),
-                    runs::flow_version.eq(i32::try_from(run.flow_version).unwrap_or(i32::MAX)),
-                    runs::status.eq(status.as_str()),
-                    runs::input.eq(&input),
-                    runs::idempotency_key.eq(run.idempotency_key.as_deref()),
-                    runs::created_at.eq(now),
-                    runs::started_at.eq(claim.as_ref().map(|_| now)),
-                    runs::lease_owner.eq(claim.as_ref().map(|c| c.0.clone())),
-                    runs::lease_expires_at.eq(claim.as_ref().map(|c| c.1)),
-                    runs::epoch.eq(i64::from(claim.is_some())),
-                ))
-                .returning(run_columns())
-                .get_result(conn)
-                .await
-        });
+        let inserted: Result<RunRow, diesel::result::Error> = match &self.pools {
+            super::Pools::Sqlite { .. } => {
+                let new = blocking::NewRow {
+                    id: run.id.as_str().to_owned(),
+                    flow_id: run.flow_id.clone(),
+                    flow_version: i32::try_from(run.flow_version).unwrap_or(i32::MAX),
+                    status: status.as_str(),
+                    input: input.clone(),
+                    idempotency_key: run.idempotency_key.clone(),
+                    now,
+                    lease: claim.clone(),
+                };
+                self.batcher
+                    .as_ref()
+                    .expect("SQLite has a batcher")
+                    .write("creating a run", move |conn| blocking::create(conn, new))
+                    .await?
+            }
+            super::Pools::Postgres(_) => with_conn!(self, write, |conn| {
+                diesel::insert_into(runs::table)
+                    .values((
+                        runs::id.eq(run.id.as_str()),
+                        runs::flow_id.eq(&run.flow_id),
+                        runs::flow_version.eq(i32::try_from(run.flow_version).unwrap_or(i32::MAX)),
+                        runs::status.eq(status.as_str()),
+                        runs::input.eq(&input),
+                        runs::idempotency_key.eq(run.idempotency_key.as_deref()),
+                        runs::created_at.eq(now),
+                        runs::started_at.eq(claim.as_ref().map(|_| now)),
+                        runs::lease_owner.eq(claim.as_ref().map(|c| c.0.clone())),
+                        runs::lease_expires_at.eq(claim.as_ref().map(|c| c.1)),
+                        runs::epoch.eq(i64::from(claim.is_some())),
+                    ))
+                    .returning(run_columns())
+                    .get_result(conn)
+                    .await
+            }),
+        };
         match inserted {
             Ok(row) => Ok((record(row)?, true)),
             Err(e) if is_unique_violation(&e) => {
@@ -572,31 +666,44 @@ impl RunStore for SqlStore {
         let output = outcome.output.as_ref().map(to_text).transpose()?;
         let rows = step_rows(id, &outcome.steps)?;
         let now = micros(Utc::now());
-        let row: Option<RunRow> = with_conn!(self, write, |conn| {
-            let run_id = id.as_str().to_owned();
-            let (status, error) = (outcome.status, outcome.error.clone());
-            conn.transaction(async move |conn| {
-                let row: Option<RunRow> = diesel::update(owned_run(&run_id, epoch))
-                    .set((
-                        runs::status.eq(status.as_str()),
-                        runs::output.eq(output.as_deref()),
-                        runs::error.eq(error.as_deref()),
-                        runs::finished_at.eq(now),
-                        runs::lease_owner.eq(None::<String>),
-                        runs::lease_expires_at.eq(None::<i64>),
-                    ))
-                    .returning(run_columns())
-                    .get_result(conn)
-                    .await
-                    .optional()?;
-                if row.is_some() {
-                    conn.upsert_steps(rows).await?;
-                }
-                Ok::<_, diesel::result::Error>(row)
-            })
-            .await
-            .map_err(|e| db_error("finishing a run", e))?
-        });
+        let row: Option<RunRow> = match &self.pools {
+            super::Pools::Sqlite { .. } => {
+                let batcher = self.batcher.as_ref().expect("SQLite has a batcher");
+                let (run_id, error) = (id.as_str().to_owned(), outcome.error.clone());
+                let set = (outcome.status.as_str(), output, error, now);
+                batcher
+                    .write("finishing a run", move |conn| {
+                        blocking::finish(conn, &run_id, epoch, set, rows)
+                    })
+                    .await?
+                    .map_err(|e| db_error("finishing a run", e))?
+            }
+            super::Pools::Postgres(_) => with_conn!(self, write, |conn| {
+                let run_id = id.as_str().to_owned();
+                let (status, error) = (outcome.status, outcome.error.clone());
+                conn.transaction(async move |conn| {
+                    let row: Option<RunRow> = diesel::update(owned_run(&run_id, epoch))
+                        .set((
+                            runs::status.eq(status.as_str()),
+                            runs::output.eq(output.as_deref()),
+                            runs::error.eq(error.as_deref()),
+                            runs::finished_at.eq(now),
+                            runs::lease_owner.eq(None::<String>),
+                            runs::lease_expires_at.eq(None::<i64>),
+                        ))
+                        .returning(run_columns())
+                        .get_result(conn)
+                        .await
+                        .optional()?;
+                    if row.is_some() {
+                        conn.upsert_steps(rows).await?;
+                    }
+                    Ok::<_, diesel::result::Error>(row)
+                })
+                .await
+                .map_err(|e| db_error("finishing a run", e))?
+            }),
+        };
         match row {
             Some(row) => record(row),
             None => Err(self.stale(id, epoch).await),

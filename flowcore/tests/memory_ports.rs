@@ -62,3 +62,31 @@ async fn memory_flow_changes() {
 async fn memory_concurrent_creates() {
     flowcore::testkit::concurrent_creates(Arc::new(MemoryRunStore::new())).await;
 }
+
+#[tokio::test]
+async fn the_memory_event_bus_keeps_a_bounded_number_of_runs() {
+    use flowcore::ports::EventBus;
+    use flowcore::{RunEvent, RunId};
+    let bus = flowcore::ports::memory::MemoryEventBus::new(std::time::Duration::from_secs(300), 10);
+    let started = |id: &RunId| RunEvent::RunStarted { run_id: id.clone() };
+    let ids: Vec<RunId> = (0..25).map(|_| RunId::new()).collect();
+    // The first run keeps publishing: it is spared while newer runs push the cap.
+    for id in &ids {
+        bus.publish(&started(id)).await.unwrap();
+        bus.publish(&started(&ids[0])).await.unwrap();
+    }
+    let wait = std::time::Duration::ZERO;
+    let kept: Vec<bool> = {
+        let mut kept = Vec::new();
+        for id in &ids {
+            kept.push(!bus.read(id, None, wait).await.unwrap().is_empty());
+        }
+        kept
+    };
+    assert_eq!(kept.iter().filter(|k| **k).count(), 10, "{kept:?}");
+    assert!(kept[0], "the active run is kept");
+    assert!(
+        kept[24] && !kept[1],
+        "the newest are kept, the oldest dropped"
+    );
+}

@@ -3,7 +3,8 @@
 //! pool and BEGIN/COMMIT, whatever it holds. Writes queue here while the writer is busy, and the
 //! next transaction takes all of them (up to [`MAX_BATCH`]): under load a commit carries many
 //! runs, with no wait added when idle. Each write runs in its own savepoint, so one refused write
-//! (a unique key) does not undo the others, and its caller hears back only after the commit.
+//! (a unique key) does not undo the others (a single statement needs none: SQLite undoes a
+//! failed statement alone), and its caller hears back only after the commit.
 
 use diesel::{Connection, QueryResult, SqliteConnection};
 use diesel_async::pooled_connection::bb8::Pool;
@@ -82,9 +83,27 @@ impl Batcher {
         what: &'static str,
         write: impl FnOnce(&mut SqliteConnection) -> QueryResult<R> + Send + 'static,
     ) -> Result<QueryResult<R>, StoreError> {
+        self.submit(what, move |conn| conn.transaction(write)).await
+    }
+
+    /// [`Batcher::write`] for a write of one statement, which needs no savepoint: SQLite undoes
+    /// a failed statement alone and the transaction goes on.
+    pub(crate) async fn write_statement<R: Send + 'static>(
+        &self,
+        what: &'static str,
+        write: impl FnOnce(&mut SqliteConnection) -> QueryResult<R> + Send + 'static,
+    ) -> Result<QueryResult<R>, StoreError> {
+        self.submit(what, write).await
+    }
+
+    async fn submit<R: Send + 'static>(
+        &self,
+        what: &'static str,
+        write: impl FnOnce(&mut SqliteConnection) -> QueryResult<R> + Send + 'static,
+    ) -> Result<QueryResult<R>, StoreError> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
-            let result = conn.transaction(write);
+            let result = write(conn);
             Box::new(move |committed: Result<(), String>| {
                 let _ = tx.send(committed.map(|()| result));
             })

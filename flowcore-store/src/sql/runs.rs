@@ -415,7 +415,7 @@ impl RunStore for SqlStore {
                 self.batcher
                     .as_ref()
                     .expect("SQLite has a batcher")
-                    .write("creating a run", move |conn| blocking::create(conn, new))
+                    .write_statement("creating a run", move |conn| blocking::create(conn, new))
                     .await?
             }
             super::Pools::Postgres(_) => with_conn!(self, write, |conn| {

@@ -1031,10 +1031,44 @@ impl RateLimiter for MemoryRateLimiter {
 /// runs.
 #[derive(Debug)]
 pub struct MemoryEventBus {
-    runs: Mutex<HashMap<RunId, RunLog>>,
+    runs: Mutex<EventLogs>,
     notify: Notify,
     keep: Duration,
     max_runs: usize,
+}
+
+/// The runs' logs, and the runs in the order of their first event: evicting the oldest is
+/// O(1) (a busy process publishes thousands of runs a second).
+#[derive(Debug, Default)]
+struct EventLogs {
+    logs: HashMap<RunId, RunLog>,
+    order: std::collections::VecDeque<RunId>,
+}
+
+impl EventLogs {
+    /// Makes room for one more run: drops runs idle for `keep`, then, while there are
+    /// `max_runs` or more, the oldest (one still publishing in the last second goes to the back,
+    /// a few times at most).
+    fn make_room(&mut self, now: std::time::Instant, keep: Duration, max_runs: usize) {
+        let mut spared = 0;
+        while let Some(front) = self.order.front().cloned() {
+            let idle = self
+                .logs
+                .get(&front)
+                .and_then(|log| log.last)
+                .map_or(keep, |t| now.duration_since(t));
+            if idle < keep && self.logs.len() < max_runs {
+                return;
+            }
+            self.order.pop_front();
+            if idle < Duration::from_secs(1) && spared < 8 {
+                spared += 1;
+                self.order.push_back(front);
+                continue;
+            }
+            self.logs.remove(&front);
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -1065,7 +1099,8 @@ impl MemoryEventBus {
 
     fn after(&self, run_id: &RunId, after: u64) -> Vec<EventRecord> {
         let runs = lock(&self.runs);
-        runs.get(run_id)
+        runs.logs
+            .get(run_id)
             .map(|log| {
                 log.events
                     .iter()
@@ -1085,21 +1120,11 @@ impl EventBus for MemoryEventBus {
         let id = {
             let mut runs = lock(&self.runs);
             let now = std::time::Instant::now();
-            if runs.len() >= self.max_runs && !runs.contains_key(event.run_id()) {
-                let keep = self.keep;
-                runs.retain(|_, log| log.last.is_some_and(|t| now.duration_since(t) < keep));
-                if runs.len() >= self.max_runs {
-                    // Still full: drop the run idle the longest.
-                    if let Some(oldest) = runs
-                        .iter()
-                        .min_by_key(|(_, log)| log.last)
-                        .map(|(id, _)| id.clone())
-                    {
-                        runs.remove(&oldest);
-                    }
-                }
+            if !runs.logs.contains_key(event.run_id()) {
+                runs.make_room(now, self.keep, self.max_runs);
+                runs.order.push_back(event.run_id().clone());
             }
-            let log = runs.entry(event.run_id().clone()).or_default();
+            let log = runs.logs.entry(event.run_id().clone()).or_default();
             log.next += 1;
             log.last = Some(now);
             let id = log.next.to_string();

@@ -258,7 +258,6 @@ impl UpsertSteps for super::Sqlite {
 /// COMMIT), which is most of a short write's cost.
 mod blocking {
     use diesel::prelude::*;
-    use diesel::upsert::excluded;
     use diesel::{RunQueryDsl, SqliteConnection};
 
     use super::{RunRow, StepValues, owned_run, run_columns, runs, steps};
@@ -285,10 +284,12 @@ mod blocking {
                 .returning(run_columns())
                 .get_result(conn)
                 .optional()?;
-            if row.is_some() {
-                for row in rows {
-                    upsert!(conn, row)?;
-                }
+            if row.is_some() && !rows.is_empty() {
+                // One multi-row statement: SQLite's REPLACE is the upsert diesel can batch
+                // (every column is written, so replacing a row is updating it).
+                diesel::replace_into(steps::table)
+                    .values(rows)
+                    .execute(conn)?;
             }
             Ok(row)
         }

@@ -50,6 +50,8 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Flow changes from every process.
     pub flow_changes: Arc<dyn flowcore::ports::FlowChanges>,
+    /// Cancel requests between processes.
+    pub signals: Arc<dyn flowcore::ports::RunSignals>,
     /// Usage counters.
     pub usage: Arc<crate::usage::Usage>,
     /// Fired when this process shuts down and hands its unfinished runs back.

@@ -33,6 +33,10 @@ pub fn start(state: &Shared) -> Background {
             state.clone(),
             shutdown.clone(),
         )));
+        tasks.push(tokio::spawn(crate::worker::obey_cancels(
+            state.clone(),
+            shutdown.clone(),
+        )));
         tasks.push(tokio::spawn(crate::worker::reap(
             state.clone(),
             REAP_EVERY,

@@ -20,8 +20,10 @@ use std::sync::Arc;
 
 use flowcore::Engine;
 use flowcore::cache::PlanCache;
-use flowcore::ports::memory::{MemoryEventBus, MemoryFlowChanges, MemoryQueue, MemoryRateLimiter};
-use flowcore::ports::{EventBus, FlowChanges, FlowStore, Queue, RateLimiter};
+use flowcore::ports::memory::{
+    MemoryEventBus, MemoryFlowChanges, MemoryQueue, MemoryRateLimiter, MemoryRunSignals,
+};
+use flowcore::ports::{EventBus, FlowChanges, FlowStore, Queue, RateLimiter, RunSignals};
 use flowcore_store::{OpendalBlobStore, RedisConfig, RedisQueue, SqlConfig, SqlStore};
 
 use crate::app::{AppState, Shared};
@@ -67,8 +69,9 @@ pub async fn build_state(config: Config) -> Result<Shared, StartError> {
         Arc<dyn FlowChanges>,
         Arc<dyn EventBus>,
         Arc<dyn RateLimiter>,
+        Arc<dyn RunSignals>,
     );
-    let (queue, changes, events, limiter): Backends = match &config.redis_url {
+    let (queue, changes, events, limiter, signals): Backends = match &config.redis_url {
         Some(url) => {
             let mut redis = RedisConfig::new(url.clone());
             redis.prefix = config.redis_prefix.clone();
@@ -78,6 +81,7 @@ pub async fn build_state(config: Config) -> Result<Shared, StartError> {
                 Arc::new(queue.flow_changes()),
                 Arc::new(queue.event_bus()),
                 Arc::new(queue.rate_limiter()),
+                Arc::new(queue.run_signals()),
             )
         }
         None => (
@@ -85,6 +89,7 @@ pub async fn build_state(config: Config) -> Result<Shared, StartError> {
             Arc::new(MemoryFlowChanges::default()),
             Arc::new(MemoryEventBus::default()),
             Arc::new(MemoryRateLimiter::new()),
+            Arc::new(MemoryRunSignals::default()),
         ),
     };
     let limits = flowcore::Limits {
@@ -120,6 +125,7 @@ pub async fn build_state(config: Config) -> Result<Shared, StartError> {
         limiter,
         usage,
         flow_changes: changes,
+        signals,
         hand_back: flowcore::CancellationToken::new(),
         credentials,
     }))

@@ -132,6 +132,28 @@ pub async fn recover(state: &AppState, queued_too: bool) -> Result<usize, StoreE
     Ok(count)
 }
 
+/// Cancels the runs executing here that any process asks to cancel, until `shutdown`.
+pub async fn obey_cancels(state: Arc<AppState>, shutdown: CancellationToken) {
+    let mut cancels = state.signals.cancels();
+    loop {
+        let id = tokio::select! {
+            () = shutdown.cancelled() => return,
+            id = cancels.recv() => id,
+        };
+        match id {
+            Ok(id) => {
+                if state.running.cancel(&id) {
+                    tracing::info!(run_id = %id, "cancelled on request");
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "cancel requests were missed");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
 /// Recovers runs (see [`recover`]) at start and every `every` until `shutdown`.
 pub async fn reap(state: Arc<AppState>, every: Duration, shutdown: CancellationToken) {
     let mut first = true;

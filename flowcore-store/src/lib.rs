@@ -9,7 +9,9 @@ pub mod redis;
 pub mod sql;
 
 pub use blob::{BlobConfig, OpendalBlobStore, S3Config};
-pub use redis::{RedisConfig, RedisEventBus, RedisFlowChanges, RedisQueue, RedisRateLimiter};
+pub use redis::{
+    RedisConfig, RedisEventBus, RedisFlowChanges, RedisQueue, RedisRateLimiter, RedisRunSignals,
+};
 pub use sql::{Backend, SqlConfig, SqlStore};
 
 /// The README's Rust examples, compiled and run as doctests so that they stay true (here,

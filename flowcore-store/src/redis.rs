@@ -114,6 +114,7 @@ pub struct RedisQueue {
     wake: Arc<Notify>,
     subscriber_up: Arc<AtomicBool>,
     flow_changes: tokio::sync::broadcast::Sender<String>,
+    cancels: tokio::sync::broadcast::Sender<RunId>,
     _subscriber: Arc<AbortOnDrop>,
 }
 
@@ -281,10 +282,13 @@ impl RedisQueue {
         let subscriber_up = Arc::new(AtomicBool::new(false));
         let channel = format!("{}:q:wake", config.prefix);
         let flow_changes = tokio::sync::broadcast::channel(1024).0;
+        let cancels = tokio::sync::broadcast::channel(1024).0;
         let channels = Channels {
             wake: channel,
             flows: format!("{}:flows:changed", config.prefix),
             flow_changes: flow_changes.clone(),
+            cancel: format!("{}:runs:cancel", config.prefix),
+            cancels: cancels.clone(),
         };
         let task = tokio::spawn(subscribe(
             client.clone(),
@@ -301,6 +305,7 @@ impl RedisQueue {
             wake,
             subscriber_up,
             flow_changes,
+            cancels,
             _subscriber: Arc::new(AbortOnDrop(task)),
         };
         queue.ping().await?;
@@ -400,7 +405,7 @@ async fn subscribe(client: Client, channels: Channels, wake: Arc<Notify>, up: Ar
     loop {
         if let Ok(mut pubsub) = client.get_async_pubsub().await
             && pubsub
-                .subscribe(&[&channels.wake, &channels.flows])
+                .subscribe(&[&channels.wake, &channels.flows, &channels.cancel])
                 .await
                 .is_ok()
         {
@@ -414,6 +419,10 @@ async fn subscribe(client: Client, channels: Channels, wake: Arc<Notify>, up: Ar
                 if message.get_channel_name() == channels.flows {
                     if let Ok(flow_id) = message.get_payload::<String>() {
                         let _ = channels.flow_changes.send(flow_id);
+                    }
+                } else if message.get_channel_name() == channels.cancel {
+                    if let Ok(run_id) = message.get_payload::<String>() {
+                        let _ = channels.cancels.send(RunId::from(run_id));
                     }
                 } else {
                     wake.notify_waiters();
@@ -429,6 +438,8 @@ struct Channels {
     wake: String,
     flows: String,
     flow_changes: tokio::sync::broadcast::Sender<String>,
+    cancel: String,
+    cancels: tokio::sync::broadcast::Sender<RunId>,
 }
 
 /// Sent to flow-change subscribers when changes may have been missed: drop every cached flow.
@@ -811,6 +822,37 @@ impl flowcore::ports::EventBus for RedisEventBus {
 /// subscriber reconnects, subscribers receive [`ALL_FLOWS`] (changes may have been missed).
 #[derive(Debug, Clone)]
 pub struct RedisFlowChanges(RedisQueue);
+
+/// Cancel requests to every process over the same Redis (pub/sub).
+#[derive(Debug, Clone)]
+pub struct RedisRunSignals(RedisQueue);
+
+impl RedisQueue {
+    /// Cancel requests over the same Redis.
+    pub fn run_signals(&self) -> RedisRunSignals {
+        RedisRunSignals(self.clone())
+    }
+}
+
+#[async_trait]
+impl flowcore::ports::RunSignals for RedisRunSignals {
+    async fn cancel(&self, run_id: &RunId) -> StoreResult<()> {
+        let channel = format!("{}:runs:cancel", self.0.prefix);
+        let run_id = run_id.as_str().to_owned();
+        self.0
+            .run(|mut conn| async move {
+                redis::cmd("PUBLISH")
+                    .arg(&channel)
+                    .arg(&run_id)
+                    .query_async::<()>(&mut conn)
+                    .await
+            })
+            .await
+    }
+    fn cancels(&self) -> tokio::sync::broadcast::Receiver<RunId> {
+        self.0.cancels.subscribe()
+    }
+}
 
 impl RedisQueue {
     /// Flow-change announcements over the same Redis.

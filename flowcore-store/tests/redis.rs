@@ -287,5 +287,17 @@ async fn flow_changes_cross_processes_through_redis() {
         Arc::new(second.flow_changes()),
     )
     .await;
+    flowcore::testkit::run_signals(Arc::new(first.run_signals())).await;
+    // A cancel request published by one process reaches the other.
+    let mut heard = second.run_signals().cancels();
+    let id = flowcore::RunId::new();
+    use flowcore::ports::RunSignals;
+    first.run_signals().cancel(&id).await.expect("publish");
+    // (The kit's own requests, published several times, may still be arriving.)
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while heard.recv().await.expect("recv") != id {}
+    })
+    .await
+    .expect("the other process hears the request");
     clean(&prefix).await;
 }

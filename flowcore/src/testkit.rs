@@ -1086,6 +1086,33 @@ pub async fn concurrent_creates(store: Arc<dyn RunStore>) {
     assert_eq!(created, 41, "40 unique runs and the keyed one");
 }
 
+/// Cancel requests reach every subscriber (published again until one arrives: a backend's
+/// subscriber may still be connecting).
+pub async fn run_signals(signals: Arc<dyn crate::ports::RunSignals>) {
+    let mut a = signals.cancels();
+    let mut b = signals.cancels();
+    let id = RunId::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let got = loop {
+        signals.cancel(&id).await.expect("publish");
+        if let Ok(Ok(got)) = tokio::time::timeout(Duration::from_millis(100), a.recv()).await {
+            break got;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no cancel request arrived"
+        );
+    };
+    assert_eq!(got, id);
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(2), b.recv())
+            .await
+            .expect("b hears it too")
+            .expect("recv"),
+        id
+    );
+}
+
 /// Pruning in bounded batches: all old finished runs go, live and recent ones stay.
 pub async fn pruning(store: &dyn RunStore) {
     let mut old = Vec::new();

@@ -90,3 +90,11 @@ async fn the_memory_event_bus_keeps_a_bounded_number_of_runs() {
         "the newest are kept, the oldest dropped"
     );
 }
+
+#[tokio::test]
+async fn memory_run_signals() {
+    flowcore::testkit::run_signals(Arc::new(
+        flowcore::ports::memory::MemoryRunSignals::default(),
+    ))
+    .await;
+}

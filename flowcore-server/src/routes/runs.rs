@@ -255,11 +255,11 @@ pub(crate) async fn list(
 }
 
 /// Cancels a queued or running run.
-#[utoipa::path(post, path = "/api/v1/runs/{id}/cancel", operation_id = "cancel_run", tag = "runs", params(("id" = String, Path, description = "its id")), responses((status = 200, description = "the run", body = Object), (status = 404, description = "not found", body = ApiErrorBody), (status = 409, description = "already finished", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+#[utoipa::path(post, path = "/api/v1/runs/{id}/cancel", operation_id = "cancel_run", tag = "runs", params(("id" = String, Path, description = "its id")), responses((status = 200, description = "cancelled: `{run_id, status}`", body = Object), (status = 202, description = "asked to stop; still running after 5 s", body = Object), (status = 404, description = "not found", body = ApiErrorBody), (status = 409, description = "already finished", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
 pub(crate) async fn cancel(
     State(state): State<Shared>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let id = RunId::from(id);
     let run = RunStore::get(&state.sql, &id).await?;
     match run.status {
@@ -267,24 +267,32 @@ pub(crate) async fn cancel(
             let run =
                 RunStore::transition(&state.sql, &id, RunStatus::Queued, RunStatus::Cancelled)
                     .await?;
-            Ok(Json(json!({"run_id": run.id, "status": run.status})))
+            Ok((
+                StatusCode::OK,
+                Json(json!({"run_id": run.id, "status": run.status})),
+            ))
         }
-        RunStatus::Running if state.running.cancel(&id) => {
-            // Executing here: wait (briefly) for the engine to stop it and write the status.
+        RunStatus::Running => {
+            // Here, or in whichever process executes it; then wait (briefly) for the engine
+            // to stop it and write the status.
+            if !state.running.cancel(&id) {
+                state.signals.cancel(&id).await?;
+            }
             for _ in 0..100 {
                 let run = RunStore::get(&state.sql, &id).await?;
                 if run.status.is_final() {
-                    return Ok(Json(json!({"run_id": run.id, "status": run.status})));
+                    return Ok((
+                        StatusCode::OK,
+                        Json(json!({"run_id": run.id, "status": run.status})),
+                    ));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            Ok(Json(json!({"run_id": id, "status": "running"})))
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({"run_id": id, "status": "running"})),
+            ))
         }
-        RunStatus::Running => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "not_cancellable_here",
-            "the run executes in another process; cancelling across processes is not built yet",
-        )),
         status => Err(ApiError::new(
             StatusCode::CONFLICT,
             "already_finished",

@@ -1688,3 +1688,60 @@ async fn the_openapi_document_matches_the_router() {
     }
     cleanup(&dir);
 }
+
+/// Deletes every Redis key under `prefix` (the machine's Redis, through redis-cli).
+fn clean_redis(prefix: &str) {
+    let keys = std::process::Command::new("redis-cli")
+        .args(["--scan", "--pattern", &format!("{prefix}:*")])
+        .output()
+        .expect("redis-cli runs");
+    for key in String::from_utf8_lossy(&keys.stdout).lines() {
+        let _ = std::process::Command::new("redis-cli").args(["del", key]).output();
+    }
+}
+
+#[test]
+fn an_api_process_and_a_worker_process_share_runs_and_cancels() {
+    let dir = std::env::temp_dir().join(format!("flowcore-topology-{}", flowcore::ids::new_id()));
+    let prefix = format!("flowcore-test-{}", flowcore::ids::new_id());
+    let redis = std::env::var("FLOWCORE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let shared = [("REDIS_URL", redis.as_str()), ("FLOWCORE_REDIS_PREFIX", prefix.as_str())];
+    let api = Server::start(&dir, &[shared[0], shared[1], ("FLOWCORE_ROLE", "api")]);
+    let worker = Server::start(&dir, &[shared[0], shared[1], ("FLOWCORE_ROLE", "worker")]);
+    for (id, ms) in [("quick", 10), ("slow", 20_000)] {
+        let flow = json!({"id": id, "nodes": [
+            {"id": "first", "type": "set", "params": {"fields": {"n": "{{ input.n }}"}}},
+            {"id": "wait", "type": "delay", "params": {"ms": ms}},
+            {"id": "last", "type": "set", "params": {"fields": {"done": "{{ nodes.first.n }}"}}}
+        ], "edges": [{"from": "first", "to": "wait"}, {"from": "wait", "to": "last"}]});
+        let (status, answer) = api.json("POST", "/api/v1/flows", Some(flow));
+        assert_eq!(status, 201, "{answer}");
+    }
+
+    // A waited run started on the api process is executed by the worker process.
+    let (status, run) = api.json("POST", "/api/v1/flows/quick/runs", Some(json!({"input": {"n": 7}})));
+    assert_eq!((status, &run["output"]), (200, &json!({"done": 7})), "{run}");
+    let (_, seen) = worker.json("GET", &format!("/api/v1/runs/{}", run["run_id"].as_str().unwrap()), None);
+    assert_eq!(seen["status"], "succeeded", "visible from the other process too");
+
+    // A long run is cancelled through the api process while the worker executes it.
+    let (status, run) = api.json("POST", "/api/v1/flows/slow/runs", Some(json!({"input": {"n": 1}, "wait": false})));
+    assert_eq!(status, 202);
+    let id = run["run_id"].as_str().unwrap().to_owned();
+    let started = std::time::Instant::now();
+    while api.json("GET", &format!("/api/v1/runs/{id}"), None).1["steps"].as_array().is_none_or(|s| s.is_empty()) {
+        assert!(started.elapsed() < std::time::Duration::from_secs(15), "the worker never started it");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (status, cancelled) = api.json("POST", &format!("/api/v1/runs/{id}/cancel"), None);
+    assert_eq!((status, &cancelled["status"]), (200, &json!("cancelled")), "{cancelled}");
+    let (_, run) = api.json("GET", &format!("/api/v1/runs/{id}"), None);
+    assert_eq!(run["status"], "cancelled");
+    assert!(run["steps"].as_array().unwrap().iter().all(|s| s["node"] != "last"), "{run}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+    drop(api);
+    let log = worker.stop();
+    assert!(log.contains("cancelled on request"), "{log}");
+    clean_redis(&prefix);
+    cleanup(&dir);
+}

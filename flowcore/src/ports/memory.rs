@@ -1187,3 +1187,24 @@ impl FlowChanges for MemoryFlowChanges {
         self.0.subscribe()
     }
 }
+
+/// Run signals within one process.
+#[derive(Debug)]
+pub struct MemoryRunSignals(tokio::sync::broadcast::Sender<RunId>);
+
+impl Default for MemoryRunSignals {
+    fn default() -> Self {
+        Self(tokio::sync::broadcast::channel(1024).0)
+    }
+}
+
+#[async_trait]
+impl super::RunSignals for MemoryRunSignals {
+    async fn cancel(&self, run_id: &RunId) -> StoreResult<()> {
+        let _ = self.0.send(run_id.clone());
+        Ok(())
+    }
+    fn cancels(&self) -> tokio::sync::broadcast::Receiver<RunId> {
+        self.0.subscribe()
+    }
+}

@@ -575,6 +575,17 @@ impl crate::event::EventSink for BusSink {
     }
 }
 
+/// Asks whichever process executes a run to cancel it (the API may run in another process than
+/// the worker). Best effort across an outage of the backend: a request published while a
+/// process was disconnected does not reach it.
+#[async_trait]
+pub trait RunSignals: Send + Sync {
+    /// Tells every process to cancel `run_id` if it executes it.
+    async fn cancel(&self, run_id: &RunId) -> StoreResult<()>;
+    /// A receiver of the runs to cancel.
+    fn cancels(&self) -> tokio::sync::broadcast::Receiver<RunId>;
+}
+
 /// Announces flow changes to every process, so that caches of compiled flows drop stale entries.
 #[async_trait]
 pub trait FlowChanges: Send + Sync {

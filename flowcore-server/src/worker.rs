@@ -86,6 +86,38 @@ pub async fn execute(
     result
 }
 
+/// After this many owners lost a run (their leases lapsed), the run is failed instead of being
+/// handed to another worker: something in it kills workers.
+pub const MAX_OWNERS: u64 = 5;
+
+/// Fails a run that [`MAX_OWNERS`] workers lost in a row.
+async fn give_up(state: &AppState, run: &RunRecord) -> Result<(), StoreError> {
+    let lease = match RunStore::claim(
+        &state.sql,
+        &run.id,
+        &state.worker_name,
+        Duration::from_secs(30),
+    )
+    .await
+    {
+        Ok(lease) => lease,
+        // Someone took it meanwhile, or it ended.
+        Err(StoreError::Conflict(_) | StoreError::NotFound { .. }) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let outcome = flowcore::ports::RunOutcome {
+        status: flowcore::RunStatus::Failed,
+        error: Some(format!(
+            "the run was lost by {} workers in a row (their leases lapsed); not retried again",
+            run.epoch
+        )),
+        ..Default::default()
+    };
+    RunStore::finish(&state.sql, &run.id, lease.epoch, outcome).await?;
+    tracing::warn!(run_id = %run.id, "a run lost by too many workers was failed");
+    Ok(())
+}
+
 /// The worker group whose queue a run goes to: its flow's, else this process's.
 pub async fn group_of(state: &AppState, run: &RunRecord) -> String {
     state
@@ -125,6 +157,10 @@ pub async fn recover(state: &AppState, queued_too: bool) -> Result<usize, StoreE
             Err(StoreError::NotFound { .. }) => continue,
             Err(e) => return Err(e),
         };
+        if run.status == flowcore::RunStatus::Running && run.epoch >= MAX_OWNERS {
+            give_up(state, &run).await?;
+            continue;
+        }
         let group = group_of(state, &run).await;
         state.queue.enqueue(&group, &id, None).await?;
         count += 1;

@@ -1745,3 +1745,40 @@ fn an_api_process_and_a_worker_process_share_runs_and_cancels() {
     clean_redis(&prefix);
     cleanup(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reaper_requeues_runs_whose_worker_died_and_fails_those_lost_too_often() {
+    use flowcore::ports::{Claim, NewRun, RunStore};
+    let (app, state, dir) = app_with_state(&[]).await;
+    assert_eq!(call(&app, "POST", "/api/v1/flows", Some(KEY), Some(greet())).await.0, StatusCode::CREATED);
+    let ttl = std::time::Duration::from_millis(20);
+    let new = |owner: &str| NewRun {
+        id: flowcore::RunId::new(),
+        flow_id: "greet".into(),
+        flow_version: 1,
+        input: json!({"name": "x", "n": 1}),
+        idempotency_key: None,
+        claim: Some(Claim { owner: owner.into(), ttl }),
+    };
+    // A run whose worker died once: back in the queue.
+    let (once, _) = RunStore::create(&state.sql, new("dead-worker")).await.unwrap();
+    // A run that five workers lost: failed.
+    let (cursed, _) = RunStore::create(&state.sql, new("dead-1")).await.unwrap();
+    for owner in ["dead-2", "dead-3", "dead-4", "dead-5"] {
+        tokio::time::sleep(ttl * 2).await;
+        RunStore::claim(&state.sql, &cursed.id, owner, ttl).await.unwrap();
+    }
+    tokio::time::sleep(ttl * 2).await;
+    assert_eq!(flowcore_server::worker::recover(&state, false).await.unwrap(), 1);
+    assert_eq!(state.queue.depth("default").await.unwrap().ready, 1);
+    let (_, failed) = call(&app, "GET", &format!("/api/v1/runs/{}", cursed.id), Some(KEY), None).await;
+    assert_eq!(failed["status"], "failed");
+    assert!(failed["error"].as_str().unwrap().contains("lost by 5 workers"), "{failed}");
+    // A worker picks the first one up and finishes it.
+    let shutdown = flowcore::CancellationToken::new();
+    let worker = tokio::spawn(flowcore_server::worker::work(state.clone(), shutdown.clone()));
+    wait_for_status(&app, once.id.as_str(), "succeeded").await;
+    shutdown.cancel();
+    worker.await.unwrap();
+    cleanup(&dir);
+}

@@ -137,6 +137,18 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
     }
 }
 
+/// A JSON request body read as `T`: 400 `invalid_json` when it is malformed or does not fit
+/// `T` (axum would answer 422 for the latter), 413/415 as [`From<JsonRejection>`] says.
+///
+/// [`From<JsonRejection>`]: ApiError#impl-From<JsonRejection>-for-ApiError
+pub fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, ApiError> {
+    let Json(value) = body?;
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut error = json!({ "code": self.code, "message": self.message });

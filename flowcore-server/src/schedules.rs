@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use flowcore::ports::FlowStore;
 use flowcore::{CancellationToken, Trigger};
 
 use crate::app::AppState;
@@ -24,29 +23,22 @@ struct Schedule {
 
 async fn load(state: &AppState) -> Result<Vec<Schedule>, flowcore::StoreError> {
     let mut out = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let page = FlowStore::list(&state.sql, 1000, cursor.as_deref()).await?;
-        for flow in &page.items {
-            for (i, trigger) in flow.definition.triggers.iter().enumerate() {
-                if let Trigger::Schedule { cron } = trigger {
-                    // Stored flows were compiled on the way in; a cron that no longer parses is
-                    // skipped, not fatal.
-                    if let Ok(cron) = flowcore::plan::parse_cron(cron) {
-                        out.push(Schedule {
-                            flow_id: flow.id.clone(),
-                            id: format!("{}#{i}", flow.id),
-                            cron,
-                        });
-                    }
+    for flow in flowcore::ports::all_flows(&state.sql).await? {
+        for (i, trigger) in flow.definition.triggers.iter().enumerate() {
+            if let Trigger::Schedule { cron } = trigger {
+                // Stored flows were compiled on the way in; a cron that no longer parses is
+                // skipped, not fatal.
+                if let Ok(cron) = flowcore::plan::parse_cron(cron) {
+                    out.push(Schedule {
+                        flow_id: flow.id.clone(),
+                        id: format!("{}#{i}", flow.id),
+                        cron,
+                    });
                 }
             }
         }
-        match page.next_cursor {
-            Some(c) => cursor = Some(c),
-            None => return Ok(out),
-        }
     }
+    Ok(out)
 }
 
 /// The ticks of `cron` in `(after, until]`, at most `max`.

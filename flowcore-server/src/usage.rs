@@ -16,6 +16,7 @@ use flowcore_store::SqlStore;
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 type Key = (String, String);
+type Day = chrono::NaiveDate;
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Counts {
@@ -28,7 +29,8 @@ struct Counts {
 #[derive(Debug)]
 pub struct Usage {
     store: SqlStore,
-    pending: Mutex<HashMap<Key, Counts>>,
+    /// Not yet stored, by day then flow (looked up without allocating on every count).
+    pending: Mutex<HashMap<Day, HashMap<String, Counts>>>,
     /// Runs stored per (flow, day), as read at an instant, for quotas.
     stored_runs: Mutex<HashMap<Key, (u64, Instant)>>,
 }
@@ -50,7 +52,11 @@ impl Usage {
 
     fn add(&self, flow_id: &str, f: impl FnOnce(&mut Counts)) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        f(pending.entry((flow_id.to_owned(), today())).or_default());
+        let flows = pending.entry(Utc::now().date_naive()).or_default();
+        match flows.get_mut(flow_id) {
+            Some(counts) => f(counts),
+            None => f(flows.entry(flow_id.to_owned()).or_default()),
+        }
     }
 
     /// Counts a run started now.
@@ -86,14 +92,18 @@ impl Usage {
     pub async fn flush(&self) -> Result<(), StoreError> {
         let taken = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
         let mut failed = None;
-        for ((flow, day), c) in taken {
+        for (day, flow, c) in taken
+            .into_iter()
+            .flat_map(|(day, flows)| flows.into_iter().map(move |(flow, c)| (day, flow, c)))
+        {
+            let text = day.format("%Y-%m-%d").to_string();
             if let Err(e) = self
                 .store
-                .add_usage(&flow, &day, c.runs, c.nodes, c.tokens)
+                .add_usage(&flow, &text, c.runs, c.nodes, c.tokens)
                 .await
             {
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-                let slot = pending.entry((flow, day)).or_default();
+                let slot = pending.entry(day).or_default().entry(flow).or_default();
                 slot.runs += c.runs;
                 slot.nodes += c.nodes;
                 slot.tokens += c.tokens;
@@ -134,7 +144,8 @@ impl Usage {
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
+            .get(&Utc::now().date_naive())
+            .and_then(|flows| flows.get(flow_id))
             .map_or(0, |c| c.runs);
         Ok(stored + pending)
     }

@@ -285,9 +285,9 @@ impl RedisQueue {
         let cancels = tokio::sync::broadcast::channel(1024).0;
         let channels = Channels {
             wake: channel,
-            flows: format!("{}:flows:changed", config.prefix),
+            flows: format!("{}:{FLOWS_CHANNEL}", config.prefix),
             flow_changes: flow_changes.clone(),
-            cancel: format!("{}:runs:cancel", config.prefix),
+            cancel: format!("{}:{CANCEL_CHANNEL}", config.prefix),
             cancels: cancels.clone(),
         };
         let task = tokio::spawn(subscribe(
@@ -316,6 +316,20 @@ impl RedisQueue {
     pub async fn ping(&self) -> StoreResult<()> {
         self.run(|mut conn| async move { redis::cmd("PING").query_async::<()>(&mut conn).await })
             .await
+    }
+
+    /// Publishes `payload` on the prefixed pub/sub `channel`.
+    async fn publish(&self, channel: &str, payload: &str) -> StoreResult<()> {
+        let channel = format!("{}:{channel}", self.prefix);
+        let payload = payload.to_owned();
+        self.run(|mut conn| async move {
+            redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg(&payload)
+                .query_async::<()>(&mut conn)
+                .await
+        })
+        .await
     }
 
     /// Whether the wake-up subscriber is connected (waiters fall back to polling when not).
@@ -441,6 +455,11 @@ struct Channels {
     cancel: String,
     cancels: tokio::sync::broadcast::Sender<RunId>,
 }
+
+/// The pub/sub channel (after the prefix) of flow changes.
+const FLOWS_CHANNEL: &str = "flows:changed";
+/// The pub/sub channel (after the prefix) of cancel requests.
+const CANCEL_CHANNEL: &str = "runs:cancel";
 
 /// Sent to flow-change subscribers when changes may have been missed: drop every cached flow.
 pub const ALL_FLOWS: &str = "*";
@@ -837,17 +856,7 @@ impl RedisQueue {
 #[async_trait]
 impl flowcore::ports::RunSignals for RedisRunSignals {
     async fn cancel(&self, run_id: &RunId) -> StoreResult<()> {
-        let channel = format!("{}:runs:cancel", self.0.prefix);
-        let run_id = run_id.as_str().to_owned();
-        self.0
-            .run(|mut conn| async move {
-                redis::cmd("PUBLISH")
-                    .arg(&channel)
-                    .arg(&run_id)
-                    .query_async::<()>(&mut conn)
-                    .await
-            })
-            .await
+        self.0.publish(CANCEL_CHANNEL, run_id.as_str()).await
     }
     fn cancels(&self) -> tokio::sync::broadcast::Receiver<RunId> {
         self.0.cancels.subscribe()
@@ -864,17 +873,7 @@ impl RedisQueue {
 #[async_trait]
 impl flowcore::ports::FlowChanges for RedisFlowChanges {
     async fn publish(&self, flow_id: &str) -> StoreResult<()> {
-        let channel = format!("{}:flows:changed", self.0.prefix);
-        let flow_id = flow_id.to_owned();
-        self.0
-            .run(|mut conn| async move {
-                redis::cmd("PUBLISH")
-                    .arg(&channel)
-                    .arg(&flow_id)
-                    .query_async::<()>(&mut conn)
-                    .await
-            })
-            .await
+        self.0.publish(FLOWS_CHANNEL, flow_id).await
     }
 
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {

@@ -150,25 +150,22 @@ impl Scrubber {
         held.sort_by_key(|s| std::cmp::Reverse(s.len()));
     }
 
-    fn held(&self) -> Option<Vec<String>> {
-        let held = self.secrets.lock().unwrap_or_else(|e| e.into_inner());
-        (!held.is_empty()).then(|| held.clone())
-    }
-
     /// The text with every secret replaced.
     pub(crate) fn text(&self, text: String) -> String {
-        match self.held() {
-            None => text,
-            Some(held) => scrub_str(text, &held),
+        let held = self.secrets.lock().unwrap_or_else(|e| e.into_inner());
+        if held.is_empty() {
+            return text;
         }
+        scrub_str(text, &held)
     }
 
     /// The value with every secret replaced in its strings (and keys).
     pub(crate) fn value(&self, value: Value) -> Value {
-        match self.held() {
-            None => value,
-            Some(held) => scrub_value(value, &held),
+        let held = self.secrets.lock().unwrap_or_else(|e| e.into_inner());
+        if held.is_empty() {
+            return value;
         }
+        scrub_value(value, &held)
     }
 }
 

@@ -39,9 +39,7 @@ pub(crate) async fn create(
     State(state): State<Shared>,
     body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let Json(value) = body?;
-    let body: CreateBody = serde_json::from_value(value)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))?;
+    let body: CreateBody = crate::error::json_body(body)?;
     if !flowcore::model::is_valid_id(&body.name) {
         return Err(ApiError::bad_request(
             "name must be 1 to 64 characters of A-Z, a-z, 0-9, _ and -",

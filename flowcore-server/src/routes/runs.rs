@@ -50,9 +50,7 @@ pub(crate) async fn start(
             "the flow id is not 1 to 64 of A-Z a-z 0-9 _ -",
         ));
     }
-    let Json(value) = body?;
-    let body: StartBody = serde_json::from_value(value)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))?;
+    let body: StartBody = crate::error::json_body(body)?;
     if body
         .idempotency_key
         .as_ref()

@@ -79,22 +79,14 @@ impl WebhookIndex {
             _ => {}
         }
         let mut map = HashMap::new();
-        let mut cursor: Option<String> = None;
-        loop {
-            let page = flows.list(1000, cursor.as_deref()).await?;
-            for flow in &page.items {
-                for trigger in &flow.definition.triggers {
-                    if let Trigger::Webhook { path, method, mode } = trigger {
-                        map.insert(
-                            (method.to_ascii_uppercase(), path.clone()),
-                            (flow.id.clone(), *mode),
-                        );
-                    }
+        for flow in flowcore::ports::all_flows(flows).await? {
+            for trigger in &flow.definition.triggers {
+                if let Trigger::Webhook { path, method, mode } = trigger {
+                    map.insert(
+                        (method.to_ascii_uppercase(), path.clone()),
+                        (flow.id.clone(), *mode),
+                    );
                 }
-            }
-            match page.next_cursor {
-                Some(c) => cursor = Some(c),
-                None => break,
             }
         }
         let found = map.get(&key).cloned();

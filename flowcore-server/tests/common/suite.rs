@@ -362,49 +362,15 @@ async fn flows_crud_and_errors() {
 
 #[test]
 fn the_binary_serves_over_tcp() {
-    use std::io::{Read, Write};
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap();
-    let dir = std::env::temp_dir().join(format!("flowcore-serve-{}-{port}", std::process::id()));
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flowcore"))
-        .arg("serve")
-        .env("FLOWCORE_BIND", format!("127.0.0.1:{port}"))
-        .env("FLOWCORE_DATA_DIR", &dir)
-        .env("FLOWCORE_ADMIN_KEY", KEY)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let started = std::time::Instant::now();
-    let get = |path: &str| -> Option<String> {
-        let mut sock = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-        write!(
-            sock,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut out = String::new();
-        sock.read_to_string(&mut out).ok()?;
-        Some(out)
-    };
-    let mut answer = None;
-    while started.elapsed() < std::time::Duration::from_secs(20) {
-        if let Some(a) = get("/healthz") {
-            answer = Some(a);
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let flows = get("/api/v1/flows");
-    let _ = child.kill();
-    let _ = child.wait();
+    let dir = std::env::temp_dir().join(format!("flowcore-serve-{}", flowcore::ids::new_id()));
+    let server = Server::start(&dir, &[]);
+    let (status, answer) = server.request("GET", "/healthz", None).expect("answer");
+    let (flows, _) = server.request("GET", "/api/v1/flows", None).expect("answer");
+    drop(server);
     cleanup(&dir);
-    let answer = answer.expect("the server answered /healthz");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(status, 200, "{answer}");
     assert!(answer.ends_with(r#"{"status":"ok"}"#), "{answer}");
-    assert!(flows.expect("flows").starts_with("HTTP/1.1 200"));
+    assert_eq!(flows, 200);
 }
 
 async fn wait_for_status(app: &axum::Router, run_id: &str, want: &str) -> Value {

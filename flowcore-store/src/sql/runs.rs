@@ -188,6 +188,78 @@ type StepValues = (
     diesel::dsl::Eq<steps::port, Option<String>>,
 );
 
+/// The values of a new run's row.
+struct NewRow {
+    id: String,
+    flow_id: String,
+    flow_version: i32,
+    status: &'static str,
+    input: String,
+    idempotency_key: Option<String>,
+    now: i64,
+    /// Owner and expiry, when created claimed.
+    lease: Option<(String, i64)>,
+}
+
+type RunValues = (
+    diesel::dsl::Eq<runs::id, String>,
+    diesel::dsl::Eq<runs::flow_id, String>,
+    diesel::dsl::Eq<runs::flow_version, i32>,
+    diesel::dsl::Eq<runs::status, &'static str>,
+    diesel::dsl::Eq<runs::input, String>,
+    diesel::dsl::Eq<runs::idempotency_key, Option<String>>,
+    diesel::dsl::Eq<runs::created_at, i64>,
+    diesel::dsl::Eq<runs::started_at, Option<i64>>,
+    diesel::dsl::Eq<runs::lease_owner, Option<String>>,
+    diesel::dsl::Eq<runs::lease_expires_at, Option<i64>>,
+    diesel::dsl::Eq<runs::epoch, i64>,
+);
+
+fn run_values(new: NewRow) -> RunValues {
+    let epoch = i64::from(new.lease.is_some());
+    let started_at = new.lease.as_ref().map(|_| new.now);
+    let (owner, expires) = new.lease.unzip();
+    (
+        runs::id.eq(new.id),
+        runs::flow_id.eq(new.flow_id),
+        runs::flow_version.eq(new.flow_version),
+        runs::status.eq(new.status),
+        runs::input.eq(new.input),
+        runs::idempotency_key.eq(new.idempotency_key),
+        runs::created_at.eq(new.now),
+        runs::started_at.eq(started_at),
+        runs::lease_owner.eq(owner),
+        runs::lease_expires_at.eq(expires),
+        runs::epoch.eq(epoch),
+    )
+}
+
+/// What the end of a run writes to its row.
+type FinishChanges = (
+    diesel::dsl::Eq<runs::status, &'static str>,
+    diesel::dsl::Eq<runs::output, Option<String>>,
+    diesel::dsl::Eq<runs::error, Option<String>>,
+    diesel::dsl::Eq<runs::finished_at, i64>,
+    diesel::dsl::Eq<runs::lease_owner, Option<String>>,
+    diesel::dsl::Eq<runs::lease_expires_at, Option<i64>>,
+);
+
+fn finish_changes(
+    status: RunStatus,
+    output: Option<String>,
+    error: Option<String>,
+    now: i64,
+) -> FinishChanges {
+    (
+        runs::status.eq(status.as_str()),
+        runs::output.eq(output),
+        runs::error.eq(error),
+        runs::finished_at.eq(now),
+        runs::lease_owner.eq(None::<String>),
+        runs::lease_expires_at.eq(None::<i64>),
+    )
+}
+
 fn step_rows(id: &RunId, steps: &[StepRecord]) -> StoreResult<Vec<StepValues>> {
     steps
         .iter()
@@ -260,72 +332,39 @@ mod blocking {
     use diesel::prelude::*;
     use diesel::{RunQueryDsl, SqliteConnection};
 
-    use super::{RunRow, StepValues, owned_run, run_columns, runs, steps};
+    use super::{
+        FinishChanges, RunRow, RunValues, StepValues, owned_run, run_columns, runs, steps,
+    };
 
     /// The final write of a run: the run row under the caller's epoch, then its last steps.
     pub(super) fn finish(
         conn: &mut SqliteConnection,
         run_id: &str,
         epoch: u64,
-        set: (&'static str, Option<String>, Option<String>, i64),
+        changes: FinishChanges,
         rows: Vec<StepValues>,
     ) -> QueryResult<Option<RunRow>> {
-        let (status, output, error, now) = set;
-        {
-            let row: Option<RunRow> = diesel::update(owned_run(run_id, epoch))
-                .set((
-                    runs::status.eq(status),
-                    runs::output.eq(output.as_deref()),
-                    runs::error.eq(error.as_deref()),
-                    runs::finished_at.eq(now),
-                    runs::lease_owner.eq(None::<String>),
-                    runs::lease_expires_at.eq(None::<i64>),
-                ))
-                .returning(run_columns())
-                .get_result(conn)
-                .optional()?;
-            if row.is_some() && !rows.is_empty() {
-                // One multi-row statement: SQLite's REPLACE is the upsert diesel can batch
-                // (every column is written, so replacing a row is updating it).
-                diesel::replace_into(steps::table)
-                    .values(rows)
-                    .execute(conn)?;
-            }
-            Ok(row)
+        let row: Option<RunRow> = diesel::update(owned_run(run_id, epoch))
+            .set(changes)
+            .returning(run_columns())
+            .get_result(conn)
+            .optional()?;
+        if row.is_some() && !rows.is_empty() {
+            // One multi-row statement: SQLite's REPLACE is the upsert diesel can batch
+            // (every column is written, so replacing a row is updating it).
+            diesel::replace_into(steps::table)
+                .values(rows)
+                .execute(conn)?;
         }
+        Ok(row)
     }
 
     /// A new run's row.
-    pub(super) fn create(conn: &mut SqliteConnection, new: NewRow) -> QueryResult<RunRow> {
+    pub(super) fn create(conn: &mut SqliteConnection, values: RunValues) -> QueryResult<RunRow> {
         diesel::insert_into(runs::table)
-            .values((
-                runs::id.eq(new.id),
-                runs::flow_id.eq(new.flow_id),
-                runs::flow_version.eq(new.flow_version),
-                runs::status.eq(new.status),
-                runs::input.eq(new.input),
-                runs::idempotency_key.eq(new.idempotency_key),
-                runs::created_at.eq(new.now),
-                runs::started_at.eq(new.lease.as_ref().map(|_| new.now)),
-                runs::lease_owner.eq(new.lease.as_ref().map(|l| l.0.clone())),
-                runs::lease_expires_at.eq(new.lease.as_ref().map(|l| l.1)),
-                runs::epoch.eq(i64::from(new.lease.is_some())),
-            ))
+            .values(values)
             .returning(run_columns())
             .get_result(conn)
-    }
-
-    /// The values of a new run's row.
-    pub(super) struct NewRow {
-        pub(super) id: String,
-        pub(super) flow_id: String,
-        pub(super) flow_version: i32,
-        pub(super) status: &'static str,
-        pub(super) input: String,
-        pub(super) idempotency_key: Option<String>,
-        pub(super) now: i64,
-        /// Owner and expiry, when created claimed.
-        pub(super) lease: Option<(String, i64)>,
     }
 }
 
@@ -401,39 +440,27 @@ impl RunStore for SqlStore {
         } else {
             RunStatus::Queued
         };
+        let values = run_values(NewRow {
+            id: run.id.as_str().to_owned(),
+            flow_id: run.flow_id.clone(),
+            flow_version: i32::try_from(run.flow_version).unwrap_or(i32::MAX),
+            status: status.as_str(),
+            input,
+            idempotency_key: run.idempotency_key.clone(),
+            now,
+            lease: claim,
+        });
         let inserted: Result<RunRow, diesel::result::Error> = match &self.pools {
             super::Pools::Sqlite { .. } => {
-                let new = blocking::NewRow {
-                    id: run.id.as_str().to_owned(),
-                    flow_id: run.flow_id.clone(),
-                    flow_version: i32::try_from(run.flow_version).unwrap_or(i32::MAX),
-                    status: status.as_str(),
-                    input: input.clone(),
-                    idempotency_key: run.idempotency_key.clone(),
-                    now,
-                    lease: claim.clone(),
-                };
                 self.batcher
                     .as_ref()
                     .expect("SQLite has a batcher")
-                    .write_statement("creating a run", move |conn| blocking::create(conn, new))
+                    .write_statement("creating a run", move |conn| blocking::create(conn, values))
                     .await?
             }
             super::Pools::Postgres(_) => with_conn!(self, write, |conn| {
                 diesel::insert_into(runs::table)
-                    .values((
-                        runs::id.eq(run.id.as_str()),
-                        runs::flow_id.eq(&run.flow_id),
-                        runs::flow_version.eq(i32::try_from(run.flow_version).unwrap_or(i32::MAX)),
-                        runs::status.eq(status.as_str()),
-                        runs::input.eq(&input),
-                        runs::idempotency_key.eq(run.idempotency_key.as_deref()),
-                        runs::created_at.eq(now),
-                        runs::started_at.eq(claim.as_ref().map(|_| now)),
-                        runs::lease_owner.eq(claim.as_ref().map(|c| c.0.clone())),
-                        runs::lease_expires_at.eq(claim.as_ref().map(|c| c.1)),
-                        runs::epoch.eq(i64::from(claim.is_some())),
-                    ))
+                    .values(values)
                     .returning(run_columns())
                     .get_result(conn)
                     .await
@@ -666,32 +693,27 @@ impl RunStore for SqlStore {
         }
         let output = outcome.output.as_ref().map(to_text).transpose()?;
         let rows = step_rows(id, &outcome.steps)?;
-        let now = micros(Utc::now());
+        let changes = finish_changes(
+            outcome.status,
+            output,
+            outcome.error.clone(),
+            micros(Utc::now()),
+        );
+        let run_id = id.as_str().to_owned();
         let row: Option<RunRow> = match &self.pools {
-            super::Pools::Sqlite { .. } => {
-                let batcher = self.batcher.as_ref().expect("SQLite has a batcher");
-                let (run_id, error) = (id.as_str().to_owned(), outcome.error.clone());
-                let set = (outcome.status.as_str(), output, error, now);
-                batcher
-                    .write("finishing a run", move |conn| {
-                        blocking::finish(conn, &run_id, epoch, set, rows)
-                    })
-                    .await?
-                    .map_err(|e| db_error("finishing a run", e))?
-            }
+            super::Pools::Sqlite { .. } => self
+                .batcher
+                .as_ref()
+                .expect("SQLite has a batcher")
+                .write("finishing a run", move |conn| {
+                    blocking::finish(conn, &run_id, epoch, changes, rows)
+                })
+                .await?
+                .map_err(|e| db_error("finishing a run", e))?,
             super::Pools::Postgres(_) => with_conn!(self, write, |conn| {
-                let run_id = id.as_str().to_owned();
-                let (status, error) = (outcome.status, outcome.error.clone());
                 conn.transaction(async move |conn| {
                     let row: Option<RunRow> = diesel::update(owned_run(&run_id, epoch))
-                        .set((
-                            runs::status.eq(status.as_str()),
-                            runs::output.eq(output.as_deref()),
-                            runs::error.eq(error.as_deref()),
-                            runs::finished_at.eq(now),
-                            runs::lease_owner.eq(None::<String>),
-                            runs::lease_expires_at.eq(None::<i64>),
-                        ))
+                        .set(changes)
                         .returning(run_columns())
                         .get_result(conn)
                         .await

@@ -322,6 +322,20 @@ pub fn too_large(max_bytes: u64) -> StoreError {
     StoreError::TooLarge(format!("larger than the limit of {max_bytes} bytes"))
 }
 
+/// Every stored flow (latest versions), read page by page.
+pub async fn all_flows(store: &dyn FlowStore) -> StoreResult<Vec<StoredFlow>> {
+    let mut flows = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = store.list(1000, cursor.as_deref()).await?;
+        flows.extend(page.items);
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => return Ok(flows),
+        }
+    }
+}
+
 /// Deletes finished runs created before `before`, in batches of `batch`, pausing `pause`
 /// between batches so that normal work gets the database in between (n8n and Activepieces
 /// users hit pruning that locks the pool). Returns how many runs were deleted.

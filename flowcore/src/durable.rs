@@ -170,12 +170,14 @@ pub async fn execute(
         cancel.clone(),
     )));
     let hand_back = hooks.hand_back.unwrap_or_default();
+    // `run_finished` goes out once the end is stored, so that whoever hears it reads it.
+    let held = HeldFinish::new(hooks.events);
     let execution = engine.execute(
         plan,
         run.input.clone(),
         RunOptions {
             run_id: Some(run.id.clone()),
-            events: hooks.events,
+            events: held.sink(),
             recorder: Some(recorder.clone()),
             resume,
             cancel: Some(cancel.clone()),
@@ -207,17 +209,53 @@ pub async fn execute(
         (Some(offload), Some(output)) => Some(offload.store("output", output).await?),
         (_, output) => output,
     };
-    runs.finish(
-        &run.id,
-        epoch,
-        RunOutcome {
-            status: result.status,
-            output,
-            error: result.error,
-            steps,
-        },
-    )
-    .await
+    let finished = runs
+        .finish(
+            &run.id,
+            epoch,
+            RunOutcome {
+                status: result.status,
+                output,
+                error: result.error,
+                steps,
+            },
+        )
+        .await?;
+    held.release();
+    Ok(finished)
+}
+
+/// Passes a run's events on, except `run_finished`, which waits for [`HeldFinish::release`].
+struct HeldFinish {
+    inner: Option<Arc<dyn EventSink>>,
+    finished: Arc<Mutex<Option<crate::event::RunEvent>>>,
+}
+
+impl HeldFinish {
+    fn new(inner: Option<Arc<dyn EventSink>>) -> Self {
+        Self {
+            inner,
+            finished: Arc::default(),
+        }
+    }
+
+    fn sink(&self) -> Option<Arc<dyn EventSink>> {
+        let inner = self.inner.clone()?;
+        let finished = self.finished.clone();
+        Some(Arc::new(move |event: &crate::event::RunEvent| {
+            if matches!(event, crate::event::RunEvent::RunFinished { .. }) {
+                *lock(&finished) = Some(event.clone());
+            } else {
+                inner.emit(event);
+            }
+        }))
+    }
+
+    fn release(&self) {
+        if let (Some(inner), Some(event)) = (&self.inner, lock(&self.finished).take()) {
+            inner.emit(&event);
+        }
+    }
 }
 
 /// Large outputs go to the blob store; the run store keeps a reference.

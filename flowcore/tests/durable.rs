@@ -9,6 +9,60 @@ async fn durable_runs_on_the_memory_store() {
     flowcore::testkit::durable_runs(Arc::new(MemoryRunStore::new())).await;
 }
 
+/// Whoever hears `run_finished` (an API waiting for a worker's run) reads the run as finished:
+/// the event goes out after the end is stored. It came before it once, and a waiting API
+/// answered 202 `running` for a finished run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_finished_is_announced_after_the_end_is_stored() {
+    use flowcore::durable::{self, DurableOptions, Hooks};
+    use flowcore::ports::{NewRun, RunStore};
+    use flowcore::{Engine, FlowDef, RunEvent, RunId, RunStatus};
+
+    let store = Arc::new(MemoryRunStore::new());
+    let engine = Engine::new();
+    let plan = engine
+        .compile(
+            &FlowDef::from_value(serde_json::json!({"nodes": [{"id": "n", "type": "noop"}]}))
+                .unwrap(),
+        )
+        .unwrap();
+    let options = DurableOptions::new("w");
+    let (run, _) = store
+        .create(NewRun {
+            id: RunId::new(),
+            flow_id: "f".into(),
+            flow_version: 1,
+            input: serde_json::json!({}),
+            idempotency_key: None,
+            claim: Some(options.claim()),
+        })
+        .await
+        .unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = {
+        let (store, seen) = (store.clone(), seen.clone());
+        Arc::new(move |event: &RunEvent| {
+            if let RunEvent::RunFinished { run_id, .. } = event {
+                // The memory store answers without waiting.
+                let stored = futures::FutureExt::now_or_never(store.get(run_id))
+                    .expect("ready")
+                    .unwrap();
+                seen.lock().unwrap().push(stored.status);
+            }
+        })
+    };
+    let runs: Arc<dyn RunStore> = store.clone();
+    let hooks = Hooks {
+        events: Some(sink),
+        ..Hooks::default()
+    };
+    let done = durable::execute(&engine, &plan, &runs, &run, &options, hooks)
+        .await
+        .unwrap();
+    assert_eq!(done.status, RunStatus::Succeeded);
+    assert_eq!(*seen.lock().unwrap(), vec![RunStatus::Succeeded]);
+}
+
 mod commits {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};

@@ -115,6 +115,8 @@ pub struct RedisQueue {
     subscriber_up: Arc<AtomicBool>,
     flow_changes: tokio::sync::broadcast::Sender<String>,
     cancels: tokio::sync::broadcast::Sender<RunId>,
+    finish_waiters: Arc<flowcore::ports::FinishWaiters>,
+    losses: tokio::sync::watch::Sender<u64>,
     _subscriber: Arc<AbortOnDrop>,
 }
 
@@ -283,12 +285,18 @@ impl RedisQueue {
         let channel = format!("{}:q:wake", config.prefix);
         let flow_changes = tokio::sync::broadcast::channel(1024).0;
         let cancels = tokio::sync::broadcast::channel(1024).0;
+        let finish_waiters = flowcore::ports::FinishWaiters::new();
+        let losses = tokio::sync::watch::channel(0).0;
         let channels = Channels {
             wake: channel,
             flows: format!("{}:{FLOWS_CHANNEL}", config.prefix),
             flow_changes: flow_changes.clone(),
             cancel: format!("{}:{CANCEL_CHANNEL}", config.prefix),
             cancels: cancels.clone(),
+            finished: format!("{}:{FINISHED_CHANNEL}", config.prefix),
+            finish_waiters: finish_waiters.clone(),
+            marker: format!("{}:q:marker", config.prefix),
+            losses: losses.clone(),
         };
         let task = tokio::spawn(subscribe(
             client.clone(),
@@ -306,6 +314,8 @@ impl RedisQueue {
             subscriber_up,
             flow_changes,
             cancels,
+            finish_waiters,
+            losses,
             _subscriber: Arc::new(AbortOnDrop(task)),
         };
         queue.ping().await?;
@@ -419,18 +429,42 @@ async fn subscribe(client: Client, channels: Channels, wake: Arc<Notify>, up: Ar
     loop {
         if let Ok(mut pubsub) = client.get_async_pubsub().await
             && pubsub
-                .subscribe(&[&channels.wake, &channels.flows, &channels.cancel])
+                .subscribe(&[
+                    &channels.wake,
+                    &channels.flows,
+                    &channels.cancel,
+                    &channels.finished,
+                ])
                 .await
                 .is_ok()
         {
-            up.store(true, Ordering::Relaxed);
+            // The marker is set by the first process ever to connect; finding it gone means
+            // Redis restarted empty, and the jobs of runs still waiting went with it.
+            let mut conn = client.get_multiplexed_async_connection().await;
+            if let Ok(conn) = conn.as_mut() {
+                let set: Result<Option<String>, _> = redis::cmd("SET")
+                    .arg(&channels.marker)
+                    .arg(1)
+                    .arg("NX")
+                    .query_async(conn)
+                    .await;
+                if matches!(set, Ok(Some(_))) {
+                    channels.losses.send_modify(|n| *n += 1);
+                }
+            }
             // While we were away jobs may have been enqueued and flows changed: let waiters
             // look, and tell caches to drop everything.
             wake.notify_waiters();
             let _ = channels.flow_changes.send(ALL_FLOWS.to_owned());
+            // Connected only now: whoever waits for it sees no more catch-up after.
+            up.store(true, Ordering::Relaxed);
             let mut messages = pubsub.on_message();
             while let Some(message) = messages.next().await {
-                if message.get_channel_name() == channels.flows {
+                if message.get_channel_name() == channels.finished {
+                    if let Ok(run_id) = message.get_payload::<String>() {
+                        channels.finish_waiters.notify(&RunId::from(run_id));
+                    }
+                } else if message.get_channel_name() == channels.flows {
                     if let Ok(flow_id) = message.get_payload::<String>() {
                         let _ = channels.flow_changes.send(flow_id);
                     }
@@ -454,8 +488,15 @@ struct Channels {
     flow_changes: tokio::sync::broadcast::Sender<String>,
     cancel: String,
     cancels: tokio::sync::broadcast::Sender<RunId>,
+    finished: String,
+    finish_waiters: Arc<flowcore::ports::FinishWaiters>,
+    /// A key set once (`SET NX`): when a (re)connection finds it gone, Redis lost its data.
+    marker: String,
+    losses: tokio::sync::watch::Sender<u64>,
 }
 
+/// The pub/sub channel (after the prefix) of finished runs.
+const FINISHED_CHANNEL: &str = "runs:finished";
 /// The pub/sub channel (after the prefix) of flow changes.
 const FLOWS_CHANNEL: &str = "flows:changed";
 /// The pub/sub channel (after the prefix) of cancel requests.
@@ -660,6 +701,10 @@ impl Queue for RedisQueue {
             })
             .collect())
     }
+
+    fn losses(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.losses.subscribe())
+    }
 }
 
 /// The rate limiter shared by all API servers: one atomic script call per request. It uses the
@@ -730,6 +775,30 @@ impl RedisQueue {
     }
 }
 
+impl RedisEventBus {
+    /// Adds an event's `XADD` (its id is the pipeline's answer) and `EXPIRE` to `pipe`.
+    fn append(&self, pipe: &mut redis::Pipeline, event: &flowcore::RunEvent) -> StoreResult<()> {
+        let key = format!("{}:ev:{}", self.queue.prefix, event.run_id());
+        let data = serde_json::to_string(event)
+            .map_err(|e| StoreError::backend("encoding an event", e))?;
+        pipe.cmd("XADD")
+            .arg(&key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(EVENTS_PER_RUN)
+            .arg("*")
+            .arg("name")
+            .arg(event.name())
+            .arg("data")
+            .arg(data)
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(EVENTS_TTL_SECONDS)
+            .ignore();
+        Ok(())
+    }
+}
+
 fn records(reply: redis::streams::StreamReadReply) -> Vec<flowcore::ports::EventRecord> {
     reply
         .keys
@@ -750,31 +819,22 @@ fn records(reply: redis::streams::StreamReadReply) -> Vec<flowcore::ports::Event
 #[async_trait]
 impl flowcore::ports::EventBus for RedisEventBus {
     async fn publish(&self, event: &flowcore::RunEvent) -> StoreResult<String> {
-        let key = format!("{}:ev:{}", self.queue.prefix, event.run_id());
-        let data = serde_json::to_string(event)
-            .map_err(|e| StoreError::backend("encoding an event", e))?;
-        let name = event.name();
+        let mut pipe = redis::pipe();
+        self.append(&mut pipe, event)?;
+        let (id,): (String,) = self
+            .queue
+            .run(|mut conn| async move { pipe.query_async(&mut conn).await })
+            .await?;
+        Ok(id)
+    }
+
+    async fn publish_many(&self, events: &[flowcore::RunEvent]) -> StoreResult<()> {
+        let mut pipe = redis::pipe();
+        for event in events {
+            self.append(&mut pipe, event)?;
+        }
         self.queue
-            .run(|mut conn| async move {
-                let (id,): (String,) = redis::pipe()
-                    .cmd("XADD")
-                    .arg(&key)
-                    .arg("MAXLEN")
-                    .arg("~")
-                    .arg(EVENTS_PER_RUN)
-                    .arg("*")
-                    .arg("name")
-                    .arg(name)
-                    .arg("data")
-                    .arg(&data)
-                    .cmd("EXPIRE")
-                    .arg(&key)
-                    .arg(EVENTS_TTL_SECONDS)
-                    .ignore()
-                    .query_async(&mut conn)
-                    .await?;
-                Ok(id)
-            })
+            .run(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
             .await
     }
 
@@ -842,7 +902,8 @@ impl flowcore::ports::EventBus for RedisEventBus {
 #[derive(Debug, Clone)]
 pub struct RedisFlowChanges(RedisQueue);
 
-/// Cancel requests to every process over the same Redis (pub/sub).
+/// Cancel requests and finished runs to every process over the same Redis (pub/sub); one
+/// subscriber per process wakes the requests waiting there.
 #[derive(Debug, Clone)]
 pub struct RedisRunSignals(RedisQueue);
 
@@ -860,6 +921,12 @@ impl flowcore::ports::RunSignals for RedisRunSignals {
     }
     fn cancels(&self) -> tokio::sync::broadcast::Receiver<RunId> {
         self.0.cancels.subscribe()
+    }
+    async fn finished(&self, run_id: &RunId) -> StoreResult<()> {
+        self.0.publish(FINISHED_CHANNEL, run_id.as_str()).await
+    }
+    fn watch_finished(&self, run_id: &RunId) -> flowcore::ports::FinishWatch {
+        self.0.finish_waiters.watch(run_id)
     }
 }
 

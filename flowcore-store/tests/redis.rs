@@ -183,6 +183,18 @@ async fn redis_restart_loses_nothing_and_clients_reconnect() {
     let mut config = RedisConfig::new(format!("redis://127.0.0.1:{port}"));
     config.command_timeout = Duration::from_millis(500);
     let queue = RedisQueue::connect(config).await.expect("connect");
+    let losses = queue.losses().expect("a Redis queue reports losses");
+    let count_becomes = |n: u64, what: &'static str| {
+        let mut losses = losses.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(15), losses.wait_for(|l| *l == n))
+                .await
+                .unwrap_or_else(|_| panic!("{what}"))
+                .expect("sender alive");
+        }
+    };
+    // An empty Redis at the first connection counts as one (nothing of ours was there).
+    count_becomes(1, "the first connection finds Redis empty").await;
     let mut accepted = Vec::new();
     for _ in 0..20 {
         let run = RunId::new();
@@ -236,6 +248,17 @@ async fn redis_restart_loses_nothing_and_clients_reconnect() {
     leased.sort();
     accepted.sort();
     assert_eq!(leased, accepted, "nothing accepted was lost");
+    assert_eq!(
+        *losses.borrow(),
+        1,
+        "a restart that kept the data is no loss"
+    );
+
+    // Restarted empty: the queue reports the loss, so that runs are enqueued again.
+    drop(_server);
+    std::fs::remove_dir_all(&dir).ok();
+    let _server = Throwaway::start(server.port, &server.dir);
+    count_becomes(2, "a Redis restarted empty is reported").await;
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -299,5 +322,12 @@ async fn flow_changes_cross_processes_through_redis() {
     })
     .await
     .expect("the other process hears the request");
+    // A run announced finished by one process wakes its watch in the other.
+    let done = flowcore::RunId::new();
+    let mut watch = second.run_signals().watch_finished(&done);
+    first.run_signals().finished(&done).await.expect("publish");
+    tokio::time::timeout(Duration::from_secs(5), watch.finished())
+        .await
+        .expect("the other process's watch wakes");
     clean(&prefix).await;
 }

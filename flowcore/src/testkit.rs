@@ -208,10 +208,27 @@ pub async fn run_store(store: &dyn RunStore) {
         expired.contains(&a.id),
         "a lapsed lease shows up for the reaper"
     );
-    let lease2 = store
-        .claim(&a.id, "w2", ttl)
+    let claimed = store
+        .claim_run(&a.id, "w2", ttl)
         .await
         .expect("claim after expiry");
+    let lease2 = claimed
+        .lease
+        .clone()
+        .expect("the claimed run has its lease");
+    assert_eq!(
+        (claimed.status, lease2.owner.as_str(), claimed.epoch),
+        (RunStatus::Running, "w2", lease2.epoch),
+        "claim_run answers the run as claimed"
+    );
+    assert_eq!(claimed.input, a.input, "with the whole run");
+    assert!(
+        matches!(
+            store.claim_run(&a.id, "w3", ttl).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "claim_run refuses a leased run too"
+    );
     assert!(
         lease2.epoch > lease1.epoch,
         "a new owner gets a higher epoch"
@@ -1111,6 +1128,37 @@ pub async fn run_signals(signals: Arc<dyn crate::ports::RunSignals>) {
             .expect("recv"),
         id
     );
+
+    // A finished run wakes its watches, here or in another process, and no other run's.
+    let (done, other) = (RunId::new(), RunId::new());
+    let (mut watch, mut twice, mut untouched) = (
+        signals.watch_finished(&done),
+        signals.watch_finished(&done),
+        signals.watch_finished(&other),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        signals.finished(&done).await.expect("publish");
+        if tokio::time::timeout(Duration::from_millis(100), watch.finished())
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no finish announcement arrived"
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(2), twice.finished())
+        .await
+        .expect("every watch of the run wakes");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), untouched.finished())
+            .await
+            .is_err(),
+        "another run's watch stays asleep"
+    );
 }
 
 /// Pruning in bounded batches: all old finished runs go, live and recent ones stay.
@@ -1491,15 +1539,17 @@ pub async fn event_bus(bus: Arc<dyn crate::ports::EventBus>) {
     })
     .await
     .expect("publish");
-    for i in 0..5u32 {
-        bus.publish(&RunEvent::NodeStarted {
-            run_id: run.clone(),
-            node: Arc::from(format!("n{i}")),
-            attempt: 1,
-        })
-        .await
-        .expect("publish");
+    let node = |i: u32| RunEvent::NodeStarted {
+        run_id: run.clone(),
+        node: Arc::from(format!("n{i}")),
+        attempt: 1,
+    };
+    for i in 0..2u32 {
+        bus.publish(&node(i)).await.expect("publish");
     }
+    bus.publish_many(&[node(2), node(3), node(4)])
+        .await
+        .expect("publish a batch");
     let all = bus.read(&run, None, Duration::ZERO).await.expect("read");
     assert_eq!(all.len(), 6, "runs are apart: {all:?}");
     let nodes: Vec<&str> = all[1..]

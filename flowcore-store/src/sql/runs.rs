@@ -529,9 +529,15 @@ impl RunStore for SqlStore {
     }
 
     async fn claim(&self, id: &RunId, owner: &str, ttl: Duration) -> StoreResult<Lease> {
+        let run = self.claim_run(id, owner, ttl).await?;
+        run.lease
+            .ok_or_else(|| StoreError::Invalid(format!("run `{id}` was claimed without a lease")))
+    }
+
+    async fn claim_run(&self, id: &RunId, owner: &str, ttl: Duration) -> StoreResult<RunRecord> {
         let now = micros(Utc::now());
         let expires = now.saturating_add(ttl_micros(ttl));
-        let epoch: Option<i64> = with_conn!(self, write, |conn| {
+        let row: Option<RunRow> = with_conn!(self, write, |conn| {
             diesel::update(
                 runs::table.filter(runs::id.eq(id.as_str())).filter(
                     runs::status.eq("queued").or(runs::status.eq("running").and(
@@ -550,18 +556,14 @@ impl RunStore for SqlStore {
                     diesel::sql_types::Nullable<diesel::sql_types::BigInt>,
                 >(&format!("COALESCE(started_at, {now})"))),
             ))
-            .returning(runs::epoch)
+            .returning(run_columns())
             .get_result(conn)
             .await
             .optional()
             .map_err(|e| db_error("claiming a run", e))?
         });
-        match epoch {
-            Some(epoch) => Ok(Lease {
-                owner: owner.to_owned(),
-                expires_at: from_micros(expires),
-                epoch: epoch as u64,
-            }),
+        match row {
+            Some(row) => record(row),
             None => match self.get_row(id.as_str()).await? {
                 Some(run) => Err(StoreError::Conflict(format!(
                     "run `{id}` is {} and not claimable",

@@ -2,7 +2,7 @@
 //! embed flowcore with no servers. They keep everything in the process and lose it on exit.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -1190,21 +1190,34 @@ impl FlowChanges for MemoryFlowChanges {
 
 /// Run signals within one process.
 #[derive(Debug)]
-pub struct MemoryRunSignals(tokio::sync::broadcast::Sender<RunId>);
+pub struct MemoryRunSignals {
+    cancels: tokio::sync::broadcast::Sender<RunId>,
+    waiters: Arc<super::FinishWaiters>,
+}
 
 impl Default for MemoryRunSignals {
     fn default() -> Self {
-        Self(tokio::sync::broadcast::channel(1024).0)
+        Self {
+            cancels: tokio::sync::broadcast::channel(1024).0,
+            waiters: super::FinishWaiters::new(),
+        }
     }
 }
 
 #[async_trait]
 impl super::RunSignals for MemoryRunSignals {
     async fn cancel(&self, run_id: &RunId) -> StoreResult<()> {
-        let _ = self.0.send(run_id.clone());
+        let _ = self.cancels.send(run_id.clone());
         Ok(())
     }
     fn cancels(&self) -> tokio::sync::broadcast::Receiver<RunId> {
-        self.0.subscribe()
+        self.cancels.subscribe()
+    }
+    async fn finished(&self, run_id: &RunId) -> StoreResult<()> {
+        self.waiters.notify(run_id);
+        Ok(())
+    }
+    fn watch_finished(&self, run_id: &RunId) -> super::FinishWatch {
+        self.waiters.watch(run_id)
     }
 }

@@ -165,6 +165,12 @@ pub trait RunStore: Send + Sync {
     /// Takes ownership of a run to execute it: a queued run, or a running one whose lease has
     /// expired. Sets `running`, a lease for `ttl` and a new epoch. `Conflict` otherwise.
     async fn claim(&self, id: &RunId, owner: &str, ttl: Duration) -> StoreResult<Lease>;
+    /// [`claim`](Self::claim), answering the claimed run (its `lease` set): what a worker
+    /// needs to execute it, in one round trip where the backend can.
+    async fn claim_run(&self, id: &RunId, owner: &str, ttl: Duration) -> StoreResult<RunRecord> {
+        self.claim(id, owner, ttl).await?;
+        self.get(id).await
+    }
     /// Claims the oldest claimable run (queued, or running with an expired lease), if any: the
     /// way a reaper recovers runs whose worker died, and a queue of last resort. Concurrent
     /// callers never get the same run (PostgreSQL: `FOR UPDATE SKIP LOCKED`).
@@ -263,6 +269,13 @@ pub trait Queue: Send + Sync {
     async fn depth(&self, group: &str) -> StoreResult<QueueDepth>;
     /// Jobs in a group's dead-letter list.
     async fn dead_letters(&self, group: &str, limit: usize) -> StoreResult<Vec<Job>>;
+    /// How many times this process found the backend had lost its jobs (a Redis that
+    /// restarted without persistence): when it grows, the runs waiting in the run store must be
+    /// enqueued again. `None` (the default) for a queue that cannot lose jobs while its process
+    /// lives.
+    fn losses(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// Whether `key` is acceptable as a blob key: segments of `[A-Za-z0-9._-]` joined by `/`, no
@@ -545,6 +558,14 @@ pub struct EventRecord {
 pub trait EventBus: Send + Sync {
     /// Appends an event to its run's log and returns its id.
     async fn publish(&self, event: &crate::event::RunEvent) -> StoreResult<String>;
+    /// Appends events in order, in one round trip where the backend can (the default
+    /// publishes them one by one).
+    async fn publish_many(&self, events: &[crate::event::RunEvent]) -> StoreResult<()> {
+        for event in events {
+            self.publish(event).await?;
+        }
+        Ok(())
+    }
     /// Events of `run_id` after the id `after` (from the start when `None`), waiting up to
     /// `wait` for the first one. An empty list means none came in time.
     async fn read(
@@ -573,10 +594,13 @@ impl BusSink {
     pub fn new(bus: std::sync::Arc<dyn EventBus>) -> Self {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<crate::event::RunEvent>();
         tokio::spawn(async move {
-            while let Some(event) = rx.recv().await {
-                if let Err(e) = bus.publish(&event).await {
-                    tracing::warn!(run_id = %event.run_id(), error = %e, "could not publish a run event");
+            // What piled up while the last batch was out goes in the next one.
+            let mut batch = Vec::with_capacity(16);
+            while rx.recv_many(&mut batch, 256).await > 0 {
+                if let Err(e) = bus.publish_many(&batch).await {
+                    tracing::warn!(run_id = %batch[0].run_id(), events = batch.len(), error = %e, "could not publish run events");
                 }
+                batch.clear();
             }
         });
         Self { tx }
@@ -598,6 +622,114 @@ pub trait RunSignals: Send + Sync {
     async fn cancel(&self, run_id: &RunId) -> StoreResult<()>;
     /// A receiver of the runs to cancel.
     fn cancels(&self) -> tokio::sync::broadcast::Receiver<RunId>;
+    /// Tells every process that `run_id` ended, once its end is stored: their
+    /// [`watch_finished`](Self::watch_finished) watches of it wake up.
+    async fn finished(&self, run_id: &RunId) -> StoreResult<()>;
+    /// A watch of `run_id` in this process that wakes when any process says it
+    /// [`finished`](Self::finished). Take it before the run can end (before enqueueing it).
+    /// Best effort like the rest: a waiter also checks the store now and then.
+    fn watch_finished(&self, run_id: &RunId) -> FinishWatch;
+}
+
+/// The runs that requests of this process wait for, keyed by run, each woken once by
+/// [`FinishWaiters::notify`]. A backend of [`RunSignals`] holds one and calls `notify` for every
+/// finished run it hears of; runs nobody here waits for cost a map lookup.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// use flowcore::RunId;
+/// use flowcore::ports::FinishWaiters;
+///
+/// let waiters = FinishWaiters::new();
+/// let id = RunId::new();
+/// let mut watch = waiters.watch(&id);
+/// waiters.notify(&id);
+/// watch.finished().await; // at once: the run was announced
+/// assert_eq!(waiters.len(), 1);
+/// drop(watch);
+/// assert_eq!(waiters.len(), 0);
+/// # });
+/// ```
+#[derive(Debug, Default)]
+pub struct FinishWaiters(std::sync::Mutex<std::collections::HashMap<RunId, Watched>>);
+
+#[derive(Debug)]
+struct Watched {
+    done: tokio::sync::watch::Sender<bool>,
+    watches: usize,
+}
+
+impl FinishWaiters {
+    /// No waiters yet.
+    pub fn new() -> std::sync::Arc<Self> {
+        std::sync::Arc::default()
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<RunId, Watched>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts watching `run_id`; the watch is forgotten when dropped.
+    pub fn watch(self: &std::sync::Arc<Self>, run_id: &RunId) -> FinishWatch {
+        let mut map = self.map();
+        let entry = map.entry(run_id.clone()).or_insert_with(|| Watched {
+            done: tokio::sync::watch::channel(false).0,
+            watches: 0,
+        });
+        entry.watches += 1;
+        FinishWatch {
+            done: entry.done.subscribe(),
+            run_id: run_id.clone(),
+            waiters: self.clone(),
+        }
+    }
+
+    /// Wakes the watches of `run_id`, if any.
+    pub fn notify(&self, run_id: &RunId) {
+        if let Some(watched) = self.map().get(run_id) {
+            watched.done.send_replace(true);
+        }
+    }
+
+    /// How many runs are watched.
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    /// Whether no run is watched.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A watch of one run, from [`RunSignals::watch_finished`] or [`FinishWaiters::watch`].
+#[derive(Debug)]
+pub struct FinishWatch {
+    done: tokio::sync::watch::Receiver<bool>,
+    run_id: RunId,
+    waiters: std::sync::Arc<FinishWaiters>,
+}
+
+impl FinishWatch {
+    /// Resolves once the run was announced finished (at once if it already was).
+    pub async fn finished(&mut self) {
+        // The sender lives while this watch does, so this only ends by the announcement.
+        let _ = self.done.wait_for(|done| *done).await;
+    }
+}
+
+impl Drop for FinishWatch {
+    fn drop(&mut self) {
+        let mut map = self.waiters.map();
+        if let Some(watched) = map.get_mut(&self.run_id) {
+            watched.watches -= 1;
+            if watched.watches == 0 {
+                map.remove(&self.run_id);
+            }
+        }
+    }
 }
 
 /// Announces flow changes to every process, so that caches of compiled flows drop stale entries.

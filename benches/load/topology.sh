@@ -1,50 +1,48 @@
 #!/usr/bin/env bash
-# Load run of issue 6 (first look): one `api` and one `worker` process on the machine's
-# PostgreSQL and Redis (a fresh database and key prefix, dropped afterwards), the greet flow
-# through the api's sync webhook, 32 connections. Loopback only.
+# Load run of the production topology: APIS api and WORKERS worker processes started by
+# deploy/local/topology.sh (PostgreSQL, Redis and S3 as there), the greet flow through the api
+# processes' sync webhooks, 32 connections spread over them, every run durable. Prints wrk's
+# figures per api process, the total, and the enqueue-to-start latency from the database.
 #
 #   cargo build --release -p flowcore-server
-#   benches/load/topology.sh [path/to/flowcore] [seconds]
+#   benches/load/topology.sh [path/to/flowcore] [seconds] [apis] [workers]
 #
-# Needs wrk, psql and redis-cli. FLOWCORE_BENCH_POSTGRES_URL / FLOWCORE_BENCH_REDIS_URL override
-# the servers.
+# Needs wrk, psql, redis-cli, curl. Loopback only.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
-bin=${1:-${CARGO_TARGET_DIR:-$here/target}/release/flowcore}
-seconds=${2:-10}
-pg=${FLOWCORE_BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432}
-db=flowcore_bench_$(date +%s)_$$
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-api_port=$(free_port)
-worker_port=$(free_port)
-dir=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  psql "$pg/postgres" -XAtqc "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true
-  redis-cli -u "${FLOWCORE_BENCH_REDIS_URL:-redis://127.0.0.1:6379}" --scan --pattern "$db:*" \
-    | xargs -r redis-cli -u "${FLOWCORE_BENCH_REDIS_URL:-redis://127.0.0.1:6379}" del >/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-psql "$pg/postgres" -XAtqc "CREATE DATABASE $db"
-export DATABASE_URL=$pg/$db REDIS_URL=${FLOWCORE_BENCH_REDIS_URL:-redis://127.0.0.1:6379}
-export FLOWCORE_REDIS_PREFIX=$db FLOWCORE_DATA_DIR=$dir FLOWCORE_ADMIN_KEY=k RUST_LOG=warn
-export FLOWCORE_ENCRYPTION_KEY=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
-FLOWCORE_ROLE=api FLOWCORE_BIND=127.0.0.1:$api_port "$bin" serve 2>"$dir/api.log" &
-pids+=($!)
-until curl -fs "127.0.0.1:$api_port/healthz" >/dev/null; do sleep 0.01; done
-FLOWCORE_ROLE=worker FLOWCORE_BIND=127.0.0.1:$worker_port WORKER_CONCURRENCY=64 "$bin" serve 2>"$dir/worker.log" &
-pids+=($!)
-until curl -fs "127.0.0.1:$worker_port/healthz" >/dev/null; do sleep 0.01; done
-curl -fs -X POST "127.0.0.1:$api_port/api/v1/flows" -H 'x-api-key: k' -H 'content-type: application/json' \
-  -d @"$here/examples/flows/greet.json" >/dev/null
-curl -fs -X POST "127.0.0.1:$api_port/webhooks/greet" -H 'content-type: application/json' -d '{"name":"ada","n":7}'
-echo
-cat > "$dir/post.lua" <<'LUA'
-wrk.method = "POST"
-wrk.body = '{"name": "ada", "n": 7}'
-wrk.headers["Content-Type"] = "application/json"
-LUA
-wrk -t2 -c32 -d"${seconds}s" --latency -s "$dir/post.lua" "http://127.0.0.1:$api_port/webhooks/greet"
+bin=$(realpath "${1:-${CARGO_TARGET_DIR:-$here/target}/release/flowcore}")
+export SECONDS_OF_LOAD=${2:-10} FLOWCORE_APIS=${3:-1} FLOWCORE_WORKERS=${4:-1}
+export WORKER_CONCURRENCY=${WORKER_CONCURRENCY:-64} RUST_LOG=warn RATE_LIMIT_PER_MINUTE=0
+export GREET=$here/examples/flows/greet.json
+# shellcheck disable=SC2016
+export FLOWCORE_TOPOLOGY_READY='
+set -euo pipefail
+urls=($FLOWCORE_API_URLS)
+curl -fs -X POST "${urls[0]}/api/v1/flows" -H "x-api-key: $FLOWCORE_ADMIN_KEY" \
+  -H "content-type: application/json" -d @"$GREET" >/dev/null
+sleep 1 # every process hears of the new flow
+for u in "${urls[@]}"; do curl -fs -X POST "$u/webhooks/greet" -H "content-type: application/json" -d "{\"name\":\"ada\",\"n\":7}"; echo; done
+lua=$(mktemp)
+printf "wrk.method = \"POST\"\nwrk.body = %s\nwrk.headers[\"Content-Type\"] = \"application/json\"\n" "[[{\"name\": \"ada\", \"n\": 7}]]" > "$lua"
+conns=$(( 32 / ${#urls[@]} ))
+outs=()
+for u in "${urls[@]}"; do
+  out=$(mktemp); outs+=("$out")
+  wrk -t1 -c"$conns" -d"${SECONDS_OF_LOAD}s" --latency -s "$lua" "$u/webhooks/greet" > "$out" &
+done
+wait
+total=0
+for out in "${outs[@]}"; do
+  grep -E "Requests/sec|50%|99%|Non-2xx|Socket errors" "$out"
+  total=$(awk -v t="$total" "/Requests\/sec/ { print t + \$2 }" "$out")
+done
+echo "total requests/s: $total"
+sleep 2 # runs in flight when wrk stopped
+psql "$DATABASE_URL" -XAtc "SELECT count(*) AS runs,
+  round(avg(started_at - created_at) / 1000.0, 2) AS enqueue_to_start_avg_ms,
+  round((percentile_cont(0.5) WITHIN GROUP (ORDER BY started_at - created_at) / 1000.0)::numeric, 2) AS p50_ms,
+  round((percentile_cont(0.99) WITHIN GROUP (ORDER BY started_at - created_at) / 1000.0)::numeric, 2) AS p99_ms,
+  count(*) FILTER (WHERE status <> '\''succeeded'\'') AS not_succeeded
+  FROM runs" | awk -F"|" "{ print \"runs \" \$1 \"; enqueue to start: avg \" \$2 \" ms, p50 \" \$3 \" ms, p99 \" \$4 \" ms; not succeeded: \" \$5 }"
+'
+exec "$here/deploy/local/topology.sh" "$bin"

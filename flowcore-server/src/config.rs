@@ -106,6 +106,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "25",
         "on SIGTERM, how long runs may finish before they are handed back to the queue",
     ),
+    (
+        "FLOWCORE_LEASE_SECONDS",
+        "30",
+        "a worker's hold on a run, renewed every third of it; a dead worker's runs move on after it",
+    ),
 ];
 
 /// The server's configuration.
@@ -147,6 +152,8 @@ pub struct Config {
     pub quota_runs_per_day: u64,
     /// `FLOWCORE_SHUTDOWN_GRACE_SECONDS` (25).
     pub shutdown_grace_seconds: u64,
+    /// `FLOWCORE_LEASE_SECONDS` (30).
+    pub lease_seconds: u64,
     /// `MAX_RUN_LOG_SIZE_MB` (50).
     pub max_run_log_mb: u64,
     /// `NUMBER_OF_PROXIES` (0).
@@ -189,6 +196,7 @@ impl fmt::Debug for Config {
             .field("rate_limit_per_minute", &self.rate_limit_per_minute)
             .field("quota_runs_per_day", &self.quota_runs_per_day)
             .field("shutdown_grace_seconds", &self.shutdown_grace_seconds)
+            .field("lease_seconds", &self.lease_seconds)
             .finish()
     }
 }
@@ -221,6 +229,12 @@ impl Env {
 }
 
 impl Config {
+    /// `FLOWCORE_LEASE_SECONDS` as a duration: how long a worker holds a run (and its queue
+    /// job) without renewing it.
+    pub fn lease(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.lease_seconds)
+    }
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_vars(std::env::vars())
@@ -398,6 +412,12 @@ impl Config {
                 25u64,
                 |v| *v <= 3600,
                 "a number of seconds up to 3600",
+            )?,
+            lease_seconds: env.parse(
+                "FLOWCORE_LEASE_SECONDS",
+                30u64,
+                |v| (2..=3600).contains(v),
+                "a number of seconds from 2 to 3600",
             )?,
             data_dir,
         })

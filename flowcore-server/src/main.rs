@@ -33,6 +33,14 @@ enum Command {
     /// key file of the data dir, a new key is generated (older ones stay in the file, readable);
     /// with FLOWCORE_ENCRYPTION_KEY, put the new key first in the variable, then run this.
     RotateKey,
+    /// Asks the server on this machine whether it is ready (`GET /readyz` on FLOWCORE_BIND's
+    /// port, or `--url`): exits 0 when it answers 200, for container health checks (the
+    /// runtime image has no curl).
+    Health {
+        /// The URL to ask instead, `http://host:port/path`.
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Checks a flow file: prints "ok", or every problem one a line and exits 1.
     Validate {
         /// The flow's JSON file.
@@ -97,6 +105,7 @@ fn main() -> ExitCode {
         Command::Migrate => with_runtime(migrate()),
         Command::ApiKey(ApiKeyCommand::Create { name }) => with_runtime(api_key_create(name)),
         Command::RotateKey => with_runtime(rotate_key()),
+        Command::Health { url } => health(url.as_deref()),
         Command::Validate { flow } => validate(&flow),
         Command::Run {
             flow,
@@ -120,6 +129,55 @@ fn main() -> ExitCode {
                 quiet,
             ))
         }
+    }
+}
+
+/// `flowcore health`. A plain HTTP/1.1 GET over a socket: the target is the server on this
+/// machine, over plain HTTP, so an HTTP client (and its TLS setup) would add nothing.
+fn health(url: Option<&str>) -> ExitCode {
+    use std::io::{Read, Write};
+    let (address, path) = match url {
+        Some(url) => {
+            let Some(rest) = url.strip_prefix("http://") else {
+                return fail(format!("--url: `{url}` is not an http:// URL"));
+            };
+            match rest.split_once('/') {
+                Some((a, p)) => (a.to_owned(), format!("/{p}")),
+                None => (rest.to_owned(), "/".to_owned()),
+            }
+        }
+        None => {
+            let bind = std::env::var("FLOWCORE_BIND").unwrap_or_else(|_| "127.0.0.1:3000".into());
+            let Some((_, port)) = bind.rsplit_once(':') else {
+                return fail(format!("FLOWCORE_BIND: `{bind}` has no port"));
+            };
+            (format!("127.0.0.1:{port}"), "/readyz".to_owned())
+        }
+    };
+    let timeout = std::time::Duration::from_secs(5);
+    let answer = (|| -> std::io::Result<String> {
+        use std::net::ToSocketAddrs;
+        let target = address
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| std::io::Error::other("no address"))?;
+        let mut sock = std::net::TcpStream::connect_timeout(&target, timeout)?;
+        sock.set_read_timeout(Some(timeout))?;
+        write!(
+            sock,
+            "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut out = String::new();
+        sock.take(64 * 1024).read_to_string(&mut out)?;
+        Ok(out)
+    })();
+    match answer {
+        Ok(out) if out.get(9..12) == Some("200") => ExitCode::SUCCESS,
+        Ok(out) => fail(format!(
+            "{address}{path} answered: {}",
+            out.lines().next().unwrap_or("nothing")
+        )),
+        Err(e) => fail(format!("{address}{path}: {e}")),
     }
 }
 

@@ -70,6 +70,7 @@ pub fn durable_options(state: &AppState) -> DurableOptions {
         // 200 ms.
         checkpoint: Checkpoint::Batched(Duration::from_millis(200)),
         blobs: Some(Arc::new(state.blobs.clone())),
+        lease_ttl: state.config.lease(),
         ..DurableOptions::new(state.worker_name.clone())
     }
 }
@@ -90,32 +91,44 @@ pub async fn execute(
 /// handed to another worker: something in it kills workers.
 pub const MAX_OWNERS: u64 = 5;
 
-/// Fails a run that [`MAX_OWNERS`] workers lost in a row.
-async fn give_up(state: &AppState, run: &RunRecord) -> Result<(), StoreError> {
-    let lease = match RunStore::claim(
-        &state.sql,
-        &run.id,
-        &state.worker_name,
-        Duration::from_secs(30),
-    )
-    .await
-    {
-        Ok(lease) => lease,
-        // Someone took it meanwhile, or it ended.
-        Err(StoreError::Conflict(_) | StoreError::NotFound { .. }) => return Ok(()),
-        Err(e) => return Err(e),
-    };
+/// Fails a queued run, or a running one whose lease lapsed, with `error` (claimed first, so
+/// that a worker that took it meanwhile is left alone). Returns whether it was failed here.
+pub async fn fail_run(state: &AppState, id: &RunId, error: String) -> Result<bool, StoreError> {
+    let lease =
+        match RunStore::claim(&state.sql, id, &state.worker_name, state.config.lease()).await {
+            Ok(lease) => lease,
+            // Someone took it meanwhile, or it ended.
+            Err(StoreError::Conflict(_) | StoreError::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
     let outcome = flowcore::ports::RunOutcome {
         status: flowcore::RunStatus::Failed,
-        error: Some(format!(
-            "the run was lost by {} workers in a row (their leases lapsed); not retried again",
-            run.epoch
-        )),
+        error: Some(error),
         ..Default::default()
     };
-    RunStore::finish(&state.sql, &run.id, lease.epoch, outcome).await?;
-    tracing::warn!(run_id = %run.id, "a run lost by too many workers was failed");
+    RunStore::finish(&state.sql, id, lease.epoch, outcome).await?;
+    announce_finished(state, id).await;
+    Ok(true)
+}
+
+/// Fails a run that [`MAX_OWNERS`] workers lost in a row.
+async fn give_up(state: &AppState, run: &RunRecord) -> Result<(), StoreError> {
+    let error = format!(
+        "the run was lost by {} workers in a row (their leases lapsed); not retried again",
+        run.epoch
+    );
+    if fail_run(state, &run.id, error).await? {
+        tracing::warn!(run_id = %run.id, "a run lost by too many workers was failed");
+    }
     Ok(())
+}
+
+/// Tells every process that a run ended (its end is stored), waking the requests waiting
+/// for it; a lost announcement only delays them until they read the store.
+pub async fn announce_finished(state: &AppState, run_id: &RunId) {
+    if let Err(e) = state.signals.finished(run_id).await {
+        tracing::warn!(run_id = %run_id, error = %e, "could not announce a finished run");
+    }
 }
 
 /// The worker group whose queue a run goes to: its flow's, else this process's.
@@ -131,9 +144,21 @@ pub async fn group_of(state: &AppState, run: &RunRecord) -> String {
 
 /// Puts back in the queue the runs whose owner is gone (lease expired), and with
 /// `queued_too` every run waiting in the database (an in-process queue starts empty after a
-/// restart). A run already in the queue is delivered again at worst, and its claim refused.
-/// Returns how many runs were enqueued.
+/// restart; a Redis may restart empty). A run already in the queue is delivered again at worst,
+/// and its claim refused. Returns how many runs were enqueued.
 pub async fn recover(state: &AppState, queued_too: bool) -> Result<usize, StoreError> {
+    recover_except(state, queued_too, &mut HashMap::new()).await
+}
+
+/// [`recover`], leaving out the runs in `recent` enqueued less than a lease ago (a run whose
+/// group has no worker is not enqueued again every pass), and adding those it enqueues.
+async fn recover_except(
+    state: &AppState,
+    queued_too: bool,
+    recent: &mut HashMap<RunId, std::time::Instant>,
+) -> Result<usize, StoreError> {
+    let lease = state.config.lease();
+    recent.retain(|_, at| at.elapsed() < lease);
     let mut ids: Vec<RunId> = RunStore::expired(&state.sql, chrono::Utc::now(), 1000).await?;
     if queued_too {
         let mut filter = flowcore::ports::RunFilter {
@@ -150,8 +175,20 @@ pub async fn recover(state: &AppState, queued_too: bool) -> Result<usize, StoreE
             }
         }
     }
+    recover_ids(state, ids, recent).await
+}
+
+/// Enqueues `ids` but those in `recent`, failing those lost by too many owners.
+async fn recover_ids(
+    state: &AppState,
+    ids: Vec<RunId>,
+    recent: &mut HashMap<RunId, std::time::Instant>,
+) -> Result<usize, StoreError> {
     let mut count = 0;
     for id in ids {
+        if recent.contains_key(&id) {
+            continue;
+        }
         let run = match RunStore::get(&state.sql, &id).await {
             Ok(run) => run,
             Err(StoreError::NotFound { .. }) => continue,
@@ -163,9 +200,53 @@ pub async fn recover(state: &AppState, queued_too: bool) -> Result<usize, StoreE
         }
         let group = group_of(state, &run).await;
         state.queue.enqueue(&group, &id, None).await?;
+        recent.insert(id, std::time::Instant::now());
         count += 1;
     }
     Ok(count)
+}
+
+/// How far back a process starting looks for runs left queued without a job.
+const ORPHANS_BEFORE_START: Duration = Duration::from_secs(600);
+
+/// The runs still `queued` that turned a lease old since `since` (moved on to now minus a
+/// lease). An api process that dies between storing a run and enqueuing it leaves the run
+/// without a job, and a Redis that restarts empty loses the jobs of all waiting runs; sweeping
+/// each queued run once as it passes that age finds them. A run that only waits behind a
+/// backlog gets one extra job per sweeping process, whose claim is refused.
+async fn orphans(
+    state: &AppState,
+    since: &mut chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<RunId>, StoreError> {
+    let until = chrono::Utc::now()
+        - chrono::Duration::from_std(state.config.lease()).unwrap_or(chrono::Duration::MAX);
+    if until <= *since {
+        return Ok(Vec::new());
+    }
+    let mut filter = flowcore::ports::RunFilter {
+        status: Some(flowcore::RunStatus::Queued),
+        limit: 500,
+        ..Default::default()
+    };
+    let mut found = Vec::new();
+    // Newest first: skip the young ones, stop at the ones swept before.
+    'pages: loop {
+        let page = RunStore::list(&state.sql, &filter).await?;
+        for run in page.items {
+            if run.created_at <= *since {
+                break 'pages;
+            }
+            if run.created_at <= until {
+                found.push(run.id);
+            }
+        }
+        match page.next_cursor {
+            Some(c) => filter.cursor = Some(c),
+            None => break,
+        }
+    }
+    *since = until;
+    Ok(found)
 }
 
 /// Cancels the runs executing here that any process asks to cancel, until `shutdown`.
@@ -190,17 +271,47 @@ pub async fn obey_cancels(state: Arc<AppState>, shutdown: CancellationToken) {
     }
 }
 
-/// Recovers runs (see [`recover`]) at start and every `every` until `shutdown`.
+/// Recovers runs (see [`recover`]) at start and every `every` until `shutdown`: the queued
+/// ones too at start with an in-process queue and whenever the queue lost its jobs, and with a
+/// shared queue the queued runs left without a job (see [`orphans`]).
 pub async fn reap(state: Arc<AppState>, every: Duration, shutdown: CancellationToken) {
-    let mut first = true;
+    let mut recent = HashMap::new();
+    let losses = state.queue.losses();
+    let (mut handled, mut first) = (0, true);
+    let mut swept = chrono::Utc::now()
+        - chrono::Duration::from_std(ORPHANS_BEFORE_START).unwrap_or(chrono::Duration::MAX);
     loop {
-        let queued_too = first && state.config.redis_url.is_none();
-        match recover(&state, queued_too).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(runs = n, "runs recovered into the queue"),
+        let lost = losses.as_ref().map_or(0, |l| *l.borrow());
+        let queued_too = (first && state.config.redis_url.is_none()) || lost > handled;
+        if queued_too {
+            // Everything waiting goes back, whatever was enqueued lately.
+            recent.clear();
+        }
+        match recover_except(&state, queued_too, &mut recent).await {
+            Ok(n) => {
+                (handled, first) = (lost, false);
+                if n > 0 {
+                    tracing::info!(runs = n, "runs recovered into the queue");
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "recovering runs failed; retrying"),
         }
-        first = false;
+        if state.config.redis_url.is_some() {
+            let mut since = swept;
+            let swept_now = async {
+                let ids = orphans(&state, &mut since).await?;
+                recover_ids(&state, ids, &mut recent).await
+            };
+            match swept_now.await {
+                Ok(n) => {
+                    swept = since;
+                    if n > 0 {
+                        tracing::info!(runs = n, "queued runs without a job enqueued again");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "sweeping queued runs failed; retrying"),
+            }
+        }
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(every) => {}
@@ -260,6 +371,9 @@ async fn execute_inner(
     let status = result
         .as_ref()
         .map_or(flowcore::RunStatus::Failed, |r| r.status);
+    if status.is_final() && result.is_ok() {
+        announce_finished(state, &run.id).await;
+    }
     state
         .metrics
         .run_finished(status, started.elapsed().as_secs_f64());
@@ -271,7 +385,7 @@ async fn execute_inner(
 /// `shutdown` fires.
 pub async fn work(state: Arc<AppState>, shutdown: CancellationToken) {
     let slots = Arc::new(Semaphore::new(state.config.worker_concurrency));
-    let ttl = Duration::from_secs(30);
+    let ttl = state.config.lease();
     loop {
         let free = slots.available_permits();
         if free == 0 {
@@ -321,25 +435,22 @@ async fn run_job(state: &AppState, job: LeasedJob, ttl: Duration) {
         })
     };
     let token = state.running.insert(&run_id);
-    let outcome = match RunStore::claim(
+    let outcome = match RunStore::claim_run(
         &state.sql,
         &run_id,
         &state.worker_name,
-        Duration::from_secs(30),
+        state.config.lease(),
     )
     .await
     {
-        Ok(_) => match RunStore::get(&state.sql, &run_id).await {
-            Ok(run) => match execute(state, run, token).await {
-                // Handed back by a shutdown: due again at once, for another worker.
-                Ok(done) if done.status == flowcore::RunStatus::Queued => {
-                    heartbeat.abort();
-                    let _ = state.queue.nack(&job, None).await;
-                    return;
-                }
-                other => other.map(|_| ()),
-            },
-            Err(e) => Err(e),
+        Ok(run) => match execute(state, run, token).await {
+            // Handed back by a shutdown: due again at once, for another worker.
+            Ok(done) if done.status == flowcore::RunStatus::Queued => {
+                heartbeat.abort();
+                let _ = state.queue.nack(&job, None).await;
+                return;
+            }
+            other => other.map(|_| ()),
         },
         // Finished, cancelled or owned by a live worker: nothing to do for this delivery.
         Err(StoreError::Conflict(_) | StoreError::NotFound { .. }) => Ok(()),

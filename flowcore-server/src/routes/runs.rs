@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use flowcore::durable::resolve;
-use flowcore::ports::{NewRun, RunFilter, RunRecord, RunStore};
+use flowcore::ports::{FinishWatch, NewRun, RunFilter, RunRecord, RunStore};
 use flowcore::{RunId, RunStatus};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -134,32 +134,56 @@ pub async fn start_run(
         };
     }
     let group = plan.worker_group().unwrap_or(&state.config.worker_group);
-    state.queue.enqueue(group, &run.id, None).await?;
-    if !wait {
+    // Watched before it is enqueued, so that its end cannot pass unseen.
+    let watch = wait.then(|| state.signals.watch_finished(&run.id));
+    if let Err(e) = state.queue.enqueue(group, &run.id, None).await {
+        // Not accepted: the caller gets the error, and the run must not wait for ever for a
+        // job that does not exist (unless the enqueue went through after all and a worker has
+        // it already).
+        let failed = crate::worker::fail_run(
+            state,
+            &run.id,
+            "the queue was unavailable when the run was started".into(),
+        )
+        .await;
+        if let Err(f) = failed {
+            tracing::warn!(run_id = %run.id, error = %f, "could not fail a run that was not enqueued");
+        }
+        return Err(e.into());
+    }
+    let Some(watch) = watch else {
         // As accepted: a fast worker may already be done, but the caller asked not to wait.
         return answer(state, &run).await;
-    }
-    wait_for_end(state, &run.id, limit).await;
-    answer(state, &RunStore::get(&state.sql, &run.id).await?).await
+    };
+    answer(
+        state,
+        &wait_until_final(state, &run.id, watch, limit).await?,
+    )
+    .await
 }
 
-/// Follows the run's events until it finishes or `limit` passes.
-async fn wait_for_end(state: &Shared, run_id: &RunId, limit: Duration) {
+/// Waits until the run is final or `limit` passes and returns it as stored. Woken by the run's
+/// finish announcement from whichever process executes it; the store is also read every second,
+/// in case an announcement was lost (a Redis reconnect).
+async fn wait_until_final(
+    state: &Shared,
+    run_id: &RunId,
+    mut watch: FinishWatch,
+    limit: Duration,
+) -> Result<RunRecord, ApiError> {
     let until = tokio::time::Instant::now() + limit;
-    let mut after: Option<String> = None;
     loop {
         let left = until.saturating_duration_since(tokio::time::Instant::now());
-        if left.is_zero() {
-            return;
+        let announced = tokio::time::timeout(left.min(Duration::from_secs(1)), watch.finished())
+            .await
+            .is_ok();
+        let run = RunStore::get(&state.sql, run_id).await?;
+        if run.status.is_final() || tokio::time::Instant::now() >= until {
+            return Ok(run);
         }
-        match state.events.read(run_id, after.as_deref(), left).await {
-            Ok(events) => {
-                if events.iter().any(|e| e.name == "run_finished") {
-                    return;
-                }
-                after = events.last().map(|e| e.id.clone()).or(after);
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        if announced {
+            // Announced but not final as read: keep reading, gently.
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -265,6 +289,7 @@ pub(crate) async fn cancel(
             let run =
                 RunStore::transition(&state.sql, &id, RunStatus::Queued, RunStatus::Cancelled)
                     .await?;
+            crate::worker::announce_finished(&state, &id).await;
             Ok((
                 StatusCode::OK,
                 Json(json!({"run_id": run.id, "status": run.status})),
@@ -273,23 +298,17 @@ pub(crate) async fn cancel(
         RunStatus::Running => {
             // Here, or in whichever process executes it; then wait (briefly) for the engine
             // to stop it and write the status.
+            let watch = state.signals.watch_finished(&id);
             if !state.running.cancel(&id) {
                 state.signals.cancel(&id).await?;
             }
-            for _ in 0..100 {
-                let run = RunStore::get(&state.sql, &id).await?;
-                if run.status.is_final() {
-                    return Ok((
-                        StatusCode::OK,
-                        Json(json!({"run_id": run.id, "status": run.status})),
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Ok((
-                StatusCode::ACCEPTED,
-                Json(json!({"run_id": id, "status": "running"})),
-            ))
+            let run = wait_until_final(&state, &id, watch, Duration::from_secs(5)).await?;
+            let code = if run.status.is_final() {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            Ok((code, Json(json!({"run_id": run.id, "status": run.status}))))
         }
         status => Err(ApiError::new(
             StatusCode::CONFLICT,

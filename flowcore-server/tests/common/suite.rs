@@ -1748,3 +1748,33 @@ async fn the_reaper_requeues_runs_whose_worker_died_and_fails_those_lost_too_oft
     worker.await.unwrap();
     cleanup(&dir);
 }
+
+/// `flowcore health`: 0 while the server is ready, 1 with a message once it is gone.
+#[test]
+fn health_command_follows_the_server() {
+    let dir = std::env::temp_dir().join(format!("flowcore-health-{}", fastrand::u64(..)));
+    let server = Server::start(&dir, &[]);
+    let health = |args: &[&str], bind: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flowcore"))
+            .arg("health")
+            .args(args)
+            .env("FLOWCORE_BIND", bind)
+            .output()
+            .expect("runs")
+    };
+    let bind = format!("0.0.0.0:{}", server.port);
+    let url = format!("http://127.0.0.1:{}/readyz", server.port);
+    assert!(health(&[], &bind).status.success(), "FLOWCORE_BIND's port");
+    assert!(health(&["--url", &url], "x").status.success(), "--url");
+    let port = server.port;
+    server.stop();
+    let gone = health(&[], &format!("127.0.0.1:{port}"));
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("/readyz"),
+        "says what it asked"
+    );
+    let bad = health(&["--url", "ftp://x"], "x");
+    assert_eq!(bad.status.code(), Some(1), "a bad URL is refused");
+    cleanup(&dir);
+}

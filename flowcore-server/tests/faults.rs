@@ -1,0 +1,659 @@
+//! The fault suite of the production topology: 2 `api` and 3 `worker` processes, each started
+//! through `deploy/local/run.sh` (so the deploy settings are checked by the real binary), on a
+//! fresh PostgreSQL database, a throwaway Redis and a local S3 server (moto). Runs of a flow
+//! with delays and several steps are pushed through both api processes while workers and api
+//! processes are killed with SIGKILL and restarted at random and Redis is restarted empty.
+//!
+//! At the end: every accepted run finished exactly once with the right output, no step whose
+//! success was stored ran again (checked by the step server at the moment of every repeated
+//! call), nothing is stuck. The figures are printed (`--nocapture`). Loopback only; every loop is
+//! bounded. `FLOWCORE_FAULT_SECONDS` (30) sets how long the load and the faults last.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const KEY: &str = "fault-admin-key";
+/// Short leases, so that a killed worker's runs move on quickly.
+const LEASE_SECONDS: u64 = 3;
+const NODES: [&str; 3] = ["s1", "s2", "s3"];
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn postgres_base() -> String {
+    std::env::var("FLOWCORE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+/// One SQL statement through psql; rows as lines, columns separated by a tab.
+fn psql(database: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([
+            &format!("{}/{database}", postgres_base()),
+            "-XAtq",
+            "-F",
+            "\t",
+            "-c",
+            sql,
+        ])
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "PostgreSQL must run on 127.0.0.1:5432 (or FLOWCORE_TEST_POSTGRES_URL): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until something accepts TCP connections on `port`.
+fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start in 30 s");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+struct Proc {
+    name: String,
+    command: Box<dyn Fn() -> Command + Send>,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn start(&mut self) {
+        let mut last = String::new();
+        for _ in 0..5 {
+            let mut child = (self.command)().spawn().expect("spawn");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    last = format!("{} exited with {status}", self.name);
+                    break;
+                }
+                if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                    self.child = Some(child);
+                    return;
+                }
+                assert!(Instant::now() < deadline, "{} did not start", self.name);
+                thread::sleep(Duration::from_millis(20));
+            }
+            thread::sleep(Duration::from_millis(500));
+        }
+        panic!("{last} five times");
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One HTTP/1.1 request (a connection each): the status and the JSON body, `None` when the
+/// connection failed.
+fn request(port: u16, method: &str, path: &str, body: Option<&Value>) -> Option<(u16, Value)> {
+    let mut sock = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    sock.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    let body = body.map(Value::to_string).unwrap_or_default();
+    write!(
+        sock,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut out = String::new();
+    sock.read_to_string(&mut out).ok()?;
+    let status = out.get(9..12)?.parse().ok()?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    Some((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+}
+
+/// One call of a step as the step server saw it.
+#[derive(Debug, Clone, Copy)]
+struct Call {
+    start: Instant,
+    end: Instant,
+}
+
+/// What the step server saw: calls per (run key, node), and repeated calls of a step whose
+/// success was already stored.
+#[derive(Default)]
+struct Seen {
+    calls: Mutex<HashMap<(String, String), Vec<Call>>>,
+    violations: Mutex<Vec<String>>,
+}
+
+/// The HTTP server the flow's steps call: it sleeps `ms`, remembers the call and, when a step
+/// is called again, checks in the database that its success was not stored before.
+fn step_server(database: String, seen: Arc<Seen>, stop: Arc<AtomicBool>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    listener.set_nonblocking(true).expect("nonblocking");
+    thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((sock, _)) => {
+                    let (database, seen) = (database.clone(), seen.clone());
+                    thread::spawn(move || serve_steps(sock, &database, &seen));
+                }
+                Err(_) => thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    port
+}
+
+fn serve_steps(sock: TcpStream, database: &str, seen: &Seen) {
+    let _ = sock.set_nonblocking(false);
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut writer = match sock.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(sock);
+    // Keep-alive: requests one after the other, at most 10,000 on one connection.
+    for _ in 0..10_000 {
+        let mut length = 0usize;
+        let mut first = true;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            if line == "\r\n" && !first {
+                break;
+            }
+            first = false;
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; length.min(1 << 20)];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let key = body["k"].as_str().unwrap_or_default().to_owned();
+        let node = body["node"].as_str().unwrap_or_default().to_owned();
+        let start = Instant::now();
+        let earlier = seen
+            .calls
+            .lock()
+            .unwrap()
+            .get(&(key.clone(), node.clone()))
+            .map_or(0, Vec::len);
+        if earlier > 0 {
+            // The step runs again: only allowed when its success was never stored.
+            let stored = psql(
+                database,
+                &format!(
+                    "SELECT count(*) FROM steps s JOIN runs r ON r.id = s.run_id \
+                     WHERE r.idempotency_key = '{key}' AND s.node = '{node}' AND s.status = 'succeeded'"
+                ),
+            );
+            if stored.trim() != "0" {
+                seen.violations.lock().unwrap().push(format!(
+                    "{key}/{node} ran again after its success was stored"
+                ));
+            }
+        }
+        thread::sleep(Duration::from_millis(
+            body["ms"].as_u64().unwrap_or(0).min(5_000),
+        ));
+        let calls = {
+            let mut map = seen.calls.lock().unwrap();
+            let list = map.entry((key, node)).or_default();
+            list.push(Call {
+                start,
+                end: Instant::now(),
+            });
+            list.len()
+        };
+        let answer = json!({"calls": calls}).to_string();
+        if write!(
+            writer,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+            answer.len()
+        )
+        .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// The flow: three calls of the step server with delays in between, then the answer.
+fn flow(step_port: u16) -> Value {
+    let step = |node: &str| {
+        json!({"id": node, "type": "http_request", "params": {
+            "method": "POST",
+            "url": format!("http://127.0.0.1:{step_port}/step"),
+            "body": {"k": "{{ input.k }}", "node": node, "ms": 50},
+            "timeout_ms": 10_000
+        }})
+    };
+    json!({
+        "id": "fault",
+        "nodes": [
+            step("s1"),
+            {"id": "d1", "type": "delay", "params": {"ms": 100}},
+            step("s2"),
+            {"id": "d2", "type": "delay", "params": {"ms": 100}},
+            step("s3"),
+            {"id": "out", "type": "set", "params": {"fields": {"k": "{{ input.k }}", "done": "yes"}}}
+        ],
+        "edges": [
+            {"from": "s1", "to": "d1"}, {"from": "d1", "to": "s2"}, {"from": "s2", "to": "d2"},
+            {"from": "d2", "to": "s3"}, {"from": "s3", "to": "out"}
+        ]
+    })
+}
+
+/// A fault the chaos thread caused.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    Worker,
+    Api,
+    Redis,
+}
+
+#[test]
+fn topology_survives_kills_and_redis_restarts() {
+    let seconds: u64 = std::env::var("FLOWCORE_FAULT_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30)
+        .clamp(5, 600);
+    let seed = fastrand::u64(..);
+    fastrand::seed(seed);
+    let started = Instant::now();
+    let dir = std::env::temp_dir().join(format!("flowcore-faults-{}-{seed}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // PostgreSQL: a fresh database.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for old in psql(
+        "postgres",
+        "SELECT datname FROM pg_database WHERE datname LIKE 'flowcore_faults_%'",
+    )
+    .lines()
+    {
+        let created: u64 = old
+            .split('_')
+            .nth(2)
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(now);
+        if created + 3600 < now {
+            psql(
+                "postgres",
+                &format!("DROP DATABASE IF EXISTS {old} WITH (FORCE)"),
+            );
+        }
+    }
+    let database = format!("flowcore_faults_{now}_{}", fastrand::u32(..));
+    psql("postgres", &format!("CREATE DATABASE {database}"));
+
+    // A throwaway Redis (restarted empty by the chaos) and moto as S3.
+    let redis_port = free_port();
+    let redis_dir = dir.join("redis");
+    std::fs::create_dir_all(&redis_dir).unwrap();
+    let mut redis = Proc {
+        name: "redis-server".into(),
+        port: redis_port,
+        child: None,
+        command: Box::new(move || {
+            let mut c = Command::new("redis-server");
+            c.args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&redis_dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            c
+        }),
+    };
+    redis.start();
+    let moto_port = free_port();
+    let mut moto = Proc {
+        name: "moto_server".into(),
+        port: moto_port,
+        child: None,
+        command: Box::new(move || {
+            let program =
+                std::env::var("FLOWCORE_MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
+            let mut c = Command::new(program);
+            c.args(["-H", "127.0.0.1", "-p", &moto_port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            c
+        }),
+    };
+    moto.start();
+    wait_for_port(moto_port, "moto_server");
+    let (status, _) = request(moto_port, "PUT", "/flowcore", None).expect("moto answers");
+    assert!(status < 300, "bucket creation answered {status}");
+
+    let seen = Arc::new(Seen::default());
+    let stop_steps = Arc::new(AtomicBool::new(false));
+    let step_port = step_server(database.clone(), seen.clone(), stop_steps.clone());
+
+    // The flowcore processes, through the deploy script.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/run.sh");
+    let env: Vec<(String, String)> = vec![
+        (
+            "DATABASE_URL".into(),
+            format!("{}/{database}", postgres_base()),
+        ),
+        (
+            "REDIS_URL".into(),
+            format!("redis://127.0.0.1:{redis_port}"),
+        ),
+        ("FLOWCORE_REDIS_PREFIX".into(), "faults".into()),
+        (
+            "S3_ENDPOINT_URL".into(),
+            format!("http://127.0.0.1:{moto_port}"),
+        ),
+        ("S3_STORAGE_ACCESS_KEY_ID".into(), "test".into()),
+        ("S3_STORAGE_SECRET_ACCESS_KEY".into(), "test".into()),
+        ("FLOWCORE_ADMIN_KEY".into(), KEY.into()),
+        ("FLOWCORE_ENCRYPTION_KEY".into(), "11".repeat(32)),
+        ("FLOWCORE_LEASE_SECONDS".into(), LEASE_SECONDS.to_string()),
+        ("WORKER_CONCURRENCY".into(), "16".into()),
+        // One client address and no proxy here.
+        ("RATE_LIMIT_PER_MINUTE".into(), "0".into()),
+        ("NUMBER_OF_PROXIES".into(), "0".into()),
+        ("RUST_LOG".into(), "warn".into()),
+    ];
+    let process = |role: &str, i: usize| {
+        let port = free_port();
+        let name = format!("{role}{i}");
+        let (script, env, data) = (script.clone(), env.clone(), dir.join(&name));
+        let log: PathBuf = dir.join(format!("{name}.log"));
+        let role = role.to_owned();
+        Proc {
+            name,
+            port,
+            child: None,
+            command: Box::new(move || {
+                let mut c = Command::new("bash");
+                c.arg(&script)
+                    .arg(env!("CARGO_BIN_EXE_flowcore"))
+                    .envs(env.iter().map(|(k, v)| (k, v)))
+                    .env("FLOWCORE_ROLE", &role)
+                    .env("FLOWCORE_BIND", format!("127.0.0.1:{port}"))
+                    .env("FLOWCORE_DATA_DIR", &data)
+                    .stdout(Stdio::null())
+                    .stderr(
+                        std::fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(&log)
+                            .expect("log file"),
+                    );
+                c
+            }),
+        }
+    };
+    let mut apis: Vec<Proc> = (1..=2).map(|i| process("api", i)).collect();
+    let mut workers: Vec<Proc> = (1..=3).map(|i| process("worker", i)).collect();
+    for p in apis.iter_mut().chain(workers.iter_mut()) {
+        p.start();
+    }
+    let api_ports: Vec<u16> = apis.iter().map(|p| p.port).collect();
+    let (status, answer) = request(
+        api_ports[0],
+        "POST",
+        "/api/v1/flows",
+        Some(&flow(step_port)),
+    )
+    .expect("the api answers");
+    assert_eq!(status, 201, "the flow is created: {answer}");
+    let ready = started.elapsed();
+
+    // The load: runs through both api processes until the end; a run whose request failed on
+    // the way is asked for again (same idempotency key) from the other api process.
+    let load_until = Instant::now() + Duration::from_secs(seconds);
+    let accepted = Arc::new(Mutex::new(Vec::<String>::new()));
+    let refused = Arc::new(Mutex::new(Vec::<String>::new()));
+    let retries = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..6)
+        .map(|t| {
+            let (accepted, refused, retries, ports) = (
+                accepted.clone(),
+                refused.clone(),
+                retries.clone(),
+                api_ports.clone(),
+            );
+            thread::spawn(move || {
+                for i in 0..100_000usize {
+                    if Instant::now() >= load_until {
+                        return;
+                    }
+                    let key = format!("r{t}-{i}");
+                    let body = json!({"input": {"k": key}, "wait": false, "idempotency_key": key});
+                    let mut outcome = None;
+                    for attempt in 0..100usize {
+                        let port = ports[(t + i + attempt) % ports.len()];
+                        match request(port, "POST", "/api/v1/flows/fault/runs", Some(&body)) {
+                            Some((200 | 202, _)) => {
+                                outcome = Some(true);
+                                break;
+                            }
+                            // The queue was down: refused, and the run (if stored) failed.
+                            Some((503, _)) => {
+                                outcome = Some(false);
+                                break;
+                            }
+                            _ => {
+                                retries.fetch_add(1, Ordering::Relaxed);
+                                thread::sleep(Duration::from_millis(100));
+                            }
+                        }
+                    }
+                    match outcome {
+                        Some(true) => accepted.lock().unwrap().push(key),
+                        _ => refused.lock().unwrap().push(key),
+                    }
+                    thread::sleep(Duration::from_millis(75));
+                }
+            })
+        })
+        .collect();
+
+    // The chaos: one fault at a time, every 1.5 to 3 s, each kind at least once.
+    let mut faults: Vec<(Instant, Fault)> = Vec::new();
+    let mut restarts = 0;
+    for round in 0..1000 {
+        thread::sleep(Duration::from_millis(fastrand::u64(1500..3000)));
+        if Instant::now() + Duration::from_secs(3) >= load_until {
+            break;
+        }
+        let fault = match round {
+            0 => Fault::Worker,
+            1 => Fault::Redis,
+            2 => Fault::Api,
+            _ => match fastrand::u8(0..10) {
+                0..5 => Fault::Worker,
+                5..8 => Fault::Api,
+                _ => Fault::Redis,
+            },
+        };
+        let victim = match fault {
+            Fault::Worker => fastrand::choice(workers.iter_mut()),
+            Fault::Api => fastrand::choice(apis.iter_mut()),
+            Fault::Redis => Some(&mut redis),
+        }
+        .expect("a process");
+        victim.kill();
+        faults.push((Instant::now(), fault));
+        thread::sleep(Duration::from_millis(fastrand::u64(300..1500)));
+        victim.start();
+        restarts += 1;
+    }
+    for c in clients {
+        c.join().expect("client");
+    }
+    let load_took = started.elapsed() - ready;
+
+    // Drain: every run reaches its end (leases are 3 s; bounded at 90 s).
+    let drain_started = Instant::now();
+    let mut left = String::new();
+    while drain_started.elapsed() < Duration::from_secs(90) {
+        left = psql(
+            &database,
+            "SELECT count(*) FROM runs WHERE status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')",
+        );
+        if left.trim() == "0" {
+            break;
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    let drained_in = drain_started.elapsed();
+
+    // The verdict.
+    let rows = psql(
+        &database,
+        "SELECT idempotency_key, status, coalesce(output, '') FROM runs",
+    );
+    let mut runs: HashMap<String, Vec<(String, String)>> = HashMap::new();
+    for line in rows.lines() {
+        let mut cols = line.splitn(3, '\t');
+        let (key, status, output) = (
+            cols.next().unwrap_or_default(),
+            cols.next().unwrap_or_default(),
+            cols.next().unwrap_or_default(),
+        );
+        runs.entry(key.to_owned())
+            .or_default()
+            .push((status.to_owned(), output.to_owned()));
+    }
+    let accepted = accepted.lock().unwrap().clone();
+    let refused = refused.lock().unwrap().clone();
+    let mut problems = Vec::new();
+    let mut lost = 0;
+    for key in &accepted {
+        match runs.get(key).map(Vec::as_slice) {
+            Some([(status, output)]) => {
+                let output: Value = serde_json::from_str(output).unwrap_or(Value::Null);
+                if status != "succeeded" || output != json!({"k": key, "done": "yes"}) {
+                    lost += 1;
+                    problems.push(format!("{key}: {status} {output}"));
+                }
+            }
+            Some(many) => {
+                lost += 1;
+                problems.push(format!("{key}: {} runs", many.len()));
+            }
+            None => {
+                lost += 1;
+                problems.push(format!("{key}: accepted but not stored"));
+            }
+        }
+    }
+    let calls = seen.calls.lock().unwrap().clone();
+    let mut repeated = 0;
+    for key in &accepted {
+        for node in NODES {
+            match calls.get(&(key.clone(), node.to_owned())) {
+                None => problems.push(format!("{key}/{node} never ran")),
+                Some(list) => repeated += list.len() - 1,
+            }
+        }
+    }
+    // Recovery: from a worker's kill to the next step of a run that stalled across it.
+    let mut longest_recovery = Duration::ZERO;
+    let mut by_key: HashMap<&str, Vec<Call>> = HashMap::new();
+    for ((key, _), list) in &calls {
+        by_key.entry(key).or_default().extend(list.iter().copied());
+    }
+    for list in by_key.values_mut() {
+        list.sort_by_key(|c| c.start);
+        for pair in list.windows(2) {
+            for (at, fault) in &faults {
+                if *fault == Fault::Worker
+                    && pair[0].end < *at
+                    && *at < pair[1].start
+                    && pair[1].start - pair[0].end > Duration::from_secs(1)
+                {
+                    longest_recovery = longest_recovery.max(pair[1].start - *at);
+                }
+            }
+        }
+    }
+    let violations = seen.violations.lock().unwrap().clone();
+    let count = |f: Fault| faults.iter().filter(|(_, x)| *x == f).count();
+    let report = format!(
+        "faults: seed {seed}; ready in {ready:?}; load {load_took:?}; {} runs accepted, {} refused (queue down), {} requests retried; \
+         kills: {} workers, {} api processes; Redis restarts: {}; processes restarted: {restarts}; \
+         lost = {lost}; duplicated steps = {}; steps re-run after a kill before their success was stored: {repeated}; \
+         longest recovery (worker killed -> its run's next step) = {longest_recovery:?} (lease {LEASE_SECONDS} s); drained in {drained_in:?}",
+        accepted.len(),
+        refused.len(),
+        retries.load(Ordering::Relaxed),
+        count(Fault::Worker),
+        count(Fault::Api),
+        count(Fault::Redis),
+        violations.len(),
+    );
+    println!("{report}");
+    // Kept where `.ci/run` prints it (a passing test's output is captured).
+    let _ = std::fs::write(
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("faults-report.txt"),
+        format!("{report}\n"),
+    );
+    stop_steps.store(true, Ordering::Relaxed);
+    for p in apis.iter_mut().chain(workers.iter_mut()) {
+        p.kill();
+    }
+    assert!(
+        accepted.len() >= 100,
+        "too few runs went through: {}",
+        accepted.len()
+    );
+    assert_eq!(left.trim(), "0", "runs left unfinished: {left}");
+    assert!(violations.is_empty(), "steps ran again: {violations:?}");
+    assert!(
+        problems.is_empty(),
+        "{} problems: {:?}",
+        problems.len(),
+        &problems[..problems.len().min(20)]
+    );
+    // Refused runs that were stored ended too (checked above: nothing unfinished).
+    psql(
+        "postgres",
+        &format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

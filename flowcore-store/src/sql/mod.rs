@@ -343,12 +343,25 @@ pub(crate) fn db_error(what: &str, e: diesel::result::Error) -> StoreError {
         Error::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => {
             StoreError::AlreadyExists(format!("{what}: already exists"))
         }
-        Error::DatabaseError(DatabaseErrorKind::ClosedConnection, _) => {
+        Error::DatabaseError(
+            DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+            _,
+        ) => StoreError::unavailable(what.to_owned(), e),
+        Error::DatabaseError(_, ref info) if server_going_away(info.message()) => {
             StoreError::unavailable(what.to_owned(), e)
         }
         Error::NotFound => StoreError::not_found("row", what.to_owned()),
         e => StoreError::backend(what.to_owned(), e),
     }
+}
+
+/// Whether PostgreSQL refused a statement because it is stopping, starting or recovering
+/// (SQLSTATE class 57P: the connection ends or the server is not ready). diesel does not
+/// expose the SQLSTATE of such errors, only their message: with a translated `lc_messages`
+/// they stay `Backend` errors (the connection is dropped and replaced all the same).
+fn server_going_away(message: &str) -> bool {
+    message.starts_with("terminating connection due to administrator command")
+        || message.starts_with("the database system is ")
 }
 
 pub(crate) fn is_unique_violation(e: &diesel::result::Error) -> bool {

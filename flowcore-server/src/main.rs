@@ -76,6 +76,12 @@ enum ApiKeyCommand {
     },
 }
 
+/// mimalloc instead of glibc's malloc: under load the server allocates from many threads (the
+/// runtime's and the blocking pool's SQLite calls), where glibc's arenas spent about a fifth of
+/// the CPU in malloc, free and their locks (`perf`, see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()

@@ -2,11 +2,12 @@
 //! one transaction. SQLite has one writer; a commit costs a WAL append, a hop to the blocking
 //! pool and BEGIN/COMMIT, whatever it holds. Writes queue here while the writer is busy, and the
 //! next transaction takes all of them (up to [`MAX_BATCH`]): under load a commit carries many
-//! runs, with no wait added when idle. Each write runs in its own savepoint, so one refused write
-//! (a unique key) does not undo the others (a single statement needs none: SQLite undoes a
-//! failed statement alone), and its caller hears back only after the commit.
+//! runs, with no wait added when idle. One refused write (a unique key) does not undo the
+//! others: SQLite undoes a failed statement alone and the transaction goes on, so each write is
+//! made to leave the database valid wherever it stops (no savepoint, whose journal and extra
+//! statements cost the writer), and its caller hears back only after the commit.
 
-use diesel::{Connection, QueryResult, SqliteConnection};
+use diesel::{QueryResult, SqliteConnection};
 use diesel_async::pooled_connection::bb8::Pool;
 use flowcore::StoreError;
 use tokio::sync::{mpsc, oneshot};
@@ -76,27 +77,9 @@ impl Batcher {
         Self { jobs: tx }
     }
 
-    /// Runs `write` in the next transaction, in a savepoint of its own; its result once that
-    /// transaction has committed.
+    /// Runs `write` in the next transaction; its result once that transaction has committed.
+    /// `write` must leave the database valid if one of its statements fails (see above).
     pub(crate) async fn write<R: Send + 'static>(
-        &self,
-        what: &'static str,
-        write: impl FnOnce(&mut SqliteConnection) -> QueryResult<R> + Send + 'static,
-    ) -> Result<QueryResult<R>, StoreError> {
-        self.submit(what, move |conn| conn.transaction(write)).await
-    }
-
-    /// [`Batcher::write`] for a write of one statement, which needs no savepoint: SQLite undoes
-    /// a failed statement alone and the transaction goes on.
-    pub(crate) async fn write_statement<R: Send + 'static>(
-        &self,
-        what: &'static str,
-        write: impl FnOnce(&mut SqliteConnection) -> QueryResult<R> + Send + 'static,
-    ) -> Result<QueryResult<R>, StoreError> {
-        self.submit(what, write).await
-    }
-
-    async fn submit<R: Send + 'static>(
         &self,
         what: &'static str,
         write: impl FnOnce(&mut SqliteConnection) -> QueryResult<R> + Send + 'static,

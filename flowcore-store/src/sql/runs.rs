@@ -40,8 +40,8 @@ type RunRow = (
     i64,
 );
 
-#[allow(clippy::type_complexity)] // the selected columns of `RunRow`, in order
-fn run_columns() -> (
+/// The selected columns of `RunRow`, in order.
+type RunColumns = (
     runs::seq,
     runs::id,
     runs::flow_id,
@@ -57,7 +57,9 @@ fn run_columns() -> (
     runs::lease_owner,
     runs::lease_expires_at,
     runs::epoch,
-) {
+);
+
+fn run_columns() -> RunColumns {
     (
         runs::seq,
         runs::id,
@@ -234,30 +236,38 @@ fn run_values(new: NewRow) -> RunValues {
     )
 }
 
-/// What the end of a run writes to its row.
-type FinishChanges = (
-    diesel::dsl::Eq<runs::status, &'static str>,
-    diesel::dsl::Eq<runs::output, Option<String>>,
-    diesel::dsl::Eq<runs::error, Option<String>>,
-    diesel::dsl::Eq<runs::finished_at, i64>,
-    diesel::dsl::Eq<runs::lease_owner, Option<String>>,
-    diesel::dsl::Eq<runs::lease_expires_at, Option<i64>>,
-);
-
-fn finish_changes(
-    status: RunStatus,
+/// What the end of a run writes to its row, for the owner `epoch`.
+struct Finish {
+    id: String,
+    epoch: i64,
+    status: &'static str,
     output: Option<String>,
     error: Option<String>,
-    now: i64,
-) -> FinishChanges {
-    (
-        runs::status.eq(status.as_str()),
-        runs::output.eq(output),
-        runs::error.eq(error),
-        runs::finished_at.eq(now),
-        runs::lease_owner.eq(None::<String>),
-        runs::lease_expires_at.eq(None::<i64>),
-    )
+    finished_at: i64,
+}
+
+impl Finish {
+    /// The row's changes, for diesel's UPDATE.
+    #[allow(clippy::type_complexity)] // a changeset tuple
+    fn changes(
+        &self,
+    ) -> (
+        diesel::dsl::Eq<runs::status, &'static str>,
+        diesel::dsl::Eq<runs::output, Option<&str>>,
+        diesel::dsl::Eq<runs::error, Option<&str>>,
+        diesel::dsl::Eq<runs::finished_at, i64>,
+        diesel::dsl::Eq<runs::lease_owner, Option<String>>,
+        diesel::dsl::Eq<runs::lease_expires_at, Option<i64>>,
+    ) {
+        (
+            runs::status.eq(self.status),
+            runs::output.eq(self.output.as_deref()),
+            runs::error.eq(self.error.as_deref()),
+            runs::finished_at.eq(self.finished_at),
+            runs::lease_owner.eq(None::<String>),
+            runs::lease_expires_at.eq(None::<i64>),
+        )
+    }
 }
 
 fn step_rows(id: &RunId, steps: &[StepRecord]) -> StoreResult<Vec<StepValues>> {
@@ -328,35 +338,76 @@ impl UpsertSteps for super::Sqlite {
 /// SQLite's side of the hot writes, run whole on the connection's blocking thread: one hop to
 /// the blocking pool per transaction instead of one per statement (BEGIN, UPDATE, each step,
 /// COMMIT), which is most of a short write's cost.
+///
+/// Every statement here is prepared once per connection and then only bound and stepped:
+/// parsing SQL was the largest cost of the single writer under load (`perf`, BENCHMARKS.md).
+/// diesel never caches an UPDATE (its SET list could vary) nor a multi-row insert, so the
+/// run's UPDATE is a query of its own ([`FinishRun`]) and steps go one cached statement each.
 mod blocking {
     use diesel::prelude::*;
+    use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+    use diesel::sql_types::{BigInt, Nullable, Text};
+    use diesel::sqlite::Sqlite;
     use diesel::{RunQueryDsl, SqliteConnection};
 
-    use super::{
-        FinishChanges, RunRow, RunValues, StepValues, owned_run, run_columns, runs, steps,
-    };
+    use super::{Finish, RunRow, RunValues, StepValues, owned_run, run_columns, runs, steps};
 
-    /// The final write of a run: the run row under the caller's epoch, then its last steps.
+    /// `UPDATE runs SET <the end> WHERE id = ? AND epoch = ? AND status = 'running'
+    /// RETURNING <the run>`, with a static query id so that diesel caches it.
+    pub(super) struct FinishRun(Finish, super::RunColumns);
+
+    impl QueryId for FinishRun {
+        type QueryId = Self;
+        const HAS_STATIC_QUERY_ID: bool = true;
+    }
+
+    impl Query for FinishRun {
+        type SqlType = <super::RunColumns as Expression>::SqlType;
+    }
+
+    impl QueryFragment<Sqlite> for FinishRun {
+        fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+            let end = &self.0;
+            out.push_sql("UPDATE runs SET status = ");
+            out.push_bind_param::<Text, _>(&end.status)?;
+            out.push_sql(", output = ");
+            out.push_bind_param::<Nullable<Text>, _>(&end.output)?;
+            out.push_sql(", error = ");
+            out.push_bind_param::<Nullable<Text>, _>(&end.error)?;
+            out.push_sql(", finished_at = ");
+            out.push_bind_param::<BigInt, _>(&end.finished_at)?;
+            out.push_sql(", lease_owner = NULL, lease_expires_at = NULL WHERE id = ");
+            out.push_bind_param::<Text, _>(&end.id)?;
+            out.push_sql(" AND epoch = ");
+            out.push_bind_param::<BigInt, _>(&end.epoch)?;
+            out.push_sql(" AND status = 'running' RETURNING ");
+            self.1.walk_ast(out.reborrow())
+        }
+    }
+
+    impl RunQueryDsl<SqliteConnection> for FinishRun {}
+
+    /// The final write of a run, under the caller's epoch: its last steps, then the run row.
+    /// No savepoint is needed (the batch's other writes must survive a failure here): the
+    /// epoch is checked first, and on this single writer nothing can take the run before the
+    /// row is written; a step written before a failure is a checkpoint like any other.
     pub(super) fn finish(
         conn: &mut SqliteConnection,
-        run_id: &str,
-        epoch: u64,
-        changes: FinishChanges,
+        end: Finish,
         rows: Vec<StepValues>,
     ) -> QueryResult<Option<RunRow>> {
-        let row: Option<RunRow> = diesel::update(owned_run(run_id, epoch))
-            .set(changes)
-            .returning(run_columns())
-            .get_result(conn)
-            .optional()?;
-        if row.is_some() && !rows.is_empty() {
-            // One multi-row statement: SQLite's REPLACE is the upsert diesel can batch
-            // (every column is written, so replacing a row is updating it).
+        let owned: bool = diesel::select(diesel::dsl::exists(owned_run(&end.id, end.epoch as u64)))
+            .get_result(conn)?;
+        if !owned {
+            return Ok(None);
+        }
+        for row in rows {
+            // REPLACE writes every column, so replacing a row is updating it.
             diesel::replace_into(steps::table)
-                .values(rows)
+                .values(row)
                 .execute(conn)?;
         }
-        Ok(row)
+        FinishRun(end, run_columns()).get_result(conn).optional()
     }
 
     /// A new run's row.
@@ -455,7 +506,7 @@ impl RunStore for SqlStore {
                 self.batcher
                     .as_ref()
                     .expect("SQLite has a batcher")
-                    .write_statement("creating a run", move |conn| blocking::create(conn, values))
+                    .write("creating a run", move |conn| blocking::create(conn, values))
                     .await?
             }
             super::Pools::Postgres(_) => with_conn!(self, write, |conn| {
@@ -693,29 +744,29 @@ impl RunStore for SqlStore {
                 outcome.status
             )));
         }
-        let output = outcome.output.as_ref().map(to_text).transpose()?;
         let rows = step_rows(id, &outcome.steps)?;
-        let changes = finish_changes(
-            outcome.status,
-            output,
-            outcome.error.clone(),
-            micros(Utc::now()),
-        );
-        let run_id = id.as_str().to_owned();
+        let end = Finish {
+            id: id.as_str().to_owned(),
+            epoch: epoch as i64,
+            status: outcome.status.as_str(),
+            output: outcome.output.as_ref().map(to_text).transpose()?,
+            error: outcome.error.clone(),
+            finished_at: micros(Utc::now()),
+        };
         let row: Option<RunRow> = match &self.pools {
             super::Pools::Sqlite { .. } => self
                 .batcher
                 .as_ref()
                 .expect("SQLite has a batcher")
                 .write("finishing a run", move |conn| {
-                    blocking::finish(conn, &run_id, epoch, changes, rows)
+                    blocking::finish(conn, end, rows)
                 })
                 .await?
                 .map_err(|e| db_error("finishing a run", e))?,
             super::Pools::Postgres(_) => with_conn!(self, write, |conn| {
                 conn.transaction(async move |conn| {
-                    let row: Option<RunRow> = diesel::update(owned_run(&run_id, epoch))
-                        .set(changes)
+                    let row: Option<RunRow> = diesel::update(owned_run(&end.id, epoch))
+                        .set(end.changes())
                         .returning(run_columns())
                         .get_result(conn)
                         .await

@@ -810,7 +810,7 @@ fn records(reply: redis::streams::StreamReadReply) -> Vec<flowcore::ports::Event
             flowcore::ports::EventRecord {
                 id: entry.id,
                 name,
-                data: serde_json::from_str(&data).unwrap_or(serde_json::Value::Null),
+                data,
             }
         })
         .collect()

@@ -1552,9 +1552,12 @@ pub async fn event_bus(bus: Arc<dyn crate::ports::EventBus>) {
         .expect("publish a batch");
     let all = bus.read(&run, None, Duration::ZERO).await.expect("read");
     assert_eq!(all.len(), 6, "runs are apart: {all:?}");
-    let nodes: Vec<&str> = all[1..]
+    let nodes: Vec<String> = all[1..]
         .iter()
-        .map(|e| e.data["node"].as_str().unwrap_or_default())
+        .map(|e| {
+            let data: serde_json::Value = serde_json::from_str(&e.data).expect("events are JSON");
+            data["node"].as_str().unwrap_or_default().to_owned()
+        })
         .collect();
     assert_eq!(nodes, vec!["n0", "n1", "n2", "n3", "n4"], "in order");
     let rest = bus

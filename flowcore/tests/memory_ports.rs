@@ -92,6 +92,40 @@ async fn the_memory_event_bus_keeps_a_bounded_number_of_runs() {
 }
 
 #[tokio::test]
+async fn the_memory_event_bus_drops_ended_runs_before_running_ones() {
+    use flowcore::ports::EventBus;
+    use flowcore::{RunEvent, RunId, RunStatus};
+    let bus = flowcore::ports::memory::MemoryEventBus::new(std::time::Duration::from_secs(300), 3);
+    let ids: Vec<RunId> = (0..4).map(|_| RunId::new()).collect();
+    let ended = &ids[0];
+    for id in &ids {
+        bus.publish(&RunEvent::RunStarted { run_id: id.clone() })
+            .await
+            .unwrap();
+        if id == ended {
+            bus.publish(&RunEvent::RunFinished {
+                run_id: id.clone(),
+                status: RunStatus::Succeeded,
+                error: None,
+            })
+            .await
+            .unwrap();
+        }
+    }
+    let wait = std::time::Duration::ZERO;
+    assert!(
+        bus.read(ended, None, wait).await.unwrap().is_empty(),
+        "the oldest run had ended: dropped"
+    );
+    for id in &ids[1..] {
+        assert!(
+            !bus.read(id, None, wait).await.unwrap().is_empty(),
+            "runs still running are kept"
+        );
+    }
+}
+
+#[tokio::test]
 async fn memory_run_signals() {
     flowcore::testkit::run_signals(Arc::new(
         flowcore::ports::memory::MemoryRunSignals::default(),

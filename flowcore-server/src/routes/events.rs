@@ -62,7 +62,7 @@ pub(crate) async fn events(
                 let event = Event::default()
                     .id(record.id)
                     .event(record.name)
-                    .data(record.data.to_string());
+                    .data(record.data);
                 return Some((Ok(event), c));
             }
             if c.done {

@@ -1047,21 +1047,21 @@ struct EventLogs {
 
 impl EventLogs {
     /// Makes room for one more run: drops runs idle for `keep`, then, while there are
-    /// `max_runs` or more, the oldest (one still publishing in the last second goes to the back,
-    /// a few times at most).
+    /// `max_runs` or more, the oldest (one not ended and still publishing in the last second
+    /// goes to the back, a few times at most).
     fn make_room(&mut self, now: std::time::Instant, keep: Duration, max_runs: usize) {
         let mut spared = 0;
-        while let Some(front) = self.order.front().cloned() {
-            let idle = self
-                .logs
-                .get(&front)
-                .and_then(|log| log.last)
-                .map_or(keep, |t| now.duration_since(t));
+        while let Some(front) = self.order.front() {
+            let (idle, ended) = self.logs.get(front).map_or((keep, true), |log| {
+                (log.last.map_or(keep, |t| now.duration_since(t)), log.ended)
+            });
             if idle < keep && self.logs.len() < max_runs {
                 return;
             }
-            self.order.pop_front();
-            if idle < Duration::from_secs(1) && spared < 8 {
+            let Some(front) = self.order.pop_front() else {
+                return;
+            };
+            if !ended && idle < Duration::from_secs(1) && spared < 8 {
                 spared += 1;
                 self.order.push_back(front);
                 continue;
@@ -1076,6 +1076,8 @@ struct RunLog {
     next: u64,
     events: Vec<EventRecord>,
     last: Option<std::time::Instant>,
+    /// Whether `run_finished` was published: nothing more will come.
+    ended: bool,
 }
 
 impl Default for MemoryEventBus {
@@ -1115,8 +1117,8 @@ impl MemoryEventBus {
 #[async_trait]
 impl EventBus for MemoryEventBus {
     async fn publish(&self, event: &crate::event::RunEvent) -> StoreResult<String> {
-        let data =
-            serde_json::to_value(event).map_err(|e| StoreError::backend("encoding an event", e))?;
+        let data = serde_json::to_string(event)
+            .map_err(|e| StoreError::backend("encoding an event", e))?;
         let id = {
             let mut runs = lock(&self.runs);
             let now = std::time::Instant::now();
@@ -1127,6 +1129,7 @@ impl EventBus for MemoryEventBus {
             let log = runs.logs.entry(event.run_id().clone()).or_default();
             log.next += 1;
             log.last = Some(now);
+            log.ended |= matches!(event, crate::event::RunEvent::RunFinished { .. });
             let id = log.next.to_string();
             log.events.push(EventRecord {
                 id: id.clone(),

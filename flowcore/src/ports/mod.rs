@@ -538,15 +538,17 @@ pub trait RateLimiter: Send + Sync {
 }
 
 /// One stored run event: its id (increasing within a run, for SSE `Last-Event-ID`), its name
-/// (`run_started`, `node_finished`, ...) and its JSON.
+/// (`run_started`, `node_finished`, ...) and its JSON text. Kept as text: the event is
+/// serialized once where it happens and goes out as it is (an SSE `data:` line), never as a
+/// tree of values.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EventRecord {
     /// Increasing within the run; pass it back as `after` to resume.
     pub id: String,
     /// The event's name.
     pub name: String,
-    /// The event as JSON.
-    pub data: Value,
+    /// The event as JSON text.
+    pub data: String,
 }
 
 /// Run events shared between the process that executes a run and the processes that stream it.

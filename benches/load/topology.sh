@@ -44,5 +44,6 @@ psql "$DATABASE_URL" -XAtc "SELECT count(*) AS runs,
   round((percentile_cont(0.99) WITHIN GROUP (ORDER BY started_at - created_at) / 1000.0)::numeric, 2) AS p99_ms,
   count(*) FILTER (WHERE status <> '\''succeeded'\'') AS not_succeeded
   FROM runs" | awk -F"|" "{ print \"runs \" \$1 \"; enqueue to start: avg \" \$2 \" ms, p50 \" \$3 \" ms, p99 \" \$4 \" ms; not succeeded: \" \$5 }"
+psql "$DATABASE_URL" -XAtc "SELECT status, count(*), min(error) FROM runs WHERE status <> '\''succeeded'\'' GROUP BY status"
 '
 exec "$here/deploy/local/topology.sh" "$bin"

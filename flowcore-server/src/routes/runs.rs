@@ -97,19 +97,77 @@ pub async fn start_run(
         .is_none_or(|g| g == state.config.worker_group);
     let inline = wait && own_group && state.config.role == Role::All;
     let claim = inline.then(|| crate::worker::durable_options(state).claim());
-    let id = RunId::new();
-    // Registered before the run exists, so that a cancel can never miss it.
-    let token = inline.then(|| state.running.insert(&id));
+    let group = plan
+        .worker_group()
+        .unwrap_or(&state.config.worker_group)
+        .to_owned();
     let new = NewRun {
-        id: id.clone(),
+        id: RunId::new(),
         flow_id: flow_id.to_owned(),
         flow_version: version,
         input,
         idempotency_key,
         claim,
     };
-    let created = RunStore::create(&state.sql, new).await;
-    let (run, created) = match created {
+    // In a task of its own: a client that goes away mid-request drops this handler, and must
+    // not leave a stored run that nobody starts (until the reaper or the orphan sweep finds it
+    // a lease later).
+    let accepting = tokio::spawn(accept(state.clone(), new, inline, wait, group));
+    let accepted = accepting.await.map_err(|e| {
+        tracing::error!(error = %e, "accepting a run panicked");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
+    })??;
+    let limit = Duration::from_secs(state.config.webhook_timeout_seconds);
+    match accepted {
+        Accepted::Existing(run) => answer(state, &run).await,
+        Accepted::Inline(run, task) => match tokio::time::timeout(limit, task).await {
+            Ok(Ok(Ok(done))) => answer(state, &done).await,
+            Ok(Ok(Err(e))) => Err(e.into()),
+            Ok(Err(_)) | Err(_) => answer(state, &RunStore::get(&state.sql, &run.id).await?).await,
+        },
+        // As accepted: a fast worker may already be done, but the caller asked not to wait.
+        Accepted::Queued(run, None) => answer(state, &run).await,
+        Accepted::Queued(run, Some(watch)) => {
+            answer(
+                state,
+                &wait_until_final(state, &run.id, watch, limit).await?,
+            )
+            .await
+        }
+    }
+}
+
+/// A run as [`accept`] left it.
+enum Accepted {
+    /// The idempotency key named a run started before.
+    Existing(RunRecord),
+    /// Executing here (the `all` role's waited runs).
+    Inline(
+        RunRecord,
+        tokio::task::JoinHandle<Result<RunRecord, flowcore::StoreError>>,
+    ),
+    /// In the queue, with a watch for its end when the caller waits.
+    Queued(RunRecord, Option<FinishWatch>),
+}
+
+/// Stores a new run (in the database before anyone answers) and hands it to whoever executes
+/// it: a task here (`inline`, created already claimed) or the queue of `group`.
+async fn accept(
+    state: Shared,
+    new: NewRun,
+    inline: bool,
+    wait: bool,
+    group: String,
+) -> Result<Accepted, ApiError> {
+    let id = new.id.clone();
+    let flow_id = new.flow_id.clone();
+    // Registered before the run exists, so that a cancel can never miss it.
+    let token = inline.then(|| state.running.insert(&id));
+    let (run, created) = match RunStore::create(&state.sql, new).await {
         Ok(c) => c,
         Err(e) => {
             state.running.remove(&id);
@@ -118,30 +176,24 @@ pub async fn start_run(
     };
     if !created {
         state.running.remove(&id);
-        return answer(state, &run).await;
+        return Ok(Accepted::Existing(run));
     }
-    state.usage.run_started(flow_id);
-    let limit = Duration::from_secs(state.config.webhook_timeout_seconds);
+    state.usage.run_started(&flow_id);
     if let Some(token) = token {
         let task = {
             let (state, run) = (state.clone(), run.clone());
             tokio::spawn(async move { crate::worker::execute_inline(&state, run, token).await })
         };
-        return match tokio::time::timeout(limit, task).await {
-            Ok(Ok(Ok(done))) => answer(state, &done).await,
-            Ok(Ok(Err(e))) => Err(e.into()),
-            Ok(Err(_)) | Err(_) => answer(state, &RunStore::get(&state.sql, &run.id).await?).await,
-        };
+        return Ok(Accepted::Inline(run, task));
     }
-    let group = plan.worker_group().unwrap_or(&state.config.worker_group);
     // Watched before it is enqueued, so that its end cannot pass unseen.
     let watch = wait.then(|| state.signals.watch_finished(&run.id));
-    if let Err(e) = state.queue.enqueue(group, &run.id, None).await {
+    if let Err(e) = state.queue.enqueue(&group, &run.id, None).await {
         // Not accepted: the caller gets the error, and the run must not wait for ever for a
         // job that does not exist (unless the enqueue went through after all and a worker has
         // it already).
         let failed = crate::worker::fail_run(
-            state,
+            &state,
             &run.id,
             "the queue was unavailable when the run was started".into(),
         )
@@ -151,15 +203,7 @@ pub async fn start_run(
         }
         return Err(e.into());
     }
-    let Some(watch) = watch else {
-        // As accepted: a fast worker may already be done, but the caller asked not to wait.
-        return answer(state, &run).await;
-    };
-    answer(
-        state,
-        &wait_until_final(state, &run.id, watch, limit).await?,
-    )
-    .await
+    Ok(Accepted::Queued(run, watch))
 }
 
 /// Waits until the run is final or `limit` passes and returns it as stored. Woken by the run's

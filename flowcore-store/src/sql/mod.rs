@@ -13,6 +13,7 @@
 mod batch;
 mod flows;
 mod meta;
+mod prepared;
 mod runs;
 pub mod schema;
 

@@ -15,6 +15,7 @@ use flowcore::ports::{
 };
 use flowcore::{RunId, RunStatus, StepRecord, StepStatus, StoreError};
 
+use super::prepared::{ClaimRun, Finish, FinishRunWithSteps, StepArrays};
 use super::schema::{runs, steps};
 use super::{
     SqlStore, db_error, from_micros, from_text, is_unique_violation, micros, to_text, with_conn,
@@ -41,7 +42,7 @@ type RunRow = (
 );
 
 /// The selected columns of `RunRow`, in order.
-type RunColumns = (
+pub(super) type RunColumns = (
     runs::seq,
     runs::id,
     runs::flow_id,
@@ -59,7 +60,7 @@ type RunColumns = (
     runs::epoch,
 );
 
-fn run_columns() -> RunColumns {
+pub(super) fn run_columns() -> RunColumns {
     (
         runs::seq,
         runs::id,
@@ -236,38 +237,21 @@ fn run_values(new: NewRow) -> RunValues {
     )
 }
 
-/// What the end of a run writes to its row, for the owner `epoch`.
-struct Finish {
-    id: String,
-    epoch: i64,
-    status: &'static str,
-    output: Option<String>,
-    error: Option<String>,
-    finished_at: i64,
-}
-
-impl Finish {
-    /// The row's changes, for diesel's UPDATE.
-    #[allow(clippy::type_complexity)] // a changeset tuple
-    fn changes(
-        &self,
-    ) -> (
-        diesel::dsl::Eq<runs::status, &'static str>,
-        diesel::dsl::Eq<runs::output, Option<&str>>,
-        diesel::dsl::Eq<runs::error, Option<&str>>,
-        diesel::dsl::Eq<runs::finished_at, i64>,
-        diesel::dsl::Eq<runs::lease_owner, Option<String>>,
-        diesel::dsl::Eq<runs::lease_expires_at, Option<i64>>,
-    ) {
-        (
-            runs::status.eq(self.status),
-            runs::output.eq(self.output.as_deref()),
-            runs::error.eq(self.error.as_deref()),
-            runs::finished_at.eq(self.finished_at),
-            runs::lease_owner.eq(None::<String>),
-            runs::lease_expires_at.eq(None::<i64>),
-        )
+/// A run's steps as one array per column (PostgreSQL writes them with one bind each).
+fn step_arrays(steps: &[StepRecord]) -> StoreResult<StepArrays> {
+    let mut a = StepArrays::default();
+    for s in steps {
+        a.node.push(s.node.to_string());
+        a.status.push(s.status.as_str());
+        a.attempts
+            .push(i32::try_from(s.attempts).unwrap_or(i32::MAX));
+        a.started_at.push(s.started_at.map(micros));
+        a.finished_at.push(s.finished_at.map(micros));
+        a.output.push(s.output.as_deref().map(to_text).transpose()?);
+        a.error.push(s.error.clone());
+        a.port.push(s.port.as_deref().map(str::to_owned));
     }
+    Ok(a)
 }
 
 fn step_rows(id: &RunId, steps: &[StepRecord]) -> StoreResult<Vec<StepValues>> {
@@ -337,55 +321,15 @@ impl UpsertSteps for super::Sqlite {
 
 /// SQLite's side of the hot writes, run whole on the connection's blocking thread: one hop to
 /// the blocking pool per transaction instead of one per statement (BEGIN, UPDATE, each step,
-/// COMMIT), which is most of a short write's cost.
-///
-/// Every statement here is prepared once per connection and then only bound and stepped:
-/// parsing SQL was the largest cost of the single writer under load (`perf`, BENCHMARKS.md).
-/// diesel never caches an UPDATE (its SET list could vary) nor a multi-row insert, so the
-/// run's UPDATE is a query of its own ([`FinishRun`]) and steps go one cached statement each.
+/// COMMIT), which is most of a short write's cost. Every statement here is cached (see
+/// `prepared`): steps go one cached single-row statement each, not one multi-row statement
+/// parsed anew.
 mod blocking {
     use diesel::prelude::*;
-    use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-    use diesel::sql_types::{BigInt, Nullable, Text};
-    use diesel::sqlite::Sqlite;
     use diesel::{RunQueryDsl, SqliteConnection};
 
-    use super::{Finish, RunRow, RunValues, StepValues, owned_run, run_columns, runs, steps};
-
-    /// `UPDATE runs SET <the end> WHERE id = ? AND epoch = ? AND status = 'running'
-    /// RETURNING <the run>`, with a static query id so that diesel caches it.
-    pub(super) struct FinishRun(Finish, super::RunColumns);
-
-    impl QueryId for FinishRun {
-        type QueryId = Self;
-        const HAS_STATIC_QUERY_ID: bool = true;
-    }
-
-    impl Query for FinishRun {
-        type SqlType = <super::RunColumns as Expression>::SqlType;
-    }
-
-    impl QueryFragment<Sqlite> for FinishRun {
-        fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
-            let end = &self.0;
-            out.push_sql("UPDATE runs SET status = ");
-            out.push_bind_param::<Text, _>(&end.status)?;
-            out.push_sql(", output = ");
-            out.push_bind_param::<Nullable<Text>, _>(&end.output)?;
-            out.push_sql(", error = ");
-            out.push_bind_param::<Nullable<Text>, _>(&end.error)?;
-            out.push_sql(", finished_at = ");
-            out.push_bind_param::<BigInt, _>(&end.finished_at)?;
-            out.push_sql(", lease_owner = NULL, lease_expires_at = NULL WHERE id = ");
-            out.push_bind_param::<Text, _>(&end.id)?;
-            out.push_sql(" AND epoch = ");
-            out.push_bind_param::<BigInt, _>(&end.epoch)?;
-            out.push_sql(" AND status = 'running' RETURNING ");
-            self.1.walk_ast(out.reborrow())
-        }
-    }
-
-    impl RunQueryDsl<SqliteConnection> for FinishRun {}
+    use super::super::prepared::{Finish, FinishRun};
+    use super::{RunRow, RunValues, StepValues, owned_run, run_columns, runs, steps};
 
     /// The final write of a run, under the caller's epoch: its last steps, then the run row.
     /// No savepoint is needed (the batch's other writes must survive a failure here): the
@@ -407,7 +351,7 @@ mod blocking {
                 .values(row)
                 .execute(conn)?;
         }
-        FinishRun(end, run_columns()).get_result(conn).optional()
+        FinishRun::new(end).get_result(conn).optional()
     }
 
     /// A new run's row.
@@ -589,29 +533,11 @@ impl RunStore for SqlStore {
         let now = micros(Utc::now());
         let expires = now.saturating_add(ttl_micros(ttl));
         let row: Option<RunRow> = with_conn!(self, write, |conn| {
-            diesel::update(
-                runs::table.filter(runs::id.eq(id.as_str())).filter(
-                    runs::status.eq("queued").or(runs::status.eq("running").and(
-                        runs::lease_expires_at
-                            .is_null()
-                            .or(runs::lease_expires_at.le(now)),
-                    )),
-                ),
-            )
-            .set((
-                runs::status.eq("running"),
-                runs::epoch.eq(runs::epoch + 1),
-                runs::lease_owner.eq(owner),
-                runs::lease_expires_at.eq(expires),
-                runs::started_at.eq(diesel::dsl::sql::<
-                    diesel::sql_types::Nullable<diesel::sql_types::BigInt>,
-                >(&format!("COALESCE(started_at, {now})"))),
-            ))
-            .returning(run_columns())
-            .get_result(conn)
-            .await
-            .optional()
-            .map_err(|e| db_error("claiming a run", e))?
+            ClaimRun::new(id.as_str().to_owned(), owner.to_owned(), now, expires)
+                .get_result(conn)
+                .await
+                .optional()
+                .map_err(|e| db_error("claiming a run", e))?
         });
         match row {
             Some(row) => record(row),
@@ -744,7 +670,6 @@ impl RunStore for SqlStore {
                 outcome.status
             )));
         }
-        let rows = step_rows(id, &outcome.steps)?;
         let end = Finish {
             id: id.as_str().to_owned(),
             epoch: epoch as i64,
@@ -754,31 +679,26 @@ impl RunStore for SqlStore {
             finished_at: micros(Utc::now()),
         };
         let row: Option<RunRow> = match &self.pools {
-            super::Pools::Sqlite { .. } => self
-                .batcher
-                .as_ref()
-                .expect("SQLite has a batcher")
-                .write("finishing a run", move |conn| {
-                    blocking::finish(conn, end, rows)
-                })
-                .await?
-                .map_err(|e| db_error("finishing a run", e))?,
-            super::Pools::Postgres(_) => with_conn!(self, write, |conn| {
-                conn.transaction(async move |conn| {
-                    let row: Option<RunRow> = diesel::update(owned_run(&end.id, epoch))
-                        .set(end.changes())
-                        .returning(run_columns())
-                        .get_result(conn)
-                        .await
-                        .optional()?;
-                    if row.is_some() {
-                        conn.upsert_steps(rows).await?;
-                    }
-                    Ok::<_, diesel::result::Error>(row)
-                })
-                .await
-                .map_err(|e| db_error("finishing a run", e))?
-            }),
+            super::Pools::Sqlite { .. } => {
+                let rows = step_rows(id, &outcome.steps)?;
+                self.batcher
+                    .as_ref()
+                    .expect("SQLite has a batcher")
+                    .write("finishing a run", move |conn| {
+                        blocking::finish(conn, end, rows)
+                    })
+                    .await?
+                    .map_err(|e| db_error("finishing a run", e))?
+            }
+            super::Pools::Postgres(pool) => {
+                let query = FinishRunWithSteps::new(end, step_arrays(&outcome.steps)?);
+                let mut conn = pool.get().await.map_err(super::pool_error)?;
+                query
+                    .get_result(&mut *conn)
+                    .await
+                    .optional()
+                    .map_err(|e| db_error("finishing a run", e))?
+            }
         };
         match row {
             Some(row) => record(row),

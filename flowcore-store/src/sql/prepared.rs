@@ -1,0 +1,212 @@
+//! The hot statements of a run's life, written out as queries with a static id so that diesel
+//! prepares each once per connection and then only binds and executes it.
+//!
+//! diesel never caches an UPDATE (its SET list could vary), an upsert or a multi-row insert:
+//! each execution would be parsed again (SQLite) or parsed and planned again (PostgreSQL). Under
+//! load that was the largest cost of SQLite's single writer and a large part of PostgreSQL's
+//! (`perf`, BENCHMARKS.md). The SQL is the same as the query builder's; the tests of the
+//! `RunStore` suite run through these statements on both backends.
+
+use diesel::backend::Backend;
+use diesel::pg::Pg;
+use diesel::prelude::*;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::serialize::ToSql;
+use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text};
+use diesel::sqlite::Sqlite;
+
+use super::runs::{RunColumns, run_columns};
+
+/// Implements `QueryId` with a static id (the type itself) and `Query` returning a run's row.
+macro_rules! run_query {
+    ($name:ident) => {
+        impl QueryId for $name {
+            type QueryId = Self;
+            const HAS_STATIC_QUERY_ID: bool = true;
+        }
+
+        impl Query for $name {
+            type SqlType = <RunColumns as Expression>::SqlType;
+        }
+
+        impl diesel::RunQueryDsl<diesel::SqliteConnection> for $name {}
+    };
+}
+
+/// Claims a run: `UPDATE runs SET status = 'running', epoch = epoch + 1, <the lease>
+/// WHERE id = ? AND (queued, or running with a lapsed lease) RETURNING <the run>`.
+pub(super) struct ClaimRun {
+    pub id: String,
+    pub owner: String,
+    pub now: i64,
+    pub expires: i64,
+    columns: RunColumns,
+}
+
+impl ClaimRun {
+    pub(super) fn new(id: String, owner: String, now: i64, expires: i64) -> Self {
+        Self {
+            id,
+            owner,
+            now,
+            expires,
+            columns: run_columns(),
+        }
+    }
+}
+
+run_query!(ClaimRun);
+
+impl<DB> QueryFragment<DB> for ClaimRun
+where
+    DB: Backend,
+    String: ToSql<Text, DB>,
+    i64: ToSql<BigInt, DB>,
+    RunColumns: QueryFragment<DB>,
+{
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
+        out.push_sql("UPDATE runs SET status = 'running', epoch = epoch + 1, lease_owner = ");
+        out.push_bind_param::<Text, _>(&self.owner)?;
+        out.push_sql(", lease_expires_at = ");
+        out.push_bind_param::<BigInt, _>(&self.expires)?;
+        out.push_sql(", started_at = COALESCE(started_at, ");
+        out.push_bind_param::<BigInt, _>(&self.now)?;
+        out.push_sql(") WHERE id = ");
+        out.push_bind_param::<Text, _>(&self.id)?;
+        out.push_sql(
+            " AND (status = 'queued' OR (status = 'running' AND \
+             (lease_expires_at IS NULL OR lease_expires_at <= ",
+        );
+        out.push_bind_param::<BigInt, _>(&self.now)?;
+        out.push_sql("))) RETURNING ");
+        self.columns.walk_ast(out.reborrow())
+    }
+}
+
+/// What the end of a run writes to its row, for the owner `epoch`.
+pub(super) struct Finish {
+    pub id: String,
+    pub epoch: i64,
+    pub status: &'static str,
+    pub output: Option<String>,
+    pub error: Option<String>,
+    pub finished_at: i64,
+}
+
+/// `UPDATE runs SET <the end> WHERE id = ? AND epoch = ? AND status = 'running'`.
+fn finish_update<'b, DB>(end: &'b Finish, out: &mut AstPass<'_, 'b, DB>) -> QueryResult<()>
+where
+    DB: Backend,
+    String: ToSql<Text, DB>,
+    &'static str: ToSql<Text, DB>,
+    i64: ToSql<BigInt, DB>,
+{
+    out.push_sql("UPDATE runs SET status = ");
+    out.push_bind_param::<Text, _>(&end.status)?;
+    out.push_sql(", output = ");
+    out.push_bind_param::<Nullable<Text>, _>(&end.output)?;
+    out.push_sql(", error = ");
+    out.push_bind_param::<Nullable<Text>, _>(&end.error)?;
+    out.push_sql(", finished_at = ");
+    out.push_bind_param::<BigInt, _>(&end.finished_at)?;
+    out.push_sql(", lease_owner = NULL, lease_expires_at = NULL WHERE id = ");
+    out.push_bind_param::<Text, _>(&end.id)?;
+    out.push_sql(" AND epoch = ");
+    out.push_bind_param::<BigInt, _>(&end.epoch)?;
+    out.push_sql(" AND status = 'running' RETURNING ");
+    Ok(())
+}
+
+/// SQLite: the end of a run, `UPDATE ... RETURNING <the run>` (its steps are written by cached
+/// single-row statements before it, on the single writer).
+pub(super) struct FinishRun(Finish, RunColumns);
+
+impl FinishRun {
+    pub(super) fn new(end: Finish) -> Self {
+        Self(end, run_columns())
+    }
+}
+
+run_query!(FinishRun);
+
+impl QueryFragment<Sqlite> for FinishRun {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+        finish_update(&self.0, &mut out)?;
+        self.1.walk_ast(out.reborrow())
+    }
+}
+
+/// A run's steps as one array per column, so that any number of them is one bind each.
+#[derive(Default)]
+pub(super) struct StepArrays {
+    pub node: Vec<String>,
+    pub status: Vec<&'static str>,
+    pub attempts: Vec<i32>,
+    pub started_at: Vec<Option<i64>>,
+    pub finished_at: Vec<Option<i64>>,
+    pub output: Vec<Option<String>>,
+    pub error: Vec<Option<String>>,
+    pub port: Vec<Option<String>>,
+}
+
+/// PostgreSQL: the end of a run and its last steps in one statement (one round trip, one
+/// commit): the UPDATE under the epoch, then the steps' upsert only if it found the run.
+///
+/// ```sql
+/// WITH run AS (UPDATE runs SET ... RETURNING ...),
+///   written AS (INSERT INTO steps SELECT ... FROM unnest(...) WHERE EXISTS (SELECT 1 FROM run)
+///               ON CONFLICT (run_id, node) DO UPDATE SET ...)
+/// SELECT * FROM run
+/// ```
+pub(super) struct FinishRunWithSteps(Finish, StepArrays, RunColumns);
+
+impl FinishRunWithSteps {
+    pub(super) fn new(end: Finish, steps: StepArrays) -> Self {
+        Self(end, steps, run_columns())
+    }
+}
+
+run_query!(FinishRunWithSteps);
+
+impl QueryFragment<Pg> for FinishRunWithSteps {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        let (end, steps) = (&self.0, &self.1);
+        out.push_sql("WITH run AS (");
+        finish_update(end, &mut out)?;
+        self.2.walk_ast(out.reborrow())?;
+        out.push_sql(
+            "), written AS (INSERT INTO steps (run_id, node, status, attempts, started_at, \
+             finished_at, output, error, port) SELECT ",
+        );
+        out.push_bind_param::<Text, _>(&end.id)?;
+        out.push_sql(
+            ", s.node, s.status, s.attempts, s.started_at, s.finished_at, s.output, s.error, \
+             s.port FROM unnest(",
+        );
+        out.push_bind_param::<Array<Text>, _>(&steps.node)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&steps.status)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Integer>, _>(&steps.attempts)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<BigInt>>, _>(&steps.started_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<BigInt>>, _>(&steps.finished_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&steps.output)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&steps.error)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&steps.port)?;
+        out.push_sql(
+            ") AS s(node, status, attempts, started_at, finished_at, output, error, port) \
+             WHERE EXISTS (SELECT 1 FROM run) \
+             ON CONFLICT (run_id, node) DO UPDATE SET status = excluded.status, \
+             attempts = excluded.attempts, started_at = excluded.started_at, \
+             finished_at = excluded.finished_at, output = excluded.output, \
+             error = excluded.error, port = excluded.port) \
+             SELECT * FROM run",
+        );
+        Ok(())
+    }
+}

@@ -776,13 +776,30 @@ impl RedisQueue {
 }
 
 impl RedisEventBus {
-    /// Adds an event's `XADD` (its id is the pipeline's answer) and `EXPIRE` to `pipe`.
-    fn append(&self, pipe: &mut redis::Pipeline, event: &flowcore::RunEvent) -> StoreResult<()> {
-        let key = format!("{}:ev:{}", self.queue.prefix, event.run_id());
+    /// Adds the `XADD`s of `events` to `pipe` (their ids are the pipeline's answers), then
+    /// one `EXPIRE` per run they belong to (ignored), not one per event: the stream's time to
+    /// live starts again with each batch.
+    fn append(&self, pipe: &mut redis::Pipeline, events: &[flowcore::RunEvent]) -> StoreResult<()> {
+        let mut keys: Vec<String> = Vec::with_capacity(1);
+        for event in events {
+            let key = format!("{}:ev:{}", self.queue.prefix, event.run_id());
+            Self::add(pipe, &key, event)?;
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        for key in keys {
+            pipe.cmd("EXPIRE").arg(key).arg(EVENTS_TTL_SECONDS).ignore();
+        }
+        Ok(())
+    }
+
+    /// One event's `XADD` to the stream `key`.
+    fn add(pipe: &mut redis::Pipeline, key: &str, event: &flowcore::RunEvent) -> StoreResult<()> {
         let data = serde_json::to_string(event)
             .map_err(|e| StoreError::backend("encoding an event", e))?;
         pipe.cmd("XADD")
-            .arg(&key)
+            .arg(key)
             .arg("MAXLEN")
             .arg("~")
             .arg(EVENTS_PER_RUN)
@@ -790,11 +807,7 @@ impl RedisEventBus {
             .arg("name")
             .arg(event.name())
             .arg("data")
-            .arg(data)
-            .cmd("EXPIRE")
-            .arg(&key)
-            .arg(EVENTS_TTL_SECONDS)
-            .ignore();
+            .arg(data);
         Ok(())
     }
 }
@@ -820,7 +833,7 @@ fn records(reply: redis::streams::StreamReadReply) -> Vec<flowcore::ports::Event
 impl flowcore::ports::EventBus for RedisEventBus {
     async fn publish(&self, event: &flowcore::RunEvent) -> StoreResult<String> {
         let mut pipe = redis::pipe();
-        self.append(&mut pipe, event)?;
+        self.append(&mut pipe, std::slice::from_ref(event))?;
         let (id,): (String,) = self
             .queue
             .run(|mut conn| async move { pipe.query_async(&mut conn).await })
@@ -830,9 +843,7 @@ impl flowcore::ports::EventBus for RedisEventBus {
 
     async fn publish_many(&self, events: &[flowcore::RunEvent]) -> StoreResult<()> {
         let mut pipe = redis::pipe();
-        for event in events {
-            self.append(&mut pipe, event)?;
-        }
+        self.append(&mut pipe, events)?;
         self.queue
             .run(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
             .await

@@ -407,20 +407,50 @@ pub async fn work(state: Arc<AppState>, shutdown: CancellationToken) {
                 continue;
             }
         };
-        for job in jobs {
+        if jobs.is_empty() {
+            continue;
+        }
+        // Registered before they are claimed, so that a cancel arriving in between is not lost.
+        let tokens: Vec<_> = jobs
+            .iter()
+            .map(|j| state.running.insert(&j.job.run_id))
+            .collect();
+        // One statement for the whole batch where the database can.
+        let ids: Vec<RunId> = jobs.iter().map(|j| j.job.run_id.clone()).collect();
+        let claimed = RunStore::claim_runs(&state.sql, &ids, &state.worker_name, ttl).await;
+        let mut claimed = match claimed {
+            Ok(runs) => Ok(runs
+                .into_iter()
+                .map(|r| (r.id.clone(), r))
+                .collect::<HashMap<_, _>>()),
+            Err(e) => Err(e.to_string()),
+        };
+        for (job, token) in jobs.into_iter().zip(tokens) {
+            let claim = match &mut claimed {
+                Ok(runs) => Ok(runs.remove(&job.job.run_id)),
+                Err(e) => Err(e.clone()),
+            };
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
             let state = state.clone();
             tokio::spawn(async move {
-                run_job(&state, job, ttl).await;
+                run_job(&state, job, ttl, token, claim).await;
                 drop(permit);
             });
         }
     }
 }
 
-async fn run_job(state: &AppState, job: LeasedJob, ttl: Duration) {
+/// Executes the run of a leased job, claimed by [`work`] (`None`: finished, cancelled or owned
+/// by a live worker, so nothing to do for this delivery; an error: the claim failed).
+async fn run_job(
+    state: &AppState,
+    job: LeasedJob,
+    ttl: Duration,
+    token: CancellationToken,
+    claim: Result<Option<RunRecord>, String>,
+) {
     let run_id = job.job.run_id.clone();
     // Keep the job's lease while the run executes.
     let heartbeat = {
@@ -434,32 +464,25 @@ async fn run_job(state: &AppState, job: LeasedJob, ttl: Duration) {
             }
         })
     };
-    let token = state.running.insert(&run_id);
-    let outcome = match RunStore::claim_run(
-        &state.sql,
-        &run_id,
-        &state.worker_name,
-        state.config.lease(),
-    )
-    .await
-    {
-        Ok(run) => match execute(state, run, token).await {
+    let outcome = match claim {
+        Ok(Some(run)) => match execute(state, run, token).await {
             // Handed back by a shutdown: due again at once, for another worker.
             Ok(done) if done.status == flowcore::RunStatus::Queued => {
                 heartbeat.abort();
                 let _ = state.queue.nack(&job, None).await;
                 return;
             }
-            other => other.map(|_| ()),
+            // Done, or another owner took it over: this delivery is over.
+            Ok(_) | Err(StoreError::StaleLease(_)) => Ok(()),
+            Err(e) => Err(e.to_string()),
         },
-        // Finished, cancelled or owned by a live worker: nothing to do for this delivery.
-        Err(StoreError::Conflict(_) | StoreError::NotFound { .. }) => Ok(()),
+        Ok(None) => Ok(()),
         Err(e) => Err(e),
     };
     heartbeat.abort();
     state.running.remove(&run_id);
     match outcome {
-        Ok(()) | Err(StoreError::StaleLease(_)) => {
+        Ok(()) => {
             let _ = state.queue.ack(&job).await;
         }
         Err(e) => {

@@ -508,6 +508,77 @@ pub async fn run_store(store: &dyn RunStore) {
         "a was pruned"
     );
     assert!(store.get(&ids[0]).await.is_ok(), "queued runs stay");
+
+    // Several at once: the claimable ones, not a leased one nor an unknown id.
+    let mut made = Vec::new();
+    for _ in 0..3 {
+        let (run, _) = store
+            .create(new_run("flow-batch", None))
+            .await
+            .expect("create");
+        made.push(run);
+    }
+    let leased = store.claim(&made[1].id, "w0", ttl).await.expect("claim");
+    let mut batch = store
+        .claim_runs(
+            &[
+                made[0].id.clone(),
+                made[1].id.clone(),
+                RunId::new(),
+                made[2].id.clone(),
+            ],
+            "w4",
+            ttl,
+        )
+        .await
+        .expect("claim a batch");
+    batch.sort_by(|x, y| x.id.as_str().cmp(y.id.as_str()));
+    let mut expected = vec![made[0].id.clone(), made[2].id.clone()];
+    expected.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+    assert_eq!(
+        batch.iter().map(|r| r.id.clone()).collect::<Vec<_>>(),
+        expected,
+        "claim_runs takes the claimable runs only"
+    );
+    for run in &batch {
+        assert_eq!(
+            (
+                run.status,
+                run.lease.as_ref().map(|l| l.owner.as_str()),
+                run.epoch
+            ),
+            (RunStatus::Running, Some("w4"), 1),
+            "each answered as claimed"
+        );
+        assert_eq!(run.input, made[0].input, "with the whole run");
+    }
+    assert!(
+        store
+            .claim_runs(&[made[0].id.clone()], "w5", ttl)
+            .await
+            .expect("claim again")
+            .is_empty(),
+        "a run claimed in a batch is leased"
+    );
+    // Leave the store as it was: finished, then pruned.
+    let ends = batch
+        .iter()
+        .map(|r| (r.id.clone(), r.epoch))
+        .chain([(made[1].id.clone(), leased.epoch)]);
+    for (id, epoch) in ends {
+        store
+            .finish(
+                &id,
+                epoch,
+                RunOutcome {
+                    status: RunStatus::Succeeded,
+                    ..RunOutcome::default()
+                },
+            )
+            .await
+            .expect("finish");
+    }
+    assert_eq!(store.prune(Utc::now(), 100).await.expect("prune"), 3);
 }
 
 /// The queue suite: leases, redelivery after expiry, no duplicate under concurrent leases,

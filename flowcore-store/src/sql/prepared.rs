@@ -34,17 +34,25 @@ macro_rules! run_query {
 }
 
 /// Claims a run: `UPDATE runs SET status = 'running', epoch = epoch + 1, <the lease>
-/// WHERE id = ? AND (queued, or running with a lapsed lease) RETURNING <the run>`.
-pub(super) struct ClaimRun {
-    pub id: String,
-    pub owner: String,
-    pub now: i64,
-    pub expires: i64,
+/// WHERE id = ? AND (queued, or running with a lapsed lease) RETURNING <the run>`; with
+/// [`Ids`] (PostgreSQL), `WHERE id = ANY(?)`: a batch in one statement. (`W` makes the two
+/// statements two types, so that each has its own cache entry.)
+pub(super) struct ClaimRun<W> {
+    id: W,
+    owner: String,
+    now: i64,
+    expires: i64,
     columns: RunColumns,
 }
 
-impl ClaimRun {
-    pub(super) fn new(id: String, owner: String, now: i64, expires: i64) -> Self {
+/// One run's id.
+pub(super) struct Id(pub String);
+
+/// Several runs' ids.
+pub(super) struct Ids(pub Vec<String>);
+
+impl<W> ClaimRun<W> {
+    pub(super) fn new(id: W, owner: String, now: i64, expires: i64) -> Self {
         Self {
             id,
             owner,
@@ -55,14 +63,46 @@ impl ClaimRun {
     }
 }
 
-run_query!(ClaimRun);
+impl<W: 'static> QueryId for ClaimRun<W> {
+    type QueryId = Self;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
 
-impl<DB> QueryFragment<DB> for ClaimRun
+impl<W> Query for ClaimRun<W> {
+    type SqlType = <RunColumns as Expression>::SqlType;
+}
+
+/// The `WHERE` on the id of a [`ClaimRun`].
+pub(super) trait WhereId<DB: Backend> {
+    fn walk_id<'b>(&'b self, out: &mut AstPass<'_, 'b, DB>) -> QueryResult<()>;
+}
+
+impl<DB: Backend> WhereId<DB> for Id
+where
+    String: ToSql<Text, DB>,
+{
+    fn walk_id<'b>(&'b self, out: &mut AstPass<'_, 'b, DB>) -> QueryResult<()> {
+        out.push_sql("id = ");
+        out.push_bind_param::<Text, _>(&self.0)
+    }
+}
+
+impl WhereId<Pg> for Ids {
+    fn walk_id<'b>(&'b self, out: &mut AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("id = ANY(");
+        out.push_bind_param::<Array<Text>, _>(&self.0)?;
+        out.push_sql(")");
+        Ok(())
+    }
+}
+
+impl<DB, W> QueryFragment<DB> for ClaimRun<W>
 where
     DB: Backend,
     String: ToSql<Text, DB>,
     i64: ToSql<BigInt, DB>,
     RunColumns: QueryFragment<DB>,
+    W: WhereId<DB>,
 {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
         out.push_sql("UPDATE runs SET status = 'running', epoch = epoch + 1, lease_owner = ");
@@ -71,8 +111,8 @@ where
         out.push_bind_param::<BigInt, _>(&self.expires)?;
         out.push_sql(", started_at = COALESCE(started_at, ");
         out.push_bind_param::<BigInt, _>(&self.now)?;
-        out.push_sql(") WHERE id = ");
-        out.push_bind_param::<Text, _>(&self.id)?;
+        out.push_sql(") WHERE ");
+        self.id.walk_id(&mut out)?;
         out.push_sql(
             " AND (status = 'queued' OR (status = 'running' AND \
              (lease_expires_at IS NULL OR lease_expires_at <= ",

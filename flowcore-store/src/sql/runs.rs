@@ -15,7 +15,7 @@ use flowcore::ports::{
 };
 use flowcore::{RunId, RunStatus, StepRecord, StepStatus, StoreError};
 
-use super::prepared::{ClaimRun, Finish, FinishRunWithSteps, StepArrays};
+use super::prepared::{ClaimRun, Finish, FinishRunWithSteps, Id, Ids, StepArrays};
 use super::schema::{runs, steps};
 use super::{
     SqlStore, db_error, from_micros, from_text, is_unique_violation, micros, to_text, with_conn,
@@ -533,7 +533,7 @@ impl RunStore for SqlStore {
         let now = micros(Utc::now());
         let expires = now.saturating_add(ttl_micros(ttl));
         let row: Option<RunRow> = with_conn!(self, write, |conn| {
-            ClaimRun::new(id.as_str().to_owned(), owner.to_owned(), now, expires)
+            ClaimRun::new(Id(id.as_str().to_owned()), owner.to_owned(), now, expires)
                 .get_result(conn)
                 .await
                 .optional()
@@ -549,6 +549,30 @@ impl RunStore for SqlStore {
                 None => Err(StoreError::not_found("run", id.as_str())),
             },
         }
+    }
+
+    async fn claim_runs(
+        &self,
+        ids: &[RunId],
+        owner: &str,
+        ttl: Duration,
+    ) -> StoreResult<Vec<RunRecord>> {
+        let super::Pools::Postgres(pool) = &self.pools else {
+            // SQLite: one by one, each a cached statement on the one writer.
+            return flowcore::ports::claim_each(self, ids, owner, ttl).await;
+        };
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = micros(Utc::now());
+        let expires = now.saturating_add(ttl_micros(ttl));
+        let ids = Ids(ids.iter().map(|id| id.as_str().to_owned()).collect());
+        let mut conn = pool.get().await.map_err(super::pool_error)?;
+        let rows: Vec<RunRow> = ClaimRun::new(ids, owner.to_owned(), now, expires)
+            .load(&mut *conn)
+            .await
+            .map_err(|e| db_error("claiming runs", e))?;
+        rows.into_iter().map(record).collect()
     }
 
     async fn claim_next(&self, owner: &str, ttl: Duration) -> StoreResult<Option<RunRecord>> {

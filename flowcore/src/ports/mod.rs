@@ -171,6 +171,18 @@ pub trait RunStore: Send + Sync {
         self.claim(id, owner, ttl).await?;
         self.get(id).await
     }
+    /// [`claim_run`](Self::claim_run) for several runs at once (a worker leasing a batch of
+    /// jobs): answers the runs it claimed, in no particular order, and leaves out the ones not
+    /// claimable (finished, leased by another owner, or unknown). One statement and one commit
+    /// where the backend can (PostgreSQL); the default claims them one by one.
+    async fn claim_runs(
+        &self,
+        ids: &[RunId],
+        owner: &str,
+        ttl: Duration,
+    ) -> StoreResult<Vec<RunRecord>> {
+        claim_each(self, ids, owner, ttl).await
+    }
     /// Claims the oldest claimable run (queued, or running with an expired lease), if any: the
     /// way a reaper recovers runs whose worker died, and a queue of last resort. Concurrent
     /// callers never get the same run (PostgreSQL: `FOR UPDATE SKIP LOCKED`).
@@ -535,6 +547,25 @@ pub struct RateDecision {
 pub trait RateLimiter: Send + Sync {
     /// Takes one request for `key` under `per_minute` (0 means no limit).
     async fn check(&self, key: &str, per_minute: u32) -> StoreResult<RateDecision>;
+}
+
+/// [`RunStore::claim_runs`] one run at a time, with [`RunStore::claim_run`]: the default, and
+/// what a backend without a batch statement does.
+pub async fn claim_each<S: RunStore + ?Sized>(
+    store: &S,
+    ids: &[RunId],
+    owner: &str,
+    ttl: Duration,
+) -> StoreResult<Vec<RunRecord>> {
+    let mut claimed = Vec::with_capacity(ids.len());
+    for id in ids {
+        match store.claim_run(id, owner, ttl).await {
+            Ok(run) => claimed.push(run),
+            Err(StoreError::Conflict(_) | StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(claimed)
 }
 
 /// One stored run event: its id (increasing within a run, for SSE `Last-Event-ID`), its name

@@ -150,16 +150,19 @@ fn postgres_cluster(dir: &Path, port: u16) -> Proc {
                     "max_connections=200",
                 ])
                 .stdout(Stdio::null())
-                .stderr(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&log)
-                        .expect("log file"),
-                );
+                .stderr(log_file(&log));
             c
         }),
     }
+}
+
+/// A process's log, appended to across its restarts.
+fn log_file(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("log file")
 }
 
 /// Waits until something accepts TCP connections on `port`.
@@ -517,13 +520,7 @@ fn topology_survives_kills_and_restarts() {
                     .env("FLOWCORE_BIND", format!("127.0.0.1:{port}"))
                     .env("FLOWCORE_DATA_DIR", &data)
                     .stdout(Stdio::null())
-                    .stderr(
-                        std::fs::OpenOptions::new()
-                            .create(true)
-                            .append(true)
-                            .open(&log)
-                            .expect("log file"),
-                    );
+                    .stderr(log_file(&log));
                 c
             }),
         }

@@ -28,6 +28,20 @@ impl Running {
             .insert(id.clone(), token.clone());
         token
     }
+    /// [`insert`](Self::insert) unless the run is registered here already (another delivery
+    /// of its job): then `None`, and the registration is left alone.
+    pub fn try_insert(&self, id: &RunId) -> Option<CancellationToken> {
+        let mut runs = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if runs.contains_key(id) {
+            return None;
+        }
+        let token = CancellationToken::new();
+        runs.insert(id.clone(), token.clone());
+        Some(token)
+    }
     /// Forgets a run.
     pub fn remove(&self, id: &RunId) {
         self.0
@@ -407,14 +421,26 @@ pub async fn work(state: Arc<AppState>, shutdown: CancellationToken) {
                 continue;
             }
         };
+        // Registered before they are claimed, so that a cancel arriving in between is not lost.
+        // A job of a run that executes here already (the sweep may enqueue a run twice, and
+        // both jobs may come in one batch) is done with: its run is in hand.
+        let mut tokens = Vec::with_capacity(jobs.len());
+        let mut fresh = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            match state.running.try_insert(&job.job.run_id) {
+                Some(token) => {
+                    tokens.push(token);
+                    fresh.push(job);
+                }
+                None => {
+                    let _ = state.queue.ack(&job).await;
+                }
+            }
+        }
+        let jobs = fresh;
         if jobs.is_empty() {
             continue;
         }
-        // Registered before they are claimed, so that a cancel arriving in between is not lost.
-        let tokens: Vec<_> = jobs
-            .iter()
-            .map(|j| state.running.insert(&j.job.run_id))
-            .collect();
         // One statement for the whole batch where the database can.
         let ids: Vec<RunId> = jobs.iter().map(|j| j.job.run_id.clone()).collect();
         let claimed = RunStore::claim_runs(&state.sql, &ids, &state.worker_name, ttl).await;
@@ -495,5 +521,25 @@ async fn run_job(
                 )
                 .await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_delivery_of_a_run_here_leaves_its_registration_alone() {
+        let running = Running::default();
+        let id = RunId::new();
+        let first = running.try_insert(&id).expect("registered");
+        assert!(running.try_insert(&id).is_none(), "already here");
+        assert!(running.cancel(&id));
+        assert!(
+            first.is_cancelled(),
+            "a cancel reaches the first registration"
+        );
+        running.remove(&id);
+        assert!(running.try_insert(&id).is_some(), "free again once removed");
     }
 }

@@ -1156,17 +1156,29 @@ pub async fn concurrent_creates(store: Arc<dyn RunStore>) {
             let store = store.clone();
             tokio::spawn(async move {
                 let key = (i % 3 == 0).then_some("together");
-                store.create(new_run("concurrent", key)).await
+                let run = NewRun {
+                    input: json!({"i": i}),
+                    ..new_run("concurrent", key)
+                };
+                let asked = run.id.clone();
+                (asked, store.create(run).await)
             })
         })
         .collect();
     let mut created = 0;
     let mut keyed = std::collections::HashSet::new();
     for (i, task) in tasks.into_iter().enumerate() {
-        let (run, new) = task.await.expect("task").expect("create");
+        let (asked, answer) = task.await.expect("task");
+        let (run, new) = answer.expect("create");
         created += usize::from(new);
         if i % 3 == 0 {
             keyed.insert(run.id.clone());
+        } else {
+            assert_eq!(
+                (&run.id, &run.input),
+                (&asked, &json!({"i": i})),
+                "each creator gets its own run back"
+            );
         }
         assert_eq!(store.get(&run.id).await.expect("stored").id, run.id);
     }

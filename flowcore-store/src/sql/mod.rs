@@ -13,6 +13,7 @@
 mod batch;
 mod flows;
 mod meta;
+mod pg_batch;
 mod prepared;
 mod runs;
 pub mod schema;
@@ -120,6 +121,8 @@ pub struct SqlStore {
     config: SqlConfig,
     /// SQLite: the group-committing queue in front of the writer.
     pub(crate) batcher: Option<batch::Batcher>,
+    /// PostgreSQL: new runs of concurrent requests inserted together.
+    pub(crate) pg_creates: Option<pg_batch::Creates>,
 }
 
 impl fmt::Debug for SqlStore {
@@ -161,6 +164,7 @@ impl SqlStore {
     pub async fn connect(config: SqlConfig) -> Result<Self, StoreError> {
         let url = config.url.trim();
         let mut batcher = None;
+        let mut pg_creates = None;
         let pools = if let Some(path) = sqlite_path(url) {
             if path != ":memory:"
                 && let Some(dir) = Path::new(&path)
@@ -223,7 +227,9 @@ impl SqlStore {
             mc.custom_setup = setup;
             let manager =
                 AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, mc);
-            Pools::Postgres(build_pool!(manager, config.pool_size.max(1), config)?)
+            let pool = build_pool!(manager, config.pool_size.max(1), config)?;
+            pg_creates = Some(pg_batch::Creates::start(pool.clone()));
+            Pools::Postgres(pool)
         } else {
             let scheme = url.split(':').next().unwrap_or_default();
             return Err(StoreError::Invalid(format!(
@@ -234,6 +240,7 @@ impl SqlStore {
             pools,
             config,
             batcher,
+            pg_creates,
         })
     }
 

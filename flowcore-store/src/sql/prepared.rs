@@ -250,3 +250,66 @@ impl QueryFragment<Pg> for FinishRunWithSteps {
         Ok(())
     }
 }
+
+/// New runs as one array per column (PostgreSQL inserts a batch of them with one bind each).
+#[derive(Default)]
+pub(super) struct RunArrays {
+    pub id: Vec<String>,
+    pub flow_id: Vec<String>,
+    pub flow_version: Vec<i32>,
+    pub status: Vec<&'static str>,
+    pub input: Vec<String>,
+    pub created_at: Vec<i64>,
+    pub started_at: Vec<Option<i64>>,
+    pub lease_owner: Vec<Option<String>>,
+    pub lease_expires_at: Vec<Option<i64>>,
+    pub epoch: Vec<i64>,
+}
+
+/// PostgreSQL: new runs without an idempotency key, any number in one statement:
+/// `INSERT INTO runs (...) SELECT ... FROM unnest(...) RETURNING <the runs>`.
+pub(super) struct InsertRuns(RunArrays, RunColumns);
+
+impl InsertRuns {
+    pub(super) fn new(runs: RunArrays) -> Self {
+        Self(runs, run_columns())
+    }
+}
+
+run_query!(InsertRuns);
+
+impl QueryFragment<Pg> for InsertRuns {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        let r = &self.0;
+        out.push_sql(
+            "INSERT INTO runs (id, flow_id, flow_version, status, input, idempotency_key, \
+             created_at, started_at, lease_owner, lease_expires_at, epoch) \
+             SELECT id, flow_id, flow_version, status, input, NULL, created_at, started_at, \
+             lease_owner, lease_expires_at, epoch FROM unnest(",
+        );
+        out.push_bind_param::<Array<Text>, _>(&r.id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&r.flow_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Integer>, _>(&r.flow_version)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&r.status)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&r.input)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<BigInt>, _>(&r.created_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<BigInt>>, _>(&r.started_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&r.lease_owner)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<BigInt>>, _>(&r.lease_expires_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<BigInt>, _>(&r.epoch)?;
+        out.push_sql(
+            ") AS t(id, flow_id, flow_version, status, input, created_at, started_at, \
+             lease_owner, lease_expires_at, epoch) RETURNING ",
+        );
+        self.1.walk_ast(out.reborrow())
+    }
+}

@@ -23,7 +23,7 @@ use super::{
 
 const FINAL: [&str; 4] = ["succeeded", "failed", "cancelled", "timed_out"];
 
-type RunRow = (
+pub(super) type RunRow = (
     i64,
     String,
     String,
@@ -435,7 +435,7 @@ impl RunStore for SqlStore {
         } else {
             RunStatus::Queued
         };
-        let values = run_values(NewRow {
+        let new = NewRow {
             id: run.id.as_str().to_owned(),
             flow_id: run.flow_id.clone(),
             flow_version: i32::try_from(run.flow_version).unwrap_or(i32::MAX),
@@ -444,7 +444,31 @@ impl RunStore for SqlStore {
             idempotency_key: run.idempotency_key.clone(),
             now,
             lease: claim,
-        });
+        };
+        if let Some(creates) = &self.pg_creates
+            && new.idempotency_key.is_none()
+        {
+            let epoch = i64::from(new.lease.is_some());
+            let started_at = new.lease.as_ref().map(|_| new.now);
+            let (lease_owner, lease_expires_at) = new.lease.clone().unzip();
+            let row = super::pg_batch::NewRunRow {
+                id: new.id.clone(),
+                flow_id: new.flow_id.clone(),
+                flow_version: new.flow_version,
+                status: new.status,
+                input: new.input.clone(),
+                created_at: new.now,
+                started_at,
+                lease_owner,
+                lease_expires_at,
+                epoch,
+            };
+            // `None`: the batch failed; the insert below reports this run's own error.
+            if let Some(row) = creates.insert(row).await {
+                return Ok((record(row)?, true));
+            }
+        }
+        let values = run_values(new);
         let inserted: Result<RunRow, diesel::result::Error> = match &self.pools {
             super::Pools::Sqlite { .. } => {
                 self.batcher
@@ -469,6 +493,14 @@ impl RunStore for SqlStore {
                     && let Some(existing) = self.find_by_key(&run.flow_id, key).await?
                 {
                     return Ok((existing, false));
+                }
+                // The caller's fresh id: its batch did insert it, and then failed to answer.
+                if self.pg_creates.is_some()
+                    && run.idempotency_key.is_none()
+                    && let Some(mine) = self.get_row(run.id.as_str()).await?
+                    && mine.created_at == from_micros(now)
+                {
+                    return Ok((mine, true));
                 }
                 Err(StoreError::AlreadyExists(format!(
                     "run `{}` exists",

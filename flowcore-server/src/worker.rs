@@ -424,25 +424,20 @@ pub async fn work(state: Arc<AppState>, shutdown: CancellationToken) {
         // Registered before they are claimed, so that a cancel arriving in between is not lost.
         // A job of a run that executes here already (the sweep may enqueue a run twice, and
         // both jobs may come in one batch) is done with: its run is in hand.
-        let mut tokens = Vec::with_capacity(jobs.len());
         let mut fresh = Vec::with_capacity(jobs.len());
         for job in jobs {
             match state.running.try_insert(&job.job.run_id) {
-                Some(token) => {
-                    tokens.push(token);
-                    fresh.push(job);
-                }
+                Some(token) => fresh.push((job, token)),
                 None => {
                     let _ = state.queue.ack(&job).await;
                 }
             }
         }
-        let jobs = fresh;
-        if jobs.is_empty() {
+        if fresh.is_empty() {
             continue;
         }
         // One statement for the whole batch where the database can.
-        let ids: Vec<RunId> = jobs.iter().map(|j| j.job.run_id.clone()).collect();
+        let ids: Vec<RunId> = fresh.iter().map(|(j, _)| j.job.run_id.clone()).collect();
         let claimed = RunStore::claim_runs(&state.sql, &ids, &state.worker_name, ttl).await;
         let mut claimed = match claimed {
             Ok(runs) => Ok(runs
@@ -451,7 +446,7 @@ pub async fn work(state: Arc<AppState>, shutdown: CancellationToken) {
                 .collect::<HashMap<_, _>>()),
             Err(e) => Err(e.to_string()),
         };
-        for (job, token) in jobs.into_iter().zip(tokens) {
+        for (job, token) in fresh {
             let claim = match &mut claimed {
                 Ok(runs) => Ok(runs.remove(&job.job.run_id)),
                 Err(e) => Err(e.clone()),

@@ -113,14 +113,9 @@ pub async fn start_run(
     // not leave a stored run that nobody starts (until the reaper or the orphan sweep finds it
     // a lease later).
     let accepting = tokio::spawn(accept(state.clone(), new, inline, wait, group));
-    let accepted = accepting.await.map_err(|e| {
-        tracing::error!(error = %e, "accepting a run panicked");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error",
-        )
-    })??;
+    let accepted = accepting
+        .await
+        .map_err(|e| flowcore::StoreError::backend("accepting a run", e))??;
     let limit = Duration::from_secs(state.config.webhook_timeout_seconds);
     match accepted {
         Accepted::Existing(run) => answer(state, &run).await,

@@ -12,39 +12,26 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::prepared::{InsertRuns, RunArrays};
+use super::runs::{NewRow, RunRow};
 
 /// The most runs one statement carries.
 const MAX_BATCH: usize = 64;
 /// How many batches may be in flight at once.
 const IN_FLIGHT: usize = 4;
 
-/// A new run's values, as [`InsertRuns`] takes them.
-pub(super) struct NewRunRow {
-    pub id: String,
-    pub flow_id: String,
-    pub flow_version: i32,
-    pub status: &'static str,
-    pub input: String,
-    pub created_at: i64,
-    pub started_at: Option<i64>,
-    pub lease_owner: Option<String>,
-    pub lease_expires_at: Option<i64>,
-    pub epoch: i64,
-}
-
 /// The inserted row, or `None` when the batch failed (insert alone then).
-type Reply = oneshot::Sender<Option<super::runs::RunRow>>;
+type Reply = oneshot::Sender<Option<RunRow>>;
 
 /// The queue in front of the batched inserts.
 #[derive(Clone)]
 pub(crate) struct Creates {
-    tx: mpsc::UnboundedSender<(NewRunRow, Reply)>,
+    tx: mpsc::UnboundedSender<(NewRow, Reply)>,
 }
 
 impl Creates {
     /// Starts the batching task over `pool`; it ends when the last `Creates` is dropped.
     pub(crate) fn start(pool: Pool<AsyncPgConnection>) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<(NewRunRow, Reply)>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<(NewRow, Reply)>();
         tokio::spawn(async move {
             let slots = Arc::new(Semaphore::new(IN_FLIGHT));
             while let Some(first) = rx.recv().await {
@@ -68,31 +55,23 @@ impl Creates {
         Self { tx }
     }
 
-    /// Inserts `row` with others; `None` when the batch failed (the caller inserts it alone).
-    pub(super) async fn insert(&self, row: NewRunRow) -> Option<super::runs::RunRow> {
+    /// Inserts `row` (without an idempotency key) with others; `None` when the batch failed
+    /// (the caller inserts it alone).
+    pub(super) async fn insert(&self, row: NewRow) -> Option<RunRow> {
         let (tx, rx) = oneshot::channel();
         self.tx.send((row, tx)).ok()?;
         rx.await.ok().flatten()
     }
 }
 
-async fn insert(pool: &Pool<AsyncPgConnection>, batch: Vec<(NewRunRow, Reply)>) {
+async fn insert(pool: &Pool<AsyncPgConnection>, batch: Vec<(NewRow, Reply)>) {
     let mut arrays = RunArrays::default();
     let mut replies = Vec::with_capacity(batch.len());
     for (row, reply) in batch {
-        arrays.id.push(row.id.clone());
-        arrays.flow_id.push(row.flow_id);
-        arrays.flow_version.push(row.flow_version);
-        arrays.status.push(row.status);
-        arrays.input.push(row.input);
-        arrays.created_at.push(row.created_at);
-        arrays.started_at.push(row.started_at);
-        arrays.lease_owner.push(row.lease_owner);
-        arrays.lease_expires_at.push(row.lease_expires_at);
-        arrays.epoch.push(row.epoch);
-        replies.push((row.id, reply));
+        replies.push((row.id.clone(), reply));
+        arrays.push(row);
     }
-    let rows: Option<Vec<super::runs::RunRow>> = match pool.get().await {
+    let rows: Option<Vec<RunRow>> = match pool.get().await {
         Ok(mut conn) => InsertRuns::new(arrays).load(&mut *conn).await.ok(),
         Err(_) => None,
     };
@@ -103,7 +82,7 @@ async fn insert(pool: &Pool<AsyncPgConnection>, batch: Vec<(NewRunRow, Reply)>) 
         }
         return;
     };
-    let mut rows: std::collections::HashMap<String, super::runs::RunRow> =
+    let mut rows: std::collections::HashMap<String, RunRow> =
         rows.into_iter().map(|r| (r.1.clone(), r)).collect();
     for (id, reply) in replies {
         let _ = reply.send(rows.remove(&id));

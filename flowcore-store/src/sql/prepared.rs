@@ -15,7 +15,7 @@ use diesel::serialize::ToSql;
 use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text};
 use diesel::sqlite::Sqlite;
 
-use super::runs::{RunColumns, run_columns};
+use super::runs::{NewRow, RunColumns, run_columns};
 
 /// Implements `QueryId` with a static id (the type itself) and `Query` returning a run's row.
 macro_rules! run_query {
@@ -28,8 +28,6 @@ macro_rules! run_query {
         impl Query for $name {
             type SqlType = <RunColumns as Expression>::SqlType;
         }
-
-        impl diesel::RunQueryDsl<diesel::SqliteConnection> for $name {}
     };
 }
 
@@ -169,6 +167,9 @@ impl FinishRun {
 
 run_query!(FinishRun);
 
+// Run on SQLite's writer thread, with diesel's blocking API.
+impl diesel::RunQueryDsl<diesel::SqliteConnection> for FinishRun {}
+
 impl QueryFragment<Sqlite> for FinishRun {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
         finish_update(&self.0, &mut out)?;
@@ -251,19 +252,36 @@ impl QueryFragment<Pg> for FinishRunWithSteps {
     }
 }
 
-/// New runs as one array per column (PostgreSQL inserts a batch of them with one bind each).
+/// New runs (without an idempotency key) as one array per column: PostgreSQL inserts a batch
+/// of them with one bind each.
 #[derive(Default)]
 pub(super) struct RunArrays {
-    pub id: Vec<String>,
-    pub flow_id: Vec<String>,
-    pub flow_version: Vec<i32>,
-    pub status: Vec<&'static str>,
-    pub input: Vec<String>,
-    pub created_at: Vec<i64>,
-    pub started_at: Vec<Option<i64>>,
-    pub lease_owner: Vec<Option<String>>,
-    pub lease_expires_at: Vec<Option<i64>>,
-    pub epoch: Vec<i64>,
+    id: Vec<String>,
+    flow_id: Vec<String>,
+    flow_version: Vec<i32>,
+    status: Vec<&'static str>,
+    input: Vec<String>,
+    created_at: Vec<i64>,
+    started_at: Vec<Option<i64>>,
+    lease_owner: Vec<Option<String>>,
+    lease_expires_at: Vec<Option<i64>>,
+    epoch: Vec<i64>,
+}
+
+impl RunArrays {
+    pub(super) fn push(&mut self, row: NewRow) {
+        let (started_at, owner, expires, epoch) = row.lease_columns();
+        self.id.push(row.id);
+        self.flow_id.push(row.flow_id);
+        self.flow_version.push(row.flow_version);
+        self.status.push(row.status);
+        self.input.push(row.input);
+        self.created_at.push(row.now);
+        self.started_at.push(started_at);
+        self.lease_owner.push(owner);
+        self.lease_expires_at.push(expires);
+        self.epoch.push(epoch);
+    }
 }
 
 /// PostgreSQL: new runs without an idempotency key, any number in one statement:

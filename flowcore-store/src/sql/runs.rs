@@ -192,16 +192,34 @@ type StepValues = (
 );
 
 /// The values of a new run's row.
-struct NewRow {
-    id: String,
-    flow_id: String,
-    flow_version: i32,
-    status: &'static str,
-    input: String,
-    idempotency_key: Option<String>,
-    now: i64,
+#[derive(Clone)]
+pub(super) struct NewRow {
+    pub id: String,
+    pub flow_id: String,
+    pub flow_version: i32,
+    pub status: &'static str,
+    pub input: String,
+    pub idempotency_key: Option<String>,
+    pub now: i64,
     /// Owner and expiry, when created claimed.
-    lease: Option<(String, i64)>,
+    pub lease: Option<(String, i64)>,
+}
+
+/// The lease columns of a new row: `started_at`, `lease_owner`, `lease_expires_at`, `epoch`.
+type LeaseColumns = (Option<i64>, Option<String>, Option<i64>, i64);
+
+impl NewRow {
+    /// A run created claimed has started, at epoch 1; else none of it is set (epoch 0).
+    pub(super) fn lease_columns(&self) -> LeaseColumns {
+        let (owner, expires) = self.lease.clone().unzip();
+        let claimed = self.lease.is_some();
+        (
+            claimed.then_some(self.now),
+            owner,
+            expires,
+            i64::from(claimed),
+        )
+    }
 }
 
 type RunValues = (
@@ -219,9 +237,7 @@ type RunValues = (
 );
 
 fn run_values(new: NewRow) -> RunValues {
-    let epoch = i64::from(new.lease.is_some());
-    let started_at = new.lease.as_ref().map(|_| new.now);
-    let (owner, expires) = new.lease.unzip();
+    let (started_at, owner, expires, epoch) = new.lease_columns();
     (
         runs::id.eq(new.id),
         runs::flow_id.eq(new.flow_id),
@@ -448,23 +464,8 @@ impl RunStore for SqlStore {
         if let Some(creates) = &self.pg_creates
             && new.idempotency_key.is_none()
         {
-            let epoch = i64::from(new.lease.is_some());
-            let started_at = new.lease.as_ref().map(|_| new.now);
-            let (lease_owner, lease_expires_at) = new.lease.clone().unzip();
-            let row = super::pg_batch::NewRunRow {
-                id: new.id.clone(),
-                flow_id: new.flow_id.clone(),
-                flow_version: new.flow_version,
-                status: new.status,
-                input: new.input.clone(),
-                created_at: new.now,
-                started_at,
-                lease_owner,
-                lease_expires_at,
-                epoch,
-            };
             // `None`: the batch failed; the insert below reports this run's own error.
-            if let Some(row) = creates.insert(row).await {
+            if let Some(row) = creates.insert(new.clone()).await {
                 return Ok((record(row)?, true));
             }
         }

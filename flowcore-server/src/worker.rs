@@ -120,8 +120,8 @@ pub async fn fail_run(state: &AppState, id: &RunId, error: String) -> Result<boo
         error: Some(error),
         ..Default::default()
     };
-    RunStore::finish(&state.sql, id, lease.epoch, outcome).await?;
-    announce_finished(state, id).await;
+    let failed = RunStore::finish(&state.sql, id, lease.epoch, outcome).await?;
+    announce_finished(state, &failed).await;
     Ok(true)
 }
 
@@ -137,11 +137,11 @@ async fn give_up(state: &AppState, run: &RunRecord) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Tells every process that a run ended (its end is stored), waking the requests waiting
-/// for it; a lost announcement only delays them until they read the store.
-pub async fn announce_finished(state: &AppState, run_id: &RunId) {
-    if let Err(e) = state.signals.finished(run_id).await {
-        tracing::warn!(run_id = %run_id, error = %e, "could not announce a finished run");
+/// Tells every process that a run ended (its end is stored, as in `run`), waking the requests
+/// waiting for it with its end; a lost announcement only delays them until they read the store.
+pub async fn announce_finished(state: &AppState, run: &RunRecord) {
+    if let Err(e) = state.signals.finished(&run.id, run.end().as_ref()).await {
+        tracing::warn!(run_id = %run.id, error = %e, "could not announce a finished run");
     }
 }
 
@@ -385,8 +385,10 @@ async fn execute_inner(
     let status = result
         .as_ref()
         .map_or(flowcore::RunStatus::Failed, |r| r.status);
-    if status.is_final() && result.is_ok() {
-        announce_finished(state, &run.id).await;
+    if let Ok(done) = &result
+        && done.status.is_final()
+    {
+        announce_finished(state, done).await;
     }
     state
         .metrics

@@ -461,8 +461,9 @@ async fn subscribe(client: Client, channels: Channels, wake: Arc<Notify>, up: Ar
             let mut messages = pubsub.on_message();
             while let Some(message) = messages.next().await {
                 if message.get_channel_name() == channels.finished {
-                    if let Ok(run_id) = message.get_payload::<String>() {
-                        channels.finish_waiters.notify(&RunId::from(run_id));
+                    if let Ok(message) = message.get_payload::<String>() {
+                        let (run_id, end) = parse_finished(&message);
+                        channels.finish_waiters.notify(&run_id, end);
                     }
                 } else if message.get_channel_name() == channels.flows {
                     if let Ok(flow_id) = message.get_payload::<String>() {
@@ -495,8 +496,31 @@ struct Channels {
     losses: tokio::sync::watch::Sender<u64>,
 }
 
-/// The pub/sub channel (after the prefix) of finished runs.
+/// The pub/sub channel (after the prefix) of finished runs: messages are the run id, followed
+/// by a space and its end as JSON when that is at most [`FINISHED_END_MAX`] bytes.
 const FINISHED_CHANNEL: &str = "runs:finished";
+/// The largest run end an announcement carries; a waiter of a larger one reads the store (every
+/// process receives every announcement).
+const FINISHED_END_MAX: usize = 16 * 1024;
+
+fn finished_message(run_id: &RunId, end: Option<&flowcore::ports::RunEnd>) -> String {
+    let mut message = run_id.as_str().to_owned();
+    if let Some(json) = end.and_then(|e| serde_json::to_string(e).ok())
+        && json.len() <= FINISHED_END_MAX
+    {
+        message.push(' ');
+        message.push_str(&json);
+    }
+    message
+}
+
+/// The run and, when carried and readable, its end (else the waiter reads the store).
+fn parse_finished(message: &str) -> (RunId, Option<flowcore::ports::RunEnd>) {
+    match message.split_once(' ') {
+        Some((run_id, end)) => (RunId::from(run_id), serde_json::from_str(end).ok()),
+        None => (RunId::from(message), None),
+    }
+}
 /// The pub/sub channel (after the prefix) of flow changes.
 const FLOWS_CHANNEL: &str = "flows:changed";
 /// The pub/sub channel (after the prefix) of cancel requests.
@@ -933,8 +957,14 @@ impl flowcore::ports::RunSignals for RedisRunSignals {
     fn cancels(&self) -> tokio::sync::broadcast::Receiver<RunId> {
         self.0.cancels.subscribe()
     }
-    async fn finished(&self, run_id: &RunId) -> StoreResult<()> {
-        self.0.publish(FINISHED_CHANNEL, run_id.as_str()).await
+    async fn finished(
+        &self,
+        run_id: &RunId,
+        end: Option<&flowcore::ports::RunEnd>,
+    ) -> StoreResult<()> {
+        self.0
+            .publish(FINISHED_CHANNEL, &finished_message(run_id, end))
+            .await
     }
     fn watch_finished(&self, run_id: &RunId) -> flowcore::ports::FinishWatch {
         self.0.finish_waiters.watch(run_id)

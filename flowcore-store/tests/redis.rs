@@ -325,9 +325,36 @@ async fn flow_changes_cross_processes_through_redis() {
     // A run announced finished by one process wakes its watch in the other.
     let done = flowcore::RunId::new();
     let mut watch = second.run_signals().watch_finished(&done);
-    first.run_signals().finished(&done).await.expect("publish");
-    tokio::time::timeout(Duration::from_secs(5), watch.finished())
+    let end = flowcore::ports::RunEnd {
+        status: flowcore::RunStatus::Succeeded,
+        output: Some(serde_json::json!({"msg": "hello ada"})),
+        error: None,
+    };
+    first
+        .run_signals()
+        .finished(&done, Some(&end))
+        .await
+        .expect("publish");
+    let heard = tokio::time::timeout(Duration::from_secs(5), watch.finished())
         .await
         .expect("the other process's watch wakes");
+    assert_eq!(heard.as_deref(), Some(&end), "with the run's end");
+    // A large end is left out of the announcement (every process receives it): the watch
+    // wakes without it, and its waiter reads the store.
+    let large = flowcore::RunId::new();
+    let mut watch = second.run_signals().watch_finished(&large);
+    let end = flowcore::ports::RunEnd {
+        output: Some(serde_json::json!("x".repeat(64 * 1024))),
+        ..end
+    };
+    first
+        .run_signals()
+        .finished(&large, Some(&end))
+        .await
+        .expect("publish");
+    let heard = tokio::time::timeout(Duration::from_secs(5), watch.finished())
+        .await
+        .expect("the other process's watch wakes");
+    assert_eq!(heard, None, "a large end stays out of the announcement");
     clean(&prefix).await;
 }

@@ -102,6 +102,7 @@ async fn sqlite_file_passes_the_kit() {
     flowcore::testkit::meta_store(std::sync::Arc::new(store.clone())).await;
     flowcore::testkit::claim_next(std::sync::Arc::new(store.clone())).await;
     flowcore::testkit::concurrent_creates(std::sync::Arc::new(store.clone())).await;
+    flowcore::testkit::concurrent_finishes(std::sync::Arc::new(store.clone())).await;
     drop(store);
     // The data survives a reconnect.
     let again = crate::store(&url).await;
@@ -150,6 +151,7 @@ async fn postgres_passes_the_kit() {
         flowcore::testkit::meta_store(std::sync::Arc::new(store.clone())).await;
         flowcore::testkit::claim_next(std::sync::Arc::new(store.clone())).await;
         flowcore::testkit::concurrent_creates(std::sync::Arc::new(store.clone())).await;
+        flowcore::testkit::concurrent_finishes(std::sync::Arc::new(store.clone())).await;
     }
     db.drop_db().await;
 }

@@ -1186,6 +1186,81 @@ pub async fn concurrent_creates(store: Arc<dyn RunStore>) {
     assert_eq!(created, 41, "40 unique runs and the keyed one");
 }
 
+/// Many runs ended at once (PostgreSQL writes concurrent ends in one statement): each owner
+/// gets its own run back with its own output and steps; an end under a stale epoch and a second
+/// end of the same run in the same burst are refused without undoing the others.
+pub async fn concurrent_finishes(store: Arc<dyn RunStore>) {
+    let ttl = Duration::from_secs(30);
+    let mut leased = Vec::new();
+    for _ in 0..40 {
+        let (run, _) = store
+            .create(new_run("finishing", None))
+            .await
+            .expect("create");
+        let lease = store.claim(&run.id, "w", ttl).await.expect("claim");
+        leased.push((run.id, lease.epoch));
+    }
+    let finish = |i: usize, id: RunId, epoch: u64| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut done = step("last", StepStatus::Succeeded);
+            done.output = Some(Arc::new(json!({"i": i})));
+            let outcome = RunOutcome {
+                status: RunStatus::Succeeded,
+                output: Some(json!({"run": i})),
+                error: None,
+                steps: vec![done],
+            };
+            store.finish(&id, epoch, outcome).await
+        })
+    };
+    // Runs 0 to 35 by their owner, 36 to 39 under a stale epoch, run 0 twice.
+    let mut tasks: Vec<_> = leased
+        .iter()
+        .enumerate()
+        .map(|(i, (id, epoch))| finish(i, id.clone(), if i < 36 { *epoch } else { epoch + 1 }))
+        .collect();
+    tasks.push(finish(0, leased[0].0.clone(), leased[0].1));
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.expect("task"));
+    }
+    let first_of_run0 = answers.pop().expect("the second end of run 0");
+    let ended_run0 = [&answers[0], &first_of_run0]
+        .iter()
+        .filter(|a| a.is_ok())
+        .count();
+    assert_eq!(ended_run0, 1, "one of two ends of the same run is taken");
+    assert!(
+        [&answers[0], &first_of_run0]
+            .iter()
+            .any(|a| matches!(a, Err(StoreError::StaleLease(_)))),
+        "the other is refused as stale"
+    );
+    for (i, answer) in answers.iter().enumerate().skip(1) {
+        let (id, _) = &leased[i];
+        if i < 36 {
+            let run = answer.as_ref().expect("the owner's end is taken");
+            assert_eq!(
+                (&run.id, run.status, &run.output),
+                (id, RunStatus::Succeeded, &Some(json!({"run": i}))),
+                "each owner gets its own run back"
+            );
+            let steps = store.steps(id).await.expect("steps");
+            assert_eq!(steps.len(), 1);
+            assert_eq!(steps[0].output.as_deref(), Some(&json!({"i": i})));
+        } else {
+            assert!(
+                matches!(answer, Err(StoreError::StaleLease(_))),
+                "a stale end is refused: {answer:?}"
+            );
+            let run = store.get(id).await.expect("stored");
+            assert_eq!(run.status, RunStatus::Running, "and changes nothing");
+            assert!(store.steps(id).await.expect("steps").is_empty());
+        }
+    }
+}
+
 /// Cancel requests reach every subscriber (published again until one arrives: a backend's
 /// subscriber may still be connecting).
 pub async fn run_signals(signals: Arc<dyn crate::ports::RunSignals>) {
@@ -1219,23 +1294,39 @@ pub async fn run_signals(signals: Arc<dyn crate::ports::RunSignals>) {
         signals.watch_finished(&done),
         signals.watch_finished(&other),
     );
+    // It carries the run's end (a small one: a backend may leave a large one out).
+    let end = crate::ports::RunEnd {
+        status: RunStatus::Failed,
+        output: Some(serde_json::json!({"partial": [1, "two"]})),
+        error: Some("node `b` failed: boom".into()),
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        signals.finished(&done).await.expect("publish");
-        if tokio::time::timeout(Duration::from_millis(100), watch.finished())
-            .await
-            .is_ok()
+    let heard = loop {
+        signals.finished(&done, Some(&end)).await.expect("publish");
+        if let Ok(heard) = tokio::time::timeout(Duration::from_millis(100), watch.finished()).await
         {
-            break;
+            break heard;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "no finish announcement arrived"
         );
-    }
-    tokio::time::timeout(Duration::from_secs(2), twice.finished())
+    };
+    assert_eq!(heard.as_deref(), Some(&end), "the end as announced");
+    let heard = tokio::time::timeout(Duration::from_secs(2), twice.finished())
         .await
         .expect("every watch of the run wakes");
+    assert_eq!(heard.as_deref(), Some(&end));
+    // Announced without its end: the watch wakes all the same.
+    let bare = RunId::new();
+    let mut watch = signals.watch_finished(&bare);
+    signals.finished(&bare, None).await.expect("publish");
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(2), watch.finished())
+            .await
+            .expect("a bare announcement wakes it"),
+        None
+    );
     assert!(
         tokio::time::timeout(Duration::from_millis(200), untouched.finished())
             .await

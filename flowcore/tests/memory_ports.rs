@@ -63,6 +63,11 @@ async fn memory_concurrent_creates() {
     flowcore::testkit::concurrent_creates(Arc::new(MemoryRunStore::new())).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_concurrent_finishes() {
+    flowcore::testkit::concurrent_finishes(Arc::new(MemoryRunStore::new())).await;
+}
+
 #[tokio::test]
 async fn the_memory_event_bus_keeps_a_bounded_number_of_runs() {
     use flowcore::ports::EventBus;

@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use flowcore::durable::resolve;
-use flowcore::ports::{FinishWatch, NewRun, RunFilter, RunRecord, RunStore};
+use flowcore::ports::{FinishWatch, NewRun, RunEnd, RunFilter, RunRecord, RunStore};
 use flowcore::{RunId, RunStatus};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -118,20 +118,19 @@ pub async fn start_run(
         .map_err(|e| flowcore::StoreError::backend("accepting a run", e))??;
     let limit = Duration::from_secs(state.config.webhook_timeout_seconds);
     match accepted {
-        Accepted::Existing(run) => answer(state, &run).await,
-        Accepted::Inline(run, task) => match tokio::time::timeout(limit, task).await {
-            Ok(Ok(Ok(done))) => answer(state, &done).await,
-            Ok(Ok(Err(e))) => Err(e.into()),
-            Ok(Err(_)) | Err(_) => answer(state, &RunStore::get(&state.sql, &run.id).await?).await,
-        },
+        Accepted::Existing(run) => answer(state, &run.id, Seen::of(&run)).await,
+        Accepted::Inline(run, task) => {
+            let done = match tokio::time::timeout(limit, task).await {
+                Ok(Ok(done)) => done?,
+                Ok(Err(_)) | Err(_) => RunStore::get(&state.sql, &run.id).await?,
+            };
+            answer(state, &run.id, Seen::of(&done)).await
+        }
         // As accepted: a fast worker may already be done, but the caller asked not to wait.
-        Accepted::Queued(run, None) => answer(state, &run).await,
+        Accepted::Queued(run, None) => answer(state, &run.id, Seen::of(&run)).await,
         Accepted::Queued(run, Some(watch)) => {
-            answer(
-                state,
-                &wait_until_final(state, &run.id, watch, limit).await?,
-            )
-            .await
+            let seen = wait_until_final(state, &run.id, watch, limit).await?;
+            answer(state, &run.id, seen).await
         }
     }
 }
@@ -201,26 +200,47 @@ async fn accept(
     Ok(Accepted::Queued(run, watch))
 }
 
-/// Waits until the run is final or `limit` passes and returns it as stored. Woken by the run's
-/// finish announcement from whichever process executes it; the store is also read every second,
-/// in case an announcement was lost (a Redis reconnect).
+/// A run as a request answers it: ended, or live in some status.
+enum Seen {
+    Ended(RunEnd),
+    Live(RunStatus),
+}
+
+impl Seen {
+    fn of(run: &RunRecord) -> Self {
+        run.end().map_or(Self::Live(run.status), Self::Ended)
+    }
+
+    fn status(&self) -> RunStatus {
+        match self {
+            Self::Ended(end) => end.status,
+            Self::Live(status) => *status,
+        }
+    }
+}
+
+/// Waits until the run is final or `limit` passes. Woken by the run's finish announcement from
+/// whichever process executes it, which carries the run's end as stored (else the store is
+/// read); the store is also read every second, in case an announcement was lost (a Redis
+/// reconnect).
 async fn wait_until_final(
     state: &Shared,
     run_id: &RunId,
     mut watch: FinishWatch,
     limit: Duration,
-) -> Result<RunRecord, ApiError> {
+) -> Result<Seen, ApiError> {
     let until = tokio::time::Instant::now() + limit;
     loop {
         let left = until.saturating_duration_since(tokio::time::Instant::now());
-        let announced = tokio::time::timeout(left.min(Duration::from_secs(1)), watch.finished())
-            .await
-            .is_ok();
+        let heard = tokio::time::timeout(left.min(Duration::from_secs(1)), watch.finished()).await;
+        if let Ok(Some(end)) = heard {
+            return Ok(Seen::Ended(std::sync::Arc::unwrap_or_clone(end)));
+        }
         let run = RunStore::get(&state.sql, run_id).await?;
         if run.status.is_final() || tokio::time::Instant::now() >= until {
-            return Ok(run);
+            return Ok(Seen::of(&run));
         }
-        if announced {
+        if heard.is_ok() {
             // Announced but not final as read: keep reading, gently.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -228,22 +248,27 @@ async fn wait_until_final(
 }
 
 /// 200 with the output when the run is over, else 202 with its id and status.
-async fn answer(state: &Shared, run: &RunRecord) -> Result<(StatusCode, Json<Value>), ApiError> {
-    if run.status.is_final() {
-        let output = match &run.output {
-            Some(v) => Some(resolve(v, &state.blobs).await?),
-            None => None,
-        };
-        let mut body = json!({"run_id": run.id, "status": run.status, "output": output});
-        if let Some(error) = &run.error {
-            body["error"] = json!(error);
+async fn answer(
+    state: &Shared,
+    run_id: &RunId,
+    seen: Seen,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    match seen {
+        Seen::Ended(end) => {
+            let output = match &end.output {
+                Some(v) => Some(resolve(v, &state.blobs).await?),
+                None => None,
+            };
+            let mut body = json!({"run_id": run_id, "status": end.status, "output": output});
+            if let Some(error) = &end.error {
+                body["error"] = json!(error);
+            }
+            Ok((StatusCode::OK, Json(body)))
         }
-        Ok((StatusCode::OK, Json(body)))
-    } else {
-        Ok((
+        Seen::Live(status) => Ok((
             StatusCode::ACCEPTED,
-            Json(json!({"run_id": run.id, "status": run.status})),
-        ))
+            Json(json!({"run_id": run_id, "status": status})),
+        )),
     }
 }
 
@@ -328,7 +353,7 @@ pub(crate) async fn cancel(
             let run =
                 RunStore::transition(&state.sql, &id, RunStatus::Queued, RunStatus::Cancelled)
                     .await?;
-            crate::worker::announce_finished(&state, &id).await;
+            crate::worker::announce_finished(&state, &run).await;
             Ok((
                 StatusCode::OK,
                 Json(json!({"run_id": run.id, "status": run.status})),
@@ -341,13 +366,12 @@ pub(crate) async fn cancel(
             if !state.running.cancel(&id) {
                 state.signals.cancel(&id).await?;
             }
-            let run = wait_until_final(&state, &id, watch, Duration::from_secs(5)).await?;
-            let code = if run.status.is_final() {
-                StatusCode::OK
-            } else {
-                StatusCode::ACCEPTED
+            let seen = wait_until_final(&state, &id, watch, Duration::from_secs(5)).await?;
+            let code = match seen {
+                Seen::Ended(_) => StatusCode::OK,
+                Seen::Live(_) => StatusCode::ACCEPTED,
             };
-            Ok((code, Json(json!({"run_id": run.id, "status": run.status}))))
+            Ok((code, Json(json!({"run_id": id, "status": seen.status()}))))
         }
         status => Err(ApiError::new(
             StatusCode::CONFLICT,

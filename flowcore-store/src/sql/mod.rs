@@ -121,8 +121,9 @@ pub struct SqlStore {
     config: SqlConfig,
     /// SQLite: the group-committing queue in front of the writer.
     pub(crate) batcher: Option<batch::Batcher>,
-    /// PostgreSQL: new runs of concurrent requests inserted together.
-    pub(crate) pg_creates: Option<pg_batch::Creates>,
+    /// PostgreSQL: new runs of concurrent requests inserted together, and ends of concurrent
+    /// runs written together.
+    pg_batches: Option<pg_batch::Batches>,
 }
 
 impl fmt::Debug for SqlStore {
@@ -164,7 +165,7 @@ impl SqlStore {
     pub async fn connect(config: SqlConfig) -> Result<Self, StoreError> {
         let url = config.url.trim();
         let mut batcher = None;
-        let mut pg_creates = None;
+        let mut pg_batches = None;
         let pools = if let Some(path) = sqlite_path(url) {
             if path != ":memory:"
                 && let Some(dir) = Path::new(&path)
@@ -228,7 +229,7 @@ impl SqlStore {
             let manager =
                 AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, mc);
             let pool = build_pool!(manager, config.pool_size.max(1), config)?;
-            pg_creates = Some(pg_batch::Creates::start(pool.clone()));
+            pg_batches = Some(pg_batch::Batches::start(pool.clone()));
             Pools::Postgres(pool)
         } else {
             let scheme = url.split(':').next().unwrap_or_default();
@@ -240,7 +241,7 @@ impl SqlStore {
             pools,
             config,
             batcher,
-            pg_creates,
+            pg_batches,
         })
     }
 

@@ -177,9 +177,10 @@ impl QueryFragment<Sqlite> for FinishRun {
     }
 }
 
-/// A run's steps as one array per column, so that any number of them is one bind each.
+/// Steps of runs as one array per column, so that any number of them is one bind each.
 #[derive(Default)]
 pub(super) struct StepArrays {
+    pub run_id: Vec<String>,
     pub node: Vec<String>,
     pub status: Vec<&'static str>,
     pub attempts: Vec<i32>,
@@ -190,58 +191,116 @@ pub(super) struct StepArrays {
     pub port: Vec<Option<String>>,
 }
 
-/// PostgreSQL: the end of a run and its last steps in one statement (one round trip, one
-/// commit): the UPDATE under the epoch, then the steps' upsert only if it found the run.
-///
-/// ```sql
-/// WITH run AS (UPDATE runs SET ... RETURNING ...),
-///   written AS (INSERT INTO steps SELECT ... FROM unnest(...) WHERE EXISTS (SELECT 1 FROM run)
-///               ON CONFLICT (run_id, node) DO UPDATE SET ...)
-/// SELECT * FROM run
-/// ```
-pub(super) struct FinishRunWithSteps(Finish, StepArrays, RunColumns);
-
-impl FinishRunWithSteps {
-    pub(super) fn new(end: Finish, steps: StepArrays) -> Self {
-        Self(end, steps, run_columns())
+impl StepArrays {
+    fn append(&mut self, other: Self) {
+        self.run_id.extend(other.run_id);
+        self.node.extend(other.node);
+        self.status.extend(other.status);
+        self.attempts.extend(other.attempts);
+        self.started_at.extend(other.started_at);
+        self.finished_at.extend(other.finished_at);
+        self.output.extend(other.output);
+        self.error.extend(other.error);
+        self.port.extend(other.port);
     }
 }
 
-run_query!(FinishRunWithSteps);
+/// The ends of runs as one array per column, with their last steps.
+#[derive(Default)]
+pub(super) struct EndArrays {
+    id: Vec<String>,
+    epoch: Vec<i64>,
+    status: Vec<&'static str>,
+    output: Vec<Option<String>>,
+    error: Vec<Option<String>>,
+    finished_at: Vec<i64>,
+    steps: StepArrays,
+}
 
-impl QueryFragment<Pg> for FinishRunWithSteps {
+impl EndArrays {
+    pub(super) fn push(&mut self, end: Finish, steps: StepArrays) {
+        self.id.push(end.id);
+        self.epoch.push(end.epoch);
+        self.status.push(end.status);
+        self.output.push(end.output);
+        self.error.push(end.error);
+        self.finished_at.push(end.finished_at);
+        self.steps.append(steps);
+    }
+}
+
+/// PostgreSQL: the ends of any number of runs and their last steps in one statement (one round
+/// trip, one commit): each run's UPDATE under its epoch, then the upsert of the steps of the
+/// runs it found. A run listed twice is ended once (the batcher never lists one twice).
+///
+/// ```sql
+/// WITH run AS (UPDATE runs SET ... FROM unnest(<the ends>) AS e(...)
+///              WHERE runs.id = e.e_id AND runs.epoch = e.e_epoch AND runs.status = 'running'
+///              RETURNING <the runs>),
+///   written AS (INSERT INTO steps SELECT ... FROM unnest(<the steps>) AS s(...)
+///               WHERE s.run_id IN (SELECT id FROM run) ON CONFLICT (run_id, node) DO UPDATE ...)
+/// SELECT * FROM run
+/// ```
+pub(super) struct FinishRuns(EndArrays, RunColumns);
+
+impl FinishRuns {
+    pub(super) fn new(ends: EndArrays) -> Self {
+        Self(ends, run_columns())
+    }
+}
+
+run_query!(FinishRuns);
+
+impl QueryFragment<Pg> for FinishRuns {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        let (end, steps) = (&self.0, &self.1);
-        out.push_sql("WITH run AS (");
-        finish_update(end, &mut out)?;
-        self.2.walk_ast(out.reborrow())?;
+        let (e, s) = (&self.0, &self.0.steps);
+        out.push_sql(
+            "WITH run AS (UPDATE runs SET status = e.e_status, output = e.e_output, \
+             error = e.e_error, finished_at = e.e_finished_at, lease_owner = NULL, \
+             lease_expires_at = NULL FROM unnest(",
+        );
+        out.push_bind_param::<Array<Text>, _>(&e.id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<BigInt>, _>(&e.epoch)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&e.status)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&e.output)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&e.error)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<BigInt>, _>(&e.finished_at)?;
+        out.push_sql(
+            ") AS e(e_id, e_epoch, e_status, e_output, e_error, e_finished_at) \
+             WHERE runs.id = e.e_id AND runs.epoch = e.e_epoch AND runs.status = 'running' \
+             RETURNING ",
+        );
+        self.1.walk_ast(out.reborrow())?;
         out.push_sql(
             "), written AS (INSERT INTO steps (run_id, node, status, attempts, started_at, \
-             finished_at, output, error, port) SELECT ",
+             finished_at, output, error, port) SELECT s.run_id, s.node, s.status, s.attempts, \
+             s.started_at, s.finished_at, s.output, s.error, s.port FROM unnest(",
         );
-        out.push_bind_param::<Text, _>(&end.id)?;
+        out.push_bind_param::<Array<Text>, _>(&s.run_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&s.node)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&s.status)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Integer>, _>(&s.attempts)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<BigInt>>, _>(&s.started_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<BigInt>>, _>(&s.finished_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&s.output)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&s.error)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&s.port)?;
         out.push_sql(
-            ", s.node, s.status, s.attempts, s.started_at, s.finished_at, s.output, s.error, \
-             s.port FROM unnest(",
-        );
-        out.push_bind_param::<Array<Text>, _>(&steps.node)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Text>, _>(&steps.status)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Integer>, _>(&steps.attempts)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Nullable<BigInt>>, _>(&steps.started_at)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Nullable<BigInt>>, _>(&steps.finished_at)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Nullable<Text>>, _>(&steps.output)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Nullable<Text>>, _>(&steps.error)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Array<Nullable<Text>>, _>(&steps.port)?;
-        out.push_sql(
-            ") AS s(node, status, attempts, started_at, finished_at, output, error, port) \
-             WHERE EXISTS (SELECT 1 FROM run) \
+            ") AS s(run_id, node, status, attempts, started_at, finished_at, output, error, \
+             port) WHERE s.run_id IN (SELECT id FROM run) \
              ON CONFLICT (run_id, node) DO UPDATE SET status = excluded.status, \
              attempts = excluded.attempts, started_at = excluded.started_at, \
              finished_at = excluded.finished_at, output = excluded.output, \

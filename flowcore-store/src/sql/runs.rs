@@ -15,7 +15,7 @@ use flowcore::ports::{
 };
 use flowcore::{RunId, RunStatus, StepRecord, StepStatus, StoreError};
 
-use super::prepared::{ClaimRun, Finish, FinishRunWithSteps, Id, Ids, StepArrays};
+use super::prepared::{ClaimRun, EndArrays, Finish, FinishRuns, Id, Ids, StepArrays};
 use super::schema::{runs, steps};
 use super::{
     SqlStore, db_error, from_micros, from_text, is_unique_violation, micros, to_text, with_conn,
@@ -254,9 +254,10 @@ fn run_values(new: NewRow) -> RunValues {
 }
 
 /// A run's steps as one array per column (PostgreSQL writes them with one bind each).
-fn step_arrays(steps: &[StepRecord]) -> StoreResult<StepArrays> {
+fn step_arrays(id: &RunId, steps: &[StepRecord]) -> StoreResult<StepArrays> {
     let mut a = StepArrays::default();
     for s in steps {
+        a.run_id.push(id.as_str().to_owned());
         a.node.push(s.node.to_string());
         a.status.push(s.status.as_str());
         a.attempts
@@ -461,11 +462,11 @@ impl RunStore for SqlStore {
             now,
             lease: claim,
         };
-        if let Some(creates) = &self.pg_creates
+        if let Some(batches) = &self.pg_batches
             && new.idempotency_key.is_none()
         {
             // `None`: the batch failed; the insert below reports this run's own error.
-            if let Some(row) = creates.insert(new.clone()).await {
+            if let Some(row) = batches.creates.insert(new.clone()).await {
                 return Ok((record(row)?, true));
             }
         }
@@ -496,7 +497,7 @@ impl RunStore for SqlStore {
                     return Ok((existing, false));
                 }
                 // The caller's fresh id: its batch did insert it, and then failed to answer.
-                if self.pg_creates.is_some()
+                if self.pg_batches.is_some()
                     && run.idempotency_key.is_none()
                     && let Some(mine) = self.get_row(run.id.as_str()).await?
                     && mine.created_at == from_micros(now)
@@ -727,17 +728,20 @@ impl RunStore for SqlStore {
                 outcome.status
             )));
         }
-        let end = Finish {
-            id: id.as_str().to_owned(),
-            epoch: epoch as i64,
-            status: outcome.status.as_str(),
-            output: outcome.output.as_ref().map(to_text).transpose()?,
-            error: outcome.error.clone(),
-            finished_at: micros(Utc::now()),
+        let finished_at = micros(Utc::now());
+        let end = || -> StoreResult<Finish> {
+            Ok(Finish {
+                id: id.as_str().to_owned(),
+                epoch: epoch as i64,
+                status: outcome.status.as_str(),
+                output: outcome.output.as_ref().map(to_text).transpose()?,
+                error: outcome.error.clone(),
+                finished_at,
+            })
         };
         let row: Option<RunRow> = match &self.pools {
             super::Pools::Sqlite { .. } => {
-                let rows = step_rows(id, &outcome.steps)?;
+                let (end, rows) = (end()?, step_rows(id, &outcome.steps)?);
                 self.batcher
                     .as_ref()
                     .expect("SQLite has a batcher")
@@ -748,13 +752,38 @@ impl RunStore for SqlStore {
                     .map_err(|e| db_error("finishing a run", e))?
             }
             super::Pools::Postgres(pool) => {
-                let query = FinishRunWithSteps::new(end, step_arrays(&outcome.steps)?);
-                let mut conn = pool.get().await.map_err(super::pool_error)?;
-                query
-                    .get_result(&mut *conn)
-                    .await
-                    .optional()
-                    .map_err(|e| db_error("finishing a run", e))?
+                let batched = match &self.pg_batches {
+                    Some(b) => {
+                        let steps = step_arrays(id, &outcome.steps)?;
+                        b.finishes.finish(end()?, steps).await
+                    }
+                    None => Err(()),
+                };
+                match batched {
+                    Ok(row) => row,
+                    Err(()) => {
+                        let mut ends = EndArrays::default();
+                        ends.push(end()?, step_arrays(id, &outcome.steps)?);
+                        let mut conn = pool.get().await.map_err(super::pool_error)?;
+                        let alone: Option<RunRow> = FinishRuns::new(ends)
+                            .get_result(&mut *conn)
+                            .await
+                            .optional()
+                            .map_err(|e| db_error("finishing a run", e))?;
+                        drop(conn);
+                        if alone.is_none()
+                            && self.pg_batches.is_some()
+                            && let Some(run) = self.get_row(id.as_str()).await?
+                            && run.epoch == epoch
+                            && run.status.is_final()
+                        {
+                            // Ended at our epoch, so by us: a batch that wrote it and then
+                            // failed to answer.
+                            return Ok(run);
+                        }
+                        alone
+                    }
+                }
             }
         };
         match row {

@@ -1216,8 +1216,8 @@ impl super::RunSignals for MemoryRunSignals {
     fn cancels(&self) -> tokio::sync::broadcast::Receiver<RunId> {
         self.cancels.subscribe()
     }
-    async fn finished(&self, run_id: &RunId) -> StoreResult<()> {
-        self.waiters.notify(run_id);
+    async fn finished(&self, run_id: &RunId, end: Option<&super::RunEnd>) -> StoreResult<()> {
+        self.waiters.notify(run_id, end.cloned());
         Ok(())
     }
     fn watch_finished(&self, run_id: &RunId) -> super::FinishWatch {

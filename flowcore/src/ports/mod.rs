@@ -126,6 +126,40 @@ pub struct RunRecord {
     pub epoch: u64,
 }
 
+/// How a run ended, as stored: what a request that waited for the run answers. Carried by
+/// [`RunSignals::finished`], so that the waiter need not read the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunEnd {
+    /// Its final status.
+    pub status: RunStatus,
+    /// Its output as stored (a large one is a blob reference).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl RunRecord {
+    /// Its end, once its status is final.
+    ///
+    /// ```
+    /// # use flowcore::ports::RunRecord;
+    /// # fn show(run: &RunRecord) {
+    /// if let Some(end) = run.end() {
+    ///     println!("{:?}: {:?}", end.status, end.output);
+    /// }
+    /// # }
+    /// ```
+    pub fn end(&self) -> Option<RunEnd> {
+        self.status.is_final().then(|| RunEnd {
+            status: self.status,
+            output: self.output.clone(),
+            error: self.error.clone(),
+        })
+    }
+}
+
 /// Filters of a run listing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunFilter {
@@ -656,8 +690,10 @@ pub trait RunSignals: Send + Sync {
     /// A receiver of the runs to cancel.
     fn cancels(&self) -> tokio::sync::broadcast::Receiver<RunId>;
     /// Tells every process that `run_id` ended, once its end is stored: their
-    /// [`watch_finished`](Self::watch_finished) watches of it wake up.
-    async fn finished(&self, run_id: &RunId) -> StoreResult<()>;
+    /// [`watch_finished`](Self::watch_finished) watches of it wake up, with `end` (as stored)
+    /// when given and the backend carries it (a backend may leave a large one out: the
+    /// waiter then reads the store).
+    async fn finished(&self, run_id: &RunId, end: Option<&RunEnd>) -> StoreResult<()>;
     /// A watch of `run_id` in this process that wakes when any process says it
     /// [`finished`](Self::finished). Take it before the run can end (before enqueueing it).
     /// Best effort like the rest: a waiter also checks the store now and then.
@@ -671,13 +707,16 @@ pub trait RunSignals: Send + Sync {
 /// ```
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 /// use flowcore::RunId;
-/// use flowcore::ports::FinishWaiters;
+/// use flowcore::ports::{FinishWaiters, RunEnd};
+/// use flowcore::RunStatus;
 ///
 /// let waiters = FinishWaiters::new();
 /// let id = RunId::new();
 /// let mut watch = waiters.watch(&id);
-/// waiters.notify(&id);
-/// watch.finished().await; // at once: the run was announced
+/// let end = RunEnd { status: RunStatus::Succeeded, output: None, error: None };
+/// waiters.notify(&id, Some(end.clone()));
+/// // At once: the run was announced, with its end.
+/// assert_eq!(watch.finished().await.as_deref(), Some(&end));
 /// assert_eq!(waiters.len(), 1);
 /// drop(watch);
 /// assert_eq!(waiters.len(), 0);
@@ -686,9 +725,17 @@ pub trait RunSignals: Send + Sync {
 #[derive(Debug, Default)]
 pub struct FinishWaiters(std::sync::Mutex<std::collections::HashMap<RunId, Watched>>);
 
+/// What a watch heard of its run.
+#[derive(Debug, Clone)]
+enum Heard {
+    Nothing,
+    /// Announced finished, with its end when the announcement carried it.
+    Finished(Option<std::sync::Arc<RunEnd>>),
+}
+
 #[derive(Debug)]
 struct Watched {
-    done: tokio::sync::watch::Sender<bool>,
+    heard: tokio::sync::watch::Sender<Heard>,
     watches: usize,
 }
 
@@ -708,21 +755,23 @@ impl FinishWaiters {
     pub fn watch(self: &std::sync::Arc<Self>, run_id: &RunId) -> FinishWatch {
         let mut map = self.map();
         let entry = map.entry(run_id.clone()).or_insert_with(|| Watched {
-            done: tokio::sync::watch::channel(false).0,
+            heard: tokio::sync::watch::channel(Heard::Nothing).0,
             watches: 0,
         });
         entry.watches += 1;
         FinishWatch {
-            done: entry.done.subscribe(),
+            heard: entry.heard.subscribe(),
             run_id: run_id.clone(),
             waiters: self.clone(),
         }
     }
 
-    /// Wakes the watches of `run_id`, if any.
-    pub fn notify(&self, run_id: &RunId) {
+    /// Wakes the watches of `run_id`, if any, with its `end` when known.
+    pub fn notify(&self, run_id: &RunId, end: Option<RunEnd>) {
         if let Some(watched) = self.map().get(run_id) {
-            watched.done.send_replace(true);
+            watched
+                .heard
+                .send_replace(Heard::Finished(end.map(std::sync::Arc::new)));
         }
     }
 
@@ -740,16 +789,25 @@ impl FinishWaiters {
 /// A watch of one run, from [`RunSignals::watch_finished`] or [`FinishWaiters::watch`].
 #[derive(Debug)]
 pub struct FinishWatch {
-    done: tokio::sync::watch::Receiver<bool>,
+    heard: tokio::sync::watch::Receiver<Heard>,
     run_id: RunId,
     waiters: std::sync::Arc<FinishWaiters>,
 }
 
 impl FinishWatch {
-    /// Resolves once the run was announced finished (at once if it already was).
-    pub async fn finished(&mut self) {
+    /// Resolves once the run was announced finished (at once if it already was), with its end
+    /// when the announcement carried it.
+    pub async fn finished(&mut self) -> Option<std::sync::Arc<RunEnd>> {
         // The sender lives while this watch does, so this only ends by the announcement.
-        let _ = self.done.wait_for(|done| *done).await;
+        match self
+            .heard
+            .wait_for(|heard| matches!(heard, Heard::Finished(_)))
+            .await
+            .as_deref()
+        {
+            Ok(Heard::Finished(end)) => end.clone(),
+            _ => None,
+        }
     }
 }
 

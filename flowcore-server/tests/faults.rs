@@ -322,24 +322,37 @@ fn serve_steps(sock: TcpStream, database: &str, seen: &Seen) {
         let key = body["k"].as_str().unwrap_or_default().to_owned();
         let node = body["node"].as_str().unwrap_or_default().to_owned();
         let start = Instant::now();
-        let earlier = seen
+        let earlier: Vec<Call> = seen
             .calls
             .lock()
             .unwrap()
             .get(&(key.clone(), node.clone()))
-            .map_or(0, Vec::len);
-        if earlier > 0 {
+            .cloned()
+            .unwrap_or_default();
+        if !earlier.is_empty() {
             // The step runs again: only allowed when its success was never stored.
             let stored = psql(
                 database,
                 &format!(
-                    "SELECT count(*) FROM steps s JOIN runs r ON r.id = s.run_id \
+                    "SELECT r.epoch, r.status, coalesce(r.lease_owner, ''), s.attempts, \
+                     to_timestamp(s.started_at / 1e6)::time, to_timestamp(s.finished_at / 1e6)::time \
+                     FROM steps s JOIN runs r ON r.id = s.run_id \
                      WHERE r.idempotency_key = '{key}' AND s.node = '{node}' AND s.status = 'succeeded'"
                 ),
             );
-            if stored.trim() != "0" {
+            if !stored.trim().is_empty() {
+                // Enough to follow it in the logs: the stored step (run epoch, status, owner,
+                // attempts, started, finished), the wall clock, the earlier calls' ages.
+                let ages: Vec<_> = earlier
+                    .iter()
+                    .map(|c| (start - c.start, start - c.end))
+                    .collect();
                 seen.violations.lock().unwrap().push(format!(
-                    "{key}/{node} ran again after its success was stored"
+                    "{key}/{node} ran again after its success was stored (stored: {}; now {:?}; \
+                     check took {:?}; earlier calls started/ended before this one: {ages:?})",
+                    stored.trim(),
+                    std::time::SystemTime::now(),
+                    start.elapsed(),
                 ));
             }
         }
@@ -498,7 +511,11 @@ fn topology_survives_kills_and_restarts() {
         // One client address and no proxy here.
         ("RATE_LIMIT_PER_MINUTE".into(), "0".into()),
         ("NUMBER_OF_PROXIES".into(), "0".into()),
-        ("RUST_LOG".into(), "warn".into()),
+        // FLOWCORE_FAULT_LOG (e.g. `warn,flowcore=debug,flowcore_server=debug`) to follow runs.
+        (
+            "RUST_LOG".into(),
+            std::env::var("FLOWCORE_FAULT_LOG").unwrap_or_else(|_| "warn".into()),
+        ),
     ];
     let process = |role: &str, i: usize| {
         let port = free_port();

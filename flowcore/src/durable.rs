@@ -145,6 +145,7 @@ pub async fn execute(
     } else {
         Vec::new()
     };
+    tracing::debug!(run_id = %run.id, epoch, owner = %options.owner, finished_steps = resume.len(), "executing a run");
     if let Some(offload) = &offload {
         for step in &mut resume {
             if let Some(output) = &step.output {

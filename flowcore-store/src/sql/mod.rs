@@ -160,6 +160,21 @@ macro_rules! with_conn {
 }
 pub(crate) use with_conn;
 
+/// The row a write returns (`Ok(None)`: it returned none), read once the statement is over.
+/// diesel-async's `get_result` returns at the first row, before PostgreSQL has handled the
+/// protocol's Sync, which is where a statement outside a transaction commits: a crash right
+/// then lost a run the API had already answered for (seen by the fault suite). `load` reads up
+/// to the server's ReadyForQuery, after the commit. (A macro: an async fn generic over the
+/// query trips the compiler's `Send` inference in the callers.)
+macro_rules! returned {
+    ($query:expr, $conn:expr) => {
+        diesel_async::RunQueryDsl::load($query, $conn)
+            .await
+            .map(|rows: Vec<_>| rows.into_iter().next())
+    };
+}
+pub(crate) use returned;
+
 impl SqlStore {
     /// Connects to the database of `config.url`. Does not migrate: call [`SqlStore::migrate`].
     pub async fn connect(config: SqlConfig) -> Result<Self, StoreError> {

@@ -480,11 +480,11 @@ impl RunStore for SqlStore {
                     .await?
             }
             super::Pools::Postgres(_) => with_conn!(self, write, |conn| {
-                diesel::insert_into(runs::table)
+                let query = diesel::insert_into(runs::table)
                     .values(values)
-                    .returning(run_columns())
-                    .get_result(conn)
-                    .await
+                    .returning(run_columns());
+                super::returned!(query, conn)
+                    .and_then(|row| row.ok_or(diesel::result::Error::NotFound))
             }),
         };
         match inserted {
@@ -567,11 +567,8 @@ impl RunStore for SqlStore {
         let now = micros(Utc::now());
         let expires = now.saturating_add(ttl_micros(ttl));
         let row: Option<RunRow> = with_conn!(self, write, |conn| {
-            ClaimRun::new(Id(id.as_str().to_owned()), owner.to_owned(), now, expires)
-                .get_result(conn)
-                .await
-                .optional()
-                .map_err(|e| db_error("claiming a run", e))?
+            let query = ClaimRun::new(Id(id.as_str().to_owned()), owner.to_owned(), now, expires);
+            super::returned!(query, conn).map_err(|e| db_error("claiming a run", e))?
         });
         match row {
             Some(row) => record(row),
@@ -633,14 +630,11 @@ impl RunStore for SqlStore {
              RETURNING id"
         );
         let claimed: Option<Claimed> = with_conn!(self, write, |conn| {
-            diesel::sql_query(&sql)
+            let query = diesel::sql_query(&sql)
                 .bind::<Text, _>(owner)
                 .bind::<BigInt, _>(expires)
-                .bind::<BigInt, _>(now)
-                .get_result(conn)
-                .await
-                .optional()
-                .map_err(|e| db_error("claiming the next run", e))?
+                .bind::<BigInt, _>(now);
+            super::returned!(query, conn).map_err(|e| db_error("claiming the next run", e))?
         });
         match claimed {
             Some(c) => self.get_row(&c.id).await,
@@ -651,13 +645,10 @@ impl RunStore for SqlStore {
     async fn renew(&self, id: &RunId, epoch: u64, ttl: Duration) -> StoreResult<Lease> {
         let expires = micros(Utc::now()).saturating_add(ttl_micros(ttl));
         let owner: Option<Option<String>> = with_conn!(self, write, |conn| {
-            diesel::update(owned_run(id.as_str(), epoch))
+            let query = diesel::update(owned_run(id.as_str(), epoch))
                 .set(runs::lease_expires_at.eq(expires))
-                .returning(runs::lease_owner)
-                .get_result(conn)
-                .await
-                .optional()
-                .map_err(|e| db_error("renewing a lease", e))?
+                .returning(runs::lease_owner);
+            super::returned!(query, conn).map_err(|e| db_error("renewing a lease", e))?
         });
         match owner {
             Some(owner) => Ok(Lease {
@@ -765,11 +756,9 @@ impl RunStore for SqlStore {
                         let mut ends = EndArrays::default();
                         ends.push(end()?, step_arrays(id, &outcome.steps)?);
                         let mut conn = pool.get().await.map_err(super::pool_error)?;
-                        let alone: Option<RunRow> = FinishRuns::new(ends)
-                            .get_result(&mut *conn)
-                            .await
-                            .optional()
-                            .map_err(|e| db_error("finishing a run", e))?;
+                        let alone: Option<RunRow> =
+                            super::returned!(FinishRuns::new(ends), &mut *conn)
+                                .map_err(|e| db_error("finishing a run", e))?;
                         drop(conn);
                         if alone.is_none()
                             && self.pg_batches.is_some()
@@ -822,24 +811,21 @@ impl RunStore for SqlStore {
             let target =
                 runs::table.filter(runs::id.eq(id.as_str()).and(runs::status.eq(from.as_str())));
             if to.is_final() {
-                diesel::update(target)
+                let query = diesel::update(target)
                     .set((
                         runs::status.eq(to.as_str()),
                         runs::finished_at.eq(now),
                         runs::lease_owner.eq(None::<String>),
                         runs::lease_expires_at.eq(None::<i64>),
                     ))
-                    .returning(run_columns())
-                    .get_result(conn)
-                    .await
+                    .returning(run_columns());
+                super::returned!(query, conn)
             } else {
-                diesel::update(target)
+                let query = diesel::update(target)
                     .set(runs::status.eq(to.as_str()))
-                    .returning(run_columns())
-                    .get_result(conn)
-                    .await
+                    .returning(run_columns());
+                super::returned!(query, conn)
             }
-            .optional()
             .map_err(|e| db_error("changing a run's status", e))?
         });
         match row {

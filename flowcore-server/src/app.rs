@@ -40,6 +40,9 @@ pub struct AppState {
     pub blobs: OpendalBlobStore,
     /// Run events, for waiting and streaming.
     pub events: Arc<dyn flowcore::ports::EventBus>,
+    /// Where the runs executing here emit their events: one background publisher for the
+    /// process, so that events of concurrent runs share round trips to the bus.
+    pub event_sink: Arc<flowcore::ports::BusSink>,
     /// Runs executing in this process.
     pub running: crate::worker::Running,
     /// This process's name as a lease owner.

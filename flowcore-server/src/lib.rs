@@ -117,6 +117,7 @@ pub async fn build_state(config: Config) -> Result<Shared, StartError> {
         plans,
         queue,
         blobs,
+        event_sink: Arc::new(flowcore::ports::BusSink::new(events.clone())),
         events,
         running: crate::worker::Running::default(),
         worker_name,

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flowcore::durable::{self, Checkpoint, DurableOptions, Hooks};
-use flowcore::ports::{BusSink, EventBus, LeasedJob, RunRecord, RunStore};
+use flowcore::ports::{LeasedJob, RunRecord, RunStore};
 use flowcore::{CancellationToken, RunId, StoreError};
 use tokio::sync::Semaphore;
 
@@ -362,10 +362,7 @@ async fn execute_inner(
             other => StoreError::Invalid(other.to_string()),
         })?;
     let runs: Arc<dyn RunStore> = Arc::new(state.sql.clone());
-    let events: Arc<dyn EventBus> = state.events.clone();
-    let sink = state
-        .metrics
-        .node_sink(&plan, Arc::new(BusSink::new(events)));
+    let sink = state.metrics.node_sink(&plan, state.event_sink.clone());
     let hooks = Hooks {
         events: Some(state.usage.node_sink(&run.flow_id, sink)),
         cancel: Some(token),

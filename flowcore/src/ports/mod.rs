@@ -644,7 +644,8 @@ pub trait EventBus: Send + Sync {
 }
 
 /// An [`crate::event::EventSink`] that publishes to an [`EventBus`] in the background, so that
-/// the scheduler never waits for the bus. Events of one run keep their order.
+/// the scheduler never waits for the bus. Events of one run keep their order; one sink may serve
+/// many runs (a process's), whose events then share the bus's round trips.
 pub struct BusSink {
     tx: tokio::sync::mpsc::UnboundedSender<crate::event::RunEvent>,
 }

@@ -27,7 +27,7 @@ use flowcore::ports::{EventBus, FlowChanges, FlowStore, Queue, RateLimiter, RunS
 use flowcore_store::{OpendalBlobStore, RedisConfig, RedisQueue, SqlConfig, SqlStore};
 
 use crate::app::{AppState, Shared};
-use crate::config::Config;
+use crate::config::{Config, Role};
 use crate::credentials::Credentials;
 use crate::keyring::Keyring;
 
@@ -75,6 +75,11 @@ pub async fn build_state(config: Config) -> Result<Shared, StartError> {
         Some(url) => {
             let mut redis = RedisConfig::new(url.clone());
             redis.prefix = config.redis_prefix.clone();
+            // An api process leases no jobs; a worker answers no waiting requests (its API
+            // still works: a waiter there reads the store every second). Every other message
+            // of those channels would be sent to it for nothing.
+            redis.hear_enqueues = config.role != Role::Api;
+            redis.hear_finished_runs = config.role != Role::Worker;
             let queue = RedisQueue::connect(redis).await?;
             (
                 Arc::new(queue.clone()),

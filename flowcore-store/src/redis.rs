@@ -40,10 +40,22 @@ pub struct RedisConfig {
     pub pool_size: u32,
     /// Deliveries of a job before it is dead-lettered.
     pub max_deliveries: u32,
+    /// Whether this process hears that jobs were enqueued (its leases wake at once instead of
+    /// at their next poll): off in a process that never leases, so that it is not sent a
+    /// message for every enqueue.
+    pub hear_enqueues: bool,
+    /// Whether this process hears that runs finished (its [`RunSignals::watch_finished`]
+    /// watches wake at once instead of when their waiter next reads the store, within a
+    /// second): off in a process that answers no waiting requests, so that it is not sent every
+    /// run's end.
+    ///
+    /// [`RunSignals::watch_finished`]: flowcore::ports::RunSignals::watch_finished
+    pub hear_finished_runs: bool,
 }
 
 impl RedisConfig {
-    /// Defaults: prefix `flowcore`, 5 s command timeout, 8 connections, 5 deliveries.
+    /// Defaults: prefix `flowcore`, 5 s command timeout, 8 connections, 5 deliveries, hearing
+    /// enqueues and finished runs.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
@@ -51,6 +63,8 @@ impl RedisConfig {
             command_timeout: Duration::from_secs(5),
             pool_size: 8,
             max_deliveries: 5,
+            hear_enqueues: true,
+            hear_finished_runs: true,
         }
     }
 }
@@ -61,6 +75,8 @@ impl std::fmt::Debug for RedisConfig {
             .field("url", &crate::sql::redact_url(&self.url))
             .field("prefix", &self.prefix)
             .field("command_timeout", &self.command_timeout)
+            .field("hear_enqueues", &self.hear_enqueues)
+            .field("hear_finished_runs", &self.hear_finished_runs)
             .finish()
     }
 }
@@ -288,6 +304,8 @@ impl RedisQueue {
         let finish_waiters = flowcore::ports::FinishWaiters::new();
         let losses = tokio::sync::watch::channel(0).0;
         let channels = Channels {
+            hear_enqueues: config.hear_enqueues,
+            hear_finished_runs: config.hear_finished_runs,
             wake: channel,
             flows: format!("{}:{FLOWS_CHANNEL}", config.prefix),
             flow_changes: flow_changes.clone(),
@@ -427,16 +445,15 @@ impl RedisQueue {
 /// Forwards wake-up messages to waiting leases; reconnects after an outage.
 async fn subscribe(client: Client, channels: Channels, wake: Arc<Notify>, up: Arc<AtomicBool>) {
     loop {
+        let mut names = vec![&channels.flows, &channels.cancel];
+        if channels.hear_enqueues {
+            names.push(&channels.wake);
+        }
+        if channels.hear_finished_runs {
+            names.push(&channels.finished);
+        }
         if let Ok(mut pubsub) = client.get_async_pubsub().await
-            && pubsub
-                .subscribe(&[
-                    &channels.wake,
-                    &channels.flows,
-                    &channels.cancel,
-                    &channels.finished,
-                ])
-                .await
-                .is_ok()
+            && pubsub.subscribe(&names).await.is_ok()
         {
             // The marker is set by the first process ever to connect; finding it gone means
             // Redis restarted empty, and the jobs of runs still waiting went with it.
@@ -484,6 +501,8 @@ async fn subscribe(client: Client, channels: Channels, wake: Arc<Notify>, up: Ar
 }
 
 struct Channels {
+    hear_enqueues: bool,
+    hear_finished_runs: bool,
     wake: String,
     flows: String,
     flow_changes: tokio::sync::broadcast::Sender<String>,

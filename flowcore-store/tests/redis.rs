@@ -94,6 +94,79 @@ async fn a_waiting_lease_wakes_on_enqueue() {
     );
 }
 
+/// A process subscribed to neither enqueues nor finished runs (an api process hears no
+/// enqueues, a worker no finished runs) is sent neither, and still works: its leases poll, and
+/// cancel requests and flow changes reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_hears_only_what_it_subscribes_to() {
+    use flowcore::ports::RunSignals;
+    let mut config = RedisConfig::new(redis_url());
+    config.prefix = unique_prefix();
+    let prefix = config.prefix.clone();
+    let hearing = RedisQueue::connect(config.clone()).await.expect("connect");
+    config.hear_enqueues = false;
+    config.hear_finished_runs = false;
+    let deaf = RedisQueue::connect(config).await.expect("connect");
+
+    // Cancel requests reach it (published again until the subscriber is up).
+    let mut cancels = deaf.run_signals().cancels();
+    let id = RunId::new();
+    let heard = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            hearing.run_signals().cancel(&id).await.expect("publish");
+            if let Ok(Ok(got)) =
+                tokio::time::timeout(Duration::from_millis(100), cancels.recv()).await
+            {
+                return got;
+            }
+        }
+    })
+    .await
+    .expect("a cancel request reaches it");
+    assert_eq!(heard, id);
+
+    // A finished run wakes the watch of the process that hears them, not the other's.
+    let done = RunId::new();
+    let (mut heard, mut unheard) = (
+        hearing.run_signals().watch_finished(&done),
+        deaf.run_signals().watch_finished(&done),
+    );
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            hearing
+                .run_signals()
+                .finished(&done, None)
+                .await
+                .expect("publish");
+            if tokio::time::timeout(Duration::from_millis(100), heard.finished())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the subscribed process hears it");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), unheard.finished())
+            .await
+            .is_err(),
+        "the other is not sent it"
+    );
+
+    // Its lease still finds a job enqueued elsewhere, at its next poll.
+    let run = RunId::new();
+    hearing.enqueue("g", &run, None).await.expect("enqueue");
+    let jobs = deaf
+        .lease("g", "w", 1, Duration::from_secs(30), Duration::from_secs(5))
+        .await
+        .expect("lease");
+    clean(&prefix).await;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].job.run_id, run);
+}
+
 #[tokio::test]
 async fn bad_urls_and_groups_are_refused() {
     assert!(

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Engine, RunOptions};
@@ -168,6 +169,7 @@ pub async fn execute(
     let keeper = AbortOnDrop(tokio::spawn(keep(
         recorder.clone(),
         options.lease_ttl,
+        run.lease.as_ref().map(|l| l.expires_at),
         cancel.clone(),
     )));
     let hand_back = hooks.hand_back.unwrap_or_default();
@@ -317,39 +319,66 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Renews the lease and flushes buffered steps until aborted. Losing the lease cancels the run.
-async fn keep(recorder: Arc<Recorder>, ttl: Duration, cancel: CancellationToken) {
+/// Renews the lease and flushes buffered steps until aborted. Losing the lease cancels the run:
+/// when the store says another owner took it, and when the lease lapses by this process's clock
+/// without a renewal (the store unreachable, or too slow): from then on another worker may
+/// claim the run, and this one must not start anything more. It stops a tenth of the lease
+/// before the expiry it last wrote, a margin for the other processes' clocks.
+async fn keep(
+    recorder: Arc<Recorder>,
+    ttl: Duration,
+    expires_at: Option<DateTime<Utc>>,
+    cancel: CancellationToken,
+) {
     let renew_every = (ttl / 3).max(Duration::from_millis(10));
     let flush_every = match recorder.checkpoint {
         Checkpoint::Batched(d) => d.max(Duration::from_millis(1)),
         Checkpoint::EveryStep => renew_every,
     };
+    let margin = ttl / 10;
+    let held_until = |expires_at: DateTime<Utc>| {
+        let left = (expires_at - Utc::now()).to_std().unwrap_or_default();
+        tokio::time::Instant::now() + left.saturating_sub(margin)
+    };
+    let mut held = expires_at.map_or_else(
+        || tokio::time::Instant::now() + ttl.saturating_sub(margin),
+        held_until,
+    );
     let mut renew = tokio::time::interval(renew_every);
     let mut flush = tokio::time::interval(flush_every);
     renew.tick().await;
     flush.tick().await;
-    let mut failing_since: Option<tokio::time::Instant> = None;
     loop {
-        let outcome = tokio::select! {
-            _ = renew.tick() => recorder.runs.renew(&recorder.run_id, recorder.epoch, ttl).await.map(|_| ()),
-            _ = flush.tick() => recorder.flush().await,
+        let next = async {
+            tokio::select! {
+                _ = renew.tick() => recorder
+                    .runs
+                    .renew(&recorder.run_id, recorder.epoch, ttl)
+                    .await
+                    .map(|lease| Some(held_until(lease.expires_at))),
+                _ = flush.tick() => recorder.flush().await.map(|()| None),
+            }
+        };
+        let outcome = match tokio::time::timeout_at(held, next).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                tracing::warn!(run_id = %recorder.run_id, "the lease lapsed without a renewal: stopping the run");
+                recorder.lost.cancel();
+                cancel.cancel();
+                return;
+            }
         };
         match outcome {
-            Ok(()) => failing_since = None,
+            Ok(Some(renewed)) => held = renewed,
+            Ok(None) => {}
             Err(StoreError::StaleLease(_)) => {
                 recorder.lost.cancel();
                 cancel.cancel();
                 return;
             }
+            // The store is unreachable: keep trying while the lease holds.
             Err(e) => {
-                // The store is unreachable: keep trying while the lease may still hold.
-                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
                 tracing::warn!(run_id = %recorder.run_id, error = %e, "lease renewal or checkpoint failed");
-                if since.elapsed() >= ttl {
-                    recorder.lost.cancel();
-                    cancel.cancel();
-                    return;
-                }
             }
         }
     }

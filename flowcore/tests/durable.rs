@@ -65,7 +65,7 @@ async fn run_finished_is_announced_after_the_end_is_stored() {
 
 mod commits {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::Duration;
 
     use chrono::{DateTime, Utc};
@@ -74,18 +74,30 @@ mod commits {
     use flowcore::ports::{
         Lease, NewRun, Page, RunFilter, RunOutcome, RunRecord, RunStore, StoreResult,
     };
-    use flowcore::{Engine, FlowDef, RunId, RunStatus, StepRecord, async_trait};
+    use flowcore::{Engine, FlowDef, RunId, RunStatus, StepRecord, StoreError, async_trait};
 
-    /// Counts the calls that write (each is one commit in the SQL store).
+    /// Counts the calls that write (each is one commit in the SQL store); while `down`, the
+    /// lease renewals and checkpoints fail as if the database were unreachable.
     #[derive(Default)]
     struct Counting {
         inner: MemoryRunStore,
         writes: AtomicUsize,
+        down: AtomicBool,
     }
 
     impl Counting {
         fn write(&self) {
             self.writes.fetch_add(1, Ordering::SeqCst);
+        }
+
+        fn reachable(&self) -> StoreResult<()> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StoreError::unavailable(
+                    "the test",
+                    std::io::Error::other("the database is down"),
+                ));
+            }
+            Ok(())
         }
     }
 
@@ -110,6 +122,7 @@ mod commits {
             self.inner.claim_next(owner, ttl).await
         }
         async fn renew(&self, id: &RunId, epoch: u64, ttl: Duration) -> StoreResult<Lease> {
+            self.reachable()?;
             self.write();
             self.inner.renew(id, epoch, ttl).await
         }
@@ -119,6 +132,7 @@ mod commits {
             epoch: u64,
             steps: &[StepRecord],
         ) -> StoreResult<()> {
+            self.reachable()?;
             self.write();
             self.inner.record_steps(id, epoch, steps).await
         }
@@ -180,6 +194,66 @@ mod commits {
         assert_eq!(done.status, RunStatus::Succeeded);
         let steps = runs.steps(&run.id).await.unwrap().len();
         (counting.writes.load(Ordering::SeqCst), steps)
+    }
+
+    /// A worker cut off from its store stops its run before the lease it last wrote lapses:
+    /// after that another worker may claim the run, and the two would execute it side by side
+    /// (the fault suite once saw a step run again after the new owner had stored its success).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_that_cannot_renew_stops_before_its_lease_lapses() {
+        let counting = Arc::new(Counting::default());
+        let runs: Arc<dyn RunStore> = counting.clone();
+        let engine = Engine::new();
+        let plan = engine
+            .compile_json(
+                r#"{"nodes": [
+                    {"id": "wait", "type": "delay", "params": {"ms": 3000}},
+                    {"id": "after", "type": "noop"}
+                ], "edges": [{"from": "wait", "to": "after"}]}"#,
+            )
+            .unwrap();
+        let ttl = Duration::from_millis(900);
+        let options = DurableOptions {
+            lease_ttl: ttl,
+            ..DurableOptions::new("w")
+        };
+        let new = NewRun {
+            id: RunId::new(),
+            flow_id: "f".into(),
+            flow_version: 1,
+            input: serde_json::json!({}),
+            idempotency_key: None,
+            claim: Some(options.claim()),
+        };
+        let (run, _) = runs.create(new).await.unwrap();
+        let expires = run.lease.as_ref().unwrap().expires_at;
+        counting.down.store(true, Ordering::SeqCst);
+        let started = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = {
+            let started = started.clone();
+            Arc::new(move |event: &flowcore::RunEvent| {
+                if let flowcore::RunEvent::NodeStarted { node, .. } = event {
+                    started.lock().unwrap().push(node.to_string());
+                }
+            })
+        };
+        let hooks = Hooks {
+            events: Some(sink),
+            ..Hooks::default()
+        };
+        let outcome = durable::execute(&engine, &plan, &runs, &run, &options, hooks).await;
+        let stopped = Utc::now();
+        assert!(
+            matches!(outcome, Err(StoreError::StaleLease(_))),
+            "the run is given up: {outcome:?}"
+        );
+        assert!(
+            stopped < expires,
+            "stopped before the lease lapsed ({stopped} vs {expires})"
+        );
+        assert_eq!(*started.lock().unwrap(), vec!["wait".to_owned()]);
+        let stored = runs.get(&run.id).await.unwrap();
+        assert_eq!(stored.status, RunStatus::Running, "left for the next owner");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

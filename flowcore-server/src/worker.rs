@@ -161,19 +161,59 @@ pub async fn group_of(state: &AppState, run: &RunRecord) -> String {
 /// restart; a Redis may restart empty). A run already in the queue is delivered again at worst,
 /// and its claim refused. Returns how many runs were enqueued.
 pub async fn recover(state: &AppState, queued_too: bool) -> Result<usize, StoreError> {
-    recover_except(state, queued_too, &mut HashMap::new()).await
+    recover_except(
+        state,
+        queued_too,
+        &mut HashMap::new(),
+        &mut Lapsed::default(),
+    )
+    .await
 }
 
+/// How often the reaper looks at every running run with a lapsed lease; in between it looks at
+/// the leases that lapsed since its last look.
+const FULL_LOOK_EVERY: Duration = Duration::from_secs(30);
+
+/// Where the reaper's look for lapsed leases stands.
+#[derive(Debug, Default)]
+struct Lapsed {
+    /// Leases that lapsed up to this were looked at (`None`: look at all).
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// When all were last looked at.
+    full_at: Option<std::time::Instant>,
+}
+
+/// The most runs with a lapsed lease one pass takes.
+const LAPSED_PER_PASS: usize = 1000;
+
 /// [`recover`], leaving out the runs in `recent` enqueued less than a lease ago (a run whose
-/// group has no worker is not enqueued again every pass), and adding those it enqueues.
+/// group has no worker is not enqueued again every pass), and adding those it enqueues. It
+/// looks at every lapsed lease at the first pass, with `queued_too` and every
+/// [`FULL_LOOK_EVERY`], else only at those that lapsed since the last pass (`lapsed`): a full
+/// look costs a database a scan of every row version that was ever running until a vacuum.
 async fn recover_except(
     state: &AppState,
     queued_too: bool,
     recent: &mut HashMap<RunId, std::time::Instant>,
+    lapsed: &mut Lapsed,
 ) -> Result<usize, StoreError> {
     let lease = state.config.lease();
     recent.retain(|_, at| at.elapsed() < lease);
-    let mut ids: Vec<RunId> = RunStore::expired(&state.sql, chrono::Utc::now(), 1000).await?;
+    let now = chrono::Utc::now();
+    let full = queued_too
+        || lapsed.since.is_none()
+        || lapsed
+            .full_at
+            .is_none_or(|at| at.elapsed() >= FULL_LOOK_EVERY);
+    let after = if full { None } else { lapsed.since };
+    let found = RunStore::expired(&state.sql, after, now, LAPSED_PER_PASS).await?;
+    // A full page: the next pass goes on from its last expiry (a full look: looks again).
+    let next_since = match (found.len() >= LAPSED_PER_PASS, full) {
+        (false, _) => Some(now),
+        (true, true) => None,
+        (true, false) => found.last().and_then(|(_, at)| *at).or(lapsed.since),
+    };
+    let mut ids: Vec<RunId> = found.into_iter().map(|(id, _)| id).collect();
     if queued_too {
         let mut filter = flowcore::ports::RunFilter {
             status: Some(flowcore::RunStatus::Queued),
@@ -189,7 +229,12 @@ async fn recover_except(
             }
         }
     }
-    recover_ids(state, ids, recent).await
+    let recovered = recover_ids(state, ids, recent).await?;
+    lapsed.since = next_since;
+    if full {
+        lapsed.full_at = Some(std::time::Instant::now());
+    }
+    Ok(recovered)
 }
 
 /// Enqueues `ids` but those in `recent`, failing those lost by too many owners.
@@ -290,6 +335,7 @@ pub async fn obey_cancels(state: Arc<AppState>, shutdown: CancellationToken) {
 /// shared queue the queued runs left without a job (see [`orphans`]).
 pub async fn reap(state: Arc<AppState>, every: Duration, shutdown: CancellationToken) {
     let mut recent = HashMap::new();
+    let mut lapsed = Lapsed::default();
     let losses = state.queue.losses();
     let (mut handled, mut first) = (0, true);
     let mut swept = chrono::Utc::now()
@@ -301,7 +347,7 @@ pub async fn reap(state: Arc<AppState>, every: Duration, shutdown: CancellationT
             // Everything waiting goes back, whatever was enqueued lately.
             recent.clear();
         }
-        match recover_except(&state, queued_too, &mut recent).await {
+        match recover_except(&state, queued_too, &mut recent, &mut lapsed).await {
             Ok(n) => {
                 (handled, first) = (lost, false);
                 if n > 0 {

@@ -202,11 +202,33 @@ pub async fn run_store(store: &dyn RunStore) {
         .await
         .expect("record");
     store.renew(&a.id, lease1.epoch, ttl).await.expect("renew");
+    let before_expiry = Utc::now();
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
-    let expired = store.expired(Utc::now(), 100).await.expect("expired");
+    let now = Utc::now();
+    let expired = store.expired(None, now, 100).await.expect("expired");
     assert!(
-        expired.contains(&a.id),
+        expired.iter().any(|(id, _)| id == &a.id),
         "a lapsed lease shows up for the reaper"
+    );
+    let since = store
+        .expired(Some(before_expiry), now, 100)
+        .await
+        .expect("expired since");
+    assert!(
+        since.iter().any(|(id, _)| id == &a.id),
+        "and for a reaper that looks at what lapsed since before its expiry"
+    );
+    assert!(
+        since.windows(2).all(|w| w[0].1 <= w[1].1),
+        "oldest expiry first"
+    );
+    let later = store
+        .expired(Some(now), Utc::now(), 100)
+        .await
+        .expect("expired since now");
+    assert!(
+        !later.iter().any(|(id, _)| id == &a.id),
+        "not for one that looked after its expiry"
     );
     let claimed = store
         .claim_run(&a.id, "w2", ttl)
@@ -955,10 +977,11 @@ pub async fn durable_runs(runs: Arc<dyn RunStore>) {
     );
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
     assert!(
-        runs.expired(Utc::now(), 10)
+        runs.expired(None, Utc::now(), 10)
             .await
             .expect("expired")
-            .contains(&run.id),
+            .iter()
+            .any(|(id, _)| id == &run.id),
         "the reaper sees it"
     );
     let b = worker("b");

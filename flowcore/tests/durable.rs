@@ -161,8 +161,13 @@ mod commits {
             self.write();
             self.inner.transition(id, from, to).await
         }
-        async fn expired(&self, now: DateTime<Utc>, limit: usize) -> StoreResult<Vec<RunId>> {
-            self.inner.expired(now, limit).await
+        async fn expired(
+            &self,
+            after: Option<DateTime<Utc>>,
+            now: DateTime<Utc>,
+            limit: usize,
+        ) -> StoreResult<Vec<(RunId, Option<DateTime<Utc>>)>> {
+            self.inner.expired(after, now, limit).await
         }
         async fn prune(&self, before: DateTime<Utc>, batch: usize) -> StoreResult<usize> {
             self.inner.prune(before, batch).await

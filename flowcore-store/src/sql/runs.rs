@@ -840,24 +840,43 @@ impl RunStore for SqlStore {
         }
     }
 
-    async fn expired(&self, now: DateTime<Utc>, limit: usize) -> StoreResult<Vec<RunId>> {
+    async fn expired(
+        &self,
+        after: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> StoreResult<Vec<(RunId, Option<DateTime<Utc>>)>> {
         let now = micros(now);
-        let ids: Vec<String> = with_conn!(self, read, |conn| {
-            runs::table
+        let limit = limit.min(10_000) as i64;
+        let rows: Vec<(String, Option<i64>)> = with_conn!(self, read, |conn| {
+            let query = runs::table
                 .filter(runs::status.eq("running"))
-                .filter(
-                    runs::lease_expires_at
-                        .is_null()
-                        .or(runs::lease_expires_at.le(now)),
-                )
-                .select(runs::id)
-                .order(runs::seq.asc())
-                .limit(limit.min(10_000) as i64)
+                .select((runs::id, runs::lease_expires_at))
+                .limit(limit)
+                .into_boxed();
+            let query = match after {
+                // The range of `runs_lease` (status, lease_expires_at) that lapsed since.
+                Some(after) => query
+                    .filter(runs::lease_expires_at.gt(micros(after)))
+                    .filter(runs::lease_expires_at.le(now))
+                    .order(runs::lease_expires_at.asc()),
+                None => query
+                    .filter(
+                        runs::lease_expires_at
+                            .is_null()
+                            .or(runs::lease_expires_at.le(now)),
+                    )
+                    .order(runs::seq.asc()),
+            };
+            query
                 .load(conn)
                 .await
                 .map_err(|e| db_error("finding expired leases", e))?
         });
-        Ok(ids.into_iter().map(RunId::from).collect())
+        Ok(rows
+            .into_iter()
+            .map(|(id, at)| (RunId::from(id), at.map(from_micros)))
+            .collect())
     }
 
     async fn prune(&self, before: DateTime<Utc>, batch: usize) -> StoreResult<usize> {

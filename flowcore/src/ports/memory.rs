@@ -420,19 +420,31 @@ impl RunStore for MemoryRunStore {
         Ok(run.clone())
     }
 
-    async fn expired(&self, now: DateTime<Utc>, limit: usize) -> StoreResult<Vec<RunId>> {
+    async fn expired(
+        &self,
+        after: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> StoreResult<Vec<(RunId, Option<DateTime<Utc>>)>> {
         let st = lock(&self.state);
-        Ok(st
+        let mut found: Vec<(RunId, Option<DateTime<Utc>>)> = st
             .order
             .values()
             .filter_map(|id| st.runs.get(id))
-            .filter(|(_, r)| {
-                r.status == RunStatus::Running
-                    && r.lease.as_ref().is_none_or(|l| l.expires_at <= now)
+            .filter(|(_, r)| r.status == RunStatus::Running)
+            .map(|(_, r)| (r.id.clone(), r.lease.as_ref().map(|l| l.expires_at)))
+            .filter(|(_, expires)| match (after, expires) {
+                (None, None) => true,
+                (None, Some(at)) => *at <= now,
+                (Some(_), None) => false,
+                (Some(after), Some(at)) => *at > after && *at <= now,
             })
-            .map(|(_, r)| r.id.clone())
-            .take(limit)
-            .collect())
+            .collect();
+        if after.is_some() {
+            found.sort_by_key(|(_, at)| *at);
+        }
+        found.truncate(limit);
+        Ok(found)
     }
 
     async fn prune(&self, before: DateTime<Utc>, batch: usize) -> StoreResult<usize> {

@@ -240,8 +240,17 @@ pub trait RunStore: Send + Sync {
         from: RunStatus,
         to: RunStatus,
     ) -> StoreResult<RunRecord>;
-    /// Running runs whose lease expired before `now`, for the reaper.
-    async fn expired(&self, now: DateTime<Utc>, limit: usize) -> StoreResult<Vec<RunId>>;
+    /// Running runs whose lease expired by `now`, for the reaper, with their expiry (`None`:
+    /// no lease). With `after`, only those whose lease expired after it, oldest expiry first: a
+    /// reaper that looked at the earlier ones already looks only at what lapsed since, which
+    /// on PostgreSQL is a short range of the lease index instead of every row version that was
+    /// ever running (dead ones too, until a vacuum).
+    async fn expired(
+        &self,
+        after: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> StoreResult<Vec<(RunId, Option<DateTime<Utc>>)>>;
     /// Deletes up to `batch` finished runs (and their steps) created before `before`; returns
     /// how many were deleted. Callers loop until it returns less than `batch`.
     async fn prune(&self, before: DateTime<Utc>, batch: usize) -> StoreResult<usize>;

@@ -12,6 +12,7 @@
 //! bounded. `FLOWCORE_FAULT_SECONDS` (30) sets how long the load and the faults last;
 //! `FLOWCORE_TEST_POSTGRES_BIN` the folder of `initdb` and `postgres` (else `pg_config --bindir`);
 //! with `FLOWCORE_FAULT_KEEP` set, the processes' logs and data stay in the temporary folder.
+//! `FLOWCORE_FAULT_LOG` sets the processes' log filter (default `warn`).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};

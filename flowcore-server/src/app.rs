@@ -32,6 +32,8 @@ pub struct AppState {
     pub engine: Engine,
     /// Flows, runs and the server's records.
     pub sql: SqlStore,
+    /// The same store as the runs' store that durable execution takes (made once, not per run).
+    pub run_store: Arc<dyn flowcore::ports::RunStore>,
     /// Compiled flows.
     pub plans: PlanCache,
     /// Runs waiting for a worker.

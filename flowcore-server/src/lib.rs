@@ -118,6 +118,7 @@ pub async fn build_state(config: Config) -> Result<Shared, StartError> {
     Ok(Arc::new(AppState {
         config,
         engine,
+        run_store: Arc::new(sql.clone()),
         sql,
         plans,
         queue,

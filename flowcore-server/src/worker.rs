@@ -407,7 +407,6 @@ async fn execute_inner(
             flowcore::Error::Store(e) => e,
             other => StoreError::Invalid(other.to_string()),
         })?;
-    let runs: Arc<dyn RunStore> = Arc::new(state.sql.clone());
     let sink = state.metrics.node_sink(&plan, state.event_sink.clone());
     let hooks = Hooks {
         events: Some(state.usage.node_sink(&run.flow_id, sink)),
@@ -419,7 +418,7 @@ async fn execute_inner(
     let result = durable::execute(
         &state.engine,
         &plan,
-        &runs,
+        &state.run_store,
         run,
         &durable_options(state),
         hooks,

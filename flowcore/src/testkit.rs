@@ -1248,14 +1248,14 @@ pub async fn concurrent_finishes(store: Arc<dyn RunStore>) {
     for task in tasks {
         answers.push(task.await.expect("task"));
     }
-    let first_of_run0 = answers.pop().expect("the second end of run 0");
-    let ended_run0 = [&answers[0], &first_of_run0]
+    let second_of_run0 = answers.pop().expect("the second end of run 0");
+    let ended_run0 = [&answers[0], &second_of_run0]
         .iter()
         .filter(|a| a.is_ok())
         .count();
     assert_eq!(ended_run0, 1, "one of two ends of the same run is taken");
     assert!(
-        [&answers[0], &first_of_run0]
+        [&answers[0], &second_of_run0]
             .iter()
             .any(|a| matches!(a, Err(StoreError::StaleLease(_)))),
         "the other is refused as stale"

@@ -105,25 +105,27 @@ pub enum Backend {
 }
 
 #[derive(Clone)]
-pub(crate) enum Pools {
+enum Pools {
     Sqlite {
         writer: Pool<Sqlite>,
         readers: Pool<Sqlite>,
+        /// The group-committing queue in front of the writer.
+        batcher: batch::Batcher,
     },
-    Postgres(Pool<AsyncPgConnection>),
+    Postgres {
+        pool: Pool<AsyncPgConnection>,
+        /// New runs of concurrent requests inserted together, and ends of concurrent runs
+        /// written together.
+        batches: pg_batch::Batches,
+    },
 }
 
 /// The SQL store: implements [`flowcore::ports::FlowStore`] and [`flowcore::ports::RunStore`].
 /// Cheap to clone (the pools are shared).
 #[derive(Clone)]
 pub struct SqlStore {
-    pub(crate) pools: Pools,
+    pools: Pools,
     config: SqlConfig,
-    /// SQLite: the group-committing queue in front of the writer.
-    pub(crate) batcher: Option<batch::Batcher>,
-    /// PostgreSQL: new runs of concurrent requests inserted together, and ends of concurrent
-    /// runs written together.
-    pg_batches: Option<pg_batch::Batches>,
 }
 
 impl fmt::Debug for SqlStore {
@@ -140,7 +142,9 @@ impl fmt::Debug for SqlStore {
 macro_rules! with_conn {
     ($store:expr, $kind:ident, |$conn:ident| $body:expr) => {
         match &$store.pools {
-            $crate::sql::Pools::Sqlite { writer, readers } => {
+            $crate::sql::Pools::Sqlite {
+                writer, readers, ..
+            } => {
                 let pool = if stringify!($kind) == "write" {
                     writer
                 } else {
@@ -150,7 +154,7 @@ macro_rules! with_conn {
                 let $conn: &mut $crate::sql::Sqlite = &mut *pooled;
                 $body
             }
-            $crate::sql::Pools::Postgres(pool) => {
+            $crate::sql::Pools::Postgres { pool, .. } => {
                 let mut pooled = pool.get().await.map_err($crate::sql::pool_error)?;
                 let $conn: &mut diesel_async::AsyncPgConnection = &mut *pooled;
                 $body
@@ -179,8 +183,6 @@ impl SqlStore {
     /// Connects to the database of `config.url`. Does not migrate: call [`SqlStore::migrate`].
     pub async fn connect(config: SqlConfig) -> Result<Self, StoreError> {
         let url = config.url.trim();
-        let mut batcher = None;
-        let mut pg_batches = None;
         let pools = if let Some(path) = sqlite_path(url) {
             if path != ":memory:"
                 && let Some(dir) = Path::new(&path)
@@ -224,8 +226,12 @@ impl SqlStore {
             } else {
                 build_pool!(manager(setup()), config.pool_size.max(1), config)?
             };
-            batcher = Some(batch::Batcher::start(writer.clone()));
-            Pools::Sqlite { writer, readers }
+            let batcher = batch::Batcher::start(writer.clone());
+            Pools::Sqlite {
+                writer,
+                readers,
+                batcher,
+            }
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let timeout_ms = config.statement_timeout.as_millis();
             let setup: SetupFn<AsyncPgConnection> = Box::new(move |url: &str| {
@@ -244,27 +250,22 @@ impl SqlStore {
             let manager =
                 AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, mc);
             let pool = build_pool!(manager, config.pool_size.max(1), config)?;
-            pg_batches = Some(pg_batch::Batches::start(pool.clone()));
-            Pools::Postgres(pool)
+            let batches = pg_batch::Batches::start(pool.clone());
+            Pools::Postgres { pool, batches }
         } else {
             let scheme = url.split(':').next().unwrap_or_default();
             return Err(StoreError::Invalid(format!(
                 "DATABASE_URL: unknown scheme `{scheme}` (expected sqlite:// or postgres://)"
             )));
         };
-        Ok(Self {
-            pools,
-            config,
-            batcher,
-            pg_batches,
-        })
+        Ok(Self { pools, config })
     }
 
     /// Which backend this is.
     pub fn backend(&self) -> Backend {
         match self.pools {
             Pools::Sqlite { .. } => Backend::Sqlite,
-            Pools::Postgres(_) => Backend::Postgres,
+            Pools::Postgres { .. } => Backend::Postgres,
         }
     }
 

@@ -462,24 +462,21 @@ impl RunStore for SqlStore {
             now,
             lease: claim,
         };
-        if let Some(batches) = &self.pg_batches
+        // `None`: the batch failed; the insert below reports this run's own error.
+        if let super::Pools::Postgres { batches, .. } = &self.pools
             && new.idempotency_key.is_none()
+            && let Some(row) = batches.creates.insert(new.clone()).await
         {
-            // `None`: the batch failed; the insert below reports this run's own error.
-            if let Some(row) = batches.creates.insert(new.clone()).await {
-                return Ok((record(row)?, true));
-            }
+            return Ok((record(row)?, true));
         }
         let values = run_values(new);
         let inserted: Result<RunRow, diesel::result::Error> = match &self.pools {
-            super::Pools::Sqlite { .. } => {
-                self.batcher
-                    .as_ref()
-                    .expect("SQLite has a batcher")
+            super::Pools::Sqlite { batcher, .. } => {
+                batcher
                     .write("creating a run", move |conn| blocking::create(conn, values))
                     .await?
             }
-            super::Pools::Postgres(_) => with_conn!(self, write, |conn| {
+            super::Pools::Postgres { .. } => with_conn!(self, write, |conn| {
                 let query = diesel::insert_into(runs::table)
                     .values(values)
                     .returning(run_columns());
@@ -497,7 +494,7 @@ impl RunStore for SqlStore {
                     return Ok((existing, false));
                 }
                 // The caller's fresh id: its batch did insert it, and then failed to answer.
-                if self.pg_batches.is_some()
+                if matches!(self.pools, super::Pools::Postgres { .. })
                     && run.idempotency_key.is_none()
                     && let Some(mine) = self.get_row(run.id.as_str()).await?
                     && mine.created_at == from_micros(now)
@@ -588,7 +585,7 @@ impl RunStore for SqlStore {
         owner: &str,
         ttl: Duration,
     ) -> StoreResult<Vec<RunRecord>> {
-        let super::Pools::Postgres(pool) = &self.pools else {
+        let super::Pools::Postgres { pool, .. } = &self.pools else {
             // SQLite: one by one, each a cached statement on the one writer.
             return flowcore::ports::claim_each(self, ids, owner, ttl).await;
         };
@@ -731,26 +728,18 @@ impl RunStore for SqlStore {
             })
         };
         let row: Option<RunRow> = match &self.pools {
-            super::Pools::Sqlite { .. } => {
+            super::Pools::Sqlite { batcher, .. } => {
                 let (end, rows) = (end()?, step_rows(id, &outcome.steps)?);
-                self.batcher
-                    .as_ref()
-                    .expect("SQLite has a batcher")
+                batcher
                     .write("finishing a run", move |conn| {
                         blocking::finish(conn, end, rows)
                     })
                     .await?
                     .map_err(|e| db_error("finishing a run", e))?
             }
-            super::Pools::Postgres(pool) => {
-                let batched = match &self.pg_batches {
-                    Some(b) => {
-                        let steps = step_arrays(id, &outcome.steps)?;
-                        b.finishes.finish(end()?, steps).await
-                    }
-                    None => Err(()),
-                };
-                match batched {
+            super::Pools::Postgres { pool, batches } => {
+                let steps = step_arrays(id, &outcome.steps)?;
+                match batches.finishes.finish(end()?, steps).await {
                     Ok(row) => row,
                     Err(()) => {
                         let mut ends = EndArrays::default();
@@ -761,7 +750,6 @@ impl RunStore for SqlStore {
                                 .map_err(|e| db_error("finishing a run", e))?;
                         drop(conn);
                         if alone.is_none()
-                            && self.pg_batches.is_some()
                             && let Some(run) = self.get_row(id.as_str()).await?
                             && run.epoch == epoch
                             && run.status.is_final()

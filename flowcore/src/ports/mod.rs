@@ -675,7 +675,7 @@ impl BusSink {
             let mut batch = Vec::with_capacity(16);
             while rx.recv_many(&mut batch, 256).await > 0 {
                 if let Err(e) = bus.publish_many(&batch).await {
-                    tracing::warn!(run_id = %batch[0].run_id(), events = batch.len(), error = %e, "could not publish run events");
+                    tracing::warn!(first_run_id = %batch[0].run_id(), events = batch.len(), error = %e, "could not publish run events");
                 }
                 batch.clear();
             }

@@ -122,6 +122,11 @@ pub fn app(state: Shared) -> Router {
                 .layer(payload_limit),
         )
         .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::map_response(crate::error::json_errors))
+        // A request body that pauses longer than this fails (slow uploads hold a connection).
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            std::time::Duration::from_secs(state.config.idle_timeout_seconds),
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), crate::metrics::track))
         .layer(DefaultBodyLimit::disable())
         // Outermost: every request gets an id (kept when the client sent one), a span with it
@@ -175,15 +180,48 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
-/// Refuses requests without a valid key (the admin key or a stored, unrevoked API key) with 401.
+/// Refuses requests without a valid key (the admin key or a stored, unrevoked API key) with
+/// 401, and a key without the scope the request needs with 403; counts the request against the
+/// key's rate limit (by its verified id), and a failed attempt against the client address's
+/// budget of failures. The [`Caller`](crate::auth::Caller) goes to the handler as an extension.
 async fn require_key(
     State(state): State<Shared>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let presented = presented_key(request.headers()).ok_or_else(ApiError::unauthorized)?;
-    if !crate::auth::is_valid(&state.sql, state.config.admin_key.as_deref(), presented).await? {
+    let caller = match presented_key(request.headers()) {
+        Some(presented) => {
+            crate::auth::authenticate(&state.sql, state.config.admin_key.as_deref(), presented)
+                .await?
+        }
+        None => None,
+    };
+    let Some(caller) = caller else {
+        let address = crate::limits::client_of(&request, state.config.number_of_proxies);
+        crate::limits::take(
+            &state,
+            &format!("authfail:{address}"),
+            state.config.auth_failures_per_minute,
+            "too many requests with a wrong API key from this address",
+        )
+        .await?;
         return Err(ApiError::unauthorized());
+    };
+    crate::limits::take(
+        &state,
+        &format!("key:{}", caller.key_id),
+        state.config.rate_limit_per_minute,
+        "too many requests with this API key",
+    )
+    .await?;
+    let needed = crate::auth::required_scope(request.method(), request.uri().path());
+    if !caller.scopes.contains(needed) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this API key lacks the `{}` scope", needed.as_str()),
+        ));
     }
+    request.extensions_mut().insert(caller);
     Ok(next.run(request).await)
 }

@@ -97,6 +97,41 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "per client address and per API key (0 = off)",
     ),
     (
+        "FLOWCORE_AUTH_FAILURES_PER_MINUTE",
+        "30",
+        "requests with a wrong API key one client address may make per minute before 429 (0 = off)",
+    ),
+    (
+        "FLOWCORE_MAX_CONNECTIONS",
+        "1024",
+        "open client connections per process; more wait in the listen backlog",
+    ),
+    (
+        "FLOWCORE_HEADER_TIMEOUT_SECONDS",
+        "10",
+        "how long a client may take to send a request's headers",
+    ),
+    (
+        "FLOWCORE_IDLE_TIMEOUT_SECONDS",
+        "60",
+        "how long a connection may stay open without a request in progress",
+    ),
+    (
+        "FLOWCORE_MAX_QUEUED_RUNS",
+        "1000",
+        "runs a process accepts past WORKER_CONCURRENCY before it answers 503 overloaded",
+    ),
+    (
+        "FLOWCORE_HTTP_DENY",
+        "loopback,link-local,private,unspecified,self",
+        "what http_request never reaches: CIDR ranges and those words; a value replaces the default",
+    ),
+    (
+        "FLOWCORE_HTTP_ALLOW",
+        "unset",
+        "CIDR ranges or host:port that http_request may reach despite FLOWCORE_HTTP_DENY",
+    ),
+    (
         "FLOWCORE_QUOTA_RUNS_PER_DAY",
         "0",
         "runs one flow may start per UTC day; more get 429 quota_exceeded (0 = off)",
@@ -160,6 +195,18 @@ pub struct Config {
     pub number_of_proxies: usize,
     /// `RATE_LIMIT_PER_MINUTE` (0 = off).
     pub rate_limit_per_minute: u32,
+    /// `FLOWCORE_AUTH_FAILURES_PER_MINUTE` (30; 0 = off).
+    pub auth_failures_per_minute: u32,
+    /// `FLOWCORE_MAX_CONNECTIONS` (1024).
+    pub max_connections: usize,
+    /// `FLOWCORE_HEADER_TIMEOUT_SECONDS` (10).
+    pub header_timeout_seconds: u64,
+    /// `FLOWCORE_IDLE_TIMEOUT_SECONDS` (60).
+    pub idle_timeout_seconds: u64,
+    /// `FLOWCORE_MAX_QUEUED_RUNS` (1000).
+    pub max_queued_runs: usize,
+    /// `FLOWCORE_HTTP_DENY` and `FLOWCORE_HTTP_ALLOW`: what `http_request` may reach.
+    pub http_guard: flowcore::net::Guard,
 }
 
 impl fmt::Debug for Config {
@@ -194,6 +241,12 @@ impl fmt::Debug for Config {
             .field("max_run_log_mb", &self.max_run_log_mb)
             .field("number_of_proxies", &self.number_of_proxies)
             .field("rate_limit_per_minute", &self.rate_limit_per_minute)
+            .field("auth_failures_per_minute", &self.auth_failures_per_minute)
+            .field("max_connections", &self.max_connections)
+            .field("header_timeout_seconds", &self.header_timeout_seconds)
+            .field("idle_timeout_seconds", &self.idle_timeout_seconds)
+            .field("max_queued_runs", &self.max_queued_runs)
+            .field("http_guard", &self.http_guard)
             .field("quota_runs_per_day", &self.quota_runs_per_day)
             .field("shutdown_grace_seconds", &self.shutdown_grace_seconds)
             .field("lease_seconds", &self.lease_seconds)
@@ -419,6 +472,48 @@ impl Config {
                 |v| (2..=3600).contains(v),
                 "a number of seconds from 2 to 3600",
             )?,
+            auth_failures_per_minute: env.parse(
+                "FLOWCORE_AUTH_FAILURES_PER_MINUTE",
+                30u32,
+                |_| true,
+                "a number (0 = off)",
+            )?,
+            max_connections: env.parse(
+                "FLOWCORE_MAX_CONNECTIONS",
+                1024usize,
+                |v| (1..=1_000_000).contains(v),
+                "a number from 1 to 1000000",
+            )?,
+            header_timeout_seconds: env.parse(
+                "FLOWCORE_HEADER_TIMEOUT_SECONDS",
+                10u64,
+                |v| (1..=3600).contains(v),
+                "a number of seconds from 1 to 3600",
+            )?,
+            idle_timeout_seconds: env.parse(
+                "FLOWCORE_IDLE_TIMEOUT_SECONDS",
+                60u64,
+                |v| (1..=86_400).contains(v),
+                "a number of seconds from 1 to 86400",
+            )?,
+            max_queued_runs: env.parse(
+                "FLOWCORE_MAX_QUEUED_RUNS",
+                1000usize,
+                |_| true,
+                "a number",
+            )?,
+            http_guard: flowcore::net::Guard::parse(
+                env.get("FLOWCORE_HTTP_DENY"),
+                env.get("FLOWCORE_HTTP_ALLOW"),
+            )
+            .map_err(|message| ConfigError {
+                var: if message.starts_with("FLOWCORE_HTTP_ALLOW") {
+                    "FLOWCORE_HTTP_ALLOW"
+                } else {
+                    "FLOWCORE_HTTP_DENY"
+                },
+                message,
+            })?,
             data_dir,
         })
     }

@@ -20,6 +20,26 @@ pub const KINDS: &[(&str, &[&str])] = &[
     ("header", &["name", "value"]),
 ];
 
+/// Checks `allowed_hosts`: each an exact `host`, `host:port` or `[v6]:port`, at most 100.
+pub fn validate_hosts(hosts: &[String]) -> Result<(), String> {
+    if hosts.is_empty() || hosts.len() > 100 {
+        return Err("allowed_hosts must list 1 to 100 hosts".into());
+    }
+    for host in hosts {
+        let valid = !host.is_empty()
+            && host.len() <= 255
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c));
+        if !valid {
+            return Err(format!(
+                "allowed_hosts: `{host}` is not a host or host:port (no scheme, path or wildcard)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks a credential's kind and fields. The message never quotes a value.
 pub fn validate(kind: &str, data: &Value) -> Result<(), String> {
     let Some((_, fields)) = KINDS.iter().find(|(k, _)| *k == kind) else {
@@ -62,6 +82,7 @@ impl Credentials {
         name: &str,
         kind: &str,
         data: &Value,
+        allowed_hosts: Option<Vec<String>>,
     ) -> Result<StoredCredential, StoreError> {
         let id = flowcore::ids::new_id();
         let plain = serde_json::to_vec(data).map_err(|e| StoreError::Invalid(e.to_string()))?;
@@ -75,6 +96,7 @@ impl Credentials {
             ciphertext,
             created_at: now,
             updated_at: now,
+            allowed_hosts,
         };
         self.store.insert_credential(&credential).await?;
         Ok(credential)
@@ -120,7 +142,7 @@ impl Credentials {
 
 /// What the API shows of a credential: never the secret.
 pub fn public(c: &StoredCredential) -> Value {
-    json!({"id": c.id, "name": c.name, "type": c.kind, "key_id": c.key_id, "created_at": c.created_at, "updated_at": c.updated_at})
+    json!({"id": c.id, "name": c.name, "type": c.kind, "allowed_hosts": c.allowed_hosts, "key_id": c.key_id, "created_at": c.created_at, "updated_at": c.updated_at})
 }
 
 #[async_trait]
@@ -145,6 +167,10 @@ impl SecretSource for Credentials {
             .decrypt(&c.key_id, c.id.as_bytes(), &c.ciphertext)
             .map_err(|e| unreadable(e.to_string()))?;
         let data = serde_json::from_slice(&plain).map_err(|_| unreadable("not JSON".into()))?;
-        Ok(Secret::new(c.kind, data))
+        let secret = Secret::new(c.kind, data);
+        Ok(match c.allowed_hosts {
+            Some(hosts) => secret.with_allowed_hosts(hosts),
+            None => secret,
+        })
     }
 }

@@ -2,6 +2,8 @@
 //! place. A 5xx hides its source and logs it.
 
 use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use flowcore::{CompileError, StoreError};
@@ -10,6 +12,8 @@ use serde_json::{Value, json};
 /// An error answer of the API.
 #[derive(Debug)]
 pub struct ApiError {
+    /// Seconds for a `Retry-After` header (429, 503).
+    pub retry_after: Option<u32>,
     /// The HTTP status.
     pub status: StatusCode,
     /// A stable snake_case code.
@@ -17,7 +21,7 @@ pub struct ApiError {
     /// What went wrong, for people.
     pub message: String,
     /// Structured details (for `invalid_flow`, the problems).
-    pub details: Option<Value>,
+    pub details: Option<Box<Value>>,
 }
 
 impl ApiError {
@@ -28,7 +32,13 @@ impl ApiError {
             code,
             message: message.into(),
             details: None,
+            retry_after: None,
         }
+    }
+    /// The same error with a `Retry-After` header.
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(u32::try_from(seconds).unwrap_or(u32::MAX));
+        self
     }
     /// 401 `unauthorized`.
     pub fn unauthorized() -> Self {
@@ -92,7 +102,7 @@ impl From<CompileError> for ApiError {
     fn from(e: CompileError) -> Self {
         let details = serde_json::to_value(&e.problems).unwrap_or(Value::Null);
         Self {
-            details: Some(details),
+            details: Some(Box::new(details)),
             ..Self::new(StatusCode::BAD_REQUEST, "invalid_flow", e.to_string())
         }
     }
@@ -118,43 +128,124 @@ impl From<flowcore::Error> for ApiError {
     }
 }
 
-impl From<axum::extract::rejection::JsonRejection> for ApiError {
-    fn from(e: axum::extract::rejection::JsonRejection) -> Self {
-        use axum::extract::rejection::JsonRejection as R;
-        match &e {
-            R::MissingJsonContentType(_) => Self::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "expected Content-Type: application/json",
-            ),
-            R::BytesRejection(_) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Self::new(
+impl From<axum::extract::rejection::BytesRejection> for ApiError {
+    fn from(e: axum::extract::rejection::BytesRejection) -> Self {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
                 "the request body is over MAX_PAYLOAD_SIZE_MB",
-            ),
-            _ => Self::new(StatusCode::BAD_REQUEST, "invalid_json", e.body_text()),
+            )
+        } else {
+            Self::bad_request(format!(
+                "the request body could not be read: {}",
+                e.body_text()
+            ))
         }
     }
 }
 
-/// A JSON request body read as `T`: 400 `invalid_json` when it is malformed or does not fit
-/// `T` (axum would answer 422 for the latter), 413/415 as [`From<JsonRejection>`] says.
-///
-/// [`From<JsonRejection>`]: ApiError#impl-From<JsonRejection>-for-ApiError
-pub fn json_body<T: serde::de::DeserializeOwned>(
-    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
-) -> Result<T, ApiError> {
-    let Json(value) = body?;
-    serde_json::from_value(value)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))
+/// 400 `invalid_json`.
+pub fn invalid_json(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string())
+}
+
+/// Whether a `Content-Type` names JSON (`application/json`, or any `+json` type).
+pub fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || essence.len() > 5 && essence[essence.len() - 5..].eq_ignore_ascii_case("+json")
+}
+
+/// A JSON request body read as `T`, through [`flowcore::json::parse`]: 400 `invalid_json` when
+/// it is malformed, nests deeper than [`flowcore::json::MAX_DEPTH`], repeats a key or does not
+/// fit `T` (axum's `Json` takes any depth serde_json reads, keeps the last of repeated keys and
+/// answers 422 for the last case); 415 without a JSON `Content-Type`; 413 past the body limit.
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let content_type = request
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if !is_json(content_type) {
+            return Err(Self::Rejection::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "expected Content-Type: application/json",
+            ));
+        }
+        let bytes = Bytes::from_request(request, state).await?;
+        let value = flowcore::json::parse(&bytes).map_err(invalid_json)?;
+        serde_json::from_value(value)
+            .map(JsonBody)
+            .map_err(invalid_json)
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut error = json!({ "code": self.code, "message": self.message });
         if let Some(details) = self.details {
-            error["details"] = details;
+            error["details"] = *details;
         }
-        (self.status, Json(json!({ "error": error }))).into_response()
+        let mut response = (self.status, Json(json!({ "error": error }))).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
+}
+
+/// The JSON shape for every error answer, whoever made it: axum's extractors (a bad path or
+/// query), tower-http's body limit and timeouts answer in plain text. An error answer that is
+/// not JSON is rewritten here, once, at the edge of the router; its text becomes the message.
+pub async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json_answer = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(is_json);
+    if !(status.is_client_error() || status.is_server_error()) || is_json_answer {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    // Such answers are a line of text; anything longer is cut, not buffered.
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        s if s.is_server_error() => "internal",
+        _ => "invalid_request",
+    };
+    let message = match String::from_utf8_lossy(&text).trim() {
+        "" => status.canonical_reason().unwrap_or("error").to_owned(),
+        text if status.is_server_error() => {
+            tracing::error!(%status, body = text, "an error answer from a layer");
+            status.canonical_reason().unwrap_or("error").to_owned()
+        }
+        text => text.to_owned(),
+    };
+    let mut answer = ApiError::new(status, code, message).into_response();
+    for (name, value) in &parts.headers {
+        if name != axum::http::header::CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
+            answer.headers_mut().insert(name, value.clone());
+        }
+    }
+    answer
 }

@@ -9,6 +9,7 @@ pub mod credentials;
 pub mod error;
 pub mod keyring;
 pub mod limits;
+pub mod listen;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
@@ -106,8 +107,13 @@ pub async fn build_state(config: Config) -> Result<Shared, StartError> {
         ..flowcore::Limits::default()
     };
     let flows: Arc<dyn FlowStore> = Arc::new(sql.clone());
+    let guard = config
+        .http_guard
+        .clone()
+        .with_own_addresses(flowcore::net::own_addresses(config.bind.ip()));
     let engine = Engine::builder()
         .limits(limits)
+        .http_guard(guard)
         .flow_store(flows.clone())
         .secrets(Arc::new(credentials.clone()))
         .build();

@@ -4,7 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -33,46 +33,55 @@ pub fn client_address(peer: Option<IpAddr>, headers: &HeaderMap, proxies: usize)
     chain.swap_remove(index)
 }
 
-/// Refuses with 429 and `Retry-After` when the client address or the presented API key is over
-/// its per-minute limit.
-pub async fn rate_limit(State(state): State<Shared>, request: Request, next: Next) -> Response {
-    let limit = state.config.rate_limit_per_minute;
-    if limit == 0 {
-        return next.run(request).await;
-    }
+/// The client address of a request (see [`client_address`]).
+pub fn client_of(request: &Request, proxies: usize) -> String {
     let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
-    let address = client_address(peer, request.headers(), state.config.number_of_proxies);
-    let mut keys = vec![format!("ip:{address}")];
-    if let Some(key) = crate::app::presented_key(request.headers()) {
-        // A prefix of the key is enough to tell keys apart and keeps secrets out of Redis.
-        keys.push(format!("key:{}", key.chars().take(16).collect::<String>()));
+    client_address(peer, request.headers(), proxies)
+}
+
+/// Takes one request from `key`'s budget of `per_minute` (0: no limit); 429 `rate_limited`
+/// with `Retry-After` and `message` past it. A limiter that does not answer lets the request
+/// through rather than fail every request.
+pub async fn take(
+    state: &Shared,
+    key: &str,
+    per_minute: u32,
+    message: &str,
+) -> Result<(), ApiError> {
+    if per_minute == 0 {
+        return Ok(());
     }
-    for key in keys {
-        match state.limiter.check(&key, limit).await {
-            Ok(decision) if !decision.allowed => {
-                let seconds = decision.retry_after.as_secs_f64().ceil().max(1.0) as u64;
-                let mut response = ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    format!("too many requests; retry in {seconds} s"),
-                )
-                .into_response();
-                if let Ok(v) = HeaderValue::from_str(&seconds.to_string()) {
-                    response
-                        .headers_mut()
-                        .insert(axum::http::header::RETRY_AFTER, v);
-                }
-                return response;
-            }
-            Ok(_) => {}
-            // The limiter's store is down: let traffic through rather than fail every request.
-            Err(e) => tracing::warn!(error = %e, "rate limiter unavailable"),
+    match state.limiter.check(key, per_minute).await {
+        Ok(decision) if !decision.allowed => {
+            let seconds = decision.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("{message}; retry in {seconds} s"),
+            )
+            .retry_after(seconds))
+        }
+        Ok(_) => Ok(()),
+        Err(e) => {
+            tracing::warn!(error = %e, "rate limiter unavailable");
+            Ok(())
         }
     }
-    next.run(request).await
+}
+
+/// Refuses with 429 and `Retry-After` when the client address is over its per-minute limit.
+/// (API keys are limited by their verified id once checked, in `app::require_key`: a key
+/// presented here is not yet known to be anyone's.)
+pub async fn rate_limit(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    let address = client_of(&request, state.config.number_of_proxies);
+    let limit = state.config.rate_limit_per_minute;
+    match take(&state, &format!("ip:{address}"), limit, "too many requests").await {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 #[cfg(test)]

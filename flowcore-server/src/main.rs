@@ -79,8 +79,11 @@ enum ApiKeyCommand {
 /// mimalloc instead of glibc's malloc: under load the server allocates from many threads (the
 /// runtime's and the blocking pool's SQLite calls), where glibc's arenas spent about a fifth of
 /// the CPU in malloc, free and their locks (`perf`, see BENCHMARKS.md).
+/// Wrapped in flowcore's counting allocator, which keeps each thread's live bytes so that a
+/// script can be stopped when it holds more than `Limits::max_node_memory_bytes`.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: flowcore::memory::Counting<mimalloc::MiMalloc> =
+    flowcore::memory::Counting(mimalloc::MiMalloc);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -282,6 +285,8 @@ async fn serve() -> ExitCode {
         Err(e) => return fail(format!("configuration: {e}")),
     };
     let bind = config.bind;
+    let descriptors = flowcore_server::listen::raise_descriptor_limit();
+    let limits = flowcore_server::listen::ConnectionLimits::from_config(&config, descriptors);
     let state = match flowcore_server::build_state(config).await {
         Ok(state) => state,
         Err(e) => return fail(format!("start-up: {e}")),
@@ -312,20 +317,17 @@ async fn serve() -> ExitCode {
         }
     });
     let app = flowcore_server::app::app(state);
-    let served = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop.clone().cancelled_owned())
-    .await;
+    tracing::info!(
+        max_connections = limits.max_connections,
+        descriptors,
+        "connection limits"
+    );
+    flowcore_server::listen::serve(listener, app, limits, stop.clone()).await;
     stop.cancel();
     if let Ok(handed_back) = stopping.await {
         tracing::info!(handed_back, "stopped");
     }
-    match served {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(format!("server error: {e}")),
-    }
+    ExitCode::SUCCESS
 }
 
 /// Ctrl-C or SIGTERM: stop accepting, finish in-flight requests.

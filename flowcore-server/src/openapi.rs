@@ -64,6 +64,9 @@ pub struct RunAnswer {
 #[allow(dead_code)]
 pub struct CreateApiKey {
     name: String,
+    /// Of `read`, `run`, `write`, `admin`; default: the scopes of the key making it (a key
+    /// grants only scopes it has).
+    scopes: Option<Vec<String>>,
 }
 
 /// A credential to store.
@@ -78,6 +81,9 @@ pub struct CreateCredential {
     /// The secret fields.
     #[schema(value_type = Object)]
     data: serde_json::Value,
+    /// The only hosts (`host` or `host:port`) it is sent to; without it, only hosts written
+    /// literally in a flow's URL.
+    allowed_hosts: Option<Vec<String>>,
 }
 
 /// A credential's metadata.

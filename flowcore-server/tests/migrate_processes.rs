@@ -58,7 +58,7 @@ async fn concurrent_migrate_processes_migrate_once() {
             "0 migration(s) applied",
             "0 migration(s) applied",
             "0 migration(s) applied",
-            "1 migration(s) applied"
+            "2 migration(s) applied"
         ],
         "exactly one process migrates"
     );

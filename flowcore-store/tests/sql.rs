@@ -79,6 +79,9 @@ fn temp_sqlite() -> (std::path::PathBuf, String) {
     (dir, url)
 }
 
+/// The migrations of each backend (one folder each in `migrations/<backend>`).
+const MIGRATIONS: usize = 2;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_file_passes_the_kit() {
     let (dir, url) = temp_sqlite();
@@ -88,8 +91,8 @@ async fn sqlite_file_passes_the_kit() {
     assert_eq!(store.backend(), Backend::Sqlite);
     assert_eq!(
         store.migrate().await.expect("migrate"),
-        1,
-        "the first migration runs"
+        MIGRATIONS,
+        "every migration runs"
     );
     assert_eq!(
         store.migrate().await.expect("migrate again"),
@@ -177,7 +180,7 @@ async fn concurrent_postgres_migrations_run_once() {
         ran.sort_unstable();
         assert_eq!(
             ran,
-            vec![0, 0, 0, 0, 0, 1],
+            vec![0, 0, 0, 0, 0, MIGRATIONS],
             "exactly one process migrates; the others wait and find nothing"
         );
         let store = store(&db.url()).await;
@@ -204,4 +207,98 @@ fn urls_are_redacted() {
         flowcore_store::sql::redact_url("sqlite://x.db"),
         "sqlite://x.db"
     );
+}
+
+/// A run input nested this deep, as JSON text.
+fn nested(levels: usize) -> String {
+    format!("{}{}", "[".repeat(levels), "]".repeat(levels))
+}
+
+/// Creates two runs, lets `corrupt` overwrite the first one's stored input with `text`, and
+/// checks that both still read, alone and in lists, and that a too-deep input is refused.
+async fn unreadable_rows_stay_readable<F, Fut>(store: &SqlStore, corrupt: F)
+where
+    F: FnOnce(String, String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use flowcore::RunId;
+    use flowcore::ports::{NewRun, RunFilter, RunStore};
+    let new = |input: serde_json::Value| NewRun {
+        id: RunId::new(),
+        flow_id: "f".into(),
+        flow_version: 1,
+        input,
+        idempotency_key: None,
+        claim: None,
+    };
+    let deep: serde_json::Value = serde_json::from_str(&nested(100)).expect("100 levels read");
+    assert!(
+        matches!(
+            RunStore::create(store, new(deep)).await,
+            Err(flowcore::StoreError::Invalid(_))
+        ),
+        "an input deeper than flowcore::json::MAX_DEPTH is refused"
+    );
+    let (bad, _) = RunStore::create(store, new(serde_json::json!({"n": 1})))
+        .await
+        .expect("create");
+    let (good, _) = RunStore::create(store, new(serde_json::json!({"n": 2})))
+        .await
+        .expect("create");
+    // What the store once accepted (before depth was bounded): 127 levels, which serde_json
+    // reads alone but a reader with its default limit of 128 cannot once wrapped.
+    corrupt(bad.id.to_string(), format!("{{\"a\": {}}}", nested(127))).await;
+    let read = RunStore::get(store, &bad.id)
+        .await
+        .expect("the run still reads");
+    assert!(read.input.get("$unreadable").is_some(), "{:?}", read.input);
+    let page = RunStore::list(
+        store,
+        &RunFilter {
+            limit: 10,
+            ..RunFilter::default()
+        },
+    )
+    .await
+    .expect("the list still reads");
+    let ids: Vec<_> = page.items.iter().map(|r| r.id.clone()).collect();
+    assert!(ids.contains(&bad.id) && ids.contains(&good.id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_stored_document_fails_no_read_on_sqlite() {
+    let (dir, url) = temp_sqlite();
+    let store = store(&url).await;
+    let path = dir.join("db.sqlite");
+    unreadable_rows_stay_readable(&store, |id, text| async move {
+        use diesel::{Connection, RunQueryDsl, SqliteConnection};
+        let mut conn = SqliteConnection::establish(path.to_str().expect("utf-8")).expect("open");
+        diesel::sql_query("UPDATE runs SET input = ? WHERE id = ?")
+            .bind::<diesel::sql_types::Text, _>(text)
+            .bind::<diesel::sql_types::Text, _>(id)
+            .execute(&mut conn)
+            .expect("update");
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_stored_document_fails_no_read_on_postgres() {
+    let db = TestDb::create().await;
+    let store = store(&db.url()).await;
+    let url = db.url();
+    unreadable_rows_stay_readable(&store, |id, text| async move {
+        use diesel_async::RunQueryDsl;
+        let mut conn = AsyncPgConnection::establish(&url).await.expect("connect");
+        diesel::sql_query("UPDATE runs SET input = $1 WHERE id = $2")
+            .bind::<diesel::sql_types::Text, _>(text)
+            .bind::<diesel::sql_types::Text, _>(id)
+            .execute(&mut conn)
+            .await
+            .expect("update");
+    })
+    .await;
+    drop(store);
+    db.drop_db().await;
 }

@@ -46,6 +46,12 @@ pub struct Limits {
     /// The most a run may store as step outputs in all, as serialized JSON
     /// (`MAX_RUN_LOG_SIZE_MB`, 50 MB); a node whose output would pass it fails.
     pub max_run_log_bytes: usize,
+    /// The most heap a `script` may hold at once (128 MB); it is stopped past it. Counted only
+    /// where [`memory::Counting`](crate::memory::Counting) is the global allocator.
+    pub max_node_memory_bytes: usize,
+    /// How many subflow runs one run may start in all, at every depth (1,000): a flow calling
+    /// itself twice per run would otherwise start 2^depth runs.
+    pub max_subflow_runs: u32,
 }
 
 impl Default for Limits {
@@ -56,6 +62,8 @@ impl Default for Limits {
             max_concurrent_nodes: None,
             max_subflow_depth: 8,
             max_run_log_bytes: 50 * 1024 * 1024,
+            max_node_memory_bytes: 128 * 1024 * 1024,
+            max_subflow_runs: 1000,
         }
     }
 }
@@ -67,6 +75,7 @@ pub struct EngineBuilder {
     limits: Limits,
     flows: Option<Arc<dyn FlowStore>>,
     secrets: Option<Arc<dyn SecretSource>>,
+    guard: Option<crate::net::Guard>,
 }
 
 impl fmt::Debug for EngineBuilder {
@@ -99,6 +108,13 @@ impl EngineBuilder {
         self
     }
     /// The engine.
+    /// Where nodes may connect (default: [`Guard::default`](crate::net::Guard::default), which
+    /// denies loopback, link-local, private and unspecified addresses).
+    pub fn http_guard(mut self, guard: crate::net::Guard) -> Self {
+        self.guard = Some(guard);
+        self
+    }
+    /// The engine.
     pub fn build(self) -> Engine {
         let permits = self
             .limits
@@ -112,9 +128,19 @@ impl EngineBuilder {
                 .flows
                 .unwrap_or_else(|| Arc::new(MemoryFlowStore::new())),
             secrets: self.secrets,
+            guard: Arc::new(self.guard.unwrap_or_default()),
+            stored_plans: std::sync::Mutex::default(),
+            #[cfg(feature = "http")]
+            http: std::sync::OnceLock::new(),
         }))
     }
 }
+
+/// Compiled stored flows by id, version and creation time.
+type StoredPlans = std::collections::HashMap<(String, u32, DateTime<Utc>), Plan>;
+
+/// How many compiled stored flows an engine keeps for `subflow`.
+const STORED_PLANS: usize = 1024;
 
 /// Compiles flows and executes runs. Cheap to clone; clones share limits and concurrency.
 #[derive(Clone)]
@@ -126,6 +152,12 @@ struct EngineInner {
     permits: Option<Arc<Semaphore>>,
     flows: Arc<dyn FlowStore>,
     secrets: Option<Arc<dyn SecretSource>>,
+    guard: Arc<crate::net::Guard>,
+    stored_plans: std::sync::Mutex<StoredPlans>,
+    /// The HTTP client of this engine's nodes, made on first use (it resolves names through
+    /// the guard).
+    #[cfg(feature = "http")]
+    http: std::sync::OnceLock<Result<reqwest::Client, String>>,
 }
 
 impl fmt::Debug for Engine {
@@ -241,6 +273,19 @@ impl Engine {
     pub fn secrets(&self) -> Option<&Arc<dyn SecretSource>> {
         self.0.secrets.as_ref()
     }
+    /// Where nodes may connect.
+    pub fn http_guard(&self) -> &Arc<crate::net::Guard> {
+        &self.0.guard
+    }
+    /// The HTTP client nodes call out with: no environment proxies, no redirects of its own
+    /// (nodes follow them and check each hop), names resolved through [`Engine::http_guard`].
+    #[cfg(feature = "http")]
+    pub fn http_client(&self) -> Result<reqwest::Client, String> {
+        self.0
+            .http
+            .get_or_init(|| crate::nodes::http::client(self.0.guard.clone()))
+            .clone()
+    }
     /// Where `subflow` nodes find flows.
     pub fn flow_store(&self) -> &Arc<dyn FlowStore> {
         &self.0.flows
@@ -248,6 +293,29 @@ impl Engine {
     /// Compiles a flow, reporting every problem.
     pub fn compile(&self, flow: &FlowDef) -> Result<Plan, CompileError> {
         compile(flow, &self.0.registry)
+    }
+    /// Compiles a stored flow version, once: versions never change, so the plan is kept (by
+    /// id, version and creation time, which tells a re-created flow apart). `subflow` calls
+    /// this on every run.
+    pub fn compile_stored(&self, flow: &crate::ports::StoredFlow) -> Result<Plan, CompileError> {
+        let key = (flow.id.clone(), flow.version, flow.created_at);
+        let lock = || {
+            self.0
+                .stored_plans
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if let Some(plan) = lock().get(&key) {
+            return Ok(plan.clone());
+        }
+        let plan = self.compile(&flow.definition)?;
+        let mut plans = lock();
+        // Bounded without bookkeeping: a full cache starts over.
+        if plans.len() >= STORED_PLANS {
+            plans.clear();
+        }
+        plans.insert(key, plan.clone());
+        Ok(plan)
     }
     /// Parses and compiles a flow from JSON text.
     pub fn compile_json(&self, text: &str) -> Result<Plan, Error> {
@@ -275,7 +343,7 @@ impl Engine {
     }
     /// Executes a run to its end.
     pub async fn execute(&self, plan: &Plan, input: Value, options: RunOptions) -> RunResult {
-        Driver::new(self.clone(), plan.clone(), Arc::new(input), options, 0)
+        Driver::new(self.clone(), plan.clone(), Arc::new(input), options, None)
             .run()
             .await
     }
@@ -296,7 +364,7 @@ impl Engine {
             plan.clone(),
             Arc::new(input),
             options,
-            parent.depth() + 1,
+            Some(&parent.run),
         )
         .run()
         .await
@@ -311,6 +379,8 @@ pub(crate) struct RunShared {
     pub(crate) cancel: CancellationToken,
     pub(crate) engine: Engine,
     pub(crate) depth: u32,
+    /// Subflow runs started so far by the top-level run and every run below it.
+    pub(crate) subflow_runs: Arc<std::sync::atomic::AtomicU32>,
     pub(crate) events: Option<Arc<dyn EventSink>>,
     recorder: Option<Arc<dyn StepRecorder>>,
     outputs: Box<[OnceLock<Arc<Value>>]>,
@@ -419,7 +489,13 @@ struct Driver {
 }
 
 impl Driver {
-    fn new(engine: Engine, plan: Plan, input: Arc<Value>, options: RunOptions, depth: u32) -> Self {
+    fn new(
+        engine: Engine,
+        plan: Plan,
+        input: Arc<Value>,
+        options: RunOptions,
+        parent: Option<&RunShared>,
+    ) -> Self {
         let n = plan.len();
         let limit = engine.limits().run_timeout;
         let timeout = options
@@ -440,7 +516,8 @@ impl Driver {
             input,
             cancel: options.cancel.unwrap_or_default(),
             engine,
-            depth,
+            depth: parent.map_or(0, |p| p.depth + 1),
+            subflow_runs: parent.map(|p| p.subflow_runs.clone()).unwrap_or_default(),
             events: options.events,
             recorder: options.recorder,
             outputs: (0..n).map(|_| OnceLock::new()).collect(),
@@ -764,8 +841,8 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
     }
 }
 
-/// Fails when `value` serializes to more than `limit` bytes, without building the whole text.
-/// Checks one output against the limit; returns its size as serialized JSON (an upper bound
+/// Fails when `value` serializes to more than `limit` bytes (without building the whole text) or
+/// nests deeper than [`crate::json::MAX_DEPTH`]. Checks one output against the limit; returns its size as serialized JSON (an upper bound
 /// for plain values and short strings, which are not serialized to be measured).
 fn check_size(value: &Value, limit: usize) -> Result<usize, NodeError> {
     struct Counter {
@@ -787,6 +864,13 @@ fn check_size(value: &Value, limit: usize) -> Result<usize, NodeError> {
     }
     if matches!(value, Value::Null | Value::Bool(_) | Value::Number(_)) {
         return Ok(24);
+    }
+    // Deeper than what every store reads back (see `crate::json`).
+    if crate::json::too_deep(value) {
+        return Err(NodeError::fatal(format!(
+            "the output nests deeper than {} levels",
+            crate::json::MAX_DEPTH
+        )));
     }
     if let Value::String(s) = value
         && s.len() + 2 <= limit / 6

@@ -21,6 +21,12 @@ pub const SCOPE_NAMES: [&str; 3] = ["input", "nodes", "attempt"];
 /// The most VM instructions one template or expression evaluation may execute.
 pub const MAX_FUEL: u64 = 5_000_000;
 
+/// The most one rendering may produce: the bytes of a rendered string, or the estimated memory
+/// of a value turned into JSON (its text, plus 32 bytes for each array item and object field).
+/// minijinja builds lists lazily (`[[0]*5000]*3000` is 3,000 references to one list); this is
+/// what stops them from growing into millions of JSON values.
+pub const MAX_RENDERED_BYTES: usize = 32 * 1024 * 1024;
+
 static ENV: LazyLock<Environment<'static>> = LazyLock::new(|| {
     let mut env = Environment::new();
     // Lenient, as in Jinja: a missing field renders empty and tests false, but an attribute of a
@@ -187,25 +193,38 @@ impl Template {
         use std::fmt::Write;
         match &self.0 {
             Kind::Literal(s) => Ok(s.to_string()),
-            Kind::Single(e) => e.eval(scope).map(|v| display(&v)),
+            Kind::Single(e) => {
+                let v = e.eval(scope)?;
+                let mut out = Bounded::default();
+                if !v.is_undefined() && !v.is_none() {
+                    write!(out, "{v}").map_err(|_| too_large())?;
+                }
+                Ok(out.text)
+            }
             Kind::Pieces(pieces) => {
-                let mut out = String::new();
+                let mut out = Bounded::default();
                 for piece in pieces {
                     match piece {
-                        Piece::Text(t) => out.push_str(t),
+                        Piece::Text(t) => out.write_str(t).map_err(|_| too_large())?,
                         Piece::Expr(e) => {
                             let v = e.eval(scope)?;
                             if !v.is_undefined() && !v.is_none() {
-                                let _ = write!(out, "{v}");
+                                write!(out, "{v}").map_err(|_| too_large())?;
                             }
                         }
                     }
                 }
-                Ok(out)
+                Ok(out.text)
             }
-            Kind::Full { source, .. } => ENV
-                .render_str(source, scope.to_value())
-                .map_err(|e| describe(&e)),
+            Kind::Full { source, .. } => {
+                let template = ENV.template_from_str(source).map_err(|e| describe(&e))?;
+                let mut out = Bounded::default();
+                match template.render_captured_to(scope.to_value(), Io(&mut out)) {
+                    Ok(_) => Ok(out.text),
+                    Err(_) if out.over => Err(too_large()),
+                    Err(e) => Err(describe(&e)),
+                }
+            }
         }
     }
 
@@ -388,18 +407,80 @@ fn describe(e: &minijinja::Error) -> String {
     }
 }
 
-fn display(v: &JValue) -> String {
-    if v.is_undefined() || v.is_none() {
-        String::new()
-    } else {
-        v.to_string()
+fn too_large() -> String {
+    format!(
+        "the rendered value is larger than {} MB",
+        MAX_RENDERED_BYTES / (1024 * 1024)
+    )
+}
+
+/// A string that refuses to grow past [`MAX_RENDERED_BYTES`].
+#[derive(Default)]
+struct Bounded {
+    text: String,
+    over: bool,
+}
+
+impl std::fmt::Write for Bounded {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        if self.text.len() + s.len() > MAX_RENDERED_BYTES {
+            self.over = true;
+            return Err(std::fmt::Error);
+        }
+        self.text.push_str(s);
+        Ok(())
     }
 }
 
-/// Converts a minijinja value to JSON; undefined becomes `null`.
+/// [`Bounded`] as the `io::Write` that minijinja renders into (it writes UTF-8 only).
+struct Io<'a>(&'a mut Bounded);
+
+impl std::io::Write for Io<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use std::fmt::Write as _;
+        let text = std::str::from_utf8(buf).map_err(std::io::Error::other)?;
+        self.0
+            .write_str(text)
+            .map_err(|_| std::io::Error::other(too_large()))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Counts what a value would cost as JSON while it is serialized, and stops past the limit.
+struct Cost(usize);
+
+impl std::io::Write for Cost {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let items = buf
+            .iter()
+            .filter(|b| matches!(b, b',' | b'[' | b'{'))
+            .count();
+        self.0 = self.0.saturating_add(buf.len() + 32 * items);
+        if self.0 > MAX_RENDERED_BYTES {
+            return Err(std::io::Error::other("too large"));
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Converts a minijinja value to JSON; undefined becomes `null`. Refused past
+/// [`MAX_RENDERED_BYTES`], measured before the JSON is built.
 pub fn to_json(v: &JValue) -> Result<Value, String> {
     if v.is_undefined() {
         return Ok(Value::Null);
+    }
+    let mut cost = Cost(0);
+    if v.as_str().is_none()
+        && serde_json::to_writer(&mut cost, v).is_err()
+        && cost.0 > MAX_RENDERED_BYTES
+    {
+        return Err(too_large());
     }
     serde_json::to_value(v).map_err(|e| format!("value cannot be turned into JSON: {e}"))
 }

@@ -196,6 +196,21 @@ impl NodeContext {
         self.run.scrubber.add(&secret);
         Ok(secret)
     }
+    /// Counts one more subflow run against the top-level run's
+    /// [`Limits::max_subflow_runs`](crate::Limits::max_subflow_runs).
+    pub(crate) fn take_subflow_run(&self) -> Result<(), NodeError> {
+        let limit = self.run.engine.limits().max_subflow_runs;
+        let started = self
+            .run
+            .subflow_runs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if started >= limit {
+            return Err(NodeError::fatal(format!(
+                "this run has started {limit} subflow runs at every depth, its limit"
+            )));
+        }
+        Ok(())
+    }
     /// The scope that templates and expressions of this node evaluate in.
     pub fn scope(&self) -> Scope {
         Scope::new(self.run.input.clone(), self.run.clone(), self.attempt)

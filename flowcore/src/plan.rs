@@ -146,8 +146,23 @@ impl Plan {
     }
 }
 
+/// The most nodes a flow may have.
+pub const MAX_NODES: usize = 20_000;
+
+/// The most edges a flow may have.
+pub const MAX_EDGES: usize = 100_000;
+
 /// Compiles a flow with the node types of `registry`.
 pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError> {
+    if flow.nodes.len() > MAX_NODES || flow.edges.len() > MAX_EDGES {
+        return Err(CompileError {
+            problems: vec![Problem::flow(format!(
+                "a flow has at most {MAX_NODES} nodes and {MAX_EDGES} edges (this one: {} and {})",
+                flow.nodes.len(),
+                flow.edges.len()
+            ))],
+        });
+    }
     let mut problems = Vec::new();
 
     if let Some(id) = &flow.id
@@ -319,51 +334,44 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
     // the strongly connected components to name the nodes on each cycle.
     let out = PerNode::group(n, &out_pairs);
     let preds = PerNode::group(n, &pred_pairs);
-    let acyclic = is_acyclic(&out, &in_edges);
+    let order = topological_order(&out, &in_edges);
+    let acyclic = order.len() == n;
     if !acyclic {
         report_cycles(n, &pairs, &ids, &mut problems);
     }
 
     // References of templates and expressions: known names, upstream nodes only.
+    let mut refs: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (i, node) in built.iter().enumerate() {
+        let Some(node) = node else { continue };
+        let found = node.references();
+        for name in &found.unknown {
+            problems.push(Problem::node(
+                &*ids[i],
+                format!("unknown variable `{name}` (templates see `input`, `nodes` and `attempt`)"),
+            ));
+        }
+        let mut wanted = Vec::new();
+        for id in &found.nodes {
+            match index.get(id.as_str()) {
+                None => problems.push(Problem::node(
+                    &*ids[i],
+                    format!("refers to missing node `{id}`"),
+                )),
+                Some(&j) => wanted.push(j),
+            }
+        }
+        if !wanted.is_empty() {
+            refs.push((i, wanted));
+        }
+    }
     if acyclic {
-        let mut stamp = vec![0u32; n];
-        let mut generation = 0u32;
-        for (i, node) in built.iter().enumerate() {
-            let Some(node) = node else { continue };
-            let refs = node.references();
-            for name in &refs.unknown {
-                problems.push(Problem::node(
-                    &*ids[i],
-                    format!(
-                        "unknown variable `{name}` (templates see `input`, `nodes` and `attempt`)"
-                    ),
-                ));
-            }
-            let mut wanted: HashSet<usize> = HashSet::new();
-            for id in &refs.nodes {
-                match index.get(id.as_str()) {
-                    None => problems.push(Problem::node(
-                        &*ids[i],
-                        format!("refers to missing node `{id}`"),
-                    )),
-                    Some(&j) => {
-                        wanted.insert(j);
-                    }
-                }
-            }
-            if wanted.is_empty() {
-                continue;
-            }
-            generation += 1;
-            find_ancestors(&preds, i, &mut wanted, &mut stamp, generation);
-            let mut missing: Vec<&str> = wanted.iter().map(|&j| &*ids[j]).collect();
-            missing.sort_unstable();
-            for id in missing {
-                problems.push(Problem::node(
-                    &*ids[i],
-                    format!("refers to `nodes.{id}`, but `{id}` is not upstream of this node"),
-                ));
-            }
+        for (i, j) in not_upstream(&order, &preds, &out, &refs) {
+            let id = &*ids[j];
+            problems.push(Problem::node(
+                &*ids[i],
+                format!("refers to `nodes.{id}`, but `{id}` is not upstream of this node"),
+            ));
         }
     }
 
@@ -404,14 +412,16 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
     })))
 }
 
-fn is_acyclic(out: &PerNode<OutEdge>, in_edges: &[usize]) -> bool {
+/// The nodes in an order where each comes after its predecessors (Kahn's algorithm); shorter
+/// than the flow when there is a cycle.
+fn topological_order(out: &PerNode<OutEdge>, in_edges: &[usize]) -> Vec<usize> {
     let mut remaining = in_edges.to_vec();
     let mut stack: Vec<usize> = (0..remaining.len())
         .filter(|&i| remaining[i] == 0)
         .collect();
-    let mut seen = 0;
+    let mut order = Vec::with_capacity(in_edges.len());
     while let Some(i) = stack.pop() {
-        seen += 1;
+        order.push(i);
         for (_, t) in out.get(i) {
             remaining[*t] -= 1;
             if remaining[*t] == 0 {
@@ -419,7 +429,68 @@ fn is_acyclic(out: &PerNode<OutEdge>, in_edges: &[usize]) -> bool {
             }
         }
     }
-    seen == in_edges.len()
+    order
+}
+
+/// The references `(node, target)` of `refs` whose target is not an ancestor of the node,
+/// sorted. One pass in topological order carries, for each node, the set of referenced nodes
+/// above it as a bit set over the referenced nodes only; a node's set is dropped once its last
+/// successor has taken it. Time O(edges x referenced / 64), memory the same times the widest
+/// frontier, instead of one upward walk per node (20,000 chained nodes took 5 s).
+fn not_upstream(
+    order: &[usize],
+    preds: &PerNode<usize>,
+    out: &PerNode<OutEdge>,
+    refs: &[(usize, Vec<usize>)],
+) -> Vec<(usize, usize)> {
+    let n = order.len();
+    let mut bit: HashMap<usize, usize> = HashMap::new();
+    for (_, targets) in refs {
+        for &t in targets {
+            let next = bit.len();
+            bit.entry(t).or_insert(next);
+        }
+    }
+    if bit.is_empty() {
+        return Vec::new();
+    }
+    let words = bit.len().div_ceil(64);
+    let mut wanted: Vec<Option<&Vec<usize>>> = vec![None; n];
+    for (i, targets) in refs {
+        wanted[*i] = Some(targets);
+    }
+    let mut successors_left: Vec<usize> = (0..n).map(|i| out.get(i).len()).collect();
+    let mut above: Vec<Option<Vec<u64>>> = vec![None; n];
+    let mut missing = Vec::new();
+    for &i in order {
+        let mut set = vec![0u64; words];
+        for &p in preds.get(i) {
+            if let Some(parent) = &above[p] {
+                set.iter_mut().zip(parent).for_each(|(w, pw)| *w |= pw);
+            }
+            if let Some(&b) = bit.get(&p) {
+                set[b / 64] |= 1 << (b % 64);
+            }
+            successors_left[p] -= 1;
+            if successors_left[p] == 0 {
+                above[p] = None;
+            }
+        }
+        if let Some(targets) = wanted[i] {
+            for &t in targets {
+                let b = bit[&t];
+                if set[b / 64] & (1 << (b % 64)) == 0 {
+                    missing.push((i, t));
+                }
+            }
+        }
+        if successors_left[i] > 0 {
+            above[i] = Some(set);
+        }
+    }
+    missing.sort_unstable();
+    missing.dedup();
+    missing
 }
 
 /// One problem per cycle: each strongly connected component with more than one node, or a self
@@ -447,29 +518,6 @@ fn report_cycles(
             edge: None,
             problem: format!("cycle: {}", names.join(" -> ")),
         });
-    }
-}
-
-/// Walks up from `node` and removes each found ancestor from `wanted`, stopping early once all
-/// are found. `stamp`/`generation` mark visited nodes without clearing a vector per call.
-fn find_ancestors(
-    preds: &PerNode<usize>,
-    node: usize,
-    wanted: &mut HashSet<usize>,
-    stamp: &mut [u32],
-    generation: u32,
-) {
-    let mut stack: Vec<usize> = preds.get(node).to_vec();
-    while let Some(j) = stack.pop() {
-        if stamp[j] == generation {
-            continue;
-        }
-        stamp[j] = generation;
-        wanted.remove(&j);
-        if wanted.is_empty() {
-            return;
-        }
-        stack.extend_from_slice(preds.get(j));
     }
 }
 

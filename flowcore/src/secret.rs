@@ -34,6 +34,7 @@ const MIN_SCRUBBED_LEN: usize = 4;
 pub struct Secret {
     kind: String,
     data: Value,
+    allowed_hosts: Option<Vec<String>>,
 }
 
 impl Secret {
@@ -42,7 +43,28 @@ impl Secret {
         Self {
             kind: kind.into(),
             data,
+            allowed_hosts: None,
         }
+    }
+    /// The same secret, sent only to these hosts (`host`, or `host:port`). Without such a list
+    /// a node sends it only to a host written literally in the flow.
+    pub fn with_allowed_hosts(mut self, hosts: Vec<String>) -> Self {
+        self.allowed_hosts = Some(hosts);
+        self
+    }
+    /// The hosts it may be sent to, if the credential names them.
+    pub fn allowed_hosts(&self) -> Option<&[String]> {
+        self.allowed_hosts.as_deref()
+    }
+    /// Whether it may be sent to `host` on `port`: a listed `host` (any port) or `host:port`.
+    /// `None` when the credential lists no hosts.
+    pub fn allows(&self, host: &str, port: u16) -> Option<bool> {
+        let hosts = self.allowed_hosts.as_ref()?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        Some(hosts.iter().any(|allowed| {
+            let (h, p) = split_host_port(allowed);
+            h.eq_ignore_ascii_case(host) && p.is_none_or(|p| p == port)
+        }))
     }
     /// Its kind.
     pub fn kind(&self) -> &str {
@@ -61,6 +83,19 @@ impl Secret {
         let mut out = Vec::new();
         collect_strings(&self.data, &mut out);
         out
+    }
+}
+
+/// `host`, `host:port`, `[v6]` or `[v6]:port` (a bare IPv6 address has no port).
+fn split_host_port(item: &str) -> (&str, Option<u16>) {
+    fn unbracket(h: &str) -> &str {
+        h.trim_start_matches('[').trim_end_matches(']')
+    }
+    match item.rsplit_once(':') {
+        Some((h, p)) if (h.starts_with('[') || !h.contains(':')) && p.parse::<u16>().is_ok() => {
+            (unbracket(h), p.parse().ok())
+        }
+        _ => (unbracket(item), None),
     }
 }
 
@@ -135,58 +170,139 @@ impl SecretSource for MemorySecrets {
 #[derive(Debug, Default)]
 pub(crate) struct Scrubber {
     // Empty for almost every run; a plain mutex is cheaper than anything cleverer here.
-    secrets: Mutex<Vec<String>>,
+    held: Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    forms: Vec<String>,
+    /// Every form at once, matched case-insensitively, longest first; `None` until a secret
+    /// is added.
+    matcher: Option<std::sync::Arc<aho_corasick::AhoCorasick>>,
 }
 
 impl Scrubber {
     pub(crate) fn add(&self, secret: &Secret) {
-        let mut held = self.secrets.lock().unwrap_or_else(|e| e.into_inner());
-        for s in secret.strings() {
-            if !held.contains(&s) {
-                held.push(s);
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut added = false;
+        for form in forms(secret) {
+            if !held.forms.contains(&form) {
+                held.forms.push(form);
+                added = true;
             }
         }
-        // Longest first, so that a secret containing another is replaced whole.
-        held.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        if added {
+            held.matcher = aho_corasick::AhoCorasick::builder()
+                .ascii_case_insensitive(true)
+                .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+                .build(&held.forms)
+                .ok()
+                .map(std::sync::Arc::new);
+        }
+    }
+
+    fn matcher(&self) -> Option<std::sync::Arc<aho_corasick::AhoCorasick>> {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .matcher
+            .clone()
     }
 
     /// The text with every secret replaced.
     pub(crate) fn text(&self, text: String) -> String {
-        let held = self.secrets.lock().unwrap_or_else(|e| e.into_inner());
-        if held.is_empty() {
-            return text;
+        match self.matcher() {
+            None => text,
+            Some(m) => scrub_str(text, &m),
         }
-        scrub_str(text, &held)
     }
 
     /// The value with every secret replaced in its strings (and keys).
     pub(crate) fn value(&self, value: Value) -> Value {
-        let held = self.secrets.lock().unwrap_or_else(|e| e.into_inner());
-        if held.is_empty() {
-            return value;
+        match self.matcher() {
+            None => value,
+            Some(m) => scrub_value(value, &m),
         }
-        scrub_value(value, &held)
     }
 }
 
-fn scrub_str(mut text: String, held: &[String]) -> String {
-    for s in held {
-        if text.contains(s.as_str()) {
-            text = text.replace(s.as_str(), REDACTED);
-        }
+/// Every form in which a secret's strings may come back: as they are, in any ASCII case,
+/// reversed, JSON-escaped, percent-encoded, hex, and base64 (standard and URL-safe, at each of
+/// the three alignments it can have inside a longer base64 text); for `basic_auth`, also
+/// `username:password` and its base64, which is what goes over the wire.
+fn forms(secret: &Secret) -> Vec<String> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+
+    let mut plain = secret.strings();
+    if secret.kind() == "basic_auth"
+        && let (Some(user), Some(password)) = (secret.field("username"), secret.field("password"))
+    {
+        plain.push(format!("{user}:{password}"));
     }
-    text
+    let mut out = Vec::new();
+    for s in plain {
+        out.push(s.chars().rev().collect());
+        out.push(
+            serde_json::to_string(&s)
+                .unwrap_or_default()
+                .trim_matches('"')
+                .to_owned(),
+        );
+        out.push(percent_encode(&s));
+        out.push(s.bytes().map(|b| format!("{b:02x}")).collect());
+        for engine in [STANDARD_NO_PAD, URL_SAFE_NO_PAD] {
+            for offset in 0..3usize {
+                // `offset` bytes before the secret change the first characters, and bytes
+                // after it the last group: keep what depends on the secret alone.
+                let mut bytes = vec![0u8; offset];
+                bytes.extend_from_slice(s.as_bytes());
+                let encoded = engine.encode(&bytes);
+                let front = (offset * 4).div_ceil(3);
+                let whole = bytes.len() / 3 * 4;
+                if whole > front + 6 {
+                    out.push(encoded[front..whole].to_owned());
+                }
+            }
+            out.push(engine.encode(s.as_bytes()));
+        }
+        out.push(s);
+    }
+    out.retain(|form| form.len() >= MIN_SCRUBBED_LEN);
+    out.sort();
+    out.dedup();
+    out
 }
 
-fn scrub_value(value: Value, held: &[String]) -> Value {
+/// `s` with everything but unreserved characters percent-encoded (RFC 3986).
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn scrub_str(text: String, matcher: &aho_corasick::AhoCorasick) -> String {
+    if matcher.is_match(&text) {
+        matcher.replace_all(&text, &vec![REDACTED; matcher.patterns_len()])
+    } else {
+        text
+    }
+}
+
+fn scrub_value(value: Value, matcher: &aho_corasick::AhoCorasick) -> Value {
     match value {
-        Value::String(s) => Value::String(scrub_str(s, held)),
+        Value::String(s) => Value::String(scrub_str(s, matcher)),
         Value::Array(items) => {
-            Value::Array(items.into_iter().map(|v| scrub_value(v, held)).collect())
+            Value::Array(items.into_iter().map(|v| scrub_value(v, matcher)).collect())
         }
         Value::Object(map) => Value::Object(
             map.into_iter()
-                .map(|(k, v)| (scrub_str(k, held), scrub_value(v, held)))
+                .map(|(k, v)| (scrub_str(k, matcher), scrub_value(v, matcher)))
                 .collect(),
         ),
         other => other,
@@ -215,5 +331,41 @@ mod tests {
             scrubber.text("bad password hunter2".into()),
             "bad password [redacted]"
         );
+    }
+
+    #[test]
+    fn scrubs_the_forms_a_secret_is_sent_and_echoed_in() {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::STANDARD;
+        let scrubber = Scrubber::default();
+        scrubber.add(&Secret::new(
+            "basic_auth",
+            json!({"username": "ada", "password": "s3cr3t-pa55/word"}),
+        ));
+        let wire = STANDARD.encode("ada:s3cr3t-pa55/word");
+        let echoed = [
+            format!("Basic {wire}"),
+            "S3CR3T-PA55/WORD".to_owned(),
+            "drow/55ap-t3rc3s".to_owned(),
+            "s3cr3t-pa55%2Fword".to_owned(),
+            STANDARD.encode("s3cr3t-pa55/word"),
+            // Inside a longer base64 text, at each alignment.
+            STANDARD.encode("x:s3cr3t-pa55/word!"),
+            STANDARD.encode("xy:s3cr3t-pa55/word!!"),
+            STANDARD.encode("xyz:s3cr3t-pa55/word"),
+            hex_of("s3cr3t-pa55/word"),
+        ];
+        for text in echoed {
+            let scrubbed = scrubber.text(text.clone());
+            assert!(scrubbed.contains(REDACTED), "{text} -> {scrubbed}");
+            for leak in ["s3cr3t", "S3CR3T", "55ap", "czNjcjN0LXBhNTUvd29yZA"] {
+                assert!(!scrubbed.contains(leak), "{text} -> {scrubbed}");
+            }
+        }
+        assert_eq!(scrubber.text("ada was here".into()), "ada was here");
+    }
+
+    fn hex_of(s: &str) -> String {
+        s.bytes().map(|b| format!("{b:02x}")).collect()
     }
 }

@@ -1416,6 +1416,7 @@ where
         ciphertext: vec![1, 2, 3, 0, 255],
         created_at: now,
         updated_at: now,
+        allowed_hosts: Some(vec!["api.github.com".into(), "[::1]:8080".into()]),
     };
     store
         .insert_credential(&cred)
@@ -1432,6 +1433,15 @@ where
             Err(StoreError::AlreadyExists(_))
         ),
         "credential names are unique"
+    );
+    assert_eq!(
+        store
+            .get_credential("c1")
+            .await
+            .expect("by id")
+            .allowed_hosts,
+        cred.allowed_hosts,
+        "allowed hosts are kept"
     );
     assert_eq!(
         store.get_credential("c1").await.expect("by id").ciphertext,
@@ -1477,6 +1487,8 @@ where
         hash: "hash".into(),
         created_at: now,
         revoked_at: None,
+        scopes: "read,run".parse().expect("scopes"),
+        parent_id: None,
     };
     store.insert_api_key(&key).await.expect("insert key");
     assert!(matches!(
@@ -1515,6 +1527,47 @@ where
         Err(StoreError::NotFound { .. })
     ));
     assert_eq!(store.list_api_keys().await.expect("list").len(), 1);
+    assert_eq!(
+        store
+            .find_api_key("fc_abc123")
+            .await
+            .expect("find")
+            .map(|k| k.scopes),
+        Some("read,run".parse().expect("scopes")),
+        "scopes are kept"
+    );
+
+    // Revoking a key revokes the keys it made, at any depth, and nothing else.
+    let child = |id: &str, prefix: &str, parent: Option<&str>| ApiKeyRecord {
+        id: id.into(),
+        prefix: prefix.into(),
+        parent_id: parent.map(Into::into),
+        ..key.clone()
+    };
+    for k in [
+        child("p", "fc_p", None),
+        child("c", "fc_c", Some("p")),
+        child("g", "fc_g", Some("c")),
+        child("s", "fc_s", None),
+    ] {
+        store.insert_api_key(&k).await.expect("insert key");
+    }
+    store.revoke_api_key("c").await.expect("revoke a child");
+    let revoked = |prefix: &'static str| {
+        let store = &store;
+        async move {
+            store
+                .find_api_key(prefix)
+                .await
+                .expect("find")
+                .is_some_and(|k| k.revoked_at.is_some())
+        }
+    };
+    assert!(!revoked("fc_p").await, "the parent of a revoked key stays");
+    assert!(revoked("fc_c").await && revoked("fc_g").await);
+    store.revoke_api_key("p").await.expect("revoke the parent");
+    assert!(revoked("fc_p").await);
+    assert!(!revoked("fc_s").await, "an unrelated key stays");
 
     // Usage: concurrent adds all count.
     let mut adds = Vec::new();

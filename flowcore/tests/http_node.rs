@@ -68,6 +68,13 @@ async fn server() -> (String, Arc<AtomicUsize>) {
                 if !authorization.is_empty() {
                     *LAST_AUTHORIZATION.lock().unwrap() = authorization.clone();
                 }
+                if let Some(to) = path.strip_prefix("/redirect?to=") {
+                    let response = format!(
+                        "HTTP/1.1 302 Found\r\nlocation: {to}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    );
+                    let _ = sock.write_all(response.as_bytes()).await;
+                    return;
+                }
                 let (status, ctype, payload) = match path.as_str() {
                     "/json" => (
                         "200 OK",
@@ -93,6 +100,11 @@ async fn server() -> (String, Arc<AtomicUsize>) {
     (format!("http://{addr}"), flaky)
 }
 
+/// Engines here call test servers on 127.0.0.1, which the default guard denies.
+fn local() -> flowcore::net::Guard {
+    flowcore::net::Guard::parse(None, Some("127.0.0.1/32")).unwrap()
+}
+
 async fn run(engine: &Engine, node: Value, input: Value) -> flowcore::RunResult {
     let flow = FlowDef::from_value(json!({"nodes": [node]})).unwrap();
     let plan = engine.compile(&flow).unwrap();
@@ -102,7 +114,7 @@ async fn run(engine: &Engine, node: Value, input: Value) -> flowcore::RunResult 
 #[tokio::test]
 async fn http_request_calls_a_real_server() {
     let (base, flaky) = server().await;
-    let engine = Engine::new();
+    let engine = Engine::builder().http_guard(local()).build();
 
     let result = run(
         &engine,
@@ -158,6 +170,7 @@ async fn http_request_calls_a_real_server() {
     assert_eq!(result.output.unwrap()["status"], 404);
 
     let small = Engine::builder()
+        .http_guard(local())
         .limits(flowcore::Limits {
             max_output_bytes: 1000,
             ..Default::default()
@@ -208,7 +221,10 @@ async fn credentials_are_sent_by_reference_and_scrubbed_from_outputs_and_errors(
         "odd",
         Secret::new("oauth", json!({"token": "other-s3cr3t"})),
     );
-    let engine = Engine::builder().secrets(secrets).build();
+    let engine = Engine::builder()
+        .secrets(secrets)
+        .http_guard(local())
+        .build();
 
     // The server gets the header; the stored output (which echoes it) and the events do not.
     let flow = FlowDef::from_value(json!({"nodes": [
@@ -260,4 +276,140 @@ async fn credentials_are_sent_by_reference_and_scrubbed_from_outputs_and_errors(
             .unwrap()
             .contains("credentials are not available")
     );
+}
+
+#[tokio::test]
+async fn the_guard_refuses_this_machine_in_every_spelling_and_on_every_hop() {
+    let (base, _) = server().await;
+    let port = base.rsplit(':').next().unwrap().to_owned();
+    let engine = Engine::new(); // the default guard
+    for url in [
+        format!("{base}/json"),
+        format!("http://localhost:{port}/json"),
+        format!("http://127.1:{port}/json"),
+        format!("http://2130706433:{port}/json"),
+        format!("http://0.0.0.0:{port}/json"),
+        format!("http://[::ffff:127.0.0.1]:{port}/json"),
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+    ] {
+        let result = run(
+            &engine,
+            json!({"id": "h", "type": "http_request", "params": {"url": "{{ input.url }}"}}),
+            json!({"url": url}),
+        )
+        .await;
+        assert_eq!(result.status, RunStatus::Failed, "{url}");
+        let error = result.error.unwrap();
+        assert!(
+            error.contains("FLOWCORE_HTTP_DENY") && error.contains("FLOWCORE_HTTP_ALLOW"),
+            "{url}: {error}"
+        );
+    }
+
+    // A redirect from an allowed server to a denied address is not followed.
+    let only_port = Engine::builder()
+        .http_guard(flowcore::net::Guard::parse(None, Some(&format!("127.0.0.1:{port}"))).unwrap())
+        .build();
+    let result = run(
+        &only_port,
+        json!({"id": "h", "type": "http_request", "params": {"url": format!("{base}/redirect?to=http://127.0.0.1:9/json")}}),
+        json!({}),
+    )
+    .await;
+    let error = result.error.unwrap();
+    assert!(
+        error.contains("127.0.0.1:9") && error.contains("denied"),
+        "{error}"
+    );
+    // ... and to an allowed one it is.
+    let result = run(
+        &only_port,
+        json!({"id": "h", "type": "http_request", "params": {"url": format!("{base}/redirect?to={base}/json")}}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
+}
+
+#[tokio::test]
+async fn a_credential_goes_only_to_the_hosts_it_may() {
+    use flowcore::secret::{MemorySecrets, Secret};
+    let (base, _) = server().await;
+    let (other, _) = server().await;
+    let port = |url: &str| url.rsplit(':').next().unwrap().to_owned();
+    let secrets = Arc::new(MemorySecrets::default());
+    let header = Secret::new("header", json!({"name": "x-token", "value": "hdr-s3cr3t"}));
+    secrets.insert("header", header.clone());
+    secrets.insert(
+        "pinned",
+        header.with_allowed_hosts(vec![format!("127.0.0.1:{}", port(&base))]),
+    );
+    secrets.insert(
+        "basic",
+        Secret::new(
+            "basic_auth",
+            json!({"username": "ada", "password": "b4sic-s3cr3t"}),
+        ),
+    );
+    let engine = Engine::builder()
+        .secrets(secrets)
+        .http_guard(local())
+        .build();
+    let call = |url: String, credential: &str| json!({"id": "h", "type": "http_request", "params": {"url": url, "credential": credential}});
+
+    // A redirect to another port (another origin) is not followed with a credential.
+    let result = run(
+        &engine,
+        call(format!("{base}/redirect?to={other}/json"), "header"),
+        json!({}),
+    )
+    .await;
+    let error = result.error.unwrap();
+    assert!(
+        error.contains("not followed with credential `header`"),
+        "{error}"
+    );
+    // The same redirect within the origin is.
+    let result = run(
+        &engine,
+        call(format!("{base}/redirect?to={base}/json"), "header"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
+    assert_eq!(result.output.unwrap()["body"]["token"], "[redacted]");
+
+    // Without allowed_hosts, a credential goes only to a host written in the flow.
+    let result = run(
+        &engine,
+        call("{{ input.base }}/json".into(), "header"),
+        json!({"base": base}),
+    )
+    .await;
+    assert!(result.error.unwrap().contains("comes from a template"));
+    // With them, a templated host is checked against the list.
+    let result = run(
+        &engine,
+        call("{{ input.base }}/json".into(), "pinned"),
+        json!({"base": base}),
+    )
+    .await;
+    assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
+    let result = run(
+        &engine,
+        call("{{ input.base }}/json".into(), "pinned"),
+        json!({"base": other}),
+    )
+    .await;
+    assert!(result.error.unwrap().contains("not in its allowed_hosts"));
+
+    // basic_auth goes out as base64, and comes back redacted in that form too.
+    let result = run(&engine, call(format!("{base}/json"), "basic"), json!({})).await;
+    assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
+    assert_eq!(
+        *LAST_AUTHORIZATION.lock().unwrap(),
+        "Basic YWRhOmI0c2ljLXMzY3IzdA=="
+    );
+    let echoed = result.output.unwrap()["body"]["authorization"].clone();
+    assert_eq!(echoed, "Basic [redacted]==");
 }

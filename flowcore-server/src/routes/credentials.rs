@@ -24,32 +24,41 @@ pub fn router() -> Router<Shared> {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CreateBody {
+pub(crate) struct CreateBody {
     name: String,
     #[serde(rename = "type")]
     kind: String,
     // Kept as a value so that a type error in it is reported by `validate`, whose messages never
     // quote the secret (serde's would).
     data: Value,
+    #[serde(default)]
+    allowed_hosts: Option<Vec<String>>,
 }
 
 /// Stores a credential, encrypted.
 #[utoipa::path(post, path = "/api/v1/credentials", operation_id = "create_credential", tag = "credentials", request_body = CreateCredential, responses((status = 201, description = "its metadata (never the secret)", body = CredentialView), (status = 400, description = "invalid_credential", body = ApiErrorBody), (status = 409, description = "the name exists", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
 pub(crate) async fn create(
     State(state): State<Shared>,
-    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+    crate::error::JsonBody(body): crate::error::JsonBody<CreateBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let body: CreateBody = crate::error::json_body(body)?;
     if !flowcore::model::is_valid_id(&body.name) {
         return Err(ApiError::bad_request(
             "name must be 1 to 64 characters of A-Z, a-z, 0-9, _ and -",
         ));
     }
     validate(&body.kind, &body.data)
+        .and_then(|()| {
+            body.allowed_hosts
+                .as_deref()
+                .map_or(Ok(()), crate::credentials::validate_hosts)
+        })
         .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, "invalid_credential", m))?;
+    let hosts = body
+        .allowed_hosts
+        .map(|hosts| hosts.into_iter().map(|h| h.to_ascii_lowercase()).collect());
     let stored = state
         .credentials
-        .create(&body.name, &body.kind, &body.data)
+        .create(&body.name, &body.kind, &body.data, hosts)
         .await?;
     Ok((StatusCode::CREATED, Json(public(&stored))))
 }

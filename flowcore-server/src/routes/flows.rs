@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::app::Shared;
-use crate::error::ApiError;
+use crate::error::{ApiError, JsonBody};
 #[allow(unused_imports)]
 use crate::openapi::*;
 
@@ -22,12 +22,8 @@ pub fn router() -> Router<Shared> {
         .route("/flows/{id}", get(read).put(update).delete(delete))
 }
 
-fn parse_flow(
-    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
-) -> Result<FlowDef, ApiError> {
-    let Json(value) = body?;
-    FlowDef::from_value(value)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))
+fn parse_flow(JsonBody(value): JsonBody<Value>) -> Result<FlowDef, ApiError> {
+    FlowDef::from_value(value).map_err(crate::error::invalid_json)
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
@@ -44,7 +40,7 @@ fn check_id(id: &str) -> Result<(), ApiError> {
 #[utoipa::path(post, path = "/api/v1/flows", operation_id = "create_flow", tag = "flows", request_body(content = Object, description = "a flow definition (contract section 1)"), responses((status = 201, description = "created", body = FlowCreated), (status = 400, description = "invalid_flow: every problem in details, or invalid_json", body = ApiErrorBody), (status = 409, description = "the id exists", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
 pub(crate) async fn create(
     State(state): State<Shared>,
-    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+    body: JsonBody<Value>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let mut flow = parse_flow(body)?;
     let id = flow.id.get_or_insert_with(flowcore::ids::new_id).clone();
@@ -106,7 +102,7 @@ pub(crate) async fn read(
 pub(crate) async fn update(
     State(state): State<Shared>,
     Path(id): Path<String>,
-    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+    body: JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
     check_id(&id)?;
     let mut flow = parse_flow(body)?;

@@ -29,7 +29,7 @@ pub fn router() -> Router<Shared> {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct StartBody {
+pub(crate) struct StartBody {
     #[serde(default)]
     input: Option<Value>,
     #[serde(default)]
@@ -43,14 +43,13 @@ struct StartBody {
 pub(crate) async fn start(
     State(state): State<Shared>,
     Path(flow_id): Path<String>,
-    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+    crate::error::JsonBody(body): crate::error::JsonBody<StartBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     if !flowcore::model::is_valid_id(&flow_id) {
         return Err(ApiError::bad_request(
             "the flow id is not 1 to 64 of A-Z a-z 0-9 _ -",
         ));
     }
-    let body: StartBody = crate::error::json_body(body)?;
     if body
         .idempotency_key
         .as_ref()

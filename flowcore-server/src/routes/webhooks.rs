@@ -111,7 +111,7 @@ pub(crate) async fn call(
     method: Method,
     Path(path): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let Some((flow_id, mode)) = state
         .webhooks
@@ -122,17 +122,15 @@ pub(crate) async fn call(
             "no flow has a {method} webhook at `{path}`"
         )));
     };
+    let body = body?;
     let input = if body.is_empty() {
         Value::Object(serde_json::Map::new())
     } else {
-        let is_json = headers
+        let content_type = headers
             .get(axum::http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_none_or(|ct| ct.contains("json"));
-        if is_json {
-            serde_json::from_slice(&body).map_err(|e| {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string())
-            })?
+            .and_then(|v| v.to_str().ok());
+        if content_type.is_none_or(crate::error::is_json) {
+            flowcore::json::parse(&body).map_err(crate::error::invalid_json)?
         } else {
             let text = std::str::from_utf8(&body).map_err(|_| {
                 ApiError::new(

@@ -15,10 +15,19 @@ use flowcore::{RunId, StoreError};
 use super::schema::{api_keys, credentials, files, schedule_fires, usage_daily};
 use super::{SqlStore, db_error, from_micros, micros, with_conn};
 
-type CredentialRow = (String, String, String, String, Vec<u8>, i64, i64);
+type CredentialRow = (
+    String,
+    String,
+    String,
+    String,
+    Vec<u8>,
+    i64,
+    i64,
+    Option<String>,
+);
 
 fn credential(row: CredentialRow) -> StoredCredential {
-    let (id, name, kind, key_id, ciphertext, created_at, updated_at) = row;
+    let (id, name, kind, key_id, ciphertext, created_at, updated_at, allowed_hosts) = row;
     StoredCredential {
         id,
         name,
@@ -27,6 +36,8 @@ fn credential(row: CredentialRow) -> StoredCredential {
         ciphertext,
         created_at: from_micros(created_at),
         updated_at: from_micros(updated_at),
+        // An unreadable list allows nothing rather than anything.
+        allowed_hosts: allowed_hosts.map(|text| serde_json::from_str(&text).unwrap_or_default()),
     }
 }
 
@@ -38,6 +49,7 @@ const CREDENTIAL_COLUMNS: (
     credentials::ciphertext,
     credentials::created_at,
     credentials::updated_at,
+    credentials::allowed_hosts,
 ) = (
     credentials::id,
     credentials::name,
@@ -46,6 +58,7 @@ const CREDENTIAL_COLUMNS: (
     credentials::ciphertext,
     credentials::created_at,
     credentials::updated_at,
+    credentials::allowed_hosts,
 );
 
 fn already_exists(what: String) -> impl FnOnce(diesel::result::Error) -> StoreError {
@@ -71,6 +84,11 @@ impl CredentialStore for SqlStore {
                     credentials::ciphertext.eq(&c.ciphertext),
                     credentials::created_at.eq(micros(c.created_at)),
                     credentials::updated_at.eq(micros(c.updated_at)),
+                    credentials::allowed_hosts.eq(c
+                        .allowed_hosts
+                        .as_ref()
+                        .map(super::to_text)
+                        .transpose()?),
                 ))
                 .execute(conn)
                 .await
@@ -155,10 +173,19 @@ impl CredentialStore for SqlStore {
     }
 }
 
-type ApiKeyRow = (String, String, String, String, i64, Option<i64>);
+type ApiKeyRow = (
+    String,
+    String,
+    String,
+    String,
+    i64,
+    Option<i64>,
+    String,
+    Option<String>,
+);
 
 fn api_key(row: ApiKeyRow) -> ApiKeyRecord {
-    let (id, name, prefix, hash, created_at, revoked_at) = row;
+    let (id, name, prefix, hash, created_at, revoked_at, scopes, parent_id) = row;
     ApiKeyRecord {
         id,
         name,
@@ -166,6 +193,12 @@ fn api_key(row: ApiKeyRow) -> ApiKeyRecord {
         hash,
         created_at: from_micros(created_at),
         revoked_at: revoked_at.map(from_micros),
+        // Unknown names (a newer version's scopes) grant nothing here.
+        scopes: scopes
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect(),
+        parent_id,
     }
 }
 
@@ -176,6 +209,8 @@ const API_KEY_COLUMNS: (
     api_keys::hash,
     api_keys::created_at,
     api_keys::revoked_at,
+    api_keys::scopes,
+    api_keys::parent_id,
 ) = (
     api_keys::id,
     api_keys::name,
@@ -183,6 +218,8 @@ const API_KEY_COLUMNS: (
     api_keys::hash,
     api_keys::created_at,
     api_keys::revoked_at,
+    api_keys::scopes,
+    api_keys::parent_id,
 );
 
 #[async_trait]
@@ -197,6 +234,8 @@ impl ApiKeyStore for SqlStore {
                     api_keys::hash.eq(&key.hash),
                     api_keys::created_at.eq(micros(key.created_at)),
                     api_keys::revoked_at.eq(key.revoked_at.map(micros)),
+                    api_keys::scopes.eq(key.scopes.to_string()),
+                    api_keys::parent_id.eq(&key.parent_id),
                 ))
                 .execute(conn)
                 .await
@@ -234,14 +273,20 @@ impl ApiKeyStore for SqlStore {
     }
 
     async fn revoke_api_key(&self, id: &str) -> StoreResult<()> {
-        let now = micros(Utc::now());
+        use diesel::sql_types::{BigInt, Text};
+        // The key and the keys made from it, at any depth, in one statement.
+        let query = diesel::sql_query(
+            "WITH RECURSIVE tree(id) AS ( \
+                 SELECT id FROM api_keys WHERE id = $1 \
+                 UNION SELECT k.id FROM api_keys k JOIN tree t ON k.parent_id = t.id) \
+             UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) \
+             WHERE id IN (SELECT id FROM tree)",
+        )
+        .bind::<Text, _>(id)
+        .bind::<BigInt, _>(micros(Utc::now()));
         let found: usize = with_conn!(self, write, |conn| {
-            diesel::update(api_keys::table.find(id))
-                .set(api_keys::revoked_at.eq(diesel::dsl::sql::<
-                    diesel::sql_types::Nullable<diesel::sql_types::BigInt>,
-                >(&format!(
-                    "COALESCE(revoked_at, {now})"
-                ))))
+            query
+                .clone()
                 .execute(conn)
                 .await
                 .map_err(|e| db_error("revoking an API key", e))?

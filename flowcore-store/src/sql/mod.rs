@@ -420,3 +420,14 @@ pub(crate) fn to_text<T: serde::Serialize + ?Sized>(v: &T) -> Result<String, Sto
 pub(crate) fn from_text<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, StoreError> {
     serde_json::from_str(s).map_err(|e| StoreError::backend("decoding stored JSON", e))
 }
+
+/// A stored run value (an input or an output), or, when it cannot be read, a marker object
+/// `{"$unreadable": why}` in its place: one bad document must not make its run, or a list of
+/// runs, unreadable. Whatever flowcore writes today reads back (see `flowcore::json`); this is
+/// for rows written before depth was bounded, or changed by hand.
+pub(crate) fn stored_value(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "a stored JSON value could not be read");
+        serde_json::json!({ "$unreadable": format!("the stored value could not be read: {e}") })
+    })
+}

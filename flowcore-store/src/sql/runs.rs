@@ -18,7 +18,7 @@ use flowcore::{RunId, RunStatus, StepRecord, StepStatus, StoreError};
 use super::prepared::{ClaimRun, EndArrays, Finish, FinishRuns, Id, Ids, StepArrays};
 use super::schema::{runs, steps};
 use super::{
-    SqlStore, db_error, from_micros, from_text, is_unique_violation, micros, to_text, with_conn,
+    SqlStore, db_error, from_micros, is_unique_violation, micros, stored_value, to_text, with_conn,
 };
 
 const FINAL: [&str; 4] = ["succeeded", "failed", "cancelled", "timed_out"];
@@ -114,8 +114,8 @@ fn record(row: RunRow) -> StoreResult<RunRecord> {
             message: e,
             source: None,
         })?,
-        input: from_text(&input)?,
-        output: output.as_deref().map(from_text).transpose()?,
+        input: stored_value(&input),
+        output: output.as_deref().map(stored_value),
         error,
         idempotency_key: key,
         created_at: from_micros(created),
@@ -152,9 +152,7 @@ fn step_record(row: StepRow) -> StoreResult<StepRecord> {
         finished_at: finished.map(from_micros),
         output: output
             .as_deref()
-            .map(from_text)
-            .transpose()?
-            .map(std::sync::Arc::new),
+            .map(|text| std::sync::Arc::new(stored_value(text))),
         error,
         port: port.map(Into::into),
     })
@@ -440,6 +438,12 @@ impl RunStore for SqlStore {
             && let Some(existing) = self.find_by_key(&run.flow_id, key).await?
         {
             return Ok((existing, false));
+        }
+        if flowcore::json::too_deep(&run.input) {
+            return Err(StoreError::Invalid(format!(
+                "the run's input nests deeper than {} levels",
+                flowcore::json::MAX_DEPTH
+            )));
         }
         let input = to_text(&run.input)?;
         let now = micros(Utc::now());

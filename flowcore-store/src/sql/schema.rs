@@ -61,6 +61,7 @@ diesel::table! {
         ciphertext -> Binary,
         created_at -> BigInt,
         updated_at -> BigInt,
+        allowed_hosts -> Nullable<Text>,
     }
 }
 
@@ -73,6 +74,8 @@ diesel::table! {
         created_at -> BigInt,
         last_used_at -> Nullable<BigInt>,
         revoked_at -> Nullable<BigInt>,
+        scopes -> Text,
+        parent_id -> Nullable<Text>,
     }
 }
 

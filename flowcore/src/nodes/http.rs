@@ -2,7 +2,7 @@
 //! the body is parsed as JSON when the response says it is JSON. A non-2xx status fails the node
 //! unless `fail_on_status` is false; 5xx, 429 and connection errors are retryable.
 
-use std::sync::OnceLock;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,30 +12,88 @@ use serde_json::{Map, Value};
 use super::parse_params;
 use crate::error::{NodeError, ParamError};
 use crate::expr::{References, Template, ValueTemplate};
+use crate::net::Guard;
 use crate::node::{Node, NodeContext, Output};
 
 const DEFAULT_TIMEOUT_MS: u64 = 30_000;
 const MAX_TIMEOUT_MS: u64 = 600_000;
 
-static CLIENT: OnceLock<Result<reqwest::Client, String>> = OnceLock::new();
+/// Redirects followed before the node fails.
+const MAX_REDIRECTS: usize = 10;
 
-fn client() -> Result<reqwest::Client, ParamError> {
-    CLIENT
-        .get_or_init(|| {
-            // reqwest is built without a TLS provider of its own (to avoid aws-lc's slow C
-            // build); ring is ours. Installing fails only if another is installed: fine.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            reqwest::Client::builder()
-                .user_agent(concat!("flowcore/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .map_err(|e| e.to_string())
+/// An HTTP client that resolves names through `guard`, follows no redirects itself and uses no
+/// environment proxy (a proxy would make the connection, and the guard would see its address).
+pub(crate) fn client(guard: Arc<Guard>) -> Result<reqwest::Client, String> {
+    // reqwest is built without a TLS provider of its own (to avoid aws-lc's slow C build);
+    // ring is ours. Installing fails only if another is installed: fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .user_agent(concat!("flowcore/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(Arc::new(GuardedResolver(guard)))
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// A refusal of the guard, told apart from other connection errors (it is not retryable).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Denied(String);
+
+/// Resolves a name and refuses it when any of its addresses is denied: the connection then
+/// goes to an address that was checked, so a name cannot re-resolve to another in between.
+struct GuardedResolver(Arc<Guard>);
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let guard = self.0.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let addrs: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if !guard.exempt(&host) {
+                for addr in &addrs {
+                    guard.check_ip(addr.ip()).map_err(|why| {
+                        Box::new(Denied(format!("`{host}` resolves to {}: {why}", addr.ip())))
+                    })?;
+                }
+            }
+            let addrs: reqwest::dns::Addrs = Box::new(addrs.into_iter());
+            Ok(addrs)
         })
-        .clone()
-        .map_err(|e| ParamError::new(format!("the HTTP client could not start: {e}")))
+    }
+}
+
+/// The message of an error and of its sources, and whether the guard refused.
+fn describe(e: &reqwest::Error) -> (String, bool) {
+    let mut message = e.to_string();
+    let mut denied = false;
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        denied |= cause.downcast_ref::<Denied>().is_some();
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+        source = cause.source();
+    }
+    (message, denied)
+}
+
+/// Whether the scheme, host or port of a URL template comes from a template: a credential is
+/// sent only to hosts written in the flow unless it lists `allowed_hosts`.
+fn host_is_templated(url: &str) -> bool {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return true;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    [scheme, authority]
+        .iter()
+        .any(|part| part.contains("{{") || part.contains("{%") || part.contains("{#"))
 }
 
 struct HttpRequest {
-    client: reqwest::Client,
     method: reqwest::Method,
     url: Template,
     headers: Vec<(String, Template)>,
@@ -43,6 +101,7 @@ struct HttpRequest {
     timeout: Duration,
     fail_on_status: bool,
     credential: Option<String>,
+    host_is_templated: bool,
 }
 
 #[derive(Deserialize)]
@@ -119,7 +178,7 @@ pub(crate) fn build(params: &Value) -> Result<Box<dyn Node>, ParamError> {
         )));
     }
     Ok(Box::new(HttpRequest {
-        client: client()?,
+        host_is_templated: host_is_templated(&p.url),
         method,
         url,
         headers,
@@ -167,6 +226,31 @@ fn authenticate(
     })
 }
 
+impl HttpRequest {
+    /// Whether credential `name` may go to `url`'s host: one of its `allowed_hosts`, or, when
+    /// it lists none, a host written literally in the flow.
+    fn may_send(
+        &self,
+        name: &str,
+        secret: &crate::secret::Secret,
+        url: &reqwest::Url,
+    ) -> Result<(), NodeError> {
+        let host = url.host_str().unwrap_or_default();
+        let port = url.port_or_known_default().unwrap_or(0);
+        match secret.allows(host, port) {
+            Some(true) => Ok(()),
+            Some(false) => Err(NodeError::fatal(format!(
+                "credential `{name}` may not be sent to {host}:{port} (not in its allowed_hosts)"
+            ))),
+            None if self.host_is_templated => Err(NodeError::fatal(format!(
+                "credential `{name}` has no allowed_hosts, so it is sent only to a host written \
+                 in the flow, and this URL's scheme, host or port comes from a template"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
 #[async_trait]
 impl Node for HttpRequest {
     async fn run(&self, cx: &NodeContext) -> Result<Output, NodeError> {
@@ -175,40 +259,120 @@ impl Node for HttpRequest {
             .url
             .render_string(&scope)
             .map_err(|e| NodeError::fatal(format!("url: {e}")))?;
-        let url =
+        let first =
             reqwest::Url::parse(&url).map_err(|e| NodeError::fatal(format!("url `{url}`: {e}")))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(NodeError::fatal(format!(
-                "url `{url}`: only http and https are allowed"
-            )));
-        }
-        let mut request = self
-            .client
-            .request(self.method.clone(), url)
-            .timeout(self.timeout);
+        let mut headers = reqwest::header::HeaderMap::new();
         for (name, template) in &self.headers {
             let value = template
                 .render_string(&scope)
                 .map_err(|e| NodeError::fatal(format!("headers.{name}: {e}")))?;
-            request = request.header(name.as_str(), value);
+            let value = reqwest::header::HeaderValue::from_str(&value)
+                .map_err(|_| NodeError::fatal(format!("headers.{name}: not a header value")))?;
+            let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| NodeError::fatal(format!("headers.{name}: not a header name")))?;
+            headers.append(name, value);
         }
-        if let Some(name) = &self.credential {
-            request = authenticate(request, name, &cx.credential(name).await?)?;
-        }
-        if let Some(body) = &self.body {
-            request = match body
-                .render(&scope)
-                .map_err(|e| NodeError::fatal(format!("body: {e}")))?
-            {
-                Value::String(text) => request.body(text),
-                json => request.json(&json),
+        let credential = match &self.credential {
+            None => None,
+            Some(name) => {
+                let secret = cx.credential(name).await?;
+                self.may_send(name, &secret, &first)?;
+                Some((name, secret))
+            }
+        };
+        let mut body = self
+            .body
+            .as_ref()
+            .map(|body| body.render(&scope))
+            .transpose()
+            .map_err(|e| NodeError::fatal(format!("body: {e}")))?;
+        let client = cx
+            .engine()
+            .http_client()
+            .map_err(|e| NodeError::fatal(format!("the HTTP client could not start: {e}")))?;
+        let guard = cx.engine().http_guard();
+        let origin = first.origin();
+        let mut url = first;
+        let mut method = self.method.clone();
+        let mut hops = 0;
+        // Redirects are followed here, not by reqwest: each hop is checked by the guard, and
+        // a credential never goes to another scheme, host or port.
+        let mut response = loop {
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(NodeError::fatal(format!(
+                    "url `{url}`: only http and https are allowed"
+                )));
+            }
+            guard
+                .check_url(&url)
+                .map_err(|why| NodeError::fatal(format!("url `{url}`: {why}")))?;
+            let mut request = client
+                .request(method.clone(), url.clone())
+                .timeout(self.timeout)
+                .headers(headers.clone());
+            if let Some((name, secret)) = &credential {
+                request = authenticate(request, name, secret)?;
+            }
+            request = match &body {
+                None => request,
+                Some(Value::String(text)) => request.body(text.clone()),
+                Some(json) => request.json(json),
             };
-        }
-        let mut response = request.send().await.map_err(|e| NodeError::Other {
-            message: format!("request failed: {e}"),
-            retryable: e.is_timeout() || e.is_connect() || e.is_request(),
-            source: Box::new(e),
-        })?;
+            let response = request.send().await.map_err(|e| {
+                let (message, denied) = describe(&e);
+                NodeError::Other {
+                    message: format!("request failed: {message}"),
+                    retryable: !denied && (e.is_timeout() || e.is_connect() || e.is_request()),
+                    source: Box::new(e),
+                }
+            })?;
+            let Some(next) = response
+                .status()
+                .is_redirection()
+                .then(|| response.headers().get(reqwest::header::LOCATION))
+                .flatten()
+                .and_then(|location| location.to_str().ok())
+                .and_then(|location| url.join(location).ok())
+            else {
+                break response;
+            };
+            if next.origin() != origin {
+                if let Some((name, _)) = &credential {
+                    if self.fail_on_status {
+                        return Err(NodeError::fatal(format!(
+                            "HTTP {}: a redirect to another scheme, host or port ({}) is not \
+                             followed with credential `{name}`",
+                            response.status(),
+                            next.origin().ascii_serialization()
+                        )));
+                    }
+                    break response;
+                }
+                // As browsers do: what authenticated to one origin does not go to another.
+                for sensitive in [
+                    reqwest::header::AUTHORIZATION,
+                    reqwest::header::COOKIE,
+                    reqwest::header::PROXY_AUTHORIZATION,
+                ] {
+                    headers.remove(sensitive);
+                }
+            }
+            hops += 1;
+            if hops > MAX_REDIRECTS {
+                return Err(NodeError::fatal(format!(
+                    "more than {MAX_REDIRECTS} redirects"
+                )));
+            }
+            // 303, and 301/302 after a POST, become a GET without a body (RFC 9110 15.4).
+            let status = response.status().as_u16();
+            if status == 303 && method != reqwest::Method::HEAD
+                || matches!(status, 301 | 302) && method == reqwest::Method::POST
+            {
+                method = reqwest::Method::GET;
+                body = None;
+            }
+            url = next;
+        };
         let status = response.status();
         let mut headers = Map::new();
         for (name, value) in response.headers() {

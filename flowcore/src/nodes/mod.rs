@@ -2,7 +2,7 @@
 
 mod basic;
 #[cfg(feature = "http")]
-mod http;
+pub(crate) mod http;
 #[cfg(feature = "script")]
 mod script;
 mod subflow;

@@ -1,8 +1,9 @@
 //! `script`: a sandboxed rhai script. It sees `input`, `nodes` (its ancestors' outputs) and
 //! `attempt`; its value is the node's output; `throw` fails the node.
 //!
-//! The sandbox: no file, network or process access (rhai has none without extra packages),
-//! `print`/`debug` go nowhere, and each execution is bounded in operations and wall time and
+//! The sandbox: no file, network or process access (rhai has none without extra packages, and
+//! `import` finds no module), `print`/`debug` go nowhere, and each execution is bounded in
+//! operations, wall time and memory ([`Limits::max_node_memory_bytes`](crate::Limits)) and
 //! stops when the run is cancelled. Scripts run on tokio's blocking pool, so a busy script never
 //! stalls other runs.
 
@@ -30,6 +31,9 @@ const MAX_TIMEOUT_MS: u64 = 60_000;
 struct Budget {
     deadline: Instant,
     max_operations: u64,
+    /// The thread's live bytes when the script started, and how many more it may hold.
+    memory_base: i64,
+    max_memory: i64,
 }
 
 thread_local! {
@@ -47,12 +51,24 @@ static RHAI: LazyLock<rhai::Engine> = LazyLock::new(|| {
     engine.on_print(|_| {});
     engine.on_debug(|_, _, _| {});
     engine.disable_symbol("eval");
+    // `import` must not read the server's disk (rhai's default resolver loads `.rhai` files
+    // from any path, and its errors tell which exist): every module is "not found".
+    engine.set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
     engine.on_progress(|ops| {
         let budget = BUDGET.get()?;
         if ops > budget.max_operations {
             return Some(Dynamic::from(format!(
                 "the script ran more than {} operations",
                 budget.max_operations
+            )));
+        }
+        // One operation allocates at most a string or collection of the sizes above, so
+        // looking after each keeps the overshoot to one of those.
+        let held = crate::memory::thread_live_bytes() - budget.memory_base;
+        if held > budget.max_memory {
+            return Some(Dynamic::from(format!(
+                "the script held more than {} MB of memory",
+                budget.max_memory / (1024 * 1024)
             )));
         }
         // Reading the clock costs more than an operation: look every 1024 operations.
@@ -120,13 +136,18 @@ impl Node for Script {
             .map_err(|e| NodeError::fatal(format!("nodes: {e}")))?;
         let attempt = i64::from(cx.attempt());
         let ast = self.ast.clone();
-        let budget = Budget {
-            deadline: Instant::now() + self.timeout,
-            max_operations: self.max_operations,
-        };
+        let max_memory =
+            i64::try_from(cx.engine().limits().max_node_memory_bytes).unwrap_or(i64::MAX);
+        let deadline = Instant::now() + self.timeout;
+        let max_operations = self.max_operations;
         let cancel = cx.cancellation().clone();
         let task = tokio::task::spawn_blocking(move || {
-            BUDGET.set(Some(budget));
+            BUDGET.set(Some(Budget {
+                deadline,
+                max_operations,
+                memory_base: crate::memory::thread_live_bytes(),
+                max_memory,
+            }));
             CANCEL.set(Some(cancel));
             let mut scope = Scope::new();
             scope
@@ -136,6 +157,8 @@ impl Node for Script {
             let result = RHAI.eval_ast_with_scope::<Dynamic>(&mut scope, &ast);
             BUDGET.set(None);
             CANCEL.set(None);
+            // What the script built is freed here, on its thread, before the next one starts.
+            drop(scope);
             result.map_err(|e| describe(*e)).and_then(|value| {
                 rhai::serde::from_dynamic::<Value>(&value)
                     .map_err(|e| format!("the script's value is not JSON: {e}"))

@@ -63,7 +63,7 @@ impl Node for Subflow {
                 e => NodeError::fatal(format!("loading subflow `{}`: {e}", self.flow_id)),
             })?;
         let plan = engine
-            .compile(&stored.definition)
+            .compile_stored(&stored)
             .map_err(|e| NodeError::fatal(format!("subflow `{}`: {e}", self.flow_id)))?;
         let input = match &self.input {
             Some(t) => t
@@ -71,6 +71,7 @@ impl Node for Subflow {
                 .map_err(|e| NodeError::fatal(format!("input: {e}")))?,
             None => (**cx.input()).clone(),
         };
+        cx.take_subflow_run()?;
         let result = engine.execute_child(&plan, input, cx).await;
         match result.status {
             RunStatus::Succeeded => Ok(result.output.unwrap_or(Value::Null).into()),

@@ -871,12 +871,21 @@ impl ApiKeyStore for MemoryMetaStore {
     }
     async fn revoke_api_key(&self, id: &str) -> StoreResult<()> {
         let mut st = lock(&self.state);
-        let key = st
-            .api_keys
-            .iter_mut()
-            .find(|k| k.id == id)
-            .ok_or_else(|| StoreError::not_found("API key", id))?;
-        key.revoked_at.get_or_insert_with(Utc::now);
+        if !st.api_keys.iter().any(|k| k.id == id) {
+            return Err(StoreError::not_found("API key", id));
+        }
+        let now = Utc::now();
+        let mut tree = vec![id.to_owned()];
+        while let Some(parent) = tree.pop() {
+            for key in &mut st.api_keys {
+                if key.id == parent || key.parent_id.as_deref() == Some(&parent) {
+                    if key.id != parent {
+                        tree.push(key.id.clone());
+                    }
+                    key.revoked_at.get_or_insert(now);
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -443,6 +443,9 @@ pub struct StoredCredential {
     pub created_at: DateTime<Utc>,
     /// When it was last re-encrypted or replaced.
     pub updated_at: DateTime<Utc>,
+    /// The only hosts (`host` or `host:port`) it may be sent to; `None`: hosts written
+    /// literally in the flow.
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 /// Encrypted credentials.
@@ -481,6 +484,130 @@ pub struct ApiKeyRecord {
     pub created_at: DateTime<Utc>,
     /// When it was revoked.
     pub revoked_at: Option<DateTime<Utc>>,
+    /// What it may do.
+    pub scopes: Scopes,
+    /// The key that made it (`None`: made by the admin key or the command line). Revoking a
+    /// key revokes every key it made, and theirs.
+    pub parent_id: Option<String>,
+}
+
+/// One thing an API key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Every `GET`.
+    Read,
+    /// Start, cancel, rerun, replay and signal runs.
+    Run,
+    /// Create, change and delete flows and files.
+    Write,
+    /// Credentials and API keys.
+    Admin,
+}
+
+impl Scope {
+    /// Every scope, in order.
+    pub const ALL: [Scope; 4] = [Scope::Read, Scope::Run, Scope::Write, Scope::Admin];
+
+    /// Its name: `read`, `run`, `write`, `admin`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Run => "run",
+            Scope::Write => "write",
+            Scope::Admin => "admin",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Scope::ALL
+            .into_iter()
+            .find(|scope| scope.as_str() == s)
+            .ok_or_else(|| format!("unknown scope `{s}` (read, run, write, admin)"))
+    }
+}
+
+/// A set of [`Scope`]s, written as their names joined by commas (`read,run`).
+///
+/// ```
+/// use flowcore::ports::{Scope, Scopes};
+///
+/// let reader: Scopes = "read".parse().unwrap();
+/// assert!(reader.contains(Scope::Read) && !reader.contains(Scope::Run));
+/// assert!(reader.is_subset(Scopes::all()));
+/// assert_eq!(Scopes::all().to_string(), "read,run,write,admin");
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Scopes(u8);
+
+impl Scopes {
+    /// Every scope.
+    pub fn all() -> Self {
+        Scope::ALL.into_iter().collect()
+    }
+    /// Whether `scope` is in the set.
+    pub fn contains(self, scope: Scope) -> bool {
+        self.0 & scope.bit() != 0
+    }
+    /// Whether every scope of `self` is in `other`.
+    pub fn is_subset(self, other: Scopes) -> bool {
+        self.0 & !other.0 == 0
+    }
+    /// The scopes, in order.
+    pub fn iter(self) -> impl Iterator<Item = Scope> {
+        Scope::ALL.into_iter().filter(move |s| self.contains(*s))
+    }
+}
+
+impl FromIterator<Scope> for Scopes {
+    fn from_iter<I: IntoIterator<Item = Scope>>(iter: I) -> Self {
+        Scopes(iter.into_iter().fold(0, |bits, s| bits | s.bit()))
+    }
+}
+
+impl std::fmt::Display for Scopes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.iter().map(Scope::as_str).collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+impl std::fmt::Debug for Scopes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Scopes({self})")
+    }
+}
+
+impl std::str::FromStr for Scopes {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::parse::<Scope>)
+            .collect()
+    }
+}
+
+impl Serialize for Scopes {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Scopes {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Vec::<Scope>::deserialize(deserializer)?
+            .into_iter()
+            .collect())
+    }
 }
 
 /// API keys.
@@ -492,7 +619,8 @@ pub trait ApiKeyStore: Send + Sync {
     async fn find_api_key(&self, prefix: &str) -> StoreResult<Option<ApiKeyRecord>>;
     /// All keys, oldest first.
     async fn list_api_keys(&self) -> StoreResult<Vec<ApiKeyRecord>>;
-    /// Revokes a key (idempotent). `NotFound` when there is none.
+    /// Revokes a key and every key made from it, at any depth (idempotent). `NotFound` when
+    /// there is none.
     async fn revoke_api_key(&self, id: &str) -> StoreResult<()>;
 }
 

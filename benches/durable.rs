@@ -41,6 +41,7 @@ async fn batch(engine: &Engine, plan: &Plan, runs: &Arc<dyn RunStore>, options: 
                     input: json!({"name": "ada", "n": (t + i) % 10}),
                     idempotency_key: None,
                     claim: Some(options.claim()),
+                    trigger: None,
                 };
                 let (run, _) = runs.create(new).await.expect("create");
                 let done =

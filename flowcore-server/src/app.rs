@@ -65,6 +65,8 @@ pub struct AppState {
     pub credentials: crate::credentials::Credentials,
     /// Requests per client address and API key.
     pub limiter: Arc<dyn flowcore::ports::RateLimiter>,
+    /// Execution slots and the queue bound.
+    pub admission: crate::admission::Admission,
 }
 
 impl std::fmt::Debug for AppState {

@@ -181,7 +181,15 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody
             ));
         }
         let bytes = Bytes::from_request(request, state).await?;
-        let value = flowcore::json::parse(&bytes).map_err(invalid_json)?;
+        // A large body is milliseconds of parsing: off the runtime's threads.
+        let value = if bytes.len() > 256 * 1024 {
+            tokio::task::spawn_blocking(move || flowcore::json::parse(&bytes))
+                .await
+                .map_err(|e| flowcore::StoreError::backend("reading a request body", e))?
+        } else {
+            flowcore::json::parse(&bytes)
+        }
+        .map_err(invalid_json)?;
         serde_json::from_value(value)
             .map(JsonBody)
             .map_err(invalid_json)

@@ -237,7 +237,7 @@ fn read_or_create(path: &Path) -> Result<Vec<Key>, KeyError> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(io)?;
+                flowcore_store::private_dir(dir).map_err(io)?;
             }
             // Several processes may start at once: the first to link its file wins, the others
             // read that one.

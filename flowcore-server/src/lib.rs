@@ -1,6 +1,7 @@
 //! The flowcore server: configuration, the HTTP API and the composition of the stores into the
 //! topology (`all`, `api`, `worker`). The `flowcore` binary is `src/main.rs`.
 
+pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod background;
@@ -119,6 +120,7 @@ pub async fn build_state(config: Config) -> Result<Shared, StartError> {
         .build();
     let webhooks = routes::webhooks::WebhookIndex::new(&changes);
     let plans = PlanCache::new(engine.clone(), flows, Some(changes.clone()), 10_000);
+    let (config_slots, config_queued) = (config.worker_concurrency, config.max_queued_runs);
     let worker_name = format!("{}-{}", std::process::id(), &flowcore::ids::new_id()[24..]);
     let usage = Arc::new(usage::Usage::new(sql.clone()));
     Ok(Arc::new(AppState {
@@ -140,6 +142,7 @@ pub async fn build_state(config: Config) -> Result<Shared, StartError> {
         flow_changes: changes,
         signals,
         hand_back: flowcore::CancellationToken::new(),
+        admission: admission::Admission::new(config_slots, config_queued),
         credentials,
     }))
 }

@@ -67,8 +67,15 @@ async fn fire(
         for tick in ticks(&schedule.cron, after, until, 10) {
             let key = format!("schedule:{}:{}", schedule.id, tick.timestamp());
             let input = serde_json::json!({"scheduled_at": tick, "schedule": schedule.id});
-            match crate::routes::runs::start_run(state, &schedule.flow_id, input, false, Some(key))
-                .await
+            match crate::routes::runs::start_run(
+                state,
+                &schedule.flow_id,
+                input,
+                false,
+                Some(key),
+                None,
+            )
+            .await
             {
                 Ok(_) => {
                     asked += 1;

@@ -9,7 +9,6 @@ use std::time::Duration;
 use flowcore::durable::{self, Checkpoint, DurableOptions, Hooks};
 use flowcore::ports::{LeasedJob, RunRecord, RunStore};
 use flowcore::{CancellationToken, RunId, StoreError};
-use tokio::sync::Semaphore;
 
 use crate::app::AppState;
 
@@ -385,8 +384,11 @@ pub async fn execute_inline(
     state: &AppState,
     run: RunRecord,
     token: CancellationToken,
+    slot: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<RunRecord, StoreError> {
-    let done = execute(state, run, token).await?;
+    let done = execute(state, run, token).await;
+    drop(slot);
+    let done = done?;
     if done.status == flowcore::RunStatus::Queued {
         let group = group_of(state, &done).await;
         state.queue.enqueue(&group, &done.id, None).await?;
@@ -442,7 +444,8 @@ async fn execute_inner(
 /// Takes runs from the queue and executes them, `WORKER_CONCURRENCY` at a time, until
 /// `shutdown` fires.
 pub async fn work(state: Arc<AppState>, shutdown: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(state.config.worker_concurrency));
+    // Shared with the runs requests execute themselves.
+    let slots = state.admission.slots().clone();
     let ttl = state.config.lease();
     loop {
         let free = slots.available_permits();

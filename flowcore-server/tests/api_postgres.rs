@@ -4,3 +4,4 @@
 const POSTGRES: bool = true;
 
 include!("common/suite.rs");
+include!("common/hardening.rs");

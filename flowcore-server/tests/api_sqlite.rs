@@ -3,3 +3,4 @@
 const POSTGRES: bool = false;
 
 include!("common/suite.rs");
+include!("common/hardening.rs");

@@ -105,7 +105,7 @@ impl OpendalBlobStore {
                 // so a failed or aborted write never leaves a partial blob.
                 let staging = format!("{}.tmp", root.trim_end_matches('/'));
                 for dir in [root.as_str(), staging.as_str()] {
-                    std::fs::create_dir_all(Path::new(dir)).map_err(|e| {
+                    crate::private_dir(Path::new(dir)).map_err(|e| {
                         StoreError::unavailable(format!("cannot create the blob folder {dir}"), e)
                     })?;
                 }
@@ -211,6 +211,30 @@ impl BlobStore for OpendalBlobStore {
             .await
             .map(|b| b.to_vec())
             .map_err(|e| map_error("reading blob", key, e))
+    }
+
+    /// Reads in chunks of 64 KiB (S3: ranged reads).
+    async fn get_stream(&self, key: &str) -> StoreResult<ChunkStream> {
+        use futures::StreamExt;
+        check_key(key)?;
+        let reader = self
+            .op
+            .reader_with(key)
+            .chunk(64 * 1024)
+            .await
+            .map_err(|e| map_error("reading blob", key, e))?;
+        let owned = key.to_owned();
+        let stream = reader
+            .into_bytes_stream(..)
+            .await
+            .map_err(|e| map_error("reading blob", key, e))?;
+        Ok(stream
+            .map(move |chunk| {
+                chunk
+                    .map(|bytes| bytes.to_vec())
+                    .map_err(|e| StoreError::unavailable(format!("reading blob `{owned}`"), e))
+            })
+            .boxed())
     }
 
     async fn stat(&self, key: &str) -> StoreResult<Option<u64>> {

@@ -230,6 +230,7 @@ where
         input,
         idempotency_key: None,
         claim: None,
+        trigger: None,
     };
     let deep: serde_json::Value = serde_json::from_str(&nested(100)).expect("100 levels read");
     assert!(

@@ -129,7 +129,16 @@ impl PlanCache {
             }
         }
         let stored = self.flows.get(flow_id, version).await?;
-        let plan = self.engine.compile(&stored.definition)?;
+        // On the blocking pool: a large flow is milliseconds of CPU, which must not hold up
+        // the other tasks of the runtime's thread.
+        let engine = self.engine.clone();
+        let (stored, plan) = tokio::task::spawn_blocking(move || {
+            let plan = engine.compile(&stored.definition);
+            (stored, plan)
+        })
+        .await
+        .map_err(|e| crate::StoreError::backend("compiling a flow", e))?;
+        let plan = plan?;
         let mut st = lock(&self.state);
         if st.plans.len() >= st.capacity {
             // Simple and bounded: start over rather than track recency.

@@ -13,7 +13,7 @@
 //! let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new());
 //! let options = DurableOptions::new("worker-1");
 //! let new = NewRun { id: RunId::new(), flow_id: "f".into(), flow_version: 1, input: serde_json::json!({"who": "you"}),
-//!                    idempotency_key: None, claim: Some(options.claim()) };
+//!                    idempotency_key: None, claim: Some(options.claim()), trigger: None };
 //! let (run, _) = runs.create(new).await.unwrap();
 //! let done = durable::execute(&engine, &plan, &runs, &run, &options, Default::default()).await.unwrap();
 //! assert_eq!(done.status, RunStatus::Succeeded);
@@ -185,6 +185,7 @@ pub async fn execute(
             resume,
             cancel: Some(cancel.clone()),
             timeout: None,
+            trigger: run.trigger.clone(),
         },
     );
     // `None` once handed back; the execution (and its nodes in flight) is dropped by then.

@@ -190,6 +190,8 @@ pub struct RunOptions {
     pub cancel: Option<CancellationToken>,
     /// Overrides the run's time limit.
     pub timeout: Option<Duration>,
+    /// What started the run, seen by templates as `trigger` (`null` when absent).
+    pub trigger: Option<Value>,
 }
 
 impl fmt::Debug for RunOptions {
@@ -376,6 +378,7 @@ pub(crate) struct RunShared {
     pub(crate) plan: Plan,
     pub(crate) run_id: RunId,
     pub(crate) input: Arc<Value>,
+    pub(crate) trigger: Option<Arc<Value>>,
     pub(crate) cancel: CancellationToken,
     pub(crate) engine: Engine,
     pub(crate) depth: u32,
@@ -514,6 +517,11 @@ impl Driver {
         let run = Arc::new(RunShared {
             run_id: options.run_id.unwrap_or_default(),
             input,
+            // A subflow's run sees what started the run above it.
+            trigger: options
+                .trigger
+                .map(Arc::new)
+                .or_else(|| parent.and_then(|p| p.trigger.clone())),
             cancel: options.cancel.unwrap_or_default(),
             engine,
             depth: parent.map_or(0, |p| p.depth + 1),

@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::error::ParamError;
 
 /// The names a template or expression may use at its top level.
-pub const SCOPE_NAMES: [&str; 3] = ["input", "nodes", "attempt"];
+pub const SCOPE_NAMES: [&str; 4] = ["input", "nodes", "attempt", "trigger"];
 
 /// The most VM instructions one template or expression evaluation may execute.
 pub const MAX_FUEL: u64 = 5_000_000;
@@ -502,15 +502,27 @@ struct ScopeObject {
     input: Arc<Value>,
     nodes: Option<Arc<dyn NodeOutputs>>,
     attempt: u32,
+    trigger: Option<Arc<Value>>,
 }
 
 impl Scope {
     /// A scope over a run's input, the completed nodes' outputs and the attempt number.
     pub fn new(input: Arc<Value>, nodes: Arc<dyn NodeOutputs>, attempt: u32) -> Self {
+        Self::for_run(input, nodes, attempt, None)
+    }
+
+    /// A run's scope, with `trigger`: what started the run (a webhook's chosen headers).
+    pub(crate) fn for_run(
+        input: Arc<Value>,
+        nodes: Arc<dyn NodeOutputs>,
+        attempt: u32,
+        trigger: Option<Arc<Value>>,
+    ) -> Self {
         Self(JValue::from_object(ScopeObject {
             input,
             nodes: Some(nodes),
             attempt,
+            trigger,
         }))
     }
 
@@ -520,6 +532,7 @@ impl Scope {
             input,
             nodes: None,
             attempt: 1,
+            trigger: None,
         }))
     }
 
@@ -534,6 +547,10 @@ impl Object for ScopeObject {
             "input" => Some(json_value(&self.input, &[])),
             "nodes" => Some(JValue::from_object(NodesObject(self.nodes.clone()))),
             "attempt" => Some(JValue::from(self.attempt)),
+            "trigger" => Some(match &self.trigger {
+                Some(trigger) => json_value(trigger, &[]),
+                None => JValue::from(()),
+            }),
             _ => None,
         }
     }

@@ -58,7 +58,9 @@ pub use engine::{Engine, EngineBuilder, Limits, RunHandle, RunOptions};
 pub use error::{CompileError, Error, NodeError, ParamError, ParseError, Problem, StoreError};
 pub use event::{BroadcastSink, EventSink, RunEvent};
 pub use ids::RunId;
-pub use model::{EdgeDef, FlowDef, NodeDef, OnError, RetryPolicy, Settings, Trigger, WebhookMode};
+pub use model::{
+    EdgeDef, FlowDef, NodeDef, OnError, RetryPolicy, Settings, Trigger, WebhookAuth, WebhookMode,
+};
 pub use node::{Node, NodeContext, NodeFactory, Output, Registry};
 pub use plan::Plan;
 pub use run::{RunResult, RunStatus, StepRecord, StepRecorder, StepStatus};

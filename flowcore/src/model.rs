@@ -192,6 +192,13 @@ pub enum Trigger {
         /// `sync` answers with the run's output, `async` with its id.
         #[serde(default)]
         mode: WebhookMode,
+        /// What a caller must prove (a token in a header, or an HMAC signature of the body);
+        /// none: anyone who knows the path may call it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        auth: Option<WebhookAuth>,
+        /// Request headers passed to templates as `trigger.headers` (lowercase names).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        headers: Vec<String>,
     },
     /// A cron schedule.
     Schedule {
@@ -202,6 +209,57 @@ pub enum Trigger {
 
 fn default_method() -> String {
     "POST".to_owned()
+}
+
+/// How a webhook caller proves who it is. The secret is the `token` of a `bearer` credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum WebhookAuth {
+    /// The header `name` carries the token.
+    Header {
+        /// The header's name.
+        name: String,
+        /// The credential whose token it must equal.
+        credential: String,
+    },
+    /// The header `header` carries the hex HMAC-SHA256 of the signed payload, after `prefix`
+    /// (GitHub: `x-hub-signature-256`, `sha256=`). With `timestamp_header` the payload is
+    /// `payload` with `{timestamp}` and `{body}` filled in (default `{timestamp}.{body}`; Slack:
+    /// `v0:{timestamp}:{body}` with prefix `v0=`), and a timestamp further than
+    /// `tolerance_seconds` from now is refused. When the timestamp and the signature share one
+    /// header (Stripe's `stripe-signature: t=...,v1=...`), name it in both: `t` and `v1` are
+    /// read from it.
+    HmacSha256 {
+        /// The header with the signature.
+        header: String,
+        /// Text before the hex signature.
+        #[serde(default)]
+        prefix: String,
+        /// The credential whose token is the key.
+        credential: String,
+        /// The header with the time of signing, in Unix seconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timestamp_header: Option<String>,
+        /// How far the timestamp may be from now (300 s).
+        #[serde(default = "default_tolerance")]
+        tolerance_seconds: u64,
+        /// What is signed when there is a timestamp.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        payload: Option<String>,
+    },
+}
+
+fn default_tolerance() -> u64 {
+    300
+}
+
+impl WebhookAuth {
+    /// The credential it checks against.
+    pub fn credential(&self) -> &str {
+        match self {
+            Self::Header { credential, .. } | Self::HmacSha256 { credential, .. } => credential,
+        }
+    }
 }
 
 /// Whether a webhook call waits for the run.

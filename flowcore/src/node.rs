@@ -213,7 +213,12 @@ impl NodeContext {
     }
     /// The scope that templates and expressions of this node evaluate in.
     pub fn scope(&self) -> Scope {
-        Scope::new(self.run.input.clone(), self.run.clone(), self.attempt)
+        Scope::for_run(
+            self.run.input.clone(),
+            self.run.clone(),
+            self.attempt,
+            self.run.trigger.clone(),
+        )
     }
     /// The outputs of this node's finished ancestors, by id.
     pub fn ancestor_outputs(&self) -> serde_json::Map<String, Value> {

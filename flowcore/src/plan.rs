@@ -348,7 +348,7 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
         for name in &found.unknown {
             problems.push(Problem::node(
                 &*ids[i],
-                format!("unknown variable `{name}` (templates see `input`, `nodes` and `attempt`)"),
+                format!("unknown variable `{name}` (templates see `input`, `nodes`, `attempt` and `trigger`)"),
             ));
         }
         let mut wanted = Vec::new();
@@ -550,7 +550,32 @@ fn check_triggers(flow: &FlowDef, problems: &mut Vec<Problem>) {
     let mut paths = HashSet::new();
     for trigger in &flow.triggers {
         match trigger {
-            Trigger::Webhook { path, method, .. } => {
+            Trigger::Webhook {
+                path,
+                method,
+                auth,
+                headers,
+                ..
+            } => {
+                for name in headers {
+                    if name.is_empty()
+                        || name.len() > 100
+                        || !name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    {
+                        problems.push(Problem::flow(format!(
+                            "webhook header `{}` is not a header name",
+                            shorten(name)
+                        )));
+                    }
+                }
+                if headers.len() > 50 {
+                    problems.push(Problem::flow("a webhook passes at most 50 headers"));
+                }
+                if let Some(auth) = auth {
+                    check_webhook_auth(auth, problems);
+                }
                 let ok = !path.is_empty()
                     && path.len() <= 200
                     && !path.starts_with('/')
@@ -585,6 +610,49 @@ fn check_triggers(flow: &FlowDef, problems: &mut Vec<Problem>) {
                 }
             }
         }
+    }
+}
+
+fn check_webhook_auth(auth: &crate::model::WebhookAuth, problems: &mut Vec<Problem>) {
+    use crate::model::WebhookAuth;
+    if !is_valid_id(auth.credential()) {
+        problems.push(Problem::flow(
+            "webhook auth: `credential` is not a credential name",
+        ));
+    }
+    let header = match auth {
+        WebhookAuth::Header { name, .. } => name,
+        WebhookAuth::HmacSha256 {
+            header,
+            timestamp_header,
+            payload,
+            tolerance_seconds,
+            ..
+        } => {
+            if let Some(payload) = payload
+                && (timestamp_header.is_none() || !payload.contains("{body}"))
+            {
+                problems.push(Problem::flow(
+                    "webhook auth: `payload` needs `timestamp_header` and must contain `{body}`",
+                ));
+            }
+            if *tolerance_seconds == 0 || *tolerance_seconds > 86_400 {
+                problems.push(Problem::flow(
+                    "webhook auth: `tolerance_seconds` must be between 1 and 86400",
+                ));
+            }
+            header
+        }
+    };
+    if header.is_empty()
+        || !header
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        problems.push(Problem::flow(format!(
+            "webhook auth: `{}` is not a header name",
+            shorten(header)
+        )));
     }
 }
 

@@ -37,6 +37,7 @@ fn new_run(flow_id: &str, key: Option<&str>) -> NewRun {
         input: json!({"x": 1}),
         idempotency_key: key.map(str::to_owned),
         claim: None,
+        trigger: None,
     }
 }
 
@@ -364,10 +365,16 @@ pub async fn run_store(store: &dyn RunStore) {
             owner: "w9".into(),
             ttl,
         }),
+        trigger: Some(json!({"type": "webhook", "headers": {"x-event": "push"}})),
         ..new_run("flow-c", None)
     };
     let (c, created) = store.create(claimed).await.expect("create claimed");
     assert!(created);
+    assert_eq!(
+        store.get(&c.id).await.expect("get").trigger,
+        Some(json!({"type": "webhook", "headers": {"x-event": "push"}})),
+        "what started a run is kept with it"
+    );
     assert_eq!(
         (c.status, c.epoch),
         (RunStatus::Running, 1),
@@ -790,6 +797,23 @@ pub async fn blob_store(store: &dyn BlobStore) {
         100_000,
         "put replaces"
     );
+    // Streaming reads give the same bytes, in chunks.
+    {
+        use futures::StreamExt;
+        let mut stream = store.get_stream("files/a.txt").await.expect("get_stream");
+        let mut read = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            read.extend(chunk.expect("a chunk"));
+        }
+        assert_eq!(read, vec![7; 100_000], "a streamed read");
+        assert!(
+            matches!(
+                store.get_stream("files/none").await.map(|_| ()),
+                Err(StoreError::NotFound { .. })
+            ),
+            "a streamed read of a missing blob"
+        );
+    }
     store
         .put("files/empty", Vec::new())
         .await

@@ -35,6 +35,7 @@ async fn run_finished_is_announced_after_the_end_is_stored() {
             input: serde_json::json!({}),
             idempotency_key: None,
             claim: Some(options.claim()),
+            trigger: None,
         })
         .await
         .unwrap();
@@ -191,6 +192,7 @@ mod commits {
             input: serde_json::json!({"name": "ada", "n": 7}),
             idempotency_key: None,
             claim: Some(options.claim()),
+            trigger: None,
         };
         let (run, _) = runs.create(new).await.unwrap();
         let done = durable::execute(&engine, &plan, &runs, &run, &options, Hooks::default())
@@ -229,6 +231,7 @@ mod commits {
             input: serde_json::json!({}),
             idempotency_key: None,
             claim: Some(options.claim()),
+            trigger: None,
         };
         let (run, _) = runs.create(new).await.unwrap();
         let expires = run.lease.as_ref().unwrap().expires_at;
@@ -310,6 +313,7 @@ mod offload {
             input: json!({}),
             idempotency_key: None,
             claim: Some(options.claim()),
+            trigger: None,
         };
         let (run, _) = runs.create(new()).await.unwrap();
         let done = durable::execute(&engine, &plan, &runs, &run, &options, Hooks::default())

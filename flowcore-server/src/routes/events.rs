@@ -30,6 +30,9 @@ struct Cursor {
     after: Option<String>,
     pending: std::collections::VecDeque<flowcore::ports::EventRecord>,
     done: bool,
+    /// The run was seen final with nothing more to read: one short read more (its last events
+    /// may still be on their way to the bus), then the stream ends.
+    ending: bool,
 }
 
 /// Streams a run's events (Server-Sent Events; Last-Event-ID resumes).
@@ -40,7 +43,7 @@ pub(crate) async fn events(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let run_id = RunId::from(id);
-    RunStore::get(&state.sql, &run_id).await?;
+    let run = RunStore::get(&state.sql, &run_id).await?;
     let after = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -51,6 +54,7 @@ pub(crate) async fn events(
         after,
         pending: Default::default(),
         done: false,
+        ending: run.status.is_final(),
     };
     let stream = futures::stream::unfold(cursor, |mut c| async move {
         loop {
@@ -68,17 +72,22 @@ pub(crate) async fn events(
             if c.done {
                 return None;
             }
+            let wait = Duration::from_secs(if c.ending { 1 } else { 15 });
             match c
                 .state
                 .events
-                .read(&c.run_id, c.after.as_deref(), Duration::from_secs(15))
+                .read(&c.run_id, c.after.as_deref(), wait)
                 .await
             {
                 Ok(batch) if batch.is_empty() => {
-                    // A run that finished before its events were kept (or long ago) ends the
-                    // stream instead of waiting for ever.
+                    // A finished run with nothing more to send ends the stream instead of
+                    // waiting for ever: its events expired, or the client resumed after the
+                    // last one (`Last-Event-ID`, as every reconnecting EventSource sends).
+                    if c.ending {
+                        return None;
+                    }
                     match RunStore::get(&c.state.sql, &c.run_id).await {
-                        Ok(run) if run.status.is_final() && c.after.is_none() => return None,
+                        Ok(run) if run.status.is_final() => c.ending = true,
                         Ok(_) => {}
                         Err(_) => return None,
                     }

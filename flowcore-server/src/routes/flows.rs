@@ -4,9 +4,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use flowcore::FlowDef;
 use flowcore::model::is_valid_id;
 use flowcore::ports::FlowStore;
+use flowcore::secret::SecretSource;
+use flowcore::{FlowDef, Trigger};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -24,6 +25,34 @@ pub fn router() -> Router<Shared> {
 
 fn parse_flow(JsonBody(value): JsonBody<Value>) -> Result<FlowDef, ApiError> {
     FlowDef::from_value(value).map_err(crate::error::invalid_json)
+}
+
+/// Checks a flow before it is stored: it compiles (on the blocking pool: a large flow is CPU
+/// work that must not hold up the runtime's threads), the credentials its webhooks check exist,
+/// and no other flow has one of its webhook paths (409).
+async fn check(state: &Shared, flow: FlowDef) -> Result<FlowDef, ApiError> {
+    let engine = state.engine.clone();
+    let flow = tokio::task::spawn_blocking(move || engine.compile(&flow).map(|_| flow))
+        .await
+        .map_err(|e| flowcore::StoreError::backend("compiling a flow", e))??;
+    let mut problems = Vec::new();
+    for trigger in &flow.triggers {
+        if let Trigger::Webhook {
+            auth: Some(auth), ..
+        } = trigger
+            && let Err(flowcore::secret::SecretError::NotFound(name)) =
+                state.credentials.secret(auth.credential()).await
+        {
+            problems.push(flowcore::Problem::flow(format!(
+                "webhook auth: credential `{name}` does not exist"
+            )));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(flowcore::CompileError { problems }.into());
+    }
+    state.webhooks.check_free(&state.sql, &flow).await?;
+    Ok(flow)
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
@@ -44,7 +73,7 @@ pub(crate) async fn create(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let mut flow = parse_flow(body)?;
     let id = flow.id.get_or_insert_with(flowcore::ids::new_id).clone();
-    state.engine.compile(&flow)?;
+    let flow = check(&state, flow).await?;
     let stored = FlowStore::create(&state.sql, &flow).await?;
     state.plans.changed(&id).await?;
     Ok((
@@ -112,7 +141,7 @@ pub(crate) async fn update(
         ));
     }
     flow.id = Some(id.clone());
-    state.engine.compile(&flow)?;
+    let flow = check(&state, flow).await?;
     let stored = FlowStore::update(&state.sql, &id, &flow).await?;
     state.plans.changed(&id).await?;
     Ok(Json(json!({"id": stored.id, "version": stored.version})))

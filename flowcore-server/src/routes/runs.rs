@@ -65,6 +65,7 @@ pub(crate) async fn start(
         body.input.unwrap_or_else(|| json!({})),
         body.wait.unwrap_or(true),
         body.idempotency_key,
+        None,
     )
     .await
 }
@@ -76,6 +77,7 @@ pub async fn start_run(
     input: Value,
     wait: bool,
     idempotency_key: Option<String>,
+    trigger: Option<Value>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let (version, plan) = state.plans.get(flow_id, None).await?;
     let quota = state.config.quota_runs_per_day;
@@ -94,12 +96,23 @@ pub async fn start_run(
     let own_group = plan
         .worker_group()
         .is_none_or(|g| g == state.config.worker_group);
-    let inline = wait && own_group && state.config.role == Role::All;
-    let claim = inline.then(|| crate::worker::durable_options(state).claim());
+    // ... and only with a free slot: past them it goes to the queue, like any other run.
+    let slot = (wait && own_group && state.config.role == Role::All)
+        .then(|| state.admission.try_slot())
+        .flatten();
+    let claim = slot
+        .is_some()
+        .then(|| crate::worker::durable_options(state).claim());
     let group = plan
         .worker_group()
         .unwrap_or(&state.config.worker_group)
         .to_owned();
+    if slot.is_none() {
+        state
+            .admission
+            .admit_queued(state.queue.as_ref(), &group)
+            .await?;
+    }
     let new = NewRun {
         id: RunId::new(),
         flow_id: flow_id.to_owned(),
@@ -107,11 +120,12 @@ pub async fn start_run(
         input,
         idempotency_key,
         claim,
+        trigger,
     };
     // In a task of its own: a client that goes away mid-request drops this handler, and must
     // not leave a stored run that nobody starts (until the reaper or the orphan sweep finds it
     // a lease later).
-    let accepting = tokio::spawn(accept(state.clone(), new, inline, wait, group));
+    let accepting = tokio::spawn(accept(state.clone(), new, slot, wait, group));
     let accepted = accepting
         .await
         .map_err(|e| flowcore::StoreError::backend("accepting a run", e))??;
@@ -148,18 +162,18 @@ enum Accepted {
 }
 
 /// Stores a new run (in the database before anyone answers) and hands it to whoever executes
-/// it: a task here (`inline`, created already claimed) or the queue of `group`.
+/// it: a task here in `slot` (created already claimed) or the queue of `group`.
 async fn accept(
     state: Shared,
     new: NewRun,
-    inline: bool,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
     wait: bool,
     group: String,
 ) -> Result<Accepted, ApiError> {
     let id = new.id.clone();
     let flow_id = new.flow_id.clone();
     // Registered before the run exists, so that a cancel can never miss it.
-    let token = inline.then(|| state.running.insert(&id));
+    let token = slot.as_ref().map(|_| state.running.insert(&id));
     let (run, created) = match RunStore::create(&state.sql, new).await {
         Ok(c) => c,
         Err(e) => {
@@ -172,10 +186,12 @@ async fn accept(
         return Ok(Accepted::Existing(run));
     }
     state.usage.run_started(&flow_id);
-    if let Some(token) = token {
+    if let (Some(token), Some(slot)) = (token, slot) {
         let task = {
             let (state, run) = (state.clone(), run.clone());
-            tokio::spawn(async move { crate::worker::execute_inline(&state, run, token).await })
+            tokio::spawn(
+                async move { crate::worker::execute_inline(&state, run, token, slot).await },
+            )
         };
         return Ok(Accepted::Inline(run, task));
     }

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -10,21 +11,41 @@ use axum::http::{HeaderMap, Method, StatusCode};
 use axum::routing::any;
 use axum::{Json, Router};
 use flowcore::ports::{FlowChanges, FlowStore};
-use flowcore::{Trigger, WebhookMode};
-use serde_json::Value;
+use flowcore::secret::SecretSource;
+use flowcore::{FlowDef, Trigger, WebhookAuth, WebhookMode};
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
 
 use crate::app::Shared;
 use crate::error::ApiError;
 #[allow(unused_imports)]
 use crate::openapi::*;
 
+/// What a webhook path runs, and how.
+#[derive(Debug)]
+pub struct Hook {
+    /// The flow it starts.
+    pub flow_id: String,
+    mode: WebhookMode,
+    auth: Option<WebhookAuth>,
+    headers: Vec<String>,
+}
+
+type Routes = Arc<HashMap<(String, String), Arc<Hook>>>;
+
 /// Webhook paths to flows, rebuilt from the flow store after any flow changes (in any process).
 #[derive(Debug, Default)]
 pub struct WebhookIndex {
-    map: RwLock<Option<(std::time::Instant, Routes)>>,
+    map: RwLock<Option<(Instant, Routes)>>,
+    /// One rebuild at a time: concurrent misses wait for it and use its result.
+    rebuilding: tokio::sync::Mutex<()>,
 }
 
-type Routes = Arc<HashMap<(String, String), (String, WebhookMode)>>;
+/// How old an index may be before a miss looks at the flows again (a flow created a moment
+/// ago in another process may not have been announced yet).
+const FRESH: Duration = Duration::from_secs(1);
 
 impl WebhookIndex {
     /// An index that marks itself stale on every announced flow change.
@@ -56,47 +77,218 @@ impl WebhookIndex {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 
+    fn current(&self) -> Option<(Instant, Routes)> {
+        self.map
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The hook of `method` and `path`. A miss looks at the flows again at most once a second,
+    /// and concurrent misses share that look: unknown paths cannot make the server read every
+    /// flow on each request.
     async fn lookup(
         &self,
         flows: &dyn FlowStore,
         method: &str,
         path: &str,
-    ) -> Result<Option<(String, WebhookMode)>, ApiError> {
+    ) -> Result<Option<Arc<Hook>>, ApiError> {
         let key = (method.to_owned(), path.to_owned());
-        let current = self
-            .map
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        match current {
-            Some((_, map)) if map.contains_key(&key) => return Ok(map.get(&key).cloned()),
-            // A miss on an index older than a second may be a flow created a moment ago whose
-            // announcement has not arrived: look again (at most once a second, so unknown paths
-            // cannot make us rebuild on every request).
-            Some((built, _)) if built.elapsed() < std::time::Duration::from_secs(1) => {
+        if let Some((built, routes)) = self.current() {
+            if let Some(hook) = routes.get(&key) {
+                return Ok(Some(hook.clone()));
+            }
+            if built.elapsed() < FRESH {
                 return Ok(None);
             }
-            _ => {}
         }
+        let _one = self.rebuilding.lock().await;
+        if let Some((built, routes)) = self.current()
+            && built.elapsed() < FRESH
+        {
+            return Ok(routes.get(&key).cloned());
+        }
+        Ok(self.rebuild(flows).await?.get(&key).cloned())
+    }
+
+    async fn rebuild(&self, flows: &dyn FlowStore) -> Result<Routes, ApiError> {
         let mut map = HashMap::new();
         for flow in flowcore::ports::all_flows(flows).await? {
-            for trigger in &flow.definition.triggers {
-                if let Trigger::Webhook { path, method, mode } = trigger {
-                    map.insert(
-                        (method.to_ascii_uppercase(), path.clone()),
-                        (flow.id.clone(), *mode),
-                    );
+            for trigger in flow.definition.triggers {
+                if let Trigger::Webhook {
+                    path,
+                    method,
+                    mode,
+                    auth,
+                    headers,
+                } = trigger
+                {
+                    let hook = Hook {
+                        flow_id: flow.id.clone(),
+                        mode,
+                        auth,
+                        headers: headers.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                    };
+                    map.insert((method.to_ascii_uppercase(), path), Arc::new(hook));
                 }
             }
         }
-        let found = map.get(&key).cloned();
+        let routes: Routes = Arc::new(map);
         *self
             .map
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some((std::time::Instant::now(), Arc::new(map)));
-        Ok(found)
+            Some((Instant::now(), routes.clone()));
+        Ok(routes)
     }
+
+    /// Refuses (409 `conflict`) a flow whose webhook path and method another flow has. Looks
+    /// at the flows as stored now.
+    pub async fn check_free(&self, flows: &dyn FlowStore, flow: &FlowDef) -> Result<(), ApiError> {
+        let wanted: Vec<(String, String)> = flow
+            .triggers
+            .iter()
+            .filter_map(|t| match t {
+                Trigger::Webhook { path, method, .. } => {
+                    Some((method.to_ascii_uppercase(), path.clone()))
+                }
+                Trigger::Schedule { .. } => None,
+            })
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let _one = self.rebuilding.lock().await;
+        let routes = self.rebuild(flows).await?;
+        for key in wanted {
+            if let Some(hook) = routes.get(&key)
+                && Some(&hook.flow_id) != flow.id.as_ref()
+            {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "conflict",
+                    format!(
+                        "flow `{}` already has a {} webhook at `{}`",
+                        hook.flow_id, key.0, key.1
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a caller against the hook's `auth`: 401 `unauthorized` when it does not prove it.
+async fn authenticate(
+    state: &Shared,
+    auth: &WebhookAuth,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), ApiError> {
+    let refuse = |why: &str| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!("this webhook needs {why}"),
+        )
+    };
+    let secret = match state.credentials.secret(auth.credential()).await {
+        Ok(secret) => secret,
+        Err(e) => {
+            // The flow names a credential that is gone or unreadable: nobody gets in, and the
+            // operator learns why from the log.
+            tracing::warn!(error = %e, "a webhook's credential is unavailable");
+            return Err(refuse("a credential the server cannot read"));
+        }
+    };
+    let Some(token) = secret.field("token").filter(|t| !t.is_empty()) else {
+        tracing::warn!(
+            credential = auth.credential(),
+            "a webhook's credential has no `token`"
+        );
+        return Err(refuse("a credential the server cannot read"));
+    };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    match auth {
+        WebhookAuth::Header { name, .. } => {
+            let given = header(name).unwrap_or_default();
+            if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+                Ok(())
+            } else {
+                Err(refuse(&format!("the right token in `{name}`")))
+            }
+        }
+        WebhookAuth::HmacSha256 {
+            header: signature_header,
+            prefix,
+            timestamp_header,
+            tolerance_seconds,
+            payload,
+            ..
+        } => {
+            let needs = || refuse(&format!("an HMAC-SHA256 signature in `{signature_header}`"));
+            let raw = header(signature_header).ok_or_else(needs)?;
+            let (signature, timestamp) = match timestamp_header {
+                // Stripe: `t=<seconds>,v1=<hex>` in one header.
+                Some(ts) if ts.eq_ignore_ascii_case(signature_header) => {
+                    let field = |key: &str| {
+                        raw.split(',')
+                            .filter_map(|part| part.trim().split_once('='))
+                            .find(|(k, _)| *k == key)
+                            .map(|(_, v)| v)
+                    };
+                    (field("v1"), field("t"))
+                }
+                Some(ts) => (raw.strip_prefix(prefix.as_str()), header(ts)),
+                None => (raw.strip_prefix(prefix.as_str()), None),
+            };
+            let signature = signature
+                .and_then(|hex_text| hex::decode(hex_text.trim()).ok())
+                .ok_or_else(needs)?;
+            let mut mac = Hmac::<Sha256>::new_from_slice(token.as_bytes()).map_err(|_| needs())?;
+            match timestamp_header {
+                None => mac.update(body),
+                Some(_) => {
+                    let timestamp = timestamp.ok_or_else(|| refuse("a signing timestamp"))?;
+                    let seconds: i64 = timestamp.trim().parse().map_err(|_| needs())?;
+                    // Milliseconds, as some senders give them.
+                    let seconds = if seconds > 100_000_000_000 {
+                        seconds / 1000
+                    } else {
+                        seconds
+                    };
+                    let skew = (chrono::Utc::now().timestamp() - seconds).unsigned_abs();
+                    if skew > *tolerance_seconds {
+                        return Err(refuse(&format!(
+                            "a signature made within {tolerance_seconds} s (this one is {skew} s off)"
+                        )));
+                    }
+                    let template = payload.as_deref().unwrap_or("{timestamp}.{body}");
+                    let (before, after) = template.split_once("{body}").unwrap_or((template, ""));
+                    mac.update(before.replace("{timestamp}", timestamp.trim()).as_bytes());
+                    mac.update(body);
+                    mac.update(after.replace("{timestamp}", timestamp.trim()).as_bytes());
+                }
+            }
+            mac.verify_slice(&signature).map_err(|_| needs())
+        }
+    }
+}
+
+/// What templates see as `trigger`: the path, the method and the headers the hook passes.
+fn trigger(hook: &Hook, method: &Method, path: &str, headers: &HeaderMap) -> Value {
+    let mut passed = serde_json::Map::new();
+    for name in &hook.headers {
+        let values: Vec<&str> = headers
+            .get_all(name.as_str())
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if !values.is_empty() {
+            passed.insert(name.clone(), Value::String(values.join(", ")));
+        }
+    }
+    json!({"type": "webhook", "path": path, "method": method.as_str(), "headers": passed})
 }
 
 /// The webhook routes.
@@ -113,7 +305,7 @@ pub(crate) async fn call(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let Some((flow_id, mode)) = state
+    let Some(hook) = state
         .webhooks
         .lookup(&state.sql, method.as_str(), &path)
         .await?
@@ -123,6 +315,9 @@ pub(crate) async fn call(
         )));
     };
     let body = body?;
+    if let Some(auth) = &hook.auth {
+        authenticate(&state, auth, &headers, &body).await?;
+    }
     let input = if body.is_empty() {
         Value::Object(serde_json::Map::new())
     } else {
@@ -139,8 +334,98 @@ pub(crate) async fn call(
                     "the body is neither JSON nor UTF-8 text",
                 )
             })?;
-            serde_json::json!({ "body": text })
+            json!({ "body": text })
         }
     };
-    crate::routes::runs::start_run(&state, &flow_id, input, mode == WebhookMode::Sync, None).await
+    let trigger = trigger(&hook, &method, &path, &headers);
+    crate::routes::runs::start_run(
+        &state,
+        &hook.flow_id,
+        input,
+        hook.mode == WebhookMode::Sync,
+        None,
+        Some(trigger),
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use flowcore::ports::memory::MemoryFlowStore;
+    use flowcore::ports::{Page, StoredFlow};
+    use flowcore::{StoreError, async_trait};
+
+    use super::*;
+
+    /// A flow store that counts listings (a rebuild of the index lists every flow).
+    #[derive(Default)]
+    struct Counting {
+        inner: MemoryFlowStore,
+        lists: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl FlowStore for Counting {
+        async fn create(&self, flow: &FlowDef) -> Result<StoredFlow, StoreError> {
+            self.inner.create(flow).await
+        }
+        async fn update(&self, id: &str, flow: &FlowDef) -> Result<StoredFlow, StoreError> {
+            self.inner.update(id, flow).await
+        }
+        async fn get(&self, id: &str, version: Option<u32>) -> Result<StoredFlow, StoreError> {
+            self.inner.get(id, version).await
+        }
+        async fn list(
+            &self,
+            limit: usize,
+            cursor: Option<&str>,
+        ) -> Result<Page<StoredFlow>, StoreError> {
+            self.lists.fetch_add(1, Ordering::SeqCst);
+            self.inner.list(limit, cursor).await
+        }
+        async fn delete(&self, id: &str) -> Result<(), StoreError> {
+            self.inner.delete(id).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unknown_paths_share_one_look_at_the_flows_a_second() {
+        let flows = Arc::new(Counting::default());
+        flows
+            .create(
+                &FlowDef::from_value(json!({"id": "f", "nodes": [{"id": "n", "type": "noop"}],
+                    "triggers": [{"type": "webhook", "path": "known"}]}))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        let index = Arc::new(WebhookIndex::default());
+        let mut lookups = Vec::new();
+        for i in 0..200 {
+            let (index, flows) = (index.clone(), flows.clone());
+            lookups.push(tokio::spawn(async move {
+                index
+                    .lookup(flows.as_ref(), "POST", &format!("unknown/{i}"))
+                    .await
+                    .map(|hook| hook.is_none())
+            }));
+        }
+        for lookup in lookups {
+            assert!(matches!(lookup.await.unwrap(), Ok(true)));
+        }
+        assert_eq!(
+            flows.lists.load(Ordering::SeqCst),
+            1,
+            "200 concurrent misses, one look"
+        );
+        let hook = index.lookup(flows.as_ref(), "POST", "known").await.unwrap();
+        assert_eq!(hook.map(|h| h.flow_id.clone()), Some("f".to_owned()));
+        assert_eq!(
+            flows.lists.load(Ordering::SeqCst),
+            1,
+            "a hit looks at nothing"
+        );
+    }
 }

@@ -1727,6 +1727,7 @@ async fn the_reaper_requeues_runs_whose_worker_died_and_fails_those_lost_too_oft
         input: json!({"name": "x", "n": 1}),
         idempotency_key: None,
         claim: Some(Claim { owner: owner.into(), ttl }),
+        trigger: None,
     };
     // A run whose worker died once: back in the queue.
     let (once, _) = RunStore::create(&state.sql, new("dead-worker")).await.unwrap();

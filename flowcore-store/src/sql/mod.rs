@@ -184,14 +184,20 @@ impl SqlStore {
     pub async fn connect(config: SqlConfig) -> Result<Self, StoreError> {
         let url = config.url.trim();
         let pools = if let Some(path) = sqlite_path(url) {
-            if path != ":memory:"
-                && let Some(dir) = Path::new(&path)
-                    .parent()
-                    .filter(|d| !d.as_os_str().is_empty())
-            {
-                std::fs::create_dir_all(dir).map_err(|e| {
+            // A plain path (not `:memory:`, not a `file:` URI with options).
+            if path != ":memory:" && !path.starts_with("file:") && !path.contains('?') {
+                let file = Path::new(&path);
+                if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    crate::private_dir(dir).map_err(|e| {
+                        StoreError::unavailable(
+                            format!("cannot create the database folder {}", dir.display()),
+                            e,
+                        )
+                    })?;
+                }
+                crate::private_file(file).map_err(|e| {
                     StoreError::unavailable(
-                        format!("cannot create the database folder {}", dir.display()),
+                        format!("cannot create the database file {}", file.display()),
                         e,
                     )
                 })?;

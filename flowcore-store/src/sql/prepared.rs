@@ -325,6 +325,7 @@ pub(super) struct RunArrays {
     lease_owner: Vec<Option<String>>,
     lease_expires_at: Vec<Option<i64>>,
     epoch: Vec<i64>,
+    trigger: Vec<Option<String>>,
 }
 
 impl RunArrays {
@@ -340,6 +341,7 @@ impl RunArrays {
         self.lease_owner.push(owner);
         self.lease_expires_at.push(expires);
         self.epoch.push(epoch);
+        self.trigger.push(row.trigger);
     }
 }
 
@@ -360,9 +362,9 @@ impl QueryFragment<Pg> for InsertRuns {
         let r = &self.0;
         out.push_sql(
             "INSERT INTO runs (id, flow_id, flow_version, status, input, idempotency_key, \
-             created_at, started_at, lease_owner, lease_expires_at, epoch) \
+             created_at, started_at, lease_owner, lease_expires_at, epoch, trigger) \
              SELECT id, flow_id, flow_version, status, input, NULL, created_at, started_at, \
-             lease_owner, lease_expires_at, epoch FROM unnest(",
+             lease_owner, lease_expires_at, epoch, trigger FROM unnest(",
         );
         out.push_bind_param::<Array<Text>, _>(&r.id)?;
         out.push_sql(", ");
@@ -383,9 +385,11 @@ impl QueryFragment<Pg> for InsertRuns {
         out.push_bind_param::<Array<Nullable<BigInt>>, _>(&r.lease_expires_at)?;
         out.push_sql(", ");
         out.push_bind_param::<Array<BigInt>, _>(&r.epoch)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&r.trigger)?;
         out.push_sql(
             ") AS t(id, flow_id, flow_version, status, input, created_at, started_at, \
-             lease_owner, lease_expires_at, epoch) RETURNING ",
+             lease_owner, lease_expires_at, epoch, trigger) RETURNING ",
         );
         self.1.walk_ast(out.reborrow())
     }

@@ -39,6 +39,7 @@ pub(super) type RunRow = (
     Option<String>,
     Option<i64>,
     i64,
+    Option<String>,
 );
 
 /// The selected columns of `RunRow`, in order.
@@ -58,6 +59,7 @@ pub(super) type RunColumns = (
     runs::lease_owner,
     runs::lease_expires_at,
     runs::epoch,
+    runs::trigger,
 );
 
 pub(super) fn run_columns() -> RunColumns {
@@ -77,6 +79,7 @@ pub(super) fn run_columns() -> RunColumns {
         runs::lease_owner,
         runs::lease_expires_at,
         runs::epoch,
+        runs::trigger,
     )
 }
 
@@ -97,6 +100,7 @@ fn record(row: RunRow) -> StoreResult<RunRecord> {
         owner,
         expires,
         epoch,
+        trigger,
     ) = row;
     let lease = match (owner, expires) {
         (Some(owner), Some(expires)) => Some(Lease {
@@ -123,6 +127,7 @@ fn record(row: RunRow) -> StoreResult<RunRecord> {
         finished_at: finished.map(from_micros),
         lease,
         epoch: epoch as u64,
+        trigger: trigger.as_deref().map(stored_value),
     })
 }
 
@@ -198,6 +203,7 @@ pub(super) struct NewRow {
     pub status: &'static str,
     pub input: String,
     pub idempotency_key: Option<String>,
+    pub trigger: Option<String>,
     pub now: i64,
     /// Owner and expiry, when created claimed.
     pub lease: Option<(String, i64)>,
@@ -232,6 +238,7 @@ type RunValues = (
     diesel::dsl::Eq<runs::lease_owner, Option<String>>,
     diesel::dsl::Eq<runs::lease_expires_at, Option<i64>>,
     diesel::dsl::Eq<runs::epoch, i64>,
+    diesel::dsl::Eq<runs::trigger, Option<String>>,
 );
 
 fn run_values(new: NewRow) -> RunValues {
@@ -248,6 +255,7 @@ fn run_values(new: NewRow) -> RunValues {
         runs::lease_owner.eq(owner),
         runs::lease_expires_at.eq(expires),
         runs::epoch.eq(epoch),
+        runs::trigger.eq(new.trigger),
     )
 }
 
@@ -439,13 +447,16 @@ impl RunStore for SqlStore {
         {
             return Ok((existing, false));
         }
-        if flowcore::json::too_deep(&run.input) {
+        if flowcore::json::too_deep(&run.input)
+            || run.trigger.as_ref().is_some_and(flowcore::json::too_deep)
+        {
             return Err(StoreError::Invalid(format!(
                 "the run's input nests deeper than {} levels",
                 flowcore::json::MAX_DEPTH
             )));
         }
         let input = to_text(&run.input)?;
+        let trigger = run.trigger.as_ref().map(to_text).transpose()?;
         let now = micros(Utc::now());
         let claim = run
             .claim
@@ -463,6 +474,7 @@ impl RunStore for SqlStore {
             status: status.as_str(),
             input,
             idempotency_key: run.idempotency_key.clone(),
+            trigger,
             now,
             lease: claim,
         };

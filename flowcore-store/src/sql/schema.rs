@@ -35,6 +35,7 @@ diesel::table! {
         lease_owner -> Nullable<Text>,
         lease_expires_at -> Nullable<BigInt>,
         epoch -> BigInt,
+        trigger -> Nullable<Text>,
     }
 }
 

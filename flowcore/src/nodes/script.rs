@@ -87,6 +87,14 @@ static RHAI: LazyLock<rhai::Engine> = LazyLock::new(|| {
     engine
 });
 
+/// Scripts running at once in this process: one fewer than the CPUs (at least one), so that a
+/// core stays for the runtime's threads (health checks, requests, other runs) however many
+/// CPU-bound scripts are started; the rest wait their turn without holding a thread.
+static RUNNING: LazyLock<tokio::sync::Semaphore> = LazyLock::new(|| {
+    let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    tokio::sync::Semaphore::new(cpus.saturating_sub(1).max(1))
+});
+
 struct Script {
     ast: Arc<AST>,
     max_operations: u64,
@@ -138,6 +146,10 @@ impl Node for Script {
         let ast = self.ast.clone();
         let max_memory =
             i64::try_from(cx.engine().limits().max_node_memory_bytes).unwrap_or(i64::MAX);
+        let _turn = tokio::select! {
+            turn = RUNNING.acquire() => turn.map_err(|_| NodeError::fatal("the script pool is closed"))?,
+            () = cx.cancellation().cancelled() => return Err(NodeError::fatal("the run was cancelled")),
+        };
         let deadline = Instant::now() + self.timeout;
         let max_operations = self.max_operations;
         let cancel = cx.cancellation().clone();

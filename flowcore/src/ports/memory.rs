@@ -256,6 +256,7 @@ impl RunStore for MemoryRunStore {
             finished_at: None,
             epoch: u64::from(lease.is_some()),
             lease,
+            trigger: run.trigger,
         };
         if let Some(key) = run.idempotency_key {
             st.idempotency.insert((run.flow_id, key), run.id.clone());

@@ -73,6 +73,8 @@ pub struct NewRun {
     /// Create the run already claimed (`running`, epoch 1) by this owner, for a process that
     /// executes the run itself: one commit instead of two.
     pub claim: Option<Claim>,
+    /// What started it, as templates see it (`trigger`): a webhook's path and chosen headers.
+    pub trigger: Option<Value>,
 }
 
 /// A worker's claim on a run: who, and for how long without renewal.
@@ -124,6 +126,8 @@ pub struct RunRecord {
     pub lease: Option<Lease>,
     /// The epoch of the latest lease (0 before any).
     pub epoch: u64,
+    /// What started it (see [`NewRun::trigger`]).
+    pub trigger: Option<Value>,
 }
 
 /// How a run ended, as stored: what a request that waited for the run answers. Carried by
@@ -358,6 +362,13 @@ pub trait BlobStore: Send + Sync {
     async fn stat(&self, key: &str) -> StoreResult<Option<u64>>;
     /// Removes `key`; removing a missing key is not an error.
     async fn delete(&self, key: &str) -> StoreResult<()>;
+    /// The bytes under `key` as a stream of chunks, so that a large blob is never held in
+    /// memory whole. `NotFound` when there are none. The default reads it whole.
+    async fn get_stream(&self, key: &str) -> StoreResult<ChunkStream> {
+        use futures::StreamExt;
+        let data = self.get(key).await?;
+        Ok(futures::stream::once(async move { Ok(data) }).boxed())
+    }
     /// Stores a stream of chunks under `key`, refusing with `TooLarge` as soon as more than
     /// `max_bytes` arrive: nothing over the limit is held in memory or left in the store.
     /// Returns the size stored. The default collects the chunks (with the limit) and calls `put`.

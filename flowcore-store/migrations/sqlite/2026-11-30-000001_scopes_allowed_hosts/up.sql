@@ -5,3 +5,5 @@ ALTER TABLE api_keys ADD COLUMN scopes TEXT NOT NULL DEFAULT 'read,run,write,adm
 ALTER TABLE api_keys ADD COLUMN parent_id TEXT;
 CREATE INDEX api_keys_parent ON api_keys (parent_id);
 ALTER TABLE credentials ADD COLUMN allowed_hosts TEXT;
+-- What started a run, as its templates see it (`trigger`: a webhook's chosen headers).
+ALTER TABLE runs ADD COLUMN trigger TEXT;

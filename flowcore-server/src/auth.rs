@@ -50,12 +50,11 @@ pub fn required_scope(method: &Method, path: &str) -> Scope {
         return Scope::Read;
     }
     let path = path.strip_prefix("/api/v1").unwrap_or(path);
-    if path.starts_with("/credentials") || path.starts_with("/api-keys") {
-        Scope::Admin
-    } else if path.starts_with("/runs") || path.starts_with("/flows/") && path.ends_with("/runs") {
-        Scope::Run
-    } else {
-        Scope::Write
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["credentials", ..] | ["api-keys", ..] => Scope::Admin,
+        ["runs", ..] | ["flows", _, "runs"] => Scope::Run,
+        _ => Scope::Write,
     }
 }
 
@@ -177,6 +176,8 @@ mod tests {
             (Method::POST, "/api/v1/runs/r1/cancel", Scope::Run),
             (Method::POST, "/api/v1/flows", Scope::Write),
             (Method::PUT, "/api/v1/flows/f", Scope::Write),
+            (Method::PUT, "/api/v1/flows/runs", Scope::Write),
+            (Method::DELETE, "/api/v1/flows/runs", Scope::Write),
             (Method::DELETE, "/api/v1/files/x", Scope::Write),
             (Method::POST, "/api/v1/credentials", Scope::Admin),
             (Method::DELETE, "/api/v1/api-keys/k", Scope::Admin),

@@ -150,6 +150,19 @@ pub fn invalid_json(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string())
 }
 
+/// A request body read through [`flowcore::json::parse`] (400 `invalid_json`); a large one on
+/// the blocking pool, since parsing megabytes takes milliseconds of a runtime thread.
+pub async fn parse_json(bytes: Bytes) -> Result<Value, ApiError> {
+    if bytes.len() > 256 * 1024 {
+        tokio::task::spawn_blocking(move || flowcore::json::parse(&bytes))
+            .await
+            .map_err(|e| flowcore::StoreError::backend("reading a request body", e))?
+    } else {
+        flowcore::json::parse(&bytes)
+    }
+    .map_err(invalid_json)
+}
+
 /// Whether a `Content-Type` names JSON (`application/json`, or any `+json` type).
 pub fn is_json(content_type: &str) -> bool {
     let essence = content_type.split(';').next().unwrap_or_default().trim();
@@ -181,15 +194,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody
             ));
         }
         let bytes = Bytes::from_request(request, state).await?;
-        // A large body is milliseconds of parsing: off the runtime's threads.
-        let value = if bytes.len() > 256 * 1024 {
-            tokio::task::spawn_blocking(move || flowcore::json::parse(&bytes))
-                .await
-                .map_err(|e| flowcore::StoreError::backend("reading a request body", e))?
-        } else {
-            flowcore::json::parse(&bytes)
-        }
-        .map_err(invalid_json)?;
+        let value = parse_json(bytes).await?;
         serde_json::from_value(value)
             .map(JsonBody)
             .map_err(invalid_json)

@@ -392,9 +392,18 @@ async fn run(
         Ok(flow) => flow,
         Err(e) => return fail(e),
     };
-    let input: Value = match serde_json::from_str(input) {
+    let input: Value = match flowcore::json::parse(input.as_bytes()) {
         Ok(v) => v,
         Err(e) => return fail(format!("--input is not valid JSON: {e}")),
+    };
+    // The same outbound rules as the server's.
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let guard = match flowcore::net::Guard::parse(
+        var("FLOWCORE_HTTP_DENY").as_deref(),
+        var("FLOWCORE_HTTP_ALLOW").as_deref(),
+    ) {
+        Ok(guard) => guard,
+        Err(e) => return fail(e),
     };
     let store = Arc::new(MemoryFlowStore::new());
     if let Some(dir) = flows_dir
@@ -414,7 +423,11 @@ async fn run(
         run_timeout: std::time::Duration::from_secs(timeout_seconds.max(1)),
         ..Default::default()
     };
-    let engine = Engine::builder().limits(limits).flow_store(store).build();
+    let engine = Engine::builder()
+        .limits(limits)
+        .flow_store(store)
+        .http_guard(guard)
+        .build();
     let plan = match engine.compile(&flow) {
         Ok(plan) => plan,
         Err(e) => {

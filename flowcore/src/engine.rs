@@ -46,8 +46,9 @@ pub struct Limits {
     /// The most a run may store as step outputs in all, as serialized JSON
     /// (`MAX_RUN_LOG_SIZE_MB`, 50 MB); a node whose output would pass it fails.
     pub max_run_log_bytes: usize,
-    /// The most heap a `script` may hold at once (128 MB); it is stopped past it. Counted only
-    /// where [`memory::Counting`](crate::memory::Counting) is the global allocator.
+    /// The most heap a `script` may hold at once, its copies of `input` and `nodes` included
+    /// (256 MB); it is stopped past it. Counted only where
+    /// [`memory::Counting`](crate::memory::Counting) is the global allocator.
     pub max_node_memory_bytes: usize,
     /// How many subflow runs one run may start in all, at every depth (1,000): a flow calling
     /// itself twice per run would otherwise start 2^depth runs.
@@ -62,7 +63,7 @@ impl Default for Limits {
             max_concurrent_nodes: None,
             max_subflow_depth: 8,
             max_run_log_bytes: 50 * 1024 * 1024,
-            max_node_memory_bytes: 128 * 1024 * 1024,
+            max_node_memory_bytes: 256 * 1024 * 1024,
             max_subflow_runs: 1000,
         }
     }
@@ -300,24 +301,34 @@ impl Engine {
     /// id, version and creation time, which tells a re-created flow apart). `subflow` calls
     /// this on every run.
     pub fn compile_stored(&self, flow: &crate::ports::StoredFlow) -> Result<Plan, CompileError> {
-        let key = (flow.id.clone(), flow.version, flow.created_at);
-        let lock = || {
-            self.0
-                .stored_plans
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        };
-        if let Some(plan) = lock().get(&key) {
-            return Ok(plan.clone());
+        if let Some(plan) = self.compiled(flow) {
+            return Ok(plan);
         }
         let plan = self.compile(&flow.definition)?;
-        let mut plans = lock();
+        let mut plans = self
+            .0
+            .stored_plans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Bounded without bookkeeping: a full cache starts over.
         if plans.len() >= STORED_PLANS {
             plans.clear();
         }
-        plans.insert(key, plan.clone());
+        plans.insert(
+            (flow.id.clone(), flow.version, flow.created_at),
+            plan.clone(),
+        );
         Ok(plan)
+    }
+    /// The plan [`Engine::compile_stored`] made of `flow`, if it is kept.
+    pub fn compiled(&self, flow: &crate::ports::StoredFlow) -> Option<Plan> {
+        let key = (flow.id.clone(), flow.version, flow.created_at);
+        self.0
+            .stored_plans
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+            .cloned()
     }
     /// Parses and compiles a flow from JSON text.
     pub fn compile_json(&self, text: &str) -> Result<Plan, Error> {

@@ -36,6 +36,11 @@ static ENV: LazyLock<Environment<'static>> = LazyLock::new(|| {
     // Bounds the work of one evaluation, so that `{% for %}` loops nested in a template cannot
     // hang a run (fuzzing found this for inputs like nested `range(100000)`).
     env.set_fuel(Some(MAX_FUEL));
+    // `namespace()` is the one way a template carries values from one loop iteration to the
+    // next; with it, `{% set ns.a = [ns.a] %}` in a loop nests a value a hundred thousand
+    // levels deep (whose drop overflows the stack and aborts the process), and `ns.s ~ ns.s`
+    // doubles a string each turn. Loop-carried state belongs in a `script` node.
+    env.remove_global("namespace");
     env
 });
 

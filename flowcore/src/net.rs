@@ -32,9 +32,24 @@ pub const DEFAULT_DENY: &str = "loopback,link-local,private,unspecified,self";
 const NAMED: &[(&str, &[&str])] = &[
     ("loopback", &["127.0.0.0/8", "::1/128"]),
     ("link-local", &["169.254.0.0/16", "fe80::/10"]),
+    // RFC 1918, shared address space (100.64.0.0/10: carrier-grade NAT, some clouds' metadata
+    // services), IETF protocol assignments, benchmarking, multicast, reserved, broadcast, IPv6
+    // unique-local and site-local, IPv6 multicast.
     (
         "private",
-        &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"],
+        &[
+            "10.0.0.0/8",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+            "100.64.0.0/10",
+            "192.0.0.0/24",
+            "198.18.0.0/15",
+            "224.0.0.0/4",
+            "240.0.0.0/4",
+            "fc00::/7",
+            "fec0::/10",
+            "ff00::/8",
+        ],
     ),
     // 0.0.0.0/8 reaches this host on Linux.
     ("unspecified", &["0.0.0.0/8", "::/128"]),
@@ -138,6 +153,13 @@ impl Guard {
         if self.allow_nets.iter().any(|net| net.contains(&ip)) {
             return Ok(());
         }
+        // An IPv4 address inside an IPv6 one (NAT64 `64:ff9b::/96`, 6to4 `2002::/16`) reaches
+        // that IPv4 address through a translator: it is checked as well.
+        if let IpAddr::V6(v6) = ip
+            && let Some(v4) = embedded_ipv4(v6)
+        {
+            self.check_ip(IpAddr::V4(v4))?;
+        }
         let why = if let Some((_, word)) = self.deny.iter().find(|(net, _)| net.contains(&ip)) {
             word.as_str()
         } else if self.deny_self && self.own.contains(&ip) {
@@ -198,6 +220,15 @@ impl Guard {
         self.allow_hosts
             .iter()
             .any(|(host, _)| host.eq_ignore_ascii_case(name))
+    }
+}
+
+fn embedded_ipv4(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    let o = v6.octets();
+    match v6.segments() {
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some([o[12], o[13], o[14], o[15]].into()),
+        [0x2002, ..] => Some([o[2], o[3], o[4], o[5]].into()),
+        _ => None,
     }
 }
 
@@ -292,6 +323,13 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
             "203.0.113.7",
+            "100.100.100.200",
+            "198.18.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "64:ff9b::7f00:1",
+            "2002:a9fe:a9fe::1",
+            "ff02::1",
         ] {
             assert!(guard.check_ip(ip(denied)).is_err(), "{denied}");
         }

@@ -222,16 +222,23 @@ impl NodeContext {
     }
     /// The outputs of this node's finished ancestors, by id.
     pub fn ancestor_outputs(&self) -> serde_json::Map<String, Value> {
+        self.ancestors()
+            .into_iter()
+            .map(|(id, v)| (id, (*v).clone()))
+            .collect()
+    }
+    /// The outputs of the node's completed ancestors by id, shared (not copied).
+    pub(crate) fn ancestors(&self) -> Vec<(String, Arc<Value>)> {
         let plan = &self.run.plan;
         let mut seen = vec![false; plan.len()];
         let mut stack: Vec<usize> = plan.preds(self.index).to_vec();
-        let mut out = serde_json::Map::new();
+        let mut out = Vec::new();
         while let Some(i) = stack.pop() {
             if std::mem::replace(&mut seen[i], true) {
                 continue;
             }
             if let Some(v) = self.run.output(i) {
-                out.insert(plan.node_id(i).to_owned(), (**v).clone());
+                out.push((plan.node_id(i).to_owned(), v.clone()));
             }
             stack.extend_from_slice(plan.preds(i));
         }

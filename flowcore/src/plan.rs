@@ -630,10 +630,15 @@ fn check_webhook_auth(auth: &crate::model::WebhookAuth, problems: &mut Vec<Probl
             ..
         } => {
             if let Some(payload) = payload
-                && (timestamp_header.is_none() || !payload.contains("{body}"))
+                && (timestamp_header.is_none()
+                    || !payload.contains("{body}")
+                    || !payload.contains("{timestamp}"))
             {
+                // Without the timestamp in what is signed, a captured call could be replayed
+                // with any fresh timestamp.
                 problems.push(Problem::flow(
-                    "webhook auth: `payload` needs `timestamp_header` and must contain `{body}`",
+                    "webhook auth: `payload` needs `timestamp_header` and must contain \
+                     `{timestamp}` and `{body}`",
                 ));
             }
             if *tolerance_seconds == 0 || *tolerance_seconds > 86_400 {

@@ -56,14 +56,23 @@ impl Secret {
     pub fn allowed_hosts(&self) -> Option<&[String]> {
         self.allowed_hosts.as_deref()
     }
-    /// Whether it may be sent to `host` on `port`: a listed `host` (any port) or `host:port`.
-    /// `None` when the credential lists no hosts.
-    pub fn allows(&self, host: &str, port: u16) -> Option<bool> {
+    /// Whether it may be sent to `url`: a listed `host` over https on port 443, or a listed
+    /// `host:port` over either scheme. `None` when the credential lists no hosts.
+    pub fn allows(&self, url: &url::Url) -> Option<bool> {
         let hosts = self.allowed_hosts.as_ref()?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let host = url
+            .host_str()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let port = url.port_or_known_default();
         Some(hosts.iter().any(|allowed| {
             let (h, p) = split_host_port(allowed);
-            h.eq_ignore_ascii_case(host) && p.is_none_or(|p| p == port)
+            h.eq_ignore_ascii_case(host)
+                && match p {
+                    Some(p) => port == Some(p),
+                    None => url.scheme() == "https" && port == Some(443),
+                }
         }))
     }
     /// Its kind.

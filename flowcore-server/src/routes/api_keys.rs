@@ -58,6 +58,19 @@ pub(crate) async fn create(
     }
     let (record, key) = crate::auth::generate_with(&body.name, scopes, caller.parent_id())?;
     ApiKeyStore::insert_api_key(&state.sql, &record).await?;
+    // The maker may have been revoked while this request ran: its revocation took the keys it
+    // had made then, so a key made after it goes now (read after the insert, so that one of
+    // the two always sees the other).
+    if let Some(parent) = &record.parent_id {
+        let keys = ApiKeyStore::list_api_keys(&state.sql).await?;
+        if keys
+            .iter()
+            .any(|k| &k.id == parent && k.revoked_at.is_some())
+        {
+            ApiKeyStore::revoke_api_key(&state.sql, &record.id).await?;
+            return Err(ApiError::unauthorized());
+        }
+    }
     Ok((
         StatusCode::CREATED,
         Json(

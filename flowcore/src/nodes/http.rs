@@ -54,8 +54,13 @@ impl reqwest::dns::Resolve for GuardedResolver {
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             if !guard.exempt(&host) {
                 for addr in &addrs {
-                    guard.check_ip(addr.ip()).map_err(|why| {
-                        Box::new(Denied(format!("`{host}` resolves to {}: {why}", addr.ip())))
+                    // The refusal names the rule, not the address: a flow author must not map
+                    // internal names to addresses through it.
+                    guard.check_ip(addr.ip()).map_err(|_| {
+                        Box::new(Denied(format!(
+                            "`{host}` resolves to an address that FLOWCORE_HTTP_DENY denies; to \
+                             reach it, add `{host}:<port>` or its range to FLOWCORE_HTTP_ALLOW"
+                        )))
                     })?;
                 }
             }
@@ -81,16 +86,40 @@ fn describe(e: &reqwest::Error) -> (String, bool) {
     (message, denied)
 }
 
-/// Whether the scheme, host or port of a URL template comes from a template: a credential is
-/// sent only to hosts written in the flow unless it lists `allowed_hosts`.
-fn host_is_templated(url: &str) -> bool {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return true;
-    };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    [scheme, authority]
-        .iter()
-        .any(|part| part.contains("{{") || part.contains("{%") || part.contains("{#"))
+/// The origin (scheme, host, port) of a URL template when no template decides it: the URL
+/// parsed with each `{{ }}`, `{% %}` and `{# #}` replaced by a marker, refused when the marker
+/// lands in the scheme, host or port (`https:///{{ h }}`, `https://{{ h }}.example.com`,
+/// `https://api.example.com{{ h }}`, `https://x@{{ h }}` all let the template choose). A
+/// credential without `allowed_hosts` goes only to this origin.
+fn literal_origin(url: &str) -> Option<url::Origin> {
+    const MARKER: &str = "flowcoretemplatemarker";
+    let mut masked = String::with_capacity(url.len());
+    let mut rest = url;
+    while let Some(start) = rest.find(['{']) {
+        let close = match rest[start..].get(..2) {
+            Some("{{") => "}}",
+            Some("{%") => "%}",
+            Some("{#") => "#}",
+            _ => {
+                masked.push_str(&rest[..=start]);
+                rest = &rest[start + 1..];
+                continue;
+            }
+        };
+        masked.push_str(&rest[..start]);
+        masked.push_str(MARKER);
+        match rest[start + 2..].find(close) {
+            Some(end) => rest = &rest[start + 2 + end + 2..],
+            None => return None,
+        }
+    }
+    masked.push_str(rest);
+    let parsed = url::Url::parse(&masked).ok()?;
+    let decided = |part: &str| part.to_ascii_lowercase().contains(MARKER);
+    if decided(parsed.scheme()) || parsed.host_str().is_none_or(decided) {
+        return None;
+    }
+    Some(parsed.origin())
 }
 
 struct HttpRequest {
@@ -101,7 +130,8 @@ struct HttpRequest {
     timeout: Duration,
     fail_on_status: bool,
     credential: Option<String>,
-    host_is_templated: bool,
+    /// Where a credential without `allowed_hosts` may go (see [`literal_origin`]).
+    literal_origin: Option<url::Origin>,
 }
 
 #[derive(Deserialize)]
@@ -178,7 +208,7 @@ pub(crate) fn build(params: &Value) -> Result<Box<dyn Node>, ParamError> {
         )));
     }
     Ok(Box::new(HttpRequest {
-        host_is_templated: host_is_templated(&p.url),
+        literal_origin: literal_origin(&p.url),
         method,
         url,
         headers,
@@ -235,18 +265,18 @@ impl HttpRequest {
         secret: &crate::secret::Secret,
         url: &reqwest::Url,
     ) -> Result<(), NodeError> {
-        let host = url.host_str().unwrap_or_default();
-        let port = url.port_or_known_default().unwrap_or(0);
-        match secret.allows(host, port) {
+        match secret.allows(url) {
             Some(true) => Ok(()),
             Some(false) => Err(NodeError::fatal(format!(
-                "credential `{name}` may not be sent to {host}:{port} (not in its allowed_hosts)"
+                "credential `{name}` may not be sent to {} (not in its allowed_hosts; a host \
+                 without a port means https on 443)",
+                url.origin().ascii_serialization()
             ))),
-            None if self.host_is_templated => Err(NodeError::fatal(format!(
+            None if self.literal_origin.as_ref() == Some(&url.origin()) => Ok(()),
+            None => Err(NodeError::fatal(format!(
                 "credential `{name}` has no allowed_hosts, so it is sent only to a host written \
                  in the flow, and this URL's scheme, host or port comes from a template"
             ))),
-            None => Ok(()),
         }
     }
 }
@@ -428,5 +458,35 @@ impl Node for HttpRequest {
             refs.merge(body.references());
         }
         refs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::literal_origin;
+
+    #[test]
+    fn only_a_url_whose_origin_no_template_decides_has_a_literal_origin() {
+        for literal in [
+            "https://api.example.com/v1/{{ input.path }}",
+            "https://api.example.com:8443/x?q={{ input.q }}#{{ input.f }}",
+            "http://127.0.0.1:9000/{% if input.a %}a{% endif %}",
+        ] {
+            assert!(literal_origin(literal).is_some(), "{literal}");
+        }
+        for templated in [
+            "{{ input.url }}",
+            "https:///{{ input.host }}/x",
+            "https:\\\\{{ input.host }}/x",
+            "https://{{ input.host }}.example.com/",
+            "https://api.example.com{{ input.rest }}",
+            "https://api.example.com:{{ input.port }}/",
+            "https://user@{{ input.host }}/",
+            "{{ input.scheme }}://api.example.com/",
+            "https://api.example.com{# a comment #}/",
+            "https://{{ unclosed",
+        ] {
+            assert!(literal_origin(templated).is_none(), "{templated}");
+        }
     }
 }

@@ -95,6 +95,10 @@ static RUNNING: LazyLock<tokio::sync::Semaphore> = LazyLock::new(|| {
     tokio::sync::Semaphore::new(cpus.saturating_sub(1).max(1))
 });
 
+/// The stack of a script's thread: enough for the deepest data the default operation limit can
+/// build (each `a = [a]` costs a few operations and a few hundred bytes of stack to walk).
+const SCRIPT_STACK: usize = 512 * 1024 * 1024;
+
 struct Script {
     ast: Arc<AST>,
     max_operations: u64,
@@ -138,50 +142,78 @@ pub(crate) fn build(params: &Value) -> Result<Box<dyn Node>, ParamError> {
 #[async_trait]
 impl Node for Script {
     async fn run(&self, cx: &NodeContext) -> Result<Output, NodeError> {
-        let input = rhai::serde::to_dynamic(&**cx.input())
-            .map_err(|e| NodeError::fatal(format!("input: {e}")))?;
-        let nodes = rhai::serde::to_dynamic(cx.ancestor_outputs())
-            .map_err(|e| NodeError::fatal(format!("nodes: {e}")))?;
-        let attempt = i64::from(cx.attempt());
-        let ast = self.ast.clone();
         let max_memory =
             i64::try_from(cx.engine().limits().max_node_memory_bytes).unwrap_or(i64::MAX);
+        // The turn first: a script waiting for one holds only references to the run's data.
         let _turn = tokio::select! {
             turn = RUNNING.acquire() => turn.map_err(|_| NodeError::fatal("the script pool is closed"))?,
             () = cx.cancellation().cancelled() => return Err(NodeError::fatal("the run was cancelled")),
         };
+        let input = cx.input().clone();
+        let ancestors = cx.ancestors();
+        let attempt = i64::from(cx.attempt());
+        let ast = self.ast.clone();
         let deadline = Instant::now() + self.timeout;
         let max_operations = self.max_operations;
         let cancel = cx.cancellation().clone();
-        let task = tokio::task::spawn_blocking(move || {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let task = move || {
+            // Counted from before the script's copies of its data are made, on its own thread:
+            // the copies are its memory, and freeing them gives it nothing more.
+            let memory_base = crate::memory::thread_live_bytes();
+            let input = rhai::serde::to_dynamic(&*input).map_err(|e| format!("input: {e}"))?;
+            let mut nodes = rhai::Map::new();
+            for (id, output) in &ancestors {
+                let value =
+                    rhai::serde::to_dynamic(&**output).map_err(|e| format!("nodes: {e}"))?;
+                nodes.insert(id.as_str().into(), value);
+            }
+            drop(ancestors);
             BUDGET.set(Some(Budget {
                 deadline,
                 max_operations,
-                memory_base: crate::memory::thread_live_bytes(),
+                memory_base,
                 max_memory,
             }));
             CANCEL.set(Some(cancel));
             let mut scope = Scope::new();
             scope
                 .push_constant("input", input)
-                .push_constant("nodes", nodes)
+                .push_constant("nodes", Dynamic::from_map(nodes))
                 .push_constant("attempt", attempt);
             let result = RHAI.eval_ast_with_scope::<Dynamic>(&mut scope, &ast);
             BUDGET.set(None);
             CANCEL.set(None);
             // What the script built is freed here, on its thread, before the next one starts.
             drop(scope);
-            result.map_err(|e| describe(*e)).and_then(|value| {
+            let value = result.map_err(|e| describe(*e)).and_then(|value| {
                 rhai::serde::from_dynamic::<Value>(&value)
                     .map_err(|e| format!("the script's value is not JSON: {e}"))
+            })?;
+            // Refused (and dropped) here, on this thread's stack, not after it is handed back.
+            if crate::json::too_deep(&value) {
+                return Err(format!(
+                    "the script's value nests deeper than {} levels",
+                    crate::json::MAX_DEPTH
+                ));
+            }
+            Ok(value)
+        };
+        // A thread of its own with a large stack (reserved, not used, until a script needs
+        // it): rhai walks, checks and drops nested data recursively, and `a = [a]` in a loop
+        // nests it as deep as the script's operations allow, far past a pool thread's 2 MB
+        // (seen: the process aborted on a stack overflow).
+        std::thread::Builder::new()
+            .name("flowcore-script".into())
+            .stack_size(SCRIPT_STACK)
+            .spawn(move || {
+                let _ = done.send(task());
             })
-        });
-        match task.await {
+            .map_err(|e| NodeError::retryable(format!("no thread for the script: {e}")))?;
+        match result.await {
             Ok(Ok(value)) => Ok(value.into()),
             Ok(Err(message)) => Err(NodeError::fatal(message)),
-            Err(e) => Err(NodeError::fatal(format!(
-                "the script stopped abnormally: {e}"
-            ))),
+            Err(_) => Err(NodeError::fatal("the script stopped abnormally")),
         }
     }
 }

@@ -62,9 +62,18 @@ impl Node for Subflow {
                 }
                 e => NodeError::fatal(format!("loading subflow `{}`: {e}", self.flow_id)),
             })?;
-        let plan = engine
-            .compile_stored(&stored)
-            .map_err(|e| NodeError::fatal(format!("subflow `{}`: {e}", self.flow_id)))?;
+        let plan = match engine.compiled(&stored) {
+            Some(plan) => plan,
+            // Compiled once per version, on the blocking pool: a large flow is milliseconds of
+            // CPU that must not hold up the runtime's threads.
+            None => {
+                let engine = engine.clone();
+                tokio::task::spawn_blocking(move || engine.compile_stored(&stored))
+                    .await
+                    .map_err(|e| NodeError::fatal(format!("compiling a subflow: {e}")))?
+                    .map_err(|e| NodeError::fatal(format!("subflow `{}`: {e}", self.flow_id)))?
+            }
+        };
         let input = match &self.input {
             Some(t) => t
                 .render(&cx.scope())

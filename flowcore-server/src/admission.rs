@@ -3,9 +3,10 @@
 //!
 //! `WORKER_CONCURRENCY` slots are shared by the worker loop and the runs a request executes
 //! itself (the `all` role's waited runs), so that a thousand concurrent sync webhooks run ten at
-//! a time, not a thousand. A run that finds no free slot goes to the queue like any other, and
-//! past `FLOWCORE_MAX_QUEUED_RUNS` queued runs a new one is refused with 503 `overloaded` and
-//! `Retry-After`.
+//! a time, not a thousand. A waited run waits for a slot in the process (past
+//! `WEBHOOK_TIMEOUT_SECONDS` it goes to the queue); any other run goes to the queue. Past
+//! `FLOWCORE_MAX_QUEUED_RUNS` waiting requests, or runs in the group's queue, a new run is
+//! refused with 503 `overloaded` and `Retry-After`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,6 +26,8 @@ const DEPTH_FRESH: Duration = Duration::from_millis(250);
 pub struct Admission {
     slots: Arc<Semaphore>,
     max_queued: usize,
+    /// Requests waiting here for a slot to execute their run in.
+    waiting: std::sync::atomic::AtomicUsize,
     /// The last depth read, by group.
     depths: Mutex<std::collections::HashMap<String, (Instant, u64)>>,
 }
@@ -35,7 +38,32 @@ impl Admission {
         Self {
             slots: Arc::new(Semaphore::new(concurrency.max(1))),
             max_queued,
+            waiting: std::sync::atomic::AtomicUsize::new(0),
             depths: Mutex::default(),
+        }
+    }
+
+    /// A slot for a run the request executes itself, waited for up to `limit`: `Ok(None)` past
+    /// it (the run then goes to the queue), 503 `overloaded` when `FLOWCORE_MAX_QUEUED_RUNS`
+    /// requests wait already. Waiting here costs no write and no queue round trip (a run that
+    /// goes through the queue costs both): under a burst of waited runs, the process executes
+    /// `WORKER_CONCURRENCY` of them at a time, in order, at the speed of inline runs.
+    pub async fn wait_slot(
+        &self,
+        limit: Duration,
+    ) -> Result<Option<OwnedSemaphorePermit>, ApiError> {
+        use std::sync::atomic::Ordering;
+        if let Some(slot) = self.try_slot() {
+            return Ok(Some(slot));
+        }
+        let before = self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _leave = Leave(&self.waiting);
+        if self.max_queued != 0 && before >= self.max_queued {
+            return Err(overloaded(before as u64));
+        }
+        match tokio::time::timeout(limit, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(Some(slot)),
+            _ => Ok(None),
         }
     }
 
@@ -81,15 +109,28 @@ impl Admission {
             entry.1 += 1;
             return Ok(());
         }
-        Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            format!(
-                "{depth} runs are waiting for a worker (FLOWCORE_MAX_QUEUED_RUNS); try again shortly"
-            ),
-        )
-        .retry_after(1))
+        Err(overloaded(depth))
     }
+}
+
+/// Counts a waiter out however its wait ends.
+struct Leave<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn overloaded(waiting: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        format!(
+            "{waiting} runs are waiting for a worker (FLOWCORE_MAX_QUEUED_RUNS); try again shortly"
+        ),
+    )
+    .retry_after(1)
 }
 
 #[cfg(test)]
@@ -134,5 +175,36 @@ mod tests {
             .admit_queued(&queue, "other")
             .await
             .expect("per group");
+    }
+
+    #[tokio::test]
+    async fn waited_runs_wait_for_a_slot_in_order_and_past_the_bound_are_refused() {
+        let admission = Arc::new(Admission::new(1, 1));
+        let held = admission.wait_slot(Duration::from_secs(1)).await.unwrap();
+        assert!(held.is_some());
+        let waiter = {
+            let admission = admission.clone();
+            tokio::spawn(async move { admission.wait_slot(Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let refused = admission
+            .wait_slot(Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code, "overloaded", "one waiter at most");
+        drop(held);
+        assert!(
+            waiter.await.unwrap().unwrap().is_some(),
+            "the waiter gets the slot"
+        );
+        let _busy = admission.try_slot();
+        assert!(
+            admission
+                .wait_slot(Duration::from_millis(50))
+                .await
+                .unwrap()
+                .is_none(),
+            "past the wait: no slot, the run goes to the queue"
+        );
     }
 }

@@ -119,7 +119,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "FLOWCORE_MAX_QUEUED_RUNS",
         "1000",
-        "runs a process accepts past WORKER_CONCURRENCY before it answers 503 overloaded",
+        "waited runs waiting for a slot, and runs in a group's queue, before 503 overloaded (0 = no bound)",
     ),
     (
         "FLOWCORE_HTTP_DENY",

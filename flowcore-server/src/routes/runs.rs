@@ -96,10 +96,14 @@ pub async fn start_run(
     let own_group = plan
         .worker_group()
         .is_none_or(|g| g == state.config.worker_group);
-    // ... and only with a free slot: past them it goes to the queue, like any other run.
-    let slot = (wait && own_group && state.config.role == Role::All)
-        .then(|| state.admission.try_slot())
-        .flatten();
+    // ... in one of the process's slots, waited for (past the wait it goes to the queue).
+    let limit = Duration::from_secs(state.config.webhook_timeout_seconds);
+    let until = tokio::time::Instant::now() + limit;
+    let slot = if wait && own_group && state.config.role == Role::All {
+        state.admission.wait_slot(limit).await?
+    } else {
+        None
+    };
     let claim = slot
         .is_some()
         .then(|| crate::worker::durable_options(state).claim());
@@ -129,7 +133,8 @@ pub async fn start_run(
     let accepted = accepting
         .await
         .map_err(|e| flowcore::StoreError::backend("accepting a run", e))??;
-    let limit = Duration::from_secs(state.config.webhook_timeout_seconds);
+    // What is left of the wait, after any wait for a slot.
+    let limit = until.saturating_duration_since(tokio::time::Instant::now());
     match accepted {
         Accepted::Existing(run) => answer(state, &run.id, Seen::of(&run)).await,
         Accepted::Inline(run, task) => {

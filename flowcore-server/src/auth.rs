@@ -120,15 +120,6 @@ pub async fn authenticate(
     }))
 }
 
-/// Whether `presented` is the admin key or a stored, unrevoked key.
-pub async fn is_valid(
-    store: &dyn ApiKeyStore,
-    admin: Option<&str>,
-    presented: &str,
-) -> Result<bool, StoreError> {
-    Ok(authenticate(store, admin, presented).await?.is_some())
-}
-
 /// Whether `caller` may revoke key `target`: itself, a key it made (at any depth), or, for a
 /// root key with the admin scope, any key but its own makers.
 pub fn may_revoke(caller: &Caller, target: &str, keys: &[ApiKeyRecord]) -> bool {

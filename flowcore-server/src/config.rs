@@ -99,7 +99,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "FLOWCORE_AUTH_FAILURES_PER_MINUTE",
         "30",
-        "requests with a wrong API key one client address may make per minute before 429 (0 = off)",
+        "requests with a missing or wrong API key one client address may make per minute before 429 (0 = off)",
     ),
     (
         "FLOWCORE_MAX_CONNECTIONS",
@@ -109,12 +109,12 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "FLOWCORE_HEADER_TIMEOUT_SECONDS",
         "10",
-        "how long a client may take to send a request's headers",
+        "how long a client may take to send a request's headers, and a kept-alive connection may stay idle",
     ),
     (
         "FLOWCORE_IDLE_TIMEOUT_SECONDS",
         "60",
-        "how long a connection may stay open without a request in progress",
+        "the longest pause inside a request body; a webhook's whole body must arrive within it",
     ),
     (
         "FLOWCORE_MAX_QUEUED_RUNS",

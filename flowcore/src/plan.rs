@@ -558,12 +558,7 @@ fn check_triggers(flow: &FlowDef, problems: &mut Vec<Problem>) {
                 ..
             } => {
                 for name in headers {
-                    if name.is_empty()
-                        || name.len() > 100
-                        || !name
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-                    {
+                    if !is_header_name(name) {
                         problems.push(Problem::flow(format!(
                             "webhook header `{}` is not a header name",
                             shorten(name)
@@ -649,16 +644,21 @@ fn check_webhook_auth(auth: &crate::model::WebhookAuth, problems: &mut Vec<Probl
             header
         }
     };
-    if header.is_empty()
-        || !header
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
+    if !is_header_name(header) {
         problems.push(Problem::flow(format!(
             "webhook auth: `{}` is not a header name",
             shorten(header)
         )));
     }
+}
+
+/// A header name a trigger may name: 1 to 100 of A-Z a-z 0-9 - _.
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 100
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Parses a 5-field cron expression (minute hour day-of-month month day-of-week).

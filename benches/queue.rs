@@ -27,13 +27,7 @@ async fn latency(queue: Arc<dyn Queue>) -> (Duration, Duration, Duration) {
             let mut samples = Vec::with_capacity(LATENCY_JOBS);
             while samples.len() < LATENCY_JOBS {
                 let jobs = queue
-                    .lease(
-                        "lat",
-                        "w",
-                        1,
-                        Duration::from_secs(60),
-                        Duration::from_secs(5),
-                    )
+                    .lease("lat", 1, Duration::from_secs(60), Duration::from_secs(5))
                     .await
                     .expect("lease");
                 let now = Instant::now();
@@ -78,19 +72,13 @@ async fn throughput(queue: Arc<dyn Queue>) -> f64 {
         }));
     }
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    for w in 0..4 {
+    for _ in 0..4 {
         let (queue, done) = (queue.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             let mut mine = 0;
             while done.load(std::sync::atomic::Ordering::SeqCst) < THROUGHPUT_JOBS {
                 let jobs = queue
-                    .lease(
-                        "tp",
-                        &format!("w{w}"),
-                        64,
-                        Duration::from_secs(60),
-                        Duration::from_millis(50),
-                    )
+                    .lease("tp", 64, Duration::from_secs(60), Duration::from_millis(50))
                     .await
                     .expect("lease");
                 for job in &jobs {

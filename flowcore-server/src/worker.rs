@@ -458,7 +458,7 @@ pub async fn work(state: Arc<AppState>, shutdown: CancellationToken) {
         }
         let lease = tokio::select! {
             () = shutdown.cancelled() => return,
-            lease = state.queue.lease(&state.config.worker_group, &state.worker_name, free, ttl, Duration::from_secs(1)) => lease,
+            lease = state.queue.lease(&state.config.worker_group, free, ttl, Duration::from_secs(1)) => lease,
         };
         let jobs = match lease {
             Ok(jobs) => jobs,

@@ -583,7 +583,6 @@ impl Queue for RedisQueue {
     async fn lease(
         &self,
         group: &str,
-        _worker: &str,
         max: usize,
         ttl: Duration,
         wait: Duration,

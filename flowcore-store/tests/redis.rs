@@ -68,13 +68,7 @@ async fn a_waiting_lease_wakes_on_enqueue() {
         tokio::spawn(async move {
             let started = Instant::now();
             let jobs = queue
-                .lease(
-                    "g",
-                    "w",
-                    1,
-                    Duration::from_secs(30),
-                    Duration::from_secs(20),
-                )
+                .lease("g", 1, Duration::from_secs(30), Duration::from_secs(20))
                 .await
                 .expect("lease");
             (jobs, started.elapsed())
@@ -159,7 +153,7 @@ async fn a_process_hears_only_what_it_subscribes_to() {
     let run = RunId::new();
     hearing.enqueue("g", &run, None).await.expect("enqueue");
     let jobs = deaf
-        .lease("g", "w", 1, Duration::from_secs(30), Duration::from_secs(5))
+        .lease("g", 1, Duration::from_secs(30), Duration::from_secs(5))
         .await
         .expect("lease");
     clean(&prefix).await;
@@ -300,13 +294,7 @@ async fn redis_restart_loses_nothing_and_clients_reconnect() {
     let mut leased = Vec::new();
     while leased.len() < accepted.len() {
         let jobs = queue
-            .lease(
-                "g",
-                "w",
-                100,
-                Duration::from_secs(30),
-                Duration::from_secs(2),
-            )
+            .lease("g", 100, Duration::from_secs(30), Duration::from_secs(2))
             .await
             .expect("lease");
         assert!(

@@ -103,7 +103,7 @@ async fn sqlite_file_passes_the_kit() {
     flowcore::testkit::run_store(&store).await;
     flowcore::testkit::pruning(&store).await;
     flowcore::testkit::meta_store(std::sync::Arc::new(store.clone())).await;
-    flowcore::testkit::claim_next(std::sync::Arc::new(store.clone())).await;
+    flowcore::testkit::transitions(&store).await;
     flowcore::testkit::concurrent_creates(std::sync::Arc::new(store.clone())).await;
     flowcore::testkit::concurrent_finishes(std::sync::Arc::new(store.clone())).await;
     drop(store);
@@ -152,7 +152,7 @@ async fn postgres_passes_the_kit() {
         flowcore::testkit::run_store(&store).await;
         flowcore::testkit::pruning(&store).await;
         flowcore::testkit::meta_store(std::sync::Arc::new(store.clone())).await;
-        flowcore::testkit::claim_next(std::sync::Arc::new(store.clone())).await;
+        flowcore::testkit::transitions(&store).await;
         flowcore::testkit::concurrent_creates(std::sync::Arc::new(store.clone())).await;
         flowcore::testkit::concurrent_finishes(std::sync::Arc::new(store.clone())).await;
     }

@@ -63,5 +63,5 @@ pub use model::{
 };
 pub use node::{Node, NodeContext, NodeFactory, Output, Registry};
 pub use plan::Plan;
-pub use run::{RunResult, RunStatus, StepRecord, StepRecorder, StepStatus};
+pub use run::{Move, RunResult, RunStatus, StepRecord, StepRecorder, StepStatus};
 pub use tokio_util::sync::CancellationToken;

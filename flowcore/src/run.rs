@@ -12,7 +12,8 @@ use serde_json::Value;
 use crate::error::StoreError;
 use crate::ids::RunId;
 
-/// A run's status. `queued` and `running` are live; the others are final.
+/// A run's status. `queued` and `running` are live; the others are final. [`RunStatus::move_to`]
+/// says which changes are legal.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
@@ -46,6 +47,22 @@ impl RunStatus {
     pub fn is_final(self) -> bool {
         !matches!(self, Self::Queued | Self::Running)
     }
+    /// Whether a lease owns a run in this status (its owner is executing it).
+    pub fn is_leased(self) -> bool {
+        self == Self::Running
+    }
+    /// The move that takes a run from this status to `to`, `None` when none does: the table of
+    /// a run's life (see [`Move`]).
+    pub fn move_to(self, to: RunStatus) -> Option<Move> {
+        use RunStatus::{Cancelled, Failed, Queued, Running, Succeeded, TimedOut};
+        match (self, to) {
+            (Queued | Running, Running) => Some(Move::Claim),
+            (Running, Queued) => Some(Move::Release),
+            (Running, Succeeded | Failed | Cancelled | TimedOut) => Some(Move::Finish),
+            (Queued, Cancelled) => Some(Move::Cancel),
+            _ => None,
+        }
+    }
     /// The snake_case name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -72,6 +89,71 @@ impl FromStr for RunStatus {
             .into_iter()
             .find(|st| st.as_str() == s)
             .ok_or_else(|| format!("unknown run status `{s}`"))
+    }
+}
+
+/// What moves a run from one status to another. [`RunStatus::move_to`] is the one table of a
+/// run's life: every store applies these moves and refuses every other, and the server's run
+/// lifecycle makes them through the store.
+///
+/// ```text
+///            claim              finish
+///  queued ─────────▶ running ─────────▶ succeeded | failed | cancelled | timed_out
+///    │   ◀─────────    │ ▲
+///    │     release     └─┘ claim again once the owner's lease lapsed
+///    └──────────────────────────────▶ cancelled
+///               cancel
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Move {
+    /// A worker takes the run, with a lease: a queued run, or a running one whose owner's
+    /// lease lapsed (`RunStore::claim`).
+    Claim,
+    /// The lease's owner hands the run back, to be claimed again (a shutdown):
+    /// `RunStore::release`.
+    Release,
+    /// The lease's owner ends the run: `RunStore::finish`.
+    Finish,
+    /// A run that no lease owns is cancelled: `RunStore::transition`.
+    Cancel,
+}
+
+impl Move {
+    /// Every move.
+    pub const ALL: [Move; 4] = [Self::Claim, Self::Release, Self::Finish, Self::Cancel];
+
+    /// Whether only the owner of the run's current lease may make it (the store checks the
+    /// lease's epoch).
+    pub fn needs_lease(self) -> bool {
+        matches!(self, Self::Release | Self::Finish)
+    }
+
+    /// The statuses this move starts from, in life order.
+    pub fn sources(self) -> impl Iterator<Item = RunStatus> {
+        RunStatus::ALL.into_iter().filter(move |from| {
+            RunStatus::ALL
+                .iter()
+                .any(|to| from.move_to(*to) == Some(self))
+        })
+    }
+
+    /// The move from `from` to `to` when it is one that no lease owner makes (what
+    /// `RunStore::transition` does), else [`StoreError::Invalid`] saying why not.
+    pub fn unowned(from: RunStatus, to: RunStatus) -> Result<Move, StoreError> {
+        match from.move_to(to) {
+            Some(m) if m != Self::Claim && !m.needs_lease() => Ok(m),
+            Some(m) => Err(StoreError::Invalid(format!(
+                "{from} -> {to} is a {m:?}, which only the run's lease makes"
+            ))),
+            None => Err(StoreError::Invalid(format!(
+                "a {from} run cannot become {to}"
+            ))),
+        }
+    }
+
+    /// Whether it starts from `status`.
+    pub fn starts_from(self, status: RunStatus) -> bool {
+        self.sources().any(|s| s == status)
     }
 }
 
@@ -198,4 +280,35 @@ pub trait StepRecorder: Send + Sync {
     /// Records one finished (or skipped, or cancelled) step. An error stops the run as failed;
     /// [`StoreError::StaleLease`] means another worker owns the run now.
     async fn record_step(&self, run_id: &RunId, step: &StepRecord) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_of_moves_reads_as_the_picture() {
+        let sources = |m: Move| m.sources().collect::<Vec<_>>();
+        assert_eq!(
+            sources(Move::Claim),
+            [RunStatus::Queued, RunStatus::Running]
+        );
+        assert_eq!(sources(Move::Release), [RunStatus::Running]);
+        assert_eq!(sources(Move::Finish), [RunStatus::Running]);
+        assert_eq!(sources(Move::Cancel), [RunStatus::Queued]);
+        for status in RunStatus::ALL {
+            let out = RunStatus::ALL
+                .iter()
+                .filter(|to| status.move_to(**to).is_some());
+            // A final status is the end; a live one can always reach one.
+            assert_eq!(out.clone().next().is_none(), status.is_final(), "{status}");
+            assert_eq!(status.is_leased(), Move::Finish.starts_from(status));
+        }
+        for m in Move::ALL {
+            assert!(m.sources().next().is_some(), "{m:?} starts somewhere");
+        }
+        assert!(Move::unowned(RunStatus::Queued, RunStatus::Cancelled).is_ok());
+        assert!(Move::unowned(RunStatus::Running, RunStatus::Cancelled).is_err());
+        assert!(Move::unowned(RunStatus::Succeeded, RunStatus::Queued).is_err());
+    }
 }

@@ -22,7 +22,7 @@ use crate::error::StoreError;
 use crate::ids::RunId;
 use crate::model::FlowDef;
 use crate::ports::{BlobStore, Claim, FlowStore, NewRun, Queue, RunFilter, RunOutcome, RunStore};
-use crate::run::{RunStatus, StepRecord, StepStatus};
+use crate::run::{Move, RunStatus, StepRecord, StepStatus};
 
 fn flow(id: &str, node_type: &str) -> FlowDef {
     FlowDef::from_value(json!({"id": id, "nodes": [{"id": "n", "type": node_type}]}))
@@ -621,7 +621,7 @@ pub async fn queue(queue: Arc<dyn Queue>) {
     queue.enqueue(g, &run, None).await.expect("enqueue");
     let depth = queue.depth(g).await.expect("depth");
     assert_eq!(depth.ready, 1, "one ready job: {depth:?}");
-    let got = queue.lease(g, "w1", 10, ttl, none).await.expect("lease");
+    let got = queue.lease(g, 10, ttl, none).await.expect("lease");
     assert_eq!(got.len(), 1);
     assert_eq!(
         (got[0].job.run_id.clone(), got[0].job.deliveries),
@@ -629,7 +629,7 @@ pub async fn queue(queue: Arc<dyn Queue>) {
     );
     assert!(
         queue
-            .lease(g, "w2", 10, ttl, none)
+            .lease(g, 10, ttl, none)
             .await
             .expect("lease")
             .is_empty(),
@@ -637,7 +637,7 @@ pub async fn queue(queue: Arc<dyn Queue>) {
     );
     assert!(
         queue
-            .lease("other-group", "w2", 10, ttl, none)
+            .lease("other-group", 10, ttl, none)
             .await
             .expect("lease")
             .is_empty(),
@@ -648,7 +648,7 @@ pub async fn queue(queue: Arc<dyn Queue>) {
     // Expiry: delivered again, and the old delivery can no longer ack or heartbeat.
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
     let again = queue
-        .lease(g, "w2", 10, ttl, none)
+        .lease(g, 10, ttl, none)
         .await
         .expect("lease after expiry");
     assert_eq!(again.len(), 1, "an expired lease is delivered again");
@@ -676,18 +676,14 @@ pub async fn queue(queue: Arc<dyn Queue>) {
         .enqueue(g, &RunId::new(), None)
         .await
         .expect("enqueue");
-    let job = queue
-        .lease(g, "w1", 1, ttl, none)
-        .await
-        .expect("lease")
-        .remove(0);
+    let job = queue.lease(g, 1, ttl, none).await.expect("lease").remove(0);
     queue
         .nack(&job, Some(Utc::now() + chrono::Duration::milliseconds(200)))
         .await
         .expect("nack");
     assert!(
         queue
-            .lease(g, "w1", 1, ttl, none)
+            .lease(g, 1, ttl, none)
             .await
             .expect("lease")
             .is_empty(),
@@ -699,7 +695,7 @@ pub async fn queue(queue: Arc<dyn Queue>) {
         "the nacked job counts as delayed"
     );
     let later = queue
-        .lease(g, "w1", 1, ttl, Duration::from_secs(2))
+        .lease(g, 1, ttl, Duration::from_secs(2))
         .await
         .expect("lease with wait");
     assert_eq!(later.len(), 1, "lease waits for the delayed job");
@@ -709,17 +705,13 @@ pub async fn queue(queue: Arc<dyn Queue>) {
     let doomed = RunId::new();
     queue.enqueue(g, &doomed, None).await.expect("enqueue");
     for delivery in 1..=3 {
-        let job = queue
-            .lease(g, "w1", 1, ttl, none)
-            .await
-            .expect("lease")
-            .remove(0);
+        let job = queue.lease(g, 1, ttl, none).await.expect("lease").remove(0);
         assert_eq!(job.job.deliveries, delivery);
         queue.nack(&job, None).await.expect("nack");
     }
     assert!(
         queue
-            .lease(g, "w1", 1, ttl, none)
+            .lease(g, 1, ttl, none)
             .await
             .expect("lease")
             .is_empty(),
@@ -742,19 +734,13 @@ pub async fn queue(queue: Arc<dyn Queue>) {
             .expect("enqueue");
     }
     let mut workers = Vec::new();
-    for w in 0..4 {
+    for _ in 0..4 {
         let queue = queue.clone();
         workers.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             loop {
                 let batch = queue
-                    .lease(
-                        "kit-many",
-                        &format!("w{w}"),
-                        7,
-                        Duration::from_secs(30),
-                        Duration::ZERO,
-                    )
+                    .lease("kit-many", 7, Duration::from_secs(30), Duration::ZERO)
                     .await
                     .expect("lease");
                 if batch.is_empty() {
@@ -1418,14 +1404,13 @@ pub async fn pruning(store: &dyn RunStore) {
     assert!(store.get(&recent.id).await.is_ok(), "a recent run stays");
 }
 
-/// Credentials, API keys, usage, files and schedule ticks.
+/// Credentials, API keys, usage and files.
 pub async fn meta_store<S>(store: Arc<S>)
 where
     S: crate::ports::CredentialStore
         + crate::ports::ApiKeyStore
         + crate::ports::UsageStore
         + crate::ports::FileStore
-        + crate::ports::ScheduleStore
         + 'static,
 {
     use crate::ports::{ApiKeyRecord, FileRecord, StoredCredential};
@@ -1652,83 +1637,114 @@ where
         store.get_file("file1").await,
         Err(StoreError::NotFound { .. })
     ));
-
-    // Schedule ticks: of many concurrent callers, one fires.
-    let tick = chrono::DateTime::from_timestamp(1_800_000_000, 0).expect("time");
-    let mut fires = Vec::new();
-    for _ in 0..8 {
-        let store = store.clone();
-        fires.push(tokio::spawn(async move {
-            store.try_fire("greet#0", tick, &RunId::new()).await
-        }));
-    }
-    let mut won = 0;
-    for f in fires {
-        if f.await.expect("task").expect("try fire") {
-            won += 1;
-        }
-    }
-    assert_eq!(won, 1, "a tick fires once");
-    assert!(
-        store
-            .try_fire(
-                "greet#0",
-                tick + chrono::Duration::minutes(1),
-                &RunId::new()
-            )
-            .await
-            .expect("next tick")
-    );
 }
 
-/// `claim_next` under concurrency: every claimable run is claimed exactly once.
-pub async fn claim_next(store: Arc<dyn RunStore>) {
-    let mut ours = HashSet::new();
-    for _ in 0..30 {
-        ours.insert(
-            store
-                .create(new_run("claim-next", None))
-                .await
-                .expect("create")
-                .0
-                .id,
-        );
-    }
-    let mut tasks = Vec::new();
-    for w in 0..4 {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut mine = Vec::new();
-            while let Some(run) = store
-                .claim_next(&format!("w{w}"), Duration::from_secs(60))
-                .await
-                .expect("claim next")
-            {
-                assert_eq!(run.status, RunStatus::Running);
-                assert_eq!(
-                    run.lease.as_ref().map(|l| l.owner.clone()),
-                    Some(format!("w{w}"))
-                );
-                mine.push(run.id);
+/// Every move between run statuses, legal and illegal: from each status to each status, the
+/// store makes exactly the moves of [`RunStatus::move_to`] through the method that owns each
+/// (claim, release, finish, transition) and refuses every other, leaving the run as it was.
+pub async fn transitions(store: &dyn RunStore) {
+    let ttl = Duration::from_secs(60);
+    // A run in `status`, with the epoch of its lease (for a running one, a lapsed lease when
+    // `lapsed`: claimable again).
+    let run_in = async |status: RunStatus, lapsed: bool| -> (RunId, u64) {
+        let (run, _) = store.create(new_run("moves", None)).await.expect("create");
+        if status == RunStatus::Queued {
+            return (run.id, 0);
+        }
+        let first = if lapsed { Duration::ZERO } else { ttl };
+        let lease = store.claim(&run.id, "w1", first).await.expect("claim");
+        if status == RunStatus::Running {
+            if lapsed {
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            mine
-        }));
-    }
-    let mut claimed = Vec::new();
-    for t in tasks {
-        claimed.extend(t.await.expect("task"));
-    }
-    let unique: HashSet<_> = claimed.iter().cloned().collect();
-    assert_eq!(unique.len(), claimed.len(), "no run was claimed twice");
-    assert!(ours.is_subset(&unique), "every queued run was claimed");
-    assert!(
+            return (run.id, lease.epoch);
+        }
+        let outcome = RunOutcome {
+            status,
+            ..Default::default()
+        };
         store
-            .claim_next("late", Duration::from_secs(60))
+            .finish(&run.id, lease.epoch, outcome)
             .await
-            .expect("claim next")
-            .is_none(),
-        "nothing left"
-    );
+            .expect("finish");
+        (run.id, lease.epoch)
+    };
+    for from in RunStatus::ALL {
+        for to in RunStatus::ALL {
+            let legal = from.move_to(to);
+            let case = format!("{from} -> {to} ({legal:?})");
+            let (id, epoch) = run_in(from, true).await;
+            // Every method that could reach `to`, each tried on a run in `from`.
+            let claim = async || store.claim(&id, "w2", ttl).await.map(|_| ());
+            let release = async || store.release(&id, epoch).await;
+            let finish = async || {
+                let outcome = RunOutcome {
+                    status: to,
+                    ..Default::default()
+                };
+                store.finish(&id, epoch, outcome).await.map(|_| ())
+            };
+            let transition = async || store.transition(&id, from, to).await.map(|_| ());
+            match legal {
+                Some(m) => {
+                    let done = match m {
+                        Move::Claim => claim().await,
+                        Move::Release => release().await,
+                        Move::Finish => finish().await,
+                        Move::Cancel => transition().await,
+                    };
+                    done.unwrap_or_else(|e| panic!("{case} is legal: {e}"));
+                    let run = store.get(&id).await.expect("get");
+                    assert_eq!(run.status, to, "{case}");
+                    assert_eq!(run.lease.is_some(), to.is_leased(), "{case}: the lease");
+                    assert_eq!(run.finished_at.is_some(), to.is_final(), "{case}");
+                }
+                None => {
+                    if to == RunStatus::Running {
+                        assert!(claim().await.is_err(), "{case}: claim refused");
+                    }
+                    if to == RunStatus::Queued {
+                        assert!(release().await.is_err(), "{case}: release refused");
+                    }
+                    if to.is_final() {
+                        assert!(finish().await.is_err(), "{case}: finish refused");
+                    }
+                    assert!(transition().await.is_err(), "{case}: transition refused");
+                    let run = store.get(&id).await.expect("get");
+                    assert_eq!(run.status, from, "{case}: the run is as it was");
+                }
+            }
+        }
+    }
+    // The lease guards its moves: a live lease is not claimed, an old epoch neither releases
+    // nor finishes, and the moves a lease makes are not made without it.
+    let (id, epoch) = run_in(RunStatus::Running, false).await;
+    assert!(matches!(
+        store.claim(&id, "w2", ttl).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.release(&id, epoch + 1).await,
+        Err(StoreError::StaleLease(_))
+    ));
+    let done = RunOutcome {
+        status: RunStatus::Succeeded,
+        ..Default::default()
+    };
+    assert!(matches!(
+        store.finish(&id, epoch + 1, done.clone()).await,
+        Err(StoreError::StaleLease(_))
+    ));
+    assert!(matches!(
+        store
+            .transition(&id, RunStatus::Running, RunStatus::Cancelled)
+            .await,
+        Err(StoreError::Invalid(_))
+    ));
+    store
+        .finish(&id, epoch, done)
+        .await
+        .expect("the owner finishes");
 }
 
 /// A rate limiter: a burst up to the limit, then refusals with a `retry_after`, keys apart,

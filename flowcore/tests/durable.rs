@@ -118,10 +118,6 @@ mod commits {
             self.write();
             self.inner.claim(id, owner, ttl).await
         }
-        async fn claim_next(&self, owner: &str, ttl: Duration) -> StoreResult<Option<RunRecord>> {
-            self.write();
-            self.inner.claim_next(owner, ttl).await
-        }
         async fn renew(&self, id: &RunId, epoch: u64, ttl: Duration) -> StoreResult<Lease> {
             self.reachable()?;
             self.write();

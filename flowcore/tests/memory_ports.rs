@@ -35,8 +35,8 @@ async fn memory_pruning() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_claim_next() {
-    flowcore::testkit::claim_next(Arc::new(MemoryRunStore::new())).await;
+async fn memory_transitions() {
+    flowcore::testkit::transitions(&MemoryRunStore::new()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,17 +2,17 @@
 //! schedule ticks over SQL.
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use diesel::prelude::*;
 use diesel::upsert::excluded;
 use diesel_async::RunQueryDsl;
+use flowcore::StoreError;
 use flowcore::ports::{
-    ApiKeyRecord, ApiKeyStore, CredentialStore, FileRecord, FileStore, ScheduleStore, StoreResult,
+    ApiKeyRecord, ApiKeyStore, CredentialStore, FileRecord, FileStore, StoreResult,
     StoredCredential, UsageDay, UsageStore,
 };
-use flowcore::{RunId, StoreError};
 
-use super::schema::{api_keys, credentials, files, schedule_fires, usage_daily};
+use super::schema::{api_keys, credentials, files, usage_daily};
 use super::{SqlStore, db_error, from_micros, micros, with_conn};
 
 type CredentialRow = (
@@ -434,31 +434,5 @@ impl FileStore for SqlStore {
                 .map_err(|e| db_error("deleting a file", e))?
         });
         super::found(deleted, "file", id)
-    }
-}
-
-#[async_trait]
-impl ScheduleStore for SqlStore {
-    async fn try_fire(
-        &self,
-        schedule_id: &str,
-        fire_at: DateTime<Utc>,
-        run_id: &RunId,
-    ) -> StoreResult<bool> {
-        let now = micros(Utc::now());
-        let inserted: usize = with_conn!(self, write, |conn| {
-            diesel::insert_into(schedule_fires::table)
-                .values((
-                    schedule_fires::schedule_id.eq(schedule_id),
-                    schedule_fires::fire_at.eq(micros(fire_at)),
-                    schedule_fires::run_id.eq(run_id.as_str()),
-                    schedule_fires::created_at.eq(now),
-                ))
-                .on_conflict_do_nothing()
-                .execute(conn)
-                .await
-                .map_err(|e| db_error("recording a schedule tick", e))?
-        });
-        Ok(inserted == 1)
     }
 }

@@ -15,7 +15,24 @@ use diesel::serialize::ToSql;
 use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text};
 use diesel::sqlite::Sqlite;
 
+use flowcore::{Move, RunStatus};
+
 use super::runs::{NewRow, RunColumns, run_columns};
+
+/// The statuses `m` starts from as an SQL list (`'queued', 'running'`), from the one table of a
+/// run's moves ([`RunStatus::move_to`]).
+pub(super) fn sources(m: Move) -> &'static str {
+    static LISTS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+        Move::ALL
+            .iter()
+            .map(|m| {
+                let quoted: Vec<String> = m.sources().map(|s| format!("'{s}'")).collect();
+                quoted.join(", ")
+            })
+            .collect()
+    });
+    &LISTS[m as usize]
+}
 
 /// Implements `QueryId` with a static id (the type itself) and `Query` returning a run's row.
 macro_rules! run_query {
@@ -103,7 +120,9 @@ where
     W: WhereId<DB>,
 {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
-        out.push_sql("UPDATE runs SET status = 'running', epoch = epoch + 1, lease_owner = ");
+        out.push_sql("UPDATE runs SET status = '");
+        out.push_sql(RunStatus::Running.as_str());
+        out.push_sql("', epoch = epoch + 1, lease_owner = ");
         out.push_bind_param::<Text, _>(&self.owner)?;
         out.push_sql(", lease_expires_at = ");
         out.push_bind_param::<BigInt, _>(&self.expires)?;
@@ -111,12 +130,12 @@ where
         out.push_bind_param::<BigInt, _>(&self.now)?;
         out.push_sql(") WHERE ");
         self.id.walk_id(&mut out)?;
-        out.push_sql(
-            " AND (status = 'queued' OR (status = 'running' AND \
-             (lease_expires_at IS NULL OR lease_expires_at <= ",
-        );
+        // The statuses a claim starts from, and no live lease (a queued run has none).
+        out.push_sql(" AND status IN (");
+        out.push_sql(sources(Move::Claim));
+        out.push_sql(") AND (lease_expires_at IS NULL OR lease_expires_at <= ");
         out.push_bind_param::<BigInt, _>(&self.now)?;
-        out.push_sql("))) RETURNING ");
+        out.push_sql(") RETURNING ");
         self.columns.walk_ast(out.reborrow())
     }
 }
@@ -131,7 +150,8 @@ pub(super) struct Finish {
     pub finished_at: i64,
 }
 
-/// `UPDATE runs SET <the end> WHERE id = ? AND epoch = ? AND status = 'running'`.
+/// `UPDATE runs SET <the end> WHERE id = ? AND epoch = ? AND status IN (<what a finish starts
+/// from>)`.
 fn finish_update<'b, DB>(end: &'b Finish, out: &mut AstPass<'_, 'b, DB>) -> QueryResult<()>
 where
     DB: Backend,
@@ -151,7 +171,9 @@ where
     out.push_bind_param::<Text, _>(&end.id)?;
     out.push_sql(" AND epoch = ");
     out.push_bind_param::<BigInt, _>(&end.epoch)?;
-    out.push_sql(" AND status = 'running' RETURNING ");
+    out.push_sql(" AND status IN (");
+    out.push_sql(sources(Move::Finish));
+    out.push_sql(") RETURNING ");
     Ok(())
 }
 
@@ -272,9 +294,10 @@ impl QueryFragment<Pg> for FinishRuns {
         out.push_bind_param::<Array<BigInt>, _>(&e.finished_at)?;
         out.push_sql(
             ") AS e(e_id, e_epoch, e_status, e_output, e_error, e_finished_at) \
-             WHERE runs.id = e.e_id AND runs.epoch = e.e_epoch AND runs.status = 'running' \
-             RETURNING ",
+             WHERE runs.id = e.e_id AND runs.epoch = e.e_epoch AND runs.status IN (",
         );
+        out.push_sql(sources(Move::Finish));
+        out.push_sql(") RETURNING ");
         self.1.walk_ast(out.reborrow())?;
         out.push_sql(
             "), written AS (INSERT INTO steps (run_id, node, status, attempts, started_at, \

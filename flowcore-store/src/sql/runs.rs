@@ -178,7 +178,8 @@ fn owned_run(id: &str, epoch: u64) -> OwnedRun<'_> {
         runs::id
             .eq(id)
             .and(runs::epoch.eq(epoch as i64))
-            .and(runs::status.eq("running")),
+            // The one status a lease owns (`RunStatus::is_leased`).
+            .and(runs::status.eq(RunStatus::Running.as_str())),
     )
 }
 
@@ -619,42 +620,6 @@ impl RunStore for SqlStore {
         rows.into_iter().map(record).collect()
     }
 
-    async fn claim_next(&self, owner: &str, ttl: Duration) -> StoreResult<Option<RunRecord>> {
-        use diesel::sql_types::{BigInt, Text};
-        #[derive(QueryableByName)]
-        struct Claimed {
-            #[diesel(sql_type = Text)]
-            id: String,
-        }
-        let now = micros(Utc::now());
-        let expires = now.saturating_add(ttl_micros(ttl));
-        // The same statement on both backends but for the row lock: PostgreSQL skips rows other
-        // claimers hold; SQLite has one writer at a time, so the statement is atomic as is.
-        let lock = match self.backend() {
-            super::Backend::Postgres => "FOR UPDATE SKIP LOCKED",
-            super::Backend::Sqlite => "",
-        };
-        let sql = format!(
-            "UPDATE runs SET status = 'running', epoch = epoch + 1, lease_owner = $1, lease_expires_at = $2, \
-             started_at = COALESCE(started_at, $3) \
-             WHERE seq = (SELECT seq FROM runs WHERE status = 'queued' \
-                 OR (status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at <= $3)) \
-                 ORDER BY seq LIMIT 1 {lock}) \
-             RETURNING id"
-        );
-        let claimed: Option<Claimed> = with_conn!(self, write, |conn| {
-            let query = diesel::sql_query(&sql)
-                .bind::<Text, _>(owner)
-                .bind::<BigInt, _>(expires)
-                .bind::<BigInt, _>(now);
-            super::returned!(query, conn).map_err(|e| db_error("claiming the next run", e))?
-        });
-        match claimed {
-            Some(c) => self.get_row(&c.id).await,
-            None => Ok(None),
-        }
-    }
-
     async fn renew(&self, id: &RunId, epoch: u64, ttl: Duration) -> StoreResult<Lease> {
         let expires = micros(Utc::now()).saturating_add(ttl_micros(ttl));
         let owner: Option<Option<String>> = with_conn!(self, write, |conn| {
@@ -789,7 +754,7 @@ impl RunStore for SqlStore {
         let released: usize = with_conn!(self, write, |conn| {
             diesel::update(owned_run(id.as_str(), epoch))
                 .set((
-                    runs::status.eq("queued"),
+                    runs::status.eq(RunStatus::Queued.as_str()),
                     runs::lease_owner.eq(None::<String>),
                     runs::lease_expires_at.eq(None::<i64>),
                 ))
@@ -810,6 +775,7 @@ impl RunStore for SqlStore {
         from: RunStatus,
         to: RunStatus,
     ) -> StoreResult<RunRecord> {
+        flowcore::Move::unowned(from, to)?;
         let now = micros(Utc::now());
         let row: Option<RunRow> = with_conn!(self, write, |conn| {
             let target =
@@ -854,7 +820,7 @@ impl RunStore for SqlStore {
         let limit = limit.min(10_000) as i64;
         let rows: Vec<(String, Option<i64>)> = with_conn!(self, read, |conn| {
             let query = runs::table
-                .filter(runs::status.eq("running"))
+                .filter(runs::status.eq(RunStatus::Running.as_str()))
                 .select((runs::id, runs::lease_expires_at))
                 .limit(limit)
                 .into_boxed();

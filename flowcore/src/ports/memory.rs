@@ -12,13 +12,13 @@ use tokio::sync::Notify;
 use super::{
     ApiKeyRecord, ApiKeyStore, BlobStore, CredentialStore, EventBus, EventRecord, FileRecord,
     FileStore, FlowStore, Job, Lease, LeasedJob, NewRun, Page, Queue, QueueDepth, RateDecision,
-    RateLimiter, RunFilter, RunOutcome, RunRecord, RunStore, ScheduleStore, StoreResult,
-    StoredCredential, StoredFlow, UsageDay, UsageStore, is_valid_blob_key,
+    RateLimiter, RunFilter, RunOutcome, RunRecord, RunStore, StoreResult, StoredCredential,
+    StoredFlow, UsageDay, UsageStore, is_valid_blob_key,
 };
 use crate::error::StoreError;
 use crate::ids::{RunId, new_id};
 use crate::model::FlowDef;
-use crate::run::{RunStatus, StepRecord};
+use crate::run::{Move, RunStatus, StepRecord};
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: every critical section
 /// here leaves the state consistent before anything can panic.
@@ -204,7 +204,7 @@ impl RunState {
     /// The run, if `epoch` is its current lease and it is running.
     fn owned_mut(&mut self, id: &RunId, epoch: u64) -> StoreResult<&mut RunRecord> {
         let run = self.run_mut(id)?;
-        if run.epoch != epoch || run.status != RunStatus::Running {
+        if run.epoch != epoch || !run.status.is_leased() {
             return Err(StoreError::StaleLease(format!(
                 "run `{id}` is {} at epoch {}, not running at epoch {epoch}",
                 run.status, run.epoch
@@ -299,12 +299,8 @@ impl RunStore for MemoryRunStore {
         let mut st = lock(&self.state);
         let run = st.run_mut(id)?;
         let now = Utc::now();
-        let claimable = match (&run.status, &run.lease) {
-            (RunStatus::Queued, _) => true,
-            (RunStatus::Running, Some(lease)) => lease.expires_at <= now,
-            (RunStatus::Running, None) => true,
-            _ => false,
-        };
+        let claimable = Move::Claim.starts_from(run.status)
+            && run.lease.as_ref().is_none_or(|l| l.expires_at <= now);
         if !claimable {
             return Err(StoreError::Conflict(format!(
                 "run `{id}` is {} and not claimable",
@@ -321,31 +317,6 @@ impl RunStore for MemoryRunStore {
         run.started_at.get_or_insert(now);
         run.lease = Some(lease.clone());
         Ok(lease)
-    }
-
-    async fn claim_next(&self, owner: &str, ttl: Duration) -> StoreResult<Option<RunRecord>> {
-        let mut st = lock(&self.state);
-        let now = Utc::now();
-        let next = st.order.values().find(|id| {
-            st.runs.get(*id).is_some_and(|(_, r)| {
-                r.status == RunStatus::Queued
-                    || (r.status == RunStatus::Running
-                        && r.lease.as_ref().is_none_or(|l| l.expires_at <= now))
-            })
-        });
-        let Some(id) = next.cloned() else {
-            return Ok(None);
-        };
-        let run = st.run_mut(&id)?;
-        run.epoch += 1;
-        run.status = RunStatus::Running;
-        run.started_at.get_or_insert(now);
-        run.lease = Some(Lease {
-            owner: owner.to_owned(),
-            expires_at: now + ttl_to_chrono(ttl),
-            epoch: run.epoch,
-        });
-        Ok(Some(run.clone()))
     }
 
     async fn renew(&self, id: &RunId, epoch: u64, ttl: Duration) -> StoreResult<Lease> {
@@ -381,6 +352,12 @@ impl RunStore for MemoryRunStore {
         }
         let mut st = lock(&self.state);
         let run = st.owned_mut(id, epoch)?;
+        if run.status.move_to(outcome.status) != Some(Move::Finish) {
+            return Err(StoreError::Invalid(format!(
+                "a {} run cannot be finished as {}",
+                run.status, outcome.status
+            )));
+        }
         run.status = outcome.status;
         run.output = outcome.output;
         run.error = outcome.error;
@@ -405,6 +382,7 @@ impl RunStore for MemoryRunStore {
         from: RunStatus,
         to: RunStatus,
     ) -> StoreResult<RunRecord> {
+        Move::unowned(from, to)?;
         let mut st = lock(&self.state);
         let run = st.run_mut(id)?;
         if run.status != from {
@@ -624,7 +602,6 @@ impl Queue for MemoryQueue {
     async fn lease(
         &self,
         group: &str,
-        _worker: &str,
         max: usize,
         ttl: Duration,
         wait: Duration,
@@ -769,7 +746,6 @@ struct MetaState {
     api_keys: Vec<ApiKeyRecord>,
     usage: BTreeMap<(String, String), UsageDay>,
     files: HashMap<String, FileRecord>,
-    fires: HashMap<(String, DateTime<Utc>), RunId>,
 }
 
 impl MemoryMetaStore {
@@ -962,24 +938,6 @@ impl FileStore for MemoryMetaStore {
             .remove(id)
             .map(|_| ())
             .ok_or_else(|| StoreError::not_found("file", id))
-    }
-}
-
-#[async_trait]
-impl ScheduleStore for MemoryMetaStore {
-    async fn try_fire(
-        &self,
-        schedule_id: &str,
-        fire_at: DateTime<Utc>,
-        run_id: &RunId,
-    ) -> StoreResult<bool> {
-        let mut st = lock(&self.state);
-        let key = (schedule_id.to_owned(), fire_at);
-        if st.fires.contains_key(&key) {
-            return Ok(false);
-        }
-        st.fires.insert(key, run_id.clone());
-        Ok(true)
     }
 }
 

@@ -221,10 +221,6 @@ pub trait RunStore: Send + Sync {
     ) -> StoreResult<Vec<RunRecord>> {
         claim_each(self, ids, owner, ttl).await
     }
-    /// Claims the oldest claimable run (queued, or running with an expired lease), if any: the
-    /// way a reaper recovers runs whose worker died, and a queue of last resort. Concurrent
-    /// callers never get the same run (PostgreSQL: `FOR UPDATE SKIP LOCKED`).
-    async fn claim_next(&self, owner: &str, ttl: Duration) -> StoreResult<Option<RunRecord>>;
     /// Extends the lease of the current owner. `StaleLease` when another owner took over.
     async fn renew(&self, id: &RunId, epoch: u64, ttl: Duration) -> StoreResult<Lease>;
     /// Checkpoints steps (insert or replace by node). `StaleLease` when `epoch` is not current.
@@ -313,7 +309,6 @@ pub trait Queue: Send + Sync {
     async fn lease(
         &self,
         group: &str,
-        worker: &str,
         max: usize,
         ttl: Duration,
         wait: Duration,
@@ -697,19 +692,6 @@ pub trait FileStore: Send + Sync {
     async fn get_file(&self, id: &str) -> StoreResult<FileRecord>;
     /// Deletes a file's metadata.
     async fn delete_file(&self, id: &str) -> StoreResult<()>;
-}
-
-/// Schedule ticks: a cron tick fires once however many servers run.
-#[async_trait]
-pub trait ScheduleStore: Send + Sync {
-    /// Records that `schedule_id` fires at `fire_at`; `true` for the one caller that got there
-    /// first, `false` for everyone else.
-    async fn try_fire(
-        &self,
-        schedule_id: &str,
-        fire_at: DateTime<Utc>,
-        run_id: &RunId,
-    ) -> StoreResult<bool>;
 }
 
 /// A rate limiter's answer.

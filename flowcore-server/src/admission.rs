@@ -11,11 +11,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
 use flowcore::ports::Queue;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-use crate::error::ApiError;
 
 /// How long a read of the queue's depth is trusted: under load every request would otherwise
 /// cost a round trip to the queue.
@@ -51,7 +48,7 @@ impl Admission {
     pub async fn wait_slot(
         &self,
         limit: Duration,
-    ) -> Result<Option<OwnedSemaphorePermit>, ApiError> {
+    ) -> Result<Option<OwnedSemaphorePermit>, Overloaded> {
         use std::sync::atomic::Ordering;
         if let Some(slot) = self.try_slot() {
             return Ok(Some(slot));
@@ -59,7 +56,9 @@ impl Admission {
         let before = self.waiting.fetch_add(1, Ordering::SeqCst);
         let _leave = Leave(&self.waiting);
         if self.max_queued != 0 && before >= self.max_queued {
-            return Err(overloaded(before as u64));
+            return Err(Overloaded {
+                waiting: before as u64,
+            });
         }
         match tokio::time::timeout(limit, self.slots.clone().acquire_owned()).await {
             Ok(Ok(slot)) => Ok(Some(slot)),
@@ -77,8 +76,9 @@ impl Admission {
         self.slots.clone().try_acquire_owned().ok()
     }
 
-    /// `Ok` when the queue of `group` has room for one more run; 503 `overloaded` otherwise.
-    pub async fn admit_queued(&self, queue: &dyn Queue, group: &str) -> Result<(), ApiError> {
+    /// `Ok` when the queue of `group` has room for one more run, [`Refused::Overloaded`]
+    /// otherwise.
+    pub async fn admit_queued(&self, queue: &dyn Queue, group: &str) -> Result<(), Refused> {
         if self.max_queued == 0 {
             return Ok(());
         }
@@ -109,7 +109,7 @@ impl Admission {
             entry.1 += 1;
             return Ok(());
         }
-        Err(overloaded(depth))
+        Err(Overloaded { waiting: depth }.into())
     }
 }
 
@@ -122,15 +122,23 @@ impl Drop for Leave<'_> {
     }
 }
 
-fn overloaded(waiting: u64) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "overloaded",
-        format!(
-            "{waiting} runs are waiting for a worker (FLOWCORE_MAX_QUEUED_RUNS); try again shortly"
-        ),
-    )
-    .retry_after(1)
+/// Why a run was not admitted to the queue.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// Too many runs wait already.
+    #[error(transparent)]
+    Overloaded(#[from] Overloaded),
+    /// The queue's depth could not be read.
+    #[error(transparent)]
+    Store(#[from] flowcore::StoreError),
+}
+
+/// Too many runs wait already (`FLOWCORE_MAX_QUEUED_RUNS`): come back in a second.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("{waiting} runs are waiting for a worker (FLOWCORE_MAX_QUEUED_RUNS); try again shortly")]
+pub struct Overloaded {
+    /// How many wait.
+    pub waiting: u64,
 }
 
 #[cfg(test)]
@@ -167,10 +175,10 @@ mod tests {
         }
         tokio::time::sleep(DEPTH_FRESH).await;
         let refused = admission.admit_queued(&queue, "g").await.unwrap_err();
-        assert_eq!(
-            (refused.status, refused.code, refused.retry_after),
-            (StatusCode::SERVICE_UNAVAILABLE, "overloaded", Some(1))
-        );
+        assert!(matches!(
+            refused,
+            Refused::Overloaded(Overloaded { waiting: 3 })
+        ));
         admission
             .admit_queued(&queue, "other")
             .await
@@ -191,7 +199,7 @@ mod tests {
             .wait_slot(Duration::from_secs(5))
             .await
             .unwrap_err();
-        assert_eq!(refused.code, "overloaded", "one waiter at most");
+        assert_eq!(refused.waiting, 1, "one waiter at most");
         drop(held);
         assert!(
             waiter.await.unwrap().unwrap().is_some(),

@@ -7,8 +7,9 @@ use std::time::Duration;
 use flowcore::CancellationToken;
 use tokio::task::JoinHandle;
 
-use crate::app::Shared;
 use crate::config::Role;
+use crate::lifecycle;
+use crate::state::Shared;
 
 /// How often a worker looks for runs whose owner is gone: an indexed query that mostly finds
 /// nothing, often enough that a dead worker's runs move on within a second of its lease lapsing.
@@ -34,11 +35,11 @@ pub fn start(state: &Shared) -> Background {
             state.clone(),
             shutdown.clone(),
         )));
-        tasks.push(tokio::spawn(crate::worker::obey_cancels(
+        tasks.push(tokio::spawn(lifecycle::obey_cancels(
             state.clone(),
             shutdown.clone(),
         )));
-        tasks.push(tokio::spawn(crate::worker::reap(
+        tasks.push(tokio::spawn(lifecycle::reap(
             state.clone(),
             REAP_EVERY,
             shutdown.clone(),

@@ -8,8 +8,7 @@ use chrono::Utc;
 use flowcore::StoreError;
 use flowcore::ports::{CredentialStore, StoredCredential};
 use flowcore::secret::{Secret, SecretError, SecretSource};
-use flowcore_store::SqlStore;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::keyring::Keyring;
 
@@ -64,15 +63,21 @@ pub fn validate(kind: &str, data: &Value) -> Result<(), String> {
 }
 
 /// Encrypts, stores and decrypts credentials.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Credentials {
-    store: SqlStore,
+    store: Arc<dyn CredentialStore>,
     keyring: Arc<Keyring>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").finish_non_exhaustive()
+    }
 }
 
 impl Credentials {
     /// Credentials in `store`, under `keyring`.
-    pub fn new(store: SqlStore, keyring: Arc<Keyring>) -> Self {
+    pub fn new(store: Arc<dyn CredentialStore>, keyring: Arc<Keyring>) -> Self {
         Self { store, keyring }
     }
 
@@ -138,11 +143,6 @@ impl Credentials {
         }
         Ok(count)
     }
-}
-
-/// What the API shows of a credential: never the secret.
-pub fn public(c: &StoredCredential) -> Value {
-    json!({"id": c.id, "name": c.name, "type": c.kind, "allowed_hosts": c.allowed_hosts, "key_id": c.key_id, "created_at": c.created_at, "updated_at": c.updated_at})
 }
 
 #[async_trait]

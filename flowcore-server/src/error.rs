@@ -7,7 +7,27 @@ use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use flowcore::{CompileError, StoreError};
-use serde_json::{Value, json};
+use serde_json::Value;
+
+/// The body of every error answer: `{"error": {"code", "message", "details"}}`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ApiErrorBody {
+    /// What went wrong.
+    pub error: ApiErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ApiErrorDetail {
+    /// A stable snake_case code (`invalid_json`, `not_found`, `unauthorized`, ...).
+    pub code: &'static str,
+    /// For people.
+    pub message: String,
+    /// Structured details (for `invalid_flow`: `[{"node", "edge", "problem"}]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub details: Option<Value>,
+}
 
 /// An error answer of the API.
 #[derive(Debug)]
@@ -203,11 +223,12 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut error = json!({ "code": self.code, "message": self.message });
-        if let Some(details) = self.details {
-            error["details"] = *details;
-        }
-        let mut response = (self.status, Json(json!({ "error": error }))).into_response();
+        let error = ApiErrorDetail {
+            code: self.code,
+            message: self.message,
+            details: self.details.map(|d| *d),
+        };
+        let mut response = (self.status, Json(ApiErrorBody { error })).into_response();
         if let Some(seconds) = self.retry_after {
             response
                 .headers_mut()

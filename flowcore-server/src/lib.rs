@@ -1,5 +1,20 @@
 //! The flowcore server: configuration, the HTTP API and the composition of the stores into the
 //! topology (`all`, `api`, `worker`). The `flowcore` binary is `src/main.rs`.
+//!
+//! The server is built on the ports of `flowcore`: [`build_state`] composes the stores that
+//! the configuration names (SQL, Redis, opendal), and [`build_state_with`] takes any
+//! [`Stores`] and any [`flowcore::Registry`], so an embedder can serve its own node types on its
+//! own backends:
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! use flowcore_server::{config::Config, state::Stores};
+//! let config = Config::from_env()?;
+//! let registry = flowcore::Registry::with_builtins(); // .register(...) your node types
+//! let state = flowcore_server::build_state_with(config, Stores::memory(), registry)?;
+//! let router = flowcore_server::app::app(state);
+//! # Ok(()) }
+//! ```
 
 pub mod admission;
 pub mod app;
@@ -8,30 +23,32 @@ pub mod background;
 pub mod config;
 pub mod credentials;
 pub mod error;
+pub mod hooks;
 pub mod keyring;
+pub mod lifecycle;
 pub mod limits;
 pub mod listen;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
+pub mod running;
 pub mod schedules;
+pub mod state;
 pub mod usage;
 pub mod worker;
 
 use std::sync::Arc;
 
-use flowcore::Engine;
-use flowcore::cache::PlanCache;
+use flowcore::Registry;
 use flowcore::ports::memory::{
     MemoryEventBus, MemoryFlowChanges, MemoryQueue, MemoryRateLimiter, MemoryRunSignals,
 };
-use flowcore::ports::{EventBus, FlowChanges, FlowStore, Queue, RateLimiter, RunSignals};
 use flowcore_store::{OpendalBlobStore, RedisConfig, RedisQueue, SqlConfig, SqlStore};
 
-use crate::app::{AppState, Shared};
 use crate::config::{Config, Role};
 use crate::credentials::Credentials;
 use crate::keyring::Keyring;
+pub use crate::state::{AppState, Shared, Stores};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -44,9 +61,8 @@ pub enum StartError {
     Keys(#[from] keyring::KeyError),
 }
 
-/// Connects to the database the configuration names and loads the credential keys (for the
-/// commands that need only those).
-pub async fn open_credentials(config: &Config) -> Result<(SqlStore, Credentials), StartError> {
+/// Connects to the database the configuration names (migrating it).
+async fn open_sql(config: &Config) -> Result<SqlStore, StartError> {
     let mut sql_config = SqlConfig::new(config.database_url.clone());
     sql_config.pool_size = config.database_pool_size;
     let sql = SqlStore::connect(sql_config).await?;
@@ -57,92 +73,77 @@ pub async fn open_credentials(config: &Config) -> Result<(SqlStore, Credentials)
              this machine's data dir, which other machines sharing the database cannot read"
         );
     }
-    let keyring = Keyring::load(config.encryption_key.as_deref(), &config.data_dir)?;
-    let credentials = Credentials::new(sql.clone(), Arc::new(keyring));
+    Ok(sql)
+}
+
+/// The credential keys the configuration names (`FLOWCORE_ENCRYPTION_KEY`, else a key
+/// generated into the data dir).
+pub fn load_keyring(config: &Config) -> Result<Keyring, StartError> {
+    Ok(Keyring::load(
+        config.encryption_key.as_deref(),
+        &config.data_dir,
+    )?)
+}
+
+/// Connects to the database the configuration names and loads the credential keys (for the
+/// commands that need only those).
+pub async fn open_credentials(config: &Config) -> Result<(SqlStore, Credentials), StartError> {
+    let sql = open_sql(config).await?;
+    let credentials = Credentials::new(Arc::new(sql.clone()), Arc::new(load_keyring(config)?));
     Ok((sql, credentials))
 }
 
-/// Connects the stores the configuration names (migrating the database) and builds the state.
+/// The stores the configuration names: the SQL database for the records, Redis (when
+/// `REDIS_URL` is set) for the queue, events, rate limits and signals between processes, else
+/// their in-process twins, and the blob store of `STORAGE_TYPE`.
+pub async fn open_stores(config: &Config) -> Result<Stores, StartError> {
+    let sql = open_sql(config).await?;
+    let mut stores = Stores {
+        flows: Arc::new(sql.clone()),
+        runs: Arc::new(sql.clone()),
+        api_keys: Arc::new(sql.clone()),
+        credentials: Arc::new(sql.clone()),
+        usage: Arc::new(sql.clone()),
+        files: Arc::new(sql),
+        blobs: Arc::new(OpendalBlobStore::open(&config.storage)?),
+        queue: Arc::new(MemoryQueue::default()),
+        events: Arc::new(MemoryEventBus::default()),
+        flow_changes: Arc::new(MemoryFlowChanges::default()),
+        limiter: Arc::new(MemoryRateLimiter::new()),
+        signals: Arc::new(MemoryRunSignals::default()),
+    };
+    if let Some(url) = &config.redis_url {
+        let mut redis = RedisConfig::new(url.clone());
+        redis.prefix = config.redis_prefix.clone();
+        // An api process leases no jobs; a worker answers no waiting requests (its API still
+        // works: a waiter there reads the store every second). Every other message of those
+        // channels would be sent to it for nothing.
+        redis.hear_enqueues = config.role != Role::Api;
+        redis.hear_finished_runs = config.role != Role::Worker;
+        let queue = RedisQueue::connect(redis).await?;
+        stores.flow_changes = Arc::new(queue.flow_changes());
+        stores.events = Arc::new(queue.event_bus());
+        stores.limiter = Arc::new(queue.rate_limiter());
+        stores.signals = Arc::new(queue.run_signals());
+        stores.queue = Arc::new(queue);
+    }
+    Ok(stores)
+}
+
+/// Connects the stores the configuration names (migrating the database) and builds the state,
+/// with the built-in node types.
 pub async fn build_state(config: Config) -> Result<Shared, StartError> {
-    let (sql, credentials) = open_credentials(&config).await?;
-    let blobs = OpendalBlobStore::open(&config.storage)?;
-    type Backends = (
-        Arc<dyn Queue>,
-        Arc<dyn FlowChanges>,
-        Arc<dyn EventBus>,
-        Arc<dyn RateLimiter>,
-        Arc<dyn RunSignals>,
-    );
-    let (queue, changes, events, limiter, signals): Backends = match &config.redis_url {
-        Some(url) => {
-            let mut redis = RedisConfig::new(url.clone());
-            redis.prefix = config.redis_prefix.clone();
-            // An api process leases no jobs; a worker answers no waiting requests (its API
-            // still works: a waiter there reads the store every second). Every other message
-            // of those channels would be sent to it for nothing.
-            redis.hear_enqueues = config.role != Role::Api;
-            redis.hear_finished_runs = config.role != Role::Worker;
-            let queue = RedisQueue::connect(redis).await?;
-            (
-                Arc::new(queue.clone()),
-                Arc::new(queue.flow_changes()),
-                Arc::new(queue.event_bus()),
-                Arc::new(queue.rate_limiter()),
-                Arc::new(queue.run_signals()),
-            )
-        }
-        None => (
-            Arc::new(MemoryQueue::default()),
-            Arc::new(MemoryFlowChanges::default()),
-            Arc::new(MemoryEventBus::default()),
-            Arc::new(MemoryRateLimiter::new()),
-            Arc::new(MemoryRunSignals::default()),
-        ),
-    };
-    let limits = flowcore::Limits {
-        run_timeout: std::time::Duration::from_secs(config.flow_timeout_seconds),
-        max_output_bytes: usize::try_from(config.max_file_mb.saturating_mul(1024 * 1024))
-            .unwrap_or(usize::MAX),
-        max_run_log_bytes: usize::try_from(config.max_run_log_mb.saturating_mul(1024 * 1024))
-            .unwrap_or(usize::MAX),
-        ..flowcore::Limits::default()
-    };
-    let flows: Arc<dyn FlowStore> = Arc::new(sql.clone());
-    let guard = config
-        .http_guard
-        .clone()
-        .with_own_addresses(flowcore::net::own_addresses(config.bind.ip()));
-    let engine = Engine::builder()
-        .limits(limits)
-        .http_guard(guard)
-        .flow_store(flows.clone())
-        .secrets(Arc::new(credentials.clone()))
-        .build();
-    let webhooks = routes::webhooks::WebhookIndex::new(&changes);
-    let plans = PlanCache::new(engine.clone(), flows, Some(changes.clone()), 10_000);
-    let (config_slots, config_queued) = (config.worker_concurrency, config.max_queued_runs);
-    let worker_name = format!("{}-{}", std::process::id(), &flowcore::ids::new_id()[24..]);
-    let usage = Arc::new(usage::Usage::new(sql.clone()));
-    Ok(Arc::new(AppState {
-        config,
-        engine,
-        run_store: Arc::new(sql.clone()),
-        sql,
-        plans,
-        queue,
-        blobs,
-        event_sink: Arc::new(flowcore::ports::BusSink::new(events.clone())),
-        events,
-        running: crate::worker::Running::default(),
-        worker_name,
-        webhooks,
-        metrics: Arc::new(metrics::Metrics::new()),
-        limiter,
-        usage,
-        flow_changes: changes,
-        signals,
-        hand_back: flowcore::CancellationToken::new(),
-        admission: admission::Admission::new(config_slots, config_queued),
-        credentials,
-    }))
+    let stores = open_stores(&config).await?;
+    build_state_with(config, stores, Registry::with_builtins())
+}
+
+/// The state of a process on any `stores`, serving the node types of `registry`. Call it within
+/// a tokio runtime.
+pub fn build_state_with(
+    config: Config,
+    stores: Stores,
+    registry: Registry,
+) -> Result<Shared, StartError> {
+    let keyring = load_keyring(&config)?;
+    Ok(AppState::new(config, stores, registry, keyring))
 }

@@ -3,12 +3,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Request};
 use axum::http::{HeaderMap, StatusCode};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use flowcore::ports::RateLimiter;
 
-use crate::app::Shared;
 use crate::error::ApiError;
 
 /// The client's address: the peer, or, behind `proxies` trusted proxies, the address that many
@@ -46,7 +44,7 @@ pub fn client_of(request: &Request, proxies: usize) -> String {
 /// with `Retry-After` and `message` past it. A limiter that does not answer lets the request
 /// through rather than fail every request.
 pub async fn take(
-    state: &Shared,
+    limiter: &dyn RateLimiter,
     key: &str,
     per_minute: u32,
     message: &str,
@@ -54,7 +52,7 @@ pub async fn take(
     if per_minute == 0 {
         return Ok(());
     }
-    match state.limiter.check(key, per_minute).await {
+    match limiter.check(key, per_minute).await {
         Ok(decision) if !decision.allowed => {
             let seconds = decision.retry_after.as_secs_f64().ceil().max(1.0) as u64;
             Err(ApiError::new(
@@ -69,18 +67,6 @@ pub async fn take(
             tracing::warn!(error = %e, "rate limiter unavailable");
             Ok(())
         }
-    }
-}
-
-/// Refuses with 429 and `Retry-After` when the client address is over its per-minute limit.
-/// (API keys are limited by their verified id once checked, in `app::require_key`: a key
-/// presented here is not yet known to be anyone's.)
-pub async fn rate_limit(State(state): State<Shared>, request: Request, next: Next) -> Response {
-    let address = client_of(&request, state.config.number_of_proxies);
-    let limit = state.config.rate_limit_per_minute;
-    match take(&state, &format!("ip:{address}"), limit, "too many requests").await {
-        Ok(()) => next.run(request).await,
-        Err(e) => e.into_response(),
     }
 }
 

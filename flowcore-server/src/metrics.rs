@@ -2,11 +2,7 @@
 //! read from `/proc` at scrape time.
 
 use std::sync::Arc;
-use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use flowcore::{EventSink, Plan, RunEvent};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -15,8 +11,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-use crate::app::Shared;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpLabels {
@@ -143,6 +137,21 @@ impl Metrics {
         }
     }
 
+    /// Counts and times a request by its route template (never the raw path: bounded labels).
+    pub fn request(&self, method: &str, route: &str, status: u16, seconds: f64) {
+        let (method, route) = (method.to_owned(), route.to_owned());
+        self.http_requests
+            .get_or_create(&HttpLabels {
+                method: method.clone(),
+                route: route.clone(),
+                status,
+            })
+            .inc();
+        self.http_duration
+            .get_or_create(&RouteLabels { method, route })
+            .observe(seconds);
+    }
+
     /// A run started executing here.
     pub fn run_started(&self) {
         self.in_flight.inc();
@@ -212,44 +221,4 @@ fn process_figures() -> Option<(i64, i64)> {
     let ticks: i64 = fields.get(11)?.parse::<i64>().ok()? + fields.get(12)?.parse::<i64>().ok()?;
     // Linux reports in clock ticks of 1/100 s on every platform Rust supports here.
     Some((pages * 4096, ticks * 10))
-}
-
-/// Counts and times every request by its route template (never the raw path: bounded labels).
-pub async fn track(State(state): State<Shared>, request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = request.method().as_str().to_owned();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let response = next.run(request).await;
-    let status = response.status().as_u16();
-    let m = &state.metrics;
-    m.http_requests
-        .get_or_create(&HttpLabels {
-            method: method.clone(),
-            route: route.clone(),
-            status,
-        })
-        .inc();
-    m.http_duration
-        .get_or_create(&RouteLabels { method, route })
-        .observe(started.elapsed().as_secs_f64());
-    response
-}
-
-/// `GET /metrics`.
-#[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "meta", responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String)))]
-pub async fn scrape(State(state): State<Shared>) -> Response {
-    let group = state.config.worker_group.clone();
-    let ready = state.queue.depth(&group).await.ok().map(|d| d.ready);
-    let body = state.metrics.render(ready.map(|r| (group.as_str(), r)));
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
 }

@@ -3,113 +3,17 @@
 
 use axum::Json;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{Modify, OpenApi};
 
-/// An error answer.
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)]
-pub struct ApiErrorBody {
-    error: ApiErrorDetail,
-}
-
-/// What went wrong.
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)]
-pub struct ApiErrorDetail {
-    /// A stable snake_case code (`invalid_json`, `not_found`, `unauthorized`, ...).
-    code: String,
-    /// For people.
-    message: String,
-    /// Structured details (for `invalid_flow`: `[{"node", "edge", "problem"}]`).
-    #[schema(value_type = Option<Object>)]
-    details: Option<serde_json::Value>,
-}
-
-/// A flow was stored.
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)]
-pub struct FlowCreated {
-    id: String,
-    version: u32,
-}
-
-/// How to start a run.
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)]
-pub struct StartRun {
-    /// The run's input (default `{}`).
-    #[schema(value_type = Option<Object>)]
-    input: Option<serde_json::Value>,
-    /// Wait up to WEBHOOK_TIMEOUT_SECONDS for the end (default true).
-    wait: Option<bool>,
-    /// The same key gives the same run.
-    idempotency_key: Option<String>,
-}
-
-/// A started run.
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)]
-pub struct RunAnswer {
-    run_id: String,
-    /// `queued`, `running`, `succeeded`, `failed`, `cancelled`, `timed_out`.
-    status: String,
-    /// When finished.
-    #[schema(value_type = Option<Object>)]
-    output: Option<serde_json::Value>,
-    error: Option<String>,
-}
-
-/// A new API key.
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)]
-pub struct CreateApiKey {
-    name: String,
-    /// Of `read`, `run`, `write`, `admin`; default: the scopes of the key making it (a key
-    /// grants only scopes it has).
-    scopes: Option<Vec<String>>,
-}
-
-/// A credential to store.
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)]
-pub struct CreateCredential {
-    /// Flows refer to it by this name.
-    name: String,
-    /// `bearer` (`token`), `basic_auth` (`username`, `password`) or `header` (`name`, `value`).
-    #[schema(rename = "type")]
-    kind: String,
-    /// The secret fields.
-    #[schema(value_type = Object)]
-    data: serde_json::Value,
-    /// The only hosts (`host` or `host:port`) it is sent to; without it, only hosts written
-    /// literally in a flow's URL.
-    allowed_hosts: Option<Vec<String>>,
-}
-
-/// A credential's metadata.
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)]
-pub struct CredentialView {
-    id: String,
-    name: String,
-    #[schema(rename = "type")]
-    kind: String,
-    /// The key that encrypted it.
-    key_id: String,
-    created_at: String,
-    updated_at: String,
-}
-
-/// A file's metadata.
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)]
-pub struct FileView {
-    id: String,
-    name: String,
-    content_type: String,
-    size: u64,
-    created_at: String,
-}
+use crate::error::{ApiErrorBody, ApiErrorDetail};
+use crate::lifecycle::{RunAnswer, RunState};
+use crate::routes::api_keys::{ApiKeyCreated, ApiKeyList, ApiKeyView, CreateApiKey};
+use crate::routes::credentials::{CreateCredential, CredentialList, CredentialView};
+use crate::routes::files::FileView;
+use crate::routes::flows::{FlowCreated, FlowPage, FlowSummary, FlowView};
+use crate::routes::meta::{Health, Readiness};
+use crate::routes::runs::{RunPage, RunSummary, RunView, StartRun, StepView};
+use crate::routes::usage::{Quota, UsageReport};
 
 #[derive(Debug)]
 struct Security;
@@ -133,7 +37,7 @@ impl Modify for Security {
 #[openapi(
     info(title = "flowcore", description = "The flowcore HTTP API. Every /api/ route takes `Authorization: Bearer <key>` or `x-api-key: <key>`."),
     paths(
-        crate::app::healthz, crate::app::readyz, crate::metrics::scrape, openapi_json,
+        crate::routes::meta::healthz, crate::routes::meta::readyz, crate::routes::meta::scrape, openapi_json,
         crate::routes::flows::create, crate::routes::flows::list, crate::routes::flows::read,
         crate::routes::flows::update, crate::routes::flows::delete,
         crate::routes::runs::start, crate::routes::runs::list, crate::routes::runs::read,
@@ -144,7 +48,12 @@ impl Modify for Security {
         crate::routes::files::upload, crate::routes::files::download, crate::routes::files::meta,
         crate::routes::files::remove, crate::routes::usage::usage, crate::routes::webhooks::call,
     ),
-    components(schemas(ApiErrorBody, ApiErrorDetail, FlowCreated, StartRun, RunAnswer, CreateApiKey, CreateCredential, CredentialView, FileView)),
+    components(schemas(
+        ApiErrorBody, ApiErrorDetail, Health, Readiness, FlowCreated, FlowSummary, FlowPage, FlowView,
+        StartRun, RunAnswer, RunState, StepView, RunView, RunSummary, RunPage, CreateApiKey,
+        ApiKeyCreated, ApiKeyView, ApiKeyList, CreateCredential, CredentialView, CredentialList,
+        FileView, UsageReport, Quota,
+    )),
     modifiers(&Security),
 )]
 #[allow(missing_debug_implementations)]

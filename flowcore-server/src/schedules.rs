@@ -10,7 +10,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use flowcore::{CancellationToken, Trigger};
 
-use crate::app::AppState;
+use crate::lifecycle::{self, Start};
+use crate::state::AppState;
 
 /// One schedule trigger of one flow.
 #[derive(Debug, Clone)]
@@ -23,7 +24,7 @@ struct Schedule {
 
 async fn load(state: &AppState) -> Result<Vec<Schedule>, flowcore::StoreError> {
     let mut out = Vec::new();
-    for flow in flowcore::ports::all_flows(&state.sql).await? {
+    for flow in flowcore::ports::all_flows(state.stores.flows.as_ref()).await? {
         for (i, trigger) in flow.definition.triggers.iter().enumerate() {
             if let Trigger::Schedule { cron } = trigger {
                 // Stored flows were compiled on the way in; a cron that no longer parses is
@@ -67,22 +68,20 @@ async fn fire(
         for tick in ticks(&schedule.cron, after, until, 10) {
             let key = format!("schedule:{}:{}", schedule.id, tick.timestamp());
             let input = serde_json::json!({"scheduled_at": tick, "schedule": schedule.id});
-            match crate::routes::runs::start_run(
-                state,
-                &schedule.flow_id,
+            let start = Start {
+                flow_id: schedule.flow_id.clone(),
                 input,
-                false,
-                Some(key),
-                None,
-            )
-            .await
-            {
+                wait: false,
+                idempotency_key: Some(key),
+                trigger: None,
+            };
+            match lifecycle::start(state, start).await {
                 Ok(_) => {
                     asked += 1;
                     tracing::debug!(schedule = %schedule.id, %tick, "schedule fired");
                 }
                 Err(e) => {
-                    tracing::warn!(schedule = %schedule.id, %tick, error = %e.message, "a scheduled run could not start");
+                    tracing::warn!(schedule = %schedule.id, %tick, error = %e, "a scheduled run could not start");
                 }
             }
         }
@@ -103,7 +102,7 @@ pub async fn fire_window(
 /// Fires due ticks until `shutdown`. The list of schedules is read again after a flow change
 /// (from any process) and at least once a minute.
 pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
-    let mut changes = state.flow_changes.subscribe();
+    let mut changes = state.stores.flow_changes.subscribe();
     let mut schedules: Option<(std::time::Instant, Vec<Schedule>)> = None;
     let mut checked = Utc::now();
     loop {

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use flowcore::ports::UsageStore;
 use flowcore::{EventSink, RunEvent, StepStatus, StoreError};
-use flowcore_store::SqlStore;
 
 /// How often counts are added to the database.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
@@ -26,9 +25,8 @@ struct Counts {
 }
 
 /// The usage counter of one process.
-#[derive(Debug)]
 pub struct Usage {
-    store: SqlStore,
+    store: Arc<dyn UsageStore>,
     /// Not yet stored, by day then flow (looked up without allocating on every count).
     pending: Mutex<HashMap<Day, HashMap<String, Counts>>>,
     /// Runs stored per (flow, day), as read at an instant, for quotas.
@@ -40,9 +38,15 @@ pub fn today() -> String {
     Utc::now().format("%Y-%m-%d").to_string()
 }
 
+impl std::fmt::Debug for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Usage").finish_non_exhaustive()
+    }
+}
+
 impl Usage {
     /// A counter writing to `store`.
-    pub fn new(store: SqlStore) -> Self {
+    pub fn new(store: Arc<dyn UsageStore>) -> Self {
         Self {
             store,
             pending: Mutex::new(HashMap::new()),

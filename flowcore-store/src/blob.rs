@@ -153,21 +153,6 @@ impl OpendalBlobStore {
         self.kind
     }
 
-    /// The keys under `prefix` (a folder such as `files/`), in no particular order.
-    pub async fn list(&self, prefix: &str) -> StoreResult<Vec<String>> {
-        let entries = self
-            .op
-            .list_with(prefix)
-            .recursive(true)
-            .await
-            .map_err(|e| map_error("listing blobs", prefix, e))?;
-        Ok(entries
-            .into_iter()
-            .map(|e| e.path().to_owned())
-            .filter(|p| !p.ends_with('/'))
-            .collect())
-    }
-
     /// Answers when the store is reachable (for readiness checks).
     pub async fn check(&self) -> StoreResult<()> {
         self.op
@@ -195,6 +180,20 @@ fn map_error(what: &str, key: &str, e: opendal::Error) -> StoreError {
 
 #[async_trait]
 impl BlobStore for OpendalBlobStore {
+    async fn list(&self, prefix: &str) -> StoreResult<Vec<String>> {
+        let entries = self
+            .op
+            .list_with(prefix)
+            .recursive(true)
+            .await
+            .map_err(|e| map_error("listing blobs", prefix, e))?;
+        Ok(entries
+            .into_iter()
+            .map(|e| e.path().to_owned())
+            .filter(|p| !p.ends_with('/'))
+            .collect())
+    }
+
     async fn put(&self, key: &str, data: Vec<u8>) -> StoreResult<()> {
         check_key(key)?;
         self.op

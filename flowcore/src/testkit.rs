@@ -816,6 +816,18 @@ pub async fn blob_store(store: &dyn BlobStore) {
         "missing blob"
     );
     assert_eq!(store.stat("files/none").await.expect("stat"), None);
+    store
+        .put("other/b", b"b".to_vec())
+        .await
+        .expect("put elsewhere");
+    let mut listed = store.list("files/").await.expect("list");
+    listed.sort();
+    assert_eq!(
+        listed,
+        ["files/a.txt", "files/empty"],
+        "the keys under a prefix"
+    );
+    store.delete("other/b").await.expect("delete");
     store.delete("files/a.txt").await.expect("delete");
     store
         .delete("files/a.txt")

@@ -6,15 +6,13 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get};
 use axum::{Json, Router};
-use flowcore::ports::{ApiKeyStore, Scopes};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use chrono::{DateTime, Utc};
+use flowcore::ports::{ApiKeyRecord, Scopes};
+use serde::{Deserialize, Serialize};
 
-use crate::app::Shared;
 use crate::auth::Caller;
-use crate::error::ApiError;
-#[allow(unused_imports)]
-use crate::openapi::*;
+use crate::error::{ApiError, ApiErrorBody, JsonBody};
+use crate::state::Shared;
 
 /// The API keys routes.
 pub fn router() -> Router<Shared> {
@@ -23,22 +21,90 @@ pub fn router() -> Router<Shared> {
         .route("/api-keys/{id}", delete(revoke))
 }
 
-#[derive(Deserialize)]
+/// A new API key.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct CreateBody {
-    name: String,
-    /// What the new key may do; default: what the key making it may do.
+pub struct CreateApiKey {
+    /// A human name.
+    pub name: String,
+    /// Of `read`, `run`, `write`, `admin`; default: the scopes of the key making it (a key
+    /// grants only scopes it has).
     #[serde(default)]
-    scopes: Option<Scopes>,
+    #[schema(value_type = Option<Vec<String>>)]
+    pub scopes: Option<Scopes>,
+}
+
+/// An API key as listed: never the key or its hash.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ApiKeyView {
+    /// Its id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// The key's first characters.
+    pub prefix: String,
+    /// What it may do.
+    #[schema(value_type = Vec<String>)]
+    pub scopes: Scopes,
+    /// The key that made it.
+    pub parent_id: Option<String>,
+    /// When it was made.
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: DateTime<Utc>,
+    /// When it was revoked.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl From<ApiKeyRecord> for ApiKeyView {
+    fn from(k: ApiKeyRecord) -> Self {
+        Self {
+            id: k.id,
+            name: k.name,
+            prefix: k.prefix,
+            scopes: k.scopes,
+            parent_id: k.parent_id,
+            created_at: k.created_at,
+            revoked_at: k.revoked_at,
+        }
+    }
+}
+
+/// A key just made: the only answer that holds the key.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ApiKeyCreated {
+    /// Its id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// The key's first characters.
+    pub prefix: String,
+    /// The key, shown this once.
+    pub key: String,
+    /// What it may do.
+    #[schema(value_type = Vec<String>)]
+    pub scopes: Scopes,
+    /// The key that made it.
+    pub parent_id: Option<String>,
+    /// When it was made.
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: DateTime<Utc>,
+}
+
+/// The API keys.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ApiKeyList {
+    /// Every key, revoked ones too.
+    pub items: Vec<ApiKeyView>,
 }
 
 /// Creates an API key (shown once).
-#[utoipa::path(post, path = "/api/v1/api-keys", operation_id = "create_api_key", tag = "api_keys", request_body = CreateApiKey, responses((status = 201, description = "the key, shown this once", body = Object), (status = 400, description = "invalid input", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+#[utoipa::path(post, path = "/api/v1/api-keys", operation_id = "create_api_key", tag = "api_keys", request_body = CreateApiKey, responses((status = 201, description = "the key, shown this once", body = ApiKeyCreated), (status = 400, description = "invalid input", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
 pub(crate) async fn create(
     State(state): State<Shared>,
     Extension(caller): Extension<Caller>,
-    crate::error::JsonBody(body): crate::error::JsonBody<CreateBody>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+    JsonBody(body): JsonBody<CreateApiKey>,
+) -> Result<(StatusCode, Json<ApiKeyCreated>), ApiError> {
     if body.name.trim().is_empty() || body.name.len() > 200 {
         return Err(ApiError::bad_request("name must be 1 to 200 characters"));
     }
@@ -57,37 +123,39 @@ pub(crate) async fn create(
         ));
     }
     let (record, key) = crate::auth::generate_with(&body.name, scopes, caller.parent_id())?;
-    ApiKeyStore::insert_api_key(&state.sql, &record).await?;
+    let keys = &state.stores.api_keys;
+    keys.insert_api_key(&record).await?;
     // The maker may have been revoked while this request ran: its revocation took the keys it
     // had made then, so a key made after it goes now (read after the insert, so that one of
     // the two always sees the other).
     if let Some(parent) = &record.parent_id {
-        let keys = ApiKeyStore::list_api_keys(&state.sql).await?;
-        if keys
+        let listed = keys.list_api_keys().await?;
+        if listed
             .iter()
             .any(|k| &k.id == parent && k.revoked_at.is_some())
         {
-            ApiKeyStore::revoke_api_key(&state.sql, &record.id).await?;
+            keys.revoke_api_key(&record.id).await?;
             return Err(ApiError::unauthorized());
         }
     }
-    Ok((
-        StatusCode::CREATED,
-        Json(
-            json!({"id": record.id, "name": record.name, "prefix": record.prefix, "key": key, "scopes": record.scopes, "parent_id": record.parent_id, "created_at": record.created_at}),
-        ),
-    ))
+    let created = ApiKeyCreated {
+        id: record.id,
+        name: record.name,
+        prefix: record.prefix,
+        key,
+        scopes: record.scopes,
+        parent_id: record.parent_id,
+        created_at: record.created_at,
+    };
+    Ok((StatusCode::CREATED, Json(created)))
 }
 
 /// Lists API keys (never the key or its hash).
-#[utoipa::path(get, path = "/api/v1/api-keys", operation_id = "list_api_keys", tag = "api_keys", responses((status = 200, description = "the keys", body = Object), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
-pub(crate) async fn list(State(state): State<Shared>) -> Result<Json<Value>, ApiError> {
-    let keys = ApiKeyStore::list_api_keys(&state.sql).await?;
-    let items: Vec<Value> = keys
-        .iter()
-        .map(|k| json!({"id": k.id, "name": k.name, "prefix": k.prefix, "scopes": k.scopes, "parent_id": k.parent_id, "created_at": k.created_at, "revoked_at": k.revoked_at}))
-        .collect();
-    Ok(Json(json!({"items": items})))
+#[utoipa::path(get, path = "/api/v1/api-keys", operation_id = "list_api_keys", tag = "api_keys", responses((status = 200, description = "the keys", body = ApiKeyList), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn list(State(state): State<Shared>) -> Result<Json<ApiKeyList>, ApiError> {
+    let keys = state.stores.api_keys.list_api_keys().await?;
+    let items = keys.into_iter().map(ApiKeyView::from).collect();
+    Ok(Json(ApiKeyList { items }))
 }
 
 /// Revokes an API key.
@@ -97,7 +165,7 @@ pub(crate) async fn revoke(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let keys = ApiKeyStore::list_api_keys(&state.sql).await?;
+    let keys = state.stores.api_keys.list_api_keys().await?;
     if !keys.iter().any(|k| k.id == id) {
         return Err(ApiError::not_found(format!(
             "API key `{id}` does not exist"
@@ -111,6 +179,6 @@ pub(crate) async fn revoke(
         ));
     }
     // The keys it made, and theirs, go with it.
-    ApiKeyStore::revoke_api_key(&state.sql, &id).await?;
+    state.stores.api_keys.revoke_api_key(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -11,13 +11,10 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::get;
 use flowcore::RunId;
-use flowcore::ports::RunStore;
 use futures::Stream;
 
-use crate::app::Shared;
-use crate::error::ApiError;
-#[allow(unused_imports)]
-use crate::openapi::*;
+use crate::error::{ApiError, ApiErrorBody};
+use crate::state::Shared;
 
 /// The events route.
 pub fn router() -> Router<Shared> {
@@ -43,7 +40,7 @@ pub(crate) async fn events(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let run_id = RunId::from(id);
-    let run = RunStore::get(&state.sql, &run_id).await?;
+    let run = state.stores.runs.get(&run_id).await?;
     let after = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -75,6 +72,7 @@ pub(crate) async fn events(
             let wait = Duration::from_secs(if c.ending { 1 } else { 15 });
             match c
                 .state
+                .stores
                 .events
                 .read(&c.run_id, c.after.as_deref(), wait)
                 .await
@@ -86,7 +84,7 @@ pub(crate) async fn events(
                     if c.ending {
                         return None;
                     }
-                    match RunStore::get(&c.state.sql, &c.run_id).await {
+                    match c.state.stores.runs.get(&c.run_id).await {
                         Ok(run) if run.status.is_final() => c.ending = true,
                         Ok(_) => {}
                         Err(_) => return None,

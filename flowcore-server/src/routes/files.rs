@@ -8,17 +8,14 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use flowcore::StoreError;
-use flowcore::ports::{BlobStore, FileRecord, FileStore};
+use flowcore::ports::FileRecord;
 use futures::StreamExt;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
-use crate::app::Shared;
-use crate::error::ApiError;
-#[allow(unused_imports)]
-use crate::openapi::*;
+use crate::error::{ApiError, ApiErrorBody};
+use crate::state::Shared;
 
 /// The files routes. They carry their own size limit (MAX_FILE_SIZE_MB), not the payload one.
 pub fn router() -> Router<Shared> {
@@ -35,8 +32,32 @@ pub(crate) struct UploadQuery {
     name: Option<String>,
 }
 
-fn public(file: &FileRecord) -> Value {
-    json!({"id": file.id, "name": file.name, "content_type": file.content_type, "size": file.size, "created_at": file.created_at})
+/// A file's metadata.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FileView {
+    /// Its id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// The `Content-Type` given at upload.
+    pub content_type: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was uploaded.
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<FileRecord> for FileView {
+    fn from(f: FileRecord) -> Self {
+        Self {
+            id: f.id,
+            name: f.name,
+            content_type: f.content_type,
+            size: f.size,
+            created_at: f.created_at,
+        }
+    }
 }
 
 fn too_large(limit: u64) -> ApiError {
@@ -53,7 +74,7 @@ pub(crate) async fn upload(
     State(state): State<Shared>,
     query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
     request: Request,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<FileView>), ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let name = query.name.unwrap_or_else(|| "upload".to_owned());
     if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
@@ -88,7 +109,8 @@ pub(crate) async fn upload(
                 .map_err(|e| StoreError::Invalid(format!("reading the upload: {e}")))
         })
         .boxed();
-    let size = match state.blobs.put_stream(&blob_key, chunks, limit).await {
+    let blobs = &state.stores.blobs;
+    let size = match blobs.put_stream(&blob_key, chunks, limit).await {
         Ok(size) => size,
         Err(StoreError::TooLarge(_)) => return Err(too_large(limit)),
         Err(e) => return Err(e.into()),
@@ -101,11 +123,11 @@ pub(crate) async fn upload(
         blob_key,
         created_at: Utc::now(),
     };
-    if let Err(e) = state.sql.insert_file(&file).await {
-        let _ = state.blobs.delete(&file.blob_key).await;
+    if let Err(e) = state.stores.files.insert_file(&file).await {
+        let _ = blobs.delete(&file.blob_key).await;
         return Err(e.into());
     }
-    Ok((StatusCode::CREATED, Json(public(&file))))
+    Ok((StatusCode::CREATED, Json(file.into())))
 }
 
 /// Reads a file's metadata.
@@ -113,8 +135,8 @@ pub(crate) async fn upload(
 pub(crate) async fn meta(
     State(state): State<Shared>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(public(&state.sql.get_file(&id).await?)))
+) -> Result<Json<FileView>, ApiError> {
+    Ok(Json(state.stores.files.get_file(&id).await?.into()))
 }
 
 /// Downloads a file.
@@ -123,9 +145,9 @@ pub(crate) async fn download(
     State(state): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let file = state.sql.get_file(&id).await?;
+    let file = state.stores.files.get_file(&id).await?;
     // Streamed: forty slow downloads of a large file must not hold forty copies in memory.
-    let chunks = state.blobs.get_stream(&file.blob_key).await?;
+    let chunks = state.stores.blobs.get_stream(&file.blob_key).await?;
     // The name is metadata from a client: only safe characters go into the header.
     let safe: String = file
         .name
@@ -160,8 +182,8 @@ pub(crate) async fn remove(
     State(state): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let file = state.sql.get_file(&id).await?;
-    state.sql.delete_file(&file.id).await?;
-    state.blobs.delete(&file.blob_key).await?;
+    let file = state.stores.files.get_file(&id).await?;
+    state.stores.files.delete_file(&file.id).await?;
+    state.stores.blobs.delete(&file.blob_key).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -4,17 +4,72 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
+use chrono::{DateTime, Utc};
 use flowcore::model::is_valid_id;
-use flowcore::ports::FlowStore;
+use flowcore::ports::StoredFlow;
 use flowcore::secret::SecretSource;
 use flowcore::{FlowDef, Trigger};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use crate::app::Shared;
-use crate::error::{ApiError, JsonBody};
-#[allow(unused_imports)]
-use crate::openapi::*;
+use crate::error::{ApiError, ApiErrorBody, JsonBody};
+use crate::state::Shared;
+
+/// A flow version was stored.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FlowCreated {
+    /// The flow's id.
+    pub id: String,
+    /// The version stored.
+    pub version: u32,
+}
+
+impl From<&StoredFlow> for FlowCreated {
+    fn from(f: &StoredFlow) -> Self {
+        Self {
+            id: f.id.clone(),
+            version: f.version,
+        }
+    }
+}
+
+/// A flow in a list.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FlowSummary {
+    /// Its id.
+    pub id: String,
+    /// Its latest version.
+    pub version: u32,
+    /// Its name.
+    pub name: Option<String>,
+    /// When this version was stored.
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: DateTime<Utc>,
+}
+
+/// A page of flows, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FlowPage {
+    /// The flows.
+    pub items: Vec<FlowSummary>,
+    /// The `cursor` of the next page, when there is one.
+    pub next_cursor: Option<String>,
+}
+
+/// A version of a flow.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FlowView {
+    /// Its id.
+    pub id: String,
+    /// The version.
+    pub version: u32,
+    /// When it was stored.
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: DateTime<Utc>,
+    /// The flow document.
+    #[schema(value_type = Object)]
+    pub definition: FlowDef,
+}
 
 /// The flows routes.
 pub fn router() -> Router<Shared> {
@@ -51,7 +106,10 @@ async fn check(state: &Shared, flow: FlowDef) -> Result<FlowDef, ApiError> {
     if !problems.is_empty() {
         return Err(flowcore::CompileError { problems }.into());
     }
-    state.webhooks.check_free(&state.sql, &flow).await?;
+    state
+        .webhooks
+        .check_free(state.stores.flows.as_ref(), &flow)
+        .await?;
     Ok(flow)
 }
 
@@ -70,16 +128,13 @@ fn check_id(id: &str) -> Result<(), ApiError> {
 pub(crate) async fn create(
     State(state): State<Shared>,
     body: JsonBody<Value>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<FlowCreated>), ApiError> {
     let mut flow = parse_flow(body)?;
     let id = flow.id.get_or_insert_with(flowcore::ids::new_id).clone();
     let flow = check(&state, flow).await?;
-    let stored = FlowStore::create(&state.sql, &flow).await?;
+    let stored = state.stores.flows.create(&flow).await?;
     state.plans.changed(&id).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"id": stored.id, "version": stored.version})),
-    ))
+    Ok((StatusCode::CREATED, Json((&stored).into())))
 }
 
 #[derive(Deserialize)]
@@ -90,20 +145,30 @@ pub(crate) struct ListQuery {
 }
 
 /// Lists flows.
-#[utoipa::path(get, path = "/api/v1/flows", operation_id = "list_flows", tag = "flows", params(("limit" = Option<u32>, Query, description = "page size"), ("cursor" = Option<String>, Query, description = "from the previous page")), responses((status = 200, description = "a page of flows", body = Object), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+#[utoipa::path(get, path = "/api/v1/flows", operation_id = "list_flows", tag = "flows", params(("limit" = Option<u32>, Query, description = "page size"), ("cursor" = Option<String>, Query, description = "from the previous page")), responses((status = 200, description = "a page of flows", body = FlowPage), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
 pub(crate) async fn list(
     State(state): State<Shared>,
     Query(q): Query<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
-    let page = FlowStore::list(&state.sql, q.limit.unwrap_or(50), q.cursor.as_deref()).await?;
-    let items: Vec<Value> = page
+) -> Result<Json<FlowPage>, ApiError> {
+    let page = state
+        .stores
+        .flows
+        .list(q.limit.unwrap_or(50), q.cursor.as_deref())
+        .await?;
+    let items = page
         .items
-        .iter()
-        .map(|f| json!({"id": f.id, "version": f.version, "name": f.definition.name, "created_at": f.created_at}))
+        .into_iter()
+        .map(|f| FlowSummary {
+            id: f.id,
+            version: f.version,
+            name: f.definition.name,
+            created_at: f.created_at,
+        })
         .collect();
-    Ok(Json(
-        json!({"items": items, "next_cursor": page.next_cursor}),
-    ))
+    Ok(Json(FlowPage {
+        items,
+        next_cursor: page.next_cursor,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -113,17 +178,20 @@ pub(crate) struct ReadQuery {
 }
 
 /// Reads a flow (latest version).
-#[utoipa::path(get, path = "/api/v1/flows/{id}", operation_id = "read_flow", tag = "flows", params(("id" = String, Path, description = "its id"), ("version" = Option<u32>, Query, description = "a version (default: the latest)")), responses((status = 200, description = "the flow", body = Object), (status = 404, description = "not found", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+#[utoipa::path(get, path = "/api/v1/flows/{id}", operation_id = "read_flow", tag = "flows", params(("id" = String, Path, description = "its id"), ("version" = Option<u32>, Query, description = "a version (default: the latest)")), responses((status = 200, description = "the flow", body = FlowView), (status = 404, description = "not found", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
 pub(crate) async fn read(
     State(state): State<Shared>,
     Path(id): Path<String>,
     Query(q): Query<ReadQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<FlowView>, ApiError> {
     check_id(&id)?;
-    let f = FlowStore::get(&state.sql, &id, q.version).await?;
-    Ok(Json(
-        json!({"id": f.id, "version": f.version, "created_at": f.created_at, "definition": f.definition}),
-    ))
+    let f = state.stores.flows.get(&id, q.version).await?;
+    Ok(Json(FlowView {
+        id: f.id,
+        version: f.version,
+        created_at: f.created_at,
+        definition: f.definition,
+    }))
 }
 
 /// Stores a new version of a flow.
@@ -132,7 +200,7 @@ pub(crate) async fn update(
     State(state): State<Shared>,
     Path(id): Path<String>,
     body: JsonBody<Value>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<FlowCreated>, ApiError> {
     check_id(&id)?;
     let mut flow = parse_flow(body)?;
     if flow.id.as_deref().is_some_and(|body_id| body_id != id) {
@@ -142,9 +210,9 @@ pub(crate) async fn update(
     }
     flow.id = Some(id.clone());
     let flow = check(&state, flow).await?;
-    let stored = FlowStore::update(&state.sql, &id, &flow).await?;
+    let stored = state.stores.flows.update(&id, &flow).await?;
     state.plans.changed(&id).await?;
-    Ok(Json(json!({"id": stored.id, "version": stored.version})))
+    Ok(Json((&stored).into()))
 }
 
 /// Deletes a flow.
@@ -154,7 +222,7 @@ pub(crate) async fn delete(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     check_id(&id)?;
-    FlowStore::delete(&state.sql, &id).await?;
+    state.stores.flows.delete(&id).await?;
     state.plans.changed(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -6,14 +6,11 @@ use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{Duration, NaiveDate, Utc};
-use flowcore::ports::UsageStore;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use flowcore::ports::UsageDay;
+use serde::{Deserialize, Serialize};
 
-use crate::app::Shared;
-use crate::error::ApiError;
-#[allow(unused_imports)]
-use crate::openapi::*;
+use crate::error::{ApiError, ApiErrorBody};
+use crate::state::Shared;
 
 /// The usage route.
 pub fn router() -> Router<Shared> {
@@ -31,6 +28,29 @@ pub(crate) struct UsageQuery {
     to: Option<String>,
 }
 
+/// Usage by flow and day.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct UsageReport {
+    /// The first day.
+    #[schema(value_type = String, format = Date)]
+    pub from: NaiveDate,
+    /// The last day.
+    #[schema(value_type = String, format = Date)]
+    pub to: NaiveDate,
+    /// `{flow_id, day, runs, node_executions, tokens}` per flow and day with any.
+    #[schema(value_type = Vec<Object>)]
+    pub items: Vec<UsageDay>,
+    /// The quotas in force.
+    pub quota: Quota,
+}
+
+/// The quotas in force (`null`: none).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Quota {
+    /// `FLOWCORE_QUOTA_RUNS_PER_DAY`.
+    pub runs_per_flow_per_day: Option<u64>,
+}
+
 fn day(value: Option<String>, default: NaiveDate, name: &str) -> Result<NaiveDate, ApiError> {
     match value {
         None => Ok(default),
@@ -40,11 +60,11 @@ fn day(value: Option<String>, default: NaiveDate, name: &str) -> Result<NaiveDat
 }
 
 /// Usage by flow and day.
-#[utoipa::path(get, path = "/api/v1/usage", operation_id = "usage", tag = "usage", params(("flow_id" = Option<String>, Query), ("from" = Option<String>, Query, description = "YYYY-MM-DD"), ("to" = Option<String>, Query, description = "YYYY-MM-DD")), responses((status = 200, description = "runs, node executions and tokens by flow and day", body = Object), (status = 400, description = "invalid input", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+#[utoipa::path(get, path = "/api/v1/usage", operation_id = "usage", tag = "usage", params(("flow_id" = Option<String>, Query), ("from" = Option<String>, Query, description = "YYYY-MM-DD"), ("to" = Option<String>, Query, description = "YYYY-MM-DD")), responses((status = 200, description = "runs, node executions and tokens by flow and day", body = UsageReport), (status = 400, description = "invalid input", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
 pub(crate) async fn usage(
     State(state): State<Shared>,
     query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<UsageReport>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     if q.flow_id
         .as_deref()
@@ -62,16 +82,22 @@ pub(crate) async fn usage(
             "from must be before to, at most 366 days apart",
         ));
     }
-    let days = state
-        .sql
+    let items = state
+        .stores
+        .usage
         .usage(
             q.flow_id.as_deref(),
             &from.format("%Y-%m-%d").to_string(),
             &to.format("%Y-%m-%d").to_string(),
         )
         .await?;
-    Ok(Json(json!({
-        "from": from, "to": to, "items": days,
-        "quota": {"runs_per_flow_per_day": (state.config.quota_runs_per_day > 0).then_some(state.config.quota_runs_per_day)},
-    })))
+    let runs = state.config.quota_runs_per_day;
+    Ok(Json(UsageReport {
+        from,
+        to,
+        items,
+        quota: Quota {
+            runs_per_flow_per_day: (runs > 0).then_some(runs),
+        },
+    }))
 }

@@ -94,7 +94,7 @@ async fn app_with_state(
     extra: &[(&str, &str)],
 ) -> (
     axum::Router,
-    flowcore_server::app::Shared,
+    flowcore_server::Shared,
     std::path::PathBuf,
 ) {
     let dir = std::env::temp_dir().join(format!(
@@ -947,11 +947,11 @@ async fn runs_go_to_their_flows_worker_group() {
         (StatusCode::ACCEPTED, Some("queued"))
     );
     assert_eq!(
-        state.queue.depth("gpu").await.unwrap().ready,
+        state.stores.queue.depth("gpu").await.unwrap().ready,
         1,
         "queued for the flow's group"
     );
-    assert_eq!(state.queue.depth("default").await.unwrap().ready, 0);
+    assert_eq!(state.stores.queue.depth("default").await.unwrap().ready, 0);
     cleanup(&dir);
 }
 
@@ -1323,9 +1323,8 @@ async fn files_upload_stream_and_refuse_past_the_file_limit() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    use flowcore::ports::BlobStore;
     assert_eq!(
-        state.blobs.list("files/").await.unwrap(),
+        state.stores.blobs.list("files/").await.unwrap(),
         vec![format!("files/{id}")]
     );
 
@@ -1353,7 +1352,7 @@ async fn files_upload_stream_and_refuse_past_the_file_limit() {
         (StatusCode::NOT_FOUND, Some("not_found"))
     );
     assert_eq!(
-        state.blobs.stat(&format!("files/{id}")).await.unwrap(),
+        state.stores.blobs.stat(&format!("files/{id}")).await.unwrap(),
         None
     );
     cleanup(&dir);
@@ -1716,7 +1715,7 @@ fn an_api_process_and_a_worker_process_share_runs_and_cancels() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reaper_requeues_runs_whose_worker_died_and_fails_those_lost_too_often() {
-    use flowcore::ports::{Claim, NewRun, RunStore};
+    use flowcore::ports::{Claim, NewRun};
     let (app, state, dir) = app_with_state(&[]).await;
     assert_eq!(call(&app, "POST", "/api/v1/flows", Some(KEY), Some(greet())).await.0, StatusCode::CREATED);
     let ttl = std::time::Duration::from_millis(20);
@@ -1730,16 +1729,16 @@ async fn the_reaper_requeues_runs_whose_worker_died_and_fails_those_lost_too_oft
         trigger: None,
     };
     // A run whose worker died once: back in the queue.
-    let (once, _) = RunStore::create(&state.sql, new("dead-worker")).await.unwrap();
+    let (once, _) = state.stores.runs.create(new("dead-worker")).await.unwrap();
     // A run that five workers lost: failed.
-    let (cursed, _) = RunStore::create(&state.sql, new("dead-1")).await.unwrap();
+    let (cursed, _) = state.stores.runs.create(new("dead-1")).await.unwrap();
     for owner in ["dead-2", "dead-3", "dead-4", "dead-5"] {
         tokio::time::sleep(ttl * 2).await;
-        RunStore::claim(&state.sql, &cursed.id, owner, ttl).await.unwrap();
+        state.stores.runs.claim(&cursed.id, owner, ttl).await.unwrap();
     }
     tokio::time::sleep(ttl * 2).await;
-    assert_eq!(flowcore_server::worker::recover(&state, false).await.unwrap(), 1);
-    assert_eq!(state.queue.depth("default").await.unwrap().ready, 1);
+    assert_eq!(flowcore_server::lifecycle::recover(&state, false).await.unwrap(), 1);
+    assert_eq!(state.stores.queue.depth("default").await.unwrap().ready, 1);
     let (_, failed) = call(&app, "GET", &format!("/api/v1/runs/{}", cursed.id), Some(KEY), None).await;
     assert_eq!(failed["status"], "failed");
     assert!(failed["error"].as_str().unwrap().contains("lost by 5 workers"), "{failed}");

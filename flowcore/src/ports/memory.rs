@@ -732,9 +732,17 @@ impl BlobStore for MemoryBlobStore {
         lock(&self.blobs).remove(key);
         Ok(())
     }
+    async fn list(&self, prefix: &str) -> StoreResult<Vec<String>> {
+        let blobs = lock(&self.blobs);
+        Ok(blobs
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect())
+    }
 }
 
-/// Credentials, API keys, usage, files and schedule ticks in memory.
+/// Credentials, API keys, usage and files in memory.
 #[derive(Debug, Default)]
 pub struct MemoryMetaStore {
     state: Mutex<MetaState>,

@@ -357,6 +357,8 @@ pub trait BlobStore: Send + Sync {
     async fn stat(&self, key: &str) -> StoreResult<Option<u64>>;
     /// Removes `key`; removing a missing key is not an error.
     async fn delete(&self, key: &str) -> StoreResult<()>;
+    /// The keys under `prefix` (a folder such as `files/`), in no particular order.
+    async fn list(&self, prefix: &str) -> StoreResult<Vec<String>>;
     /// The bytes under `key` as a stream of chunks, so that a large blob is never held in
     /// memory whole. `NotFound` when there are none. The default reads it whole.
     async fn get_stream(&self, key: &str) -> StoreResult<ChunkStream> {

@@ -1,0 +1,722 @@
+//! A run's life in the server, in one place: start (admit, store, hand to a slot here or to the
+//! queue), wait for its end and answer, cancel, execute (durably, through
+//! `flowcore::durable`), fail, announce its end to every process, and recover the runs whose
+//! worker died. Routes, webhooks, schedules and the worker loop call these functions; they
+//! answer with domain results ([`RunAnswer`], [`RunError`]), which the routes turn into HTTP.
+//!
+//! The statuses a run moves through, and by which move, are the table of
+//! [`flowcore::RunStatus::move_to`]; every move below goes through the run store, which applies
+//! that table.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flowcore::durable::{self, Checkpoint, DurableOptions, Hooks, resolve};
+use flowcore::ports::{FinishWatch, NewRun, RunEnd, RunFilter, RunOutcome, RunRecord};
+use flowcore::{CancellationToken, RunId, RunStatus, StoreError};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::admission::{Overloaded, Refused};
+use crate::config::Role;
+use crate::running::Slot;
+use crate::state::{AppState, Shared};
+
+/// Why a run could not be started or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A store failed (or the run or flow does not exist).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The flow could not be read or compiled.
+    #[error(transparent)]
+    Flow(#[from] flowcore::Error),
+    /// The flow started its runs of today (`FLOWCORE_QUOTA_RUNS_PER_DAY`).
+    #[error("flow `{flow_id}` has started its {quota} runs of today (FLOWCORE_QUOTA_RUNS_PER_DAY)")]
+    QuotaExceeded {
+        /// The flow.
+        flow_id: String,
+        /// Its runs a day.
+        quota: u64,
+    },
+    /// Too many runs wait already.
+    #[error(transparent)]
+    Overloaded(#[from] Overloaded),
+    /// The run is over: nothing to cancel.
+    #[error("the run is {0}")]
+    AlreadyFinished(RunStatus),
+}
+
+impl From<Refused> for RunError {
+    fn from(r: Refused) -> Self {
+        match r {
+            Refused::Overloaded(o) => Self::Overloaded(o),
+            Refused::Store(e) => Self::Store(e),
+        }
+    }
+}
+
+/// How to start a run of the latest version of a flow.
+#[derive(Debug, Clone)]
+pub struct Start {
+    /// The flow.
+    pub flow_id: String,
+    /// The run's input.
+    pub input: Value,
+    /// Whether the caller waits for the end (up to `WEBHOOK_TIMEOUT_SECONDS`).
+    pub wait: bool,
+    /// The same key (per flow) gives the same run.
+    pub idempotency_key: Option<String>,
+    /// What started it, as templates see it (`trigger`).
+    pub trigger: Option<Value>,
+}
+
+/// A run as a caller sees it: its end with the output, or its live status.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct RunAnswer {
+    /// The run's id.
+    #[schema(value_type = String)]
+    pub run_id: RunId,
+    /// `queued`, `running`, `succeeded`, `failed`, `cancelled` or `timed_out`.
+    #[schema(value_type = String)]
+    pub status: RunStatus,
+    /// Its output, once it ended (`null` when it has none); absent while it is live.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub output: Option<Value>,
+    /// Why it did not succeed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl RunAnswer {
+    /// Whether the run is over.
+    pub fn ended(&self) -> bool {
+        self.status.is_final()
+    }
+}
+
+/// The run's id and status, as a cancel leaves them.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct RunState {
+    /// The run's id.
+    #[schema(value_type = String)]
+    pub run_id: RunId,
+    /// Its status.
+    #[schema(value_type = String)]
+    pub status: RunStatus,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Start, wait, answer.
+
+/// Starts a run of the latest version of `start.flow_id`: admitted (quota, slots, queue bound),
+/// stored, then executed here (the `all` role's waited runs, in one of the process's slots) or
+/// handed to the queue; answers with its end when the caller waits and it ends in time.
+pub async fn start(state: &Shared, start: Start) -> Result<RunAnswer, RunError> {
+    let Start {
+        flow_id,
+        input,
+        wait,
+        idempotency_key,
+        trigger,
+    } = start;
+    let (version, plan) = state.plans.get(&flow_id, None).await?;
+    let quota = state.config.quota_runs_per_day;
+    if quota > 0 && state.usage.runs_today(&flow_id).await? >= quota {
+        return Err(RunError::QuotaExceeded { flow_id, quota });
+    }
+    // The `all` role executes a waited run itself: created already claimed (one commit) and
+    // run at once; the run is still leased and checkpointed, so a crash loses nothing.
+    // ... unless the flow names another worker group: then its workers must run it.
+    let own_group = plan
+        .worker_group()
+        .is_none_or(|g| g == state.config.worker_group);
+    // ... in one of the process's slots, waited for (past the wait it goes to the queue).
+    let limit = Duration::from_secs(state.config.webhook_timeout_seconds);
+    let until = tokio::time::Instant::now() + limit;
+    let permit = if wait && own_group && state.config.role == Role::All {
+        state.admission.wait_slot(limit).await?
+    } else {
+        None
+    };
+    let group = plan
+        .worker_group()
+        .unwrap_or(&state.config.worker_group)
+        .to_owned();
+    if permit.is_none() {
+        state
+            .admission
+            .admit_queued(state.stores.queue.as_ref(), &group)
+            .await?;
+    }
+    let new = NewRun {
+        id: RunId::new(),
+        flow_id,
+        flow_version: version,
+        input,
+        idempotency_key,
+        claim: permit.as_ref().map(|_| durable_options(state).claim()),
+        trigger,
+    };
+    // In a task of its own: a client that goes away mid-request drops this future, and must
+    // not leave a stored run that nobody starts (until the reaper or the orphan sweep finds it
+    // a lease later).
+    let accepting = tokio::spawn(accept(state.clone(), new, permit, wait, group));
+    let accepted = accepting
+        .await
+        .map_err(|e| StoreError::backend("accepting a run", e))??;
+    // What is left of the wait, after any wait for a slot.
+    let limit = until.saturating_duration_since(tokio::time::Instant::now());
+    let seen = match accepted {
+        Accepted::Existing(run) => Seen::of(&run),
+        Accepted::Inline(run, task) => match tokio::time::timeout(limit, task).await {
+            Ok(Ok(done)) => Seen::of(&done?),
+            Ok(Err(_)) | Err(_) => Seen::of(&state.stores.runs.get(&run.id).await?),
+        },
+        // As accepted: a fast worker may already be done, but the caller asked not to wait.
+        Accepted::Queued(run, None) => Seen::of(&run),
+        Accepted::Queued(run, Some(watch)) => {
+            wait_until_final(state, &run.id, watch, limit).await?
+        }
+    };
+    Ok(answer(state, seen).await?)
+}
+
+/// A run as [`accept`] left it.
+enum Accepted {
+    /// The idempotency key named a run started before.
+    Existing(RunRecord),
+    /// Executing here (the `all` role's waited runs).
+    Inline(
+        RunRecord,
+        tokio::task::JoinHandle<Result<RunRecord, RunError>>,
+    ),
+    /// In the queue, with a watch for its end when the caller waits.
+    Queued(RunRecord, Option<FinishWatch>),
+}
+
+/// Stores a new run (in the database before anyone answers) and hands it to whoever executes
+/// it: a task here in `permit` (the run created already claimed) or the queue of `group`.
+async fn accept(
+    state: Shared,
+    new: NewRun,
+    permit: Option<OwnedSemaphorePermit>,
+    wait: bool,
+    group: String,
+) -> Result<Accepted, RunError> {
+    let flow_id = new.flow_id.clone();
+    // Registered before the run exists, so that a cancel can never miss it (a new id: always
+    // free).
+    let slot = permit.as_ref().and_then(|_| state.running.enter(&new.id));
+    let (run, created) = state.stores.runs.create(new).await?;
+    if !created {
+        return Ok(Accepted::Existing(run));
+    }
+    state.usage.run_started(&flow_id);
+    if let (Some(slot), Some(permit)) = (slot, permit) {
+        let task = {
+            let (state, run) = (state.clone(), run.clone());
+            tokio::spawn(async move { execute_inline(&state, run, slot, permit).await })
+        };
+        return Ok(Accepted::Inline(run, task));
+    }
+    // Watched before it is enqueued, so that its end cannot pass unseen.
+    let watch = wait.then(|| state.stores.signals.watch_finished(&run.id));
+    if let Err(e) = state.stores.queue.enqueue(&group, &run.id, None).await {
+        // Not accepted: the caller gets the error, and the run must not wait for ever for a
+        // job that does not exist (unless the enqueue went through after all and a worker has
+        // it already).
+        let failed = fail(
+            &state,
+            &run.id,
+            "the queue was unavailable when the run was started".into(),
+        )
+        .await;
+        if let Err(f) = failed {
+            tracing::warn!(run_id = %run.id, error = %f, "could not fail a run that was not enqueued");
+        }
+        return Err(e.into());
+    }
+    Ok(Accepted::Queued(run, watch))
+}
+
+/// A run as a caller is answered: ended, or live in some status.
+enum Seen {
+    Ended(RunId, RunEnd),
+    Live(RunId, RunStatus),
+}
+
+impl Seen {
+    fn of(run: &RunRecord) -> Self {
+        match run.end() {
+            Some(end) => Self::Ended(run.id.clone(), end),
+            None => Self::Live(run.id.clone(), run.status),
+        }
+    }
+}
+
+/// Waits until the run is final or `limit` passes. Woken by the run's finish announcement from
+/// whichever process executes it, which carries the run's end as stored (else the store is
+/// read); the store is also read every second, in case an announcement was lost (a Redis
+/// reconnect).
+async fn wait_until_final(
+    state: &AppState,
+    run_id: &RunId,
+    mut watch: FinishWatch,
+    limit: Duration,
+) -> Result<Seen, StoreError> {
+    let until = tokio::time::Instant::now() + limit;
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        let heard = tokio::time::timeout(left.min(Duration::from_secs(1)), watch.finished()).await;
+        if let Ok(Some(end)) = heard {
+            return Ok(Seen::Ended(run_id.clone(), Arc::unwrap_or_clone(end)));
+        }
+        let run = state.stores.runs.get(run_id).await?;
+        if run.status.is_final() || tokio::time::Instant::now() >= until {
+            return Ok(Seen::of(&run));
+        }
+        if heard.is_ok() {
+            // Announced but not final as read: keep reading, gently.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The answer for a run as seen: its output (read back from the blob store when offloaded)
+/// once it ended.
+async fn answer(state: &AppState, seen: Seen) -> Result<RunAnswer, StoreError> {
+    Ok(match seen {
+        Seen::Ended(run_id, end) => RunAnswer {
+            run_id,
+            status: end.status,
+            output: Some(match &end.output {
+                Some(v) => resolve(v, state.stores.blobs.as_ref()).await?,
+                None => Value::Null,
+            }),
+            error: end.error,
+        },
+        Seen::Live(run_id, status) => RunAnswer {
+            run_id,
+            status,
+            output: None,
+            error: None,
+        },
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cancel.
+
+/// How long a cancel waits for a running run's engine to stop it and store its end.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
+
+/// Cancels a queued run (a move of the table), or asks whichever process executes a running
+/// one to stop it and waits for its end up to [`CANCEL_WAIT`] (still running after it: the
+/// answer says so). A finished run: [`RunError::AlreadyFinished`].
+pub async fn cancel(state: &AppState, id: &RunId) -> Result<RunState, RunError> {
+    let run = state.stores.runs.get(id).await?;
+    match run.status {
+        RunStatus::Queued => {
+            let run = state
+                .stores
+                .runs
+                .transition(id, RunStatus::Queued, RunStatus::Cancelled)
+                .await?;
+            announce_finished(state, &run).await;
+            Ok(RunState {
+                run_id: run.id,
+                status: run.status,
+            })
+        }
+        RunStatus::Running => {
+            // Here, or in whichever process executes it.
+            let watch = state.stores.signals.watch_finished(id);
+            if !state.running.cancel(id) {
+                state.stores.signals.cancel(id).await?;
+            }
+            let status = match wait_until_final(state, id, watch, CANCEL_WAIT).await? {
+                Seen::Ended(_, end) => end.status,
+                Seen::Live(_, status) => status,
+            };
+            Ok(RunState {
+                run_id: id.clone(),
+                status,
+            })
+        }
+        status => Err(RunError::AlreadyFinished(status)),
+    }
+}
+
+/// Cancels the runs executing here that any process asks to cancel, until `shutdown`.
+pub async fn obey_cancels(state: Shared, shutdown: CancellationToken) {
+    let mut cancels = state.stores.signals.cancels();
+    loop {
+        let id = tokio::select! {
+            () = shutdown.cancelled() => return,
+            id = cancels.recv() => id,
+        };
+        match id {
+            Ok(id) => {
+                if state.running.cancel(&id) {
+                    tracing::info!(run_id = %id, "cancelled on request");
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "cancel requests were missed");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Execute, fail, announce.
+
+/// The durable options of this process's runs.
+pub fn durable_options(state: &AppState) -> DurableOptions {
+    DurableOptions {
+        // Batched checkpoints: a fast run costs two commits; a longer one is checkpointed every
+        // 200 ms.
+        checkpoint: Checkpoint::Batched(Duration::from_millis(200)),
+        blobs: Some(state.stores.blobs.clone()),
+        lease_ttl: state.config.lease(),
+        ..DurableOptions::new(state.worker_name.clone())
+    }
+}
+
+/// Executes a run this process holds (its lease is ours) to its end, in `slot` (its place in
+/// the registry of runs executing here, left when this returns), and announces its end. A run
+/// handed back by a shutdown comes back `queued`.
+pub async fn execute(state: &AppState, run: RunRecord, slot: Slot) -> Result<RunRecord, RunError> {
+    let (_, plan) = state
+        .plans
+        .get(&run.flow_id, Some(run.flow_version))
+        .await?;
+    let sink = state.metrics.node_sink(&plan, state.event_sink.clone());
+    let hooks = Hooks {
+        events: Some(state.usage.node_sink(&run.flow_id, sink)),
+        cancel: Some(slot.token().clone()),
+        hand_back: Some(state.hand_back.clone()),
+    };
+    let started = std::time::Instant::now();
+    state.metrics.run_started();
+    let result = durable::execute(
+        &state.engine,
+        &plan,
+        &state.stores.runs,
+        &run,
+        &durable_options(state),
+        hooks,
+    )
+    .await;
+    drop(slot);
+    let status = result.as_ref().map_or(RunStatus::Failed, |r| r.status);
+    if let Ok(done) = &result
+        && done.status.is_final()
+    {
+        announce_finished(state, done).await;
+    }
+    state
+        .metrics
+        .run_finished(status, started.elapsed().as_secs_f64());
+    Ok(result?)
+}
+
+/// [`execute`] for a run started by a request in one of the process's slots (`permit`): handed
+/// back by a shutdown, it goes to the queue (it was never there).
+async fn execute_inline(
+    state: &AppState,
+    run: RunRecord,
+    slot: Slot,
+    permit: OwnedSemaphorePermit,
+) -> Result<RunRecord, RunError> {
+    let done = execute(state, run, slot).await;
+    drop(permit);
+    let done = done?;
+    if done.status == RunStatus::Queued {
+        let group = group_of(state, &done).await;
+        state.stores.queue.enqueue(&group, &done.id, None).await?;
+    }
+    Ok(done)
+}
+
+/// Fails a queued run, or a running one whose lease lapsed, with `error` (claimed first, so
+/// that a worker that took it meanwhile is left alone). Returns whether it was failed here.
+pub async fn fail(state: &AppState, id: &RunId, error: String) -> Result<bool, StoreError> {
+    let runs = &state.stores.runs;
+    let lease = match runs
+        .claim(id, &state.worker_name, state.config.lease())
+        .await
+    {
+        Ok(lease) => lease,
+        // Someone took it meanwhile, or it ended.
+        Err(StoreError::Conflict(_) | StoreError::NotFound { .. }) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let outcome = RunOutcome {
+        status: RunStatus::Failed,
+        error: Some(error),
+        ..Default::default()
+    };
+    let failed = runs.finish(id, lease.epoch, outcome).await?;
+    announce_finished(state, &failed).await;
+    Ok(true)
+}
+
+/// Tells every process that a run ended (its end is stored, as in `run`), waking the requests
+/// waiting for it with its end; a lost announcement only delays them until they read the store.
+pub async fn announce_finished(state: &AppState, run: &RunRecord) {
+    if let Err(e) = state
+        .stores
+        .signals
+        .finished(&run.id, run.end().as_ref())
+        .await
+    {
+        tracing::warn!(run_id = %run.id, error = %e, "could not announce a finished run");
+    }
+}
+
+/// The worker group whose queue a run goes to: its flow's, else this process's.
+pub async fn group_of(state: &AppState, run: &RunRecord) -> String {
+    state
+        .plans
+        .get(&run.flow_id, Some(run.flow_version))
+        .await
+        .ok()
+        .and_then(|(_, plan)| plan.worker_group().map(str::to_owned))
+        .unwrap_or_else(|| state.config.worker_group.clone())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recover and reap: the runs whose worker died, and the queued runs that lost their job.
+
+/// After this many owners lost a run (their leases lapsed), the run is failed instead of being
+/// handed to another worker: something in it kills workers.
+pub const MAX_OWNERS: u64 = 5;
+
+/// Fails a run that [`MAX_OWNERS`] workers lost in a row.
+async fn give_up(state: &AppState, run: &RunRecord) -> Result<(), StoreError> {
+    let error = format!(
+        "the run was lost by {} workers in a row (their leases lapsed); not retried again",
+        run.epoch
+    );
+    if fail(state, &run.id, error).await? {
+        tracing::warn!(run_id = %run.id, "a run lost by too many workers was failed");
+    }
+    Ok(())
+}
+
+/// Puts back in the queue the runs whose owner is gone (lease expired), and with
+/// `queued_too` every run waiting in the database (an in-process queue starts empty after a
+/// restart; a Redis may restart empty). A run already in the queue is delivered again at worst,
+/// and its claim refused. Returns how many runs were enqueued.
+pub async fn recover(state: &AppState, queued_too: bool) -> Result<usize, StoreError> {
+    recover_except(
+        state,
+        queued_too,
+        &mut HashMap::new(),
+        &mut Lapsed::default(),
+    )
+    .await
+}
+
+/// How often the reaper looks at every running run with a lapsed lease; in between it looks at
+/// the leases that lapsed since its last look.
+const FULL_LOOK_EVERY: Duration = Duration::from_secs(30);
+
+/// Where the reaper's look for lapsed leases stands.
+#[derive(Debug, Default)]
+struct Lapsed {
+    /// Leases that lapsed up to this were looked at (`None`: look at all).
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// When all were last looked at.
+    full_at: Option<std::time::Instant>,
+}
+
+/// The most runs with a lapsed lease one pass takes.
+const LAPSED_PER_PASS: usize = 1000;
+
+/// Every queued run, newest first, page by page.
+async fn all_queued(state: &AppState) -> Result<Vec<RunRecord>, StoreError> {
+    let mut filter = RunFilter {
+        status: Some(RunStatus::Queued),
+        limit: 500,
+        ..Default::default()
+    };
+    let mut found = Vec::new();
+    loop {
+        let page = state.stores.runs.list(&filter).await?;
+        found.extend(page.items);
+        match page.next_cursor {
+            Some(c) => filter.cursor = Some(c),
+            None => return Ok(found),
+        }
+    }
+}
+
+/// [`recover`], leaving out the runs in `recent` enqueued less than a lease ago (a run whose
+/// group has no worker is not enqueued again every pass), and adding those it enqueues. It
+/// looks at every lapsed lease at the first pass, with `queued_too` and every
+/// [`FULL_LOOK_EVERY`], else only at those that lapsed since the last pass (`lapsed`): a full
+/// look costs a database a scan of every row version that was ever running until a vacuum.
+async fn recover_except(
+    state: &AppState,
+    queued_too: bool,
+    recent: &mut HashMap<RunId, std::time::Instant>,
+    lapsed: &mut Lapsed,
+) -> Result<usize, StoreError> {
+    let lease = state.config.lease();
+    recent.retain(|_, at| at.elapsed() < lease);
+    let now = chrono::Utc::now();
+    let full = queued_too
+        || lapsed.since.is_none()
+        || lapsed
+            .full_at
+            .is_none_or(|at| at.elapsed() >= FULL_LOOK_EVERY);
+    let after = if full { None } else { lapsed.since };
+    let found = state
+        .stores
+        .runs
+        .expired(after, now, LAPSED_PER_PASS)
+        .await?;
+    // A full page: the next pass goes on from its last expiry (a full look: looks again).
+    let next_since = match (found.len() >= LAPSED_PER_PASS, full) {
+        (false, _) => Some(now),
+        (true, true) => None,
+        (true, false) => found.last().and_then(|(_, at)| *at).or(lapsed.since),
+    };
+    let mut ids: Vec<RunId> = found.into_iter().map(|(id, _)| id).collect();
+    if queued_too {
+        ids.extend(all_queued(state).await?.into_iter().map(|r| r.id));
+    }
+    let recovered = recover_ids(state, ids, recent).await?;
+    lapsed.since = next_since;
+    if full {
+        lapsed.full_at = Some(std::time::Instant::now());
+    }
+    Ok(recovered)
+}
+
+/// Enqueues `ids` but those in `recent`, failing those lost by too many owners.
+async fn recover_ids(
+    state: &AppState,
+    ids: Vec<RunId>,
+    recent: &mut HashMap<RunId, std::time::Instant>,
+) -> Result<usize, StoreError> {
+    let mut count = 0;
+    for id in ids {
+        if recent.contains_key(&id) {
+            continue;
+        }
+        let run = match state.stores.runs.get(&id).await {
+            Ok(run) => run,
+            Err(StoreError::NotFound { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        if run.status.is_leased() && run.epoch >= MAX_OWNERS {
+            give_up(state, &run).await?;
+            continue;
+        }
+        let group = group_of(state, &run).await;
+        state.stores.queue.enqueue(&group, &id, None).await?;
+        recent.insert(id, std::time::Instant::now());
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// How far back a process starting looks for runs left queued without a job.
+const ORPHANS_BEFORE_START: Duration = Duration::from_secs(600);
+
+/// The runs still `queued` that turned a lease old since `since` (moved on to now minus a
+/// lease). An api process that dies between storing a run and enqueuing it leaves the run
+/// without a job, and a Redis that restarts empty loses the jobs of all waiting runs; sweeping
+/// each queued run once as it passes that age finds them. A run that only waits behind a
+/// backlog gets one extra job per sweeping process, whose claim is refused.
+async fn orphans(
+    state: &AppState,
+    since: &mut chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<RunId>, StoreError> {
+    let until = chrono::Utc::now()
+        - chrono::Duration::from_std(state.config.lease()).unwrap_or(chrono::Duration::MAX);
+    if until <= *since {
+        return Ok(Vec::new());
+    }
+    let mut filter = RunFilter {
+        status: Some(RunStatus::Queued),
+        limit: 500,
+        ..Default::default()
+    };
+    let mut found = Vec::new();
+    // Newest first: skip the young ones, stop at the ones swept before.
+    'pages: loop {
+        let page = state.stores.runs.list(&filter).await?;
+        for run in page.items {
+            if run.created_at <= *since {
+                break 'pages;
+            }
+            if run.created_at <= until {
+                found.push(run.id);
+            }
+        }
+        match page.next_cursor {
+            Some(c) => filter.cursor = Some(c),
+            None => break,
+        }
+    }
+    *since = until;
+    Ok(found)
+}
+
+/// Recovers runs (see [`recover`]) at start and every `every` until `shutdown`: the queued
+/// ones too at start with an in-process queue and whenever the queue lost its jobs, and with a
+/// shared queue the queued runs left without a job (see [`orphans`]).
+pub async fn reap(state: Shared, every: Duration, shutdown: CancellationToken) {
+    let mut recent = HashMap::new();
+    let mut lapsed = Lapsed::default();
+    let losses = state.stores.queue.losses();
+    let (mut handled, mut first) = (0, true);
+    let mut swept = chrono::Utc::now()
+        - chrono::Duration::from_std(ORPHANS_BEFORE_START).unwrap_or(chrono::Duration::MAX);
+    loop {
+        let lost = losses.as_ref().map_or(0, |l| *l.borrow());
+        let queued_too = (first && state.config.redis_url.is_none()) || lost > handled;
+        if queued_too {
+            // Everything waiting goes back, whatever was enqueued lately.
+            recent.clear();
+        }
+        match recover_except(&state, queued_too, &mut recent, &mut lapsed).await {
+            Ok(n) => {
+                (handled, first) = (lost, false);
+                if n > 0 {
+                    tracing::info!(runs = n, "runs recovered into the queue");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "recovering runs failed; retrying"),
+        }
+        if state.config.redis_url.is_some() {
+            let mut since = swept;
+            let swept_now = async {
+                let ids = orphans(&state, &mut since).await?;
+                recover_ids(&state, ids, &mut recent).await
+            };
+            match swept_now.await {
+                Ok(n) => {
+                    swept = since;
+                    if n > 0 {
+                        tracing::info!(runs = n, "queued runs without a job enqueued again");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "sweeping queued runs failed; retrying"),
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}

@@ -39,10 +39,10 @@ pub mod worker;
 
 use std::sync::Arc;
 
-use flowcore::Registry;
 use flowcore::ports::memory::{
     MemoryEventBus, MemoryFlowChanges, MemoryQueue, MemoryRateLimiter, MemoryRunSignals,
 };
+use flowcore::{CancellationToken, Registry};
 use flowcore_store::{OpendalBlobStore, RedisConfig, RedisQueue, SqlConfig, SqlStore};
 
 use crate::config::{Config, Role};
@@ -146,4 +146,30 @@ pub fn build_state_with(
 ) -> Result<Shared, StartError> {
     let keyring = load_keyring(&config)?;
     Ok(AppState::new(config, stores, registry, keyring))
+}
+
+/// Serves `state` on its `FLOWCORE_BIND` address, with the background work of its role
+/// (executing runs, recovering them, schedules, usage), until `stop` fires; then stops taking
+/// runs, lets the running ones finish within `FLOWCORE_SHUTDOWN_GRACE_SECONDS` while requests
+/// drain, and hands the rest back to the queue. Returns how many runs were handed back.
+pub async fn serve(state: Shared, stop: CancellationToken) -> std::io::Result<usize> {
+    let bind = state.config.bind;
+    let descriptors = listen::raise_descriptor_limit();
+    let limits = listen::ConnectionLimits::from_config(&state.config, descriptors);
+    let listener = tokio::net::TcpListener::bind(bind).await?;
+    tracing::info!(%bind, max_connections = limits.max_connections, descriptors, "flowcore listening");
+    eprintln!("flowcore listening on http://{bind}");
+    let grace = std::time::Duration::from_secs(state.config.shutdown_grace_seconds);
+    let background = background::start(&state);
+    // The background stops (runs finish or are handed back) while the server drains requests.
+    let stopping = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            stop.cancelled().await;
+            background.stop(grace).await
+        }
+    });
+    listen::serve(listener, app::app(state), limits, stop.clone()).await;
+    stop.cancel();
+    Ok(stopping.await.unwrap_or(0))
 }

@@ -284,21 +284,11 @@ async fn serve() -> ExitCode {
         Ok(config) => config,
         Err(e) => return fail(format!("configuration: {e}")),
     };
-    let bind = config.bind;
-    let descriptors = flowcore_server::listen::raise_descriptor_limit();
-    let limits = flowcore_server::listen::ConnectionLimits::from_config(&config, descriptors);
     let state = match flowcore_server::build_state(config).await {
         Ok(state) => state,
         Err(e) => return fail(format!("start-up: {e}")),
     };
-    let listener = match tokio::net::TcpListener::bind(bind).await {
-        Ok(l) => l,
-        Err(e) => return fail(format!("cannot listen on {bind}: {e}")),
-    };
-    tracing::info!(%bind, "flowcore listening");
-    eprintln!("flowcore listening on http://{bind}");
-    let grace = std::time::Duration::from_secs(state.config.shutdown_grace_seconds);
-    let background = flowcore_server::background::start(&state);
+    let bind = state.config.bind;
     let stop = flowcore::CancellationToken::new();
     tokio::spawn({
         let stop = stop.clone();
@@ -308,26 +298,13 @@ async fn serve() -> ExitCode {
             stop.cancel();
         }
     });
-    // The background stops (runs finish or are handed back) while the server drains requests.
-    let stopping = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            stop.cancelled().await;
-            background.stop(grace).await
+    match flowcore_server::serve(state, stop).await {
+        Ok(handed_back) => {
+            tracing::info!(handed_back, "stopped");
+            ExitCode::SUCCESS
         }
-    });
-    let app = flowcore_server::app::app(state);
-    tracing::info!(
-        max_connections = limits.max_connections,
-        descriptors,
-        "connection limits"
-    );
-    flowcore_server::listen::serve(listener, app, limits, stop.clone()).await;
-    stop.cancel();
-    if let Ok(handed_back) = stopping.await {
-        tracing::info!(handed_back, "stopped");
+        Err(e) => fail(format!("cannot listen on {bind}: {e}")),
     }
-    ExitCode::SUCCESS
 }
 
 /// Ctrl-C or SIGTERM: stop accepting, finish in-flight requests.

@@ -1,6 +1,8 @@
-//! The API suite (`common/suite.rs`) on SQLite, the embedded default.
+//! The API suite (`common/suite.rs`) and the process tests (`common/processes.rs`) on SQLite,
+//! the embedded default.
 
-const POSTGRES: bool = false;
+const BACKEND: Backend = Backend::Sqlite;
 
 include!("common/suite.rs");
 include!("common/hardening.rs");
+include!("common/processes.rs");

@@ -113,6 +113,15 @@ async fn check(state: &Shared, flow: FlowDef) -> Result<FlowDef, ApiError> {
     Ok(flow)
 }
 
+/// Announces a flow's change to every process (their compiled plans and webhook indexes), and
+/// forgets this process's webhook index at once: the announcement reaches it a moment later,
+/// and a webhook called right after the answer must find the flow.
+async fn changed(state: &Shared, id: &str) -> Result<(), ApiError> {
+    state.plans.changed(id).await?;
+    state.webhooks.invalidate();
+    Ok(())
+}
+
 fn check_id(id: &str) -> Result<(), ApiError> {
     if is_valid_id(id) {
         Ok(())
@@ -133,7 +142,7 @@ pub(crate) async fn create(
     let id = flow.id.get_or_insert_with(flowcore::ids::new_id).clone();
     let flow = check(&state, flow).await?;
     let stored = state.stores.flows.create(&flow).await?;
-    state.plans.changed(&id).await?;
+    changed(&state, &id).await?;
     Ok((StatusCode::CREATED, Json((&stored).into())))
 }
 
@@ -211,7 +220,7 @@ pub(crate) async fn update(
     flow.id = Some(id.clone());
     let flow = check(&state, flow).await?;
     let stored = state.stores.flows.update(&id, &flow).await?;
-    state.plans.changed(&id).await?;
+    changed(&state, &id).await?;
     Ok(Json((&stored).into()))
 }
 
@@ -223,6 +232,6 @@ pub(crate) async fn delete(
 ) -> Result<StatusCode, ApiError> {
     check_id(&id)?;
     state.stores.flows.delete(&id).await?;
-    state.plans.changed(&id).await?;
+    changed(&state, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

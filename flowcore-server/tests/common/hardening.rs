@@ -350,18 +350,3 @@ async fn a_finished_runs_events_end_for_a_client_that_resumes() {
     assert!(!String::from_utf8_lossy(&resumed).contains("event: run_finished"), "nothing is sent twice");
     cleanup(&dir);
 }
-
-#[cfg(unix)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_data_folder_and_database_are_private() {
-    use std::os::unix::fs::PermissionsExt;
-    let (_app, dir) = app(&[("STORAGE_TYPE", "fs")]).await;
-    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode(&dir.join("blobs")), 0o700, "the blob folder");
-    // With PostgreSQL the test made the folder itself (for its database marker).
-    if !POSTGRES {
-        assert_eq!(mode(&dir), 0o700, "the data folder");
-        assert_eq!(mode(&dir.join("flowcore.db")), 0o600, "the database");
-    }
-    cleanup(&dir);
-}

@@ -44,17 +44,57 @@ async fn clean(prefix: &str) {
     }
 }
 
+/// Every port Redis implements, through the kit's one entry point: the queue (dead letters
+/// after 3 deliveries, as configured), events, rate limits, signals, and flow changes heard by
+/// two connections as two processes would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_queue_passes_the_kit() {
-    let mut config = RedisConfig::new(redis_url());
-    config.prefix = unique_prefix();
-    config.max_deliveries = 3;
-    let prefix = config.prefix.clone();
-    let queue = RedisQueue::connect(config)
-        .await
-        .expect("Redis must run on 127.0.0.1:6379 (or FLOWCORE_TEST_REDIS_URL)");
-    flowcore::testkit::queue(Arc::new(queue)).await;
+async fn redis_passes_the_kit() {
+    let prefix = unique_prefix();
+    let connect = || {
+        let mut config = RedisConfig::new(redis_url());
+        config.prefix = prefix.clone();
+        config.max_deliveries = 3;
+        RedisQueue::connect(config)
+    };
+    let (first, second) = (
+        connect()
+            .await
+            .expect("Redis must run on 127.0.0.1:6379 (or FLOWCORE_TEST_REDIS_URL)"),
+        connect().await.expect("connect"),
+    );
+    subscribed(&[&first, &second]).await;
+    let backend = flowcore::testkit::Backend {
+        name: "redis",
+        queue: Some(Arc::new(first.clone())),
+        events: Some(Arc::new(first.event_bus())),
+        limiter: Some(Arc::new(first.rate_limiter())),
+        signals: Some(Arc::new(first.run_signals())),
+        flow_changes: Some((
+            Arc::new(flowcore::ports::memory::MemoryFlowStore::new()),
+            [
+                Arc::new(first.flow_changes()),
+                Arc::new(second.flow_changes()),
+            ],
+        )),
+        capabilities: flowcore::testkit::Capabilities {
+            max_deliveries: Some(3),
+        },
+        ..Default::default()
+    };
+    flowcore::testkit::check(&backend).await;
     clean(&prefix).await;
+}
+
+/// Waits until each connection's subscriber is connected (as a process's would be before it
+/// serves).
+async fn subscribed(queues: &[&RedisQueue]) {
+    for q in queues {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !q.subscriber_connected() {
+            assert!(Instant::now() < deadline, "subscriber connected");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,27 +364,7 @@ async fn redis_restart_loses_nothing_and_clients_reconnect() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_rate_limiter_passes_the_kit() {
-    let mut config = RedisConfig::new(redis_url());
-    config.prefix = unique_prefix();
-    let prefix = config.prefix.clone();
-    let queue = RedisQueue::connect(config).await.expect("connect");
-    flowcore::testkit::rate_limiter(Arc::new(queue.rate_limiter())).await;
-    clean(&prefix).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_event_bus_passes_the_kit() {
-    let mut config = RedisConfig::new(redis_url());
-    config.prefix = unique_prefix();
-    let prefix = config.prefix.clone();
-    let queue = RedisQueue::connect(config).await.expect("connect");
-    flowcore::testkit::event_bus(Arc::new(queue.event_bus())).await;
-    clean(&prefix).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flow_changes_cross_processes_through_redis() {
+async fn cancels_cross_processes_through_redis() {
     let prefix = unique_prefix();
     let connect = || {
         let mut config = RedisConfig::new(redis_url());
@@ -356,28 +376,12 @@ async fn flow_changes_cross_processes_through_redis() {
         connect().await.expect("connect"),
         connect().await.expect("connect"),
     );
-    for q in [&first, &second] {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !q.subscriber_connected() {
-            assert!(Instant::now() < deadline, "subscriber connected");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-    let flows: Arc<dyn flowcore::ports::FlowStore> =
-        Arc::new(flowcore::ports::memory::MemoryFlowStore::new());
-    flowcore::testkit::flow_changes(
-        flows,
-        Arc::new(first.flow_changes()),
-        Arc::new(second.flow_changes()),
-    )
-    .await;
-    flowcore::testkit::run_signals(Arc::new(first.run_signals())).await;
+    subscribed(&[&first, &second]).await;
     // A cancel request published by one process reaches the other.
     let mut heard = second.run_signals().cancels();
     let id = flowcore::RunId::new();
     use flowcore::ports::RunSignals;
     first.run_signals().cancel(&id).await.expect("publish");
-    // (The kit's own requests, published several times, may still be arriving.)
     tokio::time::timeout(Duration::from_secs(5), async {
         while heard.recv().await.expect("recv") != id {}
     })

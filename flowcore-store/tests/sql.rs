@@ -79,6 +79,19 @@ fn temp_sqlite() -> (std::path::PathBuf, String) {
     (dir, url)
 }
 
+/// The SQL store as the kit sees it: flows, runs and the server's records (the queue, events,
+/// limits and signals are Redis's or in process; blobs are opendal's).
+fn kit(name: &'static str, store: &SqlStore) -> flowcore::testkit::Backend {
+    let shared = std::sync::Arc::new(store.clone());
+    flowcore::testkit::Backend {
+        name,
+        flows: Some(shared.clone()),
+        runs: Some(shared.clone()),
+        records: Some(shared),
+        ..Default::default()
+    }
+}
+
 /// The migrations of each backend (one folder each in `migrations/<backend>`).
 const MIGRATIONS: usize = 2;
 
@@ -99,13 +112,7 @@ async fn sqlite_file_passes_the_kit() {
         0,
         "a second run is a no-op"
     );
-    flowcore::testkit::flow_store(&store).await;
-    flowcore::testkit::run_store(&store).await;
-    flowcore::testkit::pruning(&store).await;
-    flowcore::testkit::meta_store(std::sync::Arc::new(store.clone())).await;
-    flowcore::testkit::transitions(&store).await;
-    flowcore::testkit::concurrent_creates(std::sync::Arc::new(store.clone())).await;
-    flowcore::testkit::concurrent_finishes(std::sync::Arc::new(store.clone())).await;
+    flowcore::testkit::check(&kit("sqlite", &store)).await;
     drop(store);
     // The data survives a reconnect.
     let again = crate::store(&url).await;
@@ -118,28 +125,9 @@ async fn sqlite_file_passes_the_kit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn durable_runs_on_sqlite() {
-    let (dir, url) = temp_sqlite();
-    let store = store(&url).await;
-    flowcore::testkit::durable_runs(std::sync::Arc::new(store)).await;
-    std::fs::remove_dir_all(dir).ok();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn durable_runs_on_postgres() {
-    let db = TestDb::create().await;
-    {
-        let store = store(&db.url()).await;
-        flowcore::testkit::durable_runs(std::sync::Arc::new(store)).await;
-    }
-    db.drop_db().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_in_memory_passes_the_kit() {
     let store = store("sqlite::memory:").await;
-    flowcore::testkit::flow_store(&store).await;
-    flowcore::testkit::run_store(&store).await;
+    flowcore::testkit::check(&kit("sqlite in memory", &store)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,13 +136,7 @@ async fn postgres_passes_the_kit() {
     {
         let store = store(&db.url()).await;
         assert_eq!(store.backend(), Backend::Postgres);
-        flowcore::testkit::flow_store(&store).await;
-        flowcore::testkit::run_store(&store).await;
-        flowcore::testkit::pruning(&store).await;
-        flowcore::testkit::meta_store(std::sync::Arc::new(store.clone())).await;
-        flowcore::testkit::transitions(&store).await;
-        flowcore::testkit::concurrent_creates(std::sync::Arc::new(store.clone())).await;
-        flowcore::testkit::concurrent_finishes(std::sync::Arc::new(store.clone())).await;
+        flowcore::testkit::check(&kit("postgres", &store)).await;
     }
     db.drop_db().await;
 }

@@ -1,13 +1,9 @@
-//! Durable execution over the in-memory run store.
+//! Durable execution over the in-memory run store (the kit's `durable_runs` runs in
+//! `memory_ports.rs`).
 
 use std::sync::Arc;
 
 use flowcore::ports::memory::MemoryRunStore;
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn durable_runs_on_the_memory_store() {
-    flowcore::testkit::durable_runs(Arc::new(MemoryRunStore::new())).await;
-}
 
 /// Whoever hears `run_finished` (an API waiting for a worker's run) reads the run as finished:
 /// the event goes out after the end is stored. It came before it once, and a waiting API

@@ -1,71 +1,8 @@
-//! The conformance kit against the in-memory ports.
-
-use std::sync::Arc;
-
-use flowcore::ports::memory::{MemoryBlobStore, MemoryFlowStore, MemoryQueue, MemoryRunStore};
-
-#[tokio::test]
-async fn memory_flow_store() {
-    flowcore::testkit::flow_store(&MemoryFlowStore::new()).await;
-}
-
-#[tokio::test]
-async fn memory_run_store() {
-    flowcore::testkit::run_store(&MemoryRunStore::new()).await;
-}
+//! The conformance kit against the in-memory ports, and what only the memory stores promise.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_queue() {
-    flowcore::testkit::queue(Arc::new(MemoryQueue::new(3))).await;
-}
-
-#[tokio::test]
-async fn memory_blob_store() {
-    flowcore::testkit::blob_store(&MemoryBlobStore::new()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_meta_store() {
-    flowcore::testkit::meta_store(Arc::new(flowcore::ports::memory::MemoryMetaStore::new())).await;
-}
-
-#[tokio::test]
-async fn memory_pruning() {
-    flowcore::testkit::pruning(&MemoryRunStore::new()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_transitions() {
-    flowcore::testkit::transitions(&MemoryRunStore::new()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_rate_limiter() {
-    flowcore::testkit::rate_limiter(Arc::new(flowcore::ports::memory::MemoryRateLimiter::new()))
-        .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_event_bus() {
-    flowcore::testkit::event_bus(Arc::new(flowcore::ports::memory::MemoryEventBus::default()))
-        .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_flow_changes() {
-    let changes = Arc::new(flowcore::ports::memory::MemoryFlowChanges::default());
-    flowcore::testkit::flow_changes(Arc::new(MemoryFlowStore::new()), changes.clone(), changes)
-        .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_concurrent_creates() {
-    flowcore::testkit::concurrent_creates(Arc::new(MemoryRunStore::new())).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_concurrent_finishes() {
-    flowcore::testkit::concurrent_finishes(Arc::new(MemoryRunStore::new())).await;
+async fn the_memory_stores_pass_the_kit() {
+    flowcore::testkit::check(&flowcore::testkit::Backend::memory()).await;
 }
 
 #[tokio::test]
@@ -128,12 +65,4 @@ async fn the_memory_event_bus_drops_ended_runs_before_running_ones() {
             "runs still running are kept"
         );
     }
-}
-
-#[tokio::test]
-async fn memory_run_signals() {
-    flowcore::testkit::run_signals(Arc::new(
-        flowcore::ports::memory::MemoryRunSignals::default(),
-    ))
-    .await;
 }

@@ -1,0 +1,302 @@
+//! Runs and steps in memory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::{lock, parse_cursor, ttl_to_chrono};
+use crate::error::StoreError;
+use crate::ids::RunId;
+use crate::ports::{Lease, NewRun, Page, RunFilter, RunOutcome, RunRecord, RunStore, StoreResult};
+use crate::run::{Move, RunStatus, StepRecord};
+
+/// Runs in memory.
+#[derive(Debug, Default)]
+pub struct MemoryRunStore {
+    state: Mutex<RunState>,
+}
+
+#[derive(Debug, Default)]
+struct RunState {
+    next_seq: u64,
+    runs: HashMap<RunId, (u64, RunRecord)>,
+    order: BTreeMap<u64, RunId>,
+    idempotency: HashMap<(String, String), RunId>,
+    steps: HashMap<RunId, Vec<StepRecord>>,
+}
+
+impl MemoryRunStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl RunState {
+    fn upsert_steps(&mut self, id: &RunId, steps: &[StepRecord]) {
+        let stored = self.steps.entry(id.clone()).or_default();
+        for step in steps {
+            match stored.iter_mut().find(|s| s.node == step.node) {
+                Some(existing) => *existing = step.clone(),
+                None => stored.push(step.clone()),
+            }
+        }
+    }
+
+    fn run_mut(&mut self, id: &RunId) -> StoreResult<&mut RunRecord> {
+        self.runs
+            .get_mut(id)
+            .map(|(_, r)| r)
+            .ok_or_else(|| StoreError::not_found("run", id.as_str()))
+    }
+
+    /// The run, if `epoch` is its current lease and it is running.
+    fn owned_mut(&mut self, id: &RunId, epoch: u64) -> StoreResult<&mut RunRecord> {
+        let run = self.run_mut(id)?;
+        if run.epoch != epoch || !run.status.is_leased() {
+            return Err(StoreError::StaleLease(format!(
+                "run `{id}` is {} at epoch {}, not running at epoch {epoch}",
+                run.status, run.epoch
+            )));
+        }
+        Ok(run)
+    }
+}
+
+#[async_trait]
+impl RunStore for MemoryRunStore {
+    async fn create(&self, run: NewRun) -> StoreResult<(RunRecord, bool)> {
+        let mut st = lock(&self.state);
+        if let Some(key) = &run.idempotency_key
+            && let Some(existing) = st.idempotency.get(&(run.flow_id.clone(), key.clone()))
+        {
+            let existing = existing.clone();
+            return Ok((st.run_mut(&existing)?.clone(), false));
+        }
+        if st.runs.contains_key(&run.id) {
+            return Err(StoreError::AlreadyExists(format!(
+                "run `{}` exists",
+                run.id
+            )));
+        }
+        st.next_seq += 1;
+        let seq = st.next_seq;
+        let now = Utc::now();
+        let lease = run.claim.as_ref().map(|c| Lease {
+            owner: c.owner.clone(),
+            expires_at: now + ttl_to_chrono(c.ttl),
+            epoch: 1,
+        });
+        let record = RunRecord {
+            id: run.id.clone(),
+            flow_id: run.flow_id.clone(),
+            flow_version: run.flow_version,
+            status: if lease.is_some() {
+                RunStatus::Running
+            } else {
+                RunStatus::Queued
+            },
+            input: run.input,
+            output: None,
+            error: None,
+            idempotency_key: run.idempotency_key.clone(),
+            created_at: now,
+            started_at: lease.as_ref().map(|_| now),
+            finished_at: None,
+            epoch: u64::from(lease.is_some()),
+            lease,
+            trigger: run.trigger,
+        };
+        if let Some(key) = run.idempotency_key {
+            st.idempotency.insert((run.flow_id, key), run.id.clone());
+        }
+        st.order.insert(seq, run.id.clone());
+        st.runs.insert(run.id, (seq, record.clone()));
+        Ok((record, true))
+    }
+
+    async fn get(&self, id: &RunId) -> StoreResult<RunRecord> {
+        lock(&self.state).run_mut(id).map(|r| r.clone())
+    }
+
+    async fn list(&self, filter: &RunFilter) -> StoreResult<Page<RunRecord>> {
+        let before = parse_cursor(filter.cursor.as_deref())?;
+        let limit = filter.limit.clamp(1, 1000);
+        let st = lock(&self.state);
+        let mut items = Vec::new();
+        let mut next_cursor = None;
+        for (seq, id) in st.order.range(..before).rev() {
+            let Some((_, run)) = st.runs.get(id) else {
+                continue;
+            };
+            if filter.flow_id.as_ref().is_some_and(|f| *f != run.flow_id)
+                || filter.status.is_some_and(|s| s != run.status)
+            {
+                continue;
+            }
+            if items.len() == limit {
+                // The cursor is exclusive: this run, the first not returned, opens the next page.
+                next_cursor = Some((seq + 1).to_string());
+                break;
+            }
+            items.push(run.clone());
+        }
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn claim(&self, id: &RunId, owner: &str, ttl: Duration) -> StoreResult<Lease> {
+        let mut st = lock(&self.state);
+        let run = st.run_mut(id)?;
+        let now = Utc::now();
+        let claimable = Move::Claim.starts_from(run.status)
+            && run.lease.as_ref().is_none_or(|l| l.expires_at <= now);
+        if !claimable {
+            return Err(StoreError::Conflict(format!(
+                "run `{id}` is {} and not claimable",
+                run.status
+            )));
+        }
+        run.epoch += 1;
+        let lease = Lease {
+            owner: owner.to_owned(),
+            expires_at: now + ttl_to_chrono(ttl),
+            epoch: run.epoch,
+        };
+        run.status = RunStatus::Running;
+        run.started_at.get_or_insert(now);
+        run.lease = Some(lease.clone());
+        Ok(lease)
+    }
+
+    async fn renew(&self, id: &RunId, epoch: u64, ttl: Duration) -> StoreResult<Lease> {
+        let mut st = lock(&self.state);
+        let run = st.owned_mut(id, epoch)?;
+        let lease = run
+            .lease
+            .as_mut()
+            .ok_or_else(|| StoreError::StaleLease(format!("run `{id}` has no lease")))?;
+        lease.expires_at = Utc::now() + ttl_to_chrono(ttl);
+        Ok(lease.clone())
+    }
+
+    async fn record_steps(&self, id: &RunId, epoch: u64, steps: &[StepRecord]) -> StoreResult<()> {
+        let mut st = lock(&self.state);
+        st.owned_mut(id, epoch)?;
+        st.upsert_steps(id, steps);
+        Ok(())
+    }
+
+    async fn steps(&self, id: &RunId) -> StoreResult<Vec<StepRecord>> {
+        let mut st = lock(&self.state);
+        st.run_mut(id)?;
+        Ok(st.steps.get(id).cloned().unwrap_or_default())
+    }
+
+    async fn finish(&self, id: &RunId, epoch: u64, outcome: RunOutcome) -> StoreResult<RunRecord> {
+        if !outcome.status.is_final() {
+            return Err(StoreError::Invalid(format!(
+                "`{}` is not a final status",
+                outcome.status
+            )));
+        }
+        let mut st = lock(&self.state);
+        let run = st.owned_mut(id, epoch)?;
+        if run.status.move_to(outcome.status) != Some(Move::Finish) {
+            return Err(StoreError::Invalid(format!(
+                "a {} run cannot be finished as {}",
+                run.status, outcome.status
+            )));
+        }
+        run.status = outcome.status;
+        run.output = outcome.output;
+        run.error = outcome.error;
+        run.finished_at = Some(Utc::now());
+        run.lease = None;
+        let record = run.clone();
+        st.upsert_steps(id, &outcome.steps);
+        Ok(record)
+    }
+
+    async fn release(&self, id: &RunId, epoch: u64) -> StoreResult<()> {
+        let mut st = lock(&self.state);
+        let run = st.owned_mut(id, epoch)?;
+        run.status = RunStatus::Queued;
+        run.lease = None;
+        Ok(())
+    }
+
+    async fn transition(
+        &self,
+        id: &RunId,
+        from: RunStatus,
+        to: RunStatus,
+    ) -> StoreResult<RunRecord> {
+        Move::unowned(from, to)?;
+        let mut st = lock(&self.state);
+        let run = st.run_mut(id)?;
+        if run.status != from {
+            return Err(StoreError::Conflict(format!(
+                "run `{id}` is {}, not {from}",
+                run.status
+            )));
+        }
+        run.status = to;
+        if to.is_final() {
+            run.finished_at = Some(Utc::now());
+            run.lease = None;
+        }
+        Ok(run.clone())
+    }
+
+    async fn expired(
+        &self,
+        after: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> StoreResult<Vec<(RunId, Option<DateTime<Utc>>)>> {
+        let st = lock(&self.state);
+        let mut found: Vec<(RunId, Option<DateTime<Utc>>)> = st
+            .order
+            .values()
+            .filter_map(|id| st.runs.get(id))
+            .filter(|(_, r)| r.status == RunStatus::Running)
+            .map(|(_, r)| (r.id.clone(), r.lease.as_ref().map(|l| l.expires_at)))
+            .filter(|(_, expires)| match (after, expires) {
+                (None, None) => true,
+                (None, Some(at)) => *at <= now,
+                (Some(_), None) => false,
+                (Some(after), Some(at)) => *at > after && *at <= now,
+            })
+            .collect();
+        if after.is_some() {
+            found.sort_by_key(|(_, at)| *at);
+        }
+        found.truncate(limit);
+        Ok(found)
+    }
+
+    async fn prune(&self, before: DateTime<Utc>, batch: usize) -> StoreResult<usize> {
+        let mut st = lock(&self.state);
+        let doomed: Vec<(u64, RunId)> = st
+            .order
+            .iter()
+            .filter_map(|(seq, id)| st.runs.get(id).map(|(_, r)| (*seq, r)))
+            .filter(|(_, r)| r.status.is_final() && r.created_at < before)
+            .map(|(seq, r)| (seq, r.id.clone()))
+            .take(batch)
+            .collect();
+        for (seq, id) in &doomed {
+            st.order.remove(seq);
+            if let Some((_, run)) = st.runs.remove(id)
+                && let Some(key) = run.idempotency_key
+            {
+                st.idempotency.remove(&(run.flow_id, key));
+            }
+            st.steps.remove(id);
+        }
+        Ok(doomed.len())
+    }
+}

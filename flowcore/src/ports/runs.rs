@@ -1,0 +1,252 @@
+//! Runs and their steps, with the leases that make exactly one worker own a running run.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{Page, StoreResult};
+use crate::error::StoreError;
+use crate::ids::RunId;
+use crate::run::{RunStatus, StepRecord};
+
+/// A new run, as the API accepts it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRun {
+    /// Its id.
+    pub id: RunId,
+    /// The flow.
+    pub flow_id: String,
+    /// The version the run is pinned to.
+    pub flow_version: u32,
+    /// The input.
+    pub input: Value,
+    /// The same key for the same flow gives the same run.
+    pub idempotency_key: Option<String>,
+    /// Create the run already claimed (`running`, epoch 1) by this owner, for a process that
+    /// executes the run itself: one commit instead of two.
+    pub claim: Option<Claim>,
+    /// What started it, as templates see it (`trigger`): a webhook's path and chosen headers.
+    pub trigger: Option<Value>,
+}
+
+/// A worker's claim on a run: who, and for how long without renewal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The worker's name.
+    pub owner: String,
+    /// The lease's time to live.
+    pub ttl: Duration,
+}
+
+/// Who executes a running run, until when, and which ownership this is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The worker's name.
+    pub owner: String,
+    /// When the lease lapses unless renewed.
+    pub expires_at: DateTime<Utc>,
+    /// Grows with every new owner; a write with an older epoch is refused.
+    pub epoch: u64,
+}
+
+/// A stored run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Its id.
+    pub id: RunId,
+    /// The flow.
+    pub flow_id: String,
+    /// The flow version it runs.
+    pub flow_version: u32,
+    /// Its status.
+    pub status: RunStatus,
+    /// Its input.
+    pub input: Value,
+    /// Its output, once succeeded.
+    pub output: Option<Value>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Its idempotency key.
+    pub idempotency_key: Option<String>,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+    /// When a worker first started it.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it reached a final status.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The current worker lease, while running.
+    pub lease: Option<Lease>,
+    /// The epoch of the latest lease (0 before any).
+    pub epoch: u64,
+    /// What started it (see [`NewRun::trigger`]).
+    pub trigger: Option<Value>,
+}
+
+/// How a run ended, as stored: what a request that waited for the run answers. Carried by
+/// [`RunSignals::finished`], so that the waiter need not read the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunEnd {
+    /// Its final status.
+    pub status: RunStatus,
+    /// Its output as stored (a large one is a blob reference).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl RunRecord {
+    /// Its end, once its status is final.
+    ///
+    /// ```
+    /// # use flowcore::ports::RunRecord;
+    /// # fn show(run: &RunRecord) {
+    /// if let Some(end) = run.end() {
+    ///     println!("{:?}: {:?}", end.status, end.output);
+    /// }
+    /// # }
+    /// ```
+    pub fn end(&self) -> Option<RunEnd> {
+        self.status.is_final().then(|| RunEnd {
+            status: self.status,
+            output: self.output.clone(),
+            error: self.error.clone(),
+        })
+    }
+}
+
+/// Filters of a run listing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunFilter {
+    /// Only runs of this flow.
+    pub flow_id: Option<String>,
+    /// Only runs in this status.
+    pub status: Option<RunStatus>,
+    /// Page size (the store may cap it).
+    pub limit: usize,
+    /// The cursor from the previous page.
+    pub cursor: Option<String>,
+}
+
+/// The end of a run, written by its lease owner.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RunOutcome {
+    /// A final status.
+    pub status: RunStatus,
+    /// The output, when succeeded.
+    pub output: Option<Value>,
+    /// Why it did not succeed.
+    pub error: Option<String>,
+    /// Steps not yet recorded, written in the same commit as the status.
+    pub steps: Vec<StepRecord>,
+}
+
+/// Runs and their steps, with worker leases so that exactly one worker owns a running run.
+#[async_trait]
+pub trait RunStore: Send + Sync {
+    /// Stores a queued run (or a running one, with `claim`). With an idempotency key already
+    /// used for this flow, returns the existing run and `false`.
+    async fn create(&self, run: NewRun) -> StoreResult<(RunRecord, bool)>;
+    /// One run.
+    async fn get(&self, id: &RunId) -> StoreResult<RunRecord>;
+    /// Runs, newest first, with a cursor that stays correct under concurrent inserts.
+    async fn list(&self, filter: &RunFilter) -> StoreResult<Page<RunRecord>>;
+    /// Takes ownership of a run to execute it: a queued run, or a running one whose lease has
+    /// expired. Sets `running`, a lease for `ttl` and a new epoch. `Conflict` otherwise.
+    async fn claim(&self, id: &RunId, owner: &str, ttl: Duration) -> StoreResult<Lease>;
+    /// [`claim`](Self::claim), answering the claimed run (its `lease` set): what a worker
+    /// needs to execute it, in one round trip where the backend can.
+    async fn claim_run(&self, id: &RunId, owner: &str, ttl: Duration) -> StoreResult<RunRecord> {
+        self.claim(id, owner, ttl).await?;
+        self.get(id).await
+    }
+    /// [`claim_run`](Self::claim_run) for several runs at once (a worker leasing a batch of
+    /// jobs): answers the runs it claimed, in no particular order, and leaves out the ones not
+    /// claimable (finished, leased by another owner, or unknown). One statement and one commit
+    /// where the backend can (PostgreSQL); the default claims them one by one.
+    async fn claim_runs(
+        &self,
+        ids: &[RunId],
+        owner: &str,
+        ttl: Duration,
+    ) -> StoreResult<Vec<RunRecord>> {
+        claim_each(self, ids, owner, ttl).await
+    }
+    /// Extends the lease of the current owner. `StaleLease` when another owner took over.
+    async fn renew(&self, id: &RunId, epoch: u64, ttl: Duration) -> StoreResult<Lease>;
+    /// Checkpoints steps (insert or replace by node). `StaleLease` when `epoch` is not current.
+    async fn record_steps(&self, id: &RunId, epoch: u64, steps: &[StepRecord]) -> StoreResult<()>;
+    /// The recorded steps of a run.
+    async fn steps(&self, id: &RunId) -> StoreResult<Vec<StepRecord>>;
+    /// Writes the final status of a running run and its last steps, atomically. `StaleLease`
+    /// when `epoch` is not current.
+    async fn finish(&self, id: &RunId, epoch: u64, outcome: RunOutcome) -> StoreResult<RunRecord>;
+    /// Hands a running run back (`running` -> `queued`) without waiting for its lease to expire.
+    async fn release(&self, id: &RunId, epoch: u64) -> StoreResult<()>;
+    /// Compare-and-set of the status, for changes without a lease (such as cancelling a queued
+    /// run). `Conflict` when the status is not `from`.
+    async fn transition(
+        &self,
+        id: &RunId,
+        from: RunStatus,
+        to: RunStatus,
+    ) -> StoreResult<RunRecord>;
+    /// Running runs whose lease expired by `now`, for the reaper, with their expiry (`None`:
+    /// no lease). With `after`, only those whose lease expired after it, oldest expiry first: a
+    /// reaper that looked at the earlier ones already looks only at what lapsed since, which
+    /// on PostgreSQL is a short range of the lease index instead of every row version that was
+    /// ever running (dead ones too, until a vacuum).
+    async fn expired(
+        &self,
+        after: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> StoreResult<Vec<(RunId, Option<DateTime<Utc>>)>>;
+    /// Deletes up to `batch` finished runs (and their steps) created before `before`; returns
+    /// how many were deleted. Callers loop until it returns less than `batch`.
+    async fn prune(&self, before: DateTime<Utc>, batch: usize) -> StoreResult<usize>;
+}
+
+/// Deletes finished runs created before `before`, in batches of `batch`, pausing `pause`
+/// between batches so that normal work gets the database in between (n8n and Activepieces
+/// users hit pruning that locks the pool). Returns how many runs were deleted.
+pub async fn prune_runs(
+    store: &dyn RunStore,
+    before: DateTime<Utc>,
+    batch: usize,
+    pause: Duration,
+) -> StoreResult<usize> {
+    let batch = batch.max(1);
+    let mut total = 0;
+    loop {
+        let n = store.prune(before, batch).await?;
+        total += n;
+        if n < batch {
+            return Ok(total);
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// [`RunStore::claim_runs`] one run at a time, with [`RunStore::claim_run`]: the default, and
+/// what a backend without a batch statement does.
+pub async fn claim_each<S: RunStore + ?Sized>(
+    store: &S,
+    ids: &[RunId],
+    owner: &str,
+    ttl: Duration,
+) -> StoreResult<Vec<RunRecord>> {
+    let mut claimed = Vec::with_capacity(ids.len());
+    for id in ids {
+        match store.claim_run(id, owner, ttl).await {
+            Ok(run) => claimed.push(run),
+            Err(StoreError::Conflict(_) | StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(claimed)
+}

@@ -1,5 +1,5 @@
-//! Credentials (ciphertext only), API keys (hashes), usage counters, file metadata and
-//! schedule ticks over SQL.
+//! Credentials (ciphertext only), API keys (hashes), usage counters and file metadata over SQL
+//! (their rows: `rows.rs`).
 
 use async_trait::async_trait;
 use chrono::Utc;
@@ -12,54 +12,9 @@ use flowcore::ports::{
     StoredCredential, UsageDay, UsageStore,
 };
 
+use super::rows::{ApiKeyRow, CredentialRow, FileRow, UsageRow, count};
 use super::schema::{api_keys, credentials, files, usage_daily};
-use super::{SqlStore, db_error, from_micros, micros, with_conn};
-
-type CredentialRow = (
-    String,
-    String,
-    String,
-    String,
-    Vec<u8>,
-    i64,
-    i64,
-    Option<String>,
-);
-
-fn credential(row: CredentialRow) -> StoredCredential {
-    let (id, name, kind, key_id, ciphertext, created_at, updated_at, allowed_hosts) = row;
-    StoredCredential {
-        id,
-        name,
-        kind,
-        key_id,
-        ciphertext,
-        created_at: from_micros(created_at),
-        updated_at: from_micros(updated_at),
-        // An unreadable list allows nothing rather than anything.
-        allowed_hosts: allowed_hosts.map(|text| serde_json::from_str(&text).unwrap_or_default()),
-    }
-}
-
-const CREDENTIAL_COLUMNS: (
-    credentials::id,
-    credentials::name,
-    credentials::kind,
-    credentials::key_id,
-    credentials::ciphertext,
-    credentials::created_at,
-    credentials::updated_at,
-    credentials::allowed_hosts,
-) = (
-    credentials::id,
-    credentials::name,
-    credentials::kind,
-    credentials::key_id,
-    credentials::ciphertext,
-    credentials::created_at,
-    credentials::updated_at,
-    credentials::allowed_hosts,
-);
+use super::{SqlStore, db_error, micros, with_conn};
 
 fn already_exists(what: String) -> impl FnOnce(diesel::result::Error) -> StoreError {
     move |e| {
@@ -76,20 +31,7 @@ impl CredentialStore for SqlStore {
     async fn insert_credential(&self, c: &StoredCredential) -> StoreResult<()> {
         with_conn!(self, write, |conn| {
             diesel::insert_into(credentials::table)
-                .values((
-                    credentials::id.eq(&c.id),
-                    credentials::name.eq(&c.name),
-                    credentials::kind.eq(&c.kind),
-                    credentials::key_id.eq(&c.key_id),
-                    credentials::ciphertext.eq(&c.ciphertext),
-                    credentials::created_at.eq(micros(c.created_at)),
-                    credentials::updated_at.eq(micros(c.updated_at)),
-                    credentials::allowed_hosts.eq(c
-                        .allowed_hosts
-                        .as_ref()
-                        .map(super::to_text)
-                        .transpose()?),
-                ))
+                .values(CredentialRow::of(c)?)
                 .execute(conn)
                 .await
                 .map_err(already_exists(format!("credential `{}` exists", c.name)))?;
@@ -105,26 +47,26 @@ impl CredentialStore for SqlStore {
                         .eq(id_or_name)
                         .or(credentials::name.eq(id_or_name)),
                 )
-                .select(CREDENTIAL_COLUMNS)
+                .select(CredentialRow::as_select())
                 .first(conn)
                 .await
                 .optional()
                 .map_err(|e| db_error("reading a credential", e))?
         });
-        row.map(credential)
+        row.map(StoredCredential::from)
             .ok_or_else(|| StoreError::not_found("credential", id_or_name))
     }
 
     async fn list_credentials(&self) -> StoreResult<Vec<StoredCredential>> {
         let rows: Vec<CredentialRow> = with_conn!(self, read, |conn| {
             credentials::table
-                .select(CREDENTIAL_COLUMNS)
+                .select(CredentialRow::as_select())
                 .order((credentials::created_at.asc(), credentials::id.asc()))
                 .load(conn)
                 .await
                 .map_err(|e| db_error("listing credentials", e))?
         });
-        Ok(rows.into_iter().map(credential).collect())
+        Ok(rows.into_iter().map(StoredCredential::from).collect())
     }
 
     async fn reencrypt_credential(
@@ -173,70 +115,12 @@ impl CredentialStore for SqlStore {
     }
 }
 
-type ApiKeyRow = (
-    String,
-    String,
-    String,
-    String,
-    i64,
-    Option<i64>,
-    String,
-    Option<String>,
-);
-
-fn api_key(row: ApiKeyRow) -> ApiKeyRecord {
-    let (id, name, prefix, hash, created_at, revoked_at, scopes, parent_id) = row;
-    ApiKeyRecord {
-        id,
-        name,
-        prefix,
-        hash,
-        created_at: from_micros(created_at),
-        revoked_at: revoked_at.map(from_micros),
-        // Unknown names (a newer version's scopes) grant nothing here.
-        scopes: scopes
-            .split(',')
-            .filter_map(|s| s.trim().parse().ok())
-            .collect(),
-        parent_id,
-    }
-}
-
-const API_KEY_COLUMNS: (
-    api_keys::id,
-    api_keys::name,
-    api_keys::prefix,
-    api_keys::hash,
-    api_keys::created_at,
-    api_keys::revoked_at,
-    api_keys::scopes,
-    api_keys::parent_id,
-) = (
-    api_keys::id,
-    api_keys::name,
-    api_keys::prefix,
-    api_keys::hash,
-    api_keys::created_at,
-    api_keys::revoked_at,
-    api_keys::scopes,
-    api_keys::parent_id,
-);
-
 #[async_trait]
 impl ApiKeyStore for SqlStore {
     async fn insert_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
         with_conn!(self, write, |conn| {
             diesel::insert_into(api_keys::table)
-                .values((
-                    api_keys::id.eq(&key.id),
-                    api_keys::name.eq(&key.name),
-                    api_keys::prefix.eq(&key.prefix),
-                    api_keys::hash.eq(&key.hash),
-                    api_keys::created_at.eq(micros(key.created_at)),
-                    api_keys::revoked_at.eq(key.revoked_at.map(micros)),
-                    api_keys::scopes.eq(key.scopes.to_string()),
-                    api_keys::parent_id.eq(&key.parent_id),
-                ))
+                .values(ApiKeyRow::from(key))
                 .execute(conn)
                 .await
                 .map_err(already_exists(format!(
@@ -251,25 +135,25 @@ impl ApiKeyStore for SqlStore {
         let row: Option<ApiKeyRow> = with_conn!(self, read, |conn| {
             api_keys::table
                 .filter(api_keys::prefix.eq(prefix))
-                .select(API_KEY_COLUMNS)
+                .select(ApiKeyRow::as_select())
                 .first(conn)
                 .await
                 .optional()
                 .map_err(|e| db_error("reading an API key", e))?
         });
-        Ok(row.map(api_key))
+        Ok(row.map(ApiKeyRecord::from))
     }
 
     async fn list_api_keys(&self) -> StoreResult<Vec<ApiKeyRecord>> {
         let rows: Vec<ApiKeyRow> = with_conn!(self, read, |conn| {
             api_keys::table
-                .select(API_KEY_COLUMNS)
+                .select(ApiKeyRow::as_select())
                 .order((api_keys::created_at.asc(), api_keys::id.asc()))
                 .load(conn)
                 .await
                 .map_err(|e| db_error("listing API keys", e))?
         });
-        Ok(rows.into_iter().map(api_key).collect())
+        Ok(rows.into_iter().map(ApiKeyRecord::from).collect())
     }
 
     async fn revoke_api_key(&self, id: &str) -> StoreResult<()> {
@@ -295,10 +179,6 @@ impl ApiKeyStore for SqlStore {
     }
 }
 
-fn count(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
 #[async_trait]
 impl UsageStore for SqlStore {
     async fn add_usage(
@@ -311,13 +191,13 @@ impl UsageStore for SqlStore {
     ) -> StoreResult<()> {
         with_conn!(self, write, |conn| {
             diesel::insert_into(usage_daily::table)
-                .values((
-                    usage_daily::flow_id.eq(flow_id),
-                    usage_daily::day.eq(day),
-                    usage_daily::runs.eq(count(runs)),
-                    usage_daily::node_executions.eq(count(node_executions)),
-                    usage_daily::tokens.eq(count(tokens)),
-                ))
+                .values(UsageRow {
+                    flow_id: flow_id.to_owned(),
+                    day: day.to_owned(),
+                    runs: count(runs),
+                    node_executions: count(node_executions),
+                    tokens: count(tokens),
+                })
                 .on_conflict((usage_daily::flow_id, usage_daily::day))
                 .do_update()
                 .set((
@@ -339,20 +219,14 @@ impl UsageStore for SqlStore {
         from_day: &str,
         to_day: &str,
     ) -> StoreResult<Vec<UsageDay>> {
-        let rows: Vec<(String, String, i64, i64, i64)> = with_conn!(self, read, |conn| {
+        let rows: Vec<UsageRow> = with_conn!(self, read, |conn| {
             let mut query = usage_daily::table
                 .filter(
                     usage_daily::day
                         .ge(from_day)
                         .and(usage_daily::day.le(to_day)),
                 )
-                .select((
-                    usage_daily::flow_id,
-                    usage_daily::day,
-                    usage_daily::runs,
-                    usage_daily::node_executions,
-                    usage_daily::tokens,
-                ))
+                .select(UsageRow::as_select())
                 .order((usage_daily::flow_id.asc(), usage_daily::day.asc()))
                 .into_boxed();
             if let Some(flow_id) = flow_id {
@@ -363,16 +237,7 @@ impl UsageStore for SqlStore {
                 .await
                 .map_err(|e| db_error("reading usage", e))?
         });
-        Ok(rows
-            .into_iter()
-            .map(|(flow_id, day, runs, node_executions, tokens)| UsageDay {
-                flow_id,
-                day,
-                runs: runs.max(0) as u64,
-                node_executions: node_executions.max(0) as u64,
-                tokens: tokens.max(0) as u64,
-            })
-            .collect())
+        Ok(rows.into_iter().map(UsageDay::from).collect())
     }
 }
 
@@ -381,14 +246,7 @@ impl FileStore for SqlStore {
     async fn insert_file(&self, file: &FileRecord) -> StoreResult<()> {
         with_conn!(self, write, |conn| {
             diesel::insert_into(files::table)
-                .values((
-                    files::id.eq(&file.id),
-                    files::name.eq(&file.name),
-                    files::content_type.eq(&file.content_type),
-                    files::size.eq(count(file.size)),
-                    files::blob_key.eq(&file.blob_key),
-                    files::created_at.eq(micros(file.created_at)),
-                ))
+                .values(FileRow::from(file))
                 .execute(conn)
                 .await
                 .map_err(already_exists(format!("file `{}` exists", file.id)))?;
@@ -397,33 +255,17 @@ impl FileStore for SqlStore {
     }
 
     async fn get_file(&self, id: &str) -> StoreResult<FileRecord> {
-        let row: Option<(String, String, String, i64, String, i64)> =
-            with_conn!(self, read, |conn| {
-                files::table
-                    .find(id)
-                    .select((
-                        files::id,
-                        files::name,
-                        files::content_type,
-                        files::size,
-                        files::blob_key,
-                        files::created_at,
-                    ))
-                    .first(conn)
-                    .await
-                    .optional()
-                    .map_err(|e| db_error("reading a file", e))?
-            });
-        let (id, name, content_type, size, blob_key, created_at) =
-            row.ok_or_else(|| StoreError::not_found("file", id))?;
-        Ok(FileRecord {
-            id,
-            name,
-            content_type,
-            size: size.max(0) as u64,
-            blob_key,
-            created_at: from_micros(created_at),
-        })
+        let row: Option<FileRow> = with_conn!(self, read, |conn| {
+            files::table
+                .find(id)
+                .select(FileRow::as_select())
+                .first(conn)
+                .await
+                .optional()
+                .map_err(|e| db_error("reading a file", e))?
+        });
+        row.map(FileRecord::from)
+            .ok_or_else(|| StoreError::not_found("file", id))
     }
 
     async fn delete_file(&self, id: &str) -> StoreResult<()> {

@@ -15,6 +15,7 @@ mod flows;
 mod meta;
 mod pg_batch;
 mod prepared;
+mod rows;
 mod runs;
 pub mod schema;
 

@@ -18,7 +18,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::prepared::{EndArrays, Finish, FinishRuns, InsertRuns, RunArrays, StepArrays};
-use super::runs::{NewRow, RunRow};
+use super::rows::{NewRunRow, RunRow};
 
 /// The most runs one statement carries.
 const MAX_BATCH: usize = 64;
@@ -121,7 +121,7 @@ async fn run<T>(
         }
         return;
     };
-    let mut rows: HashMap<String, RunRow> = rows.into_iter().map(|r| (r.1.clone(), r)).collect();
+    let mut rows: HashMap<String, RunRow> = rows.into_iter().map(|r| (r.id.clone(), r)).collect();
     for (id, reply) in replies {
         let _ = reply.send(Ok(rows.remove(&id)));
     }
@@ -145,7 +145,7 @@ impl Batches {
 }
 
 /// The batched inserts of new runs.
-pub(super) type Creates = Batcher<NewRow>;
+pub(super) type Creates = Batcher<NewRunRow>;
 
 impl Creates {
     /// Starts batching new runs over `pool`.
@@ -164,7 +164,7 @@ impl Creates {
 
     /// Inserts `row` (without an idempotency key) with others; `None` when the batch failed
     /// (the caller inserts it alone).
-    pub(super) async fn insert(&self, row: NewRow) -> Option<RunRow> {
+    pub(super) async fn insert(&self, row: NewRunRow) -> Option<RunRow> {
         self.write(row.id.clone(), row).await.ok().flatten()
     }
 }

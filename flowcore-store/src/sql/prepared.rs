@@ -17,7 +17,7 @@ use diesel::sqlite::Sqlite;
 
 use flowcore::{Move, RunStatus};
 
-use super::runs::{NewRow, RunColumns, run_columns};
+use super::rows::{NewRunRow, NewStepRow, RunColumns, run_columns};
 
 /// The statuses `m` starts from as an SQL list (`'queued', 'running'`), from the one table of a
 /// run's moves ([`RunStatus::move_to`]).
@@ -214,6 +214,23 @@ pub(super) struct StepArrays {
 }
 
 impl StepArrays {
+    /// The rows as columns.
+    pub(super) fn of(rows: Vec<NewStepRow>) -> Self {
+        let mut a = Self::default();
+        for row in rows {
+            a.run_id.push(row.run_id);
+            a.node.push(row.node);
+            a.status.push(row.status);
+            a.attempts.push(row.attempts);
+            a.started_at.push(row.started_at);
+            a.finished_at.push(row.finished_at);
+            a.output.push(row.output);
+            a.error.push(row.error);
+            a.port.push(row.port);
+        }
+        a
+    }
+
     fn append(&mut self, other: Self) {
         self.run_id.extend(other.run_id);
         self.node.extend(other.node);
@@ -352,18 +369,17 @@ pub(super) struct RunArrays {
 }
 
 impl RunArrays {
-    pub(super) fn push(&mut self, row: NewRow) {
-        let (started_at, owner, expires, epoch) = row.lease_columns();
+    pub(super) fn push(&mut self, row: NewRunRow) {
         self.id.push(row.id);
         self.flow_id.push(row.flow_id);
         self.flow_version.push(row.flow_version);
         self.status.push(row.status);
         self.input.push(row.input);
-        self.created_at.push(row.now);
-        self.started_at.push(started_at);
-        self.lease_owner.push(owner);
-        self.lease_expires_at.push(expires);
-        self.epoch.push(epoch);
+        self.created_at.push(row.created_at);
+        self.started_at.push(row.started_at);
+        self.lease_owner.push(row.lease_owner);
+        self.lease_expires_at.push(row.lease_expires_at);
+        self.epoch.push(row.epoch);
         self.trigger.push(row.trigger);
     }
 }

@@ -13,155 +13,12 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 use flowcore::ports::{
     Lease, NewRun, Page, RunFilter, RunOutcome, RunRecord, RunStore, StoreResult,
 };
-use flowcore::{RunId, RunStatus, StepRecord, StepStatus, StoreError};
+use flowcore::{RunId, RunStatus, StepRecord, StoreError};
 
 use super::prepared::{ClaimRun, EndArrays, Finish, FinishRuns, Id, Ids, StepArrays};
+use super::rows::{NewRunRow, NewStepRow, RunRow, StepRow, run_columns};
 use super::schema::{runs, steps};
-use super::{
-    SqlStore, db_error, from_micros, is_unique_violation, micros, stored_value, to_text, with_conn,
-};
-
-const FINAL: [&str; 4] = ["succeeded", "failed", "cancelled", "timed_out"];
-
-pub(super) type RunRow = (
-    i64,
-    String,
-    String,
-    i32,
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    i64,
-    Option<i64>,
-    Option<i64>,
-    Option<String>,
-    Option<i64>,
-    i64,
-    Option<String>,
-);
-
-/// The selected columns of `RunRow`, in order.
-pub(super) type RunColumns = (
-    runs::seq,
-    runs::id,
-    runs::flow_id,
-    runs::flow_version,
-    runs::status,
-    runs::input,
-    runs::output,
-    runs::error,
-    runs::idempotency_key,
-    runs::created_at,
-    runs::started_at,
-    runs::finished_at,
-    runs::lease_owner,
-    runs::lease_expires_at,
-    runs::epoch,
-    runs::trigger,
-);
-
-pub(super) fn run_columns() -> RunColumns {
-    (
-        runs::seq,
-        runs::id,
-        runs::flow_id,
-        runs::flow_version,
-        runs::status,
-        runs::input,
-        runs::output,
-        runs::error,
-        runs::idempotency_key,
-        runs::created_at,
-        runs::started_at,
-        runs::finished_at,
-        runs::lease_owner,
-        runs::lease_expires_at,
-        runs::epoch,
-        runs::trigger,
-    )
-}
-
-fn record(row: RunRow) -> StoreResult<RunRecord> {
-    let (
-        _,
-        id,
-        flow_id,
-        flow_version,
-        status,
-        input,
-        output,
-        error,
-        key,
-        created,
-        started,
-        finished,
-        owner,
-        expires,
-        epoch,
-        trigger,
-    ) = row;
-    let lease = match (owner, expires) {
-        (Some(owner), Some(expires)) => Some(Lease {
-            owner,
-            expires_at: from_micros(expires),
-            epoch: epoch as u64,
-        }),
-        _ => None,
-    };
-    Ok(RunRecord {
-        id: RunId::from(id),
-        flow_id,
-        flow_version: u32::try_from(flow_version).unwrap_or_default(),
-        status: status.parse().map_err(|e: String| StoreError::Backend {
-            message: e,
-            source: None,
-        })?,
-        input: stored_value(&input),
-        output: output.as_deref().map(stored_value),
-        error,
-        idempotency_key: key,
-        created_at: from_micros(created),
-        started_at: started.map(from_micros),
-        finished_at: finished.map(from_micros),
-        lease,
-        epoch: epoch as u64,
-        trigger: trigger.as_deref().map(stored_value),
-    })
-}
-
-type StepRow = (
-    String,
-    String,
-    i32,
-    Option<i64>,
-    Option<i64>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-);
-
-fn step_record(row: StepRow) -> StoreResult<StepRecord> {
-    let (node, status, attempts, started, finished, output, error, port) = row;
-    Ok(StepRecord {
-        node: node.into(),
-        status: status
-            .parse::<StepStatus>()
-            .map_err(|e| StoreError::Backend {
-                message: e,
-                source: None,
-            })?,
-        attempts: u32::try_from(attempts).unwrap_or_default(),
-        started_at: started.map(from_micros),
-        finished_at: finished.map(from_micros),
-        output: output
-            .as_deref()
-            .map(|text| std::sync::Arc::new(stored_value(text))),
-        error,
-        port: port.map(Into::into),
-    })
-}
+use super::{SqlStore, db_error, from_micros, is_unique_violation, micros, to_text, with_conn};
 
 /// The run `id` while `epoch` owns it and it runs: the target of every lease-guarded write.
 /// The filter type of [`owned_run`].
@@ -183,126 +40,12 @@ fn owned_run(id: &str, epoch: u64) -> OwnedRun<'_> {
     )
 }
 
-type StepValues = (
-    diesel::dsl::Eq<steps::run_id, String>,
-    diesel::dsl::Eq<steps::node, String>,
-    diesel::dsl::Eq<steps::status, &'static str>,
-    diesel::dsl::Eq<steps::attempts, i32>,
-    diesel::dsl::Eq<steps::started_at, Option<i64>>,
-    diesel::dsl::Eq<steps::finished_at, Option<i64>>,
-    diesel::dsl::Eq<steps::output, Option<String>>,
-    diesel::dsl::Eq<steps::error, Option<String>>,
-    diesel::dsl::Eq<steps::port, Option<String>>,
-);
-
-/// The values of a new run's row.
-#[derive(Clone)]
-pub(super) struct NewRow {
-    pub id: String,
-    pub flow_id: String,
-    pub flow_version: i32,
-    pub status: &'static str,
-    pub input: String,
-    pub idempotency_key: Option<String>,
-    pub trigger: Option<String>,
-    pub now: i64,
-    /// Owner and expiry, when created claimed.
-    pub lease: Option<(String, i64)>,
-}
-
-/// The lease columns of a new row: `started_at`, `lease_owner`, `lease_expires_at`, `epoch`.
-type LeaseColumns = (Option<i64>, Option<String>, Option<i64>, i64);
-
-impl NewRow {
-    /// A run created claimed has started, at epoch 1; else none of it is set (epoch 0).
-    pub(super) fn lease_columns(&self) -> LeaseColumns {
-        let (owner, expires) = self.lease.clone().unzip();
-        let claimed = self.lease.is_some();
-        (
-            claimed.then_some(self.now),
-            owner,
-            expires,
-            i64::from(claimed),
-        )
-    }
-}
-
-type RunValues = (
-    diesel::dsl::Eq<runs::id, String>,
-    diesel::dsl::Eq<runs::flow_id, String>,
-    diesel::dsl::Eq<runs::flow_version, i32>,
-    diesel::dsl::Eq<runs::status, &'static str>,
-    diesel::dsl::Eq<runs::input, String>,
-    diesel::dsl::Eq<runs::idempotency_key, Option<String>>,
-    diesel::dsl::Eq<runs::created_at, i64>,
-    diesel::dsl::Eq<runs::started_at, Option<i64>>,
-    diesel::dsl::Eq<runs::lease_owner, Option<String>>,
-    diesel::dsl::Eq<runs::lease_expires_at, Option<i64>>,
-    diesel::dsl::Eq<runs::epoch, i64>,
-    diesel::dsl::Eq<runs::trigger, Option<String>>,
-);
-
-fn run_values(new: NewRow) -> RunValues {
-    let (started_at, owner, expires, epoch) = new.lease_columns();
-    (
-        runs::id.eq(new.id),
-        runs::flow_id.eq(new.flow_id),
-        runs::flow_version.eq(new.flow_version),
-        runs::status.eq(new.status),
-        runs::input.eq(new.input),
-        runs::idempotency_key.eq(new.idempotency_key),
-        runs::created_at.eq(new.now),
-        runs::started_at.eq(started_at),
-        runs::lease_owner.eq(owner),
-        runs::lease_expires_at.eq(expires),
-        runs::epoch.eq(epoch),
-        runs::trigger.eq(new.trigger),
-    )
-}
-
-/// A run's steps as one array per column (PostgreSQL writes them with one bind each).
-fn step_arrays(id: &RunId, steps: &[StepRecord]) -> StoreResult<StepArrays> {
-    let mut a = StepArrays::default();
-    for s in steps {
-        a.run_id.push(id.as_str().to_owned());
-        a.node.push(s.node.to_string());
-        a.status.push(s.status.as_str());
-        a.attempts
-            .push(i32::try_from(s.attempts).unwrap_or(i32::MAX));
-        a.started_at.push(s.started_at.map(micros));
-        a.finished_at.push(s.finished_at.map(micros));
-        a.output.push(s.output.as_deref().map(to_text).transpose()?);
-        a.error.push(s.error.clone());
-        a.port.push(s.port.as_deref().map(str::to_owned));
-    }
-    Ok(a)
-}
-
-fn step_rows(id: &RunId, steps: &[StepRecord]) -> StoreResult<Vec<StepValues>> {
-    steps
-        .iter()
-        .map(|s| {
-            Ok((
-                steps::run_id.eq(id.as_str().to_owned()),
-                steps::node.eq(s.node.to_string()),
-                steps::status.eq(s.status.as_str()),
-                steps::attempts.eq(i32::try_from(s.attempts).unwrap_or(i32::MAX)),
-                steps::started_at.eq(s.started_at.map(micros)),
-                steps::finished_at.eq(s.finished_at.map(micros)),
-                steps::output.eq(s.output.as_deref().map(to_text).transpose()?),
-                steps::error.eq(s.error.clone()),
-                steps::port.eq(s.port.as_deref().map(str::to_owned)),
-            ))
-        })
-        .collect()
-}
-
 /// Inserts or replaces step rows: one multi-row statement on PostgreSQL; one statement a row on
 /// SQLite, where diesel cannot batch an upsert (and a statement costs no round trip).
 trait UpsertSteps {
     fn upsert_steps(
         &mut self,
-        rows: Vec<StepValues>,
+        rows: Vec<NewStepRow>,
     ) -> impl Future<Output = QueryResult<()>> + Send;
 }
 
@@ -326,7 +69,7 @@ macro_rules! upsert {
 }
 
 impl UpsertSteps for diesel_async::AsyncPgConnection {
-    async fn upsert_steps(&mut self, rows: Vec<StepValues>) -> QueryResult<()> {
+    async fn upsert_steps(&mut self, rows: Vec<NewStepRow>) -> QueryResult<()> {
         if !rows.is_empty() {
             upsert!(self, rows).await?;
         }
@@ -335,7 +78,7 @@ impl UpsertSteps for diesel_async::AsyncPgConnection {
 }
 
 impl UpsertSteps for super::Sqlite {
-    async fn upsert_steps(&mut self, rows: Vec<StepValues>) -> QueryResult<()> {
+    async fn upsert_steps(&mut self, rows: Vec<NewStepRow>) -> QueryResult<()> {
         for row in rows {
             upsert!(&mut *self, row).await?;
         }
@@ -353,7 +96,7 @@ mod blocking {
     use diesel::{RunQueryDsl, SqliteConnection};
 
     use super::super::prepared::{Finish, FinishRun};
-    use super::{RunRow, RunValues, StepValues, owned_run, run_columns, runs, steps};
+    use super::{NewRunRow, NewStepRow, RunRow, owned_run, run_columns, runs, steps};
 
     /// The final write of a run, under the caller's epoch: its last steps, then the run row.
     /// No savepoint is needed (the batch's other writes must survive a failure here): the
@@ -362,7 +105,7 @@ mod blocking {
     pub(super) fn finish(
         conn: &mut SqliteConnection,
         end: Finish,
-        rows: Vec<StepValues>,
+        rows: Vec<NewStepRow>,
     ) -> QueryResult<Option<RunRow>> {
         let owned: bool = diesel::select(diesel::dsl::exists(owned_run(&end.id, end.epoch as u64)))
             .get_result(conn)?;
@@ -379,12 +122,21 @@ mod blocking {
     }
 
     /// A new run's row.
-    pub(super) fn create(conn: &mut SqliteConnection, values: RunValues) -> QueryResult<RunRow> {
+    pub(super) fn create(conn: &mut SqliteConnection, row: NewRunRow) -> QueryResult<RunRow> {
         diesel::insert_into(runs::table)
-            .values(values)
+            .values(row)
             .returning(run_columns())
             .get_result(conn)
     }
+}
+
+/// The final statuses' names.
+fn final_statuses() -> Vec<&'static str> {
+    RunStatus::ALL
+        .into_iter()
+        .filter(|s| s.is_final())
+        .map(RunStatus::as_str)
+        .collect()
 }
 
 fn ttl_micros(ttl: Duration) -> i64 {
@@ -411,7 +163,7 @@ impl SqlStore {
                 .optional()
                 .map_err(|e| db_error("reading a run", e))?
         });
-        row.map(record).transpose()
+        row.map(RunRecord::try_from).transpose()
     }
 
     async fn find_by_key(&self, flow_id: &str, key: &str) -> StoreResult<Option<RunRecord>> {
@@ -424,7 +176,7 @@ impl SqlStore {
                 .optional()
                 .map_err(|e| db_error("reading a run", e))?
         });
-        row.map(record).transpose()
+        row.map(RunRecord::try_from).transpose()
     }
 
     /// Why a lease-guarded write found nothing: the run is missing, or the epoch is stale.
@@ -456,53 +208,35 @@ impl RunStore for SqlStore {
                 flowcore::json::MAX_DEPTH
             )));
         }
-        let input = to_text(&run.input)?;
-        let trigger = run.trigger.as_ref().map(to_text).transpose()?;
         let now = micros(Utc::now());
-        let claim = run
+        let lease = run
             .claim
             .as_ref()
             .map(|c| (c.owner.clone(), now.saturating_add(ttl_micros(c.ttl))));
-        let status = if claim.is_some() {
-            RunStatus::Running
-        } else {
-            RunStatus::Queued
-        };
-        let new = NewRow {
-            id: run.id.as_str().to_owned(),
-            flow_id: run.flow_id.clone(),
-            flow_version: i32::try_from(run.flow_version).unwrap_or(i32::MAX),
-            status: status.as_str(),
-            input,
-            idempotency_key: run.idempotency_key.clone(),
-            trigger,
-            now,
-            lease: claim,
-        };
+        let new = NewRunRow::new(&run, now, lease)?;
         // `None`: the batch failed; the insert below reports this run's own error.
         if let super::Pools::Postgres { batches, .. } = &self.pools
             && new.idempotency_key.is_none()
             && let Some(row) = batches.creates.insert(new.clone()).await
         {
-            return Ok((record(row)?, true));
+            return Ok((row.try_into()?, true));
         }
-        let values = run_values(new);
         let inserted: Result<RunRow, diesel::result::Error> = match &self.pools {
             super::Pools::Sqlite { batcher, .. } => {
                 batcher
-                    .write("creating a run", move |conn| blocking::create(conn, values))
+                    .write("creating a run", move |conn| blocking::create(conn, new))
                     .await?
             }
             super::Pools::Postgres { .. } => with_conn!(self, write, |conn| {
                 let query = diesel::insert_into(runs::table)
-                    .values(values)
+                    .values(new)
                     .returning(run_columns());
                 super::returned!(query, conn)
                     .and_then(|row| row.ok_or(diesel::result::Error::NotFound))
             }),
         };
         match inserted {
-            Ok(row) => Ok((record(row)?, true)),
+            Ok(row) => Ok((row.try_into()?, true)),
             Err(e) if is_unique_violation(&e) => {
                 // Either a concurrent create with the same idempotency key won, or the id is taken.
                 if let Some(key) = &run.idempotency_key
@@ -558,8 +292,8 @@ impl RunStore for SqlStore {
         let mut items = Vec::with_capacity(rows.len().min(limit));
         let mut last = None;
         for row in rows.into_iter().take(limit) {
-            last = Some(row.0);
-            items.push(record(row)?);
+            last = Some(row.seq);
+            items.push(row.try_into()?);
         }
         Ok(Page {
             items,
@@ -585,7 +319,7 @@ impl RunStore for SqlStore {
             super::returned!(query, conn).map_err(|e| db_error("claiming a run", e))?
         });
         match row {
-            Some(row) => record(row),
+            Some(row) => row.try_into(),
             None => match self.get_row(id.as_str()).await? {
                 Some(run) => Err(StoreError::Conflict(format!(
                     "run `{id}` is {} and not claimable",
@@ -617,7 +351,7 @@ impl RunStore for SqlStore {
             .load(&mut *conn)
             .await
             .map_err(|e| db_error("claiming runs", e))?;
-        rows.into_iter().map(record).collect()
+        rows.into_iter().map(RunRecord::try_from).collect()
     }
 
     async fn renew(&self, id: &RunId, epoch: u64, ttl: Duration) -> StoreResult<Lease> {
@@ -639,7 +373,7 @@ impl RunStore for SqlStore {
     }
 
     async fn record_steps(&self, id: &RunId, epoch: u64, steps: &[StepRecord]) -> StoreResult<()> {
-        let rows = step_rows(id, steps)?;
+        let rows = NewStepRow::of(id, steps)?;
         let owned: bool = with_conn!(self, write, |conn| {
             let run_id = id.as_str().to_owned();
             conn.transaction(async move |conn| {
@@ -669,16 +403,7 @@ impl RunStore for SqlStore {
         let rows: Vec<StepRow> = with_conn!(self, read, |conn| {
             steps::table
                 .filter(steps::run_id.eq(id.as_str()))
-                .select((
-                    steps::node,
-                    steps::status,
-                    steps::attempts,
-                    steps::started_at,
-                    steps::finished_at,
-                    steps::output,
-                    steps::error,
-                    steps::port,
-                ))
+                .select(StepRow::as_select())
                 .order((steps::started_at.asc(), steps::node.asc()))
                 .load(conn)
                 .await
@@ -687,7 +412,7 @@ impl RunStore for SqlStore {
         if rows.is_empty() && self.get_row(id.as_str()).await?.is_none() {
             return Err(StoreError::not_found("run", id.as_str()));
         }
-        rows.into_iter().map(step_record).collect()
+        rows.into_iter().map(StepRecord::try_from).collect()
     }
 
     async fn finish(&self, id: &RunId, epoch: u64, outcome: RunOutcome) -> StoreResult<RunRecord> {
@@ -710,7 +435,7 @@ impl RunStore for SqlStore {
         };
         let row: Option<RunRow> = match &self.pools {
             super::Pools::Sqlite { batcher, .. } => {
-                let (end, rows) = (end()?, step_rows(id, &outcome.steps)?);
+                let (end, rows) = (end()?, NewStepRow::of(id, &outcome.steps)?);
                 batcher
                     .write("finishing a run", move |conn| {
                         blocking::finish(conn, end, rows)
@@ -719,12 +444,12 @@ impl RunStore for SqlStore {
                     .map_err(|e| db_error("finishing a run", e))?
             }
             super::Pools::Postgres { pool, batches } => {
-                let steps = step_arrays(id, &outcome.steps)?;
+                let steps = StepArrays::of(NewStepRow::of(id, &outcome.steps)?);
                 match batches.finishes.finish(end()?, steps).await {
                     Ok(row) => row,
                     Err(()) => {
                         let mut ends = EndArrays::default();
-                        ends.push(end()?, step_arrays(id, &outcome.steps)?);
+                        ends.push(end()?, StepArrays::of(NewStepRow::of(id, &outcome.steps)?));
                         let mut conn = pool.get().await.map_err(super::pool_error)?;
                         let alone: Option<RunRow> =
                             super::returned!(FinishRuns::new(ends), &mut *conn)
@@ -745,7 +470,7 @@ impl RunStore for SqlStore {
             }
         };
         match row {
-            Some(row) => record(row),
+            Some(row) => row.try_into(),
             None => Err(self.stale(id, epoch).await),
         }
     }
@@ -799,7 +524,7 @@ impl RunStore for SqlStore {
             .map_err(|e| db_error("changing a run's status", e))?
         });
         match row {
-            Some(row) => record(row),
+            Some(row) => row.try_into(),
             None => match self.get_row(id.as_str()).await? {
                 Some(run) => Err(StoreError::Conflict(format!(
                     "run `{id}` is {}, not {from}",
@@ -855,7 +580,7 @@ impl RunStore for SqlStore {
         with_conn!(self, write, |conn| {
             conn.transaction(async move |conn| {
                 let ids: Vec<String> = runs::table
-                    .filter(runs::status.eq_any(FINAL))
+                    .filter(runs::status.eq_any(final_statuses()))
                     .filter(runs::created_at.lt(before))
                     .select(runs::id)
                     .order(runs::seq.asc())

@@ -12,12 +12,8 @@ use subtle::ConstantTimeEq;
 /// Length of the public prefix: `fc_` and 8 hex digits.
 const PREFIX_LEN: usize = 11;
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn hash(key: &str) -> String {
-    hex(&Sha256::digest(key.as_bytes()))
+    hex::encode(Sha256::digest(key.as_bytes()))
 }
 
 /// Who made a request: the verified key and what it may do.
@@ -75,7 +71,11 @@ pub fn generate_with(
         message: format!("no randomness: {e}"),
         source: None,
     })?;
-    let key = format!("fc_{}_{}", hex(&bytes[..4]), hex(&bytes[4..]));
+    let key = format!(
+        "fc_{}_{}",
+        hex::encode(&bytes[..4]),
+        hex::encode(&bytes[4..])
+    );
     let record = ApiKeyRecord {
         id: flowcore::ids::new_id(),
         name: name.to_owned(),

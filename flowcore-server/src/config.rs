@@ -1,16 +1,20 @@
-//! Configuration, read once from the environment (contract section 3). An unknown or malformed
-//! value stops start-up with a message naming the variable; `Debug` hides secrets.
+//! Configuration, read once from the environment (or `flowcore serve`'s flags). Each variable
+//! is written once, as a field below: its name, default, bounds and doc comment (the text of
+//! `flowcore serve --help`). An unknown or malformed value stops start-up with a message naming
+//! the variable; `Debug` hides secrets.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use clap::{Args, CommandFactory, FromArgMatches, Parser};
 use flowcore_store::{BlobConfig, S3Config};
 
 /// Which parts of the topology this process runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
     /// API and worker in one process (the default).
     All,
@@ -20,265 +24,258 @@ pub enum Role {
     Worker,
 }
 
+/// Where files and large outputs go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StorageType {
+    /// In the data dir.
+    Fs,
+    /// An S3 bucket (the `S3_*` variables).
+    S3,
+    /// In the process (lost on exit).
+    Memory,
+}
+
 /// A configuration error, naming the variable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{var}: {message}")]
 pub struct ConfigError {
     /// The variable.
-    pub var: &'static str,
+    pub var: String,
     /// What is wrong with it.
     pub message: String,
 }
 
-/// Every variable the server reads, with its default, for `flowcore serve --help`.
-pub const VARIABLES: &[(&str, &str, &str)] = &[
-    ("FLOWCORE_BIND", "127.0.0.1:3000", "listen address"),
-    (
-        "FLOWCORE_ROLE",
-        "all",
-        "all (api and worker in one process), api, worker",
-    ),
-    (
-        "FLOWCORE_DATA_DIR",
-        "./.flowcore",
-        "where the embedded defaults keep their files",
-    ),
-    (
-        "DATABASE_URL",
-        "sqlite in the data dir",
-        "sqlite://... or postgres://...",
-    ),
-    ("DATABASE_POOL_SIZE", "10", "connections per process"),
-    (
-        "REDIS_URL",
-        "unset: in-process queue and cache",
-        "redis://...: shared queue, cache and rate limits",
-    ),
-    (
-        "FLOWCORE_REDIS_PREFIX",
-        "flowcore",
-        "prefix of every Redis key",
-    ),
-    ("STORAGE_TYPE", "fs", "fs (in the data dir), s3, memory"),
-    ("S3_STORAGE_BUCKET_NAME", "", "S3 bucket"),
-    ("S3_STORAGE_REGION", "us-east-1", "S3 region"),
-    ("S3_ENDPOINT_URL", "", "S3-compatible endpoint"),
-    ("S3_STORAGE_ACCESS_KEY_ID", "", "S3 access key id"),
-    ("S3_STORAGE_SECRET_ACCESS_KEY", "", "S3 secret key"),
-    (
-        "FLOWCORE_ENCRYPTION_KEY",
-        "generated once into the data dir (mode 0600)",
-        "credentials key",
-    ),
-    ("FLOWCORE_ADMIN_KEY", "unset", "a bootstrap API key"),
-    (
-        "WORKER_CONCURRENCY",
-        "10",
-        "runs one worker executes at once",
-    ),
-    ("WORKER_GROUP", "default", "the queue a worker takes from"),
-    ("FLOW_TIMEOUT_SECONDS", "600", "a run's limit"),
-    (
-        "WEBHOOK_TIMEOUT_SECONDS",
-        "30",
-        "how long a sync call waits",
-    ),
-    ("MAX_PAYLOAD_SIZE_MB", "25", "request body limit"),
-    ("MAX_FILE_SIZE_MB", "25", "one file or one step output"),
-    ("MAX_RUN_LOG_SIZE_MB", "50", "one run's stored log"),
-    (
-        "NUMBER_OF_PROXIES",
-        "0",
-        "trusted proxies in front (X-Forwarded-For depth)",
-    ),
-    (
-        "RATE_LIMIT_PER_MINUTE",
-        "0",
-        "per client address and per API key (0 = off)",
-    ),
-    (
-        "FLOWCORE_AUTH_FAILURES_PER_MINUTE",
-        "30",
-        "requests with a missing or wrong API key one client address may make per minute before 429 (0 = off)",
-    ),
-    (
-        "FLOWCORE_MAX_CONNECTIONS",
-        "1024",
-        "open client connections per process; more wait in the listen backlog",
-    ),
-    (
-        "FLOWCORE_HEADER_TIMEOUT_SECONDS",
-        "10",
-        "how long a client may take to send a request's headers, and a kept-alive connection may stay idle",
-    ),
-    (
-        "FLOWCORE_IDLE_TIMEOUT_SECONDS",
-        "60",
-        "the longest pause inside a request body; a webhook's whole body must arrive within it",
-    ),
-    (
-        "FLOWCORE_MAX_QUEUED_RUNS",
-        "1000",
-        "waited runs waiting for a slot, and runs in a group's queue, before 503 overloaded (0 = no bound)",
-    ),
-    (
-        "FLOWCORE_HTTP_DENY",
-        "loopback,link-local,private,unspecified,self",
-        "what http_request never reaches: CIDR ranges and those words; a value replaces the default",
-    ),
-    (
-        "FLOWCORE_HTTP_ALLOW",
-        "unset",
-        "CIDR ranges or host:port that http_request may reach despite FLOWCORE_HTTP_DENY",
-    ),
-    (
-        "FLOWCORE_QUOTA_RUNS_PER_DAY",
-        "0",
-        "runs one flow may start per UTC day; more get 429 quota_exceeded (0 = off)",
-    ),
-    (
-        "FLOWCORE_SHUTDOWN_GRACE_SECONDS",
-        "25",
-        "on SIGTERM, how long runs may finish before they are handed back to the queue",
-    ),
-    (
-        "FLOWCORE_LEASE_SECONDS",
-        "30",
-        "a worker's hold on a run, renewed every third of it; a dead worker's runs move on after it",
-    ),
-];
+/// A secret: `Debug` shows `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Hidden(String);
+
+impl fmt::Debug for Hidden {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl Deref for Hidden {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Hidden {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+/// A database or Redis URL: `Debug` hides its password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Dsn(String);
+
+impl Dsn {
+    /// The URL.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Dsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&flowcore_store::sql::redact_url(&self.0))
+    }
+}
+
+impl Deref for Dsn {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A value parser: a number within `range`, with a message saying so.
+fn within<T>(
+    range: std::ops::RangeInclusive<T>,
+    what: &'static str,
+) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: FromStr + PartialOrd + fmt::Display + Clone + Send + Sync + 'static,
+{
+    move |raw: &str| match raw.parse::<T>() {
+        Ok(v) if range.contains(&v) => Ok(v),
+        _ => Err(format!(
+            "`{raw}` is not a number of {what} from {} to {}",
+            range.start(),
+            range.end()
+        )),
+    }
+}
+
+fn database_url(raw: &str) -> Result<Dsn, String> {
+    if raw.starts_with("sqlite:")
+        || raw.starts_with("postgres://")
+        || raw.starts_with("postgresql://")
+    {
+        Ok(Dsn(raw.to_owned()))
+    } else {
+        let scheme = raw.split(':').next().unwrap_or_default();
+        Err(format!(
+            "unknown scheme `{scheme}` (expected sqlite:// or postgres://)"
+        ))
+    }
+}
+
+fn redis_url(raw: &str) -> Result<Dsn, String> {
+    if raw.starts_with("redis://") || raw.starts_with("rediss://") {
+        Ok(Dsn(raw.to_owned()))
+    } else {
+        Err("expected redis://... or rediss://...".into())
+    }
+}
+
+fn name(raw: &str) -> Result<String, String> {
+    if flowcore::model::is_valid_id(raw) {
+        Ok(raw.to_owned())
+    } else {
+        Err(format!("`{raw}` is not 1 to 64 of A-Z a-z 0-9 _ -"))
+    }
+}
+
+fn address(raw: &str) -> Result<SocketAddr, String> {
+    raw.parse()
+        .map_err(|_| format!("`{raw}` is not an address like 127.0.0.1:3000"))
+}
 
 /// The server's configuration.
-#[derive(Clone)]
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Configuration (each flag also reads the variable named beside it)")]
 pub struct Config {
-    /// `FLOWCORE_BIND` (127.0.0.1:3000).
+    /// Listen address.
+    #[arg(long, env = "FLOWCORE_BIND", default_value = "127.0.0.1:3000", value_parser = address)]
     pub bind: SocketAddr,
-    /// `FLOWCORE_ROLE` (all).
+    /// Which parts of the topology this process runs: all (api and worker in one process), api,
+    /// worker.
+    #[arg(long, env = "FLOWCORE_ROLE", value_enum, default_value = "all")]
     pub role: Role,
-    /// `FLOWCORE_DATA_DIR` (./.flowcore).
+    /// Where the embedded defaults keep their files.
+    #[arg(long, env = "FLOWCORE_DATA_DIR", default_value = "./.flowcore")]
     pub data_dir: PathBuf,
-    /// `DATABASE_URL` (sqlite in the data dir).
-    pub database_url: String,
-    /// `DATABASE_POOL_SIZE` (10).
+    /// sqlite://... or postgres://... (default: SQLite in the data dir).
+    #[arg(long = "database-url", env = "DATABASE_URL", value_parser = database_url)]
+    database: Option<Dsn>,
+    /// The database URL: `DATABASE_URL`, or SQLite in the data dir.
+    #[arg(skip = Dsn(String::new()))]
+    pub database_url: Dsn,
+    /// Database connections per process.
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value = "10", value_parser = within(1u32..=1000, "connections"))]
     pub database_pool_size: u32,
-    /// `REDIS_URL` (unset: in-process queue and cache).
-    pub redis_url: Option<String>,
-    /// `FLOWCORE_REDIS_PREFIX` (flowcore).
+    /// redis://...: a shared queue, cache and rate limits (unset: in-process ones).
+    #[arg(long, env = "REDIS_URL", value_parser = redis_url)]
+    pub redis_url: Option<Dsn>,
+    /// The prefix of every Redis key.
+    #[arg(long, env = "FLOWCORE_REDIS_PREFIX", default_value = "flowcore", value_parser = name)]
     pub redis_prefix: String,
-    /// `STORAGE_TYPE` and the `S3_*` variables (fs in the data dir).
+    /// Where files and large outputs go: fs (in the data dir), s3, memory.
+    #[arg(long, env = "STORAGE_TYPE", value_enum, default_value = "fs")]
+    pub storage_type: StorageType,
+    /// The S3 bucket (required with STORAGE_TYPE=s3).
+    #[arg(long, env = "S3_STORAGE_BUCKET_NAME")]
+    s3_bucket: Option<String>,
+    /// The S3 region (us-east-1).
+    #[arg(long, env = "S3_STORAGE_REGION")]
+    s3_region: Option<String>,
+    /// An S3-compatible endpoint.
+    #[arg(long, env = "S3_ENDPOINT_URL")]
+    s3_endpoint: Option<String>,
+    /// The S3 access key id.
+    #[arg(long, env = "S3_STORAGE_ACCESS_KEY_ID")]
+    s3_access_key_id: Option<String>,
+    /// The S3 secret key.
+    #[arg(long, env = "S3_STORAGE_SECRET_ACCESS_KEY", hide_env_values = true)]
+    s3_secret_access_key: Option<Hidden>,
+    /// Where blobs go, from STORAGE_TYPE and the S3 variables.
+    #[arg(skip = BlobConfig::Memory)]
     pub storage: BlobConfig,
-    /// `FLOWCORE_ENCRYPTION_KEY` (generated once into the data dir).
-    pub encryption_key: Option<String>,
-    /// `FLOWCORE_ADMIN_KEY` (unset).
-    pub admin_key: Option<String>,
-    /// `WORKER_CONCURRENCY` (10).
+    /// The credentials key (default: generated once into the data dir, mode 0600).
+    #[arg(long, env = "FLOWCORE_ENCRYPTION_KEY", hide_env_values = true)]
+    pub encryption_key: Option<Hidden>,
+    /// A bootstrap API key with every scope.
+    #[arg(long, env = "FLOWCORE_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<Hidden>,
+    /// Runs one process executes at once.
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value = "10", value_parser = within(1usize..=10_000, "runs"))]
     pub worker_concurrency: usize,
-    /// `WORKER_GROUP` (default).
+    /// The queue a worker takes runs from.
+    #[arg(long, env = "WORKER_GROUP", default_value = "default", value_parser = name)]
     pub worker_group: String,
-    /// `FLOW_TIMEOUT_SECONDS` (600).
+    /// A run's time limit.
+    #[arg(long, env = "FLOW_TIMEOUT_SECONDS", default_value = "600", value_parser = within(1u64..=u64::MAX / 2, "seconds"))]
     pub flow_timeout_seconds: u64,
-    /// `WEBHOOK_TIMEOUT_SECONDS` (30).
+    /// How long a waited run (a sync webhook, a start with `wait`) is waited for.
+    #[arg(long, env = "WEBHOOK_TIMEOUT_SECONDS", default_value = "30", value_parser = within(1u64..=86_400, "seconds"))]
     pub webhook_timeout_seconds: u64,
-    /// `MAX_PAYLOAD_SIZE_MB` (25).
+    /// The request body limit.
+    #[arg(long = "max-payload-size-mb", env = "MAX_PAYLOAD_SIZE_MB", default_value = "25", value_parser = within(1u64..=1_000_000, "MB"))]
     pub max_payload_mb: u64,
-    /// `MAX_FILE_SIZE_MB` (25).
+    /// The limit of one file, or one step's output.
+    #[arg(long = "max-file-size-mb", env = "MAX_FILE_SIZE_MB", default_value = "25", value_parser = within(1u64..=1_000_000, "MB"))]
     pub max_file_mb: u64,
-    /// `FLOWCORE_QUOTA_RUNS_PER_DAY` (0 = off).
-    pub quota_runs_per_day: u64,
-    /// `FLOWCORE_SHUTDOWN_GRACE_SECONDS` (25).
-    pub shutdown_grace_seconds: u64,
-    /// `FLOWCORE_LEASE_SECONDS` (30).
-    pub lease_seconds: u64,
-    /// `MAX_RUN_LOG_SIZE_MB` (50).
+    /// The limit of one run's stored log.
+    #[arg(long = "max-run-log-size-mb", env = "MAX_RUN_LOG_SIZE_MB", default_value = "50", value_parser = within(1u64..=1_000_000, "MB"))]
     pub max_run_log_mb: u64,
-    /// `NUMBER_OF_PROXIES` (0).
+    /// Trusted proxies in front (how deep X-Forwarded-For is read).
+    #[arg(long, env = "NUMBER_OF_PROXIES", default_value = "0", value_parser = within(0usize..=100, "proxies"))]
     pub number_of_proxies: usize,
-    /// `RATE_LIMIT_PER_MINUTE` (0 = off).
+    /// Requests per client address and per API key and minute (0 = off).
+    #[arg(long, env = "RATE_LIMIT_PER_MINUTE", default_value = "0")]
     pub rate_limit_per_minute: u32,
-    /// `FLOWCORE_AUTH_FAILURES_PER_MINUTE` (30; 0 = off).
+    /// Requests with a missing or wrong API key one client address may make per minute before
+    /// 429 (0 = off).
+    #[arg(long, env = "FLOWCORE_AUTH_FAILURES_PER_MINUTE", default_value = "30")]
     pub auth_failures_per_minute: u32,
-    /// `FLOWCORE_MAX_CONNECTIONS` (1024).
+    /// Open client connections per process; more wait in the listen backlog.
+    #[arg(long, env = "FLOWCORE_MAX_CONNECTIONS", default_value = "1024", value_parser = within(1usize..=1_000_000, "connections"))]
     pub max_connections: usize,
-    /// `FLOWCORE_HEADER_TIMEOUT_SECONDS` (10).
+    /// How long a client may take to send a request's headers, and a kept-alive connection
+    /// may stay idle.
+    #[arg(long, env = "FLOWCORE_HEADER_TIMEOUT_SECONDS", default_value = "10", value_parser = within(1u64..=3600, "seconds"))]
     pub header_timeout_seconds: u64,
-    /// `FLOWCORE_IDLE_TIMEOUT_SECONDS` (60).
+    /// The longest pause inside a request body; a webhook's whole body must arrive within it.
+    #[arg(long, env = "FLOWCORE_IDLE_TIMEOUT_SECONDS", default_value = "60", value_parser = within(1u64..=86_400, "seconds"))]
     pub idle_timeout_seconds: u64,
-    /// `FLOWCORE_MAX_QUEUED_RUNS` (1000).
+    /// Waited runs waiting for a slot, and runs in a group's queue, before 503 overloaded
+    /// (0 = no bound).
+    #[arg(long, env = "FLOWCORE_MAX_QUEUED_RUNS", default_value = "1000")]
     pub max_queued_runs: usize,
-    /// `FLOWCORE_HTTP_DENY` and `FLOWCORE_HTTP_ALLOW`: what `http_request` may reach.
+    /// What http_request never reaches: CIDR ranges and the words loopback, link-local,
+    /// private, unspecified, self; a value replaces the default
+    /// (loopback,link-local,private,unspecified,self).
+    #[arg(long, env = "FLOWCORE_HTTP_DENY")]
+    http_deny: Option<String>,
+    /// CIDR ranges or host:port that http_request may reach despite FLOWCORE_HTTP_DENY.
+    #[arg(long, env = "FLOWCORE_HTTP_ALLOW")]
+    http_allow: Option<String>,
+    /// What `http_request` may reach, from FLOWCORE_HTTP_DENY and FLOWCORE_HTTP_ALLOW.
+    #[arg(skip = flowcore::net::Guard::default())]
     pub http_guard: flowcore::net::Guard,
+    /// Runs one flow may start per UTC day; more get 429 quota_exceeded (0 = off).
+    #[arg(long, env = "FLOWCORE_QUOTA_RUNS_PER_DAY", default_value = "0")]
+    pub quota_runs_per_day: u64,
+    /// On SIGTERM, how long runs may finish before they are handed back to the queue.
+    #[arg(long, env = "FLOWCORE_SHUTDOWN_GRACE_SECONDS", default_value = "25", value_parser = within(0u64..=3600, "seconds"))]
+    pub shutdown_grace_seconds: u64,
+    /// A worker's hold on a run, renewed every third of it; a dead worker's runs move on after
+    /// it.
+    #[arg(long, env = "FLOWCORE_LEASE_SECONDS", default_value = "30", value_parser = within(2u64..=3600, "seconds"))]
+    pub lease_seconds: u64,
 }
 
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let hidden = |v: &Option<String>| v.as_ref().map(|_| "***");
-        f.debug_struct("Config")
-            .field("bind", &self.bind)
-            .field("role", &self.role)
-            .field("data_dir", &self.data_dir)
-            .field(
-                "database_url",
-                &flowcore_store::sql::redact_url(&self.database_url),
-            )
-            .field("database_pool_size", &self.database_pool_size)
-            .field(
-                "redis_url",
-                &self
-                    .redis_url
-                    .as_deref()
-                    .map(flowcore_store::sql::redact_url),
-            )
-            .field("redis_prefix", &self.redis_prefix)
-            .field("storage", &self.storage)
-            .field("encryption_key", &hidden(&self.encryption_key))
-            .field("admin_key", &hidden(&self.admin_key))
-            .field("worker_concurrency", &self.worker_concurrency)
-            .field("worker_group", &self.worker_group)
-            .field("flow_timeout_seconds", &self.flow_timeout_seconds)
-            .field("webhook_timeout_seconds", &self.webhook_timeout_seconds)
-            .field("max_payload_mb", &self.max_payload_mb)
-            .field("max_file_mb", &self.max_file_mb)
-            .field("max_run_log_mb", &self.max_run_log_mb)
-            .field("number_of_proxies", &self.number_of_proxies)
-            .field("rate_limit_per_minute", &self.rate_limit_per_minute)
-            .field("auth_failures_per_minute", &self.auth_failures_per_minute)
-            .field("max_connections", &self.max_connections)
-            .field("header_timeout_seconds", &self.header_timeout_seconds)
-            .field("idle_timeout_seconds", &self.idle_timeout_seconds)
-            .field("max_queued_runs", &self.max_queued_runs)
-            .field("http_guard", &self.http_guard)
-            .field("quota_runs_per_day", &self.quota_runs_per_day)
-            .field("shutdown_grace_seconds", &self.shutdown_grace_seconds)
-            .field("lease_seconds", &self.lease_seconds)
-            .finish()
-    }
-}
-
-struct Env(HashMap<String, String>);
-
-impl Env {
-    fn get(&self, var: &'static str) -> Option<&str> {
-        self.0.get(var).map(|v| v.trim()).filter(|v| !v.is_empty())
-    }
-
-    fn parse<T: FromStr>(
-        &self,
-        var: &'static str,
-        default: T,
-        check: impl Fn(&T) -> bool,
-        expected: &str,
-    ) -> Result<T, ConfigError> {
-        match self.get(var) {
-            None => Ok(default),
-            Some(raw) => match raw.parse::<T>() {
-                Ok(v) if check(&v) => Ok(v),
-                _ => Err(ConfigError {
-                    var,
-                    message: format!("`{raw}` is not {expected}"),
-                }),
-            },
-        }
-    }
+/// `Config` alone, as a command: what the environment is parsed against.
+#[derive(Parser)]
+#[command(name = "flowcore", no_binary_name = true)]
+struct Parsed {
+    #[command(flatten)]
+    config: Config,
 }
 
 impl Config {
@@ -288,235 +285,139 @@ impl Config {
         std::time::Duration::from_secs(self.lease_seconds)
     }
 
+    /// Every variable the server reads, with its default and meaning (from the fields above).
+    pub fn variables() -> Vec<Variable> {
+        Parsed::command()
+            .get_arguments()
+            .filter_map(|arg| {
+                Some(Variable {
+                    name: arg.get_env()?.to_string_lossy().into_owned(),
+                    default: arg
+                        .get_default_values()
+                        .first()
+                        .map(|v| v.to_string_lossy().into_owned()),
+                    meaning: arg.get_help().map(ToString::to_string).unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_vars(std::env::vars())
     }
 
-    /// Reads the given variables (for tests).
+    /// Reads the given variables (the process environment, or a test's); an empty value counts
+    /// as unset.
     pub fn from_vars(
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let env = Env(vars.into_iter().collect());
-        let positive = |v: &u64| *v > 0;
-        let bind = env.parse(
-            "FLOWCORE_BIND",
-            SocketAddr::from(([127, 0, 0, 1], 3000)),
-            |_| true,
-            "an address like 127.0.0.1:3000",
-        )?;
-        let role = match env.get("FLOWCORE_ROLE").unwrap_or("all") {
-            "all" => Role::All,
-            "api" => Role::Api,
-            "worker" => Role::Worker,
-            other => {
-                return Err(ConfigError {
-                    var: "FLOWCORE_ROLE",
-                    message: format!("`{other}` is not all, api or worker"),
-                });
-            }
-        };
-        let data_dir = PathBuf::from(env.get("FLOWCORE_DATA_DIR").unwrap_or("./.flowcore"));
-        let database_url = match env.get("DATABASE_URL") {
-            None => format!("sqlite://{}", data_dir.join("flowcore.db").display()),
-            Some(url)
-                if url.starts_with("sqlite:")
-                    || url.starts_with("postgres://")
-                    || url.starts_with("postgresql://") =>
+        let vars: HashMap<String, String> = vars.into_iter().collect();
+        // The variables become flags, and the command reads nothing else (not the process's
+        // own environment, whatever `vars` is).
+        let mut args = Vec::new();
+        let command = Parsed::command().mut_args(|arg| {
+            if let (Some(env), Some(long)) = (arg.get_env(), arg.get_long())
+                && let Some(value) = vars.get(&*env.to_string_lossy())
+                && !value.trim().is_empty()
             {
-                url.to_owned()
+                args.push(format!("--{long}={}", value.trim()));
             }
-            Some(url) => {
-                let scheme = url.split(':').next().unwrap_or_default();
-                return Err(ConfigError {
-                    var: "DATABASE_URL",
-                    message: format!(
-                        "unknown scheme `{scheme}` (expected sqlite:// or postgres://)"
-                    ),
-                });
-            }
-        };
-        let redis_url = match env.get("REDIS_URL") {
-            None => None,
-            Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
-                Some(url.to_owned())
-            }
-            Some(_) => {
-                return Err(ConfigError {
-                    var: "REDIS_URL",
-                    message: "expected redis://...".into(),
-                });
-            }
-        };
-        let redis_prefix = env
-            .get("FLOWCORE_REDIS_PREFIX")
-            .unwrap_or("flowcore")
-            .to_owned();
-        if !flowcore::model::is_valid_id(&redis_prefix) {
-            return Err(ConfigError {
-                var: "FLOWCORE_REDIS_PREFIX",
-                message: "expected 1 to 64 of A-Z a-z 0-9 _ -".into(),
-            });
-        }
-        let storage = match env.get("STORAGE_TYPE").unwrap_or("fs") {
-            "fs" => BlobConfig::Fs {
-                root: data_dir.join("blobs").display().to_string(),
-            },
-            "memory" => BlobConfig::Memory,
-            "s3" => {
-                let bucket = env.get("S3_STORAGE_BUCKET_NAME").ok_or(ConfigError {
-                    var: "S3_STORAGE_BUCKET_NAME",
-                    message: "required when STORAGE_TYPE=s3".into(),
-                })?;
-                BlobConfig::S3(S3Config {
-                    bucket: bucket.to_owned(),
-                    region: env.get("S3_STORAGE_REGION").map(str::to_owned),
-                    endpoint: env.get("S3_ENDPOINT_URL").map(str::to_owned),
-                    access_key_id: env.get("S3_STORAGE_ACCESS_KEY_ID").map(str::to_owned),
-                    secret_access_key: env.get("S3_STORAGE_SECRET_ACCESS_KEY").map(str::to_owned),
-                })
-            }
-            other => {
-                return Err(ConfigError {
-                    var: "STORAGE_TYPE",
-                    message: format!("`{other}` is not fs, s3 or memory"),
-                });
-            }
-        };
-        let worker_group = env.get("WORKER_GROUP").unwrap_or("default").to_owned();
-        if !flowcore::model::is_valid_id(&worker_group) {
-            return Err(ConfigError {
-                var: "WORKER_GROUP",
-                message: "expected 1 to 64 of A-Z a-z 0-9 _ -".into(),
-            });
-        }
-        Ok(Self {
-            bind,
-            role,
-            database_url,
-            database_pool_size: env.parse(
-                "DATABASE_POOL_SIZE",
-                10u32,
-                |v| (1..=1000).contains(v),
-                "a number from 1 to 1000",
-            )?,
-            redis_url,
-            redis_prefix,
-            storage,
-            encryption_key: env.get("FLOWCORE_ENCRYPTION_KEY").map(str::to_owned),
-            admin_key: env.get("FLOWCORE_ADMIN_KEY").map(str::to_owned),
-            worker_concurrency: env.parse(
-                "WORKER_CONCURRENCY",
-                10usize,
-                |v| (1..=10_000).contains(v),
-                "a number from 1 to 10000",
-            )?,
-            worker_group,
-            flow_timeout_seconds: env.parse(
-                "FLOW_TIMEOUT_SECONDS",
-                600u64,
-                positive,
-                "a positive number of seconds",
-            )?,
-            webhook_timeout_seconds: env.parse(
-                "WEBHOOK_TIMEOUT_SECONDS",
-                30u64,
-                positive,
-                "a positive number of seconds",
-            )?,
-            max_payload_mb: env.parse(
-                "MAX_PAYLOAD_SIZE_MB",
-                25u64,
-                positive,
-                "a positive number of MB",
-            )?,
-            max_file_mb: env.parse(
-                "MAX_FILE_SIZE_MB",
-                25u64,
-                positive,
-                "a positive number of MB",
-            )?,
-            max_run_log_mb: env.parse(
-                "MAX_RUN_LOG_SIZE_MB",
-                50u64,
-                positive,
-                "a positive number of MB",
-            )?,
-            number_of_proxies: env.parse(
-                "NUMBER_OF_PROXIES",
-                0usize,
-                |v| *v <= 100,
-                "a number from 0 to 100",
-            )?,
-            rate_limit_per_minute: env.parse(
-                "RATE_LIMIT_PER_MINUTE",
-                0u32,
-                |_| true,
-                "a number (0 = off)",
-            )?,
-            quota_runs_per_day: env.parse(
-                "FLOWCORE_QUOTA_RUNS_PER_DAY",
-                0u64,
-                |_| true,
-                "a number (0 = off)",
-            )?,
-            shutdown_grace_seconds: env.parse(
-                "FLOWCORE_SHUTDOWN_GRACE_SECONDS",
-                25u64,
-                |v| *v <= 3600,
-                "a number of seconds up to 3600",
-            )?,
-            lease_seconds: env.parse(
-                "FLOWCORE_LEASE_SECONDS",
-                30u64,
-                |v| (2..=3600).contains(v),
-                "a number of seconds from 2 to 3600",
-            )?,
-            auth_failures_per_minute: env.parse(
-                "FLOWCORE_AUTH_FAILURES_PER_MINUTE",
-                30u32,
-                |_| true,
-                "a number (0 = off)",
-            )?,
-            max_connections: env.parse(
-                "FLOWCORE_MAX_CONNECTIONS",
-                1024usize,
-                |v| (1..=1_000_000).contains(v),
-                "a number from 1 to 1000000",
-            )?,
-            header_timeout_seconds: env.parse(
-                "FLOWCORE_HEADER_TIMEOUT_SECONDS",
-                10u64,
-                |v| (1..=3600).contains(v),
-                "a number of seconds from 1 to 3600",
-            )?,
-            idle_timeout_seconds: env.parse(
-                "FLOWCORE_IDLE_TIMEOUT_SECONDS",
-                60u64,
-                |v| (1..=86_400).contains(v),
-                "a number of seconds from 1 to 86400",
-            )?,
-            max_queued_runs: env.parse(
-                "FLOWCORE_MAX_QUEUED_RUNS",
-                1000usize,
-                |_| true,
-                "a number",
-            )?,
-            http_guard: flowcore::net::Guard::parse(
-                env.get("FLOWCORE_HTTP_DENY"),
-                env.get("FLOWCORE_HTTP_ALLOW"),
-            )
-            .map_err(|message| ConfigError {
-                var: if message.starts_with("FLOWCORE_HTTP_ALLOW") {
-                    "FLOWCORE_HTTP_ALLOW"
-                } else {
-                    "FLOWCORE_HTTP_DENY"
-                },
-                message,
-            })?,
-            data_dir,
-        })
+            arg.env(None::<&str>)
+        });
+        let matches = command
+            .try_get_matches_from(&args)
+            .map_err(|e| error_of(&e))?;
+        let config = Self::from_arg_matches(&matches).map_err(|e| error_of(&e))?;
+        config.complete()
     }
+
+    /// Fills in what depends on several variables: the database URL, the blob store, the HTTP
+    /// guard.
+    fn complete(mut self) -> Result<Self, ConfigError> {
+        self.database_url = match &self.database {
+            Some(url) => url.clone(),
+            None => Dsn(format!(
+                "sqlite://{}",
+                self.data_dir.join("flowcore.db").display()
+            )),
+        };
+        self.storage = match self.storage_type {
+            StorageType::Fs => BlobConfig::Fs {
+                root: self.data_dir.join("blobs").display().to_string(),
+            },
+            StorageType::Memory => BlobConfig::Memory,
+            StorageType::S3 => BlobConfig::S3(S3Config {
+                bucket: self.s3_bucket.clone().ok_or_else(|| ConfigError {
+                    var: "S3_STORAGE_BUCKET_NAME".into(),
+                    message: "required when STORAGE_TYPE=s3".into(),
+                })?,
+                region: self.s3_region.clone(),
+                endpoint: self.s3_endpoint.clone(),
+                access_key_id: self.s3_access_key_id.clone(),
+                secret_access_key: self.s3_secret_access_key.as_deref().map(str::to_owned),
+            }),
+        };
+        self.http_guard =
+            flowcore::net::Guard::parse(self.http_deny.as_deref(), self.http_allow.as_deref())
+                .map_err(|message| ConfigError {
+                    var: if message.starts_with("FLOWCORE_HTTP_ALLOW") {
+                        "FLOWCORE_HTTP_ALLOW"
+                    } else {
+                        "FLOWCORE_HTTP_DENY"
+                    }
+                    .into(),
+                    message,
+                })?;
+        Ok(self)
+    }
+}
+
+/// One variable the server reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Variable {
+    /// Its name.
+    pub name: String,
+    /// Its default, when it has one.
+    pub default: Option<String>,
+    /// What it does.
+    pub meaning: String,
+}
+
+/// A parse error as a [`ConfigError`] naming the variable of the flag that failed.
+fn error_of(e: &clap::Error) -> ConfigError {
+    use clap::error::{ContextKind, ContextValue};
+    let flag = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(flag)) => flag.clone(),
+        _ => String::new(),
+    };
+    let long = flag
+        .trim_start_matches("--")
+        .split([' ', '='])
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let var = Parsed::command()
+        .get_arguments()
+        .find(|arg| arg.get_long() == Some(long.as_str()))
+        .and_then(|arg| arg.get_env().map(|env| env.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "configuration".into());
+    let value = match e.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(v)) => v.clone(),
+        _ => String::new(),
+    };
+    let message = match (e.kind(), std::error::Error::source(e)) {
+        (_, Some(source)) => source.to_string(),
+        (clap::error::ErrorKind::InvalidValue, None) => {
+            let valid = match e.get(ContextKind::ValidValue) {
+                Some(ContextValue::Strings(valid)) => valid.join(", "),
+                _ => String::new(),
+            };
+            format!("`{value}` is not one of {valid}")
+        }
+        _ => e.to_string(),
+    };
+    ConfigError { var, message }
 }
 
 #[cfg(test)]
@@ -535,7 +436,7 @@ mod tests {
         let c = Config::from_vars(vars(&[])).unwrap();
         assert_eq!(c.bind.to_string(), "127.0.0.1:3000");
         assert_eq!(c.role, Role::All);
-        assert_eq!(c.database_url, "sqlite://./.flowcore/flowcore.db");
+        assert_eq!(c.database_url.as_str(), "sqlite://./.flowcore/flowcore.db");
         assert_eq!(
             (
                 c.database_pool_size,
@@ -562,6 +463,7 @@ mod tests {
                 root: "./.flowcore/blobs".into()
             }
         );
+        assert_eq!(c.lease(), std::time::Duration::from_secs(30));
     }
 
     #[test]
@@ -570,7 +472,7 @@ mod tests {
             (
                 "FLOWCORE_ROLE",
                 "boss",
-                "FLOWCORE_ROLE: `boss` is not all, api or worker",
+                "FLOWCORE_ROLE: `boss` is not one of all, api, worker",
             ),
             (
                 "DATABASE_URL",
@@ -580,7 +482,7 @@ mod tests {
             (
                 "DATABASE_POOL_SIZE",
                 "0",
-                "DATABASE_POOL_SIZE: `0` is not a number from 1 to 1000",
+                "DATABASE_POOL_SIZE: `0` is not a number of connections from 1 to 1000",
             ),
             (
                 "FLOWCORE_BIND",
@@ -590,11 +492,12 @@ mod tests {
             (
                 "STORAGE_TYPE",
                 "tape",
-                "STORAGE_TYPE: `tape` is not fs, s3 or memory",
+                "STORAGE_TYPE: `tape` is not one of fs, s3, memory",
             ),
-            ("MAX_PAYLOAD_SIZE_MB", "-1", "MAX_PAYLOAD_SIZE_MB"),
+            ("MAX_PAYLOAD_SIZE_MB", "-1", "MAX_PAYLOAD_SIZE_MB: `-1`"),
             ("REDIS_URL", "http://x", "REDIS_URL: expected redis://"),
-            ("WORKER_GROUP", "a b", "WORKER_GROUP"),
+            ("WORKER_GROUP", "a b", "WORKER_GROUP: `a b`"),
+            ("FLOWCORE_HTTP_DENY", "nonsense", "FLOWCORE_HTTP_DENY"),
         ] {
             let err = Config::from_vars(vars(&[(var, value)]))
                 .unwrap_err()
@@ -603,6 +506,9 @@ mod tests {
         }
         let err = Config::from_vars(vars(&[("STORAGE_TYPE", "s3")])).unwrap_err();
         assert_eq!(err.var, "S3_STORAGE_BUCKET_NAME");
+        // Empty is unset.
+        let c = Config::from_vars(vars(&[("FLOWCORE_ROLE", " "), ("DATABASE_URL", "")])).unwrap();
+        assert_eq!(c.role, Role::All);
     }
 
     #[test]
@@ -611,14 +517,38 @@ mod tests {
             ("FLOWCORE_ADMIN_KEY", "admin-secret"),
             ("FLOWCORE_ENCRYPTION_KEY", "enc-secret"),
             ("DATABASE_URL", "postgres://u:db-secret@h/db"),
+            ("REDIS_URL", "redis://:redis-secret@h"),
             ("STORAGE_TYPE", "s3"),
             ("S3_STORAGE_BUCKET_NAME", "b"),
             ("S3_STORAGE_SECRET_ACCESS_KEY", "s3-secret"),
         ]))
         .unwrap();
         let text = format!("{c:?}");
-        for secret in ["admin-secret", "enc-secret", "db-secret", "s3-secret"] {
+        for secret in [
+            "admin-secret",
+            "enc-secret",
+            "db-secret",
+            "redis-secret",
+            "s3-secret",
+        ] {
             assert!(!text.contains(secret), "{secret} leaked: {text}");
         }
+        assert_eq!(c.admin_key.as_deref(), Some("admin-secret"));
+    }
+
+    #[test]
+    fn every_variable_is_listed_once_with_its_meaning() {
+        let variables = Config::variables();
+        let names: std::collections::BTreeSet<_> = variables.iter().map(|v| &v.name).collect();
+        assert_eq!(names.len(), variables.len(), "no variable twice");
+        assert!(variables.len() >= 30, "{variables:?}");
+        for v in &variables {
+            assert!(!v.meaning.is_empty(), "{} has a meaning", v.name);
+        }
+        let bind = variables
+            .iter()
+            .find(|v| v.name == "FLOWCORE_BIND")
+            .unwrap();
+        assert_eq!(bind.default.as_deref(), Some("127.0.0.1:3000"));
     }
 }

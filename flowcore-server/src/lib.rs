@@ -63,7 +63,7 @@ pub enum StartError {
 
 /// Connects to the database the configuration names (migrating it).
 async fn open_sql(config: &Config) -> Result<SqlStore, StartError> {
-    let mut sql_config = SqlConfig::new(config.database_url.clone());
+    let mut sql_config = SqlConfig::new(config.database_url.as_str());
     sql_config.pool_size = config.database_pool_size;
     let sql = SqlStore::connect(sql_config).await?;
     sql.migrate().await?;
@@ -113,7 +113,7 @@ pub async fn open_stores(config: &Config) -> Result<Stores, StartError> {
         signals: Arc::new(MemoryRunSignals::default()),
     };
     if let Some(url) = &config.redis_url {
-        let mut redis = RedisConfig::new(url.clone());
+        let mut redis = RedisConfig::new(url.as_str());
         redis.prefix = config.redis_prefix.clone();
         // An api process leases no jobs; a worker answers no waiting requests (its API still
         // works: a waiter there reads the store every second). Every other message of those

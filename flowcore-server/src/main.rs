@@ -203,7 +203,7 @@ fn with_runtime(job: impl std::future::Future<Output = ExitCode>) -> ExitCode {
 async fn sql_store() -> Result<flowcore_store::SqlStore, String> {
     let config =
         flowcore_server::config::Config::from_env().map_err(|e| format!("configuration: {e}"))?;
-    let mut sql = flowcore_store::SqlConfig::new(config.database_url);
+    let mut sql = flowcore_store::SqlConfig::new(config.database_url.as_str());
     sql.pool_size = 2;
     let store = flowcore_store::SqlStore::connect(sql)
         .await
@@ -273,8 +273,12 @@ async fn rotate_key() -> ExitCode {
 
 fn serve_help() -> String {
     let mut text = String::from("Environment variables:\n");
-    for (var, default, meaning) in flowcore_server::config::VARIABLES {
-        text.push_str(&format!("  {var:<30} {meaning} (default: {default})\n"));
+    for v in flowcore_server::config::Config::variables() {
+        let default = v
+            .default
+            .map(|d| format!(" (default: {d})"))
+            .unwrap_or_default();
+        text.push_str(&format!("  {:<34} {}{default}\n", v.name, v.meaning));
     }
     text
 }

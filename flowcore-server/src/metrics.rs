@@ -219,6 +219,9 @@ fn process_figures() -> Option<(i64, i64)> {
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks: i64 = fields.get(11)?.parse::<i64>().ok()? + fields.get(12)?.parse::<i64>().ok()?;
-    // Linux reports in clock ticks of 1/100 s on every platform Rust supports here.
-    Some((pages * 4096, ticks * 10))
+    let page = i64::try_from(rustix::param::page_size()).ok()?;
+    let per_second = i64::try_from(rustix::param::clock_ticks_per_second())
+        .ok()?
+        .max(1);
+    Some((pages * page, ticks * 1000 / per_second))
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use flowcore_server::config::{Config, VARIABLES};
+use flowcore_server::config::Config;
 use serde_json::Value;
 use tower::ServiceExt;
 
@@ -60,9 +60,10 @@ fn variables_set(text: &str) -> BTreeSet<String> {
 #[test]
 fn every_variable_in_deploy_is_one_the_server_reads() {
     // RUST_LOG is read by the log filter, not by the configuration.
-    let known: BTreeSet<&str> = VARIABLES
+    let variables = Config::variables();
+    let known: BTreeSet<&str> = variables
         .iter()
-        .map(|(name, _, _)| *name)
+        .map(|v| v.name.as_str())
         .chain(["RUST_LOG"])
         .collect();
     let files = [
@@ -115,9 +116,10 @@ fn the_shared_settings_file_is_accepted_by_the_configuration() {
     assert_eq!(config.number_of_proxies, 1, "one proxy in front");
     // Every process's setting, as the docs page explains them.
     let docs = std::fs::read_to_string(deploy("../docs/deployment.md")).expect("docs page");
-    for (name, _, _) in VARIABLES {
+    for v in Config::variables() {
+        let name = &v.name;
         assert!(
-            docs.contains(name),
+            docs.contains(name.as_str()),
             "docs/deployment.md does not explain {name}"
         );
     }

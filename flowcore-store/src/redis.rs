@@ -133,7 +133,7 @@ pub struct RedisQueue {
     cancels: tokio::sync::broadcast::Sender<RunId>,
     finish_waiters: Arc<flowcore::ports::FinishWaiters>,
     losses: tokio::sync::watch::Sender<u64>,
-    _subscriber: Arc<AbortOnDrop>,
+    _subscriber: Arc<tokio_util::task::AbortOnDropHandle<()>>,
 }
 
 impl std::fmt::Debug for RedisQueue {
@@ -141,14 +141,6 @@ impl std::fmt::Debug for RedisQueue {
         f.debug_struct("RedisQueue")
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -334,7 +326,7 @@ impl RedisQueue {
             cancels,
             finish_waiters,
             losses,
-            _subscriber: Arc::new(AbortOnDrop(task)),
+            _subscriber: Arc::new(tokio_util::task::AbortOnDropHandle::new(task)),
         };
         queue.ping().await?;
         Ok(queue)

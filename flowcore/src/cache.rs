@@ -20,8 +20,9 @@
 //! # });
 //! ```
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use quick_cache::sync::Cache;
 
 use crate::engine::Engine;
 use crate::error::Error;
@@ -33,13 +34,13 @@ pub struct PlanCache {
     engine: Engine,
     flows: Arc<dyn FlowStore>,
     changes: Option<Arc<dyn FlowChanges>>,
-    state: Arc<Mutex<State>>,
+    state: Arc<State>,
     listener: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for PlanCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let len = lock(&self.state).plans.len();
+        let len = self.state.plans.len();
         f.debug_struct("PlanCache")
             .field("plans", &len)
             .finish_non_exhaustive()
@@ -54,26 +55,27 @@ impl Drop for PlanCache {
     }
 }
 
-#[derive(Default)]
+/// The compiled versions and which version is the latest, both bounded (least useful out
+/// first).
 struct State {
-    plans: HashMap<(String, u32), Plan>,
-    latest: HashMap<String, u32>,
-    capacity: usize,
+    plans: Cache<(String, u32), Plan>,
+    latest: Cache<String, u32>,
 }
 
 impl State {
-    fn forget(&mut self, flow_id: &str) {
+    fn forget(&self, flow_id: &str) {
         self.latest.remove(flow_id);
         self.plans.retain(|(id, _), _| id != flow_id);
     }
-}
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn clear(&self) {
+        self.plans.clear();
+        self.latest.clear();
+    }
 }
 
 impl PlanCache {
-    /// A cache of at most `capacity` compiled versions, listening to `changes` (must be called
+    /// A cache of about `capacity` compiled versions, listening to `changes` (must be called
     /// within a tokio runtime when `changes` is given).
     pub fn new(
         engine: Engine,
@@ -81,10 +83,10 @@ impl PlanCache {
         changes: Option<Arc<dyn FlowChanges>>,
         capacity: usize,
     ) -> Self {
-        let state = Arc::new(Mutex::new(State {
-            capacity: capacity.max(1),
-            ..State::default()
-        }));
+        let state = Arc::new(State {
+            plans: Cache::new(capacity.max(1)),
+            latest: Cache::new(capacity.max(1)),
+        });
         let listener = changes.as_ref().map(|changes| {
             let mut rx = changes.subscribe();
             let state = state.clone();
@@ -92,17 +94,9 @@ impl PlanCache {
                 loop {
                     match rx.recv().await {
                         // `*`: changes may have been missed (a reconnect): drop everything.
-                        Ok(flow_id) if flow_id == "*" => {
-                            let mut st = lock(&state);
-                            st.plans.clear();
-                            st.latest.clear();
-                        }
-                        Ok(flow_id) => lock(&state).forget(&flow_id),
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            let mut st = lock(&state);
-                            st.plans.clear();
-                            st.latest.clear();
-                        }
+                        Ok(flow_id) if flow_id == "*" => state.clear(),
+                        Ok(flow_id) => state.forget(&flow_id),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => state.clear(),
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     }
                 }
@@ -119,14 +113,12 @@ impl PlanCache {
 
     /// The compiled `version` of a flow (the latest when `None`) and its version number.
     pub async fn get(&self, flow_id: &str, version: Option<u32>) -> Result<(u32, Plan), Error> {
+        let st = &self.state;
+        let wanted = version.or_else(|| st.latest.get(flow_id));
+        if let Some(v) = wanted
+            && let Some(plan) = st.plans.get(&(flow_id.to_owned(), v))
         {
-            let st = lock(&self.state);
-            let wanted = version.or_else(|| st.latest.get(flow_id).copied());
-            if let Some(v) = wanted
-                && let Some(plan) = st.plans.get(&(flow_id.to_owned(), v))
-            {
-                return Ok((v, plan.clone()));
-            }
+            return Ok((v, plan));
         }
         let stored = self.flows.get(flow_id, version).await?;
         // On the blocking pool: a large flow is milliseconds of CPU, which must not hold up
@@ -139,12 +131,6 @@ impl PlanCache {
         .await
         .map_err(|e| crate::StoreError::backend("compiling a flow", e))?;
         let plan = plan?;
-        let mut st = lock(&self.state);
-        if st.plans.len() >= st.capacity {
-            // Simple and bounded: start over rather than track recency.
-            st.plans.clear();
-            st.latest.clear();
-        }
         st.plans
             .insert((flow_id.to_owned(), stored.version), plan.clone());
         if version.is_none() {
@@ -155,10 +141,37 @@ impl PlanCache {
 
     /// Drops `flow_id` here and announces the change to every other process.
     pub async fn changed(&self, flow_id: &str) -> Result<(), Error> {
-        lock(&self.state).forget(flow_id);
+        self.state.forget(flow_id);
         if let Some(changes) = &self.changes {
             changes.publish(flow_id).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::memory::MemoryFlowStore;
+
+    #[tokio::test]
+    async fn the_cache_stays_bounded_and_keeps_serving() {
+        let flows = Arc::new(MemoryFlowStore::new());
+        let cache = PlanCache::new(crate::Engine::new(), flows.clone(), None, 8);
+        for i in 0..100 {
+            let text = format!(r#"{{"id": "f{i}", "nodes": [{{"id": "a", "type": "noop"}}]}}"#);
+            flows
+                .create(&crate::FlowDef::from_json(&text).unwrap())
+                .await
+                .unwrap();
+            let (version, _) = cache.get(&format!("f{i}"), None).await.unwrap();
+            assert_eq!(version, 1);
+        }
+        assert!(cache.state.plans.len() <= 16, "{cache:?}");
+        assert!(cache.state.latest.len() <= 16, "{cache:?}");
+        // An evicted flow compiles again on demand.
+        assert!(cache.get("f0", None).await.is_ok());
+        cache.changed("f99").await.unwrap();
+        assert!(cache.state.plans.get(&("f99".to_owned(), 1)).is_none());
     }
 }

@@ -28,6 +28,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::engine::{Engine, RunOptions};
 use crate::error::StoreError;
@@ -166,7 +167,7 @@ pub async fn execute(
     });
     // Stopped when this function returns or its future is dropped (a worker shutting down
     // abruptly): the lease must then lapse, not be renewed by an orphan task.
-    let keeper = AbortOnDrop(tokio::spawn(keep(
+    let keeper = AbortOnDropHandle::new(tokio::spawn(keep(
         recorder.clone(),
         options.lease_ttl,
         run.lease.as_ref().map(|l| l.expires_at),
@@ -309,14 +310,6 @@ pub async fn resolve(value: &Value, blobs: &dyn BlobStore) -> Result<Value, Stor
                 .map_err(|e| StoreError::backend("decoding an offloaded output", e))
         }
         _ => Ok(value.clone()),
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -259,7 +259,7 @@ fn forms(secret: &Secret) -> Vec<String> {
                 .to_owned(),
         );
         out.push(percent_encode(&s));
-        out.push(s.bytes().map(|b| format!("{b:02x}")).collect());
+        out.push(hex::encode(&s));
         for engine in [STANDARD_NO_PAD, URL_SAFE_NO_PAD] {
             for offset in 0..3usize {
                 // `offset` bytes before the secret change the first characters, and bytes
@@ -375,6 +375,6 @@ mod tests {
     }
 
     fn hex_of(s: &str) -> String {
-        s.bytes().map(|b| format!("{b:02x}")).collect()
+        hex::encode(s)
     }
 }

@@ -347,7 +347,7 @@ async fn a_schedule_tick_fires_once_across_processes() {
     let vars = [
         ("FLOWCORE_DATA_DIR".to_owned(), dir.display().to_string()),
         ("STORAGE_TYPE".to_owned(), "memory".to_owned()),
-        ("DATABASE_URL".to_owned(), a.config.database_url.clone()),
+        ("DATABASE_URL".to_owned(), a.config.database_url.as_str().to_owned()),
     ];
     let b = flowcore_server::build_state(Config::from_vars(vars).unwrap())
         .await

@@ -79,42 +79,31 @@ impl ApiError {
 }
 
 impl From<StoreError> for ApiError {
+    /// The store's own code (`StoreError::code`), with the status that goes with it; a 5xx
+    /// hides its cause from the caller and logs it.
     fn from(e: StoreError) -> Self {
-        match &e {
-            StoreError::NotFound { .. } => {
-                Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+        let status = match &e {
+            StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
+            StoreError::AlreadyExists(_) | StoreError::Conflict(_) | StoreError::StaleLease(_) => {
+                StatusCode::CONFLICT
             }
-            StoreError::AlreadyExists(_) => {
-                Self::new(StatusCode::CONFLICT, "already_exists", e.to_string())
-            }
-            StoreError::Conflict(_) | StoreError::StaleLease(_) => {
-                Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
-            }
-            StoreError::Invalid(_) => {
-                Self::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string())
-            }
-            StoreError::TooLarge(_) => Self::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                e.to_string(),
-            ),
-            StoreError::Unavailable { .. } => {
+            StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
+            StoreError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            StoreError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let message = match status {
+            StatusCode::SERVICE_UNAVAILABLE => {
                 tracing::error!(error = ?e, "a backend is unavailable");
-                Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "a backend is unavailable; try again",
-                )
+                "a backend is unavailable; try again".to_owned()
             }
-            _ => {
+            s if s.is_server_error() => {
                 tracing::error!(error = ?e, "internal error");
-                Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "internal error",
-                )
+                "internal error".to_owned()
             }
-        }
+            _ => e.to_string(),
+        };
+        Self::new(status, e.code(), message)
     }
 }
 
@@ -123,7 +112,7 @@ impl From<CompileError> for ApiError {
         let details = serde_json::to_value(&e.problems).unwrap_or(Value::Null);
         Self {
             details: Some(Box::new(details)),
-            ..Self::new(StatusCode::BAD_REQUEST, "invalid_flow", e.to_string())
+            ..Self::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
         }
     }
 }
@@ -132,7 +121,7 @@ impl From<flowcore::Error> for ApiError {
     fn from(e: flowcore::Error) -> Self {
         match e {
             flowcore::Error::Parse(e) => {
-                Self::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string())
+                Self::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
             }
             flowcore::Error::Compile(e) => e.into(),
             flowcore::Error::Store(e) => e.into(),
@@ -282,4 +271,36 @@ pub async fn json_errors(response: Response) -> Response {
         }
     }
     answer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_error_has_the_same_code_over_http_as_in_the_library() {
+        let io = || std::io::Error::other("down");
+        for e in [
+            StoreError::not_found("run", "r1"),
+            StoreError::AlreadyExists("x".into()),
+            StoreError::Conflict("x".into()),
+            StoreError::StaleLease("x".into()),
+            StoreError::Invalid("x".into()),
+            StoreError::TooLarge("x".into()),
+            StoreError::unavailable("x", io()),
+            StoreError::backend("x", io()),
+        ] {
+            let code = e.code();
+            let answer = ApiError::from(e);
+            assert_eq!(answer.code, code);
+            assert!(answer.status.is_client_error() || answer.status.is_server_error());
+        }
+        let stale = ApiError::from(StoreError::StaleLease("epoch 2".into()));
+        assert_eq!(
+            (stale.status, stale.code),
+            (StatusCode::CONFLICT, "stale_lease")
+        );
+        let hidden = ApiError::from(StoreError::backend("a secret cause", io()));
+        assert!(!hidden.message.contains("secret"), "a 5xx hides its cause");
+    }
 }

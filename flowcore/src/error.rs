@@ -74,12 +74,15 @@ impl CompileError {
 
 /// A flow document that could not be read at all (not JSON, wrong types, unknown fields).
 #[derive(Debug, thiserror::Error)]
-#[error("invalid flow JSON at line {line}, column {column}: {message}")]
+#[error("invalid flow JSON at {}: {message}", self.place())]
 pub struct ParseError {
-    /// 1-based line of the problem.
+    /// 1-based line of the problem (0 for a document read from a value, which has no lines).
     pub line: usize,
-    /// 1-based column of the problem.
+    /// 1-based column of the problem (0 for a document read from a value).
     pub column: usize,
+    /// Where in the document, as a path (`nodes[1].params`), for a document read from a
+    /// value.
+    pub path: Option<String>,
     /// What serde found wrong.
     pub message: String,
     #[source]
@@ -87,6 +90,22 @@ pub struct ParseError {
 }
 
 impl ParseError {
+    /// The place of the problem: its path, else its line and column.
+    fn place(&self) -> String {
+        match &self.path {
+            Some(path) => format!("`{path}`"),
+            None => format!("line {}, column {}", self.line, self.column),
+        }
+    }
+
+    /// The error of a document read from a value, at `path`.
+    pub fn at_path(path: String, source: serde_json::Error) -> Self {
+        Self {
+            path: Some(if path == "." { "the top".into() } else { path }),
+            ..Self::from(source)
+        }
+    }
+
     /// The stable error code, `invalid_json`.
     pub fn code(&self) -> &'static str {
         "invalid_json"
@@ -104,6 +123,7 @@ impl From<serde_json::Error> for ParseError {
         Self {
             line: source.line(),
             column: source.column(),
+            path: None,
             message,
             source,
         }
@@ -122,59 +142,75 @@ impl ParamError {
     }
 }
 
-/// Why one execution of a node failed.
+/// Why one execution of a node failed. Whether a retry may help is data of the error
+/// ([`NodeError::is_retryable`]), in one place per kind.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NodeError {
-    /// The node failed; retrying may help (a timeout, a 503, a connection reset).
-    #[error("{0}")]
-    Retryable(String),
-    /// The node failed and would fail the same way again (bad data, a 404, a script error).
-    #[error("{0}")]
-    Fatal(String),
-    /// The attempt ran past the node's `timeout_ms`.
-    #[error("timed out after {} ms", .0.as_millis())]
-    Timeout(Duration),
-    /// The node's output is larger than the engine's limit.
-    #[error("output is larger than the limit of {limit} bytes")]
-    OutputTooLarge {
-        /// The limit in force, in bytes of serialized JSON.
-        limit: usize,
-    },
-    /// The node failed with an underlying error kept as its source.
+    /// The node failed: retryably (a 503, a connection reset) or not (bad data, a 404, a
+    /// script error).
     #[error("{message}")]
-    Other {
+    Failed {
         /// What failed.
         message: String,
         /// Whether a retry may succeed.
         retryable: bool,
         /// The underlying error.
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// The attempt ran past the node's `timeout_ms` (retryable).
+    #[error("timed out after {} ms", .0.as_millis())]
+    Timeout(Duration),
+    /// The node's output is larger than the engine's limit (not retryable).
+    #[error("output is larger than the limit of {limit} bytes")]
+    OutputTooLarge {
+        /// The limit in force, in bytes of serialized JSON.
+        limit: usize,
     },
 }
 
 impl NodeError {
     /// A failure that a retry may fix.
     pub fn retryable(message: impl Into<String>) -> Self {
-        Self::Retryable(message.into())
+        Self::Failed {
+            message: message.into(),
+            retryable: true,
+            source: None,
+        }
     }
     /// A failure that a retry will not fix.
     pub fn fatal(message: impl Into<String>) -> Self {
-        Self::Fatal(message.into())
+        Self::Failed {
+            message: message.into(),
+            retryable: false,
+            source: None,
+        }
+    }
+    /// A failure caused by `source`.
+    pub fn caused_by(
+        message: impl Into<String>,
+        retryable: bool,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Failed {
+            message: message.into(),
+            retryable,
+            source: Some(Box::new(source)),
+        }
     }
     /// Whether the node's `retry` policy applies to this error.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Retryable(_) | Self::Timeout(_) => true,
-            Self::Other { retryable, .. } => *retryable,
-            Self::Fatal(_) | Self::OutputTooLarge { .. } => false,
+            Self::Failed { retryable, .. } => *retryable,
+            Self::Timeout(_) => true,
+            Self::OutputTooLarge { .. } => false,
         }
     }
     /// A stable code for the kind of failure.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::Retryable(_) | Self::Fatal(_) | Self::Other { .. } => "node_failed",
+            Self::Failed { .. } => "node_failed",
             Self::Timeout(_) => "node_timeout",
             Self::OutputTooLarge { .. } => "output_too_large",
         }
@@ -266,7 +302,7 @@ impl StoreError {
             Self::Invalid(_) => "invalid_request",
             Self::TooLarge(_) => "payload_too_large",
             Self::Unavailable { .. } => "unavailable",
-            Self::Backend { .. } => "backend_error",
+            Self::Backend { .. } => "internal",
         }
     }
     /// Whether trying the same call again later may succeed.

@@ -54,9 +54,13 @@ impl FlowDef {
         Ok(serde_json::from_slice(bytes)?)
     }
 
-    /// Reads a flow from an already parsed JSON value.
+    /// Reads a flow from an already parsed JSON value; an error names the field's path
+    /// (`nodes[0].params`), as a value has no lines.
     pub fn from_value(value: Value) -> Result<Self, ParseError> {
-        Ok(serde_json::from_value(value)?)
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            ParseError::at_path(path, e.into_inner())
+        })
     }
 }
 

@@ -120,6 +120,20 @@ fn parse_refuses_unknown_fields_and_bad_json() {
     assert_eq!(err.code(), "invalid_json");
     let err = FlowDef::from_json("{\"nodes\": [").unwrap_err();
     assert_eq!(err.line, 1);
+    // A document read from a value (as the API does) has no lines: the error names the field.
+    let err = FlowDef::from_value(serde_json::json!({"nodes": [{"id": "a", "type": "noop"}, {"id": "b", "type": "noop", "retry": {"max_attempts": "x"}}]}))
+        .unwrap_err();
+    assert_eq!(
+        err.path.as_deref(),
+        Some("nodes[1].retry.max_attempts"),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .starts_with("invalid flow JSON at `nodes[1].retry.max_attempts`: "),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("line 0"), "{err}");
     assert!(FlowDef::from_json(r#"{"nodes": "many"}"#).is_err());
     assert!(
         FlowDef::from_json(r#"{"nodes": [], "triggers": [{"type": "carrier_pigeon"}]}"#).is_err()

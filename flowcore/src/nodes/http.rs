@@ -350,11 +350,8 @@ impl Node for HttpRequest {
             };
             let response = request.send().await.map_err(|e| {
                 let (message, denied) = describe(&e);
-                NodeError::Other {
-                    message: format!("request failed: {message}"),
-                    retryable: !denied && (e.is_timeout() || e.is_connect() || e.is_request()),
-                    source: Box::new(e),
-                }
+                let retryable = !denied && (e.is_timeout() || e.is_connect() || e.is_request());
+                NodeError::caused_by(format!("request failed: {message}"), retryable, e)
             })?;
             let Some(next) = response
                 .status()
@@ -419,10 +416,8 @@ impl Node for HttpRequest {
         // filling memory first.
         let limit = cx.engine().limits().max_output_bytes;
         let mut bytes = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| NodeError::Other {
-            message: format!("reading the response failed: {e}"),
-            retryable: true,
-            source: Box::new(e),
+        while let Some(chunk) = response.chunk().await.map_err(|e| {
+            NodeError::caused_by(format!("reading the response failed: {e}"), true, e)
         })? {
             if bytes.len() + chunk.len() > limit {
                 return Err(NodeError::OutputTooLarge { limit });

@@ -118,6 +118,18 @@ fn the_shared_settings_file_is_accepted_by_the_configuration() {
     let docs = std::fs::read_to_string(deploy("../docs/deployment.md")).expect("docs page");
     for v in Config::variables() {
         let name = &v.name;
+        // The table gives the default the server has.
+        if let Some(default) = &v.default
+            && let Some(row) = docs
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{name}` |")))
+        {
+            let cell = row.split('|').nth(2).unwrap_or_default();
+            assert!(
+                cell.contains(default.as_str()),
+                "docs/deployment.md gives {name} the default `{cell}`, the server `{default}`"
+            );
+        }
         assert!(
             docs.contains(name.as_str()),
             "docs/deployment.md does not explain {name}"

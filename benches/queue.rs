@@ -125,27 +125,10 @@ fn main() {
             .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let mut config = RedisConfig::new(url.clone());
         config.prefix = format!("flowcore-bench-{}", std::process::id());
-        let prefix = config.prefix.clone();
         let queue = RedisQueue::connect(config)
             .await
             .expect("Redis on 127.0.0.1:6379");
-        report("redis", Arc::new(queue)).await;
-        let client = redis::Client::open(url).expect("url");
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect");
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{prefix}:*"))
-            .query_async(&mut conn)
-            .await
-            .expect("keys");
-        if !keys.is_empty() {
-            let _: () = redis::cmd("DEL")
-                .arg(&keys)
-                .query_async(&mut conn)
-                .await
-                .expect("del");
-        }
+        report("redis", Arc::new(queue.clone())).await;
+        queue.delete_prefix().await.expect("clean up");
     });
 }

@@ -173,8 +173,13 @@ pub async fn start(state: &Shared, start: Start) -> Result<RunAnswer, RunError> 
     let seen = match accepted {
         Accepted::Existing(run) => Seen::of(&run),
         Accepted::Inline(run, task) => match tokio::time::timeout(limit, task).await {
-            Ok(Ok(done)) => Seen::of(&done?),
-            Ok(Err(_)) | Err(_) => Seen::of(&state.stores.runs.get(&run.id).await?),
+            Ok(Ok(Ok(done))) => Seen::of(&done),
+            // Another owner took the run over (this process's lease lapsed): it goes on there,
+            // and the caller is answered with the run as stored.
+            Ok(Ok(Err(RunError::Store(StoreError::StaleLease(_))))) | Ok(Err(_)) | Err(_) => {
+                Seen::of(&state.stores.runs.get(&run.id).await?)
+            }
+            Ok(Ok(Err(e))) => return Err(e),
         },
         // As accepted: a fast worker may already be done, but the caller asked not to wait.
         Accepted::Queued(run, None) => Seen::of(&run),
@@ -332,6 +337,20 @@ pub async fn cancel(state: &AppState, id: &RunId) -> Result<RunState, RunError> 
                 status: run.status,
             })
         }
+        // Its owner is gone (the lease lapsed): nobody would hear the request, and the reaper
+        // would run it again. Ended here instead, as `fail` does.
+        RunStatus::Running
+            if run
+                .lease
+                .as_ref()
+                .is_none_or(|l| l.expires_at <= chrono::Utc::now())
+                && end_unowned(state, id, RunStatus::Cancelled, None).await? =>
+        {
+            Ok(RunState {
+                run_id: id.clone(),
+                status: RunStatus::Cancelled,
+            })
+        }
         RunStatus::Running => {
             // Here, or in whichever process executes it.
             let watch = state.stores.signals.watch_finished(id);
@@ -447,6 +466,18 @@ async fn execute_inline(
 /// Fails a queued run, or a running one whose lease lapsed, with `error` (claimed first, so
 /// that a worker that took it meanwhile is left alone). Returns whether it was failed here.
 pub async fn fail(state: &AppState, id: &RunId, error: String) -> Result<bool, StoreError> {
+    end_unowned(state, id, RunStatus::Failed, Some(error)).await
+}
+
+/// Ends a queued run, or a running one whose lease lapsed, as `status` (claimed first, so that
+/// a worker that took it meanwhile is left alone), and announces it. Returns whether it was
+/// ended here.
+async fn end_unowned(
+    state: &AppState,
+    id: &RunId,
+    status: RunStatus,
+    error: Option<String>,
+) -> Result<bool, StoreError> {
     let runs = &state.stores.runs;
     let lease = match runs
         .claim(id, &state.worker_name, state.config.lease())
@@ -458,12 +489,12 @@ pub async fn fail(state: &AppState, id: &RunId, error: String) -> Result<bool, S
         Err(e) => return Err(e),
     };
     let outcome = RunOutcome {
-        status: RunStatus::Failed,
-        error: Some(error),
+        status,
+        error,
         ..Default::default()
     };
-    let failed = runs.finish(id, lease.epoch, outcome).await?;
-    announce_finished(state, &failed).await;
+    let ended = runs.finish(id, lease.epoch, outcome).await?;
+    announce_finished(state, &ended).await;
     Ok(true)
 }
 
@@ -679,12 +710,17 @@ pub async fn reap(state: Shared, every: Duration, shutdown: CancellationToken) {
     let mut recent = HashMap::new();
     let mut lapsed = Lapsed::default();
     let losses = state.stores.queue.losses();
+    // A queue that can lose its jobs while this process lives is another process's (Redis):
+    // its runs may lose their jobs to a process that died between storing and enqueuing them
+    // (the orphan sweep). An in-process queue starts empty with its process: every queued run
+    // goes back into it at start.
+    let shared = losses.is_some();
     let (mut handled, mut first) = (0, true);
     let mut swept = chrono::Utc::now()
         - chrono::Duration::from_std(ORPHANS_BEFORE_START).unwrap_or(chrono::Duration::MAX);
     loop {
         let lost = losses.as_ref().map_or(0, |l| *l.borrow());
-        let queued_too = (first && state.config.redis_url.is_none()) || lost > handled;
+        let queued_too = (first && !shared) || lost > handled;
         if queued_too {
             // Everything waiting goes back, whatever was enqueued lately.
             recent.clear();
@@ -698,7 +734,7 @@ pub async fn reap(state: Shared, every: Duration, shutdown: CancellationToken) {
             }
             Err(e) => tracing::warn!(error = %e, "recovering runs failed; retrying"),
         }
-        if state.config.redis_url.is_some() {
+        if shared {
             let mut since = swept;
             let swept_now = async {
                 let ids = orphans(&state, &mut since).await?;

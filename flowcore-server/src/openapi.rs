@@ -10,9 +10,9 @@ use crate::lifecycle::{RunAnswer, RunState};
 use crate::routes::api_keys::{ApiKeyCreated, ApiKeyList, ApiKeyView, CreateApiKey};
 use crate::routes::credentials::{CreateCredential, CredentialList, CredentialView};
 use crate::routes::files::FileView;
-use crate::routes::flows::{FlowCreated, FlowPage, FlowSummary, FlowView};
+use crate::routes::flows::{FlowCreated, FlowSummary, FlowView};
 use crate::routes::meta::{Health, Readiness};
-use crate::routes::runs::{RunPage, RunSummary, RunView, StartRun, StepView};
+use crate::routes::runs::{RunSummary, RunView, StartRun, StepView};
 use crate::routes::usage::{Quota, UsageReport};
 
 #[derive(Debug)]
@@ -49,8 +49,8 @@ impl Modify for Security {
         crate::routes::files::remove, crate::routes::usage::usage, crate::routes::webhooks::call,
     ),
     components(schemas(
-        ApiErrorBody, ApiErrorDetail, Health, Readiness, FlowCreated, FlowSummary, FlowPage, FlowView,
-        StartRun, RunAnswer, RunState, StepView, RunView, RunSummary, RunPage, CreateApiKey,
+        ApiErrorBody, ApiErrorDetail, Health, Readiness, FlowCreated, FlowSummary, FlowView,
+        StartRun, RunAnswer, RunState, StepView, RunView, RunSummary, CreateApiKey,
         ApiKeyCreated, ApiKeyView, ApiKeyList, CreateCredential, CredentialView, CredentialList,
         FileView, UsageReport, Quota,
     )),

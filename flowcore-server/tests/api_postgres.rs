@@ -7,3 +7,4 @@ const BACKEND: Backend = Backend::Postgres;
 include!("common/suite.rs");
 include!("common/hardening.rs");
 include!("common/processes.rs");
+include!("common/http.rs");

@@ -6,3 +6,4 @@ const BACKEND: Backend = Backend::Sqlite;
 include!("common/suite.rs");
 include!("common/hardening.rs");
 include!("common/processes.rs");
+include!("common/http.rs");

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 const KEY: &str = "connections-test-key";
 
+include!("common/http.rs");
+
 struct Server {
     child: std::process::Child,
     port: u16,
@@ -15,10 +17,7 @@ struct Server {
 
 impl Server {
     fn start(env: &[(&str, &str)]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap();
+        let port = free_port();
         let dir = std::env::temp_dir().join(format!("flowcore-conn-{}", flowcore::ids::new_id()));
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_flowcore"));
         command
@@ -65,13 +64,7 @@ impl Server {
     }
 
     fn get(&self, path: &str) -> Option<u16> {
-        self.send(
-            &format!(
-                "GET {path} HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nConnection: close\r\n\r\n"
-            ),
-            b"",
-        )
-        .map(|(status, _)| status)
+        http_request(self.port, "GET", path, None).map(|(status, _)| status)
     }
 
     /// The server's resident memory, in MB.

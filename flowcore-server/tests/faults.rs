@@ -27,16 +27,11 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 const KEY: &str = "fault-admin-key";
+
+include!("common/http.rs");
 /// Short leases, so that a killed worker's runs move on quickly.
 const LEASE_SECONDS: u64 = 3;
 const NODES: [&str; 3] = ["s1", "s2", "s3"];
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// The URL (without a database) of the suite's own PostgreSQL, set once it runs.
 static POSTGRES: OnceLock<String> = OnceLock::new();
@@ -234,23 +229,7 @@ impl Drop for Proc {
 /// One HTTP/1.1 request (a connection each): the status and the JSON body, `None` when the
 /// connection failed.
 fn request(port: u16, method: &str, path: &str, body: Option<&Value>) -> Option<(u16, Value)> {
-    let mut sock = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    sock.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
-    let body = body.map(Value::to_string).unwrap_or_default();
-    write!(
-        sock,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut out = String::new();
-    sock.read_to_string(&mut out).ok()?;
-    let status = out.get(9..12)?.parse().ok()?;
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .unwrap_or_default();
-    Some((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+    http_request(port, method, path, body).map(|(status, answer)| (status, json_body(&answer)))
 }
 
 /// One call of a step as the step server saw it.

@@ -338,6 +338,54 @@ impl RedisQueue {
             .await
     }
 
+    /// Deletes every key under this queue's prefix (its jobs, leases, events, limits), in
+    /// batches found with `SCAN`, which does not block Redis as `KEYS` would. For tests,
+    /// benchmarks and an operator retiring a prefix; never while processes use it. Returns how
+    /// many keys went.
+    pub async fn delete_prefix(&self) -> StoreResult<usize> {
+        // The prefix literally: `*`, `?`, `[` or a backslash in it must not match other prefixes.
+        let literal: String = self
+            .prefix
+            .chars()
+            .flat_map(|c| match c {
+                '*' | '?' | '[' | ']' | '\\' => vec!['\\', c],
+                c => vec![c],
+            })
+            .collect();
+        let pattern = format!("{literal}:*");
+        let mut deleted = 0;
+        let mut cursor = 0u64;
+        loop {
+            let pattern = pattern.clone();
+            let (next, keys): (u64, Vec<String>) = self
+                .run(|mut conn| async move {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await?;
+            if !keys.is_empty() {
+                deleted += keys.len();
+                self.run(|mut conn| async move {
+                    redis::cmd("DEL")
+                        .arg(&keys)
+                        .query_async::<()>(&mut conn)
+                        .await
+                })
+                .await?;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+
     /// Publishes `payload` on the prefixed pub/sub `channel`.
     async fn publish(&self, channel: &str, payload: &str) -> StoreResult<()> {
         let channel = format!("{}:{channel}", self.prefix);

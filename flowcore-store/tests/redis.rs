@@ -25,23 +25,10 @@ fn unique_prefix() -> String {
 
 /// Deletes every key under `prefix` from the shared Redis.
 async fn clean(prefix: &str) {
-    let client = redis::Client::open(redis_url()).expect("url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut conn)
-        .await
-        .expect("keys");
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(&keys)
-            .query_async(&mut conn)
-            .await
-            .expect("del");
-    }
+    let mut config = RedisConfig::new(redis_url());
+    config.prefix = prefix.to_owned();
+    let queue = RedisQueue::connect(config).await.expect("connect");
+    queue.delete_prefix().await.expect("delete the test's keys");
 }
 
 /// Every port Redis implements, through the kit's one entry point: the queue (dead letters
@@ -82,7 +69,29 @@ async fn redis_passes_the_kit() {
         ..Default::default()
     };
     flowcore::testkit::check(&backend).await;
-    clean(&prefix).await;
+    // Cleaning a prefix deletes its keys and no other prefix's, even one its glob characters
+    // would match.
+    let other = format!("{}x", unique_prefix());
+    let starry = format!("{}*", &other[..other.len() - 1]);
+    let queue_of = async |prefix: &str| {
+        let mut config = RedisConfig::new(redis_url());
+        config.prefix = prefix.to_owned();
+        RedisQueue::connect(config).await.expect("connect")
+    };
+    let neighbour = queue_of(&other).await;
+    neighbour
+        .enqueue("g", &RunId::new(), None)
+        .await
+        .expect("enqueue");
+    assert!(first.delete_prefix().await.expect("delete") > 0);
+    assert_eq!(first.depth("kit").await.expect("depth").ready, 0);
+    queue_of(&starry)
+        .await
+        .delete_prefix()
+        .await
+        .expect("delete");
+    assert_eq!(neighbour.depth("g").await.expect("depth").ready, 1);
+    clean(&other).await;
 }
 
 /// Waits until each connection's subscriber is connected (as a process's would be before it

@@ -70,8 +70,8 @@ impl From<ApiKeyRecord> for ApiKeyView {
     }
 }
 
-/// A key just made: the only answer that holds the key.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+/// A key just made: the only answer that holds the key (`Debug` leaves it out).
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ApiKeyCreated {
     /// Its id.
     pub id: String,
@@ -89,6 +89,16 @@ pub struct ApiKeyCreated {
     /// When it was made.
     #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for ApiKeyCreated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKeyCreated")
+            .field("id", &self.id)
+            .field("prefix", &self.prefix)
+            .field("scopes", &self.scopes)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The API keys.

@@ -22,7 +22,7 @@ pub fn router() -> Router<Shared> {
 }
 
 /// A credential to store.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCredential {
     /// Flows refer to it by this name.
@@ -38,6 +38,16 @@ pub struct CreateCredential {
     /// literally in a flow's URL.
     #[serde(default)]
     pub allowed_hosts: Option<Vec<String>>,
+}
+
+impl std::fmt::Debug for CreateCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateCredential")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("allowed_hosts", &self.allowed_hosts)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the API shows of a credential: never the secret.

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{ApiError, ApiErrorBody, JsonBody};
+use crate::routes::Page;
 use crate::state::Shared;
 
 /// A flow version was stored.
@@ -45,15 +46,6 @@ pub struct FlowSummary {
     /// When this version was stored.
     #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
-}
-
-/// A page of flows, newest first.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct FlowPage {
-    /// The flows.
-    pub items: Vec<FlowSummary>,
-    /// The `cursor` of the next page, when there is one.
-    pub next_cursor: Option<String>,
 }
 
 /// A version of a flow.
@@ -117,8 +109,10 @@ async fn check(state: &Shared, flow: FlowDef) -> Result<FlowDef, ApiError> {
 /// forgets this process's webhook index at once: the announcement reaches it a moment later,
 /// and a webhook called right after the answer must find the flow.
 async fn changed(state: &Shared, id: &str) -> Result<(), ApiError> {
-    state.plans.changed(id).await?;
+    // First, whatever the announcement does: a failed publish must not leave this process
+    // serving the flow's old webhooks (an `auth` just added, say).
     state.webhooks.invalidate();
+    state.plans.changed(id).await?;
     Ok(())
 }
 
@@ -154,30 +148,22 @@ pub(crate) struct ListQuery {
 }
 
 /// Lists flows.
-#[utoipa::path(get, path = "/api/v1/flows", operation_id = "list_flows", tag = "flows", params(("limit" = Option<u32>, Query, description = "page size"), ("cursor" = Option<String>, Query, description = "from the previous page")), responses((status = 200, description = "a page of flows", body = FlowPage), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+#[utoipa::path(get, path = "/api/v1/flows", operation_id = "list_flows", tag = "flows", params(("limit" = Option<u32>, Query, description = "page size"), ("cursor" = Option<String>, Query, description = "from the previous page")), responses((status = 200, description = "a page of flows", body = Page<FlowSummary>), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
 pub(crate) async fn list(
     State(state): State<Shared>,
     Query(q): Query<ListQuery>,
-) -> Result<Json<FlowPage>, ApiError> {
+) -> Result<Json<Page<FlowSummary>>, ApiError> {
     let page = state
         .stores
         .flows
         .list(q.limit.unwrap_or(50), q.cursor.as_deref())
         .await?;
-    let items = page
-        .items
-        .into_iter()
-        .map(|f| FlowSummary {
-            id: f.id,
-            version: f.version,
-            name: f.definition.name,
-            created_at: f.created_at,
-        })
-        .collect();
-    Ok(Json(FlowPage {
-        items,
-        next_cursor: page.next_cursor,
-    }))
+    Ok(Json(Page::of(page, |f| FlowSummary {
+        id: f.id,
+        version: f.version,
+        name: f.definition.name,
+        created_at: f.created_at,
+    })))
 }
 
 #[derive(Deserialize)]

@@ -11,10 +11,30 @@ pub mod usage;
 pub mod webhooks;
 
 use axum::http::StatusCode;
+use serde::Serialize;
 
 use crate::admission::Overloaded;
 use crate::error::ApiError;
 use crate::lifecycle::RunError;
+
+/// A page of a listing, newest first, with the cursor of the next one.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Page<T> {
+    /// The items.
+    pub items: Vec<T>,
+    /// The `cursor` of the next page, when there is one.
+    pub next_cursor: Option<String>,
+}
+
+impl<T> Page<T> {
+    /// A page of the store's, its items shown as `T`.
+    pub fn of<S>(page: flowcore::ports::Page<S>, show: impl FnMut(S) -> T) -> Self {
+        Self {
+            items: page.items.into_iter().map(show).collect(),
+            next_cursor: page.next_cursor,
+        }
+    }
+}
 
 impl From<Overloaded> for ApiError {
     fn from(e: Overloaded) -> Self {

@@ -8,13 +8,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use flowcore::durable::resolve;
-use flowcore::ports::{BlobStore, RunFilter};
+use flowcore::ports::{BlobStore, RunFilter, RunRecord};
 use flowcore::{RunId, RunStatus, StepStatus};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{ApiError, ApiErrorBody, JsonBody};
 use crate::lifecycle::{self, RunAnswer, RunState, Start};
+use crate::routes::Page;
 use crate::state::Shared;
 
 /// The runs routes.
@@ -111,16 +112,9 @@ pub struct StepView {
 /// A run with its steps.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RunView {
-    /// Its id.
-    #[schema(value_type = String)]
-    pub id: RunId,
-    /// Its flow.
-    pub flow_id: String,
-    /// The flow's version it runs.
-    pub flow_version: u32,
-    /// Its status.
-    #[schema(value_type = String)]
-    pub status: RunStatus,
+    /// What a listing shows of it.
+    #[serde(flatten)]
+    pub run: RunSummary,
     /// Its input.
     #[schema(value_type = Object)]
     pub input: Value,
@@ -129,15 +123,9 @@ pub struct RunView {
     pub output: Option<Value>,
     /// Why it did not succeed.
     pub error: Option<String>,
-    /// When it was accepted.
-    #[schema(value_type = String, format = DateTime)]
-    pub created_at: DateTime<Utc>,
     /// When a worker first took it.
     #[schema(value_type = Option<String>, format = DateTime)]
     pub started_at: Option<DateTime<Utc>>,
-    /// When it ended.
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub finished_at: Option<DateTime<Utc>>,
     /// Its steps, in the flow's node order.
     pub steps: Vec<StepView>,
 }
@@ -173,15 +161,10 @@ pub(crate) async fn read(
     }
     Ok(Json(RunView {
         output: shown(run.output.as_ref(), blobs).await?,
-        id: run.id,
-        flow_id: run.flow_id,
-        flow_version: run.flow_version,
-        status: run.status,
-        input: run.input,
-        error: run.error,
-        created_at: run.created_at,
+        input: run.input.clone(),
+        error: run.error.clone(),
         started_at: run.started_at,
-        finished_at: run.finished_at,
+        run: RunSummary::from(run),
         steps,
     }))
 }
@@ -216,21 +199,25 @@ pub struct RunSummary {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-/// A page of runs, newest first.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct RunPage {
-    /// The runs.
-    pub items: Vec<RunSummary>,
-    /// The `cursor` of the next page, when there is one.
-    pub next_cursor: Option<String>,
+impl From<RunRecord> for RunSummary {
+    fn from(r: RunRecord) -> Self {
+        Self {
+            id: r.id,
+            flow_id: r.flow_id,
+            flow_version: r.flow_version,
+            status: r.status,
+            created_at: r.created_at,
+            finished_at: r.finished_at,
+        }
+    }
 }
 
 /// Lists runs, newest first.
-#[utoipa::path(get, path = "/api/v1/runs", operation_id = "list_runs", tag = "runs", params(("flow_id" = Option<String>, Query), ("status" = Option<String>, Query), ("limit" = Option<u32>, Query), ("cursor" = Option<String>, Query)), responses((status = 200, description = "a page of runs", body = RunPage), (status = 400, description = "invalid input", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+#[utoipa::path(get, path = "/api/v1/runs", operation_id = "list_runs", tag = "runs", params(("flow_id" = Option<String>, Query), ("status" = Option<String>, Query), ("limit" = Option<u32>, Query), ("cursor" = Option<String>, Query)), responses((status = 200, description = "a page of runs", body = Page<RunSummary>), (status = 400, description = "invalid input", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
 pub(crate) async fn list(
     State(state): State<Shared>,
     Query(q): Query<ListQuery>,
-) -> Result<Json<RunPage>, ApiError> {
+) -> Result<Json<Page<RunSummary>>, ApiError> {
     let status = q
         .status
         .as_deref()
@@ -244,22 +231,7 @@ pub(crate) async fn list(
         cursor: q.cursor,
     };
     let page = state.stores.runs.list(&filter).await?;
-    let items = page
-        .items
-        .into_iter()
-        .map(|r| RunSummary {
-            id: r.id,
-            flow_id: r.flow_id,
-            flow_version: r.flow_version,
-            status: r.status,
-            created_at: r.created_at,
-            finished_at: r.finished_at,
-        })
-        .collect();
-    Ok(Json(RunPage {
-        items,
-        next_cursor: page.next_cursor,
-    }))
+    Ok(Json(Page::of(page, RunSummary::from)))
 }
 
 /// Cancels a queued or running run.

@@ -338,12 +338,12 @@ async fn a_finished_runs_events_end_for_a_client_that_resumes() {
     let path = format!("/api/v1/runs/{}/events", run["run_id"].as_str().unwrap());
     let req = || Request::builder().uri(path.as_str()).header("x-api-key", KEY);
     let res = app.clone().oneshot(req().body(Body::empty()).unwrap()).await.unwrap();
-    let all = String::from_utf8(axum::body::to_bytes(res.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
+    let all = text_of(res).await;
     let last_id = all.lines().filter_map(|l| l.strip_prefix("id: ")).next_back().expect("events").to_owned();
     // What every reconnecting EventSource sends: the stream must end, not wait for ever.
     let resumed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
         let res = app.clone().oneshot(req().header("last-event-id", last_id).body(Body::empty()).unwrap()).await.unwrap();
-        axum::body::to_bytes(res.into_body(), usize::MAX).await.unwrap()
+        bytes_of(res).await
     })
     .await
     .expect("the stream of a finished run ends");

@@ -65,10 +65,7 @@ struct Server {
 
 impl Server {
     fn start(dir: &std::path::Path, env: &[(&str, &str)]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap();
+        let port = free_port();
         std::fs::create_dir_all(dir).unwrap();
         let log = dir.join(format!("server-{port}.log"));
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_flowcore"));
@@ -104,19 +101,7 @@ impl Server {
 
     /// One HTTP/1.1 request with the admin key: the status and the raw answer.
     fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Option<(u16, String)> {
-        use std::io::{Read, Write};
-        let mut sock = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        let body = body.map(Value::to_string).unwrap_or_default();
-        write!(
-            sock,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .ok()?;
-        let mut out = String::new();
-        sock.read_to_string(&mut out).ok()?;
-        let status = out.get(9..12)?.parse().ok()?;
-        Some((status, out))
+        http_request(self.port, method, path, body)
     }
 
     /// A request whose answer is JSON.

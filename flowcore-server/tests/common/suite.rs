@@ -170,6 +170,23 @@ async fn call(
     (status, json)
 }
 
+/// A response's body, whole.
+async fn bytes_of(res: axum::response::Response) -> axum::body::Bytes {
+    axum::body::to_bytes(res.into_body(), usize::MAX)
+        .await
+        .expect("a body")
+}
+
+/// A response's body as text.
+async fn text_of(res: axum::response::Response) -> String {
+    String::from_utf8(bytes_of(res).await.to_vec()).expect("UTF-8")
+}
+
+/// The values of the lines of `text` that start with `prefix` (an event stream's fields).
+fn fields<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+    text.lines().filter_map(|l| l.strip_prefix(prefix)).collect()
+}
+
 /// Every `/api/` route (method, path with `x` for parameters).
 const API_ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/flows"),
@@ -592,12 +609,7 @@ async fn webhooks_and_events() {
         .unwrap();
     let res = app.clone().oneshot(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
-    let body: Value = serde_json::from_slice(
-        &axum::body::to_bytes(res.into_body(), usize::MAX)
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let body: Value = serde_json::from_slice(&bytes_of(res).await).unwrap();
     let done = wait_for_status(&app, body["run_id"].as_str().unwrap(), "succeeded").await;
     assert_eq!(done["output"], json!("got plain words"));
 
@@ -636,17 +648,8 @@ async fn webhooks_and_events() {
     let res = app.clone().oneshot(sse(None)).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["content-type"], "text/event-stream");
-    let text = String::from_utf8(
-        axum::body::to_bytes(res.into_body(), usize::MAX)
-            .await
-            .unwrap()
-            .to_vec(),
-    )
-    .unwrap();
-    let names: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("event: "))
-        .collect();
+    let text = text_of(res).await;
+    let names: Vec<&str> = fields(&text, "event: ");
     assert_eq!(names.first(), Some(&"run_started"), "{text}");
     assert_eq!(names.last(), Some(&"run_finished"));
     assert_eq!(
@@ -654,26 +657,14 @@ async fn webhooks_and_events() {
         4,
         "{text}"
     );
-    let ids: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("id: "))
-        .collect();
+    let ids: Vec<&str> = fields(&text, "id: ");
     let res = app
         .clone()
         .oneshot(sse(Some(ids[ids.len() - 2])))
         .await
         .unwrap();
-    let rest = String::from_utf8(
-        axum::body::to_bytes(res.into_body(), usize::MAX)
-            .await
-            .unwrap()
-            .to_vec(),
-    )
-    .unwrap();
-    let rest_names: Vec<&str> = rest
-        .lines()
-        .filter_map(|l| l.strip_prefix("event: "))
-        .collect();
+    let rest = text_of(res).await;
+    let rest_names: Vec<&str> = fields(&rest, "event: ");
     assert_eq!(
         rest_names,
         vec!["run_finished"],
@@ -785,13 +776,7 @@ async fn metrics_use_the_contract_names() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    let text = String::from_utf8(
-        axum::body::to_bytes(res.into_body(), usize::MAX)
-            .await
-            .unwrap()
-            .to_vec(),
-    )
-    .unwrap();
+    let text = text_of(res).await;
     for name in [
         "flowcore_http_requests_total{",
         "flowcore_http_request_duration_seconds_bucket{",
@@ -837,12 +822,7 @@ async fn rate_limits_answer_429_with_retry_after() {
         .parse()
         .unwrap();
     assert!((1..=20).contains(&retry), "Retry-After {retry}");
-    let body: Value = serde_json::from_slice(
-        &axum::body::to_bytes(refused.into_body(), usize::MAX)
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let body: Value = serde_json::from_slice(&bytes_of(refused).await).unwrap();
     assert_eq!(body["error"]["code"], "rate_limited");
     // The same API key from another address is still limited by key.
     assert_eq!(
@@ -940,9 +920,7 @@ async fn files_upload_stream_and_refuse_past_the_file_limit() {
         app.clone().oneshot(req.body(body).unwrap())
     };
     let json_of = |res: axum::response::Response| async move {
-        let bytes = axum::body::to_bytes(res.into_body(), usize::MAX)
-            .await
-            .unwrap();
+        let bytes = bytes_of(res).await;
         serde_json::from_slice::<Value>(&bytes).unwrap()
     };
 
@@ -976,9 +954,7 @@ async fn files_upload_stream_and_refuse_past_the_file_limit() {
         "attachment; filename=\"report_q3.csv\""
     );
     assert_eq!(
-        axum::body::to_bytes(res.into_body(), usize::MAX)
-            .await
-            .unwrap(),
+        bytes_of(res).await,
         data
     );
     let (status, meta) = call(
@@ -1212,6 +1188,13 @@ async fn the_reaper_requeues_runs_whose_worker_died_and_fails_those_lost_too_oft
     let (_, failed) = call(&app, "GET", &format!("/api/v1/runs/{}", cursed.id), Some(KEY), None).await;
     assert_eq!(failed["status"], "failed");
     assert!(failed["error"].as_str().unwrap().contains("lost by 5 workers"), "{failed}");
+    // A run whose worker died is cancelled at once (nobody would hear the request, and the
+    // reaper would run it again).
+    let (orphan, _) = state.stores.runs.create(new("dead-worker")).await.unwrap();
+    tokio::time::sleep(ttl * 2).await;
+    let (status, cancelled) = call(&app, "POST", &format!("/api/v1/runs/{}/cancel", orphan.id), Some(KEY), None).await;
+    assert_eq!((status, cancelled["status"].as_str()), (StatusCode::OK, Some("cancelled")), "{cancelled}");
+    assert_eq!(state.stores.runs.get(&orphan.id).await.unwrap().status, flowcore::RunStatus::Cancelled);
     // A worker picks the first one up and finishes it.
     let shutdown = flowcore::CancellationToken::new();
     let worker = tokio::spawn(flowcore_server::worker::work(state.clone(), shutdown.clone()));

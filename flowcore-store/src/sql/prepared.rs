@@ -130,10 +130,12 @@ where
         out.push_bind_param::<BigInt, _>(&self.now)?;
         out.push_sql(") WHERE ");
         self.id.walk_id(&mut out)?;
-        // The statuses a claim starts from, and no live lease (a queued run has none).
+        // The statuses a claim starts from; a leased one only once its lease lapsed.
         out.push_sql(" AND status IN (");
         out.push_sql(sources(Move::Claim));
-        out.push_sql(") AND (lease_expires_at IS NULL OR lease_expires_at <= ");
+        out.push_sql(") AND (status <> '");
+        out.push_sql(RunStatus::Running.as_str());
+        out.push_sql("' OR lease_expires_at IS NULL OR lease_expires_at <= ");
         out.push_bind_param::<BigInt, _>(&self.now)?;
         out.push_sql(") RETURNING ");
         self.columns.walk_ast(out.reborrow())

@@ -179,6 +179,23 @@ impl SqlStore {
         row.map(RunRecord::try_from).transpose()
     }
 
+    /// The run a conditional write returned, or why it returned none: the run is missing
+    /// (`NotFound`), or in another status than the write expected (`Conflict`, saying `why`).
+    async fn written(
+        &self,
+        id: &RunId,
+        row: Option<RunRow>,
+        why: impl FnOnce(RunStatus) -> String,
+    ) -> StoreResult<RunRecord> {
+        match row {
+            Some(row) => row.try_into(),
+            None => match self.get_row(id.as_str()).await? {
+                Some(run) => Err(StoreError::Conflict(why(run.status))),
+                None => Err(StoreError::not_found("run", id.as_str())),
+            },
+        }
+    }
+
     /// Why a lease-guarded write found nothing: the run is missing, or the epoch is stale.
     async fn stale(&self, id: &RunId, epoch: u64) -> StoreError {
         match self.get_row(id.as_str()).await {
@@ -318,16 +335,10 @@ impl RunStore for SqlStore {
             let query = ClaimRun::new(Id(id.as_str().to_owned()), owner.to_owned(), now, expires);
             super::returned!(query, conn).map_err(|e| db_error("claiming a run", e))?
         });
-        match row {
-            Some(row) => row.try_into(),
-            None => match self.get_row(id.as_str()).await? {
-                Some(run) => Err(StoreError::Conflict(format!(
-                    "run `{id}` is {} and not claimable",
-                    run.status
-                ))),
-                None => Err(StoreError::not_found("run", id.as_str())),
-            },
-        }
+        self.written(id, row, |status| {
+            format!("run `{id}` is {status} and not claimable")
+        })
+        .await
     }
 
     async fn claim_runs(
@@ -523,16 +534,10 @@ impl RunStore for SqlStore {
             }
             .map_err(|e| db_error("changing a run's status", e))?
         });
-        match row {
-            Some(row) => row.try_into(),
-            None => match self.get_row(id.as_str()).await? {
-                Some(run) => Err(StoreError::Conflict(format!(
-                    "run `{id}` is {}, not {from}",
-                    run.status
-                ))),
-                None => Err(StoreError::not_found("run", id.as_str())),
-            },
-        }
+        self.written(id, row, |status| {
+            format!("run `{id}` is {status}, not {from}")
+        })
+        .await
     }
 
     async fn expired(

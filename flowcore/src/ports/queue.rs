@@ -78,8 +78,10 @@ pub trait Queue: Send + Sync {
     async fn dead_letters(&self, group: &str, limit: usize) -> StoreResult<Vec<Job>>;
     /// How many times this process found the backend had lost its jobs (a Redis that
     /// restarted without persistence): when it grows, the runs waiting in the run store must be
-    /// enqueued again. `None` (the default) for a queue that cannot lose jobs while its process
-    /// lives.
+    /// enqueued again. `None` (the default) for an in-process queue, which cannot lose jobs
+    /// while its process lives; a queue shared with other processes answers `Some`, and the
+    /// server then also sweeps for queued runs that lost their job to a process that died
+    /// between storing and enqueuing them.
     fn losses(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }

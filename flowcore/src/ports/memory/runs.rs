@@ -151,8 +151,9 @@ impl RunStore for MemoryRunStore {
         let mut st = lock(&self.state);
         let run = st.run_mut(id)?;
         let now = Utc::now();
+        // A leased status only once its lease lapsed.
         let claimable = Move::Claim.starts_from(run.status)
-            && run.lease.as_ref().is_none_or(|l| l.expires_at <= now);
+            && (!run.status.is_leased() || run.lease.as_ref().is_none_or(|l| l.expires_at <= now));
         if !claimable {
             return Err(StoreError::Conflict(format!(
                 "run `{id}` is {} and not claimable",

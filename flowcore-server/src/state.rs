@@ -61,6 +61,8 @@ impl std::fmt::Debug for Stores {
 
 impl Stores {
     /// Every store in memory: one process, nothing kept past it (tests, demos, embedders).
+    /// Not for a server strangers can reach: nothing prunes the memory run store, so every
+    /// run's input and outputs stay until the process ends.
     pub fn memory() -> Self {
         let meta = Arc::new(MemoryMetaStore::new());
         Self {

@@ -19,31 +19,16 @@ impl Server {
     fn start(env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("flowcore-conn-{}", flowcore::ids::new_id()));
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_flowcore"));
-        command
-            .arg("serve")
-            .env("FLOWCORE_BIND", format!("127.0.0.1:{port}"))
-            .env("FLOWCORE_DATA_DIR", &dir)
-            .env("FLOWCORE_ADMIN_KEY", KEY)
-            .env("STORAGE_TYPE", "fs")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        for (k, v) in env {
-            command.env(k, v);
-        }
+        let mut vars = vec![("STORAGE_TYPE", "fs")];
+        vars.extend(env.iter().copied());
         let server = Self {
-            child: command.spawn().expect("spawn"),
+            child: serve_command(port, &dir, &vars, None)
+                .spawn()
+                .expect("spawn"),
             port,
             dir,
         };
-        let started = Instant::now();
-        while server.get("/healthz").is_none() {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "the server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until_up(port);
         server
     }
 

@@ -745,45 +745,6 @@ impl Queue for RedisQueue {
         })
     }
 
-    async fn dead_letters(&self, group: &str, limit: usize) -> StoreResult<Vec<Job>> {
-        check_group(group)?;
-        let dead = self.key(group, "dead");
-        let prefix = self.job_prefix(group);
-        let limit = limit.clamp(1, 10_000) as isize;
-        let rows: Vec<(String, Option<String>, Option<u32>)> = self
-            .run(|mut conn| async move {
-                let ids: Vec<String> = redis::cmd("LRANGE")
-                    .arg(&dead)
-                    .arg(0)
-                    .arg(limit - 1)
-                    .query_async(&mut conn)
-                    .await?;
-                let mut pipe = redis::pipe();
-                for id in &ids {
-                    pipe.cmd("HMGET")
-                        .arg(format!("{prefix}{id}"))
-                        .arg("run_id")
-                        .arg("deliveries");
-                }
-                let fields: Vec<(Option<String>, Option<u32>)> =
-                    pipe.query_async(&mut conn).await?;
-                Ok(ids
-                    .into_iter()
-                    .zip(fields)
-                    .map(|(id, (run, d))| (id, run, d))
-                    .collect())
-            })
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, run, deliveries)| Job {
-                id,
-                run_id: RunId::from(run.unwrap_or_default()),
-                deliveries: deliveries.unwrap_or(0),
-            })
-            .collect())
-    }
-
     fn losses(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(self.losses.subscribe())
     }

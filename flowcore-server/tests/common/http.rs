@@ -1,5 +1,5 @@
-// Plain HTTP/1.1 to a `flowcore` child process on loopback, one connection a request, for the
-// tests that run the real binary (`processes.rs`, `faults.rs`, `connections.rs`). Each test
+// `flowcore serve` as a child process, and plain HTTP/1.1 to it on loopback (one connection a
+// request), for the tests that run the real binary (`processes.rs`, `faults.rs`, `connections.rs`). Each test
 // crate that includes it defines `KEY`, the admin key its processes run with.
 
 /// A free loopback port.
@@ -43,4 +43,41 @@ fn json_body(answer: &str) -> serde_json::Value {
         .map(|(_, b)| b)
         .unwrap_or_default();
     serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+}
+
+/// `flowcore serve` on `port` with the data dir `dir`, the admin key and `env`, its output to
+/// `log` (or nowhere): not started yet.
+#[allow(dead_code)] // (the fault suite starts its processes through a script of its own)
+fn serve_command(
+    port: u16,
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+    log: Option<&std::path::Path>,
+) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_flowcore"));
+    command
+        .arg("serve")
+        .env("FLOWCORE_BIND", format!("127.0.0.1:{port}"))
+        .env("FLOWCORE_DATA_DIR", dir)
+        .env("FLOWCORE_ADMIN_KEY", KEY)
+        .stdout(std::process::Stdio::null())
+        .stderr(match log {
+            Some(path) => std::process::Stdio::from(std::fs::File::create(path).expect("a log")),
+            None => std::process::Stdio::null(),
+        })
+        .envs(env.iter().copied());
+    command
+}
+
+/// Waits up to 20 s for the process on `port` to answer `/healthz`.
+#[allow(dead_code)]
+fn wait_until_up(port: u16) {
+    let started = std::time::Instant::now();
+    while http_request(port, "GET", "/healthz", None).is_none() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

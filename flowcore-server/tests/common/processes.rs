@@ -68,34 +68,18 @@ impl Server {
         let port = free_port();
         std::fs::create_dir_all(dir).unwrap();
         let log = dir.join(format!("server-{port}.log"));
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_flowcore"));
-        command
-            .arg("serve")
-            .env("FLOWCORE_BIND", format!("127.0.0.1:{port}"))
-            .env("FLOWCORE_DATA_DIR", dir)
-            .env("FLOWCORE_ADMIN_KEY", KEY)
-            .env("RUST_LOG", "debug")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        if let Some(url) = database_for(dir) {
-            command.env("DATABASE_URL", url);
-        }
-        for (k, v) in env {
-            command.env(k, v);
-        }
+        let database = database_for(dir).map(|url| ("DATABASE_URL", url));
+        let mut vars: Vec<(&str, &str)> = vec![("RUST_LOG", "debug")];
+        vars.extend(database.as_ref().map(|(k, v)| (*k, v.as_str())));
+        vars.extend(env.iter().copied());
         let server = Self {
-            child: command.spawn().expect("spawn"),
+            child: serve_command(port, dir, &vars, Some(&log))
+                .spawn()
+                .expect("spawn"),
             port,
             log,
         };
-        let started = std::time::Instant::now();
-        while server.request("GET", "/healthz", None).is_none() {
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(20),
-                "the server did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        wait_until_up(port);
         server
     }
 

@@ -74,8 +74,6 @@ pub trait Queue: Send + Sync {
     async fn nack(&self, job: &LeasedJob, retry_at: Option<DateTime<Utc>>) -> StoreResult<()>;
     /// The depth of a group's queue.
     async fn depth(&self, group: &str) -> StoreResult<QueueDepth>;
-    /// Jobs in a group's dead-letter list.
-    async fn dead_letters(&self, group: &str, limit: usize) -> StoreResult<Vec<Job>>;
     /// How many times this process found the backend had lost its jobs (a Redis that
     /// restarted without persistence): when it grows, the runs waiting in the run store must be
     /// enqueued again. `None` (the default) for an in-process queue, which cannot lose jobs

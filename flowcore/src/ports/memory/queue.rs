@@ -242,12 +242,4 @@ impl Queue for MemoryQueue {
         }
         Ok(depth)
     }
-
-    async fn dead_letters(&self, group: &str, limit: usize) -> StoreResult<Vec<Job>> {
-        let groups = lock(&self.state);
-        Ok(groups
-            .get(group)
-            .map(|g| g.dead.iter().take(limit).cloned().collect())
-            .unwrap_or_default())
-    }
 }

@@ -1,5 +1,6 @@
 //! The work a server process does besides answering requests, by role: executing runs from the
-//! queue and recovering runs whose worker died (`all`, `worker`), firing schedules and storing usage (every role); and its graceful
+//! queue and recovering runs whose worker died (`all`, `worker`), firing schedules, storing usage
+//! and pruning finished runs by retention (every role); and its graceful
 //! end: stop taking runs, let running ones finish within the grace period, hand the rest back.
 
 use std::time::Duration;
@@ -29,6 +30,7 @@ pub fn start(state: &Shared) -> Background {
     let mut tasks = vec![
         tokio::spawn(state.usage.clone().run_flusher(shutdown.clone())),
         tokio::spawn(crate::schedules::run(state.clone(), shutdown.clone())),
+        tokio::spawn(crate::retention::run(state.clone(), shutdown.clone())),
     ];
     if matches!(state.config.role, Role::All | Role::Worker) {
         tasks.push(tokio::spawn(crate::worker::work(

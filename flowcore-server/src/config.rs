@@ -264,6 +264,14 @@ pub struct Config {
     /// On SIGTERM, how long runs may finish before they are handed back to the queue.
     #[arg(long, env = "FLOWCORE_SHUTDOWN_GRACE_SECONDS", default_value = "25", value_parser = within(0u64..=3600, "seconds"))]
     pub shutdown_grace_seconds: u64,
+    /// Finished runs older than this many days are deleted, with their steps (0 = kept for
+    /// ever); a flow's `settings.retention.days` replaces it. Queued and running runs stay.
+    #[arg(long, env = "FLOWCORE_RUN_RETENTION_DAYS", default_value = "14", value_parser = within(0u32..=36_500, "days"))]
+    pub run_retention_days: u32,
+    /// At most this many finished runs of each flow are kept, the newest (unset: no bound); a
+    /// flow's `settings.retention.max_count` replaces it.
+    #[arg(long, env = "FLOWCORE_RUN_RETENTION_MAX_COUNT", value_parser = within(1u64..=u64::MAX, "runs"))]
+    pub run_retention_max_count: Option<u64>,
     /// A worker's hold on a run, renewed every third of it; a dead worker's runs move on after
     /// it.
     #[arg(long, env = "FLOWCORE_LEASE_SECONDS", default_value = "30", value_parser = within(2u64..=3600, "seconds"))]

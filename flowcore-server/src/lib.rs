@@ -30,6 +30,7 @@ pub mod limits;
 pub mod listen;
 pub mod metrics;
 pub mod openapi;
+pub mod retention;
 pub mod routes;
 pub mod running;
 pub mod schedules;

@@ -51,6 +51,7 @@ pub struct Metrics {
     nodes: Family<NodeLabels, Counter>,
     queue_depth: Family<GroupLabels, Gauge>,
     in_flight: Gauge,
+    pruned: Counter,
     memory: Gauge,
     cpu_millis: Gauge,
 }
@@ -80,6 +81,7 @@ impl Metrics {
         let nodes = Family::<NodeLabels, Counter>::default();
         let queue_depth = Family::<GroupLabels, Gauge>::default();
         let in_flight = Gauge::default();
+        let pruned = Counter::default();
         let memory = Gauge::default();
         let cpu_millis = Gauge::default();
         registry.register(
@@ -114,6 +116,11 @@ impl Metrics {
             in_flight.clone(),
         );
         registry.register(
+            "flowcore_runs_pruned",
+            "Finished runs deleted by retention (by this process)",
+            pruned.clone(),
+        );
+        registry.register(
             "process_resident_memory_bytes",
             "Resident memory of this process",
             memory.clone(),
@@ -132,9 +139,15 @@ impl Metrics {
             nodes,
             queue_depth,
             in_flight,
+            pruned,
             memory,
             cpu_millis,
         }
+    }
+
+    /// Runs deleted by retention.
+    pub fn runs_pruned(&self, n: usize) {
+        self.pruned.inc_by(n as u64);
     }
 
     /// Counts and times a request by its route template (never the raw path: bounded labels).

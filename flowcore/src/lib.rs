@@ -59,7 +59,8 @@ pub use error::{CompileError, Error, NodeError, ParamError, ParseError, Problem,
 pub use event::{BroadcastSink, EventSink, RunEvent};
 pub use ids::RunId;
 pub use model::{
-    EdgeDef, FlowDef, NodeDef, OnError, RetryPolicy, Settings, Trigger, WebhookAuth, WebhookMode,
+    EdgeDef, FlowDef, NodeDef, OnError, Retention, RetryPolicy, Settings, Trigger, WebhookAuth,
+    WebhookMode,
 };
 pub use node::{Node, NodeContext, NodeFactory, Output, Registry};
 pub use plan::Plan;

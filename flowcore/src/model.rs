@@ -290,6 +290,23 @@ pub struct Settings {
     /// The worker group whose queue runs this flow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_group: Option<String>,
+    /// How long the flow's finished runs are kept, instead of the server's retention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
+}
+
+/// How long a flow's finished runs are kept (`settings.retention`): each field replaces the
+/// server's (`FLOWCORE_RUN_RETENTION_DAYS`, `FLOWCORE_RUN_RETENTION_MAX_COUNT`). Queued,
+/// running and waiting runs are never pruned.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Finished runs older than this many days are pruned (1 to 36,500).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub days: Option<u32>,
+    /// At most this many finished runs are kept, the newest (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_count: Option<u64>,
 }
 
 impl Settings {

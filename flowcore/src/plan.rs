@@ -329,6 +329,18 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
             "settings.worker_group is not 1 to 64 of A-Z a-z 0-9 _ -",
         ));
     }
+    if let Some(retention) = &flow.settings.retention {
+        if retention.days.is_some_and(|d| !(1..=36_500).contains(&d)) {
+            problems.push(Problem::flow(
+                "settings.retention.days must be from 1 to 36500",
+            ));
+        }
+        if retention.max_count == Some(0) {
+            problems.push(Problem::flow(
+                "settings.retention.max_count must be at least 1",
+            ));
+        }
+    }
 
     // Cycles. Kahn's algorithm tells cheaply whether there is one; only then does petgraph find
     // the strongly connected components to name the nodes on each cycle.

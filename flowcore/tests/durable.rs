@@ -69,7 +69,7 @@ mod commits {
     use flowcore::durable::{self, Checkpoint, DurableOptions, Hooks};
     use flowcore::ports::memory::MemoryRunStore;
     use flowcore::ports::{
-        Lease, NewRun, Page, RunFilter, RunOutcome, RunRecord, RunStore, StoreResult,
+        Lease, NewRun, Page, PruneRule, RunFilter, RunOutcome, RunRecord, RunStore, StoreResult,
     };
     use flowcore::{Engine, FlowDef, RunId, RunStatus, StepRecord, StoreError, async_trait};
 
@@ -162,8 +162,8 @@ mod commits {
         ) -> StoreResult<Vec<(RunId, Option<DateTime<Utc>>)>> {
             self.inner.expired(after, now, limit).await
         }
-        async fn prune(&self, before: DateTime<Utc>, batch: usize) -> StoreResult<usize> {
-            self.inner.prune(before, batch).await
+        async fn prune(&self, rule: &PruneRule, batch: usize) -> StoreResult<Vec<RunId>> {
+            self.inner.prune(rule, batch).await
         }
     }
 

@@ -1204,3 +1204,53 @@ async fn the_reaper_requeues_runs_whose_worker_died_and_fails_those_lost_too_oft
     cleanup(&dir);
 }
 
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_finished_runs_by_age_and_by_count() {
+    let (app, state, dir) = app_with_state(&[]).await;
+    let keep = json!({"id": "keep", "nodes": [{"id": "n", "type": "noop"}], "settings": {"retention": {"max_count": 2}}});
+    let plain = json!({"id": "plain", "nodes": [{"id": "n", "type": "noop"}]});
+    for flow in [&keep, &plain] {
+        let (status, _) = call(&app, "POST", "/api/v1/flows", Some(KEY), Some(flow.to_string().into_bytes())).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let bad = json!({"id": "bad", "nodes": [{"id": "n", "type": "noop"}], "settings": {"retention": {"days": 0}}});
+    let (status, refused) = call(&app, "POST", "/api/v1/flows", Some(KEY), Some(bad.to_string().into_bytes())).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_flow")), "{refused}");
+    let mut ids = std::collections::HashMap::<&str, Vec<String>>::new();
+    for flow in ["keep", "plain"] {
+        for _ in 0..4 {
+            let (status, run) = call(&app, "POST", &format!("/api/v1/flows/{flow}/runs"), Some(KEY), Some(b"{}".to_vec())).await;
+            assert_eq!(status, StatusCode::OK, "{run}");
+            ids.entry(flow).or_default().push(run["run_id"].as_str().unwrap().to_owned());
+        }
+    }
+    // A queued run of the plain flow: never pruned.
+    let (_, queued) = call(&app, "POST", "/api/v1/flows/plain/runs", Some(KEY), Some(br#"{"wait": false}"#.to_vec())).await;
+    let exists = async |id: &str| call(&app, "GET", &format!("/api/v1/runs/{id}"), Some(KEY), None).await.0 == StatusCode::OK;
+    // Now: the count applies, the age does not yet.
+    let now = chrono::Utc::now();
+    assert_eq!(flowcore_server::retention::prune_once(&state, now).await.unwrap(), 2);
+    for (i, id) in ids["keep"].iter().enumerate() {
+        assert_eq!(exists(id).await, i >= 2, "the two newest of `keep` stay");
+    }
+    for id in &ids["plain"] {
+        assert!(exists(id).await, "within FLOWCORE_RUN_RETENTION_DAYS");
+    }
+    // Fifteen days on: past the default 14, every finished run goes; queued ones stay.
+    let later = now + chrono::Duration::days(15);
+    assert_eq!(flowcore_server::retention::prune_once(&state, later).await.unwrap(), 6);
+    for id in ids["plain"].iter().chain(&ids["keep"]) {
+        assert!(!exists(id).await, "pruned");
+    }
+    let queued_id = queued["run_id"].as_str().unwrap();
+    let (_, run) = call(&app, "GET", &format!("/api/v1/runs/{queued_id}"), Some(KEY), None).await;
+    assert!(exists(queued_id).await, "a queued run stays: {run}");
+    let (_, metrics) = {
+        let req = Request::builder().uri("/metrics").body(Body::empty()).unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        (res.status(), text_of(res).await)
+    };
+    assert!(metrics.contains("flowcore_runs_pruned_total 8"), "{metrics}");
+    cleanup(&dir);
+}

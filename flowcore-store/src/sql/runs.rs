@@ -11,7 +11,7 @@ use diesel::prelude::*;
 use diesel::upsert::excluded;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use flowcore::ports::{
-    Lease, NewRun, Page, RunFilter, RunOutcome, RunRecord, RunStore, StoreResult,
+    Lease, NewRun, Page, PruneRule, RunFilter, RunOutcome, RunRecord, RunStore, StoreResult,
 };
 use flowcore::{RunId, RunStatus, StepRecord, StoreError};
 
@@ -579,31 +579,89 @@ impl RunStore for SqlStore {
             .collect())
     }
 
-    async fn prune(&self, before: DateTime<Utc>, batch: usize) -> StoreResult<usize> {
-        let before = micros(before);
+    async fn prune(&self, rule: &PruneRule, batch: usize) -> StoreResult<Vec<RunId>> {
         let batch = batch.clamp(1, 10_000) as i64;
-        with_conn!(self, write, |conn| {
+        let before = rule.before.map(micros);
+        let (flow, except, keep) = (
+            rule.flow_id.clone(),
+            rule.except.clone(),
+            rule.flow_id.as_ref().and(rule.keep_newest),
+        );
+        let postgres = matches!(self.backend(), super::Backend::Postgres);
+        let ids: Vec<String> = with_conn!(self, write, |conn| {
+            let (flow, except) = (flow.clone(), except.clone());
             conn.transaction(async move |conn| {
-                let ids: Vec<String> = runs::table
-                    .filter(runs::status.eq_any(final_statuses()))
-                    .filter(runs::created_at.lt(before))
-                    .select(runs::id)
-                    .order(runs::seq.asc())
-                    .limit(batch)
-                    .load(conn)
+                // One process prunes at a time: the others find the lock taken and prune
+                // nothing this pass. (SQLite has one writer anyway.)
+                if postgres {
+                    let ours: bool = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
+                        "pg_try_advisory_xact_lock(4171003)",
+                    ))
+                    .get_result(conn)
                     .await?;
+                    if !ours {
+                        return Ok::<_, diesel::result::Error>(Vec::new());
+                    }
+                }
+                // The finished runs of the flows the rule is about, oldest first.
+                let chosen = || {
+                    let query = runs::table
+                        .filter(runs::status.eq_any(final_statuses()))
+                        .into_boxed();
+                    match (&flow, except.is_empty()) {
+                        (Some(flow), _) => query.filter(runs::flow_id.eq(flow.clone())),
+                        (None, false) => query.filter(runs::flow_id.ne_all(except.clone())),
+                        (None, true) => query,
+                    }
+                };
+                let mut ids: Vec<String> = Vec::new();
+                if let Some(before) = before {
+                    ids = chosen()
+                        .filter(runs::created_at.lt(before))
+                        .select(runs::id)
+                        .order(runs::seq.asc())
+                        .limit(batch)
+                        .load(conn)
+                        .await?;
+                }
+                if let Some(keep) = keep
+                    && (ids.len() as i64) < batch
+                {
+                    // The newest run that stays; the older ones go.
+                    let cutoff: Option<i64> = chosen()
+                        .select(runs::seq)
+                        .order(runs::seq.desc())
+                        .offset(i64::try_from(keep.saturating_sub(1)).unwrap_or(i64::MAX))
+                        .limit(1)
+                        .first(conn)
+                        .await
+                        .optional()?;
+                    if let Some(cutoff) = cutoff {
+                        let more: Vec<String> = chosen()
+                            .filter(runs::seq.lt(cutoff))
+                            .filter(runs::id.ne_all(ids.clone()))
+                            .select(runs::id)
+                            .order(runs::seq.asc())
+                            .limit(batch - ids.len() as i64)
+                            .load(conn)
+                            .await?;
+                        ids.extend(more);
+                    }
+                }
                 if ids.is_empty() {
-                    return Ok::<usize, diesel::result::Error>(0);
+                    return Ok(ids);
                 }
                 diesel::delete(steps::table.filter(steps::run_id.eq_any(&ids)))
                     .execute(conn)
                     .await?;
                 diesel::delete(runs::table.filter(runs::id.eq_any(&ids)))
                     .execute(conn)
-                    .await
+                    .await?;
+                Ok(ids)
             })
             .await
-            .map_err(|e| db_error("pruning runs", e))
-        })
+            .map_err(|e| db_error("pruning runs", e))?
+        });
+        Ok(ids.into_iter().map(RunId::from).collect())
     }
 }

@@ -26,8 +26,8 @@ pub use records::{
     StoredCredential, UsageDay, UsageStore,
 };
 pub use runs::{
-    Claim, Lease, NewRun, RunEnd, RunFilter, RunOutcome, RunRecord, RunStore, claim_each,
-    prune_runs,
+    Claim, Lease, NewRun, PruneRule, RunEnd, RunFilter, RunOutcome, RunRecord, RunStore,
+    claim_each, prune_runs,
 };
 pub use signals::{FinishWaiters, FinishWatch, RunSignals};
 

@@ -206,24 +206,49 @@ pub trait RunStore: Send + Sync {
         now: DateTime<Utc>,
         limit: usize,
     ) -> StoreResult<Vec<(RunId, Option<DateTime<Utc>>)>>;
-    /// Deletes up to `batch` finished runs (and their steps) created before `before`; returns
-    /// how many were deleted. Callers loop until it returns less than `batch`.
-    async fn prune(&self, before: DateTime<Utc>, batch: usize) -> StoreResult<usize>;
+    /// Deletes up to `batch` finished runs (and their steps) that `rule` selects, oldest
+    /// first, and returns their ids. Callers loop until it returns less than `batch`. A store
+    /// shared by several processes lets one prune at a time: the others get nothing.
+    async fn prune(&self, rule: &PruneRule, batch: usize) -> StoreResult<Vec<RunId>>;
 }
 
-/// Deletes finished runs created before `before`, in batches of `batch`, pausing `pause`
-/// between batches so that normal work gets the database in between (n8n and Activepieces
-/// users hit pruning that locks the pool). Returns how many runs were deleted.
+/// Which finished runs a prune deletes (queued and running ones never): those created before
+/// `before`, and with `keep_newest` those of `flow_id` beyond its newest finished ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PruneRule {
+    /// Only this flow's runs (`None`: every flow's but those in `except`).
+    pub flow_id: Option<String>,
+    /// Flows left alone when `flow_id` is `None` (they have rules of their own).
+    pub except: Vec<String>,
+    /// Runs created before this go.
+    pub before: Option<DateTime<Utc>>,
+    /// With `flow_id`: at most this many of its finished runs stay, the newest.
+    pub keep_newest: Option<u64>,
+}
+
+impl PruneRule {
+    /// Every flow's finished runs created before `before`.
+    pub fn older_than(before: DateTime<Utc>) -> Self {
+        Self {
+            before: Some(before),
+            ..Self::default()
+        }
+    }
+}
+
+/// Deletes the finished runs `rule` selects, in batches of `batch`, pausing `pause` between
+/// batches so that normal work gets the database in between (n8n and Activepieces users hit
+/// pruning that locks the pool). Returns how many runs were deleted.
 pub async fn prune_runs(
     store: &dyn RunStore,
-    before: DateTime<Utc>,
+    rule: &PruneRule,
     batch: usize,
     pause: Duration,
 ) -> StoreResult<usize> {
     let batch = batch.max(1);
     let mut total = 0;
     loop {
-        let n = store.prune(before, batch).await?;
+        let n = store.prune(rule, batch).await?.len();
         total += n;
         if n < batch {
             return Ok(total);

@@ -9,7 +9,7 @@ use serde_json::json;
 use super::{new_run, step};
 use crate::error::StoreError;
 use crate::ids::RunId;
-use crate::ports::{Claim, NewRun, RunFilter, RunOutcome, RunStore};
+use crate::ports::{Claim, NewRun, PruneRule, RunFilter, RunOutcome, RunStore};
 use crate::run::{Move, RunStatus, StepStatus};
 
 /// The run store suite: idempotency keys, leases and epochs, compare-and-set, stale writes
@@ -381,9 +381,10 @@ pub async fn run_store(store: &dyn RunStore) {
     );
 
     // Pruning removes finished runs only, in batches.
-    let pruned_first = store.prune(Utc::now(), 1).await.expect("prune");
+    let now = PruneRule::older_than(Utc::now());
+    let pruned_first = store.prune(&now, 1).await.expect("prune").len();
     assert_eq!(pruned_first, 1, "prune respects the batch size");
-    let pruned_rest = store.prune(Utc::now(), 100).await.expect("prune");
+    let pruned_rest = store.prune(&now, 100).await.expect("prune").len();
     assert_eq!(
         pruned_rest, 2,
         "only the finished runs (a, b and c) are pruned"
@@ -463,7 +464,8 @@ pub async fn run_store(store: &dyn RunStore) {
             .await
             .expect("finish");
     }
-    assert_eq!(store.prune(Utc::now(), 100).await.expect("prune"), 3);
+    let now = PruneRule::older_than(Utc::now());
+    assert_eq!(store.prune(&now, 100).await.expect("prune").len(), 3);
 }
 
 /// Every move between run statuses, legal and illegal: from each status to each status, the
@@ -706,7 +708,11 @@ pub async fn pruning(store: &dyn RunStore) {
         .transition(&recent.id, RunStatus::Queued, RunStatus::Cancelled)
         .await
         .expect("finish");
-    let deleted = crate::ports::prune_runs(store, cutoff, 10, Duration::from_millis(1))
+    let rule = PruneRule {
+        flow_id: Some("prune".into()),
+        ..PruneRule::older_than(cutoff)
+    };
+    let deleted = crate::ports::prune_runs(store, &rule, 10, Duration::from_millis(1))
         .await
         .expect("prune");
     // (Other suites may have left finished runs of their own in the store: pruned too.)
@@ -722,4 +728,50 @@ pub async fn pruning(store: &dyn RunStore) {
     }
     assert!(store.get(&live.id).await.is_ok(), "a live run stays");
     assert!(store.get(&recent.id).await.is_ok(), "a recent run stays");
+
+    // At most N finished runs of a flow stay, the newest; its unfinished ones are not counted.
+    let flow = format!("keep-{}", crate::ids::new_id());
+    let mut finished = Vec::new();
+    for i in 0..5 {
+        let (run, _) = store.create(new_run(&flow, None)).await.expect("create");
+        if i == 2 {
+            continue; // queued: stays, and does not count
+        }
+        store
+            .transition(&run.id, RunStatus::Queued, RunStatus::Cancelled)
+            .await
+            .expect("finish");
+        finished.push(run.id);
+    }
+    let keep_two = PruneRule {
+        flow_id: Some(flow.clone()),
+        keep_newest: Some(2),
+        ..PruneRule::default()
+    };
+    let mut gone = store.prune(&keep_two, 100).await.expect("prune");
+    gone.sort();
+    let mut oldest = finished[..2].to_vec();
+    oldest.sort();
+    assert_eq!(
+        gone, oldest,
+        "the two oldest finished runs go, the two newest stay"
+    );
+    assert!(store.prune(&keep_two, 100).await.expect("prune").is_empty());
+    for id in &finished[2..] {
+        assert!(store.get(id).await.is_ok(), "the newest stay");
+    }
+    // A flow with a rule of its own is left alone by the others' rule.
+    let others = PruneRule {
+        except: vec![flow.clone()],
+        ..PruneRule::older_than(Utc::now())
+    };
+    store.prune(&others, 1000).await.expect("prune");
+    for id in &finished[2..] {
+        assert!(store.get(id).await.is_ok(), "an excepted flow's runs stay");
+    }
+    let all = PruneRule {
+        flow_id: Some(flow),
+        ..PruneRule::older_than(Utc::now())
+    };
+    assert_eq!(store.prune(&all, 100).await.expect("prune").len(), 2);
 }

@@ -10,7 +10,9 @@ use chrono::{DateTime, Utc};
 use super::{lock, parse_cursor, ttl_to_chrono};
 use crate::error::StoreError;
 use crate::ids::RunId;
-use crate::ports::{Lease, NewRun, Page, RunFilter, RunOutcome, RunRecord, RunStore, StoreResult};
+use crate::ports::{
+    Lease, NewRun, Page, PruneRule, RunFilter, RunOutcome, RunRecord, RunStore, StoreResult,
+};
 use crate::run::{Move, RunStatus, StepRecord};
 
 /// Runs in memory.
@@ -279,13 +281,37 @@ impl RunStore for MemoryRunStore {
         Ok(found)
     }
 
-    async fn prune(&self, before: DateTime<Utc>, batch: usize) -> StoreResult<usize> {
+    async fn prune(&self, rule: &PruneRule, batch: usize) -> StoreResult<Vec<RunId>> {
         let mut st = lock(&self.state);
+        let chosen = |r: &RunRecord| {
+            r.status.is_final()
+                && match &rule.flow_id {
+                    Some(flow) => r.flow_id == *flow,
+                    None => !rule.except.contains(&r.flow_id),
+                }
+        };
+        // The newest finished run of the flow that stays: older ones go.
+        let cutoff = rule
+            .flow_id
+            .as_ref()
+            .and(rule.keep_newest)
+            .and_then(|keep| {
+                st.order
+                    .iter()
+                    .rev()
+                    .filter(|(_, id)| st.runs.get(*id).is_some_and(|(_, r)| chosen(r)))
+                    .nth(usize::try_from(keep.saturating_sub(1)).unwrap_or(usize::MAX))
+                    .map(|(seq, _)| *seq)
+            });
         let doomed: Vec<(u64, RunId)> = st
             .order
             .iter()
             .filter_map(|(seq, id)| st.runs.get(id).map(|(_, r)| (*seq, r)))
-            .filter(|(_, r)| r.status.is_final() && r.created_at < before)
+            .filter(|(seq, r)| {
+                chosen(r)
+                    && (rule.before.is_some_and(|before| r.created_at < before)
+                        || cutoff.is_some_and(|cutoff| *seq < cutoff))
+            })
             .map(|(seq, r)| (seq, r.id.clone()))
             .take(batch)
             .collect();
@@ -298,6 +324,6 @@ impl RunStore for MemoryRunStore {
             }
             st.steps.remove(id);
         }
-        Ok(doomed.len())
+        Ok(doomed.into_iter().map(|(_, id)| id).collect())
     }
 }

@@ -1,0 +1,76 @@
+//! Retention: finished runs older than their flow's retention, or beyond its count, are
+//! deleted with their steps, in small batches with pauses between them so that live traffic
+//! gets the database in between, one process at a time (the run store's lock). Queued and
+//! running runs are never deleted.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use flowcore::CancellationToken;
+use flowcore::ports::{PruneRule, all_flows, prune_runs};
+
+use crate::state::{AppState, Shared};
+
+/// How often a process prunes.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Runs deleted by one statement: small enough that no lock is held long.
+const BATCH: usize = 500;
+
+/// The pause between two batches.
+const PAUSE: Duration = Duration::from_millis(50);
+
+/// Prunes as of `now`: each flow with a retention of its own (`settings.retention`, or a
+/// server-wide count) by its own rule, every other flow's runs (deleted flows' too) by
+/// `FLOWCORE_RUN_RETENTION_DAYS`. Returns how many runs were deleted.
+pub async fn prune_once(
+    state: &AppState,
+    now: DateTime<Utc>,
+) -> Result<usize, flowcore::StoreError> {
+    let config = &state.config;
+    let days_ago = |days: u32| now - chrono::Duration::days(i64::from(days));
+    let default_before =
+        (config.run_retention_days > 0).then(|| days_ago(config.run_retention_days));
+    let runs = state.stores.runs.as_ref();
+    let mut own = Vec::new();
+    let mut pruned = 0;
+    for flow in all_flows(state.stores.flows.as_ref()).await? {
+        let retention = flow.definition.settings.retention.unwrap_or_default();
+        let keep_newest = retention.max_count.or(config.run_retention_max_count);
+        if retention.days.is_none() && keep_newest.is_none() {
+            continue;
+        }
+        let rule = PruneRule {
+            flow_id: Some(flow.id.clone()),
+            before: retention.days.map(days_ago).or(default_before),
+            keep_newest,
+            ..PruneRule::default()
+        };
+        pruned += prune_runs(runs, &rule, BATCH, PAUSE).await?;
+        own.push(flow.id);
+    }
+    if let Some(before) = default_before {
+        let rule = PruneRule {
+            except: own,
+            ..PruneRule::older_than(before)
+        };
+        pruned += prune_runs(runs, &rule, BATCH, PAUSE).await?;
+    }
+    state.metrics.runs_pruned(pruned);
+    Ok(pruned)
+}
+
+/// Prunes every [`PRUNE_EVERY`] until `shutdown`.
+pub async fn run(state: Shared, shutdown: CancellationToken) {
+    loop {
+        match prune_once(&state, Utc::now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(runs = n, "finished runs pruned by retention"),
+            Err(e) => tracing::warn!(error = %e, "pruning runs failed; retrying"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(PRUNE_EVERY) => {}
+        }
+    }
+}

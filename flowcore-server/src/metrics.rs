@@ -52,6 +52,7 @@ pub struct Metrics {
     queue_depth: Family<GroupLabels, Gauge>,
     in_flight: Gauge,
     pruned: Counter,
+    database_bytes: Gauge,
     memory: Gauge,
     cpu_millis: Gauge,
 }
@@ -82,6 +83,7 @@ impl Metrics {
         let queue_depth = Family::<GroupLabels, Gauge>::default();
         let in_flight = Gauge::default();
         let pruned = Counter::default();
+        let database_bytes = Gauge::default();
         let memory = Gauge::default();
         let cpu_millis = Gauge::default();
         registry.register(
@@ -121,6 +123,11 @@ impl Metrics {
             pruned.clone(),
         );
         registry.register(
+            "flowcore_database_bytes",
+            "The database's size as last measured (once a minute, by the retention pass)",
+            database_bytes.clone(),
+        );
+        registry.register(
             "process_resident_memory_bytes",
             "Resident memory of this process",
             memory.clone(),
@@ -140,6 +147,7 @@ impl Metrics {
             queue_depth,
             in_flight,
             pruned,
+            database_bytes,
             memory,
             cpu_millis,
         }
@@ -148,6 +156,12 @@ impl Metrics {
     /// Runs deleted by retention.
     pub fn runs_pruned(&self, n: usize) {
         self.pruned.inc_by(n as u64);
+    }
+
+    /// The database's size.
+    pub fn database_bytes(&self, bytes: u64) {
+        self.database_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// Counts and times a request by its route template (never the raw path: bounded labels).

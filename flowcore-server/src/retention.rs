@@ -17,8 +17,11 @@ pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Runs deleted by one statement: small enough that no lock is held long.
 const BATCH: usize = 500;
 
-/// The pause between two batches.
+/// The pause between two batches, and between two steps of giving space back.
 const PAUSE: Duration = Duration::from_millis(50);
+
+/// At most this many steps of giving space back a pass (each about 4 MB on SQLite).
+const RECLAIM_STEPS: usize = 256;
 
 /// Prunes as of `now`: each flow with a retention of its own (`settings.retention`, or a
 /// server-wide count) by its own rule, every other flow's runs (deleted flows' too) by
@@ -57,6 +60,19 @@ pub async fn prune_once(
         pruned += prune_runs(runs, &rule, BATCH, PAUSE).await?;
     }
     state.metrics.runs_pruned(pruned);
+    // The space of what was deleted goes back a step at a time (SQLite), a bounded number of
+    // steps a pass.
+    if pruned > 0 {
+        for _ in 0..RECLAIM_STEPS {
+            if !runs.reclaim().await? {
+                break;
+            }
+            tokio::time::sleep(PAUSE).await;
+        }
+    }
+    if let Some(bytes) = runs.stored_bytes().await? {
+        state.metrics.database_bytes(bytes);
+    }
     Ok(pruned)
 }
 

@@ -285,3 +285,52 @@ async fn an_unreadable_stored_document_fails_no_read_on_postgres() {
     drop(store);
     db.drop_db().await;
 }
+
+/// Pruned runs give their space back without a full VACUUM: a new SQLite database is created
+/// with incremental auto-vacuum, and `reclaim` frees the pages step by step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_gives_the_space_of_pruned_runs_back() {
+    use flowcore::ports::{NewRun, PruneRule, RunStore};
+    let (dir, url) = temp_sqlite();
+    let store = store(&url).await;
+    let big = serde_json::json!({"text": "x".repeat(20_000)});
+    for _ in 0..300 {
+        let new = NewRun {
+            id: flowcore::RunId::new(),
+            flow_id: "big".into(),
+            flow_version: 1,
+            input: big.clone(),
+            idempotency_key: None,
+            claim: None,
+            trigger: None,
+        };
+        let (run, _) = RunStore::create(&store, new).await.expect("create");
+        store
+            .transition(
+                &run.id,
+                flowcore::RunStatus::Queued,
+                flowcore::RunStatus::Cancelled,
+            )
+            .await
+            .expect("cancel");
+    }
+    let full = store.stored_bytes().await.expect("size").expect("known");
+    assert!(full > 5_000_000, "{full}");
+
+    let rule = PruneRule::older_than(chrono::Utc::now());
+    assert_eq!(store.prune(&rule, 1000).await.expect("prune").len(), 300);
+    assert_eq!(
+        store.stored_bytes().await.expect("size"),
+        Some(full),
+        "deleted rows keep their pages"
+    );
+    let mut steps = 0;
+    while store.reclaim().await.expect("reclaim") {
+        steps += 1;
+        assert!(steps < 100, "bounded");
+    }
+    let after = store.stored_bytes().await.expect("size").expect("known");
+    assert!(after < full / 4, "{full} -> {after}");
+    drop(store);
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -1252,5 +1252,12 @@ async fn retention_prunes_finished_runs_by_age_and_by_count() {
         (res.status(), text_of(res).await)
     };
     assert!(metrics.contains("flowcore_runs_pruned_total 8"), "{metrics}");
+    // The database's size, where the store can tell it.
+    let size = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("flowcore_database_bytes "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("a size");
+    assert_eq!(size > 0, BACKEND != Backend::Memory, "{size}");
     cleanup(&dir);
 }

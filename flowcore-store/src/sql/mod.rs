@@ -209,8 +209,12 @@ impl SqlStore {
                     let url = url.to_owned();
                     Box::pin(async move {
                         let mut conn = Sqlite::establish(&url).await?;
+                        // `auto_vacuum` first: it takes effect only in a database that has no
+                        // table yet (a new one), and lets `reclaim` give deleted rows' pages
+                        // back without a full VACUUM, which would stop every writer.
                         conn.batch_execute(&format!(
-                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                            "PRAGMA auto_vacuum = INCREMENTAL; \
+                             PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
                              PRAGMA busy_timeout = {busy_ms}; PRAGMA foreign_keys = ON;"
                         ))
                         .await

@@ -579,6 +579,51 @@ impl RunStore for SqlStore {
             .collect())
     }
 
+    async fn reclaim(&self) -> StoreResult<bool> {
+        use diesel::sql_types::BigInt;
+        if !matches!(self.backend(), super::Backend::Sqlite) {
+            // PostgreSQL's autovacuum makes the space of deleted rows reusable.
+            return Ok(false);
+        }
+        // 1,000 pages (4 MB) a step: the write lock is held for milliseconds.
+        let left: i64 = with_conn!(self, write, |conn| {
+            // Run to its end (`batch_execute`): a prepared statement frees a page a step.
+            diesel_async::SimpleAsyncConnection::batch_execute(
+                conn,
+                "PRAGMA incremental_vacuum(1000)",
+            )
+            .await
+            .map_err(|e| db_error("reclaiming space", e))?;
+            // Free pages left, in a database that can give them back (one created before
+            // incremental auto-vacuum needs one `VACUUM` offline first).
+            diesel::select(diesel::dsl::sql::<BigInt>(
+                "(SELECT CASE WHEN (SELECT auto_vacuum FROM pragma_auto_vacuum()) = 2 \
+                 THEN (SELECT freelist_count FROM pragma_freelist_count()) ELSE 0 END)",
+            ))
+            .get_result(conn)
+            .await
+            .map_err(|e| db_error("reading the free pages", e))?
+        });
+        Ok(left > 0)
+    }
+
+    async fn stored_bytes(&self) -> StoreResult<Option<u64>> {
+        use diesel::sql_types::BigInt;
+        let size = match self.backend() {
+            super::Backend::Sqlite => {
+                "(SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size())"
+            }
+            super::Backend::Postgres => "pg_database_size(current_database())",
+        };
+        let bytes: i64 = with_conn!(self, read, |conn| {
+            diesel::select(diesel::dsl::sql::<BigInt>(size))
+                .get_result(conn)
+                .await
+                .map_err(|e| db_error("reading the database size", e))?
+        });
+        Ok(u64::try_from(bytes).ok())
+    }
+
     async fn prune(&self, rule: &PruneRule, batch: usize) -> StoreResult<Vec<RunId>> {
         let batch = batch.clamp(1, 10_000) as i64;
         let before = rule.before.map(micros);

@@ -210,6 +210,17 @@ pub trait RunStore: Send + Sync {
     /// first, and returns their ids. Callers loop until it returns less than `batch`. A store
     /// shared by several processes lets one prune at a time: the others get nothing.
     async fn prune(&self, rule: &PruneRule, batch: usize) -> StoreResult<Vec<RunId>>;
+    /// Gives some of the space that deleted rows left back to the system, a step at a time
+    /// (SQLite's incremental vacuum: each step a short write); returns whether there may be
+    /// more to give. The default gives nothing (a store whose database does it itself, or keeps
+    /// nothing on disk).
+    async fn reclaim(&self) -> StoreResult<bool> {
+        Ok(false)
+    }
+    /// The bytes the store's database takes, when it can tell.
+    async fn stored_bytes(&self) -> StoreResult<Option<u64>> {
+        Ok(None)
+    }
 }
 
 /// Which finished runs a prune deletes (queued and running ones never): those created before

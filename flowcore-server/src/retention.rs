@@ -6,8 +6,9 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use flowcore::CancellationToken;
-use flowcore::ports::{PruneRule, all_flows, prune_runs};
+use flowcore::ports::{PruneRule, all_flows};
+use flowcore::{CancellationToken, RunId, StoreError};
+use futures::StreamExt;
 
 use crate::state::{AppState, Shared};
 
@@ -49,7 +50,7 @@ pub async fn prune_once(
             keep_newest,
             ..PruneRule::default()
         };
-        pruned += prune_runs(runs, &rule, BATCH, PAUSE).await?;
+        pruned += prune(state, &rule).await?;
         own.push(flow.id);
     }
     if let Some(before) = default_before {
@@ -57,7 +58,7 @@ pub async fn prune_once(
             except: own,
             ..PruneRule::older_than(before)
         };
-        pruned += prune_runs(runs, &rule, BATCH, PAUSE).await?;
+        pruned += prune(state, &rule).await?;
     }
     state.metrics.runs_pruned(pruned);
     // The space of what was deleted goes back a step at a time (SQLite), a bounded number of
@@ -74,6 +75,43 @@ pub async fn prune_once(
         state.metrics.database_bytes(bytes);
     }
     Ok(pruned)
+}
+
+/// Deletes the runs `rule` selects, batch by batch with a pause between, and the blobs of
+/// their outputs that were too large for the database. Returns how many runs were deleted.
+async fn prune(state: &AppState, rule: &PruneRule) -> Result<usize, StoreError> {
+    let mut total = 0;
+    loop {
+        let ids = state.stores.runs.prune(rule, BATCH).await?;
+        total += ids.len();
+        forget_blobs(state, &ids).await;
+        if ids.len() < BATCH {
+            return Ok(total);
+        }
+        tokio::time::sleep(PAUSE).await;
+    }
+}
+
+/// Deletes the offloaded outputs of deleted runs (`runs/{id}/...`), a few runs at once. A blob
+/// that fails to go is logged and left: it costs space, not correctness.
+async fn forget_blobs(state: &AppState, ids: &[RunId]) {
+    let blobs = &state.stores.blobs;
+    futures::stream::iter(ids)
+        .for_each_concurrent(8, |id| async move {
+            let keys = match blobs.list(&format!("runs/{id}/")).await {
+                Ok(keys) => keys,
+                Err(e) => {
+                    tracing::warn!(run_id = %id, error = %e, "listing a pruned run's blobs failed");
+                    return;
+                }
+            };
+            for key in keys {
+                if let Err(e) = blobs.delete(&key).await {
+                    tracing::warn!(%key, error = %e, "deleting a pruned run's blob failed");
+                }
+            }
+        })
+        .await;
 }
 
 /// Prunes every [`PRUNE_EVERY`] until `shutdown`.

@@ -1209,7 +1209,7 @@ async fn the_reaper_requeues_runs_whose_worker_died_and_fails_those_lost_too_oft
 async fn retention_prunes_finished_runs_by_age_and_by_count() {
     let (app, state, dir) = app_with_state(&[]).await;
     let keep = json!({"id": "keep", "nodes": [{"id": "n", "type": "noop"}], "settings": {"retention": {"max_count": 2}}});
-    let plain = json!({"id": "plain", "nodes": [{"id": "n", "type": "noop"}]});
+    let plain = json!({"id": "plain", "nodes": [{"id": "n", "type": "set", "params": {"fields": {"text": "{{ input.text }}"}}}]});
     for flow in [&keep, &plain] {
         let (status, _) = call(&app, "POST", "/api/v1/flows", Some(KEY), Some(flow.to_string().into_bytes())).await;
         assert_eq!(status, StatusCode::CREATED);
@@ -1225,6 +1225,13 @@ async fn retention_prunes_finished_runs_by_age_and_by_count() {
             ids.entry(flow).or_default().push(run["run_id"].as_str().unwrap().to_owned());
         }
     }
+    // A run whose output was too large for the database: its blob goes with it.
+    let big = json!({"input": {"text": "x".repeat(100_000)}});
+    let (status, run) = call(&app, "POST", "/api/v1/flows/plain/runs", Some(KEY), Some(big.to_string().into_bytes())).await;
+    assert_eq!(status, StatusCode::OK, "{run}");
+    let big_id = run["run_id"].as_str().unwrap().to_owned();
+    let blobs_of = async |id: &str| state.stores.blobs.list(&format!("runs/{id}/")).await.unwrap();
+    assert!(!blobs_of(&big_id).await.is_empty(), "the output was offloaded");
     // A queued run of the plain flow: never pruned.
     let (_, queued) = call(&app, "POST", "/api/v1/flows/plain/runs", Some(KEY), Some(br#"{"wait": false}"#.to_vec())).await;
     let exists = async |id: &str| call(&app, "GET", &format!("/api/v1/runs/{id}"), Some(KEY), None).await.0 == StatusCode::OK;
@@ -1239,10 +1246,12 @@ async fn retention_prunes_finished_runs_by_age_and_by_count() {
     }
     // Fifteen days on: past the default 14, every finished run goes; queued ones stay.
     let later = now + chrono::Duration::days(15);
-    assert_eq!(flowcore_server::retention::prune_once(&state, later).await.unwrap(), 6);
+    assert_eq!(flowcore_server::retention::prune_once(&state, later).await.unwrap(), 7);
     for id in ids["plain"].iter().chain(&ids["keep"]) {
         assert!(!exists(id).await, "pruned");
     }
+    assert!(!exists(&big_id).await, "pruned");
+    assert!(blobs_of(&big_id).await.is_empty(), "with its offloaded output");
     let queued_id = queued["run_id"].as_str().unwrap();
     let (_, run) = call(&app, "GET", &format!("/api/v1/runs/{queued_id}"), Some(KEY), None).await;
     assert!(exists(queued_id).await, "a queued run stays: {run}");
@@ -1251,7 +1260,7 @@ async fn retention_prunes_finished_runs_by_age_and_by_count() {
         let res = app.clone().oneshot(req).await.unwrap();
         (res.status(), text_of(res).await)
     };
-    assert!(metrics.contains("flowcore_runs_pruned_total 8"), "{metrics}");
+    assert!(metrics.contains("flowcore_runs_pruned_total 9"), "{metrics}");
     // The database's size, where the store can tell it.
     let size = metrics
         .lines()

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Soak run (issue 20): `flowcore serve` on the embedded defaults (SQLite, local files,
+# in-process queue) under a steady sync-webhook load for MINUTES minutes, with a retention short
+# enough to prune during the run (FLOWCORE_RUN_RETENTION_MAX_COUNT, default 20,000 runs of the
+# flow). Prints, a line a minute: requests/s and p99 of that minute, the server's resident
+# memory, the database's size (file and WAL) and the runs stored.
+#
+#   cargo build --release -p flowcore-server
+#   benches/load/soak.sh [path/to/flowcore] [minutes] [connections] [max runs kept]
+#
+# Needs wrk, curl. Loopback only; the data dir is a fresh temp dir.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/../.." && pwd)
+bin=${1:-${CARGO_TARGET_DIR:-$here/target}/release/flowcore}
+minutes=${2:-60}
+connections=${3:-8}
+keep=${4:-20000}
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+dir=$(mktemp -d)
+trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
+
+FLOWCORE_DATA_DIR=$dir FLOWCORE_ADMIN_KEY=k FLOWCORE_BIND=127.0.0.1:$port RUST_LOG=warn \
+  FLOWCORE_RUN_RETENTION_MAX_COUNT=$keep "$bin" serve 2>"$dir/log" &
+pid=$!
+until curl -fs "127.0.0.1:$port/healthz" >/dev/null; do sleep 0.01; done
+curl -fs -X POST "127.0.0.1:$port/api/v1/flows" -H 'x-api-key: k' -H 'content-type: application/json' \
+  -d @"$here/examples/flows/greet.json" >/dev/null
+cat > "$dir/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"name": "ada", "n": 7}'
+wrk.headers["Content-Type"] = "application/json"
+LUA
+size() { du -cb "$dir"/flowcore.db* 2>/dev/null | tail -1 | cut -f1; }
+printf '%-6s %10s %9s %8s %10s %10s\n' minute "req/s" "p99" "RSS MB" "db MB" "runs done"
+for minute in $(seq "$minutes"); do
+  out=$(wrk -t2 -c"$connections" -d60s --latency -s "$dir/post.lua" "http://127.0.0.1:$port/webhooks/greet")
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+  rss=$(( $(awk '/VmRSS/ {print $2}' "/proc/$pid/status") / 1024 ))
+  db=$(( $(size) / 1024 / 1024 ))
+  runs=$(curl -fs "127.0.0.1:$port/metrics" | awk '/^flowcore_runs_total/ {s += $2} END {print s + 0}')
+  printf '%-6s %10s %9s %8s %10s %10s\n' "$minute" "$rps" "$p99" "$rss" "$db" "$runs"
+done
+pruned=$(curl -fs "127.0.0.1:$port/metrics" | awk '/^flowcore_runs_pruned_total/ {print $2}')
+echo "runs pruned by retention: ${pruned:-0}"

@@ -12,14 +12,18 @@ use futures::StreamExt;
 
 use crate::state::{AppState, Shared};
 
-/// How often a process prunes.
-pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How often a process prunes: often, so that each pass is small.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
 /// Runs deleted by one statement: small enough that no lock is held long.
-const BATCH: usize = 500;
+const BATCH: usize = 200;
 
-/// The pause between two batches, and between two steps of giving space back.
-const PAUSE: Duration = Duration::from_millis(50);
+/// The least pause between two batches, and between two steps of giving space back. Within
+/// [`PRUNE_EVERY`] of its start, a pass follows each batch with a pause as long as the batch
+/// took: pruning has at most half of the database's writer (SQLite has one). A pass still
+/// running after that is behind what comes in, and goes on with the least pause, so that the
+/// database stays bounded (at the cost of throughput while it catches up).
+const PAUSE: Duration = Duration::from_millis(20);
 
 /// At most this many steps of giving space back a pass (each about 4 MB on SQLite).
 const RECLAIM_STEPS: usize = 256;
@@ -80,15 +84,22 @@ pub async fn prune_once(
 /// Deletes the runs `rule` selects, batch by batch with a pause between, and the blobs of
 /// their outputs that were too large for the database. Returns how many runs were deleted.
 async fn prune(state: &AppState, rule: &PruneRule) -> Result<usize, StoreError> {
+    let pass = std::time::Instant::now();
     let mut total = 0;
     loop {
+        let started = std::time::Instant::now();
         let ids = state.stores.runs.prune(rule, BATCH).await?;
         total += ids.len();
         forget_blobs(state, &ids).await;
         if ids.len() < BATCH {
             return Ok(total);
         }
-        tokio::time::sleep(PAUSE).await;
+        let pause = if pass.elapsed() < PRUNE_EVERY {
+            started.elapsed().max(PAUSE)
+        } else {
+            PAUSE
+        };
+        tokio::time::sleep(pause).await;
     }
 }
 

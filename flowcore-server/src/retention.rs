@@ -29,8 +29,9 @@ const PAUSE: Duration = Duration::from_millis(20);
 const RECLAIM_STEPS: usize = 256;
 
 /// Prunes as of `now`: each flow with a retention of its own (`settings.retention`, or a
-/// server-wide count) by its own rule, every other flow's runs (deleted flows' too) by
-/// `FLOWCORE_RUN_RETENTION_DAYS`. Returns how many runs were deleted.
+/// server-wide count) by its own rule, then every flow's runs (deleted flows' too) by
+/// `FLOWCORE_RUN_RETENTION_DAYS`, but those of the flows that keep them longer. Returns how
+/// many runs were deleted.
 pub async fn prune_once(
     state: &AppState,
     now: DateTime<Utc>,
@@ -40,7 +41,10 @@ pub async fn prune_once(
     let default_before =
         (config.run_retention_days > 0).then(|| days_ago(config.run_retention_days));
     let runs = state.stores.runs.as_ref();
-    let mut own = Vec::new();
+    // The flows that keep their runs longer than the default: the default pass leaves them
+    // alone. (Only those: a flow that keeps them as long or shorter loses nothing to the
+    // default pass, which keeps this list short, and so the default pass's statement.)
+    let mut longer = Vec::new();
     let mut pruned = 0;
     for flow in all_flows(state.stores.flows.as_ref()).await? {
         let retention = flow.definition.settings.retention.unwrap_or_default();
@@ -55,11 +59,16 @@ pub async fn prune_once(
             ..PruneRule::default()
         };
         pruned += prune(state, &rule).await?;
-        own.push(flow.id);
+        if retention
+            .days
+            .is_some_and(|days| days > config.run_retention_days)
+        {
+            longer.push(flow.id);
+        }
     }
     if let Some(before) = default_before {
         let rule = PruneRule {
-            except: own,
+            except: longer,
             ..PruneRule::older_than(before)
         };
         pruned += prune(state, &rule).await?;

@@ -1209,8 +1209,9 @@ async fn the_reaper_requeues_runs_whose_worker_died_and_fails_those_lost_too_oft
 async fn retention_prunes_finished_runs_by_age_and_by_count() {
     let (app, state, dir) = app_with_state(&[]).await;
     let keep = json!({"id": "keep", "nodes": [{"id": "n", "type": "noop"}], "settings": {"retention": {"max_count": 2}}});
+    let long = json!({"id": "long", "nodes": [{"id": "n", "type": "noop"}], "settings": {"retention": {"days": 30}}});
     let plain = json!({"id": "plain", "nodes": [{"id": "n", "type": "set", "params": {"fields": {"text": "{{ input.text }}"}}}]});
-    for flow in [&keep, &plain] {
+    for flow in [&keep, &plain, &long] {
         let (status, _) = call(&app, "POST", "/api/v1/flows", Some(KEY), Some(flow.to_string().into_bytes())).await;
         assert_eq!(status, StatusCode::CREATED);
     }
@@ -1225,6 +1226,9 @@ async fn retention_prunes_finished_runs_by_age_and_by_count() {
             ids.entry(flow).or_default().push(run["run_id"].as_str().unwrap().to_owned());
         }
     }
+    // A flow that keeps its runs 30 days: past the default 14, they stay.
+    let (_, long_run) = call(&app, "POST", "/api/v1/flows/long/runs", Some(KEY), Some(b"{}".to_vec())).await;
+    let long_id = long_run["run_id"].as_str().unwrap().to_owned();
     // A run whose output was too large for the database: its blob goes with it.
     let big = json!({"input": {"text": "x".repeat(100_000)}});
     let (status, run) = call(&app, "POST", "/api/v1/flows/plain/runs", Some(KEY), Some(big.to_string().into_bytes())).await;
@@ -1251,6 +1255,10 @@ async fn retention_prunes_finished_runs_by_age_and_by_count() {
         assert!(!exists(id).await, "pruned");
     }
     assert!(!exists(&big_id).await, "pruned");
+    assert!(exists(&long_id).await, "a flow keeping its runs longer keeps them");
+    let much_later = now + chrono::Duration::days(31);
+    assert_eq!(flowcore_server::retention::prune_once(&state, much_later).await.unwrap(), 1);
+    assert!(!exists(&long_id).await, "past its own 30 days");
     assert!(blobs_of(&big_id).await.is_empty(), "with its offloaded output");
     let queued_id = queued["run_id"].as_str().unwrap();
     let (_, run) = call(&app, "GET", &format!("/api/v1/runs/{queued_id}"), Some(KEY), None).await;
@@ -1260,7 +1268,7 @@ async fn retention_prunes_finished_runs_by_age_and_by_count() {
         let res = app.clone().oneshot(req).await.unwrap();
         (res.status(), text_of(res).await)
     };
-    assert!(metrics.contains("flowcore_runs_pruned_total 9"), "{metrics}");
+    assert!(metrics.contains("flowcore_runs_pruned_total 10"), "{metrics}");
     // The database's size, where the store can tell it.
     let size = metrics
         .lines()

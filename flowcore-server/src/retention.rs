@@ -15,6 +15,9 @@ use crate::state::{AppState, Shared};
 /// How often a process prunes: often, so that each pass is small.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
+/// How often a pass applies the counts (`max_count`) too.
+pub const COUNT_EVERY: Duration = Duration::from_secs(60);
+
 /// Runs deleted by one statement: small enough that no lock is held long.
 const BATCH: usize = 200;
 
@@ -36,6 +39,16 @@ pub async fn prune_once(
     state: &AppState,
     now: DateTime<Utc>,
 ) -> Result<usize, flowcore::StoreError> {
+    prune_pass(state, now, true).await
+}
+
+/// [`prune_once`], with the counts (`max_count`) or by age only: finding a flow's newest N
+/// finished runs reads N index entries, so counts are applied every [`COUNT_EVERY`].
+async fn prune_pass(
+    state: &AppState,
+    now: DateTime<Utc>,
+    counts: bool,
+) -> Result<usize, flowcore::StoreError> {
     let config = &state.config;
     let days_ago = |days: u32| now - chrono::Duration::days(i64::from(days));
     let default_before =
@@ -48,7 +61,10 @@ pub async fn prune_once(
     let mut pruned = 0;
     for flow in all_flows(state.stores.flows.as_ref()).await? {
         let retention = flow.definition.settings.retention.unwrap_or_default();
-        let keep_newest = retention.max_count.or(config.run_retention_max_count);
+        let keep_newest = retention
+            .max_count
+            .or(config.run_retention_max_count)
+            .filter(|_| counts);
         if retention.days.is_none() && keep_newest.is_none() {
             continue;
         }
@@ -136,8 +152,13 @@ async fn forget_blobs(state: &AppState, ids: &[RunId]) {
 
 /// Prunes every [`PRUNE_EVERY`] until `shutdown`.
 pub async fn run(state: Shared, shutdown: CancellationToken) {
+    let mut counted: Option<std::time::Instant> = None;
     loop {
-        match prune_once(&state, Utc::now()).await {
+        let counts = counted.is_none_or(|at| at.elapsed() >= COUNT_EVERY);
+        if counts {
+            counted = Some(std::time::Instant::now());
+        }
+        match prune_pass(&state, Utc::now(), counts).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(runs = n, "finished runs pruned by retention"),
             Err(e) => tracing::warn!(error = %e, "pruning runs failed; retrying"),

@@ -90,6 +90,10 @@ async fn prune_pass(
         pruned += prune(state, &rule).await?;
     }
     state.metrics.runs_pruned(pruned);
+    // Once a minute (with the counts): the blobs of runs that are gone.
+    if counts {
+        forget_orphan_blobs(state).await?;
+    }
     // The space of what was deleted goes back a step at a time (SQLite), a bounded number of
     // steps a pass.
     if pruned > 0 {
@@ -115,7 +119,6 @@ async fn prune(state: &AppState, rule: &PruneRule) -> Result<usize, StoreError> 
         let started = std::time::Instant::now();
         let ids = state.stores.runs.prune(rule, BATCH).await?;
         total += ids.len();
-        forget_blobs(state, &ids).await;
         if ids.len() < BATCH {
             return Ok(total);
         }
@@ -128,26 +131,50 @@ async fn prune(state: &AppState, rule: &PruneRule) -> Result<usize, StoreError> 
     }
 }
 
-/// Deletes the offloaded outputs of deleted runs (`runs/{id}/...`), a few runs at once. A blob
-/// that fails to go is logged and left: it costs space, not correctness.
-async fn forget_blobs(state: &AppState, ids: &[RunId]) {
+/// The most runs whose blobs one clean-up looks at.
+const BLOB_RUNS_PER_PASS: usize = 10_000;
+
+/// Deletes the offloaded outputs (`runs/{id}/...`) of runs that no longer exist, from one
+/// listing of `runs/`: pruned runs', and any a crash left behind. (One listing, not one per
+/// pruned run: on a file system each listing is blocking work.) A blob that fails to go is
+/// logged and left for the next clean-up. Returns how many runs' blobs went.
+async fn forget_orphan_blobs(state: &AppState) -> Result<usize, StoreError> {
     let blobs = &state.stores.blobs;
-    futures::stream::iter(ids)
-        .for_each_concurrent(8, |id| async move {
-            let keys = match blobs.list(&format!("runs/{id}/")).await {
-                Ok(keys) => keys,
+    let mut by_run: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for key in blobs.list("runs/").await? {
+        let Some(id) = key
+            .strip_prefix("runs/")
+            .and_then(|rest| rest.split('/').next())
+        else {
+            continue;
+        };
+        if by_run.len() >= BLOB_RUNS_PER_PASS && !by_run.contains_key(id) {
+            continue;
+        }
+        by_run.entry(id.to_owned()).or_default().push(key);
+    }
+    let gone = futures::stream::iter(by_run)
+        .map(|(id, keys)| async move {
+            match state.stores.runs.get(&RunId::from(id.clone())).await {
+                Err(StoreError::NotFound { .. }) => {}
+                Ok(_) => return false,
                 Err(e) => {
-                    tracing::warn!(run_id = %id, error = %e, "listing a pruned run's blobs failed");
-                    return;
+                    tracing::warn!(run_id = %id, error = %e, "checking a blob's run failed");
+                    return false;
                 }
-            };
+            }
             for key in keys {
                 if let Err(e) = blobs.delete(&key).await {
                     tracing::warn!(%key, error = %e, "deleting a pruned run's blob failed");
                 }
             }
+            true
         })
+        .buffer_unordered(8)
+        .filter(|gone| std::future::ready(*gone))
+        .count()
         .await;
+    Ok(gone)
 }
 
 /// Prunes every [`PRUNE_EVERY`] until `shutdown`.

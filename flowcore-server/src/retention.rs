@@ -15,8 +15,13 @@ use crate::state::{AppState, Shared};
 /// How often a process prunes: often, so that each pass is small.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
-/// How often a pass applies the counts (`max_count`) too.
+/// How often a pass applies the large counts (`max_count`) too: finding a flow's newest N
+/// finished runs reads N index entries. Counts up to [`CHEAP_COUNT`] are applied every pass,
+/// so that a minute of runs does not pile up behind them.
 pub const COUNT_EVERY: Duration = Duration::from_secs(60);
+
+/// The largest count applied every pass.
+const CHEAP_COUNT: u64 = 100_000;
 
 /// Runs deleted by one statement: small enough that no lock is held long.
 const BATCH: usize = 200;
@@ -42,8 +47,8 @@ pub async fn prune_once(
     prune_pass(state, now, true).await
 }
 
-/// [`prune_once`], with the counts (`max_count`) or by age only: finding a flow's newest N
-/// finished runs reads N index entries, so counts are applied every [`COUNT_EVERY`].
+/// [`prune_once`], with every count (`max_count`), or only those up to [`CHEAP_COUNT`]
+/// (finding a flow's newest N finished runs reads N index entries), and the blob clean-up.
 async fn prune_pass(
     state: &AppState,
     now: DateTime<Utc>,
@@ -64,7 +69,7 @@ async fn prune_pass(
         let keep_newest = retention
             .max_count
             .or(config.run_retention_max_count)
-            .filter(|_| counts);
+            .filter(|keep| counts || *keep <= CHEAP_COUNT);
         if retention.days.is_none() && keep_newest.is_none() {
             continue;
         }

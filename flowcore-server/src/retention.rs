@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use flowcore::ports::{PruneRule, all_flows};
-use flowcore::{CancellationToken, RunId, StoreError};
+use flowcore::{CancellationToken, Retention, RunId, StoreError};
 use futures::StreamExt;
 
 use crate::state::{AppState, Shared};
@@ -44,7 +44,17 @@ pub async fn prune_once(
     state: &AppState,
     now: DateTime<Utc>,
 ) -> Result<usize, flowcore::StoreError> {
-    prune_pass(state, now, true).await
+    let rules = rules(state).await?;
+    prune_pass(state, now, &rules, true).await
+}
+
+/// Each flow's own retention, read from the flows (only what pruning needs of them).
+async fn rules(state: &AppState) -> Result<Vec<(String, Retention)>, StoreError> {
+    Ok(all_flows(state.stores.flows.as_ref())
+        .await?
+        .into_iter()
+        .map(|f| (f.id, f.definition.settings.retention.unwrap_or_default()))
+        .collect())
 }
 
 /// [`prune_once`], with every count (`max_count`), or only those up to [`CHEAP_COUNT`]
@@ -52,6 +62,7 @@ pub async fn prune_once(
 async fn prune_pass(
     state: &AppState,
     now: DateTime<Utc>,
+    rules: &[(String, Retention)],
     counts: bool,
 ) -> Result<usize, flowcore::StoreError> {
     let config = &state.config;
@@ -64,8 +75,7 @@ async fn prune_pass(
     // default pass, which keeps this list short, and so the default pass's statement.)
     let mut longer = Vec::new();
     let mut pruned = 0;
-    for flow in all_flows(state.stores.flows.as_ref()).await? {
-        let retention = flow.definition.settings.retention.unwrap_or_default();
+    for (flow_id, retention) in rules {
         let keep_newest = retention
             .max_count
             .or(config.run_retention_max_count)
@@ -74,7 +84,7 @@ async fn prune_pass(
             continue;
         }
         let rule = PruneRule {
-            flow_id: Some(flow.id.clone()),
+            flow_id: Some(flow_id.clone()),
             before: retention.days.map(days_ago).or(default_before),
             keep_newest,
             ..PruneRule::default()
@@ -84,7 +94,7 @@ async fn prune_pass(
             .days
             .is_some_and(|days| days > config.run_retention_days)
         {
-            longer.push(flow.id);
+            longer.push(flow_id.clone());
         }
     }
     if let Some(before) = default_before {
@@ -185,12 +195,34 @@ async fn forget_orphan_blobs(state: &AppState) -> Result<usize, StoreError> {
 /// Prunes every [`PRUNE_EVERY`] until `shutdown`.
 pub async fn run(state: Shared, shutdown: CancellationToken) {
     let mut counted: Option<std::time::Instant> = None;
+    // The flows' rules, read again once a minute and after any flow changed (in any process),
+    // not at every pass.
+    let mut changes = state.stores.flow_changes.subscribe();
+    let mut known: Option<Vec<(String, Retention)>> = None;
     loop {
         let counts = counted.is_none_or(|at| at.elapsed() >= COUNT_EVERY);
         if counts {
             counted = Some(std::time::Instant::now());
         }
-        match prune_pass(&state, Utc::now(), counts).await {
+        let mut changed = false;
+        while let Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) =
+            changes.try_recv()
+        {
+            changed = true;
+        }
+        if counts || changed || known.is_none() {
+            match rules(&state).await {
+                Ok(read) => known = Some(read),
+                Err(e) => tracing::warn!(error = %e, "reading the flows' retention failed"),
+            }
+        }
+        // Without the flows' rules, nothing is pruned: a flow that keeps its runs longer
+        // must not lose them to the default.
+        let pass = match &known {
+            Some(rules) => prune_pass(&state, Utc::now(), rules, counts).await,
+            None => Ok(0),
+        };
+        match pass {
             Ok(0) => {}
             Ok(n) => tracing::info!(runs = n, "finished runs pruned by retention"),
             Err(e) => tracing::warn!(error = %e, "pruning runs failed; retrying"),

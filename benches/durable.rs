@@ -2,30 +2,23 @@
 //! executed with its steps checkpointed, and finished, on SQLite and on PostgreSQL.
 //!
 //! `cargo bench -p flowcore-benches --bench durable`. PostgreSQL: the machine's
-//! (`FLOWCORE_BENCH_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432`); the bench makes
+//! (`FLOWCORE_TEST_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432`); the bench makes
 //! its own database and drops it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use flowcore::durable::{self, Checkpoint, DurableOptions, Hooks};
 use flowcore::ports::{NewRun, RunStore};
-use flowcore::{Engine, FlowDef, Plan, RunId, RunStatus};
+use flowcore::{Engine, FlowDef, Plan, RunStatus};
+use flowcore_benches::runtime;
+use flowcore_store::testing::TestDatabase;
 use flowcore_store::{SqlConfig, SqlStore};
 use serde_json::json;
 
 const RUNS: u64 = 400;
 const IN_FLIGHT: u64 = 64;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 async fn batch(engine: &Engine, plan: &Plan, runs: &Arc<dyn RunStore>, options: &DurableOptions) {
     let mut tasks = Vec::new();
@@ -34,15 +27,8 @@ async fn batch(engine: &Engine, plan: &Plan, runs: &Arc<dyn RunStore>, options: 
             (engine.clone(), plan.clone(), runs.clone(), options.clone());
         tasks.push(tokio::spawn(async move {
             for i in 0..RUNS / IN_FLIGHT {
-                let new = NewRun {
-                    id: RunId::new(),
-                    flow_id: "greet".into(),
-                    flow_version: 1,
-                    input: json!({"name": "ada", "n": (t + i) % 10}),
-                    idempotency_key: None,
-                    claim: Some(options.claim()),
-                    trigger: None,
-                };
+                let new = NewRun::new("greet", 1, json!({"name": "ada", "n": (t + i) % 10}))
+                    .claimed(options.claim());
                 let (run, _) = runs.create(new).await.expect("create");
                 let done =
                     durable::execute(&engine, &plan, &runs, &run, &options, Hooks::default())
@@ -101,34 +87,16 @@ fn sqlite(c: &mut Criterion) {
 
 fn postgres(c: &mut Criterion) {
     let rt = runtime();
-    let base = std::env::var("FLOWCORE_BENCH_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    let name = format!("flowcore_bench_{}", std::process::id());
-    let admin_url = format!("{base}/postgres");
+    let db = rt.block_on(TestDatabase::create("flowcore_bench"));
     let store = rt.block_on(async {
-        let mut admin = AsyncPgConnection::establish(&admin_url)
-            .await
-            .expect("PostgreSQL on 127.0.0.1:5432");
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create database");
-        let mut config = SqlConfig::new(format!("{base}/{name}"));
+        let mut config = SqlConfig::new(db.url());
         config.pool_size = 16;
         let store = SqlStore::connect(config).await.expect("connect");
         store.migrate().await.expect("migrate");
         store
     });
     bench_store(c, "postgres", &rt, Arc::new(store));
-    rt.block_on(async {
-        let mut admin = AsyncPgConnection::establish(&admin_url)
-            .await
-            .expect("connect");
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await
-            .expect("drop database");
-    });
+    rt.block_on(db.drop());
 }
 
 criterion_group! {

@@ -10,15 +10,8 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use flowcore::{Engine, FlowDef, Plan};
+use flowcore_benches::runtime;
 use serde_json::{Value, json};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 fn noop(i: usize) -> Value {
     json!({"id": format!("n{i}"), "type": "noop"})

@@ -11,14 +11,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 bin=${1:-${CARGO_TARGET_DIR:-$here/target}/release/flowcore}
 runs=${2:-60}
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-dir=$(mktemp -d)
-trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
-
-FLOWCORE_DATA_DIR=$dir FLOWCORE_ADMIN_KEY=k FLOWCORE_BIND=127.0.0.1:$port RUST_LOG=warn \
-  WORKER_CONCURRENCY=$runs FLOWCORE_MAX_QUEUED_RUNS=0 "$bin" serve 2>"$dir/log" &
-pid=$!
-until curl -fs "127.0.0.1:$port/healthz" >/dev/null; do sleep 0.01; done
+# shellcheck source=serve.sh
+. "$here/benches/load/serve.sh"
+serve "$bin" WORKER_CONCURRENCY="$runs" FLOWCORE_MAX_QUEUED_RUNS=0
 curl -fs -X POST "127.0.0.1:$port/api/v1/flows" -H 'x-api-key: k' -H 'content-type: application/json' -d '{
   "id": "spin",
   "nodes": [{"id": "s", "type": "script", "params": {"source": "let x = 0; for i in 0..100000000 { x += 1; } x", "timeout_ms": 2000, "max_operations": 1000000000}}]

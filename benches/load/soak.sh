@@ -15,14 +15,9 @@ bin=${1:-${CARGO_TARGET_DIR:-$here/target}/release/flowcore}
 minutes=${2:-60}
 connections=${3:-8}
 keep=${4:-20000}
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-dir=$(mktemp -d)
-trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
-
-FLOWCORE_DATA_DIR=$dir FLOWCORE_ADMIN_KEY=k FLOWCORE_BIND=127.0.0.1:$port RUST_LOG=warn \
-  FLOWCORE_RUN_RETENTION_MAX_COUNT=$keep "$bin" serve 2>"$dir/log" &
-pid=$!
-until curl -fs "127.0.0.1:$port/healthz" >/dev/null; do sleep 0.01; done
+# shellcheck source=serve.sh
+. "$here/benches/load/serve.sh"
+serve "$bin" FLOWCORE_RUN_RETENTION_MAX_COUNT="$keep"
 curl -fs -X POST "127.0.0.1:$port/api/v1/flows" -H 'x-api-key: k' -H 'content-type: application/json' \
   -d @"$here/examples/flows/greet.json" >/dev/null
 cat > "$dir/post.lua" <<'LUA'

@@ -11,15 +11,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 bin=${1:-${CARGO_TARGET_DIR:-$here/target}/release/flowcore}
 seconds=${2:-10}
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-dir=$(mktemp -d)
-trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
-
-start=$(date +%s%N)
-FLOWCORE_DATA_DIR=$dir FLOWCORE_ADMIN_KEY=k FLOWCORE_BIND=127.0.0.1:$port RUST_LOG=warn "$bin" serve 2>"$dir/log" &
-pid=$!
-until curl -fs "127.0.0.1:$port/healthz" >/dev/null; do sleep 0.005; done
-ready=$(( ($(date +%s%N) - start) / 1000000 ))
+# shellcheck source=serve.sh
+. "$here/benches/load/serve.sh"
+serve "$bin"
 curl -fs -X POST "127.0.0.1:$port/api/v1/flows" -H 'x-api-key: k' -H 'content-type: application/json' \
   -d @"$here/examples/flows/greet.json" >/dev/null
 curl -fs -X POST "127.0.0.1:$port/webhooks/greet" -H 'content-type: application/json' -d '{"name":"ada","n":7}' >/dev/null
@@ -34,7 +28,7 @@ LUA
 sampler=$!
 wrk -t2 -c32 -d"${seconds}s" --latency -s "$dir/post.lua" "http://127.0.0.1:$port/webhooks/greet"
 wait $sampler
-echo "ready in ${ready} ms (including the shell's polling)"
+echo "ready in ${ready_ms} ms (including the shell's polling)"
 echo "memory: idle $((idle / 1024)) MB, under load $(( $(cat "$dir/rss") / 1024 )) MB (VmRSS)"
 runs=$(curl -fs "127.0.0.1:$port/api/v1/runs?flow_id=greet&status=succeeded&limit=1" -H 'x-api-key: k' | head -c 200)
 echo "a stored run: $runs"

@@ -7,6 +7,8 @@
 pub mod blob;
 pub mod redis;
 pub mod sql;
+#[cfg(feature = "testkit")]
+pub mod testing;
 
 pub use blob::{BlobConfig, OpendalBlobStore, S3Config};
 pub use redis::{

@@ -966,6 +966,11 @@ impl RedisQueue {
     pub fn run_signals(&self) -> RedisRunSignals {
         RedisRunSignals(self.clone())
     }
+
+    /// Flow-change announcements over the same Redis.
+    pub fn flow_changes(&self) -> RedisFlowChanges {
+        RedisFlowChanges(self.clone())
+    }
 }
 
 #[async_trait]
@@ -987,13 +992,6 @@ impl flowcore::ports::RunSignals for RedisRunSignals {
     }
     fn watch_finished(&self, run_id: &RunId) -> flowcore::ports::FinishWatch {
         self.0.finish_waiters.watch(run_id)
-    }
-}
-
-impl RedisQueue {
-    /// Flow-change announcements over the same Redis.
-    pub fn flow_changes(&self) -> RedisFlowChanges {
-        RedisFlowChanges(self.clone())
     }
 }
 

@@ -1,58 +1,9 @@
 //! The conformance kit against SQLite and a real PostgreSQL (the machine's; each test run makes
 //! its own database and drops it). PostgreSQL missing is a failure, not a skip.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-
-use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use flowcore::ports::FlowStore;
+use flowcore_store::testing::TestDatabase;
 use flowcore_store::{Backend, SqlConfig, SqlStore};
-
-fn postgres_base() -> String {
-    std::env::var("FLOWCORE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
-}
-
-/// A fresh PostgreSQL database for one test, dropped by [`TestDb::drop_db`].
-struct TestDb {
-    name: String,
-}
-
-impl TestDb {
-    async fn create() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "flowcore_test_{}_{}_{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst),
-            fastrand_suffix()
-        );
-        let mut admin = AsyncPgConnection::establish(&format!("{}/postgres", postgres_base()))
-            .await
-            .expect("PostgreSQL must run on 127.0.0.1:5432 (or FLOWCORE_TEST_POSTGRES_URL) for these tests");
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create the test database");
-        Self { name }
-    }
-
-    fn url(&self) -> String {
-        format!("{}/{}", postgres_base(), self.name)
-    }
-
-    async fn drop_db(self) {
-        let mut admin = AsyncPgConnection::establish(&format!("{}/postgres", postgres_base()))
-            .await
-            .expect("connect");
-        admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .await
-            .expect("drop the test database");
-    }
-}
 
 fn fastrand_suffix() -> u32 {
     std::time::SystemTime::now()
@@ -132,18 +83,18 @@ async fn sqlite_in_memory_passes_the_kit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_passes_the_kit() {
-    let db = TestDb::create().await;
+    let db = TestDatabase::create("flowcore_test").await;
     {
         let store = store(&db.url()).await;
         assert_eq!(store.backend(), Backend::Postgres);
         flowcore::testkit::check(&kit("postgres", &store)).await;
     }
-    db.drop_db().await;
+    db.drop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_postgres_migrations_run_once() {
-    let db = TestDb::create().await;
+    let db = TestDatabase::create("flowcore_test").await;
     {
         let mut tasks = Vec::new();
         for _ in 0..6 {
@@ -168,7 +119,7 @@ async fn concurrent_postgres_migrations_run_once() {
         let store = store(&db.url()).await;
         flowcore::testkit::flow_store(&store).await;
     }
-    db.drop_db().await;
+    db.drop().await;
 }
 
 #[tokio::test]
@@ -203,17 +154,8 @@ where
     F: FnOnce(String, String) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    use flowcore::RunId;
     use flowcore::ports::{NewRun, RunFilter, RunStore};
-    let new = |input: serde_json::Value| NewRun {
-        id: RunId::new(),
-        flow_id: "f".into(),
-        flow_version: 1,
-        input,
-        idempotency_key: None,
-        claim: None,
-        trigger: None,
-    };
+    let new = |input: serde_json::Value| NewRun::new("f", 1, input);
     let deep: serde_json::Value = serde_json::from_str(&nested(100)).expect("100 levels read");
     assert!(
         matches!(
@@ -268,11 +210,11 @@ async fn an_unreadable_stored_document_fails_no_read_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_stored_document_fails_no_read_on_postgres() {
-    let db = TestDb::create().await;
+    let db = TestDatabase::create("flowcore_test").await;
     let store = store(&db.url()).await;
     let url = db.url();
     unreadable_rows_stay_readable(&store, |id, text| async move {
-        use diesel_async::RunQueryDsl;
+        use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
         let mut conn = AsyncPgConnection::establish(&url).await.expect("connect");
         diesel::sql_query("UPDATE runs SET input = $1 WHERE id = $2")
             .bind::<diesel::sql_types::Text, _>(text)
@@ -283,7 +225,7 @@ async fn an_unreadable_stored_document_fails_no_read_on_postgres() {
     })
     .await;
     drop(store);
-    db.drop_db().await;
+    db.drop().await;
 }
 
 /// Pruned runs give their space back without a full VACUUM: a new SQLite database is created
@@ -295,15 +237,7 @@ async fn sqlite_gives_the_space_of_pruned_runs_back() {
     let store = store(&url).await;
     let big = serde_json::json!({"text": "x".repeat(20_000)});
     for _ in 0..300 {
-        let new = NewRun {
-            id: flowcore::RunId::new(),
-            flow_id: "big".into(),
-            flow_version: 1,
-            input: big.clone(),
-            idempotency_key: None,
-            claim: None,
-            trigger: None,
-        };
+        let new = NewRun::new("big", 1, big.clone());
         let (run, _) = RunStore::create(&store, new).await.expect("create");
         store
             .transition(

@@ -6,14 +6,13 @@
 //! use std::sync::Arc;
 //! use flowcore::durable::{self, DurableOptions};
 //! use flowcore::ports::{NewRun, RunStore, memory::MemoryRunStore};
-//! use flowcore::{Engine, RunId, RunStatus};
+//! use flowcore::{Engine, RunStatus};
 //!
 //! let engine = Engine::new();
 //! let plan = engine.compile_json(r#"{"nodes": [{"id": "t", "type": "template", "params": {"template": "hi {{ input.who }}"}}]}"#).unwrap();
 //! let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new());
 //! let options = DurableOptions::new("worker-1");
-//! let new = NewRun { id: RunId::new(), flow_id: "f".into(), flow_version: 1, input: serde_json::json!({"who": "you"}),
-//!                    idempotency_key: None, claim: Some(options.claim()), trigger: None };
+//! let new = NewRun::new("f", 1, serde_json::json!({"who": "you"})).claimed(options.claim());
 //! let (run, _) = runs.create(new).await.unwrap();
 //! let done = durable::execute(&engine, &plan, &runs, &run, &options, Default::default()).await.unwrap();
 //! assert_eq!(done.status, RunStatus::Succeeded);

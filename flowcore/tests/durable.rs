@@ -12,7 +12,7 @@ use flowcore::ports::memory::MemoryRunStore;
 async fn run_finished_is_announced_after_the_end_is_stored() {
     use flowcore::durable::{self, DurableOptions, Hooks};
     use flowcore::ports::{NewRun, RunStore};
-    use flowcore::{Engine, FlowDef, RunEvent, RunId, RunStatus};
+    use flowcore::{Engine, FlowDef, RunEvent, RunStatus};
 
     let store = Arc::new(MemoryRunStore::new());
     let engine = Engine::new();
@@ -24,15 +24,7 @@ async fn run_finished_is_announced_after_the_end_is_stored() {
         .unwrap();
     let options = DurableOptions::new("w");
     let (run, _) = store
-        .create(NewRun {
-            id: RunId::new(),
-            flow_id: "f".into(),
-            flow_version: 1,
-            input: serde_json::json!({}),
-            idempotency_key: None,
-            claim: Some(options.claim()),
-            trigger: None,
-        })
+        .create(NewRun::new("f", 1, serde_json::json!({})).claimed(options.claim()))
         .await
         .unwrap();
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -177,15 +169,8 @@ mod commits {
             checkpoint,
             ..DurableOptions::new("w")
         };
-        let new = NewRun {
-            id: RunId::new(),
-            flow_id: "greet".into(),
-            flow_version: 1,
-            input: serde_json::json!({"name": "ada", "n": 7}),
-            idempotency_key: None,
-            claim: Some(options.claim()),
-            trigger: None,
-        };
+        let new = NewRun::new("greet", 1, serde_json::json!({"name": "ada", "n": 7}))
+            .claimed(options.claim());
         let (run, _) = runs.create(new).await.unwrap();
         let done = durable::execute(&engine, &plan, &runs, &run, &options, Hooks::default())
             .await
@@ -216,15 +201,7 @@ mod commits {
             lease_ttl: ttl,
             ..DurableOptions::new("w")
         };
-        let new = NewRun {
-            id: RunId::new(),
-            flow_id: "f".into(),
-            flow_version: 1,
-            input: serde_json::json!({}),
-            idempotency_key: None,
-            claim: Some(options.claim()),
-            trigger: None,
-        };
+        let new = NewRun::new("f", 1, serde_json::json!({})).claimed(options.claim());
         let (run, _) = runs.create(new).await.unwrap();
         let expires = run.lease.as_ref().unwrap().expires_at;
         counting.down.store(true, Ordering::SeqCst);
@@ -277,7 +254,7 @@ mod offload {
     use flowcore::durable::{self, DurableOptions, Hooks};
     use flowcore::ports::memory::{MemoryBlobStore, MemoryRunStore};
     use flowcore::ports::{BlobStore, NewRun, RunStore};
-    use flowcore::{Engine, RunId, RunStatus};
+    use flowcore::{Engine, RunStatus};
     use serde_json::json;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,15 +275,7 @@ mod offload {
             offload_over: 1024,
             ..DurableOptions::new("w")
         };
-        let new = || NewRun {
-            id: RunId::new(),
-            flow_id: "f".into(),
-            flow_version: 1,
-            input: json!({}),
-            idempotency_key: None,
-            claim: Some(options.claim()),
-            trigger: None,
-        };
+        let new = || NewRun::new("f", 1, json!({})).claimed(options.claim());
         let (run, _) = runs.create(new()).await.unwrap();
         let done = durable::execute(&engine, &plan, &runs, &run, &options, Hooks::default())
             .await

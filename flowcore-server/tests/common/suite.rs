@@ -171,6 +171,12 @@ async fn call(
 }
 
 /// A response's body, whole.
+/// `GET uri` without an API key, the whole answer.
+async fn get_unsigned(app: &axum::Router, uri: &str) -> axum::response::Response {
+    let req = Request::builder().uri(uri).body(Body::empty()).unwrap();
+    app.clone().oneshot(req).await.unwrap()
+}
+
 async fn bytes_of(res: axum::response::Response) -> axum::body::Bytes {
     axum::body::to_bytes(res.into_body(), usize::MAX)
         .await
@@ -765,16 +771,7 @@ async fn metrics_use_the_contract_names() {
         .0,
         StatusCode::OK
     );
-    let res = app
-        .clone()
-        .oneshot(
-            Request::builder()
-                .uri("/metrics")
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let res = get_unsigned(&app, "/metrics").await;
     assert_eq!(res.status(), StatusCode::OK);
     let text = text_of(res).await;
     for name in [
@@ -830,12 +827,8 @@ async fn rate_limits_answer_429_with_retry_after() {
         StatusCode::TOO_MANY_REQUESTS
     );
     // Health checks are not limited.
-    let health = Request::builder()
-        .uri("/healthz")
-        .body(Body::empty())
-        .unwrap();
     assert_eq!(
-        app.clone().oneshot(health).await.unwrap().status(),
+        get_unsigned(&app, "/healthz").await.status(),
         StatusCode::OK
     );
     cleanup(&dir);
@@ -844,16 +837,7 @@ async fn rate_limits_answer_429_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_answer_carries_a_request_id() {
     let (app, dir) = app(&[]).await;
-    let res = app
-        .clone()
-        .oneshot(
-            Request::builder()
-                .uri("/healthz")
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let res = get_unsigned(&app, "/healthz").await;
     let id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert_eq!(id.len(), 36, "a fresh id: {id}");
     let req = Request::builder()
@@ -1165,14 +1149,11 @@ async fn the_reaper_requeues_runs_whose_worker_died_and_fails_those_lost_too_oft
     let (app, state, dir) = app_with_state(&[]).await;
     assert_eq!(call(&app, "POST", "/api/v1/flows", Some(KEY), Some(greet())).await.0, StatusCode::CREATED);
     let ttl = std::time::Duration::from_millis(20);
-    let new = |owner: &str| NewRun {
-        id: flowcore::RunId::new(),
-        flow_id: "greet".into(),
-        flow_version: 1,
-        input: json!({"name": "x", "n": 1}),
-        idempotency_key: None,
-        claim: Some(Claim { owner: owner.into(), ttl }),
-        trigger: None,
+    let new = |owner: &str| {
+        NewRun::new("greet", 1, json!({"name": "x", "n": 1})).claimed(Claim {
+            owner: owner.into(),
+            ttl,
+        })
     };
     // A run whose worker died once: back in the queue.
     let (once, _) = state.stores.runs.create(new("dead-worker")).await.unwrap();

@@ -152,29 +152,34 @@ fn parse_cursor(cursor: Option<&str>) -> StoreResult<i64> {
     }
 }
 
+/// Which run to read: by id, or by its flow's idempotency key.
+#[derive(Debug, Clone, Copy)]
+enum Find<'a> {
+    Id(&'a str),
+    Key { flow_id: &'a str, key: &'a str },
+}
+
 impl SqlStore {
     async fn get_row(&self, id: &str) -> StoreResult<Option<RunRecord>> {
-        let row: Option<RunRow> = with_conn!(self, read, |conn| {
-            runs::table
-                .filter(runs::id.eq(id))
-                .select(run_columns())
-                .first(conn)
-                .await
-                .optional()
-                .map_err(|e| db_error("reading a run", e))?
-        });
-        row.map(RunRecord::try_from).transpose()
+        self.find(Find::Id(id)).await
     }
 
     async fn find_by_key(&self, flow_id: &str, key: &str) -> StoreResult<Option<RunRecord>> {
+        self.find(Find::Key { flow_id, key }).await
+    }
+
+    async fn find(&self, by: Find<'_>) -> StoreResult<Option<RunRecord>> {
         let row: Option<RunRow> = with_conn!(self, read, |conn| {
-            runs::table
-                .filter(runs::flow_id.eq(flow_id).and(runs::idempotency_key.eq(key)))
-                .select(run_columns())
-                .first(conn)
-                .await
-                .optional()
-                .map_err(|e| db_error("reading a run", e))?
+            let query = runs::table.select(run_columns());
+            match by {
+                Find::Id(id) => query.filter(runs::id.eq(id)).first(conn).await,
+                Find::Key { flow_id, key } => {
+                    let same = runs::flow_id.eq(flow_id).and(runs::idempotency_key.eq(key));
+                    query.filter(same).first(conn).await
+                }
+            }
+            .optional()
+            .map_err(|e| db_error("reading a run", e))?
         });
         row.map(RunRecord::try_from).transpose()
     }

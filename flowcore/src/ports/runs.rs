@@ -32,6 +32,36 @@ pub struct NewRun {
     pub trigger: Option<Value>,
 }
 
+impl NewRun {
+    /// A run of `flow_id` at `flow_version` with `input`: a fresh id, no idempotency key, not
+    /// claimed, no trigger.
+    ///
+    /// ```
+    /// use flowcore::ports::NewRun;
+    /// let new = NewRun::new("greet", 1, serde_json::json!({"name": "ada"}));
+    /// assert!(new.claim.is_none() && new.idempotency_key.is_none());
+    /// ```
+    pub fn new(flow_id: impl Into<String>, flow_version: u32, input: Value) -> Self {
+        Self {
+            id: RunId::new(),
+            flow_id: flow_id.into(),
+            flow_version,
+            input,
+            idempotency_key: None,
+            claim: None,
+            trigger: None,
+        }
+    }
+
+    /// The same run, created already claimed (see [`NewRun::claim`]).
+    pub fn claimed(self, claim: Claim) -> Self {
+        Self {
+            claim: Some(claim),
+            ..self
+        }
+    }
+}
+
 /// A worker's claim on a run: who, and for how long without renewal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {

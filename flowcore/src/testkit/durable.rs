@@ -7,10 +7,13 @@ use chrono::Utc;
 use serde_json::json;
 
 use super::new_run;
+use crate::durable::{self, DurableOptions, Hooks};
+use crate::engine::Engine;
 use crate::error::StoreError;
 use crate::ids::RunId;
 use crate::model::FlowDef;
-use crate::ports::{NewRun, RunStore};
+use crate::plan::Plan;
+use crate::ports::{RunRecord, RunStore, StoreResult};
 use crate::run::RunStatus;
 
 /// Counts executions of each node id (the `count` node type of [`durable_runs`]).
@@ -42,7 +45,7 @@ impl crate::Node for CountNode {
     }
 }
 
-fn counting_engine(counts: &Arc<Counts>) -> crate::Engine {
+fn counting_engine(counts: &Arc<Counts>) -> Engine {
     let mut registry = crate::Registry::with_builtins();
     let c = counts.clone();
     registry.register(
@@ -54,7 +57,7 @@ fn counting_engine(counts: &Arc<Counts>) -> crate::Engine {
             }))
         },
     );
-    crate::Engine::builder().registry(registry).build()
+    Engine::builder().registry(registry).build()
 }
 
 async fn wait_for_step(runs: &Arc<dyn RunStore>, id: &RunId, node: &str) {
@@ -78,7 +81,7 @@ async fn wait_for_step(runs: &Arc<dyn RunStore>, id: &RunId, node: &str) {
 /// on is stopped and cannot write; batched checkpoints write a fast run in one commit.
 /// Needs a multi-threaded tokio runtime.
 pub async fn durable_runs(runs: Arc<dyn RunStore>) {
-    use crate::durable::{self, Checkpoint, DurableOptions, Hooks};
+    use crate::durable::Checkpoint;
 
     let counts = Arc::new(Counts::default());
     let engine = counting_engine(&counts);
@@ -100,23 +103,9 @@ pub async fn durable_runs(runs: Arc<dyn RunStore>) {
 
     // A worker dies (its task is dropped: no finish, no more renewals) after `one` is recorded.
     let a = worker("a");
-    let new = NewRun {
-        claim: Some(a.claim()),
-        ..new_run("durable", None)
-    };
+    let new = new_run("durable", None).claimed(a.claim());
     let (run, _) = runs.create(new).await.expect("create");
-    let task = {
-        let (engine, plan, runs, run, a) = (
-            engine.clone(),
-            plan.clone(),
-            runs.clone(),
-            run.clone(),
-            a.clone(),
-        );
-        tokio::spawn(async move {
-            durable::execute(&engine, &plan, &runs, &run, &a, Hooks::default()).await
-        })
-    };
+    let task = spawn_execute(&engine, &plan, &runs, &run, &a, Hooks::default());
     wait_for_step(&runs, &run.id, "one").await;
     task.abort();
     let _ = task.await;
@@ -155,24 +144,10 @@ pub async fn durable_runs(runs: Arc<dyn RunStore>) {
     // A worker whose lease moved on is stopped and its writes are refused.
     let before = counts.of("three");
     let (run2, _) = runs
-        .create(NewRun {
-            claim: Some(a.claim()),
-            ..new_run("durable", None)
-        })
+        .create(new_run("durable", None).claimed(a.claim()))
         .await
         .expect("create");
-    let task = {
-        let (engine, plan, runs, run2, a) = (
-            engine.clone(),
-            plan.clone(),
-            runs.clone(),
-            run2.clone(),
-            a.clone(),
-        );
-        tokio::spawn(async move {
-            durable::execute(&engine, &plan, &runs, &run2, &a, Hooks::default()).await
-        })
-    };
+    let task = spawn_execute(&engine, &plan, &runs, &run2, &a, Hooks::default());
     wait_for_step(&runs, &run2.id, "one").await;
     // Taken over while `two` runs (as if a's lease had lapsed during a pause).
     runs.release(&run2.id, 1).await.expect("release");
@@ -208,10 +183,7 @@ pub async fn durable_runs(runs: Arc<dyn RunStore>) {
         .expect("flow");
     let quick = engine.compile(&quick).expect("compile");
     let (run3, _) = runs
-        .create(NewRun {
-            claim: Some(fast.claim()),
-            ..new_run("durable", None)
-        })
+        .create(new_run("durable", None).claimed(fast.claim()))
         .await
         .expect("create");
     let done = durable::execute(&engine, &quick, &runs, &run3, &fast, Hooks::default())
@@ -227,36 +199,14 @@ pub async fn durable_runs(runs: Arc<dyn RunStore>) {
     // Cancellation from outside ends the run as cancelled.
     let token = crate::CancellationToken::new();
     let (run4, _) = runs
-        .create(NewRun {
-            claim: Some(a.claim()),
-            ..new_run("durable", None)
-        })
+        .create(new_run("durable", None).claimed(a.claim()))
         .await
         .expect("create");
-    let task = {
-        let (engine, plan, runs, run4, a, token) = (
-            engine.clone(),
-            plan.clone(),
-            runs.clone(),
-            run4.clone(),
-            a.clone(),
-            token.clone(),
-        );
-        tokio::spawn(async move {
-            durable::execute(
-                &engine,
-                &plan,
-                &runs,
-                &run4,
-                &a,
-                Hooks {
-                    cancel: Some(token),
-                    ..Hooks::default()
-                },
-            )
-            .await
-        })
+    let hooks = Hooks {
+        cancel: Some(token.clone()),
+        ..Hooks::default()
     };
+    let task = spawn_execute(&engine, &plan, &runs, &run4, &a, hooks);
     wait_for_step(&runs, &run4.id, "one").await;
     token.cancel();
     let done = task.await.expect("task").expect("cancelled run");
@@ -269,30 +219,16 @@ pub async fn durable_runs(runs: Arc<dyn RunStore>) {
         ..worker("leaving")
     };
     let (run5, _) = runs
-        .create(NewRun {
-            claim: Some(slow_flush.claim()),
-            ..new_run("durable", None)
-        })
+        .create(new_run("durable", None).claimed(slow_flush.claim()))
         .await
         .expect("create");
     let (ones, twos) = (counts.of("one"), counts.of("two"));
     let hand_back = crate::CancellationToken::new();
-    let task = {
-        let (engine, plan, runs, run5, hand_back) = (
-            engine.clone(),
-            plan.clone(),
-            runs.clone(),
-            run5.clone(),
-            hand_back.clone(),
-        );
-        tokio::spawn(async move {
-            let hooks = Hooks {
-                hand_back: Some(hand_back),
-                ..Hooks::default()
-            };
-            durable::execute(&engine, &plan, &runs, &run5, &slow_flush, hooks).await
-        })
+    let hooks = Hooks {
+        hand_back: Some(hand_back.clone()),
+        ..Hooks::default()
     };
+    let task = spawn_execute(&engine, &plan, &runs, &run5, &slow_flush, hooks);
     // `two` (300 ms) has started: `one` is finished and buffered, `two` is in flight.
     for _ in 0..500 {
         if counts.of("two") > twos {
@@ -321,4 +257,25 @@ pub async fn durable_runs(runs: Arc<dyn RunStore>) {
     .expect("resumed");
     assert_eq!(done.status, RunStatus::Succeeded);
     assert_eq!(counts.of("one"), ones + 1, "`one` ran once");
+}
+
+/// Executes `run` in a task of its own, as a worker does.
+fn spawn_execute(
+    engine: &Engine,
+    plan: &Plan,
+    runs: &Arc<dyn RunStore>,
+    run: &RunRecord,
+    options: &DurableOptions,
+    hooks: Hooks,
+) -> tokio::task::JoinHandle<StoreResult<RunRecord>> {
+    let (engine, plan, runs, run, options) = (
+        engine.clone(),
+        plan.clone(),
+        runs.clone(),
+        run.clone(),
+        options.clone(),
+    );
+    tokio::spawn(
+        async move { durable::execute(&engine, &plan, &runs, &run, &options, hooks).await },
+    )
 }

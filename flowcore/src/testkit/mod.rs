@@ -38,7 +38,6 @@ pub use queue::queue;
 pub use records::{Records, meta_store};
 pub use runs::{concurrent_creates, concurrent_finishes, pruning, run_store, transitions};
 
-use crate::ids::RunId;
 use crate::model::FlowDef;
 use crate::ports::{
     BlobStore, EventBus, FlowChanges, FlowStore, NewRun, Queue, RateLimiter, RunSignals, RunStore,
@@ -207,13 +206,8 @@ fn flow(id: &str, node_type: &str) -> FlowDef {
 
 fn new_run(flow_id: &str, key: Option<&str>) -> NewRun {
     NewRun {
-        id: RunId::new(),
-        flow_id: flow_id.to_owned(),
-        flow_version: 1,
-        input: json!({"x": 1}),
         idempotency_key: key.map(str::to_owned),
-        claim: None,
-        trigger: None,
+        ..NewRun::new(flow_id, 1, json!({"x": 1}))
     }
 }
 

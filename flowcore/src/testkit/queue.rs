@@ -28,22 +28,8 @@ pub async fn queue(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
         (got[0].job.run_id.clone(), got[0].job.deliveries),
         (run.clone(), 1)
     );
-    assert!(
-        queue
-            .lease(g, 10, ttl, none)
-            .await
-            .expect("lease")
-            .is_empty(),
-        "a leased job is not delivered twice"
-    );
-    assert!(
-        queue
-            .lease("other-group", 10, ttl, none)
-            .await
-            .expect("lease")
-            .is_empty(),
-        "groups are separate"
-    );
+    nothing_to_lease(queue.as_ref(), g, 10, "a leased job is not delivered twice").await;
+    nothing_to_lease(queue.as_ref(), "other-group", 10, "groups are separate").await;
     queue.heartbeat(&got[0], ttl).await.expect("heartbeat");
 
     // Expiry: delivered again, and the old delivery can no longer ack or heartbeat.
@@ -82,14 +68,7 @@ pub async fn queue(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
         .nack(&job, Some(Utc::now() + chrono::Duration::milliseconds(200)))
         .await
         .expect("nack");
-    assert!(
-        queue
-            .lease(g, 1, ttl, none)
-            .await
-            .expect("lease")
-            .is_empty(),
-        "a nacked job waits for its time"
-    );
+    nothing_to_lease(queue.as_ref(), g, 1, "a nacked job waits for its time").await;
     assert_eq!(
         queue.depth(g).await.expect("depth").delayed,
         1,
@@ -111,14 +90,7 @@ pub async fn queue(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
             assert_eq!(job.job.deliveries, delivery);
             queue.nack(&job, None).await.expect("nack");
         }
-        assert!(
-            queue
-                .lease(g, 1, ttl, none)
-                .await
-                .expect("lease")
-                .is_empty(),
-            "no delivery past the last"
-        );
+        nothing_to_lease(queue.as_ref(), g, 1, "no delivery past the last").await;
         assert_eq!(
             queue.depth(g).await.expect("depth").dead,
             1,
@@ -164,4 +136,13 @@ pub async fn queue(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
         total,
         "no job was delivered twice"
     );
+}
+
+/// Asserts that `group` has nothing to deliver now (`why` says what the test expects).
+async fn nothing_to_lease(queue: &dyn Queue, group: &str, max: usize, why: &str) {
+    let got = queue
+        .lease(group, max, Duration::from_secs(5), Duration::ZERO)
+        .await
+        .expect("lease");
+    assert!(got.is_empty(), "{why}");
 }

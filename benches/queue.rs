@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flowcore::RunId;
-use flowcore::ports::Queue;
 use flowcore::ports::memory::MemoryQueue;
+use flowcore::ports::{Queue, Take};
 use flowcore_store::{RedisConfig, RedisQueue};
 
 const LATENCY_JOBS: usize = 2_000;
@@ -27,7 +27,14 @@ async fn latency(queue: Arc<dyn Queue>) -> (Duration, Duration, Duration) {
             let mut samples = Vec::with_capacity(LATENCY_JOBS);
             while samples.len() < LATENCY_JOBS {
                 let jobs = queue
-                    .lease("lat", 1, Duration::from_secs(60), Duration::from_secs(5))
+                    .lease(
+                        "lat",
+                        Take {
+                            max: 1,
+                            ttl: Duration::from_secs(60),
+                            wait: Duration::from_secs(5),
+                        },
+                    )
                     .await
                     .expect("lease");
                 let now = Instant::now();
@@ -78,7 +85,14 @@ async fn throughput(queue: Arc<dyn Queue>) -> f64 {
             let mut mine = 0;
             while done.load(std::sync::atomic::Ordering::SeqCst) < THROUGHPUT_JOBS {
                 let jobs = queue
-                    .lease("tp", 64, Duration::from_secs(60), Duration::from_millis(50))
+                    .lease(
+                        "tp",
+                        Take {
+                            max: 64,
+                            ttl: Duration::from_secs(60),
+                            wait: Duration::from_millis(50),
+                        },
+                    )
                     .await
                     .expect("lease");
                 for job in &jobs {

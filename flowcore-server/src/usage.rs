@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use flowcore::ports::UsageStore;
+use flowcore::ports::{UsageDay, UsageQuery, UsageStore};
 use flowcore::{EventSink, RunEvent, StepStatus, StoreError};
 
 /// How often counts are added to the database.
@@ -100,12 +100,14 @@ impl Usage {
             .into_iter()
             .flat_map(|(day, flows)| flows.into_iter().map(move |(flow, c)| (day, flow, c)))
         {
-            let text = day.format("%Y-%m-%d").to_string();
-            if let Err(e) = self
-                .store
-                .add_usage(&flow, &text, c.runs, c.nodes, c.tokens)
-                .await
-            {
+            let add = UsageDay {
+                flow_id: flow.clone(),
+                day: day.format("%Y-%m-%d").to_string(),
+                runs: c.runs,
+                node_executions: c.nodes,
+                tokens: c.tokens,
+            };
+            if let Err(e) = self.store.add_usage(&add).await {
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
                 let slot = pending.entry(day).or_default().entry(flow).or_default();
                 slot.runs += c.runs;
@@ -133,7 +135,11 @@ impl Usage {
             None => {
                 let n = self
                     .store
-                    .usage(Some(flow_id), &key.1, &key.1)
+                    .usage(&UsageQuery {
+                        flow_id: Some(flow_id.to_owned()),
+                        from_day: key.1.clone(),
+                        to_day: key.1.clone(),
+                    })
                     .await?
                     .first()
                     .map_or(0, |d| d.runs);

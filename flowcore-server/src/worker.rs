@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flowcore::ports::{LeasedJob, RunRecord};
+use flowcore::ports::{LeasedJob, RunRecord, Take};
 use flowcore::{CancellationToken, RunId, RunStatus, StoreError};
 
 use crate::lifecycle::{self, RunError};
@@ -30,7 +30,7 @@ pub async fn work(state: Shared, shutdown: CancellationToken) {
         }
         let lease = tokio::select! {
             () = shutdown.cancelled() => return,
-            lease = queue.lease(&state.config.worker_group, free, ttl, Duration::from_secs(1)) => lease,
+            lease = queue.lease(&state.config.worker_group, Take { max: free, ttl, wait: Duration::from_secs(1) }) => lease,
         };
         let jobs = match lease {
             Ok(jobs) => jobs,

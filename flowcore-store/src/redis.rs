@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use flowcore::ports::{Job, LeasedJob, Queue, QueueDepth, StoreResult};
+use flowcore::ports::{Job, LeasedJob, Queue, QueueDepth, StoreResult, Take};
 use flowcore::{RunId, StoreError};
 use futures::StreamExt;
 use redis::aio::MultiplexedConnection;
@@ -620,13 +620,8 @@ impl Queue for RedisQueue {
         Ok(id)
     }
 
-    async fn lease(
-        &self,
-        group: &str,
-        max: usize,
-        ttl: Duration,
-        wait: Duration,
-    ) -> StoreResult<Vec<LeasedJob>> {
+    async fn lease(&self, group: &str, take: Take) -> StoreResult<Vec<LeasedJob>> {
+        let Take { max, ttl, wait } = take;
         check_group(group)?;
         let until = tokio::time::Instant::now() + wait;
         let token_prefix = flowcore::ids::new_id();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flowcore::RunId;
-use flowcore::ports::Queue;
+use flowcore::ports::{Queue, Take};
 use flowcore_store::{RedisConfig, RedisQueue};
 
 fn redis_url() -> String {
@@ -117,7 +117,14 @@ async fn a_waiting_lease_wakes_on_enqueue() {
         tokio::spawn(async move {
             let started = Instant::now();
             let jobs = queue
-                .lease("g", 1, Duration::from_secs(30), Duration::from_secs(20))
+                .lease(
+                    "g",
+                    Take {
+                        max: 1,
+                        ttl: Duration::from_secs(30),
+                        wait: Duration::from_secs(20),
+                    },
+                )
                 .await
                 .expect("lease");
             (jobs, started.elapsed())
@@ -202,7 +209,14 @@ async fn a_process_hears_only_what_it_subscribes_to() {
     let run = RunId::new();
     hearing.enqueue("g", &run, None).await.expect("enqueue");
     let jobs = deaf
-        .lease("g", 1, Duration::from_secs(30), Duration::from_secs(5))
+        .lease(
+            "g",
+            Take {
+                max: 1,
+                ttl: Duration::from_secs(30),
+                wait: Duration::from_secs(5),
+            },
+        )
         .await
         .expect("lease");
     clean(&prefix).await;
@@ -343,7 +357,14 @@ async fn redis_restart_loses_nothing_and_clients_reconnect() {
     let mut leased = Vec::new();
     while leased.len() < accepted.len() {
         let jobs = queue
-            .lease("g", 100, Duration::from_secs(30), Duration::from_secs(2))
+            .lease(
+                "g",
+                Take {
+                    max: 100,
+                    ttl: Duration::from_secs(30),
+                    wait: Duration::from_secs(2),
+                },
+            )
             .await
             .expect("lease");
         assert!(

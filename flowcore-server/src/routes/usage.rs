@@ -6,7 +6,7 @@ use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{Duration, NaiveDate, Utc};
-use flowcore::ports::UsageDay;
+use flowcore::ports::{self, UsageDay};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, ApiErrorBody};
@@ -85,11 +85,11 @@ pub(crate) async fn usage(
     let items = state
         .stores
         .usage
-        .usage(
-            q.flow_id.as_deref(),
-            &from.format("%Y-%m-%d").to_string(),
-            &to.format("%Y-%m-%d").to_string(),
-        )
+        .usage(&ports::UsageQuery {
+            flow_id: q.flow_id,
+            from_day: from.format("%Y-%m-%d").to_string(),
+            to_day: to.format("%Y-%m-%d").to_string(),
+        })
         .await?;
     let runs = state.config.quota_runs_per_day;
     Ok(Json(UsageReport {

@@ -9,10 +9,10 @@ use diesel_async::RunQueryDsl;
 use flowcore::StoreError;
 use flowcore::ports::{
     ApiKeyRecord, ApiKeyStore, CredentialStore, FileRecord, FileStore, StoreResult,
-    StoredCredential, UsageDay, UsageStore,
+    StoredCredential, UsageDay, UsageQuery, UsageStore,
 };
 
-use super::rows::{ApiKeyRow, CredentialRow, FileRow, UsageRow, count};
+use super::rows::{ApiKeyRow, CredentialRow, FileRow, UsageRow};
 use super::schema::{api_keys, credentials, files, usage_daily};
 use super::{SqlStore, db_error, micros, with_conn};
 
@@ -181,23 +181,10 @@ impl ApiKeyStore for SqlStore {
 
 #[async_trait]
 impl UsageStore for SqlStore {
-    async fn add_usage(
-        &self,
-        flow_id: &str,
-        day: &str,
-        runs: u64,
-        node_executions: u64,
-        tokens: u64,
-    ) -> StoreResult<()> {
+    async fn add_usage(&self, usage: &UsageDay) -> StoreResult<()> {
         with_conn!(self, write, |conn| {
             diesel::insert_into(usage_daily::table)
-                .values(UsageRow {
-                    flow_id: flow_id.to_owned(),
-                    day: day.to_owned(),
-                    runs: count(runs),
-                    node_executions: count(node_executions),
-                    tokens: count(tokens),
-                })
+                .values(UsageRow::of(usage))
                 .on_conflict((usage_daily::flow_id, usage_daily::day))
                 .do_update()
                 .set((
@@ -213,24 +200,16 @@ impl UsageStore for SqlStore {
         Ok(())
     }
 
-    async fn usage(
-        &self,
-        flow_id: Option<&str>,
-        from_day: &str,
-        to_day: &str,
-    ) -> StoreResult<Vec<UsageDay>> {
+    async fn usage(&self, asked: &UsageQuery) -> StoreResult<Vec<UsageDay>> {
         let rows: Vec<UsageRow> = with_conn!(self, read, |conn| {
+            let days = usage_daily::day.between(&asked.from_day, &asked.to_day);
             let mut query = usage_daily::table
-                .filter(
-                    usage_daily::day
-                        .ge(from_day)
-                        .and(usage_daily::day.le(to_day)),
-                )
+                .filter(days)
                 .select(UsageRow::as_select())
                 .order((usage_daily::flow_id.asc(), usage_daily::day.asc()))
                 .into_boxed();
-            if let Some(flow_id) = flow_id {
-                query = query.filter(usage_daily::flow_id.eq(flow_id.to_owned()));
+            if let Some(flow_id) = &asked.flow_id {
+                query = query.filter(usage_daily::flow_id.eq(flow_id));
             }
             query
                 .load(conn)

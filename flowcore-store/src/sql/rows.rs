@@ -320,6 +320,19 @@ pub(super) struct UsageRow {
     pub tokens: i64,
 }
 
+impl UsageRow {
+    /// The row of `usage`.
+    pub fn of(usage: &UsageDay) -> Self {
+        Self {
+            flow_id: usage.flow_id.clone(),
+            day: usage.day.clone(),
+            runs: count(usage.runs),
+            node_executions: count(usage.node_executions),
+            tokens: count(usage.tokens),
+        }
+    }
+}
+
 impl From<UsageRow> for UsageDay {
     fn from(row: UsageRow) -> Self {
         Self {

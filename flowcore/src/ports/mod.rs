@@ -19,11 +19,11 @@ pub use blobs::{BlobStore, ChunkStream, is_valid_blob_key, too_large};
 pub use events::{BusSink, EventBus, EventRecord};
 pub use flows::{FlowChanges, FlowStore, StoredFlow, all_flows};
 pub use limits::{RateDecision, RateLimiter};
-pub use queue::{Job, LeasedJob, Queue, QueueDepth};
+pub use queue::{Job, LeasedJob, Queue, QueueDepth, Take};
 #[cfg(feature = "records")]
 pub use records::{
     ApiKeyRecord, ApiKeyStore, CredentialStore, FileRecord, FileStore, Scope, Scopes,
-    StoredCredential, UsageDay, UsageStore,
+    StoredCredential, UsageDay, UsageQuery, UsageStore,
 };
 pub use runs::{
     Claim, Lease, NewRun, PruneRule, RunEnd, RunFilter, RunOutcome, RunRecord, RunStore,

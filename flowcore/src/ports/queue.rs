@@ -31,6 +31,25 @@ pub struct LeasedJob {
     pub token: String,
 }
 
+/// What a worker asks of [`Queue::lease`]: how many jobs at most, for how long, and how long
+/// to wait for the first.
+///
+/// ```
+/// use std::time::Duration;
+/// use flowcore::ports::Take;
+/// let take = Take { max: 8, ttl: Duration::from_secs(30), wait: Duration::from_secs(1) };
+/// assert!(take.wait < take.ttl);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Take {
+    /// Jobs at most.
+    pub max: usize,
+    /// The leases' time to live.
+    pub ttl: Duration,
+    /// How long to wait for a first job when none is ready.
+    pub wait: Duration,
+}
+
 /// How many jobs a queue holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct QueueDepth {
@@ -57,15 +76,9 @@ pub trait Queue: Send + Sync {
         run_id: &RunId,
         not_before: Option<DateTime<Utc>>,
     ) -> StoreResult<String>;
-    /// Leases up to `max` ready jobs (expired leases included) for `ttl`, waiting up to `wait`
-    /// for the first one. Returns an empty list when none came.
-    async fn lease(
-        &self,
-        group: &str,
-        max: usize,
-        ttl: Duration,
-        wait: Duration,
-    ) -> StoreResult<Vec<LeasedJob>>;
+    /// Leases up to `take.max` ready jobs of `group` (expired leases included) for `take.ttl`,
+    /// waiting up to `take.wait` for the first one. Returns an empty list when none came.
+    async fn lease(&self, group: &str, take: Take) -> StoreResult<Vec<LeasedJob>>;
     /// Extends a lease. `StaleLease` when the job was delivered again or acked since.
     async fn heartbeat(&self, job: &LeasedJob, ttl: Duration) -> StoreResult<()>;
     /// Removes a finished job. Idempotent for the same delivery; `StaleLease` for an older one.

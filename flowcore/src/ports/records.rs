@@ -225,22 +225,22 @@ pub struct UsageDay {
 /// Usage counters per flow and day.
 #[async_trait]
 pub trait UsageStore: Send + Sync {
-    /// Adds to a flow's counters of a day (atomically; concurrent adds all count).
-    async fn add_usage(
-        &self,
-        flow_id: &str,
-        day: &str,
-        runs: u64,
-        node_executions: u64,
-        tokens: u64,
-    ) -> StoreResult<()>;
-    /// Counters of one flow (or all) between two days, inclusive, by flow then day.
-    async fn usage(
-        &self,
-        flow_id: Option<&str>,
-        from_day: &str,
-        to_day: &str,
-    ) -> StoreResult<Vec<UsageDay>>;
+    /// Adds the counts of `usage` to its flow's counters of its day (atomically; concurrent
+    /// adds all count).
+    async fn add_usage(&self, usage: &UsageDay) -> StoreResult<()>;
+    /// The counters the query asks for, by flow then day.
+    async fn usage(&self, query: &UsageQuery) -> StoreResult<Vec<UsageDay>>;
+}
+
+/// Which usage counters to read: of one flow (or all) between two days, inclusive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageQuery {
+    /// One flow's, or every flow's when `None`.
+    pub flow_id: Option<String>,
+    /// The first day, `YYYY-MM-DD`.
+    pub from_day: String,
+    /// The last day, `YYYY-MM-DD`.
+    pub to_day: String,
 }
 
 /// Metadata of an uploaded file; the bytes are in the blob store under `blob_key`.

@@ -8,7 +8,7 @@ use chrono::Utc;
 
 use crate::error::StoreError;
 use crate::ids::RunId;
-use crate::ports::Queue;
+use crate::ports::{Queue, Take};
 
 /// The queue suite: leases, redelivery after expiry, no duplicate under concurrent leases,
 /// idempotent ack, stale acks refused, nack with a delay, and with `max_deliveries` (the
@@ -22,7 +22,17 @@ pub async fn queue(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
     queue.enqueue(g, &run, None).await.expect("enqueue");
     let depth = queue.depth(g).await.expect("depth");
     assert_eq!(depth.ready, 1, "one ready job: {depth:?}");
-    let got = queue.lease(g, 10, ttl, none).await.expect("lease");
+    let got = queue
+        .lease(
+            g,
+            Take {
+                max: 10,
+                ttl,
+                wait: none,
+            },
+        )
+        .await
+        .expect("lease");
     assert_eq!(got.len(), 1);
     assert_eq!(
         (got[0].job.run_id.clone(), got[0].job.deliveries),
@@ -35,7 +45,14 @@ pub async fn queue(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
     // Expiry: delivered again, and the old delivery can no longer ack or heartbeat.
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
     let again = queue
-        .lease(g, 10, ttl, none)
+        .lease(
+            g,
+            Take {
+                max: 10,
+                ttl,
+                wait: none,
+            },
+        )
         .await
         .expect("lease after expiry");
     assert_eq!(again.len(), 1, "an expired lease is delivered again");
@@ -63,7 +80,18 @@ pub async fn queue(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
         .enqueue(g, &RunId::new(), None)
         .await
         .expect("enqueue");
-    let job = queue.lease(g, 1, ttl, none).await.expect("lease").remove(0);
+    let job = queue
+        .lease(
+            g,
+            Take {
+                max: 1,
+                ttl,
+                wait: none,
+            },
+        )
+        .await
+        .expect("lease")
+        .remove(0);
     queue
         .nack(&job, Some(Utc::now() + chrono::Duration::milliseconds(200)))
         .await
@@ -75,7 +103,14 @@ pub async fn queue(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
         "the nacked job counts as delayed"
     );
     let later = queue
-        .lease(g, 1, ttl, Duration::from_secs(2))
+        .lease(
+            g,
+            Take {
+                max: 1,
+                ttl,
+                wait: Duration::from_secs(2),
+            },
+        )
         .await
         .expect("lease with wait");
     assert_eq!(later.len(), 1, "lease waits for the delayed job");
@@ -86,7 +121,18 @@ pub async fn queue(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
         let doomed = RunId::new();
         queue.enqueue(g, &doomed, None).await.expect("enqueue");
         for delivery in 1..=max {
-            let job = queue.lease(g, 1, ttl, none).await.expect("lease").remove(0);
+            let job = queue
+                .lease(
+                    g,
+                    Take {
+                        max: 1,
+                        ttl,
+                        wait: none,
+                    },
+                )
+                .await
+                .expect("lease")
+                .remove(0);
             assert_eq!(job.job.deliveries, delivery);
             queue.nack(&job, None).await.expect("nack");
         }
@@ -113,7 +159,14 @@ pub async fn queue(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
             let mut mine = Vec::new();
             loop {
                 let batch = queue
-                    .lease("kit-many", 7, Duration::from_secs(30), Duration::ZERO)
+                    .lease(
+                        "kit-many",
+                        Take {
+                            max: 7,
+                            ttl: Duration::from_secs(30),
+                            wait: Duration::ZERO,
+                        },
+                    )
                     .await
                     .expect("lease");
                 if batch.is_empty() {
@@ -141,7 +194,14 @@ pub async fn queue(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
 /// Asserts that `group` has nothing to deliver now (`why` says what the test expects).
 async fn nothing_to_lease(queue: &dyn Queue, group: &str, max: usize, why: &str) {
     let got = queue
-        .lease(group, max, Duration::from_secs(5), Duration::ZERO)
+        .lease(
+            group,
+            Take {
+                max,
+                ttl: Duration::from_secs(5),
+                wait: Duration::ZERO,
+            },
+        )
         .await
         .expect("lease");
     assert!(got.is_empty(), "{why}");

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use chrono::Utc;
 
 use crate::error::StoreError;
+use crate::ports::{UsageDay, UsageQuery};
 
 /// The four stores of the server's records, as one backend implements them.
 pub trait Records:
@@ -195,22 +196,24 @@ pub async fn meta_store(store: Arc<dyn Records>) {
     for _ in 0..20 {
         let store = store.clone();
         adds.push(tokio::spawn(async move {
-            store.add_usage("f1", "2026-11-22", 1, 4, 10).await
+            store
+                .add_usage(&usage_of("f1", "2026-11-22", [1, 4, 10]))
+                .await
         }));
     }
     for a in adds {
         a.await.expect("task").expect("add usage");
     }
     store
-        .add_usage("f1", "2026-11-23", 1, 1, 0)
+        .add_usage(&usage_of("f1", "2026-11-23", [1, 1, 0]))
         .await
         .expect("add");
     store
-        .add_usage("f2", "2026-11-22", 2, 2, 2)
+        .add_usage(&usage_of("f2", "2026-11-22", [2, 2, 2]))
         .await
         .expect("add");
     let f1 = store
-        .usage(Some("f1"), "2026-11-01", "2026-11-30")
+        .usage(&days(Some("f1"), "2026-11-01", "2026-11-30"))
         .await
         .expect("usage");
     assert_eq!(f1.len(), 2);
@@ -225,7 +228,7 @@ pub async fn meta_store(store: Arc<dyn Records>) {
     );
     assert_eq!(
         store
-            .usage(None, "2026-11-22", "2026-11-22")
+            .usage(&days(None, "2026-11-22", "2026-11-22"))
             .await
             .expect("usage")
             .len(),
@@ -249,4 +252,23 @@ pub async fn meta_store(store: Arc<dyn Records>) {
         store.get_file("file1").await,
         Err(StoreError::NotFound { .. })
     ));
+}
+
+/// A flow's day of usage: runs, node executions and tokens.
+fn usage_of(flow_id: &str, day: &str, [runs, node_executions, tokens]: [u64; 3]) -> UsageDay {
+    UsageDay {
+        flow_id: flow_id.into(),
+        day: day.into(),
+        runs,
+        node_executions,
+        tokens,
+    }
+}
+
+fn days(flow_id: Option<&str>, from_day: &str, to_day: &str) -> UsageQuery {
+    UsageQuery {
+        flow_id: flow_id.map(str::to_owned),
+        from_day: from_day.into(),
+        to_day: to_day.into(),
+    }
 }

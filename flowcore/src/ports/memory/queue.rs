@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use super::{lock, ttl_to_chrono};
 use crate::error::StoreError;
 use crate::ids::{RunId, new_id};
-use crate::ports::{Job, LeasedJob, Queue, QueueDepth, StoreResult};
+use crate::ports::{Job, LeasedJob, Queue, QueueDepth, StoreResult, Take};
 
 /// An in-process queue with leases, delays and a dead-letter list: the embedded twin of the
 /// Redis queue.
@@ -163,13 +163,8 @@ impl Queue for MemoryQueue {
         Ok(id)
     }
 
-    async fn lease(
-        &self,
-        group: &str,
-        max: usize,
-        ttl: Duration,
-        wait: Duration,
-    ) -> StoreResult<Vec<LeasedJob>> {
+    async fn lease(&self, group: &str, take: Take) -> StoreResult<Vec<LeasedJob>> {
+        let Take { max, ttl, wait } = take;
         let until = tokio::time::Instant::now() + wait;
         loop {
             // Register interest before looking, so an enqueue between the look and the wait

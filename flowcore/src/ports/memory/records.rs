@@ -10,7 +10,7 @@ use super::lock;
 use crate::error::StoreError;
 use crate::ports::{
     ApiKeyRecord, ApiKeyStore, CredentialStore, FileRecord, FileStore, StoreResult,
-    StoredCredential, UsageDay, UsageStore,
+    StoredCredential, UsageDay, UsageQuery, UsageStore,
 };
 
 /// Credentials, API keys, usage and files in memory.
@@ -148,43 +148,31 @@ impl ApiKeyStore for MemoryMetaStore {
 
 #[async_trait]
 impl UsageStore for MemoryMetaStore {
-    async fn add_usage(
-        &self,
-        flow_id: &str,
-        day: &str,
-        runs: u64,
-        node_executions: u64,
-        tokens: u64,
-    ) -> StoreResult<()> {
+    async fn add_usage(&self, usage: &UsageDay) -> StoreResult<()> {
         let mut st = lock(&self.state);
         let entry = st
             .usage
-            .entry((flow_id.to_owned(), day.to_owned()))
+            .entry((usage.flow_id.clone(), usage.day.clone()))
             .or_insert_with(|| UsageDay {
-                flow_id: flow_id.to_owned(),
-                day: day.to_owned(),
                 runs: 0,
                 node_executions: 0,
                 tokens: 0,
+                ..usage.clone()
             });
-        entry.runs += runs;
-        entry.node_executions += node_executions;
-        entry.tokens += tokens;
+        entry.runs += usage.runs;
+        entry.node_executions += usage.node_executions;
+        entry.tokens += usage.tokens;
         Ok(())
     }
-    async fn usage(
-        &self,
-        flow_id: Option<&str>,
-        from_day: &str,
-        to_day: &str,
-    ) -> StoreResult<Vec<UsageDay>> {
+
+    async fn usage(&self, query: &UsageQuery) -> StoreResult<Vec<UsageDay>> {
         Ok(lock(&self.state)
             .usage
             .values()
             .filter(|u| {
-                flow_id.is_none_or(|f| f == u.flow_id)
-                    && u.day.as_str() >= from_day
-                    && u.day.as_str() <= to_day
+                query.flow_id.as_ref().is_none_or(|f| *f == u.flow_id)
+                    && u.day >= query.from_day
+                    && u.day <= query.to_day
             })
             .cloned()
             .collect())

@@ -272,6 +272,10 @@ pub struct Config {
     /// flow's `settings.retention.max_count` replaces it.
     #[arg(long, env = "FLOWCORE_RUN_RETENTION_MAX_COUNT", value_parser = within(1u64..=u64::MAX, "runs"))]
     pub run_retention_max_count: Option<u64>,
+    /// `true`: runs that retention deletes are first written to the blob store (gzipped JSON
+    /// lines under `archive/`), and `GET /api/v1/runs/{id}` still finds them there.
+    #[arg(long, env = "FLOWCORE_ARCHIVE", default_value = "false", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub archive: bool,
     /// A worker's hold on a run, renewed every third of it; a dead worker's runs move on after
     /// it.
     #[arg(long, env = "FLOWCORE_LEASE_SECONDS", default_value = "30", value_parser = within(2u64..=3600, "seconds"))]

@@ -18,6 +18,7 @@
 
 pub mod admission;
 pub mod app;
+pub mod archive;
 pub mod auth;
 pub mod background;
 pub mod config;

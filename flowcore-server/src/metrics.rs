@@ -52,6 +52,8 @@ pub struct Metrics {
     queue_depth: Family<GroupLabels, Gauge>,
     in_flight: Gauge,
     pruned: Counter,
+    archived: Counter,
+    archive_lag: Gauge,
     database_bytes: Gauge,
     memory: Gauge,
     cpu_millis: Gauge,
@@ -83,6 +85,8 @@ impl Metrics {
         let queue_depth = Family::<GroupLabels, Gauge>::default();
         let in_flight = Gauge::default();
         let pruned = Counter::default();
+        let archived = Counter::default();
+        let archive_lag = Gauge::default();
         let database_bytes = Gauge::default();
         let memory = Gauge::default();
         let cpu_millis = Gauge::default();
@@ -123,6 +127,16 @@ impl Metrics {
             pruned.clone(),
         );
         registry.register(
+            "flowcore_runs_archived",
+            "Runs written to the archive before retention deleted them (by this process)",
+            archived.clone(),
+        );
+        registry.register(
+            "flowcore_archive_lag_seconds",
+            "How long the oldest run past its retention has waited to be archived and deleted",
+            archive_lag.clone(),
+        );
+        registry.register(
             "flowcore_database_bytes",
             "The database's size as last measured (once a minute, by the retention pass)",
             database_bytes.clone(),
@@ -147,6 +161,8 @@ impl Metrics {
             queue_depth,
             in_flight,
             pruned,
+            archived,
+            archive_lag,
             database_bytes,
             memory,
             cpu_millis,
@@ -156,6 +172,17 @@ impl Metrics {
     /// Runs deleted by retention.
     pub fn runs_pruned(&self, n: usize) {
         self.pruned.inc_by(n as u64);
+    }
+
+    /// Runs archived.
+    pub fn runs_archived(&self, n: usize) {
+        self.archived.inc_by(n as u64);
+    }
+
+    /// How long the oldest run due for deletion has waited.
+    pub fn archive_lag(&self, lag: std::time::Duration) {
+        self.archive_lag
+            .set(i64::try_from(lag.as_secs()).unwrap_or(i64::MAX));
     }
 
     /// The database's size.

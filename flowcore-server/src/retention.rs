@@ -10,6 +10,7 @@ use flowcore::ports::{PruneRule, all_flows};
 use flowcore::{CancellationToken, Retention, RunId, StoreError};
 use futures::StreamExt;
 
+use crate::archive;
 use crate::state::{AppState, Shared};
 
 /// How often a process prunes: often, so that each pass is small.
@@ -102,6 +103,9 @@ async fn prune_pass(
             except: longer,
             ..PruneRule::older_than(before)
         };
+        if config.archive {
+            state.metrics.archive_lag(lag(state, &rule, before).await?);
+        }
         pruned += prune(state, &rule).await?;
     }
     state.metrics.runs_pruned(pruned);
@@ -125,16 +129,43 @@ async fn prune_pass(
     Ok(pruned)
 }
 
-/// Deletes the runs `rule` selects, batch by batch with a pause between, and the blobs of
-/// their outputs that were too large for the database. Returns how many runs were deleted.
+/// How long the oldest run that `rule` (due `before`) selects has been due: what the archive
+/// (and retention) is behind by.
+async fn lag(
+    state: &AppState,
+    rule: &PruneRule,
+    before: DateTime<Utc>,
+) -> Result<Duration, StoreError> {
+    let oldest = state.stores.runs.prunable(rule, 1).await?;
+    let created = oldest.first().and_then(RunId::created_at);
+    Ok(created
+        .and_then(|at| (before - at).to_std().ok())
+        .unwrap_or_default())
+}
+
+/// Deletes the runs `rule` selects, batch by batch with a pause between (each batch written
+/// to the archive first, with `FLOWCORE_ARCHIVE`). Returns how many runs were deleted.
 async fn prune(state: &AppState, rule: &PruneRule) -> Result<usize, StoreError> {
     let pass = std::time::Instant::now();
+    let runs = state.stores.runs.as_ref();
     let mut total = 0;
     loop {
         let started = std::time::Instant::now();
-        let ids = state.stores.runs.prune(rule, BATCH).await?;
-        total += ids.len();
-        if ids.len() < BATCH {
+        let (chosen, deleted) = if state.config.archive {
+            let ids = runs.prunable(rule, BATCH).await?;
+            let mut deleted = 0;
+            if !ids.is_empty() {
+                let written = archive::write(runs, state.stores.blobs.as_ref(), &ids).await?;
+                state.metrics.runs_archived(written);
+                deleted = runs.delete_finished(&ids).await?.len();
+            }
+            (ids.len(), deleted)
+        } else {
+            let deleted = runs.prune(rule, BATCH).await?.len();
+            (deleted, deleted)
+        };
+        total += deleted;
+        if chosen < BATCH {
             return Ok(total);
         }
         let pause = if pass.elapsed() < PRUNE_EVERY {

@@ -19,6 +19,23 @@ impl RunId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// When a UUIDv7 id (the default) was made, to the millisecond; `None` for another id.
+    ///
+    /// ```
+    /// let id = flowcore::RunId::new();
+    /// let age = chrono::Utc::now() - id.created_at().unwrap();
+    /// assert!(age.num_seconds() < 5);
+    /// assert!(flowcore::RunId::from("not-a-uuid").created_at().is_none());
+    /// ```
+    pub fn created_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let uuid = uuid::Uuid::try_parse(&self.0).ok()?;
+        if uuid.get_version_num() != 7 {
+            return None;
+        }
+        let (secs, nanos) = uuid.get_timestamp()?.to_unix();
+        chrono::DateTime::from_timestamp(i64::try_from(secs).ok()?, nanos)
+    }
 }
 
 impl Default for RunId {

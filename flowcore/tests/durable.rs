@@ -154,8 +154,11 @@ mod commits {
         ) -> StoreResult<Vec<(RunId, Option<DateTime<Utc>>)>> {
             self.inner.expired(after, now, limit).await
         }
-        async fn prune(&self, rule: &PruneRule, batch: usize) -> StoreResult<Vec<RunId>> {
-            self.inner.prune(rule, batch).await
+        async fn prunable(&self, rule: &PruneRule, limit: usize) -> StoreResult<Vec<RunId>> {
+            self.inner.prunable(rule, limit).await
+        }
+        async fn delete_finished(&self, ids: &[RunId]) -> StoreResult<Vec<RunId>> {
+            self.inner.delete_finished(ids).await
         }
     }
 

@@ -9,10 +9,11 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use flowcore::durable::resolve;
 use flowcore::ports::{BlobStore, RunFilter, RunRecord};
-use flowcore::{RunId, RunStatus, StepStatus};
+use flowcore::{RunId, RunStatus, StepStatus, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::archive;
 use crate::error::{ApiError, ApiErrorBody, JsonBody};
 use crate::lifecycle::{self, RunAnswer, RunState, Start};
 use crate::routes::Page;
@@ -128,6 +129,9 @@ pub struct RunView {
     pub started_at: Option<DateTime<Utc>>,
     /// Its steps, in the flow's node order.
     pub steps: Vec<StepView>,
+    /// Read from the archive: retention deleted it from the database (`FLOWCORE_ARCHIVE`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub archived: bool,
 }
 
 /// A stored value as readers see it: read back from the blob store when it was offloaded.
@@ -146,9 +150,18 @@ pub(crate) async fn read(
 ) -> Result<Json<RunView>, ApiError> {
     let id = RunId::from(id);
     let (runs, blobs) = (&state.stores.runs, state.stores.blobs.as_ref());
-    let run = runs.get(&id).await?;
+    let (run, stored, archived) = match runs.get(&id).await {
+        Ok(run) => (run, runs.steps(&id).await?, false),
+        Err(StoreError::NotFound { .. }) if state.config.archive => {
+            match archive::find(blobs, &id).await? {
+                Some(found) => (found.run, found.steps, true),
+                None => return Err(StoreError::not_found("run", id.as_str()).into()),
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mut steps = Vec::new();
-    for step in runs.steps(&id).await? {
+    for step in stored {
         steps.push(StepView {
             output: shown(step.output.as_deref(), blobs).await?,
             node: step.node.to_string(),
@@ -166,6 +179,7 @@ pub(crate) async fn read(
         started_at: run.started_at,
         run: RunSummary::from(run),
         steps,
+        archived,
     }))
 }
 

@@ -1259,3 +1259,52 @@ async fn retention_prunes_finished_runs_by_age_and_by_count() {
     assert_eq!(size > 0, BACKEND != Backend::Memory, "{size}");
     cleanup(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archived_runs_are_still_found_after_retention_deleted_them() {
+    let (app, state, dir) = app_with_state(&[("FLOWCORE_ARCHIVE", "true")]).await;
+    let flow = json!({"id": "plain", "nodes": [{"id": "n", "type": "set", "params": {"fields": {"text": "{{ input.text }}"}}}]});
+    let (status, _) = call(&app, "POST", "/api/v1/flows", Some(KEY), Some(flow.to_string().into_bytes())).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let mut before = Vec::new();
+    // Two small runs and one whose output went to the blob store.
+    for text in ["one".to_owned(), "two".to_owned(), "x".repeat(100_000)] {
+        let body = json!({"input": {"text": text}}).to_string().into_bytes();
+        let (status, run) = call(&app, "POST", "/api/v1/flows/plain/runs", Some(KEY), Some(body)).await;
+        assert_eq!(status, StatusCode::OK, "{run}");
+        let id = run["run_id"].as_str().unwrap().to_owned();
+        let (_, stored) = call(&app, "GET", &format!("/api/v1/runs/{id}"), Some(KEY), None).await;
+        assert!(stored.get("archived").is_none(), "{stored}");
+        before.push((id, stored));
+    }
+    let (_, queued) = call(&app, "POST", "/api/v1/flows/plain/runs", Some(KEY), Some(br#"{"wait": false}"#.to_vec())).await;
+    let later = chrono::Utc::now() + chrono::Duration::days(15);
+    assert_eq!(flowcore_server::retention::prune_once(&state, later).await.unwrap(), 3);
+    for (id, stored) in &before {
+        assert!(matches!(
+            state.stores.runs.get(&flowcore::RunId::from(id.as_str())).await,
+            Err(flowcore::StoreError::NotFound { .. })
+        ), "deleted from the database");
+        let (status, archived) = call(&app, "GET", &format!("/api/v1/runs/{id}"), Some(KEY), None).await;
+        assert_eq!(status, StatusCode::OK, "{archived}");
+        assert_eq!(archived["archived"], true);
+        let mut same = archived.clone();
+        same.as_object_mut().unwrap().remove("archived");
+        assert_eq!(&same, stored, "the archive gives the run back as it was, large output included");
+    }
+    assert_eq!(before[2].1["output"]["text"].as_str().map(str::len), Some(100_000));
+    let objects = state.stores.blobs.list("archive/").await.unwrap();
+    assert_eq!(objects.len(), 1, "one object for the flow's day: {objects:?}");
+    // A queued run stays in the database; an id nobody made is not found.
+    let queued_id = queued["run_id"].as_str().unwrap();
+    let (_, stays) = call(&app, "GET", &format!("/api/v1/runs/{queued_id}"), Some(KEY), None).await;
+    assert!(stays.get("archived").is_none(), "{stays}");
+    let nobody = flowcore::RunId::new();
+    let (status, missing) = call(&app, "GET", &format!("/api/v1/runs/{nobody}"), Some(KEY), None).await;
+    assert_eq!((status, missing["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+    assert_eq!(flowcore_server::retention::prune_once(&state, later).await.unwrap(), 0);
+    let metrics = text_of(get_unsigned(&app, "/metrics").await).await;
+    assert!(metrics.contains("flowcore_runs_archived_total 3"), "{metrics}");
+    assert!(metrics.contains("flowcore_archive_lag_seconds "), "{metrics}");
+    cleanup(&dir);
+}

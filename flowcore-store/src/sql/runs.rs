@@ -214,6 +214,19 @@ impl SqlStore {
     }
 }
 
+/// Deletes the runs `ids` and their steps, in the transaction of `conn`. (A macro: the
+/// connection is SQLite's or PostgreSQL's.)
+macro_rules! delete_runs {
+    ($conn:expr, $ids:expr) => {{
+        diesel::delete(steps::table.filter(steps::run_id.eq_any($ids)))
+            .execute($conn)
+            .await?;
+        diesel::delete(runs::table.filter(runs::id.eq_any($ids)))
+            .execute($conn)
+            .await?;
+    }};
+}
+
 #[async_trait]
 impl RunStore for SqlStore {
     async fn create(&self, run: NewRun) -> StoreResult<(RunRecord, bool)> {
@@ -629,7 +642,44 @@ impl RunStore for SqlStore {
         Ok(u64::try_from(bytes).ok())
     }
 
+    async fn prunable(&self, rule: &PruneRule, limit: usize) -> StoreResult<Vec<RunId>> {
+        self.prune_or_look(rule, limit, false).await
+    }
+
+    async fn delete_finished(&self, ids: &[RunId]) -> StoreResult<Vec<RunId>> {
+        let ids: Vec<&str> = ids.iter().map(RunId::as_str).collect();
+        let gone: Vec<String> = with_conn!(self, write, |conn| {
+            let ids = ids.clone();
+            conn.transaction(async move |conn| {
+                let finished: Vec<String> = runs::table
+                    .filter(runs::id.eq_any(&ids))
+                    .filter(runs::status.eq_any(final_statuses()))
+                    .select(runs::id)
+                    .load(conn)
+                    .await?;
+                delete_runs!(conn, &finished);
+                Ok::<_, diesel::result::Error>(finished)
+            })
+            .await
+            .map_err(|e| db_error("deleting runs", e))?
+        });
+        Ok(gone.into_iter().map(RunId::from).collect())
+    }
+
     async fn prune(&self, rule: &PruneRule, batch: usize) -> StoreResult<Vec<RunId>> {
+        self.prune_or_look(rule, batch, true).await
+    }
+}
+
+impl SqlStore {
+    /// The finished runs `rule` selects, oldest first, at most `batch`; deleted with their
+    /// steps when `delete` (one process at a time on PostgreSQL: the others get nothing).
+    async fn prune_or_look(
+        &self,
+        rule: &PruneRule,
+        batch: usize,
+        delete: bool,
+    ) -> StoreResult<Vec<RunId>> {
         let batch = batch.clamp(1, 10_000) as i64;
         let before = rule.before.map(micros);
         let (flow, except, keep) = (
@@ -643,7 +693,7 @@ impl RunStore for SqlStore {
             conn.transaction(async move |conn| {
                 // One process prunes at a time: the others find the lock taken and prune
                 // nothing this pass. (SQLite has one writer anyway.)
-                if postgres {
+                if postgres && delete {
                     let ours: bool = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
                         "pg_try_advisory_xact_lock(4171003)",
                     ))
@@ -698,15 +748,9 @@ impl RunStore for SqlStore {
                         ids.extend(more);
                     }
                 }
-                if ids.is_empty() {
-                    return Ok(ids);
+                if delete && !ids.is_empty() {
+                    delete_runs!(conn, &ids);
                 }
-                diesel::delete(steps::table.filter(steps::run_id.eq_any(&ids)))
-                    .execute(conn)
-                    .await?;
-                diesel::delete(runs::table.filter(runs::id.eq_any(&ids)))
-                    .execute(conn)
-                    .await?;
                 Ok(ids)
             })
             .await

@@ -236,10 +236,24 @@ pub trait RunStore: Send + Sync {
         now: DateTime<Utc>,
         limit: usize,
     ) -> StoreResult<Vec<(RunId, Option<DateTime<Utc>>)>>;
+    /// The finished runs that `rule` selects, oldest first, at most `limit`: what
+    /// [`RunStore::prune`] deletes next. For a caller that does something with them first
+    /// (the server's archive), then deletes them with [`RunStore::delete_finished`].
+    async fn prunable(&self, rule: &PruneRule, limit: usize) -> StoreResult<Vec<RunId>>;
+    /// Deletes those of `ids` that are finished, with their steps, and returns them (a run
+    /// that is not finished, or not there, is left out).
+    async fn delete_finished(&self, ids: &[RunId]) -> StoreResult<Vec<RunId>>;
     /// Deletes up to `batch` finished runs (and their steps) that `rule` selects, oldest
     /// first, and returns their ids. Callers loop until it returns less than `batch`. A store
-    /// shared by several processes lets one prune at a time: the others get nothing.
-    async fn prune(&self, rule: &PruneRule, batch: usize) -> StoreResult<Vec<RunId>>;
+    /// shared by several processes lets one prune at a time: the others get nothing. The
+    /// default is [`RunStore::prunable`] then [`RunStore::delete_finished`].
+    async fn prune(&self, rule: &PruneRule, batch: usize) -> StoreResult<Vec<RunId>> {
+        let ids = self.prunable(rule, batch).await?;
+        if ids.is_empty() {
+            return Ok(ids);
+        }
+        self.delete_finished(&ids).await
+    }
     /// Gives some of the space that deleted rows left back to the system, a step at a time
     /// (SQLite's incremental vacuum: each step a short write); returns whether there may be
     /// more to give. The default gives nothing (a store whose database does it itself, or keeps

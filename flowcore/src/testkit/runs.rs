@@ -774,4 +774,45 @@ pub async fn pruning(store: &dyn RunStore) {
         ..PruneRule::older_than(Utc::now())
     };
     assert_eq!(store.prune(&all, 100).await.expect("prune").len(), 2);
+
+    // Looking first, deleting after (what an archive does): the look deletes nothing, and
+    // the delete takes only finished runs.
+    let flow = format!("look-{}", crate::ids::new_id());
+    let (queued, _) = store.create(new_run(&flow, None)).await.expect("create");
+    let mut done = Vec::new();
+    for _ in 0..3 {
+        let (run, _) = store.create(new_run(&flow, None)).await.expect("create");
+        store
+            .transition(&run.id, RunStatus::Queued, RunStatus::Cancelled)
+            .await
+            .expect("finish");
+        done.push(run.id);
+    }
+    let rule = PruneRule {
+        flow_id: Some(flow),
+        ..PruneRule::older_than(Utc::now())
+    };
+    let looked = store.prunable(&rule, 2).await.expect("prunable");
+    assert_eq!(
+        looked,
+        done[..2].to_vec(),
+        "the oldest finished runs, at most the limit"
+    );
+    assert!(store.get(&done[0]).await.is_ok(), "looking deletes nothing");
+    let mut asked = vec![queued.id.clone(), done[0].clone(), RunId::new()];
+    asked.extend(looked.iter().cloned());
+    let mut gone = store.delete_finished(&asked).await.expect("delete");
+    gone.sort();
+    let mut expected = looked.clone();
+    expected.sort();
+    assert_eq!(gone, expected, "only the finished ones go");
+    assert!(store.get(&queued.id).await.is_ok(), "a queued run stays");
+    assert!(matches!(
+        store.steps(&done[0]).await.map(|s| s.len()),
+        Ok(0) | Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(
+        store.prunable(&rule, 10).await.expect("prunable"),
+        vec![done[2].clone()]
+    );
 }

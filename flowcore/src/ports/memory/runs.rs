@@ -281,8 +281,8 @@ impl RunStore for MemoryRunStore {
         Ok(found)
     }
 
-    async fn prune(&self, rule: &PruneRule, batch: usize) -> StoreResult<Vec<RunId>> {
-        let mut st = lock(&self.state);
+    async fn prunable(&self, rule: &PruneRule, limit: usize) -> StoreResult<Vec<RunId>> {
+        let st = lock(&self.state);
         let chosen = |r: &RunRecord| {
             r.status.is_final()
                 && match &rule.flow_id {
@@ -303,7 +303,7 @@ impl RunStore for MemoryRunStore {
                     .nth(usize::try_from(keep.saturating_sub(1)).unwrap_or(usize::MAX))
                     .map(|(seq, _)| *seq)
             });
-        let doomed: Vec<(u64, RunId)> = st
+        Ok(st
             .order
             .iter()
             .filter_map(|(seq, id)| st.runs.get(id).map(|(_, r)| (*seq, r)))
@@ -312,18 +312,27 @@ impl RunStore for MemoryRunStore {
                     && (rule.before.is_some_and(|before| r.created_at < before)
                         || cutoff.is_some_and(|cutoff| *seq < cutoff))
             })
-            .map(|(seq, r)| (seq, r.id.clone()))
-            .take(batch)
-            .collect();
-        for (seq, id) in &doomed {
-            st.order.remove(seq);
-            if let Some((_, run)) = st.runs.remove(id)
-                && let Some(key) = run.idempotency_key
-            {
-                st.idempotency.remove(&(run.flow_id, key));
+            .map(|(_, r)| r.id.clone())
+            .take(limit)
+            .collect())
+    }
+
+    async fn delete_finished(&self, ids: &[RunId]) -> StoreResult<Vec<RunId>> {
+        let mut st = lock(&self.state);
+        let mut gone = Vec::new();
+        for id in ids {
+            if !st.runs.get(id).is_some_and(|(_, r)| r.status.is_final()) {
+                continue;
+            }
+            if let Some((seq, run)) = st.runs.remove(id) {
+                st.order.remove(&seq);
+                if let Some(key) = run.idempotency_key {
+                    st.idempotency.remove(&(run.flow_id, key));
+                }
             }
             st.steps.remove(id);
+            gone.push(id.clone());
         }
-        Ok(doomed.into_iter().map(|(_, id)| id).collect())
+        Ok(gone)
     }
 }

@@ -272,6 +272,11 @@ pub struct Config {
     /// flow's `settings.retention.max_count` replaces it.
     #[arg(long, env = "FLOWCORE_RUN_RETENTION_MAX_COUNT", value_parser = within(1u64..=u64::MAX, "runs"))]
     pub run_retention_max_count: Option<u64>,
+    /// The data of finished runs older than this many days (input, output, trigger, steps) is
+    /// dropped, their summary kept until FLOWCORE_RUN_RETENTION_DAYS (0 = kept as long as the
+    /// run); a flow's `settings.retention.data_days` replaces it.
+    #[arg(long, env = "FLOWCORE_RUN_DATA_RETENTION_DAYS", default_value = "0", value_parser = within(0u32..=36_500, "days"))]
+    pub run_data_retention_days: u32,
     /// `true`: runs that retention deletes are first written to the blob store (gzipped JSON
     /// lines under `archive/`), and `GET /api/v1/runs/{id}` still finds them there.
     #[arg(long, env = "FLOWCORE_ARCHIVE", default_value = "false", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]

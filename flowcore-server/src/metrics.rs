@@ -53,6 +53,7 @@ pub struct Metrics {
     in_flight: Gauge,
     pruned: Counter,
     archived: Counter,
+    data_dropped: Counter,
     archive_lag: Gauge,
     database_bytes: Gauge,
     memory: Gauge,
@@ -86,6 +87,7 @@ impl Metrics {
         let in_flight = Gauge::default();
         let pruned = Counter::default();
         let archived = Counter::default();
+        let data_dropped = Counter::default();
         let archive_lag = Gauge::default();
         let database_bytes = Gauge::default();
         let memory = Gauge::default();
@@ -132,6 +134,11 @@ impl Metrics {
             archived.clone(),
         );
         registry.register(
+            "flowcore_runs_data_dropped",
+            "Finished runs whose data retention dropped, keeping their summary (by this process)",
+            data_dropped.clone(),
+        );
+        registry.register(
             "flowcore_archive_lag_seconds",
             "How long the oldest run past its retention has waited to be archived and deleted",
             archive_lag.clone(),
@@ -162,6 +169,7 @@ impl Metrics {
             in_flight,
             pruned,
             archived,
+            data_dropped,
             archive_lag,
             database_bytes,
             memory,
@@ -177,6 +185,11 @@ impl Metrics {
     /// Runs archived.
     pub fn runs_archived(&self, n: usize) {
         self.archived.inc_by(n as u64);
+    }
+
+    /// Runs whose data was dropped.
+    pub fn runs_data_dropped(&self, n: usize) {
+        self.data_dropped.inc_by(n as u64);
     }
 
     /// How long the oldest run due for deletion has waited.

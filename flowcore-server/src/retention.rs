@@ -109,7 +109,8 @@ async fn prune_pass(
         pruned += prune(state, &rule).await?;
     }
     state.metrics.runs_pruned(pruned);
-    // Once a minute (with the counts): the blobs of runs that are gone.
+    drop_data_pass(state, now, rules).await?;
+    // Once a minute (with the counts): the blobs of runs that are gone, or lost their data.
     if counts {
         forget_orphan_blobs(state).await?;
     }
@@ -127,6 +128,70 @@ async fn prune_pass(
         state.metrics.database_bytes(bytes);
     }
     Ok(pruned)
+}
+
+/// Drops the data of the runs past their data retention (`settings.retention.data_days`, or
+/// `FLOWCORE_RUN_DATA_RETENTION_DAYS`): each flow with a rule of its own by it, then every
+/// other flow's by the default. Returns how many runs lost their data.
+async fn drop_data_pass(
+    state: &AppState,
+    now: DateTime<Utc>,
+    rules: &[(String, Retention)],
+) -> Result<usize, StoreError> {
+    let default_days = state.config.run_data_retention_days;
+    let days_ago = |days: u32| now - chrono::Duration::days(i64::from(days));
+    let mut own = Vec::new();
+    let mut dropped = 0;
+    for (flow_id, retention) in rules {
+        let Some(days) = retention.data_days else {
+            continue;
+        };
+        let rule = PruneRule {
+            flow_id: Some(flow_id.clone()),
+            ..PruneRule::older_than(days_ago(days))
+        };
+        dropped += in_batches(|| state.stores.runs.drop_data(&rule, BATCH)).await?;
+        own.push(flow_id.clone());
+    }
+    if default_days > 0 {
+        let rule = PruneRule {
+            except: own,
+            ..PruneRule::older_than(days_ago(default_days))
+        };
+        dropped += in_batches(|| state.stores.runs.drop_data(&rule, BATCH)).await?;
+    }
+    state.metrics.runs_data_dropped(dropped);
+    Ok(dropped)
+}
+
+/// Calls `batch` until it returns less than [`BATCH`] runs, pausing between calls as
+/// [`prune`] does. Returns how many runs the calls returned.
+async fn in_batches<F, Fut>(mut batch: F) -> Result<usize, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<RunId>, StoreError>>,
+{
+    let pass = std::time::Instant::now();
+    let mut total = 0;
+    loop {
+        let started = std::time::Instant::now();
+        let n = batch().await?.len();
+        total += n;
+        if n < BATCH {
+            return Ok(total);
+        }
+        tokio::time::sleep(pause_after(pass, started)).await;
+    }
+}
+
+/// The pause after a batch that started at `started`, in a pass that started at `pass`: as
+/// long as the batch took while the pass is within [`PRUNE_EVERY`], then [`PAUSE`].
+fn pause_after(pass: std::time::Instant, started: std::time::Instant) -> Duration {
+    if pass.elapsed() < PRUNE_EVERY {
+        started.elapsed().max(PAUSE)
+    } else {
+        PAUSE
+    }
 }
 
 /// How long the oldest run that `rule` (due `before`) selects has been due: what the archive
@@ -168,19 +233,15 @@ async fn prune(state: &AppState, rule: &PruneRule) -> Result<usize, StoreError> 
         if chosen < BATCH {
             return Ok(total);
         }
-        let pause = if pass.elapsed() < PRUNE_EVERY {
-            started.elapsed().max(PAUSE)
-        } else {
-            PAUSE
-        };
-        tokio::time::sleep(pause).await;
+        tokio::time::sleep(pause_after(pass, started)).await;
     }
 }
 
 /// The most runs whose blobs one clean-up looks at.
 const BLOB_RUNS_PER_PASS: usize = 10_000;
 
-/// Deletes the offloaded outputs (`runs/{id}/...`) of runs that no longer exist, from one
+/// Deletes the offloaded outputs (`runs/{id}/...`) of runs that no longer exist or whose data
+/// was dropped, from one
 /// listing of `runs/`: pruned runs', and any a crash left behind. (One listing, not one per
 /// pruned run: on a file system each listing is blocking work.) A blob that fails to go is
 /// logged and left for the next clean-up. Returns how many runs' blobs went.
@@ -203,6 +264,7 @@ async fn forget_orphan_blobs(state: &AppState) -> Result<usize, StoreError> {
         .map(|(id, keys)| async move {
             match state.stores.runs.get(&RunId::from(id.clone())).await {
                 Err(StoreError::NotFound { .. }) => {}
+                Ok(run) if run.data_pruned => {}
                 Ok(_) => return false,
                 Err(e) => {
                     tracing::warn!(run_id = %id, error = %e, "checking a blob's run failed");

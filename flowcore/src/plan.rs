@@ -335,6 +335,14 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
                 "settings.retention.days must be from 1 to 36500",
             ));
         }
+        if retention
+            .data_days
+            .is_some_and(|d| !(1..=36_500).contains(&d))
+        {
+            problems.push(Problem::flow(
+                "settings.retention.data_days must be from 1 to 36500",
+            ));
+        }
         if retention.max_count == Some(0) {
             problems.push(Problem::flow(
                 "settings.retention.max_count must be at least 1",

@@ -160,6 +160,9 @@ mod commits {
         async fn delete_finished(&self, ids: &[RunId]) -> StoreResult<Vec<RunId>> {
             self.inner.delete_finished(ids).await
         }
+        async fn drop_data(&self, rule: &PruneRule, batch: usize) -> StoreResult<Vec<RunId>> {
+            self.inner.drop_data(rule, batch).await
+        }
     }
 
     async fn writes_for(checkpoint: Checkpoint) -> (usize, usize) {

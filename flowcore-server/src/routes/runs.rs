@@ -211,6 +211,10 @@ pub struct RunSummary {
     /// When it ended.
     #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<DateTime<Utc>>,
+    /// Retention dropped its data (input, output, steps) and kept this summary
+    /// (`FLOWCORE_RUN_DATA_RETENTION_DAYS`, `settings.retention.data_days`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub data_pruned: bool,
 }
 
 impl From<RunRecord> for RunSummary {
@@ -222,6 +226,7 @@ impl From<RunRecord> for RunSummary {
             status: r.status,
             created_at: r.created_at,
             finished_at: r.finished_at,
+            data_pruned: r.data_pruned,
         }
     }
 }

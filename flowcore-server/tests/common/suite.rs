@@ -1308,3 +1308,51 @@ async fn archived_runs_are_still_found_after_retention_deleted_them() {
     assert!(metrics.contains("flowcore_archive_lag_seconds "), "{metrics}");
     cleanup(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_old_runs_data_and_keeps_their_summary() {
+    let (app, state, dir) = app_with_state(&[("FLOWCORE_RUN_DATA_RETENTION_DAYS", "3")]).await;
+    let plain = json!({"id": "plain", "nodes": [{"id": "n", "type": "set", "params": {"fields": {"text": "{{ input.text }}"}}}]});
+    let brief = json!({"id": "brief", "nodes": [{"id": "n", "type": "noop"}], "settings": {"retention": {"data_days": 1}}});
+    for flow in [&plain, &brief] {
+        let (status, _) = call(&app, "POST", "/api/v1/flows", Some(KEY), Some(flow.to_string().into_bytes())).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let bad = json!({"id": "bad", "nodes": [{"id": "n", "type": "noop"}], "settings": {"retention": {"data_days": 0}}});
+    let (status, refused) = call(&app, "POST", "/api/v1/flows", Some(KEY), Some(bad.to_string().into_bytes())).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_flow")), "{refused}");
+    let start = async |flow: &str, input: Value| {
+        let body = json!({"input": input}).to_string().into_bytes();
+        let (status, run) = call(&app, "POST", &format!("/api/v1/flows/{flow}/runs"), Some(KEY), Some(body)).await;
+        assert_eq!(status, StatusCode::OK, "{run}");
+        run["run_id"].as_str().unwrap().to_owned()
+    };
+    let big = start("plain", json!({"text": "x".repeat(100_000)})).await;
+    let brief_run = start("brief", json!({"secret": "s"})).await;
+    let read = async |id: &str| call(&app, "GET", &format!("/api/v1/runs/{id}"), Some(KEY), None).await.1;
+    let blobs_of = async |id: &str| state.stores.blobs.list(&format!("runs/{id}/")).await.unwrap();
+    assert!(!blobs_of(&big).await.is_empty(), "the output was offloaded");
+    // Two days on: past the flow's own day, not yet past the server's three.
+    let now = chrono::Utc::now();
+    flowcore_server::retention::prune_once(&state, now + chrono::Duration::days(2)).await.unwrap();
+    let summary = read(&brief_run).await;
+    assert_eq!(summary["data_pruned"], true, "{summary}");
+    assert_eq!((&summary["input"], &summary["output"]), (&Value::Null, &Value::Null));
+    assert_eq!(summary["steps"], json!([]));
+    assert_eq!(summary["status"], "succeeded", "the summary stays");
+    assert!(summary["finished_at"].is_string());
+    assert!(read(&big).await.get("data_pruned").is_none(), "the default is three days");
+    // Four days on: past the default too; the offloaded output goes with the data.
+    flowcore_server::retention::prune_once(&state, now + chrono::Duration::days(4)).await.unwrap();
+    let summary = read(&big).await;
+    assert_eq!((summary["data_pruned"].as_bool(), &summary["output"]), (Some(true), &Value::Null));
+    assert!(blobs_of(&big).await.is_empty(), "{summary}");
+    let (_, page) = call(&app, "GET", "/api/v1/runs?flow_id=plain", Some(KEY), None).await;
+    assert_eq!(page["items"][0]["data_pruned"], true, "{page}");
+    // Past the run retention (14 days), the summaries go too.
+    let pruned = flowcore_server::retention::prune_once(&state, now + chrono::Duration::days(15)).await.unwrap();
+    assert_eq!(pruned, 2);
+    let metrics = text_of(get_unsigned(&app, "/metrics").await).await;
+    assert!(metrics.contains("flowcore_runs_data_dropped_total 2"), "{metrics}");
+    cleanup(&dir);
+}

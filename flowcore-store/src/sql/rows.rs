@@ -36,6 +36,7 @@ pub(super) struct RunRow {
     pub lease_expires_at: Option<i64>,
     pub epoch: i64,
     pub trigger: Option<String>,
+    pub data_pruned_at: Option<i64>,
 }
 
 /// The columns of a [`RunRow`], as statements select or return them (the same on both
@@ -82,6 +83,7 @@ impl TryFrom<RunRow> for RunRecord {
             lease,
             epoch: row.epoch as u64,
             trigger: row.trigger.as_deref().map(stored_value),
+            data_pruned: row.data_pruned_at.is_some(),
         })
     }
 }

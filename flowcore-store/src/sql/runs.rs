@@ -214,6 +214,19 @@ impl SqlStore {
     }
 }
 
+/// PostgreSQL: whether this transaction got the pruners' lock (`pg_try_advisory_xact_lock`,
+/// held to its end). Processes prune one at a time; the others find it taken and skip.
+macro_rules! pruner_lock {
+    ($conn:expr) => {{
+        let ours: bool = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
+            "pg_try_advisory_xact_lock(4171003)",
+        ))
+        .get_result($conn)
+        .await?;
+        ours
+    }};
+}
+
 /// Deletes the runs `ids` and their steps, in the transaction of `conn`. (A macro: the
 /// connection is SQLite's or PostgreSQL's.)
 macro_rules! delete_runs {
@@ -669,6 +682,61 @@ impl RunStore for SqlStore {
     async fn prune(&self, rule: &PruneRule, batch: usize) -> StoreResult<Vec<RunId>> {
         self.prune_or_look(rule, batch, true).await
     }
+
+    async fn drop_data(&self, rule: &PruneRule, batch: usize) -> StoreResult<Vec<RunId>> {
+        let Some(before) = rule.before.map(micros) else {
+            return Ok(Vec::new());
+        };
+        let batch = batch.clamp(1, 10_000) as i64;
+        let (flow, except) = (rule.flow_id.clone(), rule.except.clone());
+        let postgres = matches!(self.backend(), super::Backend::Postgres);
+        let now = micros(Utc::now());
+        let ids: Vec<String> = with_conn!(self, write, |conn| {
+            let (flow, except) = (flow.clone(), except.clone());
+            conn.transaction(async move |conn| {
+                // One process prunes at a time (the same lock as `prune`).
+                if postgres && !pruner_lock!(conn) {
+                    return Ok::<_, diesel::result::Error>(Vec::new());
+                }
+                // Oldest first, through the index of the runs that still have their data.
+                let mut query = runs::table
+                    .filter(runs::data_pruned_at.is_null())
+                    .filter(runs::created_at.lt(before))
+                    .filter(runs::status.eq_any(final_statuses()))
+                    .into_boxed();
+                query = match (flow, except.is_empty()) {
+                    (Some(flow), _) => query.filter(runs::flow_id.eq(flow)),
+                    (None, false) => query.filter(runs::flow_id.ne_all(except)),
+                    (None, true) => query,
+                };
+                let ids: Vec<String> = query
+                    .select(runs::id)
+                    .order(runs::created_at.asc())
+                    .limit(batch)
+                    .load(conn)
+                    .await?;
+                if ids.is_empty() {
+                    return Ok(ids);
+                }
+                diesel::delete(steps::table.filter(steps::run_id.eq_any(&ids)))
+                    .execute(conn)
+                    .await?;
+                diesel::update(runs::table.filter(runs::id.eq_any(&ids)))
+                    .set((
+                        runs::input.eq("null"),
+                        runs::output.eq(None::<String>),
+                        runs::trigger.eq(None::<String>),
+                        runs::data_pruned_at.eq(Some(now)),
+                    ))
+                    .execute(conn)
+                    .await?;
+                Ok(ids)
+            })
+            .await
+            .map_err(|e| db_error("dropping runs' data", e))?
+        });
+        Ok(ids.into_iter().map(RunId::from).collect())
+    }
 }
 
 impl SqlStore {
@@ -693,15 +761,8 @@ impl SqlStore {
             conn.transaction(async move |conn| {
                 // One process prunes at a time: the others find the lock taken and prune
                 // nothing this pass. (SQLite has one writer anyway.)
-                if postgres && delete {
-                    let ours: bool = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
-                        "pg_try_advisory_xact_lock(4171003)",
-                    ))
-                    .get_result(conn)
-                    .await?;
-                    if !ours {
-                        return Ok::<_, diesel::result::Error>(Vec::new());
-                    }
+                if postgres && delete && !pruner_lock!(conn) {
+                    return Ok::<_, diesel::result::Error>(Vec::new());
                 }
                 // The finished runs of the flows the rule is about, oldest first.
                 let chosen = || {

@@ -36,6 +36,7 @@ diesel::table! {
         lease_expires_at -> Nullable<BigInt>,
         epoch -> BigInt,
         trigger -> Nullable<Text>,
+        data_pruned_at -> Nullable<BigInt>,
     }
 }
 

@@ -113,6 +113,10 @@ pub struct RunRecord {
     pub epoch: u64,
     /// What started it (see [`NewRun::trigger`]).
     pub trigger: Option<Value>,
+    /// Retention dropped its data ([`RunStore::drop_data`]): input `null`, no output, trigger
+    /// or steps; its summary (status, timings, error) stays.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub data_pruned: bool,
 }
 
 /// How a run ended, as stored: what a request that waited for the run answers. Carried by
@@ -254,6 +258,12 @@ pub trait RunStore: Send + Sync {
         }
         self.delete_finished(&ids).await
     }
+    /// Drops the data (input, output, trigger and steps) of up to `batch` finished runs that
+    /// `rule` selects by age (`before`; `keep_newest` plays no part) and that still have it,
+    /// oldest first, and returns their ids. Their summary stays, marked
+    /// [`RunRecord::data_pruned`]. Callers loop until it returns less than `batch`; a store
+    /// shared by several processes lets one prune at a time.
+    async fn drop_data(&self, rule: &PruneRule, batch: usize) -> StoreResult<Vec<RunId>>;
     /// Gives some of the space that deleted rows left back to the system, a step at a time
     /// (SQLite's incremental vacuum: each step a short write); returns whether there may be
     /// more to give. The default gives nothing (a store whose database does it itself, or keeps

@@ -815,4 +815,63 @@ pub async fn pruning(store: &dyn RunStore) {
         store.prunable(&rule, 10).await.expect("prunable"),
         vec![done[2].clone()]
     );
+
+    // Dropping the data of old finished runs keeps their summary; live runs keep everything.
+    let flow = format!("data-{}", crate::ids::new_id());
+    let (live, _) = store.create(new_run(&flow, None)).await.expect("create");
+    let mut old = Vec::new();
+    for _ in 0..3 {
+        let (run, _) = store.create(new_run(&flow, None)).await.expect("create");
+        store
+            .claim(&run.id, "w", Duration::from_secs(30))
+            .await
+            .expect("claim");
+        store
+            .record_steps(&run.id, 1, &[step("a", StepStatus::Succeeded)])
+            .await
+            .expect("steps");
+        let outcome = RunOutcome {
+            status: RunStatus::Succeeded,
+            output: Some(json!({"big": "data"})),
+            error: None,
+            steps: vec![step("b", StepStatus::Succeeded)],
+        };
+        store.finish(&run.id, 1, outcome).await.expect("finish");
+        old.push(run.id);
+    }
+    let rule = PruneRule {
+        flow_id: Some(flow),
+        ..PruneRule::older_than(Utc::now())
+    };
+    assert_eq!(
+        store.drop_data(&rule, 2).await.expect("drop").len(),
+        2,
+        "a batch at most"
+    );
+    assert_eq!(
+        store.drop_data(&rule, 2).await.expect("drop").len(),
+        1,
+        "then the rest"
+    );
+    assert!(
+        store.drop_data(&rule, 2).await.expect("drop").is_empty(),
+        "once only"
+    );
+    for id in &old {
+        let run = store.get(id).await.expect("the summary stays");
+        assert!(run.data_pruned);
+        assert_eq!(
+            (run.status, run.input, run.output, run.trigger),
+            (RunStatus::Succeeded, json!(null), None, None)
+        );
+        assert!(run.finished_at.is_some(), "its timings stay");
+        assert!(store.steps(id).await.expect("steps").is_empty());
+    }
+    let live = store.get(&live.id).await.expect("get");
+    assert!(
+        !live.data_pruned && live.input == json!({"x": 1}),
+        "a queued run keeps its data"
+    );
+    // A run without data is still pruned whole later.
+    assert_eq!(store.prune(&rule, 10).await.expect("prune").len(), 3);
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use serde_json::Value;
 
 use super::{lock, parse_cursor, ttl_to_chrono};
 use crate::error::StoreError;
@@ -111,6 +112,7 @@ impl RunStore for MemoryRunStore {
             epoch: u64::from(lease.is_some()),
             lease,
             trigger: run.trigger,
+            data_pruned: false,
         };
         if let Some(key) = run.idempotency_key {
             st.idempotency.insert((run.flow_id, key), run.id.clone());
@@ -315,6 +317,39 @@ impl RunStore for MemoryRunStore {
             .map(|(_, r)| r.id.clone())
             .take(limit)
             .collect())
+    }
+
+    async fn drop_data(&self, rule: &PruneRule, batch: usize) -> StoreResult<Vec<RunId>> {
+        let Some(before) = rule.before else {
+            return Ok(Vec::new());
+        };
+        let mut st = lock(&self.state);
+        let chosen: Vec<RunId> = st
+            .order
+            .values()
+            .filter_map(|id| st.runs.get(id).map(|(_, r)| r))
+            .filter(|r| {
+                r.status.is_final()
+                    && !r.data_pruned
+                    && r.created_at < before
+                    && match &rule.flow_id {
+                        Some(flow) => r.flow_id == *flow,
+                        None => !rule.except.contains(&r.flow_id),
+                    }
+            })
+            .map(|r| r.id.clone())
+            .take(batch)
+            .collect();
+        for id in &chosen {
+            if let Some((_, run)) = st.runs.get_mut(id) {
+                run.input = Value::Null;
+                run.output = None;
+                run.trigger = None;
+                run.data_pruned = true;
+            }
+            st.steps.remove(id);
+        }
+        Ok(chosen)
     }
 
     async fn delete_finished(&self, ids: &[RunId]) -> StoreResult<Vec<RunId>> {

@@ -1,0 +1,2 @@
+DROP INDEX runs_with_data;
+ALTER TABLE runs DROP COLUMN data_pruned_at;

@@ -8,7 +8,11 @@
 #   cargo build --release -p flowcore-server
 #   benches/load/soak.sh [path/to/flowcore] [minutes] [connections] [max runs kept]
 #
-# Needs wrk, curl. Loopback only; the data dir is a fresh temp dir.
+# With FLOWCORE_SOAK_POSTGRES=postgres://postgres@127.0.0.1:5432 the database is a fresh one on
+# that PostgreSQL (dropped at the end) instead of SQLite, and each line adds the dead row
+# versions of `runs` and `steps` that autovacuum has not yet made reusable.
+#
+# Needs wrk, curl (and psql for PostgreSQL). Loopback only; the data dir is a fresh temp dir.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 bin=${1:-${CARGO_TARGET_DIR:-$here/target}/release/flowcore}
@@ -17,7 +21,15 @@ connections=${3:-8}
 keep=${4:-20000}
 # shellcheck source=serve.sh
 . "$here/benches/load/serve.sh"
-serve "$bin" FLOWCORE_RUN_RETENTION_MAX_COUNT="$keep"
+pg=${FLOWCORE_SOAK_POSTGRES:-}
+extra=()
+if [ -n "$pg" ]; then
+  database=flowcore_soak_$$
+  psql "$pg/postgres" -XAtqc "CREATE DATABASE $database"
+  on_exit='psql "$pg/postgres" -XAtqc "DROP DATABASE IF EXISTS $database WITH (FORCE)"'
+  extra=(DATABASE_URL="$pg/$database")
+fi
+serve "$bin" FLOWCORE_RUN_RETENTION_MAX_COUNT="$keep" "${extra[@]}"
 curl -fs -X POST "127.0.0.1:$port/api/v1/flows" -H 'x-api-key: k' -H 'content-type: application/json' \
   -d @"$here/examples/flows/greet.json" >/dev/null
 cat > "$dir/post.lua" <<'LUA'
@@ -25,8 +37,18 @@ wrk.method = "POST"
 wrk.body = '{"name": "ada", "n": 7}'
 wrk.headers["Content-Type"] = "application/json"
 LUA
-size() { du -cb "$dir"/flowcore.db* 2>/dev/null | tail -1 | cut -f1; }
-printf '%-6s %10s %9s %8s %10s %10s\n' minute "req/s" "p99" "RSS MB" "db MB" "runs done"
+size() {
+  if [ -n "$pg" ]; then
+    psql "$pg/$database" -XAtqc "SELECT pg_database_size(current_database())"
+  else
+    du -cb "$dir"/flowcore.db* 2>/dev/null | tail -1 | cut -f1
+  fi
+}
+dead() {
+  [ -n "$pg" ] || { echo -; return; }
+  psql "$pg/$database" -XAtqc "SELECT sum(n_dead_tup) FROM pg_stat_user_tables WHERE relname IN ('runs', 'steps')"
+}
+printf '%-6s %10s %9s %8s %10s %10s %10s\n' minute "req/s" "p99" "RSS MB" "db MB" "runs done" "dead rows"
 for minute in $(seq "$minutes"); do
   out=$(wrk -t2 -c"$connections" -d60s --latency -s "$dir/post.lua" "http://127.0.0.1:$port/webhooks/greet")
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
@@ -34,7 +56,7 @@ for minute in $(seq "$minutes"); do
   rss=$(( $(awk '/VmRSS/ {print $2}' "/proc/$pid/status") / 1024 ))
   db=$(( $(size) / 1024 / 1024 ))
   runs=$(curl -fs "127.0.0.1:$port/metrics" | awk '/^flowcore_runs_total/ {s += $2} END {print s + 0}')
-  printf '%-6s %10s %9s %8s %10s %10s\n' "$minute" "$rps" "$p99" "$rss" "$db" "$runs"
+  printf '%-6s %10s %9s %8s %10s %10s %10s\n' "$minute" "$rps" "$p99" "$rss" "$db" "$runs" "$(dead)"
 done
 pruned=$(curl -fs "127.0.0.1:$port/metrics" | awk '/^flowcore_runs_pruned_total/ {print $2}')
 echo "runs pruned by retention: ${pruned:-0}"

@@ -272,9 +272,9 @@ pub struct Config {
     /// flow's `settings.retention.max_count` replaces it.
     #[arg(long, env = "FLOWCORE_RUN_RETENTION_MAX_COUNT", value_parser = within(1u64..=u64::MAX, "runs"))]
     pub run_retention_max_count: Option<u64>,
-    /// The data of finished runs older than this many days (input, output, trigger, steps) is
-    /// dropped, their summary kept until FLOWCORE_RUN_RETENTION_DAYS (0 = kept as long as the
-    /// run); a flow's `settings.retention.data_days` replaces it.
+    /// The data (input, output, trigger, steps) of runs that finished more than this many days
+    /// ago is dropped, their summary kept until FLOWCORE_RUN_RETENTION_DAYS (0 = kept as long
+    /// as the run); a flow's `settings.retention.data_days` replaces it.
     #[arg(long, env = "FLOWCORE_RUN_DATA_RETENTION_DAYS", default_value = "0", value_parser = within(0u32..=36_500, "days"))]
     pub run_data_retention_days: u32,
     /// `true`: runs that retention deletes are first written to the blob store (gzipped JSON

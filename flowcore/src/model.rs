@@ -307,8 +307,9 @@ pub struct Retention {
     /// At most this many finished runs are kept, the newest (at least 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_count: Option<u64>,
-    /// The data of finished runs older than this many days (input, output, trigger and steps)
-    /// is dropped, their summary (status, timings, error) kept until `days` (1 to 36,500).
+    /// The data (input, output, trigger and steps) of runs that finished more than this many
+    /// days ago is dropped, their summary (status, timings, error) kept until `days` (1 to
+    /// 36,500).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_days: Option<u32>,
 }

@@ -134,9 +134,16 @@ pub struct RunView {
     pub archived: bool,
 }
 
-/// A stored value as readers see it: read back from the blob store when it was offloaded.
-async fn shown(value: Option<&Value>, blobs: &dyn BlobStore) -> Result<Option<Value>, ApiError> {
+/// A stored value as readers see it: read back from the blob store when it was offloaded. An
+/// archived run's outputs were read back when it was archived (a reference left in one is to
+/// a blob that was already gone, and is shown as it is).
+async fn shown(
+    value: Option<&Value>,
+    blobs: &dyn BlobStore,
+    archived: bool,
+) -> Result<Option<Value>, ApiError> {
     Ok(match value {
+        Some(v) if archived => Some(v.clone()),
         Some(v) => Some(resolve(v, blobs).await?),
         None => None,
     })
@@ -163,7 +170,7 @@ pub(crate) async fn read(
     let mut steps = Vec::new();
     for step in stored {
         steps.push(StepView {
-            output: shown(step.output.as_deref(), blobs).await?,
+            output: shown(step.output.as_deref(), blobs, archived).await?,
             node: step.node.to_string(),
             status: step.status,
             attempts: step.attempts,
@@ -173,7 +180,7 @@ pub(crate) async fn read(
         });
     }
     Ok(Json(RunView {
-        output: shown(run.output.as_ref(), blobs).await?,
+        output: shown(run.output.as_ref(), blobs, archived).await?,
         input: run.input.clone(),
         error: run.error.clone(),
         started_at: run.started_at,

@@ -664,14 +664,18 @@ impl RunStore for SqlStore {
         let gone: Vec<String> = with_conn!(self, write, |conn| {
             let ids = ids.clone();
             conn.transaction(async move |conn| {
-                let finished: Vec<String> = runs::table
-                    .filter(runs::id.eq_any(&ids))
-                    .filter(runs::status.eq_any(final_statuses()))
-                    .select(runs::id)
-                    .load(conn)
+                let finished = runs::id
+                    .eq_any(&ids)
+                    .and(runs::status.eq_any(final_statuses()));
+                let finished_ids = runs::table.filter(finished.clone()).select(runs::id);
+                diesel::delete(steps::table.filter(steps::run_id.eq_any(finished_ids)))
+                    .execute(conn)
                     .await?;
-                delete_runs!(conn, &finished);
-                Ok::<_, diesel::result::Error>(finished)
+                // What this statement deleted: another process may have deleted some first.
+                diesel::delete(runs::table.filter(finished))
+                    .returning(runs::id)
+                    .load::<String>(conn)
+                    .await
             })
             .await
             .map_err(|e| db_error("deleting runs", e))?
@@ -698,10 +702,12 @@ impl RunStore for SqlStore {
                 if postgres && !pruner_lock!(conn) {
                     return Ok::<_, diesel::result::Error>(Vec::new());
                 }
-                // Oldest first, through the index of the runs that still have their data.
+                // Those that finished first, first, through the partial indexes of the
+                // finished runs that still have their data.
                 let mut query = runs::table
                     .filter(runs::data_pruned_at.is_null())
-                    .filter(runs::created_at.lt(before))
+                    .filter(runs::finished_at.is_not_null())
+                    .filter(runs::finished_at.lt(before))
                     .filter(runs::status.eq_any(final_statuses()))
                     .into_boxed();
                 query = match (flow, except.is_empty()) {
@@ -711,7 +717,7 @@ impl RunStore for SqlStore {
                 };
                 let ids: Vec<String> = query
                     .select(runs::id)
-                    .order(runs::created_at.asc())
+                    .order(runs::finished_at.asc())
                     .limit(batch)
                     .load(conn)
                     .await?;

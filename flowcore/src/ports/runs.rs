@@ -259,8 +259,9 @@ pub trait RunStore: Send + Sync {
         self.delete_finished(&ids).await
     }
     /// Drops the data (input, output, trigger and steps) of up to `batch` finished runs that
-    /// `rule` selects by age (`before`; `keep_newest` plays no part) and that still have it,
-    /// oldest first, and returns their ids. Their summary stays, marked
+    /// `rule` selects and that still have it, those that finished first first, and returns
+    /// their ids. Here `before` applies to when a run finished (a run that waited long keeps
+    /// its data as long after its end as any other), and `keep_newest` plays no part. Their summary stays, marked
     /// [`RunRecord::data_pruned`]. Callers loop until it returns less than `batch`; a store
     /// shared by several processes lets one prune at a time.
     async fn drop_data(&self, rule: &PruneRule, batch: usize) -> StoreResult<Vec<RunId>>;

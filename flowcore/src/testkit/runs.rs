@@ -819,6 +819,11 @@ pub async fn pruning(store: &dyn RunStore) {
     // Dropping the data of old finished runs keeps their summary; live runs keep everything.
     let flow = format!("data-{}", crate::ids::new_id());
     let (live, _) = store.create(new_run(&flow, None)).await.expect("create");
+    let (running, _) = store.create(new_run(&flow, None)).await.expect("create");
+    store
+        .claim(&running.id, "w", Duration::from_secs(30))
+        .await
+        .expect("claim");
     let mut old = Vec::new();
     for _ in 0..3 {
         let (run, _) = store.create(new_run(&flow, None)).await.expect("create");
@@ -871,6 +876,11 @@ pub async fn pruning(store: &dyn RunStore) {
     assert!(
         !live.data_pruned && live.input == json!({"x": 1}),
         "a queued run keeps its data"
+    );
+    let running = store.get(&running.id).await.expect("get");
+    assert!(
+        !running.data_pruned && running.input == json!({"x": 1}),
+        "a running run too"
     );
     // A run without data is still pruned whole later.
     assert_eq!(store.prune(&rule, 10).await.expect("prune").len(), 3);

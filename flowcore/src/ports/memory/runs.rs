@@ -331,7 +331,7 @@ impl RunStore for MemoryRunStore {
             .filter(|r| {
                 r.status.is_final()
                     && !r.data_pruned
-                    && r.created_at < before
+                    && r.finished_at.is_some_and(|at| at < before)
                     && match &rule.flow_id {
                         Some(flow) => r.flow_id == *flow,
                         None => !rule.except.contains(&r.flow_id),

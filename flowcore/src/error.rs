@@ -147,8 +147,8 @@ impl ParamError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NodeError {
-    /// The node failed: retryably (a 503, a connection reset) or not (bad data, a 404, a
-    /// script error).
+    /// The node failed: retryably (a 503, a connection reset, a script's `throw`, a failed
+    /// subflow: whatever a node does not know to be permanent) or not (invalid params, a 404).
     #[error("{message}")]
     Failed {
         /// What failed.

@@ -661,6 +661,46 @@ async fn scripts_are_bounded() {
     assert_eq!(result.output, Some(json!({"sum": 42, "attempt": 1})));
 }
 
+/// A script's `throw` is retried by the node's policy (a flow that asked for 3 attempts once
+/// got 1), and so is a subflow that failed; a template that cannot render is not.
+#[tokio::test]
+async fn script_throws_and_failed_subflows_are_retried() {
+    let engine = Engine::new();
+    let flaky = compile(
+        &engine,
+        json!({"nodes": [{"id": "s", "type": "script", "params": {"source": "if attempt < 3 { throw \"not yet\" } attempt"}, "retry": {"max_attempts": 3, "backoff_ms": 1}}]}),
+    );
+    let result = engine.run(&flaky, json!({})).await;
+    assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
+    assert_eq!(result.output, Some(json!(3)));
+    assert_eq!(result.step("s").unwrap().attempts, 3);
+
+    let child = flowcore::FlowDef::from_value(json!({"id": "child", "nodes": [
+        {"id": "t", "type": "script", "params": {"source": "throw \"always\""}}
+    ]}))
+    .unwrap();
+    engine.flow_store().create(&child).await.unwrap();
+    let parent = compile(
+        &engine,
+        json!({"nodes": [{"id": "p", "type": "subflow", "params": {"flow_id": "child"}, "retry": {"max_attempts": 2, "backoff_ms": 1}}]}),
+    );
+    let result = engine.run(&parent, json!({})).await;
+    assert_eq!(result.status, RunStatus::Failed);
+    assert_eq!(result.step("p").unwrap().attempts, 2, "{:?}", result.error);
+
+    let broken = compile(
+        &engine,
+        json!({"nodes": [{"id": "b", "type": "set", "params": {"fields": {"x": "{{ input.n + 'x' }}"}}, "retry": {"max_attempts": 3, "backoff_ms": 1}}]}),
+    );
+    let result = engine.run(&broken, json!({"n": 1})).await;
+    assert_eq!(result.status, RunStatus::Failed);
+    assert_eq!(
+        result.step("b").unwrap().attempts,
+        1,
+        "a template error is permanent"
+    );
+}
+
 #[tokio::test]
 async fn templates_keep_types_and_see_attempts() {
     let engine = Engine::new();

@@ -212,7 +212,9 @@ impl Node for Script {
             .map_err(|e| NodeError::retryable(format!("no thread for the script: {e}")))?;
         match result.await {
             Ok(Ok(value)) => Ok(value.into()),
-            Ok(Err(message)) => Err(NodeError::fatal(message)),
+            // A `throw`, a run-time error, a limit passed: the node's `retry` policy decides
+            // (a flow that asks for 3 attempts of a script gets 3).
+            Ok(Err(message)) => Err(NodeError::retryable(message)),
             Err(_) => Err(NodeError::fatal("the script stopped abnormally")),
         }
     }

@@ -84,11 +84,19 @@ impl Node for Subflow {
         let result = engine.execute_child(&plan, input, cx).await;
         match result.status {
             RunStatus::Succeeded => Ok(result.output.unwrap_or(Value::Null).into()),
-            status => Err(NodeError::fatal(format!(
-                "subflow `{}` {status}: {}",
-                self.flow_id,
-                result.error.unwrap_or_default()
-            ))),
+            status => {
+                let message = format!(
+                    "subflow `{}` {status}: {}",
+                    self.flow_id,
+                    result.error.unwrap_or_default()
+                );
+                // A child that failed or ran out of time may do better on another attempt; a
+                // cancelled one was cancelled with its parent.
+                Err(match status {
+                    RunStatus::Cancelled => NodeError::fatal(message),
+                    _ => NodeError::retryable(message),
+                })
+            }
         }
     }
 

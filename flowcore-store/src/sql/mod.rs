@@ -127,6 +127,9 @@ enum Pools {
 pub struct SqlStore {
     pools: Pools,
     config: SqlConfig,
+    /// Where each pruning rule's pass has got to (see `runs.rs`, `PruneProgress`).
+    prune_progress:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, runs::PruneProgress>>>,
 }
 
 impl fmt::Debug for SqlStore {
@@ -269,7 +272,11 @@ impl SqlStore {
                 "DATABASE_URL: unknown scheme `{scheme}` (expected sqlite:// or postgres://)"
             )));
         };
-        Ok(Self { pools, config })
+        Ok(Self {
+            pools,
+            config,
+            prune_progress: Default::default(),
+        })
     }
 
     /// Which backend this is.

@@ -745,6 +745,19 @@ impl RunStore for SqlStore {
     }
 }
 
+/// Where the pass of a pruning rule has got to: the greatest `seq` its batches took, and the
+/// `seq` of the newest run its count keeps. Without it each batch looked again from the start:
+/// on PostgreSQL through every row version the earlier batches deleted (dead until a vacuum),
+/// and through `keep_newest` index entries for the count, and a pass fell behind 1,100 runs a
+/// second (BENCHMARKS.md, "Retention on PostgreSQL"). A pass ends, and the next starts from
+/// the beginning, when a batch takes less than a full batch: a run that finished late, below
+/// the floor, is taken then.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct PruneProgress {
+    floor: i64,
+    cutoff: Option<i64>,
+}
+
 impl SqlStore {
     /// The finished runs `rule` selects, oldest first, at most `batch`; deleted with their
     /// steps when `delete` (one process at a time on PostgreSQL: the others get nothing).
@@ -762,67 +775,112 @@ impl SqlStore {
             rule.flow_id.as_ref().and(rule.keep_newest),
         );
         let postgres = matches!(self.backend(), super::Backend::Postgres);
-        let ids: Vec<String> = with_conn!(self, write, |conn| {
-            let (flow, except) = (flow.clone(), except.clone());
-            conn.transaction(async move |conn| {
-                // One process prunes at a time: the others find the lock taken and prune
-                // nothing this pass. (SQLite has one writer anyway.)
-                if postgres && delete && !pruner_lock!(conn) {
-                    return Ok::<_, diesel::result::Error>(Vec::new());
-                }
-                // The finished runs of the flows the rule is about, oldest first.
-                let chosen = || {
-                    let query = runs::table
-                        .filter(runs::status.eq_any(final_statuses()))
-                        .into_boxed();
-                    match (&flow, except.is_empty()) {
-                        (Some(flow), _) => query.filter(runs::flow_id.eq(flow.clone())),
-                        (None, false) => query.filter(runs::flow_id.ne_all(except.clone())),
-                        (None, true) => query,
+        let key = format!("{flow:?} {except:?} {keep:?}");
+        // Only a pass that deletes goes on from where it got to: a look (`prunable`) answers
+        // the same until something changes.
+        let progress = if delete {
+            self.progress_of(&key)
+        } else {
+            PruneProgress::default()
+        };
+        let (taken, progress): (Vec<(String, i64)>, PruneProgress) =
+            with_conn!(self, write, |conn| {
+                let (flow, except) = (flow.clone(), except.clone());
+                conn.transaction(async move |conn| {
+                    // One process prunes at a time: the others find the lock taken and prune
+                    // nothing this pass. (SQLite has one writer anyway.)
+                    if postgres && delete && !pruner_lock!(conn) {
+                        return Ok::<_, diesel::result::Error>((Vec::new(), progress));
                     }
-                };
-                let mut ids: Vec<String> = Vec::new();
-                if let Some(before) = before {
-                    ids = chosen()
-                        .filter(runs::created_at.lt(before))
-                        .select(runs::id)
-                        .order(runs::seq.asc())
-                        .limit(batch)
-                        .load(conn)
-                        .await?;
-                }
-                if let Some(keep) = keep
-                    && (ids.len() as i64) < batch
-                {
-                    // The newest run that stays; the older ones go.
-                    let cutoff: Option<i64> = chosen()
-                        .select(runs::seq)
-                        .order(runs::seq.desc())
-                        .offset(i64::try_from(keep.saturating_sub(1)).unwrap_or(i64::MAX))
-                        .limit(1)
-                        .first(conn)
-                        .await
-                        .optional()?;
-                    if let Some(cutoff) = cutoff {
-                        let more: Vec<String> = chosen()
-                            .filter(runs::seq.lt(cutoff))
-                            .filter(runs::id.ne_all(ids.clone()))
-                            .select(runs::id)
+                    let mut progress = progress;
+                    // The finished runs of the flows the rule is about past the pass's floor,
+                    // oldest first.
+                    let floor = progress.floor;
+                    let chosen = || {
+                        let query = runs::table
+                            .filter(runs::status.eq_any(final_statuses()))
+                            .filter(runs::seq.gt(floor))
+                            .into_boxed();
+                        match (&flow, except.is_empty()) {
+                            (Some(flow), _) => query.filter(runs::flow_id.eq(flow.clone())),
+                            (None, false) => query.filter(runs::flow_id.ne_all(except.clone())),
+                            (None, true) => query,
+                        }
+                    };
+                    let mut taken: Vec<(String, i64)> = Vec::new();
+                    if let Some(before) = before {
+                        taken = chosen()
+                            .filter(runs::created_at.lt(before))
+                            .select((runs::id, runs::seq))
                             .order(runs::seq.asc())
-                            .limit(batch - ids.len() as i64)
+                            .limit(batch)
                             .load(conn)
                             .await?;
-                        ids.extend(more);
                     }
-                }
-                if delete && !ids.is_empty() {
-                    delete_runs!(conn, &ids);
-                }
-                Ok(ids)
-            })
-            .await
-            .map_err(|e| db_error("pruning runs", e))?
-        });
-        Ok(ids.into_iter().map(RunId::from).collect())
+                    if let Some(keep) = keep
+                        && (taken.len() as i64) < batch
+                    {
+                        // The newest run that stays (once a pass); the older ones go.
+                        if progress.cutoff.is_none() {
+                            progress.cutoff = runs::table
+                                .filter(runs::status.eq_any(final_statuses()))
+                                .filter(runs::flow_id.eq(flow.clone().unwrap_or_default()))
+                                .select(runs::seq)
+                                .order(runs::seq.desc())
+                                .offset(i64::try_from(keep.saturating_sub(1)).unwrap_or(i64::MAX))
+                                .limit(1)
+                                .first(conn)
+                                .await
+                                .optional()?;
+                        }
+                        if let Some(cutoff) = progress.cutoff {
+                            let ids: Vec<&str> = taken.iter().map(|(id, _)| id.as_str()).collect();
+                            let more: Vec<(String, i64)> = chosen()
+                                .filter(runs::seq.lt(cutoff))
+                                .filter(runs::id.ne_all(ids))
+                                .select((runs::id, runs::seq))
+                                .order(runs::seq.asc())
+                                .limit(batch - taken.len() as i64)
+                                .load(conn)
+                                .await?;
+                            taken.extend(more);
+                        }
+                    }
+                    if delete && !taken.is_empty() {
+                        let ids: Vec<&str> = taken.iter().map(|(id, _)| id.as_str()).collect();
+                        delete_runs!(conn, &ids);
+                    }
+                    progress.floor = taken
+                        .iter()
+                        .map(|(_, seq)| *seq)
+                        .max()
+                        .unwrap_or(progress.floor);
+                    Ok((taken, progress))
+                })
+                .await
+                .map_err(|e| db_error("pruning runs", e))?
+            });
+        // A full batch: the pass goes on from here. Less: it is over, and the next one starts
+        // from the beginning.
+        let mut passes = self
+            .prune_progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if delete && taken.len() as i64 == batch {
+            passes.insert(key, progress);
+        } else {
+            passes.remove(&key);
+        }
+        drop(passes);
+        Ok(taken.into_iter().map(|(id, _)| RunId::from(id)).collect())
+    }
+
+    /// Where the pass of the rule `key` has got to.
+    fn progress_of(&self, key: &str) -> PruneProgress {
+        let passes = self
+            .prune_progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        passes.get(key).copied().unwrap_or_default()
     }
 }

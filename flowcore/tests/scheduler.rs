@@ -661,6 +661,45 @@ async fn scripts_are_bounded() {
     assert_eq!(result.output, Some(json!({"sum": 42, "attempt": 1})));
 }
 
+/// `delay` waits `ms`, or until a time (a template): a time in the past does not wait, a text
+/// that is not an RFC 3339 time fails the node, and exactly one of the two is given.
+#[tokio::test]
+async fn delay_waits_until_a_time() {
+    let engine = Engine::new();
+    let plan = compile(
+        &engine,
+        json!({"nodes": [{"id": "d", "type": "delay", "params": {"until": "{{ input.at }}"}}]}),
+    );
+    let soon = (chrono::Utc::now() + chrono::Duration::milliseconds(300)).to_rfc3339();
+    let started = std::time::Instant::now();
+    let result = engine.run(&plan, json!({"at": soon})).await;
+    assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
+    assert!(started.elapsed() >= Duration::from_millis(250), "it waited");
+    let result = engine
+        .run(&plan, json!({"at": "2001-01-01T00:00:00Z"}))
+        .await;
+    assert_eq!(
+        result.status,
+        RunStatus::Succeeded,
+        "the past does not wait"
+    );
+    let result = engine.run(&plan, json!({"at": "tomorrow"})).await;
+    assert_eq!(result.status, RunStatus::Failed);
+    let error = result.step("d").unwrap().error.clone().unwrap();
+    assert!(
+        error.contains("`tomorrow` is not an RFC 3339 time"),
+        "{error}"
+    );
+    for params in [json!({}), json!({"ms": 5, "until": "2001-01-01T00:00:00Z"})] {
+        let flow = flowcore::FlowDef::from_value(
+            json!({"nodes": [{"id": "d", "type": "delay", "params": params}]}),
+        )
+        .unwrap();
+        let err = engine.compile(&flow).unwrap_err().to_string();
+        assert!(err.contains("give one of `ms` and `until`"), "{err}");
+    }
+}
+
 /// A script's `throw` is retried by the node's policy (a flow that asked for 3 attempts once
 /// got 1), and so is a subflow that failed; a template that cannot render is not.
 #[tokio::test]

@@ -17,22 +17,18 @@ use crate::ports::{Queue, Take};
 pub async fn queue(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
     let ttl = Duration::from_millis(300);
     let none = Duration::ZERO;
+    let one = Take {
+        max: 1,
+        ttl,
+        wait: none,
+    };
+    let ten = Take { max: 10, ..one };
     let g = "kit";
     let run = RunId::new();
     queue.enqueue(g, &run, None).await.expect("enqueue");
     let depth = queue.depth(g).await.expect("depth");
     assert_eq!(depth.ready, 1, "one ready job: {depth:?}");
-    let got = queue
-        .lease(
-            g,
-            Take {
-                max: 10,
-                ttl,
-                wait: none,
-            },
-        )
-        .await
-        .expect("lease");
+    let got = queue.lease(g, ten).await.expect("lease");
     assert_eq!(got.len(), 1);
     assert_eq!(
         (got[0].job.run_id.clone(), got[0].job.deliveries),
@@ -44,17 +40,7 @@ pub async fn queue(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
 
     // Expiry: delivered again, and the old delivery can no longer ack or heartbeat.
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
-    let again = queue
-        .lease(
-            g,
-            Take {
-                max: 10,
-                ttl,
-                wait: none,
-            },
-        )
-        .await
-        .expect("lease after expiry");
+    let again = queue.lease(g, ten).await.expect("lease after expiry");
     assert_eq!(again.len(), 1, "an expired lease is delivered again");
     assert_eq!(again[0].job.deliveries, 2);
     assert!(
@@ -80,18 +66,7 @@ pub async fn queue(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
         .enqueue(g, &RunId::new(), None)
         .await
         .expect("enqueue");
-    let job = queue
-        .lease(
-            g,
-            Take {
-                max: 1,
-                ttl,
-                wait: none,
-            },
-        )
-        .await
-        .expect("lease")
-        .remove(0);
+    let job = queue.lease(g, one).await.expect("lease").remove(0);
     queue
         .nack(&job, Some(Utc::now() + chrono::Duration::milliseconds(200)))
         .await
@@ -102,17 +77,11 @@ pub async fn queue(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
         1,
         "the nacked job counts as delayed"
     );
-    let later = queue
-        .lease(
-            g,
-            Take {
-                max: 1,
-                ttl,
-                wait: Duration::from_secs(2),
-            },
-        )
-        .await
-        .expect("lease with wait");
+    let patient = Take {
+        wait: Duration::from_secs(2),
+        ..one
+    };
+    let later = queue.lease(g, patient).await.expect("lease with wait");
     assert_eq!(later.len(), 1, "lease waits for the delayed job");
     queue.ack(&later[0]).await.expect("ack");
 
@@ -121,18 +90,7 @@ pub async fn queue(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
         let doomed = RunId::new();
         queue.enqueue(g, &doomed, None).await.expect("enqueue");
         for delivery in 1..=max {
-            let job = queue
-                .lease(
-                    g,
-                    Take {
-                        max: 1,
-                        ttl,
-                        wait: none,
-                    },
-                )
-                .await
-                .expect("lease")
-                .remove(0);
+            let job = queue.lease(g, one).await.expect("lease").remove(0);
             assert_eq!(job.job.deliveries, delivery);
             queue.nack(&job, None).await.expect("nack");
         }

@@ -670,14 +670,15 @@ async fn delay_waits_until_a_time() {
         &engine,
         json!({"nodes": [{"id": "d", "type": "delay", "params": {"until": "{{ input.at }}"}}]}),
     );
-    let soon = (chrono::Utc::now() + chrono::Duration::milliseconds(300)).to_rfc3339();
     let started = std::time::Instant::now();
+    let soon = (chrono::Utc::now() + chrono::Duration::milliseconds(300)).to_rfc3339();
     let result = engine.run(&plan, json!({"at": soon})).await;
     assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
     assert!(started.elapsed() >= Duration::from_millis(250), "it waited");
-    let result = engine
-        .run(&plan, json!({"at": "2001-01-01T00:00:00Z"}))
-        .await;
+    let past = engine.run(&plan, json!({"at": "2001-01-01T00:00:00Z"}));
+    let result = tokio::time::timeout(Duration::from_secs(10), past)
+        .await
+        .expect("no wait");
     assert_eq!(
         result.status,
         RunStatus::Succeeded,
@@ -690,13 +691,27 @@ async fn delay_waits_until_a_time() {
         error.contains("`tomorrow` is not an RFC 3339 time"),
         "{error}"
     );
-    for params in [json!({}), json!({"ms": 5, "until": "2001-01-01T00:00:00Z"})] {
+    let far = (chrono::Utc::now() + chrono::Duration::days(2)).to_rfc3339();
+    let result = engine.run(&plan, json!({"at": far})).await;
+    let error = result.step("d").unwrap().error.clone().unwrap();
+    assert!(
+        error.contains("ms away"),
+        "no longer than `ms` may wait: {error}"
+    );
+    for (params, why) in [
+        (json!({}), "give one of `ms` and `until`"),
+        (
+            json!({"ms": 5, "until": "2001-01-01T00:00:00Z"}),
+            "give one of `ms` and `until`",
+        ),
+        (json!({"until": "soon"}), "`soon` is not an RFC 3339 time"),
+    ] {
         let flow = flowcore::FlowDef::from_value(
             json!({"nodes": [{"id": "d", "type": "delay", "params": params}]}),
         )
         .unwrap();
         let err = engine.compile(&flow).unwrap_err().to_string();
-        assert!(err.contains("give one of `ms` and `until`"), "{err}");
+        assert!(err.contains(why), "{err}");
     }
 }
 

@@ -767,15 +767,10 @@ impl SqlStore {
         batch: usize,
         delete: bool,
     ) -> StoreResult<Vec<RunId>> {
-        let batch = batch.clamp(1, 10_000) as i64;
-        let before = rule.before.map(micros);
-        let (flow, except, keep) = (
-            rule.flow_id.clone(),
-            rule.except.clone(),
-            rule.flow_id.as_ref().and(rule.keep_newest),
+        let key = format!(
+            "{:?} {:?} {:?}",
+            rule.flow_id, rule.except, rule.keep_newest
         );
-        let postgres = matches!(self.backend(), super::Backend::Postgres);
-        let key = format!("{flow:?} {except:?} {keep:?}");
         // Only a pass that deletes goes on from where it got to: a look (`prunable`) answers
         // the same until something changes.
         let progress = if delete {
@@ -783,6 +778,43 @@ impl SqlStore {
         } else {
             PruneProgress::default()
         };
+        let limit = batch.clamp(1, 10_000);
+        let outcome = self.prune_batch(rule, limit as i64, delete, progress).await;
+        // A full batch: the pass goes on from here. Less, or a failure: it is over, and the
+        // next one starts from the beginning.
+        let mut passes = self
+            .prune_progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match &outcome {
+            Ok((taken, progress)) if delete && taken.len() == batch => {
+                passes.insert(key, *progress);
+            }
+            _ => {
+                passes.remove(&key);
+            }
+        }
+        drop(passes);
+        let (taken, _) = outcome?;
+        Ok(taken.into_iter().map(|(id, _)| RunId::from(id)).collect())
+    }
+
+    /// One batch of [`SqlStore::prune_or_look`], from `progress`: the runs taken with their
+    /// `seq`, and how far the pass got.
+    async fn prune_batch(
+        &self,
+        rule: &PruneRule,
+        batch: i64,
+        delete: bool,
+        progress: PruneProgress,
+    ) -> StoreResult<(Vec<(String, i64)>, PruneProgress)> {
+        let before = rule.before.map(micros);
+        let (flow, except, keep) = (
+            rule.flow_id.clone(),
+            rule.except.clone(),
+            rule.flow_id.as_ref().and(rule.keep_newest),
+        );
+        let postgres = matches!(self.backend(), super::Backend::Postgres);
         let (taken, progress): (Vec<(String, i64)>, PruneProgress) =
             with_conn!(self, write, |conn| {
                 let (flow, except) = (flow.clone(), except.clone());
@@ -860,19 +892,7 @@ impl SqlStore {
                 .await
                 .map_err(|e| db_error("pruning runs", e))?
             });
-        // A full batch: the pass goes on from here. Less: it is over, and the next one starts
-        // from the beginning.
-        let mut passes = self
-            .prune_progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if delete && taken.len() as i64 == batch {
-            passes.insert(key, progress);
-        } else {
-            passes.remove(&key);
-        }
-        drop(passes);
-        Ok(taken.into_iter().map(|(id, _)| RunId::from(id)).collect())
+        Ok((taken, progress))
     }
 
     /// Where the pass of the rule `key` has got to.

@@ -151,7 +151,7 @@ impl Node for Noop {
     }
 }
 
-/// `delay`: waits `ms` milliseconds, then outputs `null`.
+/// `delay`: waits `ms` milliseconds, or until the time `until` gives, then outputs `null`.
 struct Delay {
     wait: Wait,
 }
@@ -185,9 +185,17 @@ pub(crate) fn delay(params: &Value) -> Result<Box<dyn Node>, ParamError> {
             )));
         }
         (Some(ms), None) => Wait::For(Duration::from_millis(ms)),
-        (None, Some(until)) => Wait::Until(
-            Template::compile(&until).map_err(|e| ParamError::new(format!("until: {e}")))?,
-        ),
+        (None, Some(until)) => {
+            let template =
+                Template::compile(&until).map_err(|e| ParamError::new(format!("until: {e}")))?;
+            // A time written as it is is checked now, not when the run gets there.
+            if template.is_literal() {
+                chrono::DateTime::parse_from_rfc3339(until.trim()).map_err(|e| {
+                    ParamError::new(format!("until: `{until}` is not an RFC 3339 time: {e}"))
+                })?;
+            }
+            Wait::Until(template)
+        }
         _ => return Err(ParamError::new("give one of `ms` and `until`")),
     };
     Ok(Box::new(Delay { wait }))
@@ -205,10 +213,16 @@ impl Node for Delay {
                 let at = chrono::DateTime::parse_from_rfc3339(text.trim()).map_err(|e| {
                     NodeError::fatal(format!("until: `{text}` is not an RFC 3339 time: {e}"))
                 })?;
-                // A time in the past does not wait.
-                (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
+                // A time in the past does not wait; one further than `ms` may wait is refused.
+                let wait = (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
                     .to_std()
-                    .unwrap_or_default()
+                    .unwrap_or_default();
+                if wait > Duration::from_millis(MAX_DELAY_MS) {
+                    return Err(NodeError::fatal(format!(
+                        "until: `{text}` is more than {MAX_DELAY_MS} ms away"
+                    )));
+                }
+                wait
             }
         };
         tokio::time::sleep(wait).await;

@@ -775,6 +775,36 @@ pub async fn pruning(store: &dyn RunStore) {
     };
     assert_eq!(store.prune(&all, 100).await.expect("prune").len(), 2);
 
+    // A run that finishes late, older than runs a pass already went past, is pruned by a
+    // later pass (a store may go on from where a pass got to, but starts over after it).
+    let flow = format!("late-{}", crate::ids::new_id());
+    let (late, _) = store.create(new_run(&flow, None)).await.expect("create");
+    for _ in 0..4 {
+        let (run, _) = store.create(new_run(&flow, None)).await.expect("create");
+        store
+            .transition(&run.id, RunStatus::Queued, RunStatus::Cancelled)
+            .await
+            .expect("finish");
+    }
+    let rule = PruneRule {
+        flow_id: Some(flow),
+        ..PruneRule::older_than(Utc::now())
+    };
+    assert_eq!(store.prune(&rule, 2).await.expect("prune").len(), 2);
+    store
+        .transition(&late.id, RunStatus::Queued, RunStatus::Cancelled)
+        .await
+        .expect("finish late");
+    let mut gone = 2;
+    for _ in 0..4 {
+        gone += store.prune(&rule, 2).await.expect("prune").len();
+    }
+    assert_eq!(gone, 5, "the late one too");
+    assert!(matches!(
+        store.get(&late.id).await,
+        Err(StoreError::NotFound { .. })
+    ));
+
     // Looking first, deleting after (what an archive does): the look deletes nothing, and
     // the delete takes only finished runs.
     let flow = format!("look-{}", crate::ids::new_id());

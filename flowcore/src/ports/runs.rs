@@ -293,6 +293,15 @@ pub struct PruneRule {
 }
 
 impl PruneRule {
+    /// Whether the rule is about the runs of `flow_id`: its one flow, or any flow not in
+    /// `except`.
+    pub fn is_about(&self, flow_id: &str) -> bool {
+        match &self.flow_id {
+            Some(flow) => flow == flow_id,
+            None => !self.except.iter().any(|f| f == flow_id),
+        }
+    }
+
     /// Every flow's finished runs created before `before`.
     pub fn older_than(before: DateTime<Utc>) -> Self {
         Self {

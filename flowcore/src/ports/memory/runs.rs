@@ -285,13 +285,7 @@ impl RunStore for MemoryRunStore {
 
     async fn prunable(&self, rule: &PruneRule, limit: usize) -> StoreResult<Vec<RunId>> {
         let st = lock(&self.state);
-        let chosen = |r: &RunRecord| {
-            r.status.is_final()
-                && match &rule.flow_id {
-                    Some(flow) => r.flow_id == *flow,
-                    None => !rule.except.contains(&r.flow_id),
-                }
-        };
+        let chosen = |r: &RunRecord| r.status.is_final() && rule.is_about(&r.flow_id);
         // The newest finished run of the flow that stays: older ones go.
         let cutoff = rule
             .flow_id
@@ -332,10 +326,7 @@ impl RunStore for MemoryRunStore {
                 r.status.is_final()
                     && !r.data_pruned
                     && r.finished_at.is_some_and(|at| at < before)
-                    && match &rule.flow_id {
-                        Some(flow) => r.flow_id == *flow,
-                        None => !rule.except.contains(&r.flow_id),
-                    }
+                    && rule.is_about(&r.flow_id)
             })
             .map(|r| r.id.clone())
             .take(batch)

@@ -267,7 +267,7 @@ mod tests {
                 .create(NewRun::new(flow, 1, json!({"n": ids.len()})))
                 .await
                 .unwrap();
-            runs.transition(&run.id, RunStatus::Queued, RunStatus::Cancelled)
+            runs.transition(&run.id, RunStatus::Queued.to(RunStatus::Cancelled))
                 .await
                 .unwrap();
             ids.push(run.id);

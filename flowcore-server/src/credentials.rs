@@ -6,7 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::Utc;
 use flowcore::StoreError;
-use flowcore::ports::{CredentialStore, StoredCredential};
+use flowcore::ports::{CredentialStore, Reencryption, StoredCredential};
 use flowcore::secret::{Secret, SecretError, SecretSource};
 use serde_json::Value;
 
@@ -132,7 +132,12 @@ impl Credentials {
             let (key_id, ciphertext) = self.keyring.encrypt(c.id.as_bytes(), &plain);
             match self
                 .store
-                .reencrypt_credential(&c.id, &c.key_id, &key_id, &ciphertext)
+                .reencrypt_credential(&Reencryption {
+                    id: &c.id,
+                    old_key_id: &c.key_id,
+                    key_id: &key_id,
+                    ciphertext: &ciphertext,
+                })
                 .await
             {
                 Ok(()) => count += 1,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flowcore::durable::{self, Checkpoint, DurableOptions, Hooks, resolve};
-use flowcore::ports::{FinishWatch, NewRun, RunEnd, RunFilter, RunOutcome, RunRecord};
+use flowcore::ports::{Due, FinishWatch, NewRun, RunEnd, RunFilter, RunOutcome, RunRecord};
 use flowcore::{CancellationToken, RunId, RunStatus, StoreError};
 use serde::Serialize;
 use serde_json::Value;
@@ -329,7 +329,7 @@ pub async fn cancel(state: &AppState, id: &RunId) -> Result<RunState, RunError> 
             let run = state
                 .stores
                 .runs
-                .transition(id, RunStatus::Queued, RunStatus::Cancelled)
+                .transition(id, RunStatus::Queued.to(RunStatus::Cancelled))
                 .await?;
             announce_finished(state, &run).await;
             Ok(RunState {
@@ -612,7 +612,11 @@ async fn recover_except(
     let found = state
         .stores
         .runs
-        .expired(after, now, LAPSED_PER_PASS)
+        .expired(&Due {
+            after,
+            by: now,
+            limit: LAPSED_PER_PASS,
+        })
         .await?;
     // A full page: the next pass goes on from its last expiry (a full look: looks again).
     let next_since = match (found.len() >= LAPSED_PER_PASS, full) {

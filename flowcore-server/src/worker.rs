@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flowcore::ports::{LeasedJob, RunRecord, Take};
+use flowcore::ports::{Claim, LeasedJob, RunRecord, Take};
 use flowcore::{CancellationToken, RunId, RunStatus, StoreError};
 
 use crate::lifecycle::{self, RunError};
@@ -60,7 +60,13 @@ pub async fn work(state: Shared, shutdown: CancellationToken) {
         let mut claimed = state
             .stores
             .runs
-            .claim_runs(&ids, &state.worker_name, ttl)
+            .claim_runs(
+                &ids,
+                &Claim {
+                    owner: state.worker_name.clone(),
+                    ttl,
+                },
+            )
             .await
             .map(|runs| {
                 runs.into_iter()

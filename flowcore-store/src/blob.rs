@@ -12,6 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use flowcore::StoreError;
 use flowcore::ports::{BlobStore, ChunkStream, StoreResult, is_valid_blob_key, too_large};
+use futures::StreamExt;
 use opendal::layers::{RetryLayer, TimeoutLayer};
 use opendal::{ErrorKind, Operator, services};
 
@@ -214,7 +215,6 @@ impl BlobStore for OpendalBlobStore {
 
     /// Reads in chunks of 64 KiB (S3: ranged reads).
     async fn get_stream(&self, key: &str) -> StoreResult<ChunkStream> {
-        use futures::StreamExt;
         check_key(key)?;
         let reader = self
             .op
@@ -261,7 +261,6 @@ impl BlobStore for OpendalBlobStore {
         mut chunks: ChunkStream,
         max_bytes: u64,
     ) -> StoreResult<u64> {
-        use futures::StreamExt;
         check_key(key)?;
         let mut writer = self
             .op

@@ -144,19 +144,30 @@ impl std::fmt::Debug for RedisQueue {
     }
 }
 
-const ENQUEUE: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+/// A Lua script with `now` first set to the Redis server's clock in milliseconds: every
+/// process's scripts read one clock, whatever the processes' own clocks say.
+macro_rules! with_now {
+    ($body:literal) => {
+        concat!(
+            "local t = redis.call('TIME')\n",
+            "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n",
+            $body
+        )
+    };
+}
+
+const ENQUEUE: &str = with_now!(
+    r#"
 local due = tonumber(ARGV[3]) or now
 redis.call('HSET', KEYS[2], 'run_id', ARGV[2], 'deliveries', 0, 'token', '')
 redis.call('ZADD', KEYS[1], due, ARGV[1])
 if due <= now then redis.call('PUBLISH', ARGV[4], '1') end
 return 1
-"#;
+"#
+);
 
-const LEASE: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+const LEASE: &str = with_now!(
+    r#"
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 local out = {tostring(now), ''}
 for _, id in ipairs(ids) do
@@ -183,16 +194,18 @@ end
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if nxt[2] then out[2] = nxt[2] end
 return out
-"#;
+"#
+);
 
-const HEARTBEAT: &str = r#"
+const HEARTBEAT: &str = with_now!(
+    r#"
 if redis.call('HGET', KEYS[3], 'token') ~= ARGV[1] then return 0 end
-local t = redis.call('TIME')
-local expires = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3])
+local expires = now + tonumber(ARGV[3])
 redis.call('ZADD', KEYS[1], expires, ARGV[2])
 redis.call('ZADD', KEYS[2], expires, ARGV[2])
 return 1
-"#;
+"#
+);
 
 const ACK: &str = r#"
 local token = redis.call('HGET', KEYS[3], 'token')
@@ -204,32 +217,31 @@ redis.call('ZREM', KEYS[2], ARGV[2])
 return 1
 "#;
 
-const NACK: &str = r#"
+const NACK: &str = with_now!(
+    r#"
 if redis.call('HGET', KEYS[3], 'token') ~= ARGV[1] then return -1 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local at = tonumber(ARGV[3]) or now
 redis.call('HSET', KEYS[3], 'token', '')
 redis.call('ZREM', KEYS[2], ARGV[2])
 redis.call('ZADD', KEYS[1], at, ARGV[2])
 if at <= now then redis.call('PUBLISH', ARGV[4], '1') end
 return 1
-"#;
+"#
+);
 
-const DEPTH: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+const DEPTH: &str = with_now!(
+    r#"
 local ready = redis.call('ZCOUNT', KEYS[1], '-inf', now)
 local leased = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
 local total = redis.call('ZCARD', KEYS[1])
 return {ready, math.max(0, total - ready - leased), leased, redis.call('LLEN', KEYS[3])}
-"#;
+"#
+);
 
 /// GCRA (see `flowcore::ports::memory::gcra`): one "theoretical arrival time" per key, which
 /// expires when it is in the past.
-const RATE: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+const RATE: &str = with_now!(
+    r#"
 local n = tonumber(ARGV[1])
 local interval = math.floor(60000 / n)
 local burst = interval * n
@@ -240,7 +252,8 @@ local allow_at = new_tat - burst
 if allow_at > now then return {0, allow_at - now, 0} end
 redis.call('SET', KEYS[1], new_tat, 'PX', new_tat - now)
 return {1, 0, math.floor((now - allow_at) / interval)}
-"#;
+"#
+);
 
 struct Scripts {
     enqueue: Script,

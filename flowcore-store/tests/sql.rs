@@ -242,8 +242,7 @@ async fn sqlite_gives_the_space_of_pruned_runs_back() {
         store
             .transition(
                 &run.id,
-                flowcore::RunStatus::Queued,
-                flowcore::RunStatus::Cancelled,
+                flowcore::RunStatus::Queued.to(flowcore::RunStatus::Cancelled),
             )
             .await
             .expect("cancel");

@@ -64,5 +64,5 @@ pub use model::{
 };
 pub use node::{Node, NodeContext, NodeFactory, Output, Registry};
 pub use plan::Plan;
-pub use run::{Move, RunResult, RunStatus, StepRecord, StepRecorder, StepStatus};
+pub use run::{Move, RunResult, RunStatus, StepRecord, StepRecorder, StepStatus, Transition};
 pub use tokio_util::sync::CancellationToken;

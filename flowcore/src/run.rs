@@ -63,6 +63,11 @@ impl RunStatus {
             _ => None,
         }
     }
+    /// The change from this status to `to` (whether any move makes it is [`Self::move_to`]'s
+    /// question).
+    pub fn to(self, to: RunStatus) -> Transition {
+        Transition { from: self, to }
+    }
     /// The snake_case name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -137,9 +142,10 @@ impl Move {
         })
     }
 
-    /// The move from `from` to `to` when it is one that no lease owner makes (what
+    /// The move of `change` when it is one that no lease owner makes (what
     /// `RunStore::transition` does), else [`StoreError::Invalid`] saying why not.
-    pub fn unowned(from: RunStatus, to: RunStatus) -> Result<Move, StoreError> {
+    pub fn unowned(change: Transition) -> Result<Move, StoreError> {
+        let Transition { from, to } = change;
         match from.move_to(to) {
             Some(m) if m != Self::Claim && !m.needs_lease() => Ok(m),
             Some(m) => Err(StoreError::Invalid(format!(
@@ -155,6 +161,23 @@ impl Move {
     pub fn starts_from(self, status: RunStatus) -> bool {
         self.sources().any(|s| s == status)
     }
+}
+
+/// A change of a run's status from one to another, as `RunStore::transition` makes it
+/// (one value, so that the two statuses cannot be swapped silently).
+///
+/// ```
+/// use flowcore::RunStatus;
+///
+/// let cancel = RunStatus::Queued.to(RunStatus::Cancelled);
+/// assert_eq!((cancel.from, cancel.to), (RunStatus::Queued, RunStatus::Cancelled));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Transition {
+    /// The status the run must have.
+    pub from: RunStatus,
+    /// The status it gets.
+    pub to: RunStatus,
 }
 
 /// A step's status.
@@ -307,8 +330,8 @@ mod tests {
         for m in Move::ALL {
             assert!(m.sources().next().is_some(), "{m:?} starts somewhere");
         }
-        assert!(Move::unowned(RunStatus::Queued, RunStatus::Cancelled).is_ok());
-        assert!(Move::unowned(RunStatus::Running, RunStatus::Cancelled).is_err());
-        assert!(Move::unowned(RunStatus::Succeeded, RunStatus::Queued).is_err());
+        assert!(Move::unowned(RunStatus::Queued.to(RunStatus::Cancelled)).is_ok());
+        assert!(Move::unowned(RunStatus::Running.to(RunStatus::Cancelled)).is_err());
+        assert!(Move::unowned(RunStatus::Succeeded.to(RunStatus::Queued)).is_err());
     }
 }

@@ -57,13 +57,16 @@ mod commits {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::Duration;
 
-    use chrono::{DateTime, Utc};
+    use chrono::Utc;
     use flowcore::durable::{self, Checkpoint, DurableOptions, Hooks};
     use flowcore::ports::memory::MemoryRunStore;
     use flowcore::ports::{
-        Lease, NewRun, Page, PruneRule, RunFilter, RunOutcome, RunRecord, RunStore, StoreResult,
+        Due, Lapsed, Lease, NewRun, Page, PruneRule, RunFilter, RunOutcome, RunRecord, RunStore,
+        StoreResult,
     };
-    use flowcore::{Engine, FlowDef, RunId, RunStatus, StepRecord, StoreError, async_trait};
+    use flowcore::{
+        Engine, FlowDef, RunId, RunStatus, StepRecord, StoreError, Transition, async_trait,
+    };
 
     /// Counts the calls that write (each is one commit in the SQL store); while `down`, the
     /// lease renewals and checkpoints fail as if the database were unreachable.
@@ -137,22 +140,12 @@ mod commits {
             self.write();
             self.inner.release(id, epoch).await
         }
-        async fn transition(
-            &self,
-            id: &RunId,
-            from: RunStatus,
-            to: RunStatus,
-        ) -> StoreResult<RunRecord> {
+        async fn transition(&self, id: &RunId, change: Transition) -> StoreResult<RunRecord> {
             self.write();
-            self.inner.transition(id, from, to).await
+            self.inner.transition(id, change).await
         }
-        async fn expired(
-            &self,
-            after: Option<DateTime<Utc>>,
-            now: DateTime<Utc>,
-            limit: usize,
-        ) -> StoreResult<Vec<(RunId, Option<DateTime<Utc>>)>> {
-            self.inner.expired(after, now, limit).await
+        async fn expired(&self, due: &Due) -> StoreResult<Vec<Lapsed>> {
+            self.inner.expired(due).await
         }
         async fn prunable(&self, rule: &PruneRule, limit: usize) -> StoreResult<Vec<RunId>> {
             self.inner.prunable(rule, limit).await

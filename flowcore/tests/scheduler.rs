@@ -9,10 +9,15 @@ use std::time::Duration;
 
 use common::{Probe, compile, engine, engine_with_limits};
 use flowcore::{
-    Engine, Limits, RunEvent, RunId, RunOptions, RunStatus, StepRecord, StepRecorder, StepStatus,
-    StoreError, async_trait,
+    Engine, Limits, RunEvent, RunId, RunOptions, RunResult, RunStatus, StepRecord, StepRecorder,
+    StepStatus, StoreError, async_trait,
 };
 use serde_json::{Value, json};
+
+/// How many attempts the run made of `node`.
+fn attempts(result: &RunResult, node: &str) -> u32 {
+    result.step(node).expect("the node ran").attempts
+}
 
 fn greet() -> Value {
     serde_json::from_str(include_str!("../../examples/flows/greet.json")).unwrap()
@@ -170,7 +175,7 @@ async fn retries_succeed_on_attempt_three() {
     let result = engine.execute(&plan, json!({}), options).await;
     assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
     assert_eq!(result.output, Some(json!({"node": "f", "attempt": 3})));
-    assert_eq!(result.step("f").unwrap().attempts, 3);
+    assert_eq!(attempts(&result, "f"), 3);
     let attempts: Vec<u32> = events
         .lock()
         .unwrap()
@@ -193,7 +198,7 @@ async fn retries_stop_when_exhausted_or_fatal() {
     );
     let result = engine.run(&plan, json!({})).await;
     assert_eq!(result.status, RunStatus::Failed);
-    assert_eq!(result.step("f").unwrap().attempts, 2);
+    assert_eq!(attempts(&result, "f"), 2);
     assert!(
         result
             .error
@@ -206,11 +211,7 @@ async fn retries_stop_when_exhausted_or_fatal() {
         json!({"nodes": [{"id": "g", "type": "probe", "params": {"fail_until": 9, "fatal": true}, "retry": {"max_attempts": 5, "backoff_ms": 1}}]}),
     );
     let result = engine.run(&plan, json!({})).await;
-    assert_eq!(
-        result.step("g").unwrap().attempts,
-        1,
-        "a fatal error is not retried"
-    );
+    assert_eq!(attempts(&result, "g"), 1, "a fatal error is not retried");
 }
 
 #[tokio::test]
@@ -727,7 +728,7 @@ async fn script_throws_and_failed_subflows_are_retried() {
     let result = engine.run(&flaky, json!({})).await;
     assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
     assert_eq!(result.output, Some(json!(3)));
-    assert_eq!(result.step("s").unwrap().attempts, 3);
+    assert_eq!(attempts(&result, "s"), 3);
 
     let child = flowcore::FlowDef::from_value(json!({"id": "child", "nodes": [
         {"id": "t", "type": "script", "params": {"source": "throw \"always\""}}
@@ -740,7 +741,7 @@ async fn script_throws_and_failed_subflows_are_retried() {
     );
     let result = engine.run(&parent, json!({})).await;
     assert_eq!(result.status, RunStatus::Failed);
-    assert_eq!(result.step("p").unwrap().attempts, 2, "{:?}", result.error);
+    assert_eq!(attempts(&result, "p"), 2, "{:?}", result.error);
 
     let broken = compile(
         &engine,
@@ -748,11 +749,7 @@ async fn script_throws_and_failed_subflows_are_retried() {
     );
     let result = engine.run(&broken, json!({"n": 1})).await;
     assert_eq!(result.status, RunStatus::Failed);
-    assert_eq!(
-        result.step("b").unwrap().attempts,
-        1,
-        "a template error is permanent"
-    );
+    assert_eq!(attempts(&result, "b"), 1, "a template error is permanent");
 }
 
 #[tokio::test]

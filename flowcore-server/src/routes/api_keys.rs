@@ -49,7 +49,6 @@ pub struct ApiKeyView {
     /// The key that made it.
     pub parent_id: Option<String>,
     /// When it was made.
-    #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
     /// When it was revoked.
     #[schema(value_type = Option<String>, format = DateTime)]
@@ -87,7 +86,6 @@ pub struct ApiKeyCreated {
     /// The key that made it.
     pub parent_id: Option<String>,
     /// When it was made.
-    #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
 }
 

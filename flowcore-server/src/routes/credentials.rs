@@ -65,10 +65,8 @@ pub struct CredentialView {
     /// The key that encrypted it.
     pub key_id: String,
     /// When it was stored.
-    #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
     /// When it was last encrypted.
-    #[schema(value_type = String, format = DateTime)]
     pub updated_at: DateTime<Utc>,
 }
 

@@ -44,7 +44,6 @@ pub struct FileView {
     /// Its size in bytes.
     pub size: u64,
     /// When it was uploaded.
-    #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
 }
 

@@ -44,7 +44,6 @@ pub struct FlowSummary {
     /// Its name.
     pub name: Option<String>,
     /// When this version was stored.
-    #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
 }
 
@@ -56,7 +55,6 @@ pub struct FlowView {
     /// The version.
     pub version: u32,
     /// When it was stored.
-    #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
     /// The flow document.
     #[schema(value_type = Object)]

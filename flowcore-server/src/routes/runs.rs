@@ -213,7 +213,6 @@ pub struct RunSummary {
     #[schema(value_type = String)]
     pub status: RunStatus,
     /// When it was accepted.
-    #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
     /// When it ended.
     #[schema(value_type = Option<String>, format = DateTime)]

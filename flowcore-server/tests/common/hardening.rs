@@ -48,7 +48,7 @@ async fn hostile_bodies_get_a_clear_4xx_and_leave_every_read_working() {
     let (status, _, answer) = send(&app, request("POST", "/webhooks/hook", None, Some(&nested_arrays(60)), None)).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
     for path in ["/api/v1/runs", "/api/v1/runs?status=queued", "/api/v1/runs?flow_id=hook"] {
-        let (status, page) = call(&app, "GET", path, Some(KEY), None).await;
+        let (status, page) = get(&app, path).await;
         assert_eq!(status, StatusCode::OK, "{path}: {page}");
     }
 

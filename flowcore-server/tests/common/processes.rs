@@ -349,24 +349,10 @@ async fn a_schedule_tick_fires_once_across_processes() {
         (10, 10),
         "at most 10 ticks a window, each asked by both"
     );
-    let (_, runs) = call(
-        &app,
-        "GET",
-        "/api/v1/runs?flow_id=tick&limit=100",
-        Some(KEY),
-        None,
-    )
-    .await;
+    let (_, runs) = get(&app, "/api/v1/runs?flow_id=tick&limit=100").await;
     let runs = runs["items"].as_array().unwrap();
     assert_eq!(runs.len(), 10, "one run per tick");
-    let (_, one) = call(
-        &app,
-        "GET",
-        &format!("/api/v1/runs/{}", runs[9]["id"].as_str().unwrap()),
-        Some(KEY),
-        None,
-    )
-    .await;
+    let (_, one) = get(&app, &format!("/api/v1/runs/{}", runs[9]["id"].as_str().unwrap())).await;
     assert_eq!(
         one["input"],
         json!({"scheduled_at": "2026-01-01T10:05:00Z", "schedule": "tick#0"})
@@ -375,14 +361,7 @@ async fn a_schedule_tick_fires_once_across_processes() {
     flowcore_server::schedules::fire_window(&b, from, to)
         .await
         .unwrap();
-    let (_, again) = call(
-        &app,
-        "GET",
-        "/api/v1/runs?flow_id=tick&limit=100",
-        Some(KEY),
-        None,
-    )
-    .await;
+    let (_, again) = get(&app, "/api/v1/runs?flow_id=tick&limit=100").await;
     assert_eq!(again["items"].as_array().unwrap().len(), 10);
     cleanup(&dir);
 }

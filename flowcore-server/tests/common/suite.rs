@@ -172,6 +172,35 @@ async fn call(
 
 /// A response's body, whole.
 /// `GET uri` without an API key, the whole answer.
+/// An authorized GET.
+async fn get(app: &axum::Router, path: &str) -> (StatusCode, Value) {
+    call(app, "GET", path, Some(KEY), None).await
+}
+
+/// An authorized POST of a JSON body.
+async fn post(app: &axum::Router, path: &str, body: &[u8]) -> (StatusCode, Value) {
+    call(app, "POST", path, Some(KEY), Some(body.to_vec())).await
+}
+
+/// A worker of the app's state, in a task of the test's.
+struct Worker {
+    shutdown: flowcore::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Worker {
+    fn start(state: &flowcore_server::Shared) -> Self {
+        let shutdown = flowcore::CancellationToken::new();
+        let task = tokio::spawn(flowcore_server::worker::work(state.clone(), shutdown.clone()));
+        Self { shutdown, task }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+    }
+}
+
 async fn get_unsigned(app: &axum::Router, uri: &str) -> axum::response::Response {
     let req = Request::builder().uri(uri).body(Body::empty()).unwrap();
     app.clone().oneshot(req).await.unwrap()
@@ -282,7 +311,7 @@ async fn flows_crud_and_errors() {
         (StatusCode::CONFLICT, Some("already_exists"))
     );
 
-    let (status, body) = call(&app, "GET", "/api/v1/flows/greet", k, None).await;
+    let (status, body) = get(&app, "/api/v1/flows/greet").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         (
@@ -306,33 +335,27 @@ async fn flows_crud_and_errors() {
         (status, body["version"].as_u64()),
         (StatusCode::OK, Some(2))
     );
-    let (_, old) = call(&app, "GET", "/api/v1/flows/greet?version=1", k, None).await;
+    let (_, old) = get(&app, "/api/v1/flows/greet?version=1").await;
     assert_eq!(
         old["definition"]["name"], "Greeting",
         "old versions stay readable"
     );
 
-    let (status, list) = call(&app, "GET", "/api/v1/flows?limit=10", k, None).await;
+    let (status, list) = get(&app, "/api/v1/flows?limit=10").await;
     assert_eq!(
         (status, list["items"][0]["id"].as_str()),
         (StatusCode::OK, Some("greet"))
     );
 
     // Server-assigned id.
-    let (status, body) = call(
-        &app,
-        "POST",
-        "/api/v1/flows",
-        k,
-        Some(br#"{"nodes": [{"id": "a", "type": "noop"}]}"#.to_vec()),
-    )
-    .await;
+    let anonymous = br#"{"nodes": [{"id": "a", "type": "noop"}]}"#;
+    let (status, body) = post(&app, "/api/v1/flows", anonymous).await;
     assert_eq!(status, StatusCode::CREATED);
     assert!(flowcore::model::is_valid_id(body["id"].as_str().unwrap()));
 
     // Every problem, with where it is.
     let bad = br#"{"nodes": [{"id": "a", "type": "nope"}, {"id": "b", "type": "noop"}], "edges": [{"from": "b", "to": "b"}]}"#;
-    let (status, body) = call(&app, "POST", "/api/v1/flows", k, Some(bad.to_vec())).await;
+    let (status, body) = post(&app, "/api/v1/flows", bad).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (StatusCode::BAD_REQUEST, Some("invalid_flow"))
@@ -374,20 +397,9 @@ async fn flows_crud_and_errors() {
         (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large"))
     );
 
-    assert_eq!(
-        call(&app, "GET", "/api/v1/flows/nope", k, None).await.0,
-        StatusCode::NOT_FOUND
-    );
-    assert_eq!(
-        call(&app, "GET", "/api/v1/flows/bad%20id", k, None).await.0,
-        StatusCode::BAD_REQUEST
-    );
-    assert_eq!(
-        call(&app, "GET", "/api/v1/flows/greet?version=zz", k, None)
-            .await
-            .0,
-        StatusCode::BAD_REQUEST
-    );
+    assert_eq!(get(&app, "/api/v1/flows/nope").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(get(&app, "/api/v1/flows/bad%20id").await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(get(&app, "/api/v1/flows/greet?version=zz").await.0, StatusCode::BAD_REQUEST);
     assert_eq!(
         call(&app, "DELETE", "/api/v1/flows/greet", k, None).await.0,
         StatusCode::NO_CONTENT
@@ -406,14 +418,7 @@ async fn flows_crud_and_errors() {
 
 async fn wait_for_status(app: &axum::Router, run_id: &str, want: &str) -> Value {
     for _ in 0..200 {
-        let (_, run) = call(
-            app,
-            "GET",
-            &format!("/api/v1/runs/{run_id}"),
-            Some(KEY),
-            None,
-        )
-        .await;
+        let (_, run) = get(app, &format!("/api/v1/runs/{run_id}")).await;
         if run["status"] == want {
             return run;
         }
@@ -425,11 +430,7 @@ async fn wait_for_status(app: &axum::Router, run_id: &str, want: &str) -> Value 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_sync_async_idempotent_cancel() {
     let (app, state, dir) = app_with_state(&[("WEBHOOK_TIMEOUT_SECONDS", "1")]).await;
-    let shutdown = flowcore::CancellationToken::new();
-    let worker = tokio::spawn(flowcore_server::worker::work(
-        state.clone(),
-        shutdown.clone(),
-    ));
+    let worker = Worker::start(&state);
     let k = Some(KEY);
     call(&app, "POST", "/api/v1/flows", k, Some(greet())).await;
 
@@ -442,7 +443,7 @@ async fn runs_sync_async_idempotent_cancel() {
     assert_eq!(run["status"], "succeeded");
     assert_eq!(run["output"], json!({"path": "a", "msg": "hello ada"}));
     let run_id = run["run_id"].as_str().unwrap().to_owned();
-    let (status, full) = call(&app, "GET", &format!("/api/v1/runs/{run_id}"), k, None).await;
+    let (status, full) = get(&app, &format!("/api/v1/runs/{run_id}")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         (full["flow_id"].as_str(), full["flow_version"].as_u64()),
@@ -480,15 +481,8 @@ async fn runs_sync_async_idempotent_cancel() {
 
     // A sync run that outlives the wait: 202, then it finishes.
     let slow = br#"{"id": "slow", "nodes": [{"id": "d", "type": "delay", "params": {"ms": 1500}}, {"id": "t", "type": "template", "params": {"template": "done"}}], "edges": [{"from": "d", "to": "t"}]}"#;
-    call(&app, "POST", "/api/v1/flows", k, Some(slow.to_vec())).await;
-    let (status, pending) = call(
-        &app,
-        "POST",
-        "/api/v1/flows/slow/runs",
-        k,
-        Some(b"{}".to_vec()),
-    )
-    .await;
+    post(&app, "/api/v1/flows", slow).await;
+    let (status, pending) = post(&app, "/api/v1/flows/slow/runs", b"{}").await;
     assert_eq!(status, StatusCode::ACCEPTED, "{pending}");
     let done = wait_for_status(&app, pending["run_id"].as_str().unwrap(), "succeeded").await;
     assert_eq!(done["output"], json!("done"));
@@ -496,15 +490,8 @@ async fn runs_sync_async_idempotent_cancel() {
     // Cancel a running run.
     let long =
         br#"{"id": "long", "nodes": [{"id": "d", "type": "delay", "params": {"ms": 60000}}]}"#;
-    call(&app, "POST", "/api/v1/flows", k, Some(long.to_vec())).await;
-    let (_, started) = call(
-        &app,
-        "POST",
-        "/api/v1/flows/long/runs",
-        k,
-        Some(br#"{"wait": false}"#.to_vec()),
-    )
-    .await;
+    post(&app, "/api/v1/flows", long).await;
+    let (_, started) = post(&app, "/api/v1/flows/long/runs", br#"{"wait": false}"#).await;
     let id = started["run_id"].as_str().unwrap().to_owned();
     wait_for_status(&app, &id, "running").await;
     let (status, cancelled) =
@@ -521,70 +508,32 @@ async fn runs_sync_async_idempotent_cancel() {
     );
 
     // Listing, filters, errors.
-    let (status, list) = call(
-        &app,
-        "GET",
-        "/api/v1/runs?flow_id=greet&status=succeeded&limit=2",
-        k,
-        None,
-    )
-    .await;
+    let (status, list) = get(&app, "/api/v1/runs?flow_id=greet&status=succeeded&limit=2").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(list["items"].as_array().map(Vec::len), Some(2));
     assert!(list["next_cursor"].is_string());
-    assert_eq!(
-        call(&app, "GET", "/api/v1/runs?status=bogus", k, None)
-            .await
-            .0,
-        StatusCode::BAD_REQUEST
-    );
-    assert_eq!(
-        call(&app, "GET", "/api/v1/runs/nope", k, None).await.0,
-        StatusCode::NOT_FOUND
-    );
-    assert_eq!(
-        call(
-            &app,
-            "POST",
-            "/api/v1/flows/nope/runs",
-            k,
-            Some(b"{}".to_vec())
-        )
-        .await
-        .0,
-        StatusCode::NOT_FOUND
-    );
-    let (status, body) = call(
-        &app,
-        "POST",
-        "/api/v1/flows/greet/runs",
-        k,
-        Some(br#"{"inptu": {}}"#.to_vec()),
-    )
-    .await;
+    assert_eq!(get(&app, "/api/v1/runs?status=bogus").await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(get(&app, "/api/v1/runs/nope").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(post(&app, "/api/v1/flows/nope/runs", b"{}").await.0, StatusCode::NOT_FOUND);
+    let (status, body) = post(&app, "/api/v1/flows/greet/runs", br#"{"inptu": {}}"#).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (StatusCode::BAD_REQUEST, Some("invalid_json"))
     );
 
-    shutdown.cancel();
-    worker.await.unwrap();
+    worker.stop().await;
     cleanup(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_and_events() {
     let (app, state, dir) = app_with_state(&[]).await;
-    let shutdown = flowcore::CancellationToken::new();
-    let worker = tokio::spawn(flowcore_server::worker::work(
-        state.clone(),
-        shutdown.clone(),
-    ));
+    let worker = Worker::start(&state);
     let k = Some(KEY);
     call(&app, "POST", "/api/v1/flows", k, Some(greet())).await;
     let async_flow = br#"{"id": "later", "nodes": [{"id": "t", "type": "template", "params": {"template": "got {{ input.body }}"}}],
         "triggers": [{"type": "webhook", "path": "hooks/later", "method": "PUT", "mode": "async"}]}"#;
-    call(&app, "POST", "/api/v1/flows", k, Some(async_flow.to_vec())).await;
+    post(&app, "/api/v1/flows", async_flow).await;
 
     // Sync webhook: no API key needed, the body is the input, the answer has the output.
     let mut answer = (StatusCode::NOT_FOUND, Value::Null);
@@ -691,22 +640,14 @@ async fn webhooks_and_events() {
         StatusCode::NOT_FOUND
     );
 
-    shutdown.cancel();
-    worker.await.unwrap();
+    worker.stop().await;
     cleanup(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_are_shown_once_stored_hashed_and_revocable() {
     let (app, dir) = app(&[]).await;
-    let (status, created) = call(
-        &app,
-        "POST",
-        "/api/v1/api-keys",
-        Some(KEY),
-        Some(br#"{"name": "ci"}"#.to_vec()),
-    )
-    .await;
+    let (status, created) = post(&app, "/api/v1/api-keys", br#"{"name": "ci"}"#).await;
     assert_eq!(status, StatusCode::CREATED);
     let key = created["key"].as_str().unwrap().to_owned();
     assert!(key.starts_with(created["prefix"].as_str().unwrap()));
@@ -859,22 +800,8 @@ async fn every_answer_carries_a_request_id() {
 async fn runs_go_to_their_flows_worker_group() {
     let (app, state, dir) = app_with_state(&[]).await;
     let flow = br#"{"id": "gpu", "nodes": [{"id": "n", "type": "noop"}], "settings": {"worker_group": "gpu"}}"#;
-    call(
-        &app,
-        "POST",
-        "/api/v1/flows",
-        Some(KEY),
-        Some(flow.to_vec()),
-    )
-    .await;
-    let (status, run) = call(
-        &app,
-        "POST",
-        "/api/v1/flows/gpu/runs",
-        Some(KEY),
-        Some(br#"{"wait": false}"#.to_vec()),
-    )
-    .await;
+    post(&app, "/api/v1/flows", flow).await;
+    let (status, run) = post(&app, "/api/v1/flows/gpu/runs", br#"{"wait": false}"#).await;
     assert_eq!(
         (status, run["status"].as_str()),
         (StatusCode::ACCEPTED, Some("queued"))
@@ -941,14 +868,7 @@ async fn files_upload_stream_and_refuse_past_the_file_limit() {
         bytes_of(res).await,
         data
     );
-    let (status, meta) = call(
-        &app,
-        "GET",
-        &format!("/api/v1/files/{id}/meta"),
-        Some(KEY),
-        None,
-    )
-    .await;
+    let (status, meta) = get(&app, &format!("/api/v1/files/{id}/meta")).await;
     assert_eq!(
         (status, meta["size"].as_u64()),
         (StatusCode::OK, Some(1_500_000))
@@ -991,7 +911,7 @@ async fn files_upload_stream_and_refuse_past_the_file_limit() {
     )
     .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, body) = call(&app, "GET", &format!("/api/v1/files/{id}"), Some(KEY), None).await;
+    let (status, body) = get(&app, &format!("/api/v1/files/{id}")).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (StatusCode::NOT_FOUND, Some("not_found"))
@@ -1029,14 +949,8 @@ async fn usage_is_counted_per_flow_and_day_and_quotas_refuse_with_429() {
     let start = |flow: &'static str| {
         let app = app.clone();
         async move {
-            call(
-                &app,
-                "POST",
-                &format!("/api/v1/flows/{flow}/runs"),
-                Some(KEY),
-                Some(br#"{"input": {"name": "x", "n": 9}}"#.to_vec()),
-            )
-            .await
+            let input = br#"{"input": {"name": "x", "n": 9}}"#;
+            post(&app, &format!("/api/v1/flows/{flow}/runs"), input).await
         }
     };
     for _ in 0..3 {
@@ -1059,7 +973,7 @@ async fn usage_is_counted_per_flow_and_day_and_quotas_refuse_with_429() {
 
     state.usage.flush().await.unwrap();
     let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
-    let (status, body) = call(&app, "GET", "/api/v1/usage?flow_id=greet", k, None).await;
+    let (status, body) = get(&app, "/api/v1/usage?flow_id=greet").await;
     assert_eq!(status, StatusCode::OK);
     // greet runs hello, big and one of a/b: three node executions a run.
     assert_eq!(
@@ -1067,14 +981,7 @@ async fn usage_is_counted_per_flow_and_day_and_quotas_refuse_with_429() {
         json!([{"flow_id": "greet", "day": today, "runs": 3, "node_executions": 9, "tokens": 0}])
     );
     assert_eq!(body["quota"]["runs_per_flow_per_day"], 3);
-    let (_, all) = call(
-        &app,
-        "GET",
-        &format!("/api/v1/usage?from={today}&to={today}"),
-        k,
-        None,
-    )
-    .await;
+    let (_, all) = get(&app, &format!("/api/v1/usage?from={today}&to={today}")).await;
     assert_eq!(all["items"].as_array().unwrap().len(), 2);
     for bad in [
         "?from=yesterday",
@@ -1082,7 +989,7 @@ async fn usage_is_counted_per_flow_and_day_and_quotas_refuse_with_429() {
         "?flow_id=a%20b",
         "?color=red",
     ] {
-        let (status, body) = call(&app, "GET", &format!("/api/v1/usage{bad}"), k, None).await;
+        let (status, body) = get(&app, &format!("/api/v1/usage{bad}")).await;
         assert_eq!(
             (status, body["error"]["code"].as_str()),
             (StatusCode::BAD_REQUEST, Some("invalid_request")),
@@ -1095,7 +1002,7 @@ async fn usage_is_counted_per_flow_and_day_and_quotas_refuse_with_429() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_matches_the_router() {
     let (app, dir) = app(&[]).await;
-    let (status, doc) = call(&app, "GET", "/api/v1/openapi.json", Some(KEY), None).await;
+    let (status, doc) = get(&app, "/api/v1/openapi.json").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(doc["openapi"], "3.1.0");
     let mut documented = Vec::new();
@@ -1166,7 +1073,7 @@ async fn the_reaper_requeues_runs_whose_worker_died_and_fails_those_lost_too_oft
     tokio::time::sleep(ttl * 2).await;
     assert_eq!(flowcore_server::lifecycle::recover(&state, false).await.unwrap(), 1);
     assert_eq!(state.stores.queue.depth("default").await.unwrap().ready, 1);
-    let (_, failed) = call(&app, "GET", &format!("/api/v1/runs/{}", cursed.id), Some(KEY), None).await;
+    let (_, failed) = get(&app, &format!("/api/v1/runs/{}", cursed.id)).await;
     assert_eq!(failed["status"], "failed");
     assert!(failed["error"].as_str().unwrap().contains("lost by 5 workers"), "{failed}");
     // A run whose worker died is cancelled at once (nobody would hear the request, and the
@@ -1177,11 +1084,9 @@ async fn the_reaper_requeues_runs_whose_worker_died_and_fails_those_lost_too_oft
     assert_eq!((status, cancelled["status"].as_str()), (StatusCode::OK, Some("cancelled")), "{cancelled}");
     assert_eq!(state.stores.runs.get(&orphan.id).await.unwrap().status, flowcore::RunStatus::Cancelled);
     // A worker picks the first one up and finishes it.
-    let shutdown = flowcore::CancellationToken::new();
-    let worker = tokio::spawn(flowcore_server::worker::work(state.clone(), shutdown.clone()));
+    let worker = Worker::start(&state);
     wait_for_status(&app, once.id.as_str(), "succeeded").await;
-    shutdown.cancel();
-    worker.await.unwrap();
+    worker.stop().await;
     cleanup(&dir);
 }
 
@@ -1202,13 +1107,13 @@ async fn retention_prunes_finished_runs_by_age_and_by_count() {
     let mut ids = std::collections::HashMap::<&str, Vec<String>>::new();
     for flow in ["keep", "plain"] {
         for _ in 0..4 {
-            let (status, run) = call(&app, "POST", &format!("/api/v1/flows/{flow}/runs"), Some(KEY), Some(b"{}".to_vec())).await;
+            let (status, run) = post(&app, &format!("/api/v1/flows/{flow}/runs"), b"{}").await;
             assert_eq!(status, StatusCode::OK, "{run}");
             ids.entry(flow).or_default().push(run["run_id"].as_str().unwrap().to_owned());
         }
     }
     // A flow that keeps its runs 30 days: past the default 14, they stay.
-    let (_, long_run) = call(&app, "POST", "/api/v1/flows/long/runs", Some(KEY), Some(b"{}".to_vec())).await;
+    let (_, long_run) = post(&app, "/api/v1/flows/long/runs", b"{}").await;
     let long_id = long_run["run_id"].as_str().unwrap().to_owned();
     // A run whose output was too large for the database: its blob goes with it.
     let big = json!({"input": {"text": "x".repeat(100_000)}});
@@ -1218,8 +1123,8 @@ async fn retention_prunes_finished_runs_by_age_and_by_count() {
     let blobs_of = async |id: &str| state.stores.blobs.list(&format!("runs/{id}/")).await.unwrap();
     assert!(!blobs_of(&big_id).await.is_empty(), "the output was offloaded");
     // A queued run of the plain flow: never pruned.
-    let (_, queued) = call(&app, "POST", "/api/v1/flows/plain/runs", Some(KEY), Some(br#"{"wait": false}"#.to_vec())).await;
-    let exists = async |id: &str| call(&app, "GET", &format!("/api/v1/runs/{id}"), Some(KEY), None).await.0 == StatusCode::OK;
+    let (_, queued) = post(&app, "/api/v1/flows/plain/runs", br#"{"wait": false}"#).await;
+    let exists = async |id: &str| get(&app, &format!("/api/v1/runs/{id}")).await.0 == StatusCode::OK;
     // Now: the count applies, the age does not yet.
     let now = chrono::Utc::now();
     assert_eq!(flowcore_server::retention::prune_once(&state, now).await.unwrap(), 2);
@@ -1242,7 +1147,7 @@ async fn retention_prunes_finished_runs_by_age_and_by_count() {
     assert!(!exists(&long_id).await, "past its own 30 days");
     assert!(blobs_of(&big_id).await.is_empty(), "with its offloaded output");
     let queued_id = queued["run_id"].as_str().unwrap();
-    let (_, run) = call(&app, "GET", &format!("/api/v1/runs/{queued_id}"), Some(KEY), None).await;
+    let (_, run) = get(&app, &format!("/api/v1/runs/{queued_id}")).await;
     assert!(exists(queued_id).await, "a queued run stays: {run}");
     let (_, metrics) = {
         let req = Request::builder().uri("/metrics").body(Body::empty()).unwrap();
@@ -1273,11 +1178,11 @@ async fn archived_runs_are_still_found_after_retention_deleted_them() {
         let (status, run) = call(&app, "POST", "/api/v1/flows/plain/runs", Some(KEY), Some(body)).await;
         assert_eq!(status, StatusCode::OK, "{run}");
         let id = run["run_id"].as_str().unwrap().to_owned();
-        let (_, stored) = call(&app, "GET", &format!("/api/v1/runs/{id}"), Some(KEY), None).await;
+        let (_, stored) = get(&app, &format!("/api/v1/runs/{id}")).await;
         assert!(stored.get("archived").is_none(), "{stored}");
         before.push((id, stored));
     }
-    let (_, queued) = call(&app, "POST", "/api/v1/flows/plain/runs", Some(KEY), Some(br#"{"wait": false}"#.to_vec())).await;
+    let (_, queued) = post(&app, "/api/v1/flows/plain/runs", br#"{"wait": false}"#).await;
     let later = chrono::Utc::now() + chrono::Duration::days(15);
     assert_eq!(flowcore_server::retention::prune_once(&state, later).await.unwrap(), 3);
     for (id, stored) in &before {
@@ -1285,7 +1190,7 @@ async fn archived_runs_are_still_found_after_retention_deleted_them() {
             state.stores.runs.get(&flowcore::RunId::from(id.as_str())).await,
             Err(flowcore::StoreError::NotFound { .. })
         ), "deleted from the database");
-        let (status, archived) = call(&app, "GET", &format!("/api/v1/runs/{id}"), Some(KEY), None).await;
+        let (status, archived) = get(&app, &format!("/api/v1/runs/{id}")).await;
         assert_eq!(status, StatusCode::OK, "{archived}");
         assert_eq!(archived["archived"], true);
         let mut same = archived.clone();
@@ -1297,10 +1202,10 @@ async fn archived_runs_are_still_found_after_retention_deleted_them() {
     assert!((1..=2).contains(&objects.len()), "an object per hour of the flow: {objects:?}");
     // A queued run stays in the database; an id nobody made is not found.
     let queued_id = queued["run_id"].as_str().unwrap();
-    let (_, stays) = call(&app, "GET", &format!("/api/v1/runs/{queued_id}"), Some(KEY), None).await;
+    let (_, stays) = get(&app, &format!("/api/v1/runs/{queued_id}")).await;
     assert!(stays.get("archived").is_none(), "{stays}");
     let nobody = flowcore::RunId::new();
-    let (status, missing) = call(&app, "GET", &format!("/api/v1/runs/{nobody}"), Some(KEY), None).await;
+    let (status, missing) = get(&app, &format!("/api/v1/runs/{nobody}")).await;
     assert_eq!((status, missing["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
     assert_eq!(flowcore_server::retention::prune_once(&state, later).await.unwrap(), 0);
     let metrics = text_of(get_unsigned(&app, "/metrics").await).await;
@@ -1329,7 +1234,7 @@ async fn retention_drops_old_runs_data_and_keeps_their_summary() {
     };
     let big = start("plain", json!({"text": "x".repeat(100_000)})).await;
     let brief_run = start("brief", json!({"secret": "s"})).await;
-    let read = async |id: &str| call(&app, "GET", &format!("/api/v1/runs/{id}"), Some(KEY), None).await.1;
+    let read = async |id: &str| get(&app, &format!("/api/v1/runs/{id}")).await.1;
     let blobs_of = async |id: &str| state.stores.blobs.list(&format!("runs/{id}/")).await.unwrap();
     assert!(!blobs_of(&big).await.is_empty(), "the output was offloaded");
     // Two days on: past the flow's own day, not yet past the server's three.
@@ -1347,7 +1252,7 @@ async fn retention_drops_old_runs_data_and_keeps_their_summary() {
     let summary = read(&big).await;
     assert_eq!((summary["data_pruned"].as_bool(), &summary["output"]), (Some(true), &Value::Null));
     assert!(blobs_of(&big).await.is_empty(), "{summary}");
-    let (_, page) = call(&app, "GET", "/api/v1/runs?flow_id=plain", Some(KEY), None).await;
+    let (_, page) = get(&app, "/api/v1/runs?flow_id=plain").await;
     assert_eq!(page["items"][0]["data_pruned"], true, "{page}");
     // Past the run retention (14 days), the summaries go too.
     let pruned = flowcore_server::retention::prune_once(&state, now + chrono::Duration::days(15)).await.unwrap();

@@ -8,7 +8,7 @@ use diesel::upsert::excluded;
 use diesel_async::RunQueryDsl;
 use flowcore::StoreError;
 use flowcore::ports::{
-    ApiKeyRecord, ApiKeyStore, CredentialStore, FileRecord, FileStore, StoreResult,
+    ApiKeyRecord, ApiKeyStore, CredentialStore, FileRecord, FileStore, Reencryption, StoreResult,
     StoredCredential, UsageDay, UsageQuery, UsageStore,
 };
 
@@ -69,13 +69,8 @@ impl CredentialStore for SqlStore {
         Ok(rows.into_iter().map(StoredCredential::from).collect())
     }
 
-    async fn reencrypt_credential(
-        &self,
-        id: &str,
-        old_key_id: &str,
-        key_id: &str,
-        ciphertext: &[u8],
-    ) -> StoreResult<()> {
+    async fn reencrypt_credential(&self, change: &Reencryption<'_>) -> StoreResult<()> {
+        let (id, old_key_id) = (change.id, change.old_key_id);
         let now = micros(Utc::now());
         let changed: usize = with_conn!(self, write, |conn| {
             diesel::update(
@@ -86,8 +81,8 @@ impl CredentialStore for SqlStore {
                 ),
             )
             .set((
-                credentials::key_id.eq(key_id),
-                credentials::ciphertext.eq(ciphertext),
+                credentials::key_id.eq(change.key_id),
+                credentials::ciphertext.eq(change.ciphertext),
                 credentials::updated_at.eq(now),
             ))
             .execute(conn)

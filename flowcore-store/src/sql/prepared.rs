@@ -17,7 +17,7 @@ use diesel::sqlite::Sqlite;
 
 use flowcore::{Move, RunStatus};
 
-use super::rows::{NewRunRow, NewStepRow, RunColumns, run_columns};
+use super::rows::{NewRunRow, RunColumns, StepRow, run_columns};
 
 /// The statuses `m` starts from as an SQL list (`'queued', 'running'`), from the one table of a
 /// run's moves ([`RunStatus::move_to`]).
@@ -206,7 +206,7 @@ impl QueryFragment<Sqlite> for FinishRun {
 pub(super) struct StepArrays {
     pub run_id: Vec<String>,
     pub node: Vec<String>,
-    pub status: Vec<&'static str>,
+    pub status: Vec<String>,
     pub attempts: Vec<i32>,
     pub started_at: Vec<Option<i64>>,
     pub finished_at: Vec<Option<i64>>,
@@ -217,7 +217,7 @@ pub(super) struct StepArrays {
 
 impl StepArrays {
     /// The rows as columns.
-    pub(super) fn of(rows: Vec<NewStepRow>) -> Self {
+    pub(super) fn of(rows: Vec<StepRow>) -> Self {
         let mut a = Self::default();
         for row in rows {
             a.run_id.push(row.run_id);

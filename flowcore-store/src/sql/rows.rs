@@ -138,10 +138,11 @@ impl NewRunRow {
     }
 }
 
-/// A step's row as read.
-#[derive(Debug, Queryable, Selectable)]
-#[diesel(table_name = steps)]
+/// A step's row, read and written (inserted, or replacing the step's earlier row).
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = steps, treat_none_as_default_value = false)]
 pub(super) struct StepRow {
+    pub run_id: String,
     pub node: String,
     pub status: String,
     pub attempts: i32,
@@ -150,6 +151,28 @@ pub(super) struct StepRow {
     pub output: Option<String>,
     pub error: Option<String>,
     pub port: Option<String>,
+}
+
+impl StepRow {
+    /// The rows of run `id`'s `steps`.
+    pub fn of(id: &RunId, steps: &[StepRecord]) -> StoreResult<Vec<Self>> {
+        steps
+            .iter()
+            .map(|s| {
+                Ok(Self {
+                    run_id: id.as_str().to_owned(),
+                    node: s.node.to_string(),
+                    status: s.status.as_str().to_owned(),
+                    attempts: i32::try_from(s.attempts).unwrap_or(i32::MAX),
+                    started_at: s.started_at.map(micros),
+                    finished_at: s.finished_at.map(micros),
+                    output: s.output.as_deref().map(to_text).transpose()?,
+                    error: s.error.clone(),
+                    port: s.port.as_deref().map(str::to_owned),
+                })
+            })
+            .collect()
+    }
 }
 
 impl TryFrom<StepRow> for StepRecord {
@@ -169,43 +192,6 @@ impl TryFrom<StepRow> for StepRecord {
             error: row.error,
             port: row.port.map(Into::into),
         })
-    }
-}
-
-/// A step's row as written (inserted, or replacing the step's earlier row).
-#[derive(Debug, Clone, Insertable)]
-#[diesel(table_name = steps, treat_none_as_default_value = false)]
-pub(super) struct NewStepRow {
-    pub run_id: String,
-    pub node: String,
-    pub status: &'static str,
-    pub attempts: i32,
-    pub started_at: Option<i64>,
-    pub finished_at: Option<i64>,
-    pub output: Option<String>,
-    pub error: Option<String>,
-    pub port: Option<String>,
-}
-
-impl NewStepRow {
-    /// The rows of run `id`'s `steps`.
-    pub fn of(id: &RunId, steps: &[StepRecord]) -> StoreResult<Vec<Self>> {
-        steps
-            .iter()
-            .map(|s| {
-                Ok(Self {
-                    run_id: id.as_str().to_owned(),
-                    node: s.node.to_string(),
-                    status: s.status.as_str(),
-                    attempts: i32::try_from(s.attempts).unwrap_or(i32::MAX),
-                    started_at: s.started_at.map(micros),
-                    finished_at: s.finished_at.map(micros),
-                    output: s.output.as_deref().map(to_text).transpose()?,
-                    error: s.error.clone(),
-                    port: s.port.as_deref().map(str::to_owned),
-                })
-            })
-            .collect()
     }
 }
 

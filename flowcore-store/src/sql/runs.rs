@@ -6,17 +6,18 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use diesel::prelude::*;
 use diesel::upsert::excluded;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use flowcore::ports::{
-    Lease, NewRun, Page, PruneRule, RunFilter, RunOutcome, RunRecord, RunStore, StoreResult,
+    Claim, Due, Lapsed, Lease, NewRun, Page, PruneRule, RunFilter, RunOutcome, RunRecord, RunStore,
+    StoreResult,
 };
-use flowcore::{RunId, RunStatus, StepRecord, StoreError};
+use flowcore::{RunId, RunStatus, StepRecord, StoreError, Transition};
 
 use super::prepared::{ClaimRun, EndArrays, Finish, FinishRuns, Id, Ids, StepArrays};
-use super::rows::{NewRunRow, NewStepRow, RunRow, StepRow, run_columns};
+use super::rows::{NewRunRow, RunRow, StepRow, run_columns};
 use super::schema::{runs, steps};
 use super::{SqlStore, db_error, from_micros, is_unique_violation, micros, to_text, with_conn};
 
@@ -43,10 +44,7 @@ fn owned_run(id: &str, epoch: u64) -> OwnedRun<'_> {
 /// Inserts or replaces step rows: one multi-row statement on PostgreSQL; one statement a row on
 /// SQLite, where diesel cannot batch an upsert (and a statement costs no round trip).
 trait UpsertSteps {
-    fn upsert_steps(
-        &mut self,
-        rows: Vec<NewStepRow>,
-    ) -> impl Future<Output = QueryResult<()>> + Send;
+    fn upsert_steps(&mut self, rows: Vec<StepRow>) -> impl Future<Output = QueryResult<()>> + Send;
 }
 
 macro_rules! upsert {
@@ -69,7 +67,7 @@ macro_rules! upsert {
 }
 
 impl UpsertSteps for diesel_async::AsyncPgConnection {
-    async fn upsert_steps(&mut self, rows: Vec<NewStepRow>) -> QueryResult<()> {
+    async fn upsert_steps(&mut self, rows: Vec<StepRow>) -> QueryResult<()> {
         if !rows.is_empty() {
             upsert!(self, rows).await?;
         }
@@ -78,7 +76,7 @@ impl UpsertSteps for diesel_async::AsyncPgConnection {
 }
 
 impl UpsertSteps for super::Sqlite {
-    async fn upsert_steps(&mut self, rows: Vec<NewStepRow>) -> QueryResult<()> {
+    async fn upsert_steps(&mut self, rows: Vec<StepRow>) -> QueryResult<()> {
         for row in rows {
             upsert!(&mut *self, row).await?;
         }
@@ -96,7 +94,7 @@ mod blocking {
     use diesel::{RunQueryDsl, SqliteConnection};
 
     use super::super::prepared::{Finish, FinishRun};
-    use super::{NewRunRow, NewStepRow, RunRow, owned_run, run_columns, runs, steps};
+    use super::{NewRunRow, RunRow, StepRow, owned_run, run_columns, runs, steps};
 
     /// The final write of a run, under the caller's epoch: its last steps, then the run row.
     /// No savepoint is needed (the batch's other writes must survive a failure here): the
@@ -105,7 +103,7 @@ mod blocking {
     pub(super) fn finish(
         conn: &mut SqliteConnection,
         end: Finish,
-        rows: Vec<NewStepRow>,
+        rows: Vec<StepRow>,
     ) -> QueryResult<Option<RunRow>> {
         let owned: bool = diesel::select(diesel::dsl::exists(owned_run(&end.id, end.epoch as u64)))
             .get_result(conn)?;
@@ -372,24 +370,19 @@ impl RunStore for SqlStore {
         .await
     }
 
-    async fn claim_runs(
-        &self,
-        ids: &[RunId],
-        owner: &str,
-        ttl: Duration,
-    ) -> StoreResult<Vec<RunRecord>> {
+    async fn claim_runs(&self, ids: &[RunId], claim: &Claim) -> StoreResult<Vec<RunRecord>> {
         let super::Pools::Postgres { pool, .. } = &self.pools else {
             // SQLite: one by one, each a cached statement on the one writer.
-            return flowcore::ports::claim_each(self, ids, owner, ttl).await;
+            return flowcore::ports::claim_each(self, ids, claim).await;
         };
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         let now = micros(Utc::now());
-        let expires = now.saturating_add(ttl_micros(ttl));
+        let expires = now.saturating_add(ttl_micros(claim.ttl));
         let ids = Ids(ids.iter().map(|id| id.as_str().to_owned()).collect());
         let mut conn = pool.get().await.map_err(super::pool_error)?;
-        let rows: Vec<RunRow> = ClaimRun::new(ids, owner.to_owned(), now, expires)
+        let rows: Vec<RunRow> = ClaimRun::new(ids, claim.owner.clone(), now, expires)
             .load(&mut *conn)
             .await
             .map_err(|e| db_error("claiming runs", e))?;
@@ -415,7 +408,7 @@ impl RunStore for SqlStore {
     }
 
     async fn record_steps(&self, id: &RunId, epoch: u64, steps: &[StepRecord]) -> StoreResult<()> {
-        let rows = NewStepRow::of(id, steps)?;
+        let rows = StepRow::of(id, steps)?;
         let owned: bool = with_conn!(self, write, |conn| {
             let run_id = id.as_str().to_owned();
             conn.transaction(async move |conn| {
@@ -477,7 +470,7 @@ impl RunStore for SqlStore {
         };
         let row: Option<RunRow> = match &self.pools {
             super::Pools::Sqlite { batcher, .. } => {
-                let (end, rows) = (end()?, NewStepRow::of(id, &outcome.steps)?);
+                let (end, rows) = (end()?, StepRow::of(id, &outcome.steps)?);
                 batcher
                     .write("finishing a run", move |conn| {
                         blocking::finish(conn, end, rows)
@@ -486,12 +479,12 @@ impl RunStore for SqlStore {
                     .map_err(|e| db_error("finishing a run", e))?
             }
             super::Pools::Postgres { pool, batches } => {
-                let steps = StepArrays::of(NewStepRow::of(id, &outcome.steps)?);
+                let steps = StepArrays::of(StepRow::of(id, &outcome.steps)?);
                 match batches.finishes.finish(end()?, steps).await {
                     Ok(row) => row,
                     Err(()) => {
                         let mut ends = EndArrays::default();
-                        ends.push(end()?, StepArrays::of(NewStepRow::of(id, &outcome.steps)?));
+                        ends.push(end()?, StepArrays::of(StepRow::of(id, &outcome.steps)?));
                         let mut conn = pool.get().await.map_err(super::pool_error)?;
                         let alone: Option<RunRow> =
                             super::returned!(FinishRuns::new(ends), &mut *conn)
@@ -536,13 +529,9 @@ impl RunStore for SqlStore {
         }
     }
 
-    async fn transition(
-        &self,
-        id: &RunId,
-        from: RunStatus,
-        to: RunStatus,
-    ) -> StoreResult<RunRecord> {
-        flowcore::Move::unowned(from, to)?;
+    async fn transition(&self, id: &RunId, change: Transition) -> StoreResult<RunRecord> {
+        flowcore::Move::unowned(change)?;
+        let Transition { from, to } = change;
         let now = micros(Utc::now());
         let row: Option<RunRow> = with_conn!(self, write, |conn| {
             let target =
@@ -571,14 +560,9 @@ impl RunStore for SqlStore {
         .await
     }
 
-    async fn expired(
-        &self,
-        after: Option<DateTime<Utc>>,
-        now: DateTime<Utc>,
-        limit: usize,
-    ) -> StoreResult<Vec<(RunId, Option<DateTime<Utc>>)>> {
-        let now = micros(now);
-        let limit = limit.min(10_000) as i64;
+    async fn expired(&self, due: &Due) -> StoreResult<Vec<Lapsed>> {
+        let (after, now) = (due.after, micros(due.by));
+        let limit = due.limit.min(10_000) as i64;
         let rows: Vec<(String, Option<i64>)> = with_conn!(self, read, |conn| {
             let query = runs::table
                 .filter(runs::status.eq(RunStatus::Running.as_str()))

@@ -22,12 +22,12 @@ pub use limits::{RateDecision, RateLimiter};
 pub use queue::{Job, LeasedJob, Queue, QueueDepth, Take};
 #[cfg(feature = "records")]
 pub use records::{
-    ApiKeyRecord, ApiKeyStore, CredentialStore, FileRecord, FileStore, Scope, Scopes,
+    ApiKeyRecord, ApiKeyStore, CredentialStore, FileRecord, FileStore, Reencryption, Scope, Scopes,
     StoredCredential, UsageDay, UsageQuery, UsageStore,
 };
 pub use runs::{
-    Claim, Lease, NewRun, PruneRule, RunEnd, RunFilter, RunOutcome, RunRecord, RunStore,
-    claim_each, prune_runs,
+    Claim, Due, Lapsed, Lease, NewRun, PruneRule, RunEnd, RunFilter, RunOutcome, RunRecord,
+    RunStore, claim_each, prune_runs,
 };
 pub use signals::{FinishWaiters, FinishWatch, RunSignals};
 

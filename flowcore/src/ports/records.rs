@@ -31,6 +31,20 @@ pub struct StoredCredential {
     pub allowed_hosts: Option<Vec<String>>,
 }
 
+/// A credential encrypted anew (key rotation): one value, so that its three ids cannot be
+/// swapped silently.
+#[derive(Debug, Clone, Copy)]
+pub struct Reencryption<'a> {
+    /// The credential's id.
+    pub id: &'a str,
+    /// The key it must still be under.
+    pub old_key_id: &'a str,
+    /// The key of `ciphertext`.
+    pub key_id: &'a str,
+    /// The secret encrypted under `key_id`.
+    pub ciphertext: &'a [u8],
+}
+
 /// Encrypted credentials.
 #[async_trait]
 pub trait CredentialStore: Send + Sync {
@@ -40,14 +54,9 @@ pub trait CredentialStore: Send + Sync {
     async fn get_credential(&self, id_or_name: &str) -> StoreResult<StoredCredential>;
     /// All credentials, oldest first.
     async fn list_credentials(&self) -> StoreResult<Vec<StoredCredential>>;
-    /// Replaces the ciphertext and key id (key rotation), if `key_id` is still `old_key_id`.
-    async fn reencrypt_credential(
-        &self,
-        id: &str,
-        old_key_id: &str,
-        key_id: &str,
-        ciphertext: &[u8],
-    ) -> StoreResult<()>;
+    /// Replaces the ciphertext and key id (key rotation), if the credential is still under
+    /// `change.old_key_id`: `Conflict` otherwise.
+    async fn reencrypt_credential(&self, change: &Reencryption<'_>) -> StoreResult<()>;
     /// Deletes a credential.
     async fn delete_credential(&self, id: &str) -> StoreResult<()>;
 }

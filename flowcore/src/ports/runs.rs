@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::{Page, StoreResult};
 use crate::error::StoreError;
 use crate::ids::RunId;
-use crate::run::{RunStatus, StepRecord};
+use crate::run::{RunStatus, StepRecord, Transition};
 
 /// A new run, as the API accepts it.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +61,21 @@ impl NewRun {
         }
     }
 }
+
+/// The part of a time index to walk (leases that expired): what is due by `by`; with `after`,
+/// only what came due after it, oldest first. At most `limit` entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due {
+    /// What came due at or before it was seen already.
+    pub after: Option<DateTime<Utc>>,
+    /// The end of the range (now, usually).
+    pub by: DateTime<Utc>,
+    /// The most entries answered.
+    pub limit: usize,
+}
+
+/// A running run whose lease lapsed, with the lease's expiry (`None`: it had none).
+pub type Lapsed = (RunId, Option<DateTime<Utc>>);
 
 /// A worker's claim on a run: who, and for how long without renewal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,13 +217,8 @@ pub trait RunStore: Send + Sync {
     /// jobs): answers the runs it claimed, in no particular order, and leaves out the ones not
     /// claimable (finished, leased by another owner, or unknown). One statement and one commit
     /// where the backend can (PostgreSQL); the default claims them one by one.
-    async fn claim_runs(
-        &self,
-        ids: &[RunId],
-        owner: &str,
-        ttl: Duration,
-    ) -> StoreResult<Vec<RunRecord>> {
-        claim_each(self, ids, owner, ttl).await
+    async fn claim_runs(&self, ids: &[RunId], claim: &Claim) -> StoreResult<Vec<RunRecord>> {
+        claim_each(self, ids, claim).await
     }
     /// Extends the lease of the current owner. `StaleLease` when another owner took over.
     async fn renew(&self, id: &RunId, epoch: u64, ttl: Duration) -> StoreResult<Lease>;
@@ -222,24 +232,14 @@ pub trait RunStore: Send + Sync {
     /// Hands a running run back (`running` -> `queued`) without waiting for its lease to expire.
     async fn release(&self, id: &RunId, epoch: u64) -> StoreResult<()>;
     /// Compare-and-set of the status, for changes without a lease (such as cancelling a queued
-    /// run). `Conflict` when the status is not `from`.
-    async fn transition(
-        &self,
-        id: &RunId,
-        from: RunStatus,
-        to: RunStatus,
-    ) -> StoreResult<RunRecord>;
-    /// Running runs whose lease expired by `now`, for the reaper, with their expiry (`None`:
-    /// no lease). With `after`, only those whose lease expired after it, oldest expiry first: a
-    /// reaper that looked at the earlier ones already looks only at what lapsed since, which
-    /// on PostgreSQL is a short range of the lease index instead of every row version that was
-    /// ever running (dead ones too, until a vacuum).
-    async fn expired(
-        &self,
-        after: Option<DateTime<Utc>>,
-        now: DateTime<Utc>,
-        limit: usize,
-    ) -> StoreResult<Vec<(RunId, Option<DateTime<Utc>>)>>;
+    /// run). `Conflict` when the status is not `change.from`.
+    async fn transition(&self, id: &RunId, change: Transition) -> StoreResult<RunRecord>;
+    /// Running runs whose lease expired by `due.by`, for the reaper, with their expiry
+    /// (`None`: no lease). With `due.after`, only those whose lease expired after it, oldest
+    /// expiry first: a reaper that looked at the earlier ones already looks only at what
+    /// lapsed since, which on PostgreSQL is a short range of the lease index instead of every
+    /// row version that was ever running (dead ones too, until a vacuum).
+    async fn expired(&self, due: &Due) -> StoreResult<Vec<Lapsed>>;
     /// The finished runs that `rule` selects, oldest first, at most `limit`: what
     /// [`RunStore::prune`] deletes next. For a caller that does something with them first
     /// (the server's archive), then deletes them with [`RunStore::delete_finished`].
@@ -337,12 +337,11 @@ pub async fn prune_runs(
 pub async fn claim_each<S: RunStore + ?Sized>(
     store: &S,
     ids: &[RunId],
-    owner: &str,
-    ttl: Duration,
+    claim: &Claim,
 ) -> StoreResult<Vec<RunRecord>> {
     let mut claimed = Vec::with_capacity(ids.len());
     for id in ids {
-        match store.claim_run(id, owner, ttl).await {
+        match store.claim_run(id, &claim.owner, claim.ttl).await {
             Ok(run) => claimed.push(run),
             Err(StoreError::Conflict(_) | StoreError::NotFound { .. }) => {}
             Err(e) => return Err(e),

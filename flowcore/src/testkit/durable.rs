@@ -12,8 +12,7 @@ use crate::engine::Engine;
 use crate::error::StoreError;
 use crate::ids::RunId;
 use crate::model::FlowDef;
-use crate::plan::Plan;
-use crate::ports::{RunRecord, RunStore, StoreResult};
+use crate::ports::{Due, RunRecord, RunStore};
 use crate::run::RunStatus;
 
 /// Counts executions of each node id (the `count` node type of [`durable_runs`]).
@@ -100,12 +99,20 @@ pub async fn durable_runs(runs: Arc<dyn RunStore>) {
         lease_ttl: ttl,
         ..DurableOptions::new(name)
     };
+    // Executes a run in a task of its own, as a worker does.
+    let spawn_execute = |run: &RunRecord, options: &DurableOptions, hooks: Hooks| {
+        let (engine, plan, runs) = (engine.clone(), plan.clone(), runs.clone());
+        let (run, options) = (run.clone(), options.clone());
+        tokio::spawn(
+            async move { durable::execute(&engine, &plan, &runs, &run, &options, hooks).await },
+        )
+    };
 
     // A worker dies (its task is dropped: no finish, no more renewals) after `one` is recorded.
     let a = worker("a");
     let new = new_run("durable", None).claimed(a.claim());
     let (run, _) = runs.create(new).await.expect("create");
-    let task = spawn_execute(&engine, &plan, &runs, &run, &a, Hooks::default());
+    let task = spawn_execute(&run, &a, Hooks::default());
     wait_for_step(&runs, &run.id, "one").await;
     task.abort();
     let _ = task.await;
@@ -118,11 +125,15 @@ pub async fn durable_runs(runs: Arc<dyn RunStore>) {
     );
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
     assert!(
-        runs.expired(None, Utc::now(), 10)
-            .await
-            .expect("expired")
-            .iter()
-            .any(|(id, _)| id == &run.id),
+        runs.expired(&Due {
+            after: None,
+            by: Utc::now(),
+            limit: 10
+        })
+        .await
+        .expect("expired")
+        .iter()
+        .any(|(id, _)| id == &run.id),
         "the reaper sees it"
     );
     let b = worker("b");
@@ -147,7 +158,7 @@ pub async fn durable_runs(runs: Arc<dyn RunStore>) {
         .create(new_run("durable", None).claimed(a.claim()))
         .await
         .expect("create");
-    let task = spawn_execute(&engine, &plan, &runs, &run2, &a, Hooks::default());
+    let task = spawn_execute(&run2, &a, Hooks::default());
     wait_for_step(&runs, &run2.id, "one").await;
     // Taken over while `two` runs (as if a's lease had lapsed during a pause).
     runs.release(&run2.id, 1).await.expect("release");
@@ -206,7 +217,7 @@ pub async fn durable_runs(runs: Arc<dyn RunStore>) {
         cancel: Some(token.clone()),
         ..Hooks::default()
     };
-    let task = spawn_execute(&engine, &plan, &runs, &run4, &a, hooks);
+    let task = spawn_execute(&run4, &a, hooks);
     wait_for_step(&runs, &run4.id, "one").await;
     token.cancel();
     let done = task.await.expect("task").expect("cancelled run");
@@ -228,7 +239,7 @@ pub async fn durable_runs(runs: Arc<dyn RunStore>) {
         hand_back: Some(hand_back.clone()),
         ..Hooks::default()
     };
-    let task = spawn_execute(&engine, &plan, &runs, &run5, &slow_flush, hooks);
+    let task = spawn_execute(&run5, &slow_flush, hooks);
     // `two` (300 ms) has started: `one` is finished and buffered, `two` is in flight.
     for _ in 0..500 {
         if counts.of("two") > twos {
@@ -257,25 +268,4 @@ pub async fn durable_runs(runs: Arc<dyn RunStore>) {
     .expect("resumed");
     assert_eq!(done.status, RunStatus::Succeeded);
     assert_eq!(counts.of("one"), ones + 1, "`one` ran once");
-}
-
-/// Executes `run` in a task of its own, as a worker does.
-fn spawn_execute(
-    engine: &Engine,
-    plan: &Plan,
-    runs: &Arc<dyn RunStore>,
-    run: &RunRecord,
-    options: &DurableOptions,
-    hooks: Hooks,
-) -> tokio::task::JoinHandle<StoreResult<RunRecord>> {
-    let (engine, plan, runs, run, options) = (
-        engine.clone(),
-        plan.clone(),
-        runs.clone(),
-        run.clone(),
-        options.clone(),
-    );
-    tokio::spawn(
-        async move { durable::execute(&engine, &plan, &runs, &run, &options, hooks).await },
-    )
 }

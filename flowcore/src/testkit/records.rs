@@ -5,7 +5,7 @@ use std::sync::Arc;
 use chrono::Utc;
 
 use crate::error::StoreError;
-use crate::ports::{UsageDay, UsageQuery};
+use crate::ports::{Reencryption, UsageDay, UsageQuery};
 
 /// The four stores of the server's records, as one backend implements them.
 pub trait Records:
@@ -75,12 +75,24 @@ pub async fn meta_store(store: Arc<dyn Records>) {
         "c1"
     );
     store
-        .reencrypt_credential("c1", "k1", "k2", &[9, 9])
+        .reencrypt_credential(&Reencryption {
+            id: "c1",
+            old_key_id: "k1",
+            key_id: "k2",
+            ciphertext: &[9, 9],
+        })
         .await
         .expect("re-encrypt");
     assert!(
         matches!(
-            store.reencrypt_credential("c1", "k1", "k3", &[7]).await,
+            store
+                .reencrypt_credential(&Reencryption {
+                    id: "c1",
+                    old_key_id: "k1",
+                    key_id: "k3",
+                    ciphertext: &[7],
+                })
+                .await,
             Err(StoreError::Conflict(_))
         ),
         "re-encryption is compare-and-set on the key id"

@@ -9,7 +9,7 @@ use serde_json::json;
 use super::{new_run, step};
 use crate::error::StoreError;
 use crate::ids::RunId;
-use crate::ports::{Claim, NewRun, PruneRule, RunFilter, RunOutcome, RunStore};
+use crate::ports::{Claim, Due, NewRun, PruneRule, RunFilter, RunOutcome, RunStore};
 use crate::run::{Move, RunStatus, StepStatus};
 
 /// The run store suite: idempotency keys, leases and epochs, compare-and-set, stale writes
@@ -62,15 +62,20 @@ pub async fn run_store(store: &dyn RunStore) {
     let before_expiry = Utc::now();
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
     let now = Utc::now();
-    let expired = store.expired(None, now, 100).await.expect("expired");
+    let lapsed = |after, by| {
+        let due = Due {
+            after,
+            by,
+            limit: 100,
+        };
+        async move { store.expired(&due).await.expect("expired") }
+    };
+    let expired = lapsed(None, now).await;
     assert!(
         expired.iter().any(|(id, _)| id == &a.id),
         "a lapsed lease shows up for the reaper"
     );
-    let since = store
-        .expired(Some(before_expiry), now, 100)
-        .await
-        .expect("expired since");
+    let since = lapsed(Some(before_expiry), now).await;
     assert!(
         since.iter().any(|(id, _)| id == &a.id),
         "and for a reaper that looks at what lapsed since before its expiry"
@@ -79,10 +84,7 @@ pub async fn run_store(store: &dyn RunStore) {
         since.windows(2).all(|w| w[0].1 <= w[1].1),
         "oldest expiry first"
     );
-    let later = store
-        .expired(Some(now), Utc::now(), 100)
-        .await
-        .expect("expired since now");
+    let later = lapsed(Some(now), Utc::now()).await;
     assert!(
         !later.iter().any(|(id, _)| id == &a.id),
         "not for one that looked after its expiry"
@@ -297,13 +299,13 @@ pub async fn run_store(store: &dyn RunStore) {
         "release twice"
     );
     store
-        .transition(&b.id, RunStatus::Queued, RunStatus::Cancelled)
+        .transition(&b.id, RunStatus::Queued.to(RunStatus::Cancelled))
         .await
         .expect("cancel a queued run");
     assert!(
         matches!(
             store
-                .transition(&b.id, RunStatus::Queued, RunStatus::Cancelled)
+                .transition(&b.id, RunStatus::Queued.to(RunStatus::Cancelled))
                 .await,
             Err(StoreError::Conflict(_))
         ),
@@ -413,8 +415,10 @@ pub async fn run_store(store: &dyn RunStore) {
                 RunId::new(),
                 made[2].id.clone(),
             ],
-            "w4",
-            ttl,
+            &Claim {
+                owner: "w4".into(),
+                ttl,
+            },
         )
         .await
         .expect("claim a batch");
@@ -440,7 +444,13 @@ pub async fn run_store(store: &dyn RunStore) {
     }
     assert!(
         store
-            .claim_runs(&[made[0].id.clone()], "w5", ttl)
+            .claim_runs(
+                &[made[0].id.clone()],
+                &Claim {
+                    owner: "w5".into(),
+                    ttl,
+                },
+            )
             .await
             .expect("claim again")
             .is_empty(),
@@ -513,7 +523,7 @@ pub async fn transitions(store: &dyn RunStore) {
                 };
                 store.finish(&id, epoch, outcome).await.map(|_| ())
             };
-            let transition = async || store.transition(&id, from, to).await.map(|_| ());
+            let transition = async || store.transition(&id, from.to(to)).await.map(|_| ());
             match legal {
                 Some(m) => {
                     let done = match m {
@@ -566,7 +576,7 @@ pub async fn transitions(store: &dyn RunStore) {
     ));
     assert!(matches!(
         store
-            .transition(&id, RunStatus::Running, RunStatus::Cancelled)
+            .transition(&id, RunStatus::Running.to(RunStatus::Cancelled))
             .await,
         Err(StoreError::Invalid(_))
     ));
@@ -695,7 +705,7 @@ pub async fn pruning(store: &dyn RunStore) {
     for _ in 0..25 {
         let (run, _) = store.create(new_run("prune", None)).await.expect("create");
         store
-            .transition(&run.id, RunStatus::Queued, RunStatus::Cancelled)
+            .transition(&run.id, RunStatus::Queued.to(RunStatus::Cancelled))
             .await
             .expect("finish");
         old.push(run.id);
@@ -705,7 +715,7 @@ pub async fn pruning(store: &dyn RunStore) {
     tokio::time::sleep(Duration::from_millis(5)).await;
     let (recent, _) = store.create(new_run("prune", None)).await.expect("create");
     store
-        .transition(&recent.id, RunStatus::Queued, RunStatus::Cancelled)
+        .transition(&recent.id, RunStatus::Queued.to(RunStatus::Cancelled))
         .await
         .expect("finish");
     let rule = PruneRule {
@@ -738,7 +748,7 @@ pub async fn pruning(store: &dyn RunStore) {
             continue; // queued: stays, and does not count
         }
         store
-            .transition(&run.id, RunStatus::Queued, RunStatus::Cancelled)
+            .transition(&run.id, RunStatus::Queued.to(RunStatus::Cancelled))
             .await
             .expect("finish");
         finished.push(run.id);
@@ -782,7 +792,7 @@ pub async fn pruning(store: &dyn RunStore) {
     for _ in 0..4 {
         let (run, _) = store.create(new_run(&flow, None)).await.expect("create");
         store
-            .transition(&run.id, RunStatus::Queued, RunStatus::Cancelled)
+            .transition(&run.id, RunStatus::Queued.to(RunStatus::Cancelled))
             .await
             .expect("finish");
     }
@@ -792,7 +802,7 @@ pub async fn pruning(store: &dyn RunStore) {
     };
     assert_eq!(store.prune(&rule, 2).await.expect("prune").len(), 2);
     store
-        .transition(&late.id, RunStatus::Queued, RunStatus::Cancelled)
+        .transition(&late.id, RunStatus::Queued.to(RunStatus::Cancelled))
         .await
         .expect("finish late");
     let mut gone = 2;
@@ -813,7 +823,7 @@ pub async fn pruning(store: &dyn RunStore) {
     for _ in 0..3 {
         let (run, _) = store.create(new_run(&flow, None)).await.expect("create");
         store
-            .transition(&run.id, RunStatus::Queued, RunStatus::Cancelled)
+            .transition(&run.id, RunStatus::Queued.to(RunStatus::Cancelled))
             .await
             .expect("finish");
         done.push(run.id);

@@ -9,7 +9,7 @@ use chrono::Utc;
 use super::lock;
 use crate::error::StoreError;
 use crate::ports::{
-    ApiKeyRecord, ApiKeyStore, CredentialStore, FileRecord, FileStore, StoreResult,
+    ApiKeyRecord, ApiKeyStore, CredentialStore, FileRecord, FileStore, Reencryption, StoreResult,
     StoredCredential, UsageDay, UsageQuery, UsageStore,
 };
 
@@ -62,13 +62,8 @@ impl CredentialStore for MemoryMetaStore {
     async fn list_credentials(&self) -> StoreResult<Vec<StoredCredential>> {
         Ok(lock(&self.state).credentials.clone())
     }
-    async fn reencrypt_credential(
-        &self,
-        id: &str,
-        old_key_id: &str,
-        key_id: &str,
-        ciphertext: &[u8],
-    ) -> StoreResult<()> {
+    async fn reencrypt_credential(&self, change: &Reencryption<'_>) -> StoreResult<()> {
+        let (id, old_key_id) = (change.id, change.old_key_id);
         let mut st = lock(&self.state);
         let c = st
             .credentials
@@ -81,8 +76,8 @@ impl CredentialStore for MemoryMetaStore {
                 c.key_id
             )));
         }
-        c.key_id = key_id.to_owned();
-        c.ciphertext = ciphertext.to_vec();
+        c.key_id = change.key_id.to_owned();
+        c.ciphertext = change.ciphertext.to_vec();
         c.updated_at = Utc::now();
         Ok(())
     }

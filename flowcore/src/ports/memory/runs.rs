@@ -5,16 +5,17 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use serde_json::Value;
 
 use super::{lock, parse_cursor, ttl_to_chrono};
 use crate::error::StoreError;
 use crate::ids::RunId;
 use crate::ports::{
-    Lease, NewRun, Page, PruneRule, RunFilter, RunOutcome, RunRecord, RunStore, StoreResult,
+    Due, Lapsed, Lease, NewRun, Page, PruneRule, RunFilter, RunOutcome, RunRecord, RunStore,
+    StoreResult,
 };
-use crate::run::{Move, RunStatus, StepRecord};
+use crate::run::{Move, RunStatus, StepRecord, Transition};
 
 /// Runs in memory.
 #[derive(Debug, Default)]
@@ -233,13 +234,9 @@ impl RunStore for MemoryRunStore {
         Ok(())
     }
 
-    async fn transition(
-        &self,
-        id: &RunId,
-        from: RunStatus,
-        to: RunStatus,
-    ) -> StoreResult<RunRecord> {
-        Move::unowned(from, to)?;
+    async fn transition(&self, id: &RunId, change: Transition) -> StoreResult<RunRecord> {
+        Move::unowned(change)?;
+        let Transition { from, to } = change;
         let mut st = lock(&self.state);
         let run = st.run_mut(id)?;
         if run.status != from {
@@ -256,14 +253,14 @@ impl RunStore for MemoryRunStore {
         Ok(run.clone())
     }
 
-    async fn expired(
-        &self,
-        after: Option<DateTime<Utc>>,
-        now: DateTime<Utc>,
-        limit: usize,
-    ) -> StoreResult<Vec<(RunId, Option<DateTime<Utc>>)>> {
+    async fn expired(&self, due: &Due) -> StoreResult<Vec<Lapsed>> {
+        let &Due {
+            after,
+            by: now,
+            limit,
+        } = due;
         let st = lock(&self.state);
-        let mut found: Vec<(RunId, Option<DateTime<Utc>>)> = st
+        let mut found: Vec<Lapsed> = st
             .order
             .values()
             .filter_map(|id| st.runs.get(id))

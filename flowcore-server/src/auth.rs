@@ -49,7 +49,7 @@ pub fn required_scope(method: &Method, path: &str) -> Scope {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match segments.as_slice() {
         ["credentials", ..] | ["api-keys", ..] => Scope::Admin,
-        ["runs", ..] | ["flows", _, "runs"] => Scope::Run,
+        ["runs", ..] | ["flows", _, "runs"] | ["signals", ..] => Scope::Run,
         _ => Scope::Write,
     }
 }

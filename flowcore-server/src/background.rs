@@ -1,5 +1,6 @@
 //! The work a server process does besides answering requests, by role: executing runs from the
-//! queue and recovering runs whose worker died (`all`, `worker`), firing schedules, storing usage
+//! queue, recovering runs whose worker died and waking parked runs whose time came (`all`,
+//! `worker`), firing schedules, storing usage
 //! and pruning finished runs by retention (every role); and its graceful
 //! end: stop taking runs, let running ones finish within the grace period, hand the rest back.
 
@@ -44,6 +45,10 @@ pub fn start(state: &Shared) -> Background {
         tasks.push(tokio::spawn(lifecycle::reap(
             state.clone(),
             REAP_EVERY,
+            shutdown.clone(),
+        )));
+        tasks.push(tokio::spawn(lifecycle::wake_timers(
+            state.clone(),
             shutdown.clone(),
         )));
     }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flowcore::durable::{self, Checkpoint, DurableOptions, Hooks, resolve};
-use flowcore::ports::{Due, FinishWatch, NewRun, RunEnd, RunFilter, RunOutcome, RunRecord};
+use flowcore::ports::{Due, FinishWatch, NewRun, RunEnd, RunFilter, RunOutcome, RunRecord, Signal};
 use flowcore::{CancellationToken, RunId, RunStatus, StoreError};
 use serde::Serialize;
 use serde_json::Value;
@@ -44,9 +44,12 @@ pub enum RunError {
     /// Too many runs wait already.
     #[error(transparent)]
     Overloaded(#[from] Overloaded),
-    /// The run is over: nothing to cancel.
+    /// The run is over: nothing to cancel, no signal to take.
     #[error("the run is {0}")]
     AlreadyFinished(RunStatus),
+    /// The run has as many signals pending as it may.
+    #[error("{0}")]
+    TooManySignals(String),
 }
 
 impl From<Refused> for RunError {
@@ -79,7 +82,7 @@ pub struct RunAnswer {
     /// The run's id.
     #[schema(value_type = String)]
     pub run_id: RunId,
-    /// `queued`, `running`, `succeeded`, `failed`, `cancelled` or `timed_out`.
+    /// `queued`, `running`, `waiting`, `succeeded`, `failed`, `cancelled` or `timed_out`.
     #[schema(value_type = String)]
     pub status: RunStatus,
     /// Its output, once it ended (`null` when it has none); absent while it is live.
@@ -263,9 +266,9 @@ impl Seen {
     }
 }
 
-/// Waits until the run is final or `limit` passes. Woken by the run's finish announcement from
-/// whichever process executes it, which carries the run's end as stored (else the store is
-/// read); the store is also read every second, in case an announcement was lost (a Redis
+/// Waits until the run is final or parked, or `limit` passes. Woken by the run's announcement
+/// from whichever process executes it, which carries the run's end as stored (else the store
+/// is read); the store is also read every second, in case an announcement was lost (a Redis
 /// reconnect).
 async fn wait_until_final(
     state: &AppState,
@@ -281,7 +284,9 @@ async fn wait_until_final(
             return Ok(Seen::Ended(run_id.clone(), Arc::unwrap_or_clone(end)));
         }
         let run = state.stores.runs.get(run_id).await?;
-        if run.status.is_final() || tokio::time::Instant::now() >= until {
+        // A parked run waits for a signal or a time, maybe for days: said at once.
+        let parked = run.status == RunStatus::Waiting;
+        if run.status.is_final() || parked || tokio::time::Instant::now() >= until {
             return Ok(Seen::of(&run));
         }
         if heard.is_ok() {
@@ -319,17 +324,17 @@ async fn answer(state: &AppState, seen: Seen) -> Result<RunAnswer, StoreError> {
 /// How long a cancel waits for a running run's engine to stop it and store its end.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
-/// Cancels a queued run (a move of the table), or asks whichever process executes a running
-/// one to stop it and waits for its end up to [`CANCEL_WAIT`] (still running after it: the
+/// Cancels a queued or waiting run (a move of the table), or asks whichever process executes a
+/// running one to stop it and waits for its end up to [`CANCEL_WAIT`] (still running after it: the
 /// answer says so). A finished run: [`RunError::AlreadyFinished`].
 pub async fn cancel(state: &AppState, id: &RunId) -> Result<RunState, RunError> {
     let run = state.stores.runs.get(id).await?;
     match run.status {
-        RunStatus::Queued => {
+        status @ (RunStatus::Queued | RunStatus::Waiting) => {
             let run = state
                 .stores
                 .runs
-                .transition(id, RunStatus::Queued.to(RunStatus::Cancelled))
+                .transition(id, status.to(RunStatus::Cancelled))
                 .await?;
             announce_finished(state, &run).await;
             Ok(RunState {
@@ -393,6 +398,118 @@ pub async fn obey_cancels(state: Shared, shutdown: CancellationToken) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Signals and timers: what wakes a parked run.
+
+/// A signal as stored.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SignalSent {
+    /// The run it was sent to.
+    #[schema(value_type = String)]
+    pub run_id: RunId,
+    /// The signal's name.
+    pub signal: String,
+}
+
+/// Sends signal `name` with `payload` to run `id`: kept until a wait of the run takes it, and
+/// when the run waits for it now, the run is woken and handed to its queue. A finished run:
+/// [`RunError::AlreadyFinished`]; too many pending: [`RunError::TooManySignals`].
+pub async fn signal(
+    state: &AppState,
+    id: &RunId,
+    name: &str,
+    payload: &Value,
+) -> Result<SignalSent, RunError> {
+    let (run, woke) = match state
+        .stores
+        .runs
+        .send_signal(id, Signal { name, payload })
+        .await
+    {
+        Ok(sent) => sent,
+        Err(StoreError::Conflict(_)) => {
+            let run = state.stores.runs.get(id).await?;
+            return Err(RunError::AlreadyFinished(run.status));
+        }
+        Err(StoreError::TooLarge(message)) => return Err(RunError::TooManySignals(message)),
+        Err(e) => return Err(e.into()),
+    };
+    if woke {
+        requeue(state, &run).await?;
+    }
+    Ok(SignalSent {
+        run_id: run.id,
+        signal: name.to_owned(),
+    })
+}
+
+/// Sends signal `name` with `payload` to every run waiting now for it with `key`, wakes them
+/// and hands them to their queues; answers their ids.
+pub async fn keyed_signal(
+    state: &AppState,
+    name: &str,
+    key: &str,
+    payload: &Value,
+) -> Result<Vec<RunId>, RunError> {
+    let woken = state
+        .stores
+        .runs
+        .send_keyed_signal(key, Signal { name, payload })
+        .await?;
+    for run in &woken {
+        requeue(state, run).await?;
+    }
+    Ok(woken.into_iter().map(|r| r.id).collect())
+}
+
+/// Hands a woken run to its flow's queue.
+async fn requeue(state: &AppState, run: &RunRecord) -> Result<(), StoreError> {
+    let group = group_of(state, run).await;
+    state.stores.queue.enqueue(&group, &run.id, None).await?;
+    Ok(())
+}
+
+/// How often the timer looks for waiting runs whose time came: a run wakes within this of its
+/// time (and of a wait's timeout).
+pub const TIMER_EVERY: Duration = Duration::from_millis(200);
+
+/// The most runs one look of the timer wakes; a full look is followed by another at once.
+const WAKES_PER_LOOK: usize = 1000;
+
+/// Wakes the waiting runs whose time came (a parked delay's, a wait's timeout) and hands them
+/// to their queues, every [`TIMER_EVERY`] until `shutdown`. Every worker process runs one: the
+/// store wakes each run once, whichever asks.
+pub async fn wake_timers(state: Shared, shutdown: CancellationToken) {
+    loop {
+        let due = Due {
+            after: None,
+            by: chrono::Utc::now(),
+            limit: WAKES_PER_LOOK,
+        };
+        let full = match state.stores.runs.wake_due(&due).await {
+            Ok(woken) => {
+                for run in &woken {
+                    if let Err(e) = requeue(&state, run).await {
+                        tracing::warn!(run_id = %run.id, error = %e, "could not enqueue a woken run");
+                    }
+                }
+                woken.len() >= WAKES_PER_LOOK
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "waking due runs failed; retrying");
+                false
+            }
+        };
+        if full && !shutdown.is_cancelled() {
+            continue;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(TIMER_EVERY) => {}
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Execute, fail, announce.
 
 /// The durable options of this process's runs.
@@ -409,7 +526,8 @@ pub fn durable_options(state: &AppState) -> DurableOptions {
 
 /// Executes a run this process holds (its lease is ours) to its end, in `slot` (its place in
 /// the registry of runs executing here, left when this returns), and announces its end. A run
-/// handed back by a shutdown comes back `queued`.
+/// handed back by a shutdown comes back `queued`; a parked one `waiting` (or `queued`, when a
+/// signal it waits for came while it parked: it goes back to the queue).
 pub async fn execute(state: &AppState, run: RunRecord, slot: Slot) -> Result<RunRecord, RunError> {
     let (_, plan) = state
         .plans
@@ -434,14 +552,18 @@ pub async fn execute(state: &AppState, run: RunRecord, slot: Slot) -> Result<Run
     .await;
     drop(slot);
     let status = result.as_ref().map_or(RunStatus::Failed, |r| r.status);
+    // A parked run is announced too: a request waiting for its end answers that it waits.
     if let Ok(done) = &result
-        && done.status.is_final()
+        && (done.status.is_final() || done.status == RunStatus::Waiting)
     {
         announce_finished(state, done).await;
     }
-    state
-        .metrics
-        .run_finished(status, started.elapsed().as_secs_f64());
+    let seconds = started.elapsed().as_secs_f64();
+    if status.is_final() {
+        state.metrics.run_finished(status, seconds);
+    } else {
+        state.metrics.run_left(status);
+    }
     Ok(result?)
 }
 

@@ -51,6 +51,7 @@ pub struct Metrics {
     nodes: Family<NodeLabels, Counter>,
     queue_depth: Family<GroupLabels, Gauge>,
     in_flight: Gauge,
+    parked: Counter,
     pruned: Counter,
     archived: Counter,
     data_dropped: Counter,
@@ -85,6 +86,7 @@ impl Metrics {
         let nodes = Family::<NodeLabels, Counter>::default();
         let queue_depth = Family::<GroupLabels, Gauge>::default();
         let in_flight = Gauge::default();
+        let parked = Counter::default();
         let pruned = Counter::default();
         let archived = Counter::default();
         let data_dropped = Counter::default();
@@ -122,6 +124,11 @@ impl Metrics {
             "flowcore_runs_in_flight",
             "Runs executing in this process",
             in_flight.clone(),
+        );
+        registry.register(
+            "flowcore_runs_parked",
+            "Runs that parked (a wait, a long delay) after executing here",
+            parked.clone(),
         );
         registry.register(
             "flowcore_runs_pruned",
@@ -167,6 +174,7 @@ impl Metrics {
             nodes,
             queue_depth,
             in_flight,
+            parked,
             pruned,
             archived,
             data_dropped,
@@ -222,6 +230,14 @@ impl Metrics {
     /// A run started executing here.
     pub fn run_started(&self) {
         self.in_flight.inc();
+    }
+
+    /// A run stopped executing here without ending: it parked, or was handed back.
+    pub fn run_left(&self, status: flowcore::RunStatus) {
+        self.in_flight.dec();
+        if status == flowcore::RunStatus::Waiting {
+            self.parked.inc();
+        }
     }
 
     /// A run finished executing here.

@@ -6,13 +6,15 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{ApiErrorBody, ApiErrorDetail};
-use crate::lifecycle::{RunAnswer, RunState};
+use crate::lifecycle::{RunAnswer, RunState, SignalSent};
 use crate::routes::api_keys::{ApiKeyCreated, ApiKeyList, ApiKeyView, CreateApiKey};
 use crate::routes::credentials::{CreateCredential, CredentialList, CredentialView};
 use crate::routes::files::FileView;
 use crate::routes::flows::{FlowCreated, FlowSummary, FlowView};
 use crate::routes::meta::{Health, Readiness};
-use crate::routes::runs::{RunSummary, RunView, StartRun, StepView};
+use crate::routes::runs::{
+    KeyedSignal, KeyedSignalSent, RunSummary, RunView, StartRun, StepView, WaitView,
+};
 use crate::routes::usage::{Quota, UsageReport};
 
 #[derive(Debug)]
@@ -41,7 +43,8 @@ impl Modify for Security {
         crate::routes::flows::create, crate::routes::flows::list, crate::routes::flows::read,
         crate::routes::flows::update, crate::routes::flows::delete,
         crate::routes::runs::start, crate::routes::runs::list, crate::routes::runs::read,
-        crate::routes::runs::cancel, crate::routes::events::events,
+        crate::routes::runs::cancel, crate::routes::runs::signal, crate::routes::runs::keyed_signal,
+        crate::routes::events::events,
         crate::routes::api_keys::create, crate::routes::api_keys::list, crate::routes::api_keys::revoke,
         crate::routes::credentials::create, crate::routes::credentials::list,
         crate::routes::credentials::read, crate::routes::credentials::remove,
@@ -50,7 +53,8 @@ impl Modify for Security {
     ),
     components(schemas(
         ApiErrorBody, ApiErrorDetail, Health, Readiness, FlowCreated, FlowSummary, FlowView,
-        StartRun, RunAnswer, RunState, StepView, RunView, RunSummary, CreateApiKey,
+        StartRun, RunAnswer, RunState, StepView, RunView, RunSummary, WaitView, SignalSent,
+        KeyedSignal, KeyedSignalSent, CreateApiKey,
         ApiKeyCreated, ApiKeyView, ApiKeyList, CreateCredential, CredentialView, CredentialList,
         FileView, UsageReport, Quota,
     )),

@@ -34,8 +34,9 @@ use crate::error::StoreError;
 use crate::event::EventSink;
 use crate::ids::RunId;
 use crate::plan::Plan;
-use crate::ports::{BlobStore, Claim, RunOutcome, RunRecord, RunStore};
-use crate::run::{StepRecord, StepRecorder};
+use crate::ports::{BlobStore, Claim, Park, RunOutcome, RunRecord, RunStore, SignalTake};
+use crate::run::{RunStatus, StepRecord, StepRecorder};
+use crate::wait::{Parked, SignalInbox};
 use serde_json::Value;
 
 /// When finished steps are written to the run store.
@@ -186,6 +187,12 @@ pub async fn execute(
             cancel: Some(cancel.clone()),
             timeout: None,
             trigger: run.trigger.clone(),
+            signals: Some(Arc::new(Inbox {
+                runs: runs.clone(),
+                run_id: run.id.clone(),
+                epoch,
+            })),
+            parked: run.parked.clone(),
         },
     );
     // `None` once handed back; the execution (and its nodes in flight) is dropped by then.
@@ -209,6 +216,22 @@ pub async fn execute(
         )));
     }
     let steps = std::mem::take(&mut *lock(&recorder.buffer));
+    if result.status == RunStatus::Waiting {
+        let spent = (result.finished_at - result.started_at)
+            .to_std()
+            .unwrap_or_default();
+        let before = run.parked.as_ref().map_or(0, |p| p.active_ms);
+        let park = Park {
+            parked: Parked {
+                waits: result.waits,
+                active_ms: before.saturating_add(u64::try_from(spent.as_millis()).unwrap_or(0)),
+            },
+            steps,
+        };
+        let parked = runs.park(&run.id, epoch, park).await?;
+        held.release();
+        return Ok(parked);
+    }
     let output = match (&offload, result.output) {
         (Some(offload), Some(output)) => Some(offload.store("output", output).await?),
         (_, output) => output,
@@ -229,7 +252,31 @@ pub async fn execute(
     Ok(finished)
 }
 
-/// Passes a run's events on, except `run_finished`, which waits for [`HeldFinish::release`].
+/// The signals of the run one execution holds: taken through the run store, with its lease.
+struct Inbox {
+    runs: Arc<dyn RunStore>,
+    run_id: RunId,
+    epoch: u64,
+}
+
+#[async_trait]
+impl SignalInbox for Inbox {
+    async fn take(&self, node: &str, name: &str) -> Result<Option<Value>, StoreError> {
+        self.runs
+            .take_signal(
+                &self.run_id,
+                SignalTake {
+                    epoch: self.epoch,
+                    node,
+                    name,
+                },
+            )
+            .await
+    }
+}
+
+/// Passes a run's events on, except `run_finished` and `run_waiting`, which wait for
+/// [`HeldFinish::release`]: they go out once the store says so.
 struct HeldFinish {
     inner: Option<Arc<dyn EventSink>>,
     finished: Arc<Mutex<Option<crate::event::RunEvent>>>,
@@ -247,7 +294,11 @@ impl HeldFinish {
         let inner = self.inner.clone()?;
         let finished = self.finished.clone();
         Some(Arc::new(move |event: &crate::event::RunEvent| {
-            if matches!(event, crate::event::RunEvent::RunFinished { .. }) {
+            if matches!(
+                event,
+                crate::event::RunEvent::RunFinished { .. }
+                    | crate::event::RunEvent::RunWaiting { .. }
+            ) {
                 *lock(&finished) = Some(event.clone());
             } else {
                 inner.emit(event);

@@ -30,6 +30,7 @@ use crate::ports::FlowStore;
 use crate::ports::memory::MemoryFlowStore;
 use crate::run::{RunResult, RunStatus, StepRecord, StepRecorder, StepStatus};
 use crate::secret::{Scrubber, SecretSource};
+use crate::wait::{Parked, SignalInbox, Wait};
 
 /// Limits the engine enforces on every run.
 #[derive(Debug, Clone)]
@@ -193,6 +194,13 @@ pub struct RunOptions {
     pub timeout: Option<Duration>,
     /// What started the run, seen by templates as `trigger` (`null` when absent).
     pub trigger: Option<Value>,
+    /// Where `wait` nodes take their signals. With it, a node that must wait parks the run
+    /// (it ends as `waiting`, see [`crate::wait`]); without it, `wait` fails and `delay`
+    /// sleeps in place. [`crate::durable::execute`] sets it.
+    pub signals: Option<Arc<dyn SignalInbox>>,
+    /// The state of the run when it last parked (its waits' deadlines, the time it executed),
+    /// for a run that executes again after waiting.
+    pub parked: Option<Parked>,
 }
 
 impl fmt::Debug for RunOptions {
@@ -203,6 +211,8 @@ impl fmt::Debug for RunOptions {
             .field("recorder", &self.recorder.is_some())
             .field("resume", &self.resume.len())
             .field("timeout", &self.timeout)
+            .field("signals", &self.signals.is_some())
+            .field("parked", &self.parked)
             .finish()
     }
 }
@@ -239,6 +249,7 @@ impl RunHandle {
                 output: None,
                 error: Some(format!("the run's task ended abnormally: {e}")),
                 steps: Vec::new(),
+                waits: Vec::new(),
                 started_at: now,
                 finished_at: now,
             },
@@ -402,6 +413,12 @@ pub(crate) struct RunShared {
     pub(crate) scrubber: Scrubber,
     /// Bytes of outputs stored so far.
     log_bytes: std::sync::atomic::AtomicUsize,
+    /// Where wait nodes take signals; `None`: the run cannot park.
+    pub(crate) signals: Option<Arc<dyn SignalInbox>>,
+    /// The run's state when it last parked.
+    pub(crate) parked: Option<Parked>,
+    /// What templates see as `run`: `{"id"}`.
+    pub(crate) about: Arc<Value>,
 }
 
 impl fmt::Debug for RunShared {
@@ -489,6 +506,8 @@ struct Done {
     taken: Taken,
     /// Set when the run must stop: a failed node with `on_error: fail`, or a failed recording.
     fail_run: Option<String>,
+    /// Set when the node parks the run (it has no step yet).
+    parked: Option<Box<Wait>>,
 }
 
 struct Driver {
@@ -500,6 +519,8 @@ struct Driver {
     steps: Vec<Option<StepRecord>>,
     launched: Vec<Option<DateTime<Utc>>>,
     ready: VecDeque<usize>,
+    /// The nodes that parked the run, with what they wait for.
+    waits: Vec<Wait>,
 }
 
 impl Driver {
@@ -512,9 +533,12 @@ impl Driver {
     ) -> Self {
         let n = plan.len();
         let limit = engine.limits().run_timeout;
+        // Time spent executing before the run last parked counts; time spent waiting does not.
+        let spent = Duration::from_millis(options.parked.as_ref().map_or(0, |p| p.active_ms));
         let timeout = options
             .timeout
-            .unwrap_or_else(|| plan.timeout().map_or(limit, |t| t.min(limit)));
+            .unwrap_or_else(|| plan.timeout().map_or(limit, |t| t.min(limit)))
+            .saturating_sub(spent);
         let mut resume: Vec<Option<StepRecord>> = vec![None; n];
         for step in options.resume {
             if let Some(i) = plan.index_of(&step.node)
@@ -525,8 +549,10 @@ impl Driver {
         }
         let pending: Vec<usize> = (0..n).map(|i| plan.node(i).in_edges).collect();
         let ready = (0..n).filter(|&i| pending[i] == 0).collect();
+        let run_id = options.run_id.unwrap_or_default();
         let run = Arc::new(RunShared {
-            run_id: options.run_id.unwrap_or_default(),
+            about: Arc::new(serde_json::json!({ "id": run_id.as_str() })),
+            run_id,
             input,
             // A subflow's run sees what started the run above it.
             trigger: options
@@ -542,6 +568,9 @@ impl Driver {
             outputs: (0..n).map(|_| OnceLock::new()).collect(),
             scrubber: Scrubber::default(),
             log_bytes: std::sync::atomic::AtomicUsize::new(0),
+            // Only a top-level run parks: a subflow's child waits inside its parent's node.
+            signals: options.signals.filter(|_| parent.is_none()),
+            parked: options.parked,
             plan,
         });
         Self {
@@ -553,14 +582,20 @@ impl Driver {
             steps: vec![None; n],
             launched: vec![None; n],
             ready,
+            waits: Vec::new(),
         }
     }
 
     async fn run(mut self) -> RunResult {
         let started_at = Utc::now();
         let run = self.run.clone();
-        run.emit(|| RunEvent::RunStarted {
-            run_id: run.run_id.clone(),
+        run.emit(|| match run.parked {
+            Some(_) => RunEvent::RunResumed {
+                run_id: run.run_id.clone(),
+            },
+            None => RunEvent::RunStarted {
+                run_id: run.run_id.clone(),
+            },
         });
 
         let too_deep = run.depth > run.engine.limits().max_subflow_depth;
@@ -635,7 +670,11 @@ impl Driver {
                         if let Some(message) = done.fail_run {
                             failure = Some((RunStatus::Failed, message));
                         }
-                        self.finish(done.index, done.step, &done.taken);
+                        match done.parked {
+                            // Not finished: it executes again when the run is woken.
+                            Some(wait) => self.waits.push(*wait),
+                            None => self.finish(done.index, done.step, &done.taken),
+                        }
                         next = if failure.is_none() { running.next().now_or_never().flatten() } else { None };
                     }
                 }
@@ -668,14 +707,26 @@ impl Driver {
             }
         }
 
+        let waits = if failure.is_none() {
+            std::mem::take(&mut self.waits)
+        } else {
+            Vec::new()
+        };
         let (status, output, error) = match failure {
             Some((status, message)) => (status, None, Some(message)),
+            None if !waits.is_empty() => (RunStatus::Waiting, None, None),
             None => (RunStatus::Succeeded, Some(self.output()), None),
         };
-        run.emit(|| RunEvent::RunFinished {
-            run_id: run.run_id.clone(),
-            status,
-            error: error.clone(),
+        run.emit(|| match status {
+            RunStatus::Waiting => RunEvent::RunWaiting {
+                run_id: run.run_id.clone(),
+                waits: waits.clone(),
+            },
+            _ => RunEvent::RunFinished {
+                run_id: run.run_id.clone(),
+                status,
+                error: error.clone(),
+            },
         });
         RunResult {
             run_id: run.run_id.clone(),
@@ -683,6 +734,7 @@ impl Driver {
             output,
             error,
             steps: self.steps.into_iter().flatten().collect(),
+            waits,
             started_at,
             finished_at: Utc::now(),
         }
@@ -816,6 +868,20 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
         error: None,
         port: None,
     };
+    let result = match result {
+        Err(NodeError::Parked(wait)) => {
+            step.status = StepStatus::Running;
+            step.finished_at = None;
+            return Done {
+                index,
+                step,
+                taken: Taken::Nothing,
+                fail_run: None,
+                parked: Some(wait),
+            };
+        }
+        other => other,
+    };
     let mut fail_run = None;
     let taken = match result {
         Ok(out) => {
@@ -835,7 +901,7 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
                     Taken::Nothing
                 }
                 OnError::Continue | OnError::Route => {
-                    let value = Arc::new(serde_json::json!({ "error": message }));
+                    let value = Arc::new(serde_json::json!({ "error": message, "code": e.code() }));
                     let _ = run.outputs[index].set(value.clone());
                     step.output = Some(value);
                     if pn.on_error == OnError::Route {
@@ -857,6 +923,7 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
         step,
         taken,
         fail_run,
+        parked: None,
     }
 }
 

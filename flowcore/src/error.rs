@@ -168,6 +168,18 @@ pub enum NodeError {
         /// The limit in force, in bytes of serialized JSON.
         limit: usize,
     },
+    /// Not a failure: the node parks its run until a signal or a time (what
+    /// [`NodeContext::wait_for`](crate::NodeContext::wait_for) answers in a durable execution;
+    /// a node passes it on with `?`). The engine ends the execution as `waiting` once nothing
+    /// else is left to do.
+    #[error("waiting until {}", .0.deadline)]
+    Parked(Box<crate::wait::Wait>),
+    /// A `wait` ran past its `timeout_ms` without its signal (not retryable).
+    #[error("no signal `{signal}` came within the wait's timeout")]
+    WaitTimedOut {
+        /// The signal waited for.
+        signal: String,
+    },
 }
 
 impl NodeError {
@@ -204,7 +216,7 @@ impl NodeError {
         match self {
             Self::Failed { retryable, .. } => *retryable,
             Self::Timeout(_) => true,
-            Self::OutputTooLarge { .. } => false,
+            Self::OutputTooLarge { .. } | Self::Parked(_) | Self::WaitTimedOut { .. } => false,
         }
     }
     /// A stable code for the kind of failure.
@@ -213,6 +225,8 @@ impl NodeError {
             Self::Failed { .. } => "node_failed",
             Self::Timeout(_) => "node_timeout",
             Self::OutputTooLarge { .. } => "output_too_large",
+            Self::Parked(_) => "parked",
+            Self::WaitTimedOut { .. } => "timeout",
         }
     }
 }

@@ -51,6 +51,18 @@ pub enum RunEvent {
         /// The text.
         text: String,
     },
+    /// The run parked: nothing is left to do until a signal or a time wakes it.
+    RunWaiting {
+        /// The run.
+        run_id: RunId,
+        /// What its nodes wait for.
+        waits: Vec<crate::wait::Wait>,
+    },
+    /// A parked run was woken and executes again.
+    RunResumed {
+        /// The run.
+        run_id: RunId,
+    },
     /// The run reached its final status.
     RunFinished {
         /// The run.
@@ -64,13 +76,16 @@ pub enum RunEvent {
 }
 
 impl RunEvent {
-    /// The event's name: `run_started`, `node_started`, `node_finished`, `token`, `run_finished`.
+    /// The event's name: `run_started`, `node_started`, `node_finished`, `token`, `run_waiting`,
+    /// `run_resumed`, `run_finished`.
     pub fn name(&self) -> &'static str {
         match self {
             Self::RunStarted { .. } => "run_started",
             Self::NodeStarted { .. } => "node_started",
             Self::NodeFinished { .. } => "node_finished",
             Self::Token { .. } => "token",
+            Self::RunWaiting { .. } => "run_waiting",
+            Self::RunResumed { .. } => "run_resumed",
             Self::RunFinished { .. } => "run_finished",
         }
     }
@@ -82,6 +97,8 @@ impl RunEvent {
             | Self::NodeStarted { run_id, .. }
             | Self::NodeFinished { run_id, .. }
             | Self::Token { run_id, .. }
+            | Self::RunWaiting { run_id, .. }
+            | Self::RunResumed { run_id }
             | Self::RunFinished { run_id, .. } => run_id,
         }
     }

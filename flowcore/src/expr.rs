@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::error::ParamError;
 
 /// The names a template or expression may use at its top level.
-pub const SCOPE_NAMES: [&str; 4] = ["input", "nodes", "attempt", "trigger"];
+pub const SCOPE_NAMES: [&str; 5] = ["input", "nodes", "attempt", "trigger", "run"];
 
 /// The most VM instructions one template or expression evaluation may execute.
 pub const MAX_FUEL: u64 = 5_000_000;
@@ -508,26 +508,36 @@ struct ScopeObject {
     nodes: Option<Arc<dyn NodeOutputs>>,
     attempt: u32,
     trigger: Option<Arc<Value>>,
+    run: Option<Arc<Value>>,
 }
 
 impl Scope {
     /// A scope over a run's input, the completed nodes' outputs and the attempt number.
     pub fn new(input: Arc<Value>, nodes: Arc<dyn NodeOutputs>, attempt: u32) -> Self {
-        Self::for_run(input, nodes, attempt, None)
+        Self(JValue::from_object(ScopeObject {
+            input,
+            nodes: Some(nodes),
+            attempt,
+            trigger: None,
+            run: None,
+        }))
     }
 
-    /// A run's scope, with `trigger`: what started the run (a webhook's chosen headers).
+    /// A run's scope, with `trigger`: what started the run (a webhook's chosen headers), and
+    /// `run`: the run itself (`{"id"}`).
     pub(crate) fn for_run(
         input: Arc<Value>,
         nodes: Arc<dyn NodeOutputs>,
         attempt: u32,
         trigger: Option<Arc<Value>>,
+        run: Arc<Value>,
     ) -> Self {
         Self(JValue::from_object(ScopeObject {
             input,
             nodes: Some(nodes),
             attempt,
             trigger,
+            run: Some(run),
         }))
     }
 
@@ -538,6 +548,7 @@ impl Scope {
             nodes: None,
             attempt: 1,
             trigger: None,
+            run: None,
         }))
     }
 
@@ -554,6 +565,10 @@ impl Object for ScopeObject {
             "attempt" => Some(JValue::from(self.attempt)),
             "trigger" => Some(match &self.trigger {
                 Some(trigger) => json_value(trigger, &[]),
+                None => JValue::from(()),
+            }),
+            "run" => Some(match &self.run {
+                Some(run) => json_value(run, &[]),
                 None => JValue::from(()),
             }),
             _ => None,

@@ -52,6 +52,7 @@ pub mod run;
 pub mod secret;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod wait;
 
 pub use async_trait::async_trait;
 pub use engine::{Engine, EngineBuilder, Limits, RunHandle, RunOptions};

@@ -14,6 +14,7 @@ use crate::error::{NodeError, ParamError};
 use crate::event::RunEvent;
 use crate::expr::{References, Scope};
 use crate::ids::RunId;
+use crate::wait::{PARK_FROM, Wait, WaitFor, Waited};
 
 /// What one successful execution of a node produced: a JSON value and, for nodes with named
 /// ports such as `branch`, the port taken.
@@ -218,6 +219,7 @@ impl NodeContext {
             self.run.clone(),
             self.attempt,
             self.run.trigger.clone(),
+            self.run.about.clone(),
         )
     }
     /// The outputs of this node's finished ancestors, by id.
@@ -256,6 +258,72 @@ impl NodeContext {
     /// How deep in subflows this run is (0 for a top-level run).
     pub fn depth(&self) -> u32 {
         self.run.depth
+    }
+    /// Waits for a signal sent to the run, or until a time: what `wait` and `delay` do.
+    ///
+    /// A node that waited before (the run parked, and executes again) keeps the deadline it
+    /// had; its signal may have come meanwhile. In a durable execution (see [`crate::wait`])
+    /// a wait for a signal, or for a second or more, answers [`NodeError::Parked`]: the node
+    /// passes it on (`?`) and the run parks until a signal or the deadline wakes it. Elsewhere
+    /// a wait for a time sleeps here, and a wait for a signal fails.
+    ///
+    /// ```
+    /// use flowcore::wait::{WaitFor, Waited};
+    /// use flowcore::{async_trait, Node, NodeContext, NodeError, Output};
+    ///
+    /// /// Outputs the payload of signal `go`, or `null` after an hour without it.
+    /// struct Go;
+    /// #[async_trait]
+    /// impl Node for Go {
+    ///     async fn run(&self, cx: &NodeContext) -> Result<Output, NodeError> {
+    ///         let what = WaitFor {
+    ///             signal: Some("go".into()),
+    ///             key: None,
+    ///             deadline: chrono::Utc::now() + chrono::Duration::hours(1),
+    ///         };
+    ///         Ok(match cx.wait_for(what).await? {
+    ///             Waited::Signal(payload) => payload.into(),
+    ///             Waited::Deadline => serde_json::Value::Null.into(),
+    ///         })
+    ///     }
+    /// }
+    /// ```
+    pub async fn wait_for(&self, what: WaitFor) -> Result<Waited, NodeError> {
+        let node = self.node_id();
+        let deadline = self
+            .run
+            .parked
+            .as_ref()
+            .and_then(|p| p.deadline_of(node))
+            .unwrap_or(what.deadline);
+        if let Some(name) = &what.signal {
+            let inbox = self.run.signals.as_ref().ok_or_else(|| {
+                NodeError::fatal(format!(
+                    "waiting for signal `{name}` needs a durable top-level run (not a subflow's, \
+                     nor one of `Engine::run`)"
+                ))
+            })?;
+            let taken = inbox.take(node, name).await.map_err(|e| {
+                NodeError::retryable(format!("could not take signal `{name}`: {e}"))
+            })?;
+            if let Some(payload) = taken {
+                return Ok(Waited::Signal(payload));
+            }
+        }
+        let left = (deadline - chrono::Utc::now()).to_std().unwrap_or_default();
+        if left.is_zero() {
+            return Ok(Waited::Deadline);
+        }
+        if self.run.signals.is_some() && (what.signal.is_some() || left >= PARK_FROM) {
+            return Err(NodeError::Parked(Box::new(Wait {
+                node: node.to_owned(),
+                signal: what.signal,
+                key: what.key,
+                deadline,
+            })));
+        }
+        tokio::time::sleep(left).await;
+        Ok(Waited::Deadline)
     }
     /// Sends an event to the run's subscribers, such as streamed LLM tokens.
     pub fn emit(&self, event: &RunEvent) {

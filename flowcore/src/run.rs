@@ -12,8 +12,8 @@ use serde_json::Value;
 use crate::error::StoreError;
 use crate::ids::RunId;
 
-/// A run's status. `queued` and `running` are live; the others are final. [`RunStatus::move_to`]
-/// says which changes are legal.
+/// A run's status. `queued`, `running` and `waiting` are live; the others are final.
+/// [`RunStatus::move_to`] says which changes are legal.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
@@ -22,6 +22,9 @@ pub enum RunStatus {
     Queued,
     /// A worker is executing it.
     Running,
+    /// Parked by a `wait` or a long `delay`: no worker holds it until a signal or its time
+    /// wakes it.
+    Waiting,
     /// Finished with an output.
     Succeeded,
     /// A node failed and the run stopped.
@@ -34,9 +37,10 @@ pub enum RunStatus {
 
 impl RunStatus {
     /// Every status, in life order.
-    pub const ALL: [RunStatus; 6] = [
+    pub const ALL: [RunStatus; 7] = [
         Self::Queued,
         Self::Running,
+        Self::Waiting,
         Self::Succeeded,
         Self::Failed,
         Self::Cancelled,
@@ -45,7 +49,7 @@ impl RunStatus {
 
     /// Whether the run is over.
     pub fn is_final(self) -> bool {
-        !matches!(self, Self::Queued | Self::Running)
+        !matches!(self, Self::Queued | Self::Running | Self::Waiting)
     }
     /// Whether a lease owns a run in this status (its owner is executing it).
     pub fn is_leased(self) -> bool {
@@ -54,12 +58,14 @@ impl RunStatus {
     /// The move that takes a run from this status to `to`, `None` when none does: the table of
     /// a run's life (see [`Move`]).
     pub fn move_to(self, to: RunStatus) -> Option<Move> {
-        use RunStatus::{Cancelled, Failed, Queued, Running, Succeeded, TimedOut};
+        use RunStatus::{Cancelled, Failed, Queued, Running, Succeeded, TimedOut, Waiting};
         match (self, to) {
             (Queued | Running, Running) => Some(Move::Claim),
             (Running, Queued) => Some(Move::Release),
+            (Running, Waiting) => Some(Move::Park),
+            (Waiting, Queued) => Some(Move::Wake),
             (Running, Succeeded | Failed | Cancelled | TimedOut) => Some(Move::Finish),
-            (Queued, Cancelled) => Some(Move::Cancel),
+            (Queued | Waiting, Cancelled) => Some(Move::Cancel),
             _ => None,
         }
     }
@@ -73,6 +79,7 @@ impl RunStatus {
         match self {
             Self::Queued => "queued",
             Self::Running => "running",
+            Self::Waiting => "waiting",
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
@@ -104,10 +111,12 @@ impl FromStr for RunStatus {
 /// ```text
 ///            claim              finish
 ///  queued ─────────▶ running ─────────▶ succeeded | failed | cancelled | timed_out
-///    │   ◀─────────    │ ▲
-///    │     release     └─┘ claim again once the owner's lease lapsed
-///    └──────────────────────────────▶ cancelled
-///               cancel
+///   │ ▲  ◀─────────  │ ▲ │
+///   │ │    release   └─┘ │ claim again once the owner's lease lapsed
+///   │ │     wake         │ park
+///   │ └───────────── waiting
+///   └────────────────────┴──────────▶ cancelled
+///                cancel
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Move {
@@ -119,18 +128,30 @@ pub enum Move {
     Release,
     /// The lease's owner ends the run: `RunStore::finish`.
     Finish,
-    /// A run that no lease owns is cancelled: `RunStore::transition`.
+    /// The lease's owner parks the run until a signal or a time: `RunStore::park`.
+    Park,
+    /// A signal or its time wakes a parked run, to be claimed again: `RunStore::wake_due`,
+    /// `RunStore::send_signal`.
+    Wake,
+    /// A run that no lease owns (queued or waiting) is cancelled: `RunStore::transition`.
     Cancel,
 }
 
 impl Move {
     /// Every move.
-    pub const ALL: [Move; 4] = [Self::Claim, Self::Release, Self::Finish, Self::Cancel];
+    pub const ALL: [Move; 6] = [
+        Self::Claim,
+        Self::Release,
+        Self::Finish,
+        Self::Park,
+        Self::Wake,
+        Self::Cancel,
+    ];
 
     /// Whether only the owner of the run's current lease may make it (the store checks the
     /// lease's epoch).
     pub fn needs_lease(self) -> bool {
-        matches!(self, Self::Release | Self::Finish)
+        matches!(self, Self::Release | Self::Finish | Self::Park)
     }
 
     /// The statuses this move starts from, in life order.
@@ -282,6 +303,8 @@ pub struct RunResult {
     pub error: Option<String>,
     /// Every node that reached a status, in the flow's node order.
     pub steps: Vec<StepRecord>,
+    /// With status `waiting`: what the parked nodes wait for.
+    pub waits: Vec<crate::wait::Wait>,
     /// When execution started.
     pub started_at: DateTime<Utc>,
     /// When it ended.
@@ -318,7 +341,12 @@ mod tests {
         );
         assert_eq!(sources(Move::Release), [RunStatus::Running]);
         assert_eq!(sources(Move::Finish), [RunStatus::Running]);
-        assert_eq!(sources(Move::Cancel), [RunStatus::Queued]);
+        assert_eq!(sources(Move::Park), [RunStatus::Running]);
+        assert_eq!(sources(Move::Wake), [RunStatus::Waiting]);
+        assert_eq!(
+            sources(Move::Cancel),
+            [RunStatus::Queued, RunStatus::Waiting]
+        );
         for status in RunStatus::ALL {
             let out = RunStatus::ALL
                 .iter()
@@ -333,5 +361,7 @@ mod tests {
         assert!(Move::unowned(RunStatus::Queued.to(RunStatus::Cancelled)).is_ok());
         assert!(Move::unowned(RunStatus::Running.to(RunStatus::Cancelled)).is_err());
         assert!(Move::unowned(RunStatus::Succeeded.to(RunStatus::Queued)).is_err());
+        assert!(Move::unowned(RunStatus::Waiting.to(RunStatus::Queued)).is_ok());
+        assert!(Move::unowned(RunStatus::Running.to(RunStatus::Waiting)).is_err());
     }
 }

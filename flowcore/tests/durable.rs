@@ -61,8 +61,8 @@ mod commits {
     use flowcore::durable::{self, Checkpoint, DurableOptions, Hooks};
     use flowcore::ports::memory::MemoryRunStore;
     use flowcore::ports::{
-        Due, Lapsed, Lease, NewRun, Page, PruneRule, RunFilter, RunOutcome, RunRecord, RunStore,
-        StoreResult,
+        Due, Lapsed, Lease, NewRun, Page, Park, PruneRule, RunFilter, RunOutcome, RunRecord,
+        RunStore, Signal, SignalTake, StoreResult,
     };
     use flowcore::{
         Engine, FlowDef, RunId, RunStatus, StepRecord, StoreError, Transition, async_trait,
@@ -144,6 +144,34 @@ mod commits {
             self.write();
             self.inner.transition(id, change).await
         }
+        async fn park(&self, id: &RunId, epoch: u64, park: Park) -> StoreResult<RunRecord> {
+            self.write();
+            self.inner.park(id, epoch, park).await
+        }
+        async fn wake_due(&self, due: &Due) -> StoreResult<Vec<RunRecord>> {
+            self.inner.wake_due(due).await
+        }
+        async fn send_signal(
+            &self,
+            id: &RunId,
+            signal: Signal<'_>,
+        ) -> StoreResult<(RunRecord, bool)> {
+            self.inner.send_signal(id, signal).await
+        }
+        async fn send_keyed_signal(
+            &self,
+            key: &str,
+            signal: Signal<'_>,
+        ) -> StoreResult<Vec<RunRecord>> {
+            self.inner.send_keyed_signal(key, signal).await
+        }
+        async fn take_signal(
+            &self,
+            id: &RunId,
+            take: SignalTake<'_>,
+        ) -> StoreResult<Option<serde_json::Value>> {
+            self.inner.take_signal(id, take).await
+        }
         async fn expired(&self, due: &Due) -> StoreResult<Vec<Lapsed>> {
             self.inner.expired(due).await
         }
@@ -190,7 +218,7 @@ mod commits {
         let plan = engine
             .compile_json(
                 r#"{"nodes": [
-                    {"id": "wait", "type": "delay", "params": {"ms": 3000}},
+                    {"id": "wait", "type": "delay", "params": {"ms": 950}},
                     {"id": "after", "type": "noop"}
                 ], "edges": [{"from": "wait", "to": "after"}]}"#,
             )

@@ -54,8 +54,13 @@ impl From<RunError> for ApiError {
                 e.to_string(),
             ),
             RunError::AlreadyFinished(_) => {
-                Self::new(StatusCode::CONFLICT, "already_finished", e.to_string())
+                Self::new(StatusCode::CONFLICT, "run_finished", e.to_string())
             }
+            RunError::TooManySignals(_) => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_signals",
+                e.to_string(),
+            ),
         }
     }
 }

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::archive;
 use crate::error::{ApiError, ApiErrorBody, JsonBody};
-use crate::lifecycle::{self, RunAnswer, RunState, Start};
+use crate::lifecycle::{self, RunAnswer, RunState, SignalSent, Start};
 use crate::routes::Page;
 use crate::state::Shared;
 
@@ -26,6 +26,8 @@ pub fn router() -> Router<Shared> {
         .route("/runs", get(list))
         .route("/runs/{id}", get(read))
         .route("/runs/{id}/cancel", post(cancel))
+        .route("/runs/{id}/signals/{name}", post(signal))
+        .route("/signals/{name}", post(keyed_signal))
 }
 
 /// How to start a run.
@@ -132,6 +134,33 @@ pub struct RunView {
     /// Read from the archive: retention deleted it from the database (`FLOWCORE_ARCHIVE`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub archived: bool,
+    /// While it is `waiting`: what its nodes wait for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waits: Option<Vec<WaitView>>,
+}
+
+/// What a node of a waiting run waits for.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WaitView {
+    /// The waiting node.
+    pub node: String,
+    /// The signal it waits for; `null` for a parked `delay`.
+    pub signal: Option<String>,
+    /// The key a keyed signal must carry.
+    pub key: Option<String>,
+    /// When it stops waiting (a delay's time; a wait's timeout).
+    pub deadline: DateTime<Utc>,
+}
+
+impl From<flowcore::wait::Wait> for WaitView {
+    fn from(w: flowcore::wait::Wait) -> Self {
+        Self {
+            node: w.node,
+            signal: w.signal,
+            key: w.key,
+            deadline: w.deadline,
+        }
+    }
 }
 
 /// A stored value as readers see it: read back from the blob store when it was offloaded. An
@@ -179,6 +208,12 @@ pub(crate) async fn read(
             error: step.error,
         });
     }
+    let waits = match (&run.parked, run.status) {
+        (Some(parked), RunStatus::Waiting) => {
+            Some(parked.waits.iter().cloned().map(WaitView::from).collect())
+        }
+        _ => None,
+    };
     Ok(Json(RunView {
         output: shown(run.output.as_ref(), blobs, archived).await?,
         input: run.input.clone(),
@@ -187,6 +222,7 @@ pub(crate) async fn read(
         run: RunSummary::from(run),
         steps,
         archived,
+        waits,
     }))
 }
 
@@ -259,7 +295,70 @@ pub(crate) async fn list(
     Ok(Json(Page::of(page, RunSummary::from)))
 }
 
-/// Cancels a queued or running run.
+/// A signal's name as a route takes it: 400 unless it can name one.
+fn signal_name(name: &str) -> Result<(), ApiError> {
+    if flowcore::nodes::is_signal_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "the signal name is not 1 to 100 of A-Z a-z 0-9 _ - .",
+        ))
+    }
+}
+
+/// Sends a signal to a run: its JSON body is the output of the `wait` that takes it.
+#[utoipa::path(post, path = "/api/v1/runs/{id}/signals/{name}", operation_id = "signal_run", tag = "runs", params(("id" = String, Path, description = "the run's id"), ("name" = String, Path, description = "the signal's name")), request_body(content = Object, description = "the payload (any JSON)"), responses((status = 202, description = "stored: a wait of the run takes it", body = SignalSent), (status = 400, description = "invalid input", body = ApiErrorBody), (status = 404, description = "not found", body = ApiErrorBody), (status = 409, description = "run_finished", body = ApiErrorBody), (status = 429, description = "too_many_signals: 100 wait already", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn signal(
+    State(state): State<Shared>,
+    Path((id, name)): Path<(String, String)>,
+    JsonBody(payload): JsonBody<Value>,
+) -> Result<(StatusCode, Json<SignalSent>), ApiError> {
+    signal_name(&name)?;
+    let sent = lifecycle::signal(&state, &RunId::from(id), &name, &payload).await?;
+    Ok((StatusCode::ACCEPTED, Json(sent)))
+}
+
+/// A signal for the runs waiting with a key.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeyedSignal {
+    /// The key the runs wait with (`wait`'s `key`).
+    pub key: String,
+    /// The payload, the output of each `wait` that takes it.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub data: Value,
+}
+
+/// The runs a keyed signal reached.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct KeyedSignalSent {
+    /// The signal's name.
+    pub signal: String,
+    /// The runs that waited for it with the key, woken.
+    #[schema(value_type = Vec<String>)]
+    pub run_ids: Vec<RunId>,
+}
+
+/// Sends a signal to every run waiting now for it with a key.
+#[utoipa::path(post, path = "/api/v1/signals/{name}", operation_id = "signal_keyed", tag = "runs", params(("name" = String, Path, description = "the signal's name")), request_body = KeyedSignal, responses((status = 200, description = "the runs it reached (maybe none)", body = KeyedSignalSent), (status = 400, description = "invalid input", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn keyed_signal(
+    State(state): State<Shared>,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<KeyedSignal>,
+) -> Result<Json<KeyedSignalSent>, ApiError> {
+    signal_name(&name)?;
+    if body.key.is_empty() || body.key.len() > 256 {
+        return Err(ApiError::bad_request("key must be 1 to 256 bytes"));
+    }
+    let run_ids = lifecycle::keyed_signal(&state, &name, &body.key, &body.data).await?;
+    Ok(Json(KeyedSignalSent {
+        signal: name,
+        run_ids,
+    }))
+}
+
+/// Cancels a queued, waiting or running run.
 #[utoipa::path(post, path = "/api/v1/runs/{id}/cancel", operation_id = "cancel_run", tag = "runs", params(("id" = String, Path, description = "its id")), responses((status = 200, description = "cancelled", body = RunState), (status = 202, description = "asked to stop; still running after 5 s", body = RunState), (status = 404, description = "not found", body = ApiErrorBody), (status = 409, description = "already finished", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
 pub(crate) async fn cancel(
     State(state): State<Shared>,

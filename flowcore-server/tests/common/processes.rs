@@ -35,7 +35,7 @@ fn cli_migrate_and_api_key_create() {
     );
     assert_eq!(
         String::from_utf8_lossy(&first.stdout).trim(),
-        "3 migration(s) applied"
+        "4 migration(s) applied"
     );
     assert_eq!(
         String::from_utf8_lossy(&run(&["migrate"]).stdout).trim(),
@@ -370,11 +370,19 @@ async fn a_schedule_tick_fires_once_across_processes() {
 fn sigterm_hands_running_runs_back_and_a_restart_resumes_them() {
     let dir = std::env::temp_dir().join(format!("flowcore-term-{}", flowcore::ids::new_id()));
     let server = Server::start(&dir, &[("FLOWCORE_SHUTDOWN_GRACE_SECONDS", "1")]);
+    // Delays under a second execute in place (a longer one would park the run).
     let flow = json!({"id": "slow", "nodes": [
         {"id": "first", "type": "set", "params": {"fields": {"at": "start"}}},
-        {"id": "wait", "type": "delay", "params": {"ms": 4000}},
+        {"id": "wait", "type": "delay", "params": {"ms": 900}},
+        {"id": "wait2", "type": "delay", "params": {"ms": 900}},
+        {"id": "wait3", "type": "delay", "params": {"ms": 900}},
+        {"id": "wait4", "type": "delay", "params": {"ms": 900}},
         {"id": "last", "type": "set", "params": {"fields": {"done": true}}}
-    ], "edges": [{"from": "first", "to": "wait"}, {"from": "wait", "to": "last"}]});
+    ], "edges": [
+        {"from": "first", "to": "wait"}, {"from": "wait", "to": "wait2"},
+        {"from": "wait2", "to": "wait3"}, {"from": "wait3", "to": "wait4"},
+        {"from": "wait4", "to": "last"}
+    ]});
     assert_eq!(server.json("POST", "/api/v1/flows", Some(flow)).0, 201);
     let (status, run) = server.json(
         "POST",
@@ -465,12 +473,20 @@ fn an_api_process_and_a_worker_process_share_runs_and_cancels() {
     let shared = [("REDIS_URL", redis.as_str()), ("FLOWCORE_REDIS_PREFIX", prefix.as_str())];
     let api = Server::start(&dir, &[shared[0], shared[1], ("FLOWCORE_ROLE", "api")]);
     let worker = Server::start(&dir, &[shared[0], shared[1], ("FLOWCORE_ROLE", "worker")]);
-    for (id, ms) in [("quick", 10), ("slow", 20_000)] {
-        let flow = json!({"id": id, "nodes": [
-            {"id": "first", "type": "set", "params": {"fields": {"n": "{{ input.n }}"}}},
-            {"id": "wait", "type": "delay", "params": {"ms": ms}},
-            {"id": "last", "type": "set", "params": {"fields": {"done": "{{ nodes.first.n }}"}}}
-        ], "edges": [{"from": "first", "to": "wait"}, {"from": "wait", "to": "last"}]});
+    // `slow` waits 900 ms 25 times, in place (a delay of a second or more would park the run).
+    for (id, delays) in [("quick", 1), ("slow", 25)] {
+        let mut nodes = vec![json!({"id": "first", "type": "set", "params": {"fields": {"n": "{{ input.n }}"}}})];
+        let mut edges = Vec::new();
+        let mut before = "first".to_owned();
+        for i in 0..delays {
+            let ms = if delays == 1 { 10 } else { 900 };
+            nodes.push(json!({"id": format!("wait{i}"), "type": "delay", "params": {"ms": ms}}));
+            edges.push(json!({"from": before, "to": format!("wait{i}")}));
+            before = format!("wait{i}");
+        }
+        nodes.push(json!({"id": "last", "type": "set", "params": {"fields": {"done": "{{ nodes.first.n }}"}}}));
+        edges.push(json!({"from": before, "to": "last"}));
+        let flow = json!({"id": id, "nodes": nodes, "edges": edges});
         let (status, answer) = api.json("POST", "/api/v1/flows", Some(flow));
         assert_eq!(status, 201, "{answer}");
     }

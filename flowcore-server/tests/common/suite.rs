@@ -182,23 +182,47 @@ async fn post(app: &axum::Router, path: &str, body: &[u8]) -> (StatusCode, Value
     call(app, "POST", path, Some(KEY), Some(body.to_vec())).await
 }
 
-/// A worker of the app's state, in a task of the test's.
+/// A worker of the app's state, and its timer, in tasks of the test's.
 struct Worker {
     shutdown: flowcore::CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    tasks: [tokio::task::JoinHandle<()>; 2],
 }
 
 impl Worker {
     fn start(state: &flowcore_server::Shared) -> Self {
         let shutdown = flowcore::CancellationToken::new();
-        let task = tokio::spawn(flowcore_server::worker::work(state.clone(), shutdown.clone()));
-        Self { shutdown, task }
+        let (state, token) = (state.clone(), shutdown.clone());
+        let tasks = [
+            tokio::spawn(flowcore_server::worker::work(state.clone(), token.clone())),
+            tokio::spawn(flowcore_server::lifecycle::wake_timers(state, token)),
+        ];
+        Self { shutdown, tasks }
     }
 
     async fn stop(self) {
         self.shutdown.cancel();
-        self.task.await.unwrap();
+        for task in self.tasks {
+            task.await.unwrap();
+        }
     }
+}
+
+/// A flow `id` that keeps a worker busy for `n` × 0.9 s, then outputs `done`: delays under a
+/// second sleep in place (a longer one parks the run).
+fn busy(id: &str, n: usize) -> Vec<u8> {
+    let mut nodes: Vec<Value> = (0..n)
+        .map(|i| json!({"id": format!("d{i}"), "type": "delay", "params": {"ms": 900}}))
+        .collect();
+    nodes.push(json!({"id": "t", "type": "template", "params": {"template": "done"}}));
+    let edges: Vec<Value> = (0..n)
+        .map(|i| {
+            let to = if i + 1 == n { "t".to_owned() } else { format!("d{}", i + 1) };
+            json!({"from": format!("d{i}"), "to": to})
+        })
+        .collect();
+    json!({"id": id, "nodes": nodes, "edges": edges})
+        .to_string()
+        .into_bytes()
 }
 
 async fn get_unsigned(app: &axum::Router, uri: &str) -> axum::response::Response {
@@ -233,6 +257,8 @@ const API_ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/runs"),
     ("GET", "/api/v1/runs/x"),
     ("POST", "/api/v1/runs/x/cancel"),
+    ("POST", "/api/v1/runs/x/signals/s"),
+    ("POST", "/api/v1/signals/s"),
     ("GET", "/api/v1/runs/x/events"),
     ("GET", "/api/v1/api-keys"),
     ("POST", "/api/v1/api-keys"),
@@ -480,17 +506,14 @@ async fn runs_sync_async_idempotent_cancel() {
     );
 
     // A sync run that outlives the wait: 202, then it finishes.
-    let slow = br#"{"id": "slow", "nodes": [{"id": "d", "type": "delay", "params": {"ms": 1500}}, {"id": "t", "type": "template", "params": {"template": "done"}}], "edges": [{"from": "d", "to": "t"}]}"#;
-    post(&app, "/api/v1/flows", slow).await;
+    post(&app, "/api/v1/flows", &busy("slow", 2)).await;
     let (status, pending) = post(&app, "/api/v1/flows/slow/runs", b"{}").await;
     assert_eq!(status, StatusCode::ACCEPTED, "{pending}");
     let done = wait_for_status(&app, pending["run_id"].as_str().unwrap(), "succeeded").await;
     assert_eq!(done["output"], json!("done"));
 
     // Cancel a running run.
-    let long =
-        br#"{"id": "long", "nodes": [{"id": "d", "type": "delay", "params": {"ms": 60000}}]}"#;
-    post(&app, "/api/v1/flows", long).await;
+    post(&app, "/api/v1/flows", &busy("long", 70)).await;
     let (_, started) = post(&app, "/api/v1/flows/long/runs", br#"{"wait": false}"#).await;
     let id = started["run_id"].as_str().unwrap().to_owned();
     wait_for_status(&app, &id, "running").await;
@@ -504,7 +527,7 @@ async fn runs_sync_async_idempotent_cancel() {
     let (status, again) = call(&app, "POST", &format!("/api/v1/runs/{id}/cancel"), k, None).await;
     assert_eq!(
         (status, again["error"]["code"].as_str()),
-        (StatusCode::CONFLICT, Some("already_finished"))
+        (StatusCode::CONFLICT, Some("run_finished"))
     );
 
     // Listing, filters, errors.
@@ -520,6 +543,89 @@ async fn runs_sync_async_idempotent_cancel() {
         (status, body["error"]["code"].as_str()),
         (StatusCode::BAD_REQUEST, Some("invalid_json"))
     );
+
+    worker.stop().await;
+    cleanup(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_signals_and_parked_delays() {
+    let (app, state, dir) = app_with_state(&[("WEBHOOK_TIMEOUT_SECONDS", "5")]).await;
+    let worker = Worker::start(&state);
+    let approval = json!({"id": "approval", "nodes": [
+        {"id": "ask", "type": "set", "params": {"fields": {"order": "{{ input.order }}"}}},
+        {"id": "approve", "type": "wait", "params": {"signal": "approve", "key": "{{ input.order }}", "timeout_ms": 60000}},
+        {"id": "done", "type": "template", "params": {"template": "{{ nodes.ask.order }} by {{ nodes.approve.by }}"}}
+    ], "edges": [{"from": "ask", "to": "approve"}, {"from": "approve", "to": "done"}], "output": "done"});
+    assert_eq!(post(&app, "/api/v1/flows", approval.to_string().as_bytes()).await.0, StatusCode::CREATED);
+
+    // A waited run that parks is answered at once: 202, waiting.
+    let started = std::time::Instant::now();
+    let (status, run) = post(&app, "/api/v1/flows/approval/runs", br#"{"input": {"order": "o-1"}}"#).await;
+    assert_eq!((status, run["status"].as_str()), (StatusCode::ACCEPTED, Some("waiting")), "{run}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(4), "not after the sync wait");
+    let id = run["run_id"].as_str().unwrap().to_owned();
+    let (_, waiting) = get(&app, &format!("/api/v1/runs/{id}")).await;
+    assert_eq!(waiting["status"], "waiting");
+    let waits = waiting["waits"].as_array().expect("waits while waiting");
+    assert_eq!(waits.len(), 1, "{waiting}");
+    assert_eq!((waits[0]["node"].as_str(), waits[0]["signal"].as_str(), waits[0]["key"].as_str()), (Some("approve"), Some("approve"), Some("o-1")));
+    assert!(waits[0]["deadline"].is_string());
+
+    // A signal wakes it; its body is the wait's output.
+    let path = format!("/api/v1/runs/{id}/signals/approve");
+    let (status, sent) = post(&app, &path, br#"{"by": "ada"}"#).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{sent}");
+    assert_eq!((sent["run_id"].as_str(), sent["signal"].as_str()), (Some(id.as_str()), Some("approve")));
+    let done = wait_for_status(&app, &id, "succeeded").await;
+    assert_eq!(done["output"], json!("o-1 by ada"));
+    assert!(done.get("waits").is_none(), "no waits once it ended");
+    let (status, late) = post(&app, &path, b"{}").await;
+    assert_eq!((status, late["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("run_finished")));
+    let (status, _) = post(&app, "/api/v1/runs/nobody/signals/approve", b"{}").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, bad) = post(&app, &format!("/api/v1/runs/{id}/signals/a%20b"), b"{}").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+    let (status, bad) = post(&app, &path, b"not json").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+
+    // Keyed signals reach the runs waiting with that key, and only them.
+    let mut keyed = Vec::new();
+    for order in ["o-2", "o-3"] {
+        let body = json!({"input": {"order": order}, "wait": false}).to_string();
+        let (_, run) = post(&app, "/api/v1/flows/approval/runs", body.as_bytes()).await;
+        let id = run["run_id"].as_str().unwrap().to_owned();
+        wait_for_status(&app, &id, "waiting").await;
+        keyed.push(id);
+    }
+    let (status, reached) = post(&app, "/api/v1/signals/approve", br#"{"key": "o-3", "data": {"by": "bob"}}"#).await;
+    assert_eq!(status, StatusCode::OK, "{reached}");
+    assert_eq!(reached["run_ids"], json!([keyed[1]]));
+    assert_eq!(wait_for_status(&app, &keyed[1], "succeeded").await["output"], json!("o-3 by bob"));
+    let (_, other) = get(&app, &format!("/api/v1/runs/{}", keyed[0])).await;
+    assert_eq!(other["status"], "waiting", "another key's run waits on");
+
+    // At most 100 signals wait per run.
+    for i in 0..100 {
+        let (status, _) = post(&app, &format!("/api/v1/runs/{}/signals/other", keyed[0]), i.to_string().as_bytes()).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    let (status, full) = post(&app, &format!("/api/v1/runs/{}/signals/other", keyed[0]), b"1").await;
+    assert_eq!((status, full["error"]["code"].as_str()), (StatusCode::TOO_MANY_REQUESTS, Some("too_many_signals")));
+
+    // Cancel works on a waiting run.
+    let (status, cancelled) = call(&app, "POST", &format!("/api/v1/runs/{}/cancel", keyed[0]), Some(KEY), None).await;
+    assert_eq!((status, cancelled["status"].as_str()), (StatusCode::OK, Some("cancelled")), "{cancelled}");
+
+    // A delay of a second or more parks the run, and the timer wakes it at its time.
+    let sleepy = br#"{"id": "sleepy", "nodes": [{"id": "d", "type": "delay", "params": {"ms": 1500}}, {"id": "t", "type": "template", "params": {"template": "awake"}}], "edges": [{"from": "d", "to": "t"}]}"#;
+    post(&app, "/api/v1/flows", sleepy).await;
+    let (status, run) = post(&app, "/api/v1/flows/sleepy/runs", br#"{"wait": false}"#).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let id = run["run_id"].as_str().unwrap().to_owned();
+    let parked = wait_for_status(&app, &id, "waiting").await;
+    assert_eq!(parked["waits"][0]["signal"], Value::Null, "a parked delay waits for no signal");
+    assert_eq!(wait_for_status(&app, &id, "succeeded").await["output"], json!("awake"));
 
     worker.stop().await;
     cleanup(&dir);
@@ -1009,7 +1115,10 @@ async fn the_openapi_document_matches_the_router() {
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, operation) in item.as_object().unwrap() {
             let method = method.to_ascii_uppercase();
-            let concrete = path.replace("{id}", "x").replace("{path}", "nowhere");
+            let concrete = path
+                .replace("{id}", "x")
+                .replace("{path}", "nowhere")
+                .replace("{name}", "s");
             // The route exists: whatever it answers, it is not the router's fallback or a 405.
             let body = (method == "POST" || method == "PUT").then(|| b"{}".to_vec());
             let (status, answer) = call(&app, &method, &concrete, Some(KEY), body).await;

@@ -37,6 +37,7 @@ pub(super) struct RunRow {
     pub epoch: i64,
     pub trigger: Option<String>,
     pub data_pruned_at: Option<i64>,
+    pub parked: Option<String>,
 }
 
 /// The columns of a [`RunRow`], as statements select or return them (the same on both
@@ -84,6 +85,12 @@ impl TryFrom<RunRow> for RunRecord {
             epoch: row.epoch as u64,
             trigger: row.trigger.as_deref().map(stored_value),
             data_pruned: row.data_pruned_at.is_some(),
+            parked: row
+                .parked
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(|e| unreadable(format!("a run's parked state: {e}")))?,
         })
     }
 }

@@ -11,14 +11,16 @@ use diesel::prelude::*;
 use diesel::upsert::excluded;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use flowcore::ports::{
-    Claim, Due, Lapsed, Lease, NewRun, Page, PruneRule, RunFilter, RunOutcome, RunRecord, RunStore,
-    StoreResult,
+    Claim, Due, Lapsed, Lease, NewRun, Page, Park, PruneRule, RunFilter, RunOutcome, RunRecord,
+    RunStore, Signal, SignalTake, StoreResult, signal_each,
 };
+use flowcore::wait::{MAX_KEYED_RUNS, MAX_PENDING_SIGNALS, Parked};
 use flowcore::{RunId, RunStatus, StepRecord, StoreError, Transition};
+use serde_json::Value;
 
 use super::prepared::{ClaimRun, EndArrays, Finish, FinishRuns, Id, Ids, StepArrays};
 use super::rows::{NewRunRow, RunRow, StepRow, run_columns};
-use super::schema::{runs, steps};
+use super::schema::{runs, signals, steps, wait_keys};
 use super::{SqlStore, db_error, from_micros, is_unique_violation, micros, to_text, with_conn};
 
 /// The run `id` while `epoch` owns it and it runs: the target of every lease-guarded write.
@@ -39,6 +41,19 @@ fn owned_run(id: &str, epoch: u64) -> OwnedRun<'_> {
             // The one status a lease owns (`RunStatus::is_leased`).
             .and(runs::status.eq(RunStatus::Running.as_str())),
     )
+}
+
+/// Whether run `id` is `epoch`'s, touching its row under that epoch, in the transaction of
+/// `conn`: this takes the row's lock until commit, so a new owner cannot claim the run between
+/// this check and the writes after it.
+macro_rules! touch_owned {
+    ($conn:expr, $id:expr, $epoch:expr) => {
+        diesel::update(owned_run($id, $epoch))
+            .set(runs::epoch.eq($epoch as i64))
+            .execute($conn)
+            .await?
+            == 1
+    };
 }
 
 /// Inserts or replaces step rows: one multi-row statement on PostgreSQL; one statement a row on
@@ -225,13 +240,26 @@ macro_rules! pruner_lock {
     }};
 }
 
-/// Deletes the runs `ids` and their steps, in the transaction of `conn`. (A macro: the
-/// connection is SQLite's or PostgreSQL's.)
-macro_rules! delete_runs {
+/// Deletes what runs `ids` leave besides their row: steps, signals, wait keys. (A macro: the
+/// connection is SQLite's or PostgreSQL's, and `ids` a list or a subquery.)
+macro_rules! delete_belongings {
     ($conn:expr, $ids:expr) => {{
         diesel::delete(steps::table.filter(steps::run_id.eq_any($ids)))
             .execute($conn)
             .await?;
+        diesel::delete(signals::table.filter(signals::run_id.eq_any($ids)))
+            .execute($conn)
+            .await?;
+        diesel::delete(wait_keys::table.filter(wait_keys::run_id.eq_any($ids)))
+            .execute($conn)
+            .await?;
+    }};
+}
+
+/// Deletes the runs `ids` and what they leave, in the transaction of `conn`.
+macro_rules! delete_runs {
+    ($conn:expr, $ids:expr) => {{
+        delete_belongings!($conn, $ids);
         diesel::delete(runs::table.filter(runs::id.eq_any($ids)))
             .execute($conn)
             .await?;
@@ -412,13 +440,7 @@ impl RunStore for SqlStore {
         let owned: bool = with_conn!(self, write, |conn| {
             let run_id = id.as_str().to_owned();
             conn.transaction(async move |conn| {
-                // Touching the run row under our epoch takes its lock until commit: a new owner
-                // cannot claim it between this check and the step writes.
-                let touched = diesel::update(owned_run(&run_id, epoch))
-                    .set(runs::epoch.eq(epoch as i64))
-                    .execute(conn)
-                    .await?;
-                if touched == 0 {
+                if !touch_owned!(conn, &run_id, epoch) {
                     return Ok::<bool, diesel::result::Error>(false);
                 }
                 conn.upsert_steps(rows).await?;
@@ -560,6 +582,273 @@ impl RunStore for SqlStore {
         .await
     }
 
+    async fn park(&self, id: &RunId, epoch: u64, park: Park) -> StoreResult<RunRecord> {
+        let rows = StepRow::of(id, &park.steps)?;
+        let parked = to_text(&park.parked)?;
+        let wake_at = park.parked.wake_at().map(micros);
+        let names: Vec<String> = park
+            .parked
+            .waits
+            .iter()
+            .filter_map(|w| w.signal.clone())
+            .collect();
+        let keys: Vec<(String, String)> = park
+            .parked
+            .waits
+            .iter()
+            .filter_map(|w| Some((w.signal.clone()?, w.key.clone()?)))
+            .collect();
+        let row: Option<RunRow> = with_conn!(self, write, |conn| {
+            let (run_id, rows, names, keys) = (id.as_str().to_owned(), rows, names, keys);
+            let parked = parked.clone();
+            conn.transaction(async move |conn| {
+                // The row lock first: a signal sent meanwhile waits for this commit, or was
+                // committed before and is seen below.
+                let query = diesel::update(owned_run(&run_id, epoch))
+                    .set((
+                        runs::status.eq(RunStatus::Waiting.as_str()),
+                        runs::parked.eq(Some(parked)),
+                        runs::wake_at.eq(wake_at),
+                        runs::lease_owner.eq(None::<String>),
+                        runs::lease_expires_at.eq(None::<i64>),
+                    ))
+                    .returning(run_columns());
+                let found: Option<RunRow> = super::returned!(query, conn)?;
+                let Some(row) = found else {
+                    return Ok::<_, diesel::result::Error>(None);
+                };
+                conn.upsert_steps(rows).await?;
+                for (signal, key) in keys {
+                    diesel::insert_into(wait_keys::table)
+                        .values((
+                            wait_keys::signal.eq(signal),
+                            wait_keys::key.eq(key),
+                            wait_keys::run_id.eq(&run_id),
+                        ))
+                        .on_conflict_do_nothing()
+                        .execute(conn)
+                        .await?;
+                }
+                let answered: bool = diesel::select(diesel::dsl::exists(
+                    signals::table.filter(
+                        signals::run_id
+                            .eq(&run_id)
+                            .and(signals::taken_by.is_null())
+                            .and(signals::name.eq_any(&names)),
+                    ),
+                ))
+                .get_result(conn)
+                .await?;
+                if !answered {
+                    return Ok(Some(row));
+                }
+                let query = diesel::update(runs::table.filter(runs::id.eq(&run_id)))
+                    .set((
+                        runs::status.eq(RunStatus::Queued.as_str()),
+                        runs::wake_at.eq(None::<i64>),
+                    ))
+                    .returning(run_columns());
+                super::returned!(query, conn)
+            })
+            .await
+            .map_err(|e| db_error("parking a run", e))?
+        });
+        match row {
+            Some(row) => row.try_into(),
+            None => Err(self.stale(id, epoch).await),
+        }
+    }
+
+    async fn wake_due(&self, due: &Due) -> StoreResult<Vec<RunRecord>> {
+        let (by, limit) = (micros(due.by), due.limit.clamp(1, 10_000) as i64);
+        let rows: Vec<RunRow> = with_conn!(self, write, |conn| {
+            conn.transaction(async move |conn| {
+                // The due range of the timer index (waiting runs by `wake_at`).
+                let ids: Vec<String> = runs::table
+                    .filter(runs::status.eq(RunStatus::Waiting.as_str()))
+                    .filter(runs::wake_at.le(by))
+                    .order(runs::wake_at.asc())
+                    .limit(limit)
+                    .select(runs::id)
+                    .load(conn)
+                    .await?;
+                if ids.is_empty() {
+                    return Ok::<_, diesel::result::Error>(Vec::new());
+                }
+                // Still waiting: another process may have woken some meanwhile.
+                diesel::update(
+                    runs::table.filter(
+                        runs::id
+                            .eq_any(&ids)
+                            .and(runs::status.eq(RunStatus::Waiting.as_str())),
+                    ),
+                )
+                .set((
+                    runs::status.eq(RunStatus::Queued.as_str()),
+                    runs::wake_at.eq(None::<i64>),
+                ))
+                .returning(run_columns())
+                .load(conn)
+                .await
+            })
+            .await
+            .map_err(|e| db_error("waking due runs", e))?
+        });
+        let mut woken = rows
+            .into_iter()
+            .map(RunRecord::try_from)
+            .collect::<StoreResult<Vec<_>>>()?;
+        woken.sort_by_key(|r| r.parked.as_ref().and_then(Parked::wake_at));
+        Ok(woken)
+    }
+
+    async fn send_signal(&self, id: &RunId, signal: Signal<'_>) -> StoreResult<(RunRecord, bool)> {
+        let Signal { name, payload } = signal;
+        /// What a signal found.
+        enum Sent {
+            Missing,
+            Finished(String),
+            Full,
+            Kept(RunRow),
+            Woke(RunRow),
+        }
+        let payload = to_text(payload)?;
+        let now = micros(Utc::now());
+        let sent: Sent = with_conn!(self, write, |conn| {
+            let (run_id, name, payload) =
+                (id.as_str().to_owned(), name.to_owned(), payload.clone());
+            conn.transaction(async move |conn| {
+                // An update that changes nothing, for the row lock: a run parking meanwhile
+                // commits first (and is seen waiting here), or sees this signal when it does.
+                let query = diesel::update(runs::table.filter(runs::id.eq(&run_id)))
+                    .set(runs::status.eq(runs::status))
+                    .returning(run_columns());
+                let found: Option<RunRow> = super::returned!(query, conn)?;
+                let Some(row) = found else {
+                    return Ok::<_, diesel::result::Error>(Sent::Missing);
+                };
+                let status = row.status.parse::<RunStatus>().unwrap_or(RunStatus::Failed);
+                if status.is_final() {
+                    return Ok(Sent::Finished(row.status));
+                }
+                let pending: i64 = signals::table
+                    .filter(signals::run_id.eq(&run_id).and(signals::taken_by.is_null()))
+                    .count()
+                    .get_result(conn)
+                    .await?;
+                if pending >= MAX_PENDING_SIGNALS as i64 {
+                    return Ok(Sent::Full);
+                }
+                diesel::insert_into(signals::table)
+                    .values((
+                        signals::run_id.eq(&run_id),
+                        signals::name.eq(&name),
+                        signals::payload.eq(payload),
+                        signals::created_at.eq(now),
+                    ))
+                    .execute(conn)
+                    .await?;
+                let waits_for = row
+                    .parked
+                    .as_deref()
+                    .and_then(|text| serde_json::from_str::<Parked>(text).ok())
+                    .is_some_and(|p| p.waits_for(&name, None));
+                if status != RunStatus::Waiting || !waits_for {
+                    return Ok(Sent::Kept(row));
+                }
+                let query = diesel::update(runs::table.filter(runs::id.eq(&run_id)))
+                    .set((
+                        runs::status.eq(RunStatus::Queued.as_str()),
+                        runs::wake_at.eq(None::<i64>),
+                    ))
+                    .returning(run_columns());
+                Ok(match super::returned!(query, conn)? {
+                    Some(row) => Sent::Woke(row),
+                    None => Sent::Kept(row),
+                })
+            })
+            .await
+            .map_err(|e| db_error("sending a signal", e))?
+        });
+        match sent {
+            Sent::Missing => Err(StoreError::not_found("run", id.as_str())),
+            Sent::Finished(status) => Err(StoreError::Conflict(format!("run `{id}` is {status}"))),
+            Sent::Full => Err(StoreError::TooLarge(format!(
+                "run `{id}` has {MAX_PENDING_SIGNALS} signals pending, the most it may"
+            ))),
+            Sent::Kept(row) => Ok((row.try_into()?, false)),
+            Sent::Woke(row) => Ok((row.try_into()?, true)),
+        }
+    }
+
+    async fn send_keyed_signal(
+        &self,
+        key: &str,
+        signal: Signal<'_>,
+    ) -> StoreResult<Vec<RunRecord>> {
+        let waiting: Vec<String> = with_conn!(self, read, |conn| {
+            let keyed = wait_keys::table
+                .filter(
+                    wait_keys::signal
+                        .eq(signal.name)
+                        .and(wait_keys::key.eq(key)),
+                )
+                .select(wait_keys::run_id);
+            runs::table
+                .filter(runs::id.eq_any(keyed))
+                .filter(runs::status.eq(RunStatus::Waiting.as_str()))
+                .select(runs::id)
+                .limit(MAX_KEYED_RUNS as i64)
+                .load(conn)
+                .await
+                .map_err(|e| db_error("finding keyed waits", e))?
+        });
+        signal_each(self, waiting.into_iter().map(RunId::from), signal).await
+    }
+
+    async fn take_signal(&self, id: &RunId, take: SignalTake<'_>) -> StoreResult<Option<Value>> {
+        let SignalTake { epoch, node, name } = take;
+        let taken: Option<Option<String>> = with_conn!(self, write, |conn| {
+            let (run_id, node, name) = (id.as_str().to_owned(), node.to_owned(), name.to_owned());
+            conn.transaction(async move |conn| {
+                if !touch_owned!(conn, &run_id, epoch) {
+                    return Ok::<_, diesel::result::Error>(None);
+                }
+                let of_run = signals::run_id.eq(&run_id).and(signals::name.eq(&name));
+                let again: Option<String> = signals::table
+                    .filter(of_run.and(signals::taken_by.eq(&node)))
+                    .select(signals::payload)
+                    .first(conn)
+                    .await
+                    .optional()?;
+                if again.is_some() {
+                    return Ok(Some(again));
+                }
+                let next: Option<(i64, String)> = signals::table
+                    .filter(of_run.and(signals::taken_by.is_null()))
+                    .order(signals::id.asc())
+                    .select((signals::id, signals::payload))
+                    .first(conn)
+                    .await
+                    .optional()?;
+                let Some((signal, payload)) = next else {
+                    return Ok(Some(None));
+                };
+                diesel::update(signals::table.filter(signals::id.eq(signal)))
+                    .set(signals::taken_by.eq(Some(&node)))
+                    .execute(conn)
+                    .await?;
+                Ok(Some(Some(payload)))
+            })
+            .await
+            .map_err(|e| db_error("taking a signal", e))?
+        });
+        match taken {
+            None => Err(self.stale(id, epoch).await),
+            Some(payload) => Ok(payload.as_deref().map(super::stored_value)),
+        }
+    }
+
     async fn expired(&self, due: &Due) -> StoreResult<Vec<Lapsed>> {
         let (after, now) = (due.after, micros(due.by));
         let limit = due.limit.min(10_000) as i64;
@@ -651,10 +940,7 @@ impl RunStore for SqlStore {
                 let finished = runs::id
                     .eq_any(&ids)
                     .and(runs::status.eq_any(final_statuses()));
-                let finished_ids = runs::table.filter(finished.clone()).select(runs::id);
-                diesel::delete(steps::table.filter(steps::run_id.eq_any(finished_ids)))
-                    .execute(conn)
-                    .await?;
+                delete_belongings!(conn, runs::table.filter(finished.clone()).select(runs::id));
                 // What this statement deleted: another process may have deleted some first.
                 diesel::delete(runs::table.filter(finished))
                     .returning(runs::id)
@@ -708,9 +994,7 @@ impl RunStore for SqlStore {
                 if ids.is_empty() {
                     return Ok(ids);
                 }
-                diesel::delete(steps::table.filter(steps::run_id.eq_any(&ids)))
-                    .execute(conn)
-                    .await?;
+                delete_belongings!(conn, &ids);
                 diesel::update(runs::table.filter(runs::id.eq_any(&ids)))
                     .set((
                         runs::input.eq("null"),

@@ -37,6 +37,27 @@ diesel::table! {
         epoch -> BigInt,
         trigger -> Nullable<Text>,
         data_pruned_at -> Nullable<BigInt>,
+        parked -> Nullable<Text>,
+        wake_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    signals (id) {
+        id -> BigInt,
+        run_id -> Text,
+        name -> Text,
+        payload -> Text,
+        created_at -> BigInt,
+        taken_by -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    wait_keys (signal, key, run_id) {
+        signal -> Text,
+        key -> Text,
+        run_id -> Text,
     }
 }
 
@@ -111,4 +132,11 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(flows, flow_versions, runs, steps);
+diesel::allow_tables_to_appear_in_same_query!(
+    flows,
+    flow_versions,
+    runs,
+    steps,
+    signals,
+    wait_keys
+);

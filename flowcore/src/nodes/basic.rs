@@ -1,6 +1,4 @@
-//! `set`, `branch`, `template`, `noop` and `delay`.
-
-use std::time::Duration;
+//! `set`, `branch`, `template` and `noop`.
 
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -148,91 +146,5 @@ pub(crate) fn noop(params: &Value) -> Result<Box<dyn Node>, ParamError> {
 impl Node for Noop {
     async fn run(&self, _cx: &NodeContext) -> Result<Output, NodeError> {
         Ok(Value::Null.into())
-    }
-}
-
-/// `delay`: waits `ms` milliseconds, or until the time `until` gives, then outputs `null`.
-struct Delay {
-    wait: Wait,
-}
-
-/// How long a `delay` waits.
-enum Wait {
-    /// `ms`.
-    For(Duration),
-    /// `until`: a time, or a template giving one, rendered when the node runs.
-    Until(Template),
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DelayParams {
-    #[serde(default)]
-    ms: Option<u64>,
-    #[serde(default)]
-    until: Option<String>,
-}
-
-/// A delay longer than the longest run limit is surely a mistake.
-const MAX_DELAY_MS: u64 = 24 * 3600 * 1000;
-
-pub(crate) fn delay(params: &Value) -> Result<Box<dyn Node>, ParamError> {
-    let p: DelayParams = parse_params(params)?;
-    let wait = match (p.ms, p.until) {
-        (Some(ms), None) if ms > MAX_DELAY_MS => {
-            return Err(ParamError::new(format!(
-                "ms: {ms} is over the maximum of {MAX_DELAY_MS}"
-            )));
-        }
-        (Some(ms), None) => Wait::For(Duration::from_millis(ms)),
-        (None, Some(until)) => {
-            let template =
-                Template::compile(&until).map_err(|e| ParamError::new(format!("until: {e}")))?;
-            // A time written as it is is checked now, not when the run gets there.
-            if template.is_literal() {
-                chrono::DateTime::parse_from_rfc3339(until.trim()).map_err(|e| {
-                    ParamError::new(format!("until: `{until}` is not an RFC 3339 time: {e}"))
-                })?;
-            }
-            Wait::Until(template)
-        }
-        _ => return Err(ParamError::new("give one of `ms` and `until`")),
-    };
-    Ok(Box::new(Delay { wait }))
-}
-
-#[async_trait]
-impl Node for Delay {
-    async fn run(&self, cx: &NodeContext) -> Result<Output, NodeError> {
-        let wait = match &self.wait {
-            Wait::For(wait) => *wait,
-            Wait::Until(template) => {
-                let text = template
-                    .render_string(&cx.scope())
-                    .map_err(|e| NodeError::fatal(format!("until: {e}")))?;
-                let at = chrono::DateTime::parse_from_rfc3339(text.trim()).map_err(|e| {
-                    NodeError::fatal(format!("until: `{text}` is not an RFC 3339 time: {e}"))
-                })?;
-                // A time in the past does not wait; one further than `ms` may wait is refused.
-                let wait = (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
-                    .to_std()
-                    .unwrap_or_default();
-                if wait > Duration::from_millis(MAX_DELAY_MS) {
-                    return Err(NodeError::fatal(format!(
-                        "until: `{text}` is more than {MAX_DELAY_MS} ms away"
-                    )));
-                }
-                wait
-            }
-        };
-        tokio::time::sleep(wait).await;
-        Ok(Value::Null.into())
-    }
-
-    fn references(&self) -> References {
-        match &self.wait {
-            Wait::For(_) => References::default(),
-            Wait::Until(template) => template.references(),
-        }
     }
 }

@@ -6,6 +6,9 @@ pub(crate) mod http;
 #[cfg(feature = "script")]
 mod script;
 mod subflow;
+mod wait;
+
+pub use wait::is_signal_name;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -19,7 +22,8 @@ pub(crate) fn register_builtins(registry: &mut Registry) {
         .register("branch", basic::branch)
         .register("template", basic::template)
         .register("noop", basic::noop)
-        .register("delay", basic::delay)
+        .register("delay", wait::delay)
+        .register("wait", wait::wait)
         .register("subflow", subflow::build);
     #[cfg(feature = "script")]
     registry.register("script", script::build);

@@ -11,6 +11,7 @@ use super::{Page, StoreResult};
 use crate::error::StoreError;
 use crate::ids::RunId;
 use crate::run::{RunStatus, StepRecord, Transition};
+use crate::wait::Parked;
 
 /// A new run, as the API accepts it.
 #[derive(Debug, Clone, PartialEq)]
@@ -132,6 +133,10 @@ pub struct RunRecord {
     /// or steps; its summary (status, timings, error) stays.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub data_pruned: bool,
+    /// What it waited for when it last parked (kept until it ends; what it waits for now
+    /// while `waiting`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked: Option<Parked>,
 }
 
 /// How a run ended, as stored: what a request that waited for the run answers. Carried by
@@ -194,6 +199,55 @@ pub struct RunOutcome {
     pub steps: Vec<StepRecord>,
 }
 
+/// A parking run's state, written by its lease owner ([`RunStore::park`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Park {
+    /// What it waits for, and how long it executed.
+    pub parked: Parked,
+    /// Steps not yet recorded, written in the same commit.
+    pub steps: Vec<StepRecord>,
+}
+
+/// A signal for a run ([`RunStore::send_signal`]): its name and its payload, the output of the
+/// `wait` that takes it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Signal<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Its payload.
+    pub payload: &'a Value,
+}
+
+/// A wait taking a signal of its run ([`RunStore::take_signal`]), under its execution's lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignalTake<'a> {
+    /// The lease's epoch.
+    pub epoch: u64,
+    /// The waiting node.
+    pub node: &'a str,
+    /// The signal's name.
+    pub name: &'a str,
+}
+
+/// [`RunStore::send_signal`] to each of `ids` in turn, answering the runs it woke: what
+/// [`RunStore::send_keyed_signal`] does once it found the runs waiting with the key. A run
+/// woken, ended or full meanwhile is passed over.
+pub async fn signal_each<S: RunStore + ?Sized>(
+    store: &S,
+    ids: impl IntoIterator<Item = RunId>,
+    signal: Signal<'_>,
+) -> StoreResult<Vec<RunRecord>> {
+    let mut woken = Vec::new();
+    for id in ids {
+        match store.send_signal(&id, signal).await {
+            Ok((run, true)) => woken.push(run),
+            Ok(_) | Err(StoreError::Conflict(_) | StoreError::TooLarge(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(woken)
+}
+
 /// Runs and their steps, with worker leases so that exactly one worker owns a running run.
 #[async_trait]
 pub trait RunStore: Send + Sync {
@@ -231,6 +285,31 @@ pub trait RunStore: Send + Sync {
     async fn finish(&self, id: &RunId, epoch: u64, outcome: RunOutcome) -> StoreResult<RunRecord>;
     /// Hands a running run back (`running` -> `queued`) without waiting for its lease to expire.
     async fn release(&self, id: &RunId, epoch: u64) -> StoreResult<()>;
+    /// Parks a running run (`running` -> `waiting`, the lease dropped): stores its last steps
+    /// and `park.parked`, and indexes its earliest deadline for [`RunStore::wake_due`]. When a
+    /// pending signal already answers one of its waits, the run goes to `queued` instead (a
+    /// signal sent while it was parking does not wait for the deadline): the answer's status
+    /// says which. `StaleLease` when `epoch` is not current.
+    async fn park(&self, id: &RunId, epoch: u64, park: Park) -> StoreResult<RunRecord>;
+    /// Wakes (`waiting` -> `queued`) the waiting runs whose earliest deadline is at or before
+    /// `due.by`, earliest first, at most `due.limit`, and answers them: each is woken once,
+    /// whichever processes ask. A range of the deadline index, never a scan of every run.
+    async fn wake_due(&self, due: &Due) -> StoreResult<Vec<RunRecord>>;
+    /// Keeps signal `name` with `payload` for run `id` (first in first out, until a wait of
+    /// the run takes it) and wakes the run (`waiting` -> `queued`) when one of its waits takes
+    /// that signal. Answers the run and whether it was woken. `NotFound`; `Conflict` when the
+    /// run is finished; `TooLarge` when [`MAX_PENDING_SIGNALS`](crate::wait::MAX_PENDING_SIGNALS)
+    /// of its signals are pending.
+    async fn send_signal(&self, id: &RunId, signal: Signal<'_>) -> StoreResult<(RunRecord, bool)>;
+    /// Sends `signal` ([`RunStore::send_signal`]) to every run waiting now for it with `key`,
+    /// and answers those it woke (at most 1,000 runs).
+    async fn send_keyed_signal(&self, key: &str, signal: Signal<'_>)
+    -> StoreResult<Vec<RunRecord>>;
+    /// Takes the oldest pending signal `take.name` of run `id` for `take.node` and answers its
+    /// payload; answers the one the node took already, if it took one (an execution resumed
+    /// after a crash gets what the crashed one took, so a signal is taken exactly once). `None`
+    /// when none is pending. `StaleLease` when `take.epoch` is not current.
+    async fn take_signal(&self, id: &RunId, take: SignalTake<'_>) -> StoreResult<Option<Value>>;
     /// Compare-and-set of the status, for changes without a lease (such as cancelling a queued
     /// run). `Conflict` when the status is not `change.from`.
     async fn transition(&self, id: &RunId, change: Transition) -> StoreResult<RunRecord>;

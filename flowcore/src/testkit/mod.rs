@@ -22,6 +22,7 @@ mod queue;
 #[cfg(feature = "records")]
 mod records;
 mod runs;
+mod waits;
 
 use std::sync::Arc;
 
@@ -37,6 +38,7 @@ pub use queue::queue;
 #[cfg(feature = "records")]
 pub use records::{Records, meta_store};
 pub use runs::{concurrent_creates, concurrent_finishes, pruning, run_store, transitions};
+pub use waits::parked_runs;
 
 use crate::model::FlowDef;
 use crate::ports::{
@@ -145,8 +147,8 @@ impl Backend {
 }
 
 /// Runs every suite that applies to `backend`: each port it implements against its suite (the
-/// run store's: records, every move between statuses, concurrent creates and finishes,
-/// pruning and durable execution). Panics, naming the backend and the suite, at the first case
+/// run store's: records, every move between statuses, parked runs, timers and signals,
+/// concurrent creates and finishes, pruning and durable execution). Panics, naming the backend and the suite, at the first case
 /// that fails.
 pub async fn check(backend: &Backend) {
     let suite = |name: &str| eprintln!("testkit: {name} on {}", backend.name);
@@ -159,6 +161,8 @@ pub async fn check(backend: &Backend) {
         run_store(runs.as_ref()).await;
         suite("transitions");
         transitions(runs.as_ref()).await;
+        suite("parked_runs");
+        parked_runs(runs.clone()).await;
         suite("concurrent_creates");
         concurrent_creates(runs.clone()).await;
         suite("concurrent_finishes");

@@ -9,8 +9,9 @@ use serde_json::json;
 use super::{new_run, step};
 use crate::error::StoreError;
 use crate::ids::RunId;
-use crate::ports::{Claim, Due, NewRun, PruneRule, RunFilter, RunOutcome, RunStore};
+use crate::ports::{Claim, Due, NewRun, Park, PruneRule, RunFilter, RunOutcome, RunStore};
 use crate::run::{Move, RunStatus, StepStatus};
+use crate::wait::{Parked, Wait};
 
 /// The run store suite: idempotency keys, leases and epochs, compare-and-set, stale writes
 /// refused, steps, listing with a cursor under concurrent inserts, expiry and pruning.
@@ -478,9 +479,26 @@ pub async fn run_store(store: &dyn RunStore) {
     assert_eq!(store.prune(&now, 100).await.expect("prune").len(), 3);
 }
 
+/// A park until `deadline`, for a delay of node `d`.
+fn park_until(deadline: chrono::DateTime<Utc>) -> Park {
+    Park {
+        parked: Parked {
+            waits: vec![Wait {
+                node: "d".into(),
+                signal: None,
+                key: None,
+                deadline,
+            }],
+            active_ms: 5,
+        },
+        steps: Vec::new(),
+    }
+}
+
 /// Every move between run statuses, legal and illegal: from each status to each status, the
 /// store makes exactly the moves of [`RunStatus::move_to`] through the method that owns each
-/// (claim, release, finish, transition) and refuses every other, leaving the run as it was.
+/// (claim, release, finish, park, transition) and refuses every other, leaving the run as it
+/// was.
 pub async fn transitions(store: &dyn RunStore) {
     let ttl = Duration::from_secs(60);
     // A run in `status`, with the epoch of its lease (for a running one, a lapsed lease when
@@ -496,6 +514,17 @@ pub async fn transitions(store: &dyn RunStore) {
             if lapsed {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
+            return (run.id, lease.epoch);
+        }
+        if status == RunStatus::Waiting {
+            store
+                .park(
+                    &run.id,
+                    lease.epoch,
+                    park_until(Utc::now() + chrono::Duration::hours(1)),
+                )
+                .await
+                .expect("park");
             return (run.id, lease.epoch);
         }
         let outcome = RunOutcome {
@@ -524,13 +553,18 @@ pub async fn transitions(store: &dyn RunStore) {
                 store.finish(&id, epoch, outcome).await.map(|_| ())
             };
             let transition = async || store.transition(&id, from.to(to)).await.map(|_| ());
+            let park = async || {
+                let far = park_until(Utc::now() + chrono::Duration::hours(1));
+                store.park(&id, epoch, far).await.map(|_| ())
+            };
             match legal {
                 Some(m) => {
                     let done = match m {
                         Move::Claim => claim().await,
                         Move::Release => release().await,
                         Move::Finish => finish().await,
-                        Move::Cancel => transition().await,
+                        Move::Park => park().await,
+                        Move::Wake | Move::Cancel => transition().await,
                     };
                     done.unwrap_or_else(|e| panic!("{case} is legal: {e}"));
                     let run = store.get(&id).await.expect("get");
@@ -547,6 +581,9 @@ pub async fn transitions(store: &dyn RunStore) {
                     }
                     if to.is_final() {
                         assert!(finish().await.is_err(), "{case}: finish refused");
+                    }
+                    if to == RunStatus::Waiting {
+                        assert!(park().await.is_err(), "{case}: park refused");
                     }
                     assert!(transition().await.is_err(), "{case}: transition refused");
                     let run = store.get(&id).await.expect("get");

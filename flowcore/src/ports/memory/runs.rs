@@ -5,17 +5,18 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::{lock, parse_cursor, ttl_to_chrono};
 use crate::error::StoreError;
 use crate::ids::RunId;
 use crate::ports::{
-    Due, Lapsed, Lease, NewRun, Page, PruneRule, RunFilter, RunOutcome, RunRecord, RunStore,
-    StoreResult,
+    Due, Lapsed, Lease, NewRun, Page, Park, PruneRule, RunFilter, RunOutcome, RunRecord, RunStore,
+    Signal, SignalTake, StoreResult, signal_each,
 };
 use crate::run::{Move, RunStatus, StepRecord, Transition};
+use crate::wait::{MAX_KEYED_RUNS, MAX_PENDING_SIGNALS};
 
 /// Runs in memory.
 #[derive(Debug, Default)]
@@ -30,6 +31,19 @@ struct RunState {
     order: BTreeMap<u64, RunId>,
     idempotency: HashMap<(String, String), RunId>,
     steps: HashMap<RunId, Vec<StepRecord>>,
+    /// Waiting runs by their earliest deadline (and sequence number): the timer index.
+    wakes: BTreeMap<(DateTime<Utc>, u64), RunId>,
+    /// Signals by run, oldest first, pending and taken.
+    signals: HashMap<RunId, Vec<StoredSignal>>,
+}
+
+/// A signal sent to a run.
+#[derive(Debug)]
+struct StoredSignal {
+    name: String,
+    payload: Value,
+    /// The node whose wait took it.
+    taken_by: Option<String>,
 }
 
 impl MemoryRunStore {
@@ -55,6 +69,37 @@ impl RunState {
             .get_mut(id)
             .map(|(_, r)| r)
             .ok_or_else(|| StoreError::not_found("run", id.as_str()))
+    }
+
+    /// The key of a waiting run in the timer index.
+    fn wake_key(&self, id: &RunId) -> Option<(DateTime<Utc>, u64)> {
+        let (seq, run) = self.runs.get(id)?;
+        let at = run.parked.as_ref()?.wake_at()?;
+        (run.status == RunStatus::Waiting).then_some((at, *seq))
+    }
+
+    /// Leaves the timer index (before the run leaves `waiting`).
+    fn unindex(&mut self, id: &RunId) {
+        if let Some(key) = self.wake_key(id) {
+            self.wakes.remove(&key);
+        }
+    }
+
+    /// `waiting` -> `queued`.
+    fn wake(&mut self, id: &RunId) -> StoreResult<RunRecord> {
+        self.unindex(id);
+        let run = self.run_mut(id)?;
+        run.status = RunStatus::Queued;
+        Ok(run.clone())
+    }
+
+    /// Whether run `id` has a pending signal that one of its waits takes.
+    fn answered(&self, id: &RunId, parked: &crate::wait::Parked) -> bool {
+        self.signals.get(id).is_some_and(|signals| {
+            signals
+                .iter()
+                .any(|s| s.taken_by.is_none() && parked.waits_for(&s.name, None))
+        })
     }
 
     /// The run, if `epoch` is its current lease and it is running.
@@ -114,6 +159,7 @@ impl RunStore for MemoryRunStore {
             lease,
             trigger: run.trigger,
             data_pruned: false,
+            parked: None,
         };
         if let Some(key) = run.idempotency_key {
             st.idempotency.insert((run.flow_id, key), run.id.clone());
@@ -238,19 +284,121 @@ impl RunStore for MemoryRunStore {
         Move::unowned(change)?;
         let Transition { from, to } = change;
         let mut st = lock(&self.state);
-        let run = st.run_mut(id)?;
-        if run.status != from {
+        let status = st.run_mut(id)?.status;
+        if status != from {
             return Err(StoreError::Conflict(format!(
-                "run `{id}` is {}, not {from}",
-                run.status
+                "run `{id}` is {status}, not {from}"
             )));
         }
+        st.unindex(id);
+        let run = st.run_mut(id)?;
         run.status = to;
         if to.is_final() {
             run.finished_at = Some(Utc::now());
             run.lease = None;
         }
         Ok(run.clone())
+    }
+
+    async fn park(&self, id: &RunId, epoch: u64, park: Park) -> StoreResult<RunRecord> {
+        let mut st = lock(&self.state);
+        let run = st.owned_mut(id, epoch)?;
+        run.status = RunStatus::Waiting;
+        run.lease = None;
+        run.parked = Some(park.parked.clone());
+        st.upsert_steps(id, &park.steps);
+        if st.answered(id, &park.parked) {
+            return st.wake(id);
+        }
+        if let Some(key) = st.wake_key(id) {
+            st.wakes.insert(key, id.clone());
+        }
+        st.run_mut(id).map(|r| r.clone())
+    }
+
+    async fn wake_due(&self, due: &Due) -> StoreResult<Vec<RunRecord>> {
+        let mut st = lock(&self.state);
+        let ids: Vec<RunId> = st
+            .wakes
+            .range(..=(due.by, u64::MAX))
+            .take(due.limit)
+            .map(|(_, id)| id.clone())
+            .collect();
+        ids.iter().map(|id| st.wake(id)).collect()
+    }
+
+    async fn send_signal(&self, id: &RunId, signal: Signal<'_>) -> StoreResult<(RunRecord, bool)> {
+        let Signal { name, payload } = signal;
+        let mut st = lock(&self.state);
+        let run = st.run_mut(id)?.clone();
+        if run.status.is_final() {
+            return Err(StoreError::Conflict(format!(
+                "run `{id}` is {}",
+                run.status
+            )));
+        }
+        let signals = st.signals.entry(id.clone()).or_default();
+        if signals.iter().filter(|s| s.taken_by.is_none()).count() >= MAX_PENDING_SIGNALS {
+            return Err(StoreError::TooLarge(format!(
+                "run `{id}` has {MAX_PENDING_SIGNALS} signals pending, the most it may"
+            )));
+        }
+        signals.push(StoredSignal {
+            name: name.to_owned(),
+            payload: payload.clone(),
+            taken_by: None,
+        });
+        let wakes = run.status == RunStatus::Waiting
+            && run.parked.as_ref().is_some_and(|p| p.waits_for(name, None));
+        if wakes {
+            return st.wake(id).map(|run| (run, true));
+        }
+        Ok((run, false))
+    }
+
+    async fn send_keyed_signal(
+        &self,
+        key: &str,
+        signal: Signal<'_>,
+    ) -> StoreResult<Vec<RunRecord>> {
+        let waiting: Vec<RunId> = {
+            let st = lock(&self.state);
+            st.wakes
+                .values()
+                .filter(|id| {
+                    st.runs.get(*id).is_some_and(|(_, r)| {
+                        r.parked
+                            .as_ref()
+                            .is_some_and(|p| p.waits_for(signal.name, Some(key)))
+                    })
+                })
+                .take(MAX_KEYED_RUNS)
+                .cloned()
+                .collect()
+        };
+        signal_each(self, waiting, signal).await
+    }
+
+    async fn take_signal(&self, id: &RunId, take: SignalTake<'_>) -> StoreResult<Option<Value>> {
+        let SignalTake { epoch, node, name } = take;
+        let mut st = lock(&self.state);
+        st.owned_mut(id, epoch)?;
+        let Some(signals) = st.signals.get_mut(id) else {
+            return Ok(None);
+        };
+        if let Some(taken) = signals
+            .iter()
+            .find(|s| s.name == name && s.taken_by.as_deref() == Some(node))
+        {
+            return Ok(Some(taken.payload.clone()));
+        }
+        Ok(signals
+            .iter_mut()
+            .find(|s| s.name == name && s.taken_by.is_none())
+            .map(|s| {
+                s.taken_by = Some(node.to_owned());
+                s.payload.clone()
+            }))
     }
 
     async fn expired(&self, due: &Due) -> StoreResult<Vec<Lapsed>> {
@@ -336,6 +484,7 @@ impl RunStore for MemoryRunStore {
                 run.data_pruned = true;
             }
             st.steps.remove(id);
+            st.signals.remove(id);
         }
         Ok(chosen)
     }
@@ -354,6 +503,7 @@ impl RunStore for MemoryRunStore {
                 }
             }
             st.steps.remove(id);
+            st.signals.remove(id);
             gone.push(id.clone());
         }
         Ok(gone)

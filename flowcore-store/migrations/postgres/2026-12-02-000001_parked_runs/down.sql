@@ -1,0 +1,5 @@
+DROP TABLE wait_keys;
+DROP TABLE signals;
+DROP INDEX runs_wake;
+ALTER TABLE runs DROP COLUMN wake_at;
+ALTER TABLE runs DROP COLUMN parked;

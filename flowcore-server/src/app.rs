@@ -61,6 +61,7 @@ pub fn app(state: Shared) -> Router {
         .nest("/api/v1", api)
         .merge(
             routes::webhooks::router()
+                .merge(crate::resume::router())
                 .route_layer(limited)
                 .layer(payload_limit),
         )

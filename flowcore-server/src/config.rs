@@ -285,6 +285,24 @@ pub struct Config {
     /// it.
     #[arg(long, env = "FLOWCORE_LEASE_SECONDS", default_value = "30", value_parser = within(2u64..=3600, "seconds"))]
     pub lease_seconds: u64,
+    /// The address users reach the server at (`https://flows.example.com`), for the resume
+    /// URLs that templates see as `run.resume_urls.<signal>`; default `http://` and
+    /// FLOWCORE_BIND.
+    #[arg(long, env = "FLOWCORE_PUBLIC_URL", value_parser = public_url)]
+    pub public_url: Option<String>,
+}
+
+/// An `http://` or `https://` URL without a query or fragment, kept without its last `/`.
+fn public_url(raw: &str) -> Result<String, String> {
+    let url = raw.trim().trim_end_matches('/');
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("`{raw}` is not an http:// or https:// URL"))?;
+    if rest.is_empty() || rest.contains(['?', '#', ' ']) {
+        return Err(format!("`{raw}` is not a URL without a query"));
+    }
+    Ok(url.to_owned())
 }
 
 /// `Config` alone, as a command: what the environment is parsed against.
@@ -296,6 +314,14 @@ struct Parsed {
 }
 
 impl Config {
+    /// Where users reach the server: `FLOWCORE_PUBLIC_URL`, else `http://` and the bind
+    /// address.
+    pub fn public_url(&self) -> String {
+        self.public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.bind))
+    }
+
     /// `FLOWCORE_LEASE_SECONDS` as a duration: how long a worker holds a run (and its queue
     /// job) without renewing it.
     pub fn lease(&self) -> std::time::Duration {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
 use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD};
 use chacha20poly1305::aead::{Aead, Payload};
 use chacha20poly1305::{KeyInit, XChaCha20Poly1305, XNonce};
 use sha2::{Digest, Sha256};
@@ -53,6 +53,9 @@ pub enum KeyError {
 struct Key {
     id: String,
     cipher: XChaCha20Poly1305,
+    /// The key that signs resume tokens, derived from this one (never the same key for two
+    /// purposes).
+    tokens: [u8; 32],
 }
 
 /// A key's id: the first 8 bytes of its SHA-256, in hex. The same key has the same id in every
@@ -65,8 +68,19 @@ fn make_key(bytes: &[u8; 32]) -> Key {
     Key {
         id: key_id(bytes),
         cipher: XChaCha20Poly1305::new_from_slice(bytes).expect("a 32-byte key"),
+        tokens: hmac_sha256(bytes, b"flowcore resume tokens v1"),
     }
 }
+
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    use hmac::{Hmac, KeyInit, Mac};
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key");
+    mac.update(message);
+    mac.finalize().into_bytes().into()
+}
+
+/// How many bytes of a token's MAC a token carries: 128 bits, unguessable.
+const TOKEN_MAC_BYTES: usize = 16;
 
 fn parse_key(text: &str) -> Option<[u8; 32]> {
     let text = text.trim();
@@ -196,6 +210,31 @@ impl Keyring {
         key.cipher
             .decrypt(&nonce, Payload { msg: body, aad })
             .map_err(|_| KeyError::Corrupt(key_id.to_owned()))
+    }
+
+    /// A token for `message` (a resume URL's run and signal): 16 bytes of an HMAC-SHA256 under a
+    /// key derived from the current one, base64url. Nothing is stored: [`Keyring::verify`]
+    /// checks it against every key of the ring, so tokens outlive a rotation while the old key
+    /// stays in the ring.
+    pub fn sign(&self, message: &[u8]) -> String {
+        let key = self.keys()[0].tokens;
+        URL_SAFE_NO_PAD.encode(&hmac_sha256(&key, message)[..TOKEN_MAC_BYTES])
+    }
+
+    /// Whether `token` is [`Keyring::sign`]'s for `message` under a key of the ring (compared
+    /// in constant time).
+    pub fn verify(&self, message: &[u8], token: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        let Ok(given) = URL_SAFE_NO_PAD.decode(token) else {
+            return false;
+        };
+        if given.len() != TOKEN_MAC_BYTES {
+            return false;
+        }
+        self.keys().iter().any(|key| {
+            let mac = hmac_sha256(&key.tokens, message);
+            bool::from(mac[..TOKEN_MAC_BYTES].ct_eq(&given))
+        })
     }
 
     /// Makes a new key the current one. With a key file, the new key is written first in the

@@ -50,6 +50,22 @@ pub enum RunError {
     /// The run has as many signals pending as it may.
     #[error("{0}")]
     TooManySignals(String),
+    /// A signal's payload is larger than [`MAX_SIGNAL_BYTES`].
+    #[error("a signal's payload is {0} bytes of JSON, more than {MAX_SIGNAL_BYTES}")]
+    SignalTooLarge(usize),
+}
+
+/// The largest payload a signal may carry, as JSON: a run holds up to 100 pending, and a keyed
+/// signal is stored once for each run it reaches.
+pub const MAX_SIGNAL_BYTES: usize = 256 * 1024;
+
+/// `payload`'s size, refused past [`MAX_SIGNAL_BYTES`].
+fn check_signal(payload: &Value) -> Result<(), RunError> {
+    let size = serde_json::to_vec(payload).map_or(usize::MAX, |v| v.len());
+    if size > MAX_SIGNAL_BYTES {
+        return Err(RunError::SignalTooLarge(size));
+    }
+    Ok(())
 }
 
 impl From<Refused> for RunError {
@@ -328,20 +344,30 @@ const CANCEL_WAIT: Duration = Duration::from_secs(5);
 /// running one to stop it and waits for its end up to [`CANCEL_WAIT`] (still running after it: the
 /// answer says so). A finished run: [`RunError::AlreadyFinished`].
 pub async fn cancel(state: &AppState, id: &RunId) -> Result<RunState, RunError> {
-    let run = state.stores.runs.get(id).await?;
-    match run.status {
-        status @ (RunStatus::Queued | RunStatus::Waiting) => {
-            let run = state
-                .stores
-                .runs
-                .transition(id, status.to(RunStatus::Cancelled))
-                .await?;
-            announce_finished(state, &run).await;
-            Ok(RunState {
-                run_id: run.id,
-                status: run.status,
-            })
+    let mut run = state.stores.runs.get(id).await?;
+    // A queued or waiting run may move meanwhile (claimed, woken): then it is looked at again.
+    for _ in 0..3 {
+        if !matches!(run.status, RunStatus::Queued | RunStatus::Waiting) {
+            break;
         }
+        let change = run.status.to(RunStatus::Cancelled);
+        match state.stores.runs.transition(id, change).await {
+            Ok(run) => {
+                announce_finished(state, &run).await;
+                return Ok(RunState {
+                    run_id: run.id,
+                    status: run.status,
+                });
+            }
+            Err(StoreError::Conflict(_)) => run = state.stores.runs.get(id).await?,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    match run.status {
+        RunStatus::Queued | RunStatus::Waiting => Err(StoreError::Conflict(format!(
+            "run `{id}` kept changing its status; try again"
+        ))
+        .into()),
         // Its owner is gone (the lease lapsed): nobody would hear the request, and the reaper
         // would run it again. Ended here instead, as `fail` does.
         RunStatus::Running
@@ -419,10 +445,18 @@ pub async fn signal(
     name: &str,
     payload: &Value,
 ) -> Result<SignalSent, RunError> {
+    check_signal(payload)?;
     let (run, woke) = match state
         .stores
         .runs
-        .send_signal(id, Signal { name, payload })
+        .send_signal(
+            id,
+            Signal {
+                name,
+                payload,
+                key: None,
+            },
+        )
         .await
     {
         Ok(sent) => sent,
@@ -450,13 +484,21 @@ pub async fn keyed_signal(
     key: &str,
     payload: &Value,
 ) -> Result<Vec<RunId>, RunError> {
+    check_signal(payload)?;
     let woken = state
         .stores
         .runs
-        .send_keyed_signal(key, Signal { name, payload })
+        .send_keyed_signal(Signal {
+            name,
+            payload,
+            key: Some(key),
+        })
         .await?;
     for run in &woken {
-        requeue(state, run).await?;
+        // Woken: a queue that fails now leaves it to the reaper's sweep of woken runs.
+        if let Err(e) = requeue(state, run).await {
+            tracing::warn!(run_id = %run.id, error = %e, "could not enqueue a woken run");
+        }
     }
     Ok(woken.into_iter().map(|r| r.id).collect())
 }
@@ -651,11 +693,18 @@ pub async fn group_of(state: &AppState, run: &RunRecord) -> String {
 /// handed to another worker: something in it kills workers.
 pub const MAX_OWNERS: u64 = 5;
 
+/// How many owners lost the run in a row: its leases since it last parked (a run that parks
+/// and wakes is claimed again each time, by no fault of its workers).
+fn owners_lost(run: &RunRecord) -> u64 {
+    run.epoch
+        .saturating_sub(run.parked.as_ref().map_or(0, |p| p.epoch))
+}
+
 /// Fails a run that [`MAX_OWNERS`] workers lost in a row.
 async fn give_up(state: &AppState, run: &RunRecord) -> Result<(), StoreError> {
     let error = format!(
         "the run was lost by {} workers in a row (their leases lapsed); not retried again",
-        run.epoch
+        owners_lost(run)
     );
     if fail(state, &run.id, error).await? {
         tracing::warn!(run_id = %run.id, "a run lost by too many workers was failed");
@@ -774,7 +823,7 @@ async fn recover_ids(
             Err(StoreError::NotFound { .. }) => continue,
             Err(e) => return Err(e),
         };
-        if run.status.is_leased() && run.epoch >= MAX_OWNERS {
+        if run.status.is_leased() && owners_lost(&run) >= MAX_OWNERS {
             give_up(state, &run).await?;
             continue;
         }
@@ -874,6 +923,25 @@ pub async fn reap(state: Shared, every: Duration, shutdown: CancellationToken) {
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "sweeping queued runs failed; retrying"),
+            }
+            // Woken runs that no worker claimed within a lease: their job may be lost (a
+            // process that died between waking them and enqueuing them, a queue that failed).
+            let woken_now = async {
+                let lease = chrono::Duration::from_std(state.config.lease()).unwrap_or_default();
+                let due = Due {
+                    after: None,
+                    by: chrono::Utc::now() - lease,
+                    limit: LAPSED_PER_PASS,
+                };
+                let ids = state.stores.runs.woken_unclaimed(&due).await?;
+                recover_ids(&state, ids, &mut recent).await
+            };
+            match woken_now.await {
+                Ok(n) if n > 0 => {
+                    tracing::info!(runs = n, "woken runs without a job enqueued again");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "sweeping woken runs failed; retrying"),
             }
         }
         tokio::select! {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use flowcore::ports::FlowStore;
 use flowcore::ports::memory::MemoryFlowStore;
-use flowcore::{Engine, FlowDef, RunEvent, RunOptions, RunStatus};
+use flowcore::{Engine, FlowDef, RunEvent, RunStatus};
 use serde_json::Value;
 
 /// flowcore: a workflow engine.
@@ -47,13 +47,18 @@ enum Command {
         flow: PathBuf,
     },
     /// Runs a flow in this process (no server, nothing stored): progress on stderr, the output
-    /// as JSON on stdout; exits 1 when the run does not succeed.
+    /// as JSON on stdout; exits 1 when the run does not succeed. A `wait` takes its signal from
+    /// `--signal`, or else from stdin, one `NAME JSON` a line; a long `delay` sleeps here.
     Run {
         /// The flow's JSON file.
         flow: PathBuf,
         /// The run's input, as JSON.
         #[arg(long, default_value = "{}")]
         input: String,
+        /// A signal for the run's `wait` nodes, `NAME=JSON` (repeatable; kept until a `wait`
+        /// for NAME takes it).
+        #[arg(long = "signal", value_name = "NAME=JSON")]
+        signals: Vec<String>,
         /// A folder of flow files that `subflow` nodes may call, by their `id`.
         #[arg(long)]
         flows_dir: Option<PathBuf>,
@@ -119,6 +124,7 @@ fn main() -> ExitCode {
         Command::Run {
             flow,
             input,
+            signals,
             flows_dir,
             timeout_seconds,
             quiet,
@@ -133,6 +139,7 @@ fn main() -> ExitCode {
             runtime.block_on(run(
                 &flow,
                 &input,
+                &signals,
                 flows_dir.as_deref(),
                 timeout_seconds,
                 quiet,
@@ -365,6 +372,7 @@ fn validate(path: &Path) -> ExitCode {
 async fn run(
     path: &Path,
     input: &str,
+    signals: &[String],
     flows_dir: Option<&Path>,
     timeout_seconds: u64,
     quiet: bool,
@@ -418,32 +426,146 @@ async fn run(
             return fail(format!("{} is not a valid flow", path.display()));
         }
     };
-    let started = Instant::now();
-    let mut options = RunOptions::default();
-    if !quiet {
-        options.events = Some(Arc::new(move |event: &RunEvent| progress(event, started)));
-    }
-    let handle = engine.start(&plan, input, options);
-    let cancel = handle.cancellation_token().clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            cancel.cancel();
+    let mut given = Vec::new();
+    for signal in signals {
+        match parse_signal(signal, '=') {
+            Ok(parsed) => given.push(parsed),
+            Err(e) => return fail(format!("--signal {signal}: {e}")),
         }
-    });
-    let result = handle.wait().await;
-    match result.status {
-        RunStatus::Succeeded => {
-            let output = result.output.unwrap_or(Value::Null);
+    }
+    let started = Instant::now();
+    let events: Option<Arc<dyn flowcore::EventSink>> =
+        (!quiet).then(|| Arc::new(move |event: &RunEvent| progress(event, started)) as Arc<_>);
+    let cancel = flowcore::CancellationToken::new();
+    {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                cancel.cancel();
+            }
+        });
+    }
+    let result = run_durably(&engine, &plan, input, given, events, cancel).await;
+    match result {
+        Ok(run) if run.status == RunStatus::Succeeded => {
+            let output = run.output.unwrap_or(Value::Null);
             match serde_json::to_string_pretty(&output) {
                 Ok(text) => println!("{text}"),
                 Err(e) => return fail(format!("cannot print the output: {e}")),
             }
             ExitCode::SUCCESS
         }
-        status => fail(format!(
-            "run {status}: {}",
-            result.error.unwrap_or_default()
+        Ok(run) => fail(format!(
+            "run {}: {}",
+            run.status,
+            run.error.unwrap_or_default()
         )),
+        Err(e) => fail(e),
+    }
+}
+
+/// A signal as the command line takes it: `NAME{sep}JSON`.
+fn parse_signal(text: &str, sep: char) -> Result<(String, Value), String> {
+    let (name, payload) = text
+        .split_once(sep)
+        .ok_or_else(|| format!("give NAME{sep}JSON"))?;
+    let name = name.trim();
+    if !flowcore::nodes::is_signal_name(name) {
+        return Err(format!(
+            "`{name}` is not a signal name (1 to 100 of A-Z a-z 0-9 _ - .)"
+        ));
+    }
+    let payload = flowcore::json::parse(payload.trim().as_bytes())
+        .map_err(|e| format!("the payload is not valid JSON: {e}"))?;
+    Ok((name.to_owned(), payload))
+}
+
+/// Executes a run durably over in-memory stores, as a worker would, so that `wait` and long
+/// `delay`s park it: a parked run is woken by a signal (given up front, or read from stdin) or
+/// by its time, and executed again, until it ends.
+async fn run_durably(
+    engine: &Engine,
+    plan: &flowcore::Plan,
+    input: Value,
+    given: Vec<(String, Value)>,
+    events: Option<Arc<dyn flowcore::EventSink>>,
+    cancel: flowcore::CancellationToken,
+) -> Result<flowcore::ports::RunRecord, String> {
+    use flowcore::durable::{self, DurableOptions, Hooks};
+    use flowcore::ports::memory::MemoryRunStore;
+    use flowcore::ports::{Due, NewRun, RunStore, Signal};
+    use tokio::io::AsyncBufReadExt;
+
+    let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new());
+    let options = DurableOptions::new("cli");
+    let new = NewRun::new("cli", 1, input).claimed(options.claim());
+    let (mut run, _) = runs.create(new).await.map_err(|e| e.to_string())?;
+    let id = run.id.clone();
+    let send = async |name: &str, payload: &Value| {
+        let signal = Signal {
+            name,
+            payload,
+            key: None,
+        };
+        runs.send_signal(&id, signal)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    for (name, payload) in &given {
+        send(name, payload).await?;
+    }
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    loop {
+        let hooks = Hooks {
+            events: events.clone(),
+            cancel: Some(cancel.clone()),
+            hand_back: None,
+        };
+        let done = durable::execute(engine, plan, &runs, &run, &options, hooks)
+            .await
+            .map_err(|e| e.to_string())?;
+        if done.status.is_final() {
+            return Ok(done);
+        }
+        // Parked: wait for a signal or the time that wakes it (a signal may have come while
+        // it parked: then it is queued already).
+        loop {
+            let now = runs.get(&id).await.map_err(|e| e.to_string())?;
+            if now.status != RunStatus::Waiting {
+                break;
+            }
+            let parked = now.parked.unwrap_or_default();
+            let wake_at = parked.wake_at().unwrap_or_else(chrono::Utc::now);
+            let left = (wake_at - chrono::Utc::now()).to_std().unwrap_or_default();
+            let waits_for_signal = parked.waits.iter().any(|w| w.signal.is_some());
+            tokio::select! {
+                () = cancel.cancelled() => {
+                    let change = RunStatus::Waiting.to(RunStatus::Cancelled);
+                    return runs.transition(&id, change).await.map_err(|e| e.to_string());
+                }
+                () = tokio::time::sleep(left) => {
+                    let due = Due { after: None, by: chrono::Utc::now(), limit: 1 };
+                    runs.wake_due(&due).await.map_err(|e| e.to_string())?;
+                }
+                line = stdin.next_line(), if waits_for_signal && stdin_open => {
+                    match line.map_err(|e| format!("reading stdin: {e}"))? {
+                        None => stdin_open = false,
+                        Some(line) if line.trim().is_empty() => {}
+                        Some(line) => match parse_signal(&line, ' ') {
+                            Ok((name, payload)) => {
+                                send(&name, &payload).await?;
+                            }
+                            Err(e) => eprintln!("stdin: {e}; give NAME JSON"),
+                        },
+                    }
+                }
+            }
+        }
+        run = runs
+            .claim_run(&id, &options.owner, options.lease_ttl)
+            .await
+            .map_err(|e| e.to_string())?;
     }
 }
 
@@ -488,6 +610,21 @@ fn progress(event: &RunEvent, started: Instant) {
             None => eprintln!("{ms:9.1} ms  {node}: {status}"),
         },
         RunEvent::RunFinished { status, .. } => eprintln!("{ms:9.1} ms  run {status}"),
+        RunEvent::RunWaiting { waits, .. } => {
+            for wait in waits {
+                match &wait.signal {
+                    Some(signal) => eprintln!(
+                        "{ms:9.1} ms  {}: waiting for signal `{signal}` until {} (type `{signal} JSON`)",
+                        wait.node, wait.deadline
+                    ),
+                    None => eprintln!(
+                        "{ms:9.1} ms  {}: sleeping until {}",
+                        wait.node, wait.deadline
+                    ),
+                }
+            }
+        }
+        RunEvent::RunResumed { .. } => eprintln!("{ms:9.1} ms  run resumed"),
         _ => {}
     }
 }

@@ -111,6 +111,8 @@ pub struct AppState {
     pub credentials: Credentials,
     /// Execution slots and the queue bound.
     pub admission: Admission,
+    /// Resume URLs: made for templates, checked for `/webhooks/resume/`.
+    pub resume: Arc<crate::resume::ResumeLinks>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -129,7 +131,12 @@ impl AppState {
     /// credential keys of `keyring`. Call it within a tokio runtime (it starts the listeners of
     /// flow changes).
     pub fn new(config: Config, stores: Stores, registry: Registry, keyring: Keyring) -> Shared {
-        let credentials = Credentials::new(stores.credentials.clone(), Arc::new(keyring));
+        let keyring = Arc::new(keyring);
+        let credentials = Credentials::new(stores.credentials.clone(), keyring.clone());
+        let resume = Arc::new(crate::resume::ResumeLinks::new(
+            &config.public_url(),
+            keyring,
+        ));
         let limits = flowcore::Limits {
             run_timeout: std::time::Duration::from_secs(config.flow_timeout_seconds),
             max_output_bytes: usize::try_from(config.max_file_mb.saturating_mul(1024 * 1024))
@@ -148,6 +155,7 @@ impl AppState {
             .http_guard(guard)
             .flow_store(stores.flows.clone())
             .secrets(Arc::new(credentials.clone()))
+            .resume_urls(resume.clone())
             .build();
         let plans = PlanCache::new(
             engine.clone(),
@@ -165,6 +173,7 @@ impl AppState {
             running: Running::default(),
             hand_back: CancellationToken::new(),
             credentials,
+            resume,
             plans,
             engine,
             stores,

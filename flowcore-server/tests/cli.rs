@@ -162,3 +162,73 @@ fn subflows_come_from_a_flows_dir() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), r#""child of x""#);
 }
+
+/// A `wait` takes its signal from `--signal` or from stdin; a long `delay` sleeps in the
+/// process and the run goes on after it.
+#[test]
+fn run_takes_signals_from_the_command_line_and_stdin_and_sleeps_long_delays() {
+    let flow = temp_file(
+        br#"{"nodes": [
+            {"id": "approve", "type": "wait", "params": {"signal": "approve", "timeout_ms": 60000}},
+            {"id": "nap", "type": "delay", "params": {"ms": 1100}},
+            {"id": "done", "type": "template", "params": {"template": "{{ nodes.approve.by }} {{ run.id | length }}"}}
+        ], "edges": [{"from": "approve", "to": "nap"}, {"from": "nap", "to": "done"}]}"#,
+    );
+    let started = std::time::Instant::now();
+    let out = flowcore(&["run", flow.arg(), "--signal", r#"approve={"by": "ada"}"#]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), r#""ada 36""#);
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(1100),
+        "the delay was slept"
+    );
+    assert!(
+        text(&out.stderr).contains("nap: sleeping until"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flowcore"))
+        .args(["run", flow.arg()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .as_mut()
+        .expect("stdin")
+        .write_all(b"approve {\"by\": \"bob\"}\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), r#""bob 36""#);
+
+    let bad = flowcore(&["run", flow.arg(), "--signal", "approve"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        text(&bad.stderr).contains("give NAME=JSON"),
+        "{}",
+        text(&bad.stderr)
+    );
+}
+
+/// A `wait` whose signal never comes fails the run at its timeout, stdin closed or not.
+#[test]
+fn run_fails_a_wait_past_its_timeout() {
+    let flow = temp_file(
+        br#"{"nodes": [{"id": "w", "type": "wait", "params": {"signal": "never", "timeout_ms": 1200}}]}"#,
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_flowcore"))
+        .args(["run", flow.arg()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no signal `never` came"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -201,7 +201,7 @@ pub async fn execute(
         () = hand_back.cancelled() => None,
     };
     drop(keeper);
-    let Some(result) = result else {
+    let Some(mut result) = result else {
         let steps = std::mem::take(&mut *lock(&recorder.buffer));
         if !steps.is_empty() {
             runs.record_steps(&run.id, epoch, &steps).await?;
@@ -216,6 +216,17 @@ pub async fn execute(
         )));
     }
     let steps = std::mem::take(&mut *lock(&recorder.buffer));
+    // A cancel that came as the run was parking ends it here: once parked, no engine would
+    // hear it.
+    if result.status == RunStatus::Waiting && cancel.is_cancelled() {
+        result.status = RunStatus::Cancelled;
+        result.error = Some("the run was cancelled".to_owned());
+        held.replace(crate::event::RunEvent::RunFinished {
+            run_id: run.id.clone(),
+            status: result.status,
+            error: result.error.clone(),
+        });
+    }
     if result.status == RunStatus::Waiting {
         let spent = (result.finished_at - result.started_at)
             .to_std()
@@ -225,6 +236,7 @@ pub async fn execute(
             parked: Parked {
                 waits: result.waits,
                 active_ms: before.saturating_add(u64::try_from(spent.as_millis()).unwrap_or(0)),
+                epoch,
             },
             steps,
         };
@@ -304,6 +316,13 @@ impl HeldFinish {
                 inner.emit(event);
             }
         }))
+    }
+
+    /// Holds `event` instead of what was held.
+    fn replace(&self, event: crate::event::RunEvent) {
+        if self.inner.is_some() {
+            *lock(&self.finished) = Some(event);
+        }
     }
 
     fn release(&self) {

@@ -30,7 +30,7 @@ use crate::ports::FlowStore;
 use crate::ports::memory::MemoryFlowStore;
 use crate::run::{RunResult, RunStatus, StepRecord, StepRecorder, StepStatus};
 use crate::secret::{Scrubber, SecretSource};
-use crate::wait::{Parked, SignalInbox, Wait};
+use crate::wait::{Parked, ResumeUrls, SignalInbox, Wait};
 
 /// Limits the engine enforces on every run.
 #[derive(Debug, Clone)]
@@ -78,6 +78,7 @@ pub struct EngineBuilder {
     flows: Option<Arc<dyn FlowStore>>,
     secrets: Option<Arc<dyn SecretSource>>,
     guard: Option<crate::net::Guard>,
+    resume_urls: Option<Arc<dyn ResumeUrls>>,
 }
 
 impl fmt::Debug for EngineBuilder {
@@ -109,7 +110,12 @@ impl EngineBuilder {
         self.secrets = Some(secrets);
         self
     }
-    /// The engine.
+    /// What makes the runs' resume URLs (`run.resume_urls.<signal>` in templates; default:
+    /// none, and templates see no `resume_urls`).
+    pub fn resume_urls(mut self, urls: Arc<dyn ResumeUrls>) -> Self {
+        self.resume_urls = Some(urls);
+        self
+    }
     /// Where nodes may connect (default: [`Guard::default`](crate::net::Guard::default), which
     /// denies loopback, link-local, private and unspecified addresses).
     pub fn http_guard(mut self, guard: crate::net::Guard) -> Self {
@@ -130,6 +136,7 @@ impl EngineBuilder {
                 .flows
                 .unwrap_or_else(|| Arc::new(MemoryFlowStore::new())),
             secrets: self.secrets,
+            resume_urls: self.resume_urls,
             guard: Arc::new(self.guard.unwrap_or_default()),
             stored_plans: std::sync::Mutex::default(),
             #[cfg(feature = "http")]
@@ -154,6 +161,7 @@ struct EngineInner {
     permits: Option<Arc<Semaphore>>,
     flows: Arc<dyn FlowStore>,
     secrets: Option<Arc<dyn SecretSource>>,
+    resume_urls: Option<Arc<dyn ResumeUrls>>,
     guard: Arc<crate::net::Guard>,
     stored_plans: std::sync::Mutex<StoredPlans>,
     /// The HTTP client of this engine's nodes, made on first use (it resolves names through
@@ -470,6 +478,24 @@ impl NodeOutputs for RunShared {
     }
 }
 
+/// What templates see as `run`: its id, and the resume URLs of its flow's signals when the
+/// engine makes them.
+fn about(engine: &Engine, plan: &Plan, run_id: &RunId) -> Arc<Value> {
+    let mut about = serde_json::Map::new();
+    about.insert("id".into(), Value::from(run_id.as_str()));
+    if let Some(urls) = &engine.0.resume_urls
+        && !plan.signals().is_empty()
+    {
+        let urls: serde_json::Map<String, Value> = plan
+            .signals()
+            .iter()
+            .map(|signal| (signal.clone(), Value::from(urls.url(run_id, signal))))
+            .collect();
+        about.insert("resume_urls".into(), Value::Object(urls));
+    }
+    Arc::new(Value::Object(about))
+}
+
 /// Which outgoing edges of a finished node are live.
 #[derive(Debug, Clone)]
 enum Taken {
@@ -550,8 +576,9 @@ impl Driver {
         let pending: Vec<usize> = (0..n).map(|i| plan.node(i).in_edges).collect();
         let ready = (0..n).filter(|&i| pending[i] == 0).collect();
         let run_id = options.run_id.unwrap_or_default();
+        let about = about(&engine, &plan, &run_id);
         let run = Arc::new(RunShared {
-            about: Arc::new(serde_json::json!({ "id": run_id.as_str() })),
+            about,
             run_id,
             input,
             // A subflow's run sees what started the run above it.

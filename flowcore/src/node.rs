@@ -263,9 +263,10 @@ impl NodeContext {
     ///
     /// A node that waited before (the run parked, and executes again) keeps the deadline it
     /// had; its signal may have come meanwhile. In a durable execution (see [`crate::wait`])
-    /// a wait for a signal, or for a second or more, answers [`NodeError::Parked`]: the node
-    /// passes it on (`?`) and the run parks until a signal or the deadline wakes it. Elsewhere
-    /// a wait for a time sleeps here, and a wait for a signal fails.
+    /// a wait of a second or more answers [`NodeError::Parked`]: the node passes it on (`?`)
+    /// and the run parks until a signal or the deadline wakes it; a shorter one waits here.
+    /// Outside a durable execution a wait for a time sleeps here, and a wait for a signal
+    /// fails.
     ///
     /// ```
     /// use flowcore::wait::{WaitFor, Waited};
@@ -296,34 +297,44 @@ impl NodeContext {
             .as_ref()
             .and_then(|p| p.deadline_of(node))
             .unwrap_or(what.deadline);
-        if let Some(name) = &what.signal {
+        let take = async || -> Result<Option<serde_json::Value>, NodeError> {
+            let Some(name) = &what.signal else {
+                return Ok(None);
+            };
             let inbox = self.run.signals.as_ref().ok_or_else(|| {
                 NodeError::fatal(format!(
                     "waiting for signal `{name}` needs a durable top-level run (not a subflow's, \
                      nor one of `Engine::run`)"
                 ))
             })?;
-            let taken = inbox.take(node, name).await.map_err(|e| {
-                NodeError::retryable(format!("could not take signal `{name}`: {e}"))
-            })?;
-            if let Some(payload) = taken {
-                return Ok(Waited::Signal(payload));
-            }
+            inbox
+                .take(node, name)
+                .await
+                .map_err(|e| NodeError::retryable(format!("could not take signal `{name}`: {e}")))
+        };
+        if let Some(payload) = take().await? {
+            return Ok(Waited::Signal(payload));
         }
         let left = (deadline - chrono::Utc::now()).to_std().unwrap_or_default();
         if left.is_zero() {
             return Ok(Waited::Deadline);
         }
-        if self.run.signals.is_some() && (what.signal.is_some() || left >= PARK_FROM) {
+        // Under a second from the deadline the node waits here: parking would cost more than
+        // it saves, and a timer on a clock a little ahead would wake the run again and again.
+        if self.run.signals.is_some() && left >= PARK_FROM {
             return Err(NodeError::Parked(Box::new(Wait {
                 node: node.to_owned(),
-                signal: what.signal,
-                key: what.key,
+                signal: what.signal.clone(),
+                key: what.key.clone(),
                 deadline,
             })));
         }
         tokio::time::sleep(left).await;
-        Ok(Waited::Deadline)
+        // A signal that came meanwhile came before the deadline.
+        Ok(match take().await? {
+            Some(payload) => Waited::Signal(payload),
+            None => Waited::Deadline,
+        })
     }
     /// Sends an event to the run's subscribers, such as streamed LLM tokens.
     pub fn emit(&self, event: &RunEvent) {

@@ -34,6 +34,8 @@ struct PlanInner {
     out: PerNode<OutEdge>,
     /// Predecessors of each node, one per incoming edge.
     preds: PerNode<usize>,
+    /// The signals its `wait` nodes take, sorted, once each.
+    signals: Vec<String>,
 }
 
 /// An outgoing edge: the source port (`None` = main output) and the target's index.
@@ -97,6 +99,10 @@ impl Plan {
     /// The id of the flow this plan was compiled from.
     pub fn flow_id(&self) -> Option<&str> {
         self.0.flow_id.as_deref()
+    }
+    /// The signals the flow's `wait` nodes take, sorted (what `run.resume_urls` holds).
+    pub fn signals(&self) -> &[String] {
+        &self.0.signals
     }
     /// The worker group whose queue runs this flow (`settings.worker_group`), if the flow names one.
     pub fn worker_group(&self) -> Option<&str> {
@@ -400,6 +406,14 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
     }
 
     let sinks = (0..n).filter(|&i| out.get(i).is_empty()).collect();
+    let mut signals: Vec<String> = flow
+        .nodes
+        .iter()
+        .filter(|def| def.node_type == "wait")
+        .filter_map(|def| def.params.get("signal")?.as_str().map(str::to_owned))
+        .collect();
+    signals.sort_unstable();
+    signals.dedup();
     let nodes = flow
         .nodes
         .iter()
@@ -429,6 +443,7 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
         max_concurrency: flow.settings.max_concurrency,
         out,
         preds,
+        signals,
     })))
 }
 
@@ -603,6 +618,11 @@ fn check_triggers(flow: &FlowDef, problems: &mut Vec<Problem>) {
                 if !ok {
                     problems.push(Problem::flow(format!(
                         "webhook path `{}` must be segments of A-Z a-z 0-9 - _ . separated by /",
+                        shorten(path)
+                    )));
+                } else if path == "resume" || path.starts_with("resume/") {
+                    problems.push(Problem::flow(format!(
+                        "webhook path `{}`: paths under `resume/` are the resume URLs'",
                         shorten(path)
                     )));
                 } else if !paths.insert((path.as_str(), method.to_ascii_uppercase())) {

@@ -21,6 +21,7 @@
 //!         deadline: Utc::now() + Duration::days(7),
 //!     }],
 //!     active_ms: 120,
+//!     epoch: 1,
 //! };
 //! assert_eq!(parked.deadline_of("approve"), Some(parked.waits[0].deadline));
 //! assert_eq!(parked.wake_at(), parked.waits.first().map(|w| w.deadline));
@@ -64,6 +65,10 @@ pub struct Parked {
     /// How long it has executed so far, in milliseconds: waiting does not count against the
     /// run's time limit, executing does.
     pub active_ms: u64,
+    /// The lease epoch it parked at: the owners that lose it after it wakes are counted from
+    /// there (each wake is a new claim, which no worker lost).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 impl Parked {
@@ -93,6 +98,14 @@ pub trait SignalInbox: Send + Sync {
     /// `node` took already, if it took one (an execution resumed after a crash gets what the
     /// crashed one took). `None` when none is pending.
     async fn take(&self, node: &str, name: &str) -> Result<Option<Value>, StoreError>;
+}
+
+/// Makes the resume URLs that templates see as `run.resume_urls.<signal>`: an address that
+/// delivers one signal to one run without an API key (an approval link in an email). The
+/// server's makes unguessable ones; an engine without one shows none.
+pub trait ResumeUrls: Send + Sync {
+    /// The URL that delivers signal `signal` to run `run_id`.
+    fn url(&self, run_id: &crate::RunId, signal: &str) -> String;
 }
 
 /// What [`NodeContext::wait_for`](crate::NodeContext::wait_for) waits for.

@@ -151,6 +151,9 @@ mod commits {
         async fn wake_due(&self, due: &Due) -> StoreResult<Vec<RunRecord>> {
             self.inner.wake_due(due).await
         }
+        async fn woken_unclaimed(&self, due: &Due) -> StoreResult<Vec<RunId>> {
+            self.inner.woken_unclaimed(due).await
+        }
         async fn send_signal(
             &self,
             id: &RunId,
@@ -158,12 +161,8 @@ mod commits {
         ) -> StoreResult<(RunRecord, bool)> {
             self.inner.send_signal(id, signal).await
         }
-        async fn send_keyed_signal(
-            &self,
-            key: &str,
-            signal: Signal<'_>,
-        ) -> StoreResult<Vec<RunRecord>> {
-            self.inner.send_keyed_signal(key, signal).await
+        async fn send_keyed_signal(&self, signal: Signal<'_>) -> StoreResult<Vec<RunRecord>> {
+            self.inner.send_keyed_signal(signal).await
         }
         async fn take_signal(
             &self,

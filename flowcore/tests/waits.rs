@@ -118,6 +118,7 @@ async fn a_wait_parks_until_its_signal_and_outputs_it() {
             Signal {
                 name: "approval",
                 payload: &json!({"by": "ada"}),
+                key: None,
             },
         )
         .await
@@ -149,6 +150,7 @@ async fn a_signal_sent_before_its_wait_is_taken_when_the_run_gets_there() {
             Signal {
                 name: "go",
                 payload: &json!("early"),
+                key: None,
             },
         )
         .await
@@ -195,7 +197,7 @@ async fn a_wait_past_its_timeout_fails_with_code_timeout_and_on_error_applies() 
     let f = Fixture::new();
     let plan = f.plan(json!({
         "nodes": [
-            {"id": "w", "type": "wait", "params": {"signal": "late", "timeout_ms": 300}, "on_error": "continue"},
+            {"id": "w", "type": "wait", "params": {"signal": "late", "timeout_ms": 1200}, "on_error": "continue"},
             {"id": "after", "type": "template", "params": {"template": "{{ nodes.w.code }}"}}
         ],
         "edges": [{"from": "w", "to": "after"}]
@@ -217,6 +219,7 @@ async fn a_wait_past_its_timeout_fails_with_code_timeout_and_on_error_applies() 
             Signal {
                 name: "late",
                 payload: &json!(1),
+                key: None,
             },
         )
         .await;
@@ -241,7 +244,8 @@ async fn cancelling_a_waiting_run_ends_it() {
                 &run.id,
                 Signal {
                     name: "s",
-                    payload: &json!(1)
+                    payload: &json!(1),
+                    key: None,
                 }
             )
             .await

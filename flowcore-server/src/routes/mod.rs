@@ -56,6 +56,11 @@ impl From<RunError> for ApiError {
             RunError::AlreadyFinished(_) => {
                 Self::new(StatusCode::CONFLICT, "run_finished", e.to_string())
             }
+            RunError::SignalTooLarge(_) => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                e.to_string(),
+            ),
             RunError::TooManySignals(_) => Self::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_signals",

@@ -366,6 +366,60 @@ async fn a_schedule_tick_fires_once_across_processes() {
     cleanup(&dir);
 }
 
+/// Runs parked at a `delay` and at a `wait` when the server is killed (-9) wake after a
+/// restart, by their time and by signals sent before and after the kill, and each goes on
+/// exactly once: the call after their waits reaches the echo server once per run.
+#[test]
+fn parked_runs_survive_a_kill_and_wake_once() {
+    let dir = std::env::temp_dir().join(format!("flowcore-parked-{}", flowcore::ids::new_id()));
+    let (url, seen) = echo_server();
+    let env = [("FLOWCORE_HTTP_ALLOW", "127.0.0.1/32")];
+    let server = Server::start(&dir, &env);
+    let flow = json!({"id": "later", "nodes": [
+        {"id": "d", "type": "delay", "params": {"ms": 3000}},
+        {"id": "w", "type": "wait", "params": {"signal": "go", "timeout_ms": 60000}},
+        {"id": "call", "type": "http_request", "params": {"url": url, "headers": {"authorization": "run {{ run.id }}"}}}
+    ], "edges": [{"from": "d", "to": "call"}, {"from": "w", "to": "call"}]});
+    assert_eq!(server.json("POST", "/api/v1/flows", Some(flow)).0, 201);
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        let (status, run) = server.json("POST", "/api/v1/flows/later/runs", Some(json!({"wait": false})));
+        assert_eq!(status, 202, "{run}");
+        ids.push(run["run_id"].as_str().unwrap().to_owned());
+    }
+    let status_of = |server: &Server, id: &str| server.json("GET", &format!("/api/v1/runs/{id}"), None).1["status"].clone();
+    let started = std::time::Instant::now();
+    while !ids.iter().all(|id| status_of(&server, id) == "waiting") {
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "not all parked");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Half get their signal before the kill, half after the restart.
+    for id in &ids[..5] {
+        let (status, sent) = server.json("POST", &format!("/api/v1/runs/{id}/signals/go"), Some(json!({"n": 1})));
+        assert_eq!(status, 202, "{sent}");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    server.stop();
+    let server = Server::start(&dir, &env);
+    for id in &ids[5..] {
+        let (status, sent) = server.json("POST", &format!("/api/v1/runs/{id}/signals/go"), Some(json!({"n": 2})));
+        assert_eq!(status, 202, "{sent}");
+    }
+    let woken = std::time::Instant::now();
+    while !ids.iter().all(|id| status_of(&server, id) == "succeeded") {
+        let states: Vec<Value> = ids.iter().map(|id| status_of(&server, id)).collect();
+        assert!(woken.elapsed() < std::time::Duration::from_secs(20), "not all woke: {states:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut calls = seen.lock().unwrap().clone();
+    calls.sort();
+    let mut expected: Vec<String> = ids.iter().map(|id| format!("run {id}")).collect();
+    expected.sort();
+    assert_eq!(calls, expected, "each run went on exactly once");
+    drop(server);
+    cleanup(&dir);
+}
+
 #[test]
 fn sigterm_hands_running_runs_back_and_a_restart_resumes_them() {
     let dir = std::env::temp_dir().join(format!("flowcore-term-{}", flowcore::ids::new_id()));

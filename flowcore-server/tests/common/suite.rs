@@ -617,6 +617,39 @@ async fn waits_signals_and_parked_delays() {
     let (status, cancelled) = call(&app, "POST", &format!("/api/v1/runs/{}/cancel", keyed[0]), Some(KEY), None).await;
     assert_eq!((status, cancelled["status"].as_str()), (StatusCode::OK, Some("cancelled")), "{cancelled}");
 
+    // A resume URL delivers its one signal to its one run, without a key: GET shows a page,
+    // POST delivers.
+    let link = json!({"id": "link", "nodes": [
+        {"id": "mail", "type": "set", "params": {"fields": {"url": "{{ run.resume_urls.approve }}", "id": "{{ run.id }}"}}},
+        {"id": "approve", "type": "wait", "params": {"signal": "approve"}}
+    ], "edges": [{"from": "mail", "to": "approve"}], "output": "approve"});
+    assert_eq!(post(&app, "/api/v1/flows", link.to_string().as_bytes()).await.0, StatusCode::CREATED);
+    let (_, run) = post(&app, "/api/v1/flows/link/runs", br#"{"wait": false}"#).await;
+    let id = run["run_id"].as_str().unwrap().to_owned();
+    let parked = wait_for_status(&app, &id, "waiting").await;
+    let mail = &parked["steps"].as_array().unwrap().iter().find(|s| s["node"] == "mail").unwrap()["output"];
+    assert_eq!(mail["id"], json!(id));
+    let url = mail["url"].as_str().expect("a resume URL");
+    let path = &url[url.find("/webhooks/resume/").expect("under /webhooks/resume/")..];
+    assert!(url.starts_with("http://"), "{url}");
+    let page = get_unsigned(&app, path).await;
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(text_of(page).await.contains("<form method=\"post\">"));
+    let tampered = format!("{}x", &path[..path.len() - 1]);
+    assert_eq!(get_unsigned(&app, &tampered).await.status(), StatusCode::NOT_FOUND);
+    let other_signal = path.replace(".approve.", ".reject.");
+    let (status, _) = call(&app, "POST", &other_signal, None, Some(b"{}".to_vec())).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "valid for its own signal only");
+    let (status, sent) = call(&app, "POST", path, None, Some(br#"{"ok": true}"#.to_vec())).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{sent}");
+    assert_eq!(wait_for_status(&app, &id, "succeeded").await["output"], json!({"ok": true}));
+    let reserved = json!({"id": "steal", "nodes": [{"id": "n", "type": "noop"}], "triggers": [{"type": "webhook", "path": "resume/x"}]});
+    let (status, body) = post(&app, "/api/v1/flows", reserved.to_string().as_bytes()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let big = format!("{{\"blob\": \"{}\"}}", "x".repeat(300 * 1024));
+    let (status, body) = post(&app, &format!("/api/v1/runs/{}/signals/other", keyed[0]), big.as_bytes()).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large")));
+
     // A delay of a second or more parks the run, and the timer wakes it at its time.
     let sleepy = br#"{"id": "sleepy", "nodes": [{"id": "d", "type": "delay", "params": {"ms": 1500}}, {"id": "t", "type": "template", "params": {"template": "awake"}}], "edges": [{"from": "d", "to": "t"}]}"#;
     post(&app, "/api/v1/flows", sleepy).await;

@@ -569,8 +569,9 @@ impl RunStore for SqlStore {
                     .returning(run_columns());
                 super::returned!(query, conn)
             } else {
+                // The one move of no lease to a live status: a wake (see `woken_unclaimed`).
                 let query = diesel::update(target)
-                    .set(runs::status.eq(to.as_str()))
+                    .set((runs::status.eq(to.as_str()), runs::wake_at.eq(Some(now))))
                     .returning(run_columns());
                 super::returned!(query, conn)
             }
@@ -586,6 +587,9 @@ impl RunStore for SqlStore {
         let rows = StepRow::of(id, &park.steps)?;
         let parked = to_text(&park.parked)?;
         let wake_at = park.parked.wake_at().map(micros);
+        // A woken run keeps when it was woken in `wake_at` until a worker claims it (see
+        // `woken_unclaimed`).
+        let woke_at = micros(Utc::now());
         let names: Vec<String> = park
             .parked
             .waits
@@ -618,6 +622,10 @@ impl RunStore for SqlStore {
                     return Ok::<_, diesel::result::Error>(None);
                 };
                 conn.upsert_steps(rows).await?;
+                // The keys it waits with now, in place of those of an earlier park.
+                diesel::delete(wait_keys::table.filter(wait_keys::run_id.eq(&run_id)))
+                    .execute(conn)
+                    .await?;
                 for (signal, key) in keys {
                     diesel::insert_into(wait_keys::table)
                         .values((
@@ -645,7 +653,7 @@ impl RunStore for SqlStore {
                 let query = diesel::update(runs::table.filter(runs::id.eq(&run_id)))
                     .set((
                         runs::status.eq(RunStatus::Queued.as_str()),
-                        runs::wake_at.eq(None::<i64>),
+                        runs::wake_at.eq(Some(woke_at)),
                     ))
                     .returning(run_columns());
                 super::returned!(query, conn)
@@ -663,9 +671,13 @@ impl RunStore for SqlStore {
         let (by, limit) = (micros(due.by), due.limit.clamp(1, 10_000) as i64);
         let rows: Vec<RunRow> = with_conn!(self, write, |conn| {
             conn.transaction(async move |conn| {
-                // The due range of the timer index (waiting runs by `wake_at`).
+                // The due range of the timer index (`runs_wake`: waiting runs by `wake_at`).
+                // The status is written into the statement, not bound: PostgreSQL matches a
+                // partial index's predicate only against a literal (a generic plan for a bound
+                // `status = $1` would read every waiting and running run's lease entry).
+                let waiting = diesel::dsl::sql::<diesel::sql_types::Bool>("status = 'waiting'");
                 let ids: Vec<String> = runs::table
-                    .filter(runs::status.eq(RunStatus::Waiting.as_str()))
+                    .filter(waiting)
                     .filter(runs::wake_at.le(by))
                     .order(runs::wake_at.asc())
                     .limit(limit)
@@ -675,17 +687,19 @@ impl RunStore for SqlStore {
                 if ids.is_empty() {
                     return Ok::<_, diesel::result::Error>(Vec::new());
                 }
-                // Still waiting: another process may have woken some meanwhile.
+                // Still waiting and due: another process may have woken some meanwhile (and
+                // one may have parked again since).
                 diesel::update(
                     runs::table.filter(
                         runs::id
                             .eq_any(&ids)
-                            .and(runs::status.eq(RunStatus::Waiting.as_str())),
+                            .and(runs::status.eq(RunStatus::Waiting.as_str()))
+                            .and(runs::wake_at.le(by)),
                     ),
                 )
                 .set((
                     runs::status.eq(RunStatus::Queued.as_str()),
-                    runs::wake_at.eq(None::<i64>),
+                    runs::wake_at.eq(Some(by)),
                 ))
                 .returning(run_columns())
                 .load(conn)
@@ -703,7 +717,7 @@ impl RunStore for SqlStore {
     }
 
     async fn send_signal(&self, id: &RunId, signal: Signal<'_>) -> StoreResult<(RunRecord, bool)> {
-        let Signal { name, payload } = signal;
+        let Signal { name, payload, key } = signal;
         /// What a signal found.
         enum Sent {
             Missing,
@@ -717,6 +731,7 @@ impl RunStore for SqlStore {
         let sent: Sent = with_conn!(self, write, |conn| {
             let (run_id, name, payload) =
                 (id.as_str().to_owned(), name.to_owned(), payload.clone());
+            let key = key.map(str::to_owned);
             conn.transaction(async move |conn| {
                 // An update that changes nothing, for the row lock: a run parking meanwhile
                 // commits first (and is seen waiting here), or sees this signal when it does.
@@ -730,6 +745,16 @@ impl RunStore for SqlStore {
                 let status = row.status.parse::<RunStatus>().unwrap_or(RunStatus::Failed);
                 if status.is_final() {
                     return Ok(Sent::Finished(row.status));
+                }
+                let wakes = status == RunStatus::Waiting
+                    && row
+                        .parked
+                        .as_deref()
+                        .and_then(|text| serde_json::from_str::<Parked>(text).ok())
+                        .is_some_and(|p| p.waits_for(&name, key.as_deref()));
+                if key.is_some() && !wakes {
+                    // A keyed signal is for the runs that wait with its key now.
+                    return Ok(Sent::Kept(row));
                 }
                 let pending: i64 = signals::table
                     .filter(signals::run_id.eq(&run_id).and(signals::taken_by.is_null()))
@@ -748,18 +773,13 @@ impl RunStore for SqlStore {
                     ))
                     .execute(conn)
                     .await?;
-                let waits_for = row
-                    .parked
-                    .as_deref()
-                    .and_then(|text| serde_json::from_str::<Parked>(text).ok())
-                    .is_some_and(|p| p.waits_for(&name, None));
-                if status != RunStatus::Waiting || !waits_for {
+                if !wakes {
                     return Ok(Sent::Kept(row));
                 }
                 let query = diesel::update(runs::table.filter(runs::id.eq(&run_id)))
                     .set((
                         runs::status.eq(RunStatus::Queued.as_str()),
-                        runs::wake_at.eq(None::<i64>),
+                        runs::wake_at.eq(Some(now)),
                     ))
                     .returning(run_columns());
                 Ok(match super::returned!(query, conn)? {
@@ -781,11 +801,10 @@ impl RunStore for SqlStore {
         }
     }
 
-    async fn send_keyed_signal(
-        &self,
-        key: &str,
-        signal: Signal<'_>,
-    ) -> StoreResult<Vec<RunRecord>> {
+    async fn send_keyed_signal(&self, signal: Signal<'_>) -> StoreResult<Vec<RunRecord>> {
+        let key = signal
+            .key
+            .ok_or_else(|| StoreError::Invalid("a keyed signal needs a key".into()))?;
         let waiting: Vec<String> = with_conn!(self, read, |conn| {
             let keyed = wait_keys::table
                 .filter(
@@ -847,6 +866,25 @@ impl RunStore for SqlStore {
             None => Err(self.stale(id, epoch).await),
             Some(payload) => Ok(payload.as_deref().map(super::stored_value)),
         }
+    }
+
+    async fn woken_unclaimed(&self, due: &Due) -> StoreResult<Vec<RunId>> {
+        let (by, limit) = (micros(due.by), due.limit.clamp(1, 10_000) as i64);
+        let ids: Vec<String> = with_conn!(self, read, |conn| {
+            // `runs_woken`: queued runs by when they were woken (a literal status, as for
+            // `runs_wake`).
+            let queued = diesel::dsl::sql::<diesel::sql_types::Bool>("status = 'queued'");
+            runs::table
+                .filter(queued)
+                .filter(runs::wake_at.le(by))
+                .order(runs::wake_at.asc())
+                .limit(limit)
+                .select(runs::id)
+                .load(conn)
+                .await
+                .map_err(|e| db_error("finding woken runs", e))?
+        });
+        Ok(ids.into_iter().map(RunId::from).collect())
     }
 
     async fn expired(&self, due: &Due) -> StoreResult<Vec<Lapsed>> {

@@ -209,13 +209,16 @@ pub struct Park {
 }
 
 /// A signal for a run ([`RunStore::send_signal`]): its name and its payload, the output of the
-/// `wait` that takes it.
+/// `wait` that takes it; with a key for keyed waits.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Signal<'a> {
     /// Its name.
     pub name: &'a str,
     /// Its payload.
     pub payload: &'a Value,
+    /// For a keyed signal: the key. It is delivered only to a run waiting now for `name` with
+    /// this key, never kept for later.
+    pub key: Option<&'a str>,
 }
 
 /// A wait taking a signal of its run ([`RunStore::take_signal`]), under its execution's lease.
@@ -231,7 +234,7 @@ pub struct SignalTake<'a> {
 
 /// [`RunStore::send_signal`] to each of `ids` in turn, answering the runs it woke: what
 /// [`RunStore::send_keyed_signal`] does once it found the runs waiting with the key. A run
-/// woken, ended or full meanwhile is passed over.
+/// woken, ended, full or deleted meanwhile is passed over.
 pub async fn signal_each<S: RunStore + ?Sized>(
     store: &S,
     ids: impl IntoIterator<Item = RunId>,
@@ -241,7 +244,10 @@ pub async fn signal_each<S: RunStore + ?Sized>(
     for id in ids {
         match store.send_signal(&id, signal).await {
             Ok((run, true)) => woken.push(run),
-            Ok(_) | Err(StoreError::Conflict(_) | StoreError::TooLarge(_)) => {}
+            Ok(_)
+            | Err(
+                StoreError::Conflict(_) | StoreError::TooLarge(_) | StoreError::NotFound { .. },
+            ) => {}
             Err(e) => return Err(e),
         }
     }
@@ -295,16 +301,22 @@ pub trait RunStore: Send + Sync {
     /// `due.by`, earliest first, at most `due.limit`, and answers them: each is woken once,
     /// whichever processes ask. A range of the deadline index, never a scan of every run.
     async fn wake_due(&self, due: &Due) -> StoreResult<Vec<RunRecord>>;
+    /// Queued runs that a wake (the timer, a signal) moved out of `waiting` at or before
+    /// `due.by` and that no worker claimed since, the longest woken first, at most
+    /// `due.limit`: the reaper enqueues them again (a process that died, or a queue that
+    /// failed, between waking a run and enqueuing it left it without a job). A run handed back
+    /// after a wake may show too (a second job is refused at its claim).
+    async fn woken_unclaimed(&self, due: &Due) -> StoreResult<Vec<RunId>>;
     /// Keeps signal `name` with `payload` for run `id` (first in first out, until a wait of
     /// the run takes it) and wakes the run (`waiting` -> `queued`) when one of its waits takes
-    /// that signal. Answers the run and whether it was woken. `NotFound`; `Conflict` when the
+    /// that signal. A keyed signal is kept only when the run waits for it with its key now
+    /// (else nothing is kept, and the answer says it woke nothing). Answers the run and whether it was woken. `NotFound`; `Conflict` when the
     /// run is finished; `TooLarge` when [`MAX_PENDING_SIGNALS`](crate::wait::MAX_PENDING_SIGNALS)
     /// of its signals are pending.
     async fn send_signal(&self, id: &RunId, signal: Signal<'_>) -> StoreResult<(RunRecord, bool)>;
-    /// Sends `signal` ([`RunStore::send_signal`]) to every run waiting now for it with `key`,
-    /// and answers those it woke (at most 1,000 runs).
-    async fn send_keyed_signal(&self, key: &str, signal: Signal<'_>)
-    -> StoreResult<Vec<RunRecord>>;
+    /// Sends `signal` ([`RunStore::send_signal`]) to every run waiting now for it with its
+    /// `key`, and answers those it woke (at most 1,000 runs). `Invalid` without a key.
+    async fn send_keyed_signal(&self, signal: Signal<'_>) -> StoreResult<Vec<RunRecord>>;
     /// Takes the oldest pending signal `take.name` of run `id` for `take.node` and answers its
     /// payload; answers the one the node took already, if it took one (an execution resumed
     /// after a crash gets what the crashed one took, so a signal is taken exactly once). `None`

@@ -490,6 +490,7 @@ fn park_until(deadline: chrono::DateTime<Utc>) -> Park {
                 deadline,
             }],
             active_ms: 5,
+            epoch: 1,
         },
         steps: Vec::new(),
     }

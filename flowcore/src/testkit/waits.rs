@@ -34,6 +34,7 @@ fn park(node: &str, signal: Option<&str>, key: Option<&str>, deadline: DateTime<
                 deadline,
             }],
             active_ms: 7,
+            epoch: 1,
         },
         steps: vec![super::step("before", crate::run::StepStatus::Succeeded)],
     }
@@ -136,6 +137,7 @@ pub async fn parked_runs(store: Arc<dyn RunStore>) {
             Signal {
                 name: "go",
                 payload: &json!("not for you"),
+                key: None,
             },
         )
         .await
@@ -150,6 +152,7 @@ pub async fn parked_runs(store: Arc<dyn RunStore>) {
             Signal {
                 name: "go",
                 payload: &json!({"approved": true}),
+                key: None,
             },
         )
         .await
@@ -165,12 +168,29 @@ pub async fn parked_runs(store: Arc<dyn RunStore>) {
             Signal {
                 name: "go",
                 payload: &json!("second"),
+                key: None,
             },
         )
         .await
         .expect("a second signal of the name is kept");
     assert!(!second, "a queued run is not woken again");
+    let unclaimed = store
+        .woken_unclaimed(&due(Utc::now(), 1000))
+        .await
+        .expect("woken");
+    assert!(
+        unclaimed.contains(&id) && unclaimed.contains(&timed[0]),
+        "woken runs that no worker took are found (their job may be lost)"
+    );
     let lease = store.claim(&id, "w2", TTL).await.expect("claim");
+    assert!(
+        !store
+            .woken_unclaimed(&due(Utc::now(), 1000))
+            .await
+            .expect("woken")
+            .contains(&id),
+        "a claimed run is not"
+    );
     assert!(matches!(
         store
             .take_signal(
@@ -222,6 +242,7 @@ pub async fn parked_runs(store: Arc<dyn RunStore>) {
             Signal {
                 name: "ready",
                 payload: &json!(1),
+                key: None,
             },
         )
         .await
@@ -248,13 +269,11 @@ pub async fn parked_runs(store: Arc<dyn RunStore>) {
         keyed.push(id);
     }
     let mut woken = ids(&store
-        .send_keyed_signal(
-            "k1",
-            Signal {
-                name: "approve",
-                payload: &json!("yes"),
-            },
-        )
+        .send_keyed_signal(Signal {
+            name: "approve",
+            payload: &json!("yes"),
+            key: Some("k1"),
+        })
         .await
         .expect("keyed"));
     woken.sort_by(|a, b| a.as_str().cmp(b.as_str()));
@@ -268,17 +287,56 @@ pub async fn parked_runs(store: Arc<dyn RunStore>) {
     );
     assert!(
         store
-            .send_keyed_signal(
-                "k1",
-                Signal {
-                    name: "approve",
-                    payload: &json!("again")
-                }
-            )
+            .send_keyed_signal(Signal {
+                name: "approve",
+                payload: &json!("again"),
+                key: Some("k1"),
+            })
             .await
             .expect("keyed")
             .is_empty(),
         "they wait no more"
+    );
+    // A run that parks again with another key is reached by that key only; a keyed signal
+    // that reaches nobody is kept by nobody.
+    let again = &keyed[1];
+    let woken = store
+        .transition(again, RunStatus::Waiting.to(RunStatus::Queued))
+        .await
+        .expect("wake");
+    assert_eq!(woken.status, RunStatus::Queued);
+    let lease = store.claim(again, "w3", TTL).await.expect("claim");
+    store
+        .park(
+            again,
+            lease.epoch,
+            park("w", Some("approve"), Some("k9"), far),
+        )
+        .await
+        .expect("park again");
+    let keyed_send = async |key: &str| {
+        let signal = Signal {
+            name: "approve",
+            payload: &json!("k"),
+            key: Some(key),
+        };
+        ids(&store.send_keyed_signal(signal).await.expect("keyed"))
+    };
+    assert!(
+        keyed_send("k2").await.is_empty(),
+        "its old key reaches it no more"
+    );
+    assert_eq!(keyed_send("k9").await, std::slice::from_ref(again));
+    let lease = store.claim(again, "w4", TTL).await.expect("claim");
+    let take = SignalTake {
+        epoch: lease.epoch,
+        node: "w",
+        name: "approve",
+    };
+    assert_eq!(
+        store.take_signal(again, take).await.expect("take"),
+        Some(json!("k")),
+        "the keyed signal that reached it, and not the one that reached nobody"
     );
 
     // The bound on pending signals, and runs that take none.
@@ -290,6 +348,7 @@ pub async fn parked_runs(store: Arc<dyn RunStore>) {
                 Signal {
                     name: "s",
                     payload: &json!(i),
+                    key: None,
                 },
             )
             .await
@@ -301,7 +360,8 @@ pub async fn parked_runs(store: Arc<dyn RunStore>) {
                 &full.id,
                 Signal {
                     name: "s",
-                    payload: &json!("over")
+                    payload: &json!("over"),
+                    key: None,
                 }
             )
             .await,
@@ -313,7 +373,8 @@ pub async fn parked_runs(store: Arc<dyn RunStore>) {
                 &RunId::new(),
                 Signal {
                     name: "s",
-                    payload: &json!(1)
+                    payload: &json!(1),
+                    key: None,
                 }
             )
             .await,
@@ -331,7 +392,8 @@ pub async fn parked_runs(store: Arc<dyn RunStore>) {
                 &ended,
                 Signal {
                     name: "s",
-                    payload: &json!(1)
+                    payload: &json!(1),
+                    key: None,
                 }
             )
             .await,

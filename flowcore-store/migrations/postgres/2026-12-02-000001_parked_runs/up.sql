@@ -4,6 +4,9 @@
 ALTER TABLE runs ADD COLUMN parked TEXT;
 ALTER TABLE runs ADD COLUMN wake_at BIGINT;
 CREATE INDEX runs_wake ON runs (wake_at) WHERE status = 'waiting';
+-- A woken run keeps when it was woken in `wake_at` until a worker claims it: the reaper finds
+-- the woken runs that no worker took (their job lost to a crash or a failed queue) here.
+CREATE INDEX runs_woken ON runs (wake_at) WHERE status = 'queued' AND wake_at IS NOT NULL;
 
 -- Signals sent to runs, first in first out per run and name. A pending one (`taken_by` NULL)
 -- waits for a wait of its run; a taken one stays, named by the node that took it, so that an

@@ -35,6 +35,8 @@ struct RunState {
     wakes: BTreeMap<(DateTime<Utc>, u64), RunId>,
     /// Signals by run, oldest first, pending and taken.
     signals: HashMap<RunId, Vec<StoredSignal>>,
+    /// When each woken run that no worker claimed since was woken.
+    woken: HashMap<RunId, DateTime<Utc>>,
 }
 
 /// A signal sent to a run.
@@ -88,6 +90,7 @@ impl RunState {
     /// `waiting` -> `queued`.
     fn wake(&mut self, id: &RunId) -> StoreResult<RunRecord> {
         self.unindex(id);
+        self.woken.insert(id.clone(), Utc::now());
         let run = self.run_mut(id)?;
         run.status = RunStatus::Queued;
         Ok(run.clone())
@@ -220,6 +223,7 @@ impl RunStore for MemoryRunStore {
         run.status = RunStatus::Running;
         run.started_at.get_or_insert(now);
         run.lease = Some(lease.clone());
+        st.woken.remove(id);
         Ok(lease)
     }
 
@@ -291,6 +295,11 @@ impl RunStore for MemoryRunStore {
             )));
         }
         st.unindex(id);
+        if from == RunStatus::Waiting && to == RunStatus::Queued {
+            st.woken.insert(id.clone(), Utc::now());
+        } else {
+            st.woken.remove(id);
+        }
         let run = st.run_mut(id)?;
         run.status = to;
         if to.is_final() {
@@ -327,8 +336,30 @@ impl RunStore for MemoryRunStore {
         ids.iter().map(|id| st.wake(id)).collect()
     }
 
+    async fn woken_unclaimed(&self, due: &Due) -> StoreResult<Vec<RunId>> {
+        let st = lock(&self.state);
+        let mut found: Vec<(DateTime<Utc>, RunId)> = st
+            .woken
+            .iter()
+            .filter(|(id, at)| {
+                **at <= due.by
+                    && st
+                        .runs
+                        .get(*id)
+                        .is_some_and(|(_, r)| r.status == RunStatus::Queued)
+            })
+            .map(|(id, at)| (*at, id.clone()))
+            .collect();
+        found.sort();
+        Ok(found
+            .into_iter()
+            .take(due.limit)
+            .map(|(_, id)| id)
+            .collect())
+    }
+
     async fn send_signal(&self, id: &RunId, signal: Signal<'_>) -> StoreResult<(RunRecord, bool)> {
-        let Signal { name, payload } = signal;
+        let Signal { name, payload, key } = signal;
         let mut st = lock(&self.state);
         let run = st.run_mut(id)?.clone();
         if run.status.is_final() {
@@ -336,6 +367,11 @@ impl RunStore for MemoryRunStore {
                 "run `{id}` is {}",
                 run.status
             )));
+        }
+        let wakes = run.status == RunStatus::Waiting
+            && run.parked.as_ref().is_some_and(|p| p.waits_for(name, key));
+        if key.is_some() && !wakes {
+            return Ok((run, false));
         }
         let signals = st.signals.entry(id.clone()).or_default();
         if signals.iter().filter(|s| s.taken_by.is_none()).count() >= MAX_PENDING_SIGNALS {
@@ -348,19 +384,17 @@ impl RunStore for MemoryRunStore {
             payload: payload.clone(),
             taken_by: None,
         });
-        let wakes = run.status == RunStatus::Waiting
-            && run.parked.as_ref().is_some_and(|p| p.waits_for(name, None));
         if wakes {
             return st.wake(id).map(|run| (run, true));
         }
         Ok((run, false))
     }
 
-    async fn send_keyed_signal(
-        &self,
-        key: &str,
-        signal: Signal<'_>,
-    ) -> StoreResult<Vec<RunRecord>> {
+    async fn send_keyed_signal(&self, signal: Signal<'_>) -> StoreResult<Vec<RunRecord>> {
+        let key = signal
+            .key
+            .ok_or_else(|| StoreError::Invalid("a keyed signal needs a key".into()))?;
+        // A scan of the waiting runs: the memory store keeps no index of keys.
         let waiting: Vec<RunId> = {
             let st = lock(&self.state);
             st.wakes

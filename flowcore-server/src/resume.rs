@@ -1,0 +1,142 @@
+//! Resume URLs: `run.resume_urls.<signal>` in templates, an address under
+//! `/webhooks/resume/` that delivers one signal to one run without an API key (an approval
+//! link in an email). `GET` shows a page with a button (mail scanners open links, and must not
+//! approve anything); `POST` delivers its body.
+//!
+//! A token is `{run id}.{signal}.{mac}`: the MAC is [`Keyring::sign`] of the run id and the
+//! signal, so a token is valid for that run and that signal only, cannot be guessed, and needs
+//! nothing stored (nothing to leak from the database either). It stays valid while the run
+//! lives: a signal for a finished run is refused.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use flowcore::RunId;
+use serde_json::Value;
+
+use crate::error::ApiError;
+use crate::keyring::Keyring;
+use crate::lifecycle;
+use crate::state::Shared;
+
+/// Where resume tokens are made and checked.
+pub struct ResumeLinks {
+    /// `{FLOWCORE_PUBLIC_URL}/webhooks/resume/`.
+    base: String,
+    keys: Arc<Keyring>,
+}
+
+impl std::fmt::Debug for ResumeLinks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResumeLinks")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+fn message(run_id: &str, signal: &str) -> Vec<u8> {
+    format!("resume\0{run_id}\0{signal}").into_bytes()
+}
+
+impl ResumeLinks {
+    /// Links under `public_url`, signed with `keys`.
+    pub fn new(public_url: &str, keys: Arc<Keyring>) -> Self {
+        Self {
+            base: format!("{}/webhooks/resume/", public_url.trim_end_matches('/')),
+            keys,
+        }
+    }
+
+    /// The run and signal of a token, when it is one of ours.
+    pub fn open(&self, token: &str) -> Option<(RunId, String)> {
+        let (run_id, rest) = token.split_once('.')?;
+        let (signal, mac) = rest.rsplit_once('.')?;
+        let ok = flowcore::nodes::is_signal_name(signal)
+            && run_id.len() <= 64
+            && self.keys.verify(&message(run_id, signal), mac);
+        ok.then(|| (RunId::from(run_id), signal.to_owned()))
+    }
+}
+
+impl flowcore::wait::ResumeUrls for ResumeLinks {
+    fn url(&self, run_id: &RunId, signal: &str) -> String {
+        let mac = self.keys.sign(&message(run_id.as_str(), signal));
+        format!("{}{run_id}.{signal}.{mac}", self.base)
+    }
+}
+
+/// The resume routes.
+pub fn router() -> Router<Shared> {
+    Router::new().route("/webhooks/resume/{token}", get(page).post(deliver))
+}
+
+fn refused() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "this resume link is not valid",
+    )
+}
+
+/// A page with a button that delivers the signal (a GET must not: link checkers open it).
+async fn page(State(state): State<Shared>, Path(token): Path<String>) -> Response {
+    let Some((run_id, signal)) = state.resume.open(&token) else {
+        return refused().into_response();
+    };
+    // Only names checked above reach the page: ids of the run's and [A-Za-z0-9_.-] signal
+    // names, nothing to escape but kept out of the markup's syntax all the same.
+    let text = |s: &str| s.replace(['<', '>', '&', '"', '\''], "");
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>flowcore</title>\
+         <meta name=\"viewport\" content=\"width=device-width\"></head><body>\
+         <p>Send <b>{signal}</b> to run <code>{run}</code>?</p>\
+         <form method=\"post\"><button type=\"submit\">Send {signal}</button></form>\
+         </body></html>",
+        signal = text(&signal),
+        run = text(run_id.as_str()),
+    );
+    (
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        Html(html),
+    )
+        .into_response()
+}
+
+/// Delivers the signal: a JSON body as it is, a form's fields as an object of strings, an
+/// empty body as `{}`.
+async fn deliver(
+    State(state): State<Shared>,
+    Path(token): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<lifecycle::SignalSent>), ApiError> {
+    let (run_id, signal) = state.resume.open(&token).ok_or_else(refused)?;
+    let kind = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let payload: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Object(serde_json::Map::new())
+    } else if kind.starts_with("application/x-www-form-urlencoded") {
+        let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&body)
+            .map_err(|e| ApiError::bad_request(format!("the form cannot be read: {e}")))?;
+        Value::Object(
+            fields
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect(),
+        )
+    } else {
+        crate::error::parse_json(body).await?
+    };
+    let sent = lifecycle::signal(&state, &run_id, &signal, &payload).await?;
+    Ok((StatusCode::ACCEPTED, Json(sent)))
+}

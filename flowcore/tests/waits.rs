@@ -61,7 +61,8 @@ impl Fixture {
         .expect("execute")
     }
 
-    /// Wakes the due runs, as the server's timer does, until `id` is woken.
+    /// Wakes the due runs, as the server's timer does, until `id` is woken (by the timer, or
+    /// by a signal).
     async fn wake(&self, id: &flowcore::RunId) {
         for _ in 0..300 {
             let due = Due {
@@ -69,8 +70,8 @@ impl Fixture {
                 by: Utc::now(),
                 limit: 100,
             };
-            let woken = self.runs.wake_due(&due).await.expect("wake");
-            if woken.iter().any(|r| &r.id == id) {
+            self.runs.wake_due(&due).await.expect("wake");
+            if self.runs.get(id).await.expect("get").status != RunStatus::Waiting {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -298,4 +299,78 @@ fn wait_params_are_checked_at_compile_time() {
             .expect_err("refused");
         assert!(err.to_string().contains(problem), "{params}: {err}");
     }
+}
+
+/// A signal racing a wait's timeout: whichever comes first wins, exactly one of them (the
+/// wait outputs the signal, or fails with `timeout`), and the run ends once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_racing_the_timeout_wins_or_loses_whole() {
+    let f = Fixture::new();
+    let plan = f.plan(json!({
+        "nodes": [
+            {"id": "w", "type": "wait", "params": {"signal": "go", "timeout_ms": 1300}, "on_error": "continue"},
+            {"id": "after", "type": "noop"}
+        ],
+        "edges": [{"from": "w", "to": "after"}]
+    }));
+    let (mut signalled, mut timed_out) = (0, 0);
+    for i in 0..6u64 {
+        let run = f.create(json!({})).await;
+        assert_eq!(f.execute(&plan, &run.id).await.status, RunStatus::Waiting);
+        let deadline = f
+            .runs
+            .get(&run.id)
+            .await
+            .expect("get")
+            .parked
+            .and_then(|p| p.wake_at())
+            .expect("deadline");
+        // The signal comes around the deadline: a little before, at, or a little after.
+        let at = deadline + chrono::Duration::milliseconds(i as i64 * 40 - 100);
+        let runs = f.runs.clone();
+        let id = run.id.clone();
+        let sender = tokio::spawn(async move {
+            let left = (at - Utc::now()).to_std().unwrap_or_default();
+            tokio::time::sleep(left).await;
+            let payload = json!({"n": i});
+            let signal = Signal {
+                name: "go",
+                payload: &payload,
+                key: None,
+            };
+            runs.send_signal(&id, signal).await
+        });
+        f.wake(&run.id).await;
+        let _ = sender.await.expect("sender");
+        // Woken by the timer or the signal: executed until it ends.
+        let mut done = f.execute(&plan, &run.id).await;
+        for _ in 0..3 {
+            if done.status.is_final() {
+                break;
+            }
+            f.wake(&run.id).await;
+            done = f.execute(&plan, &run.id).await;
+        }
+        assert_eq!(done.status, RunStatus::Succeeded, "{:?}", done.error);
+        let steps = f.runs.steps(&run.id).await.expect("steps");
+        let w = steps.iter().find(|s| &*s.node == "w").expect("w");
+        match w.status {
+            StepStatus::Succeeded => {
+                assert_eq!(w.output.as_deref(), Some(&json!({"n": i})));
+                signalled += 1;
+            }
+            StepStatus::Failed => {
+                assert!(
+                    w.error
+                        .as_deref()
+                        .unwrap_or_default()
+                        .contains("no signal `go`")
+                );
+                timed_out += 1;
+            }
+            other => panic!("the wait ended {other:?}"),
+        }
+        assert_eq!(w.attempts, 1, "the wait ran to its end once");
+    }
+    assert_eq!(signalled + timed_out, 6);
 }

@@ -225,6 +225,16 @@ fn busy(id: &str, n: usize) -> Vec<u8> {
         .into_bytes()
 }
 
+/// An authorized GET's body, as text.
+async fn get_signed_text(app: &axum::Router, uri: &str) -> String {
+    let req = Request::builder()
+        .uri(uri)
+        .header("x-api-key", KEY)
+        .body(Body::empty())
+        .unwrap();
+    text_of(app.clone().oneshot(req).await.unwrap()).await
+}
+
 async fn get_unsigned(app: &axum::Router, uri: &str) -> axum::response::Response {
     let req = Request::builder().uri(uri).body(Body::empty()).unwrap();
     app.clone().oneshot(req).await.unwrap()
@@ -580,6 +590,11 @@ async fn waits_signals_and_parked_delays() {
     let done = wait_for_status(&app, &id, "succeeded").await;
     assert_eq!(done["output"], json!("o-1 by ada"));
     assert!(done.get("waits").is_none(), "no waits once it ended");
+    let stream = get_signed_text(&app, &format!("/api/v1/runs/{id}/events")).await;
+    let names: Vec<&str> = fields(&stream, "event: ");
+    let at = |name: &str| names.iter().position(|n| *n == name).unwrap_or_else(|| panic!("{name}: {stream}"));
+    assert!(at("run_started") < at("run_waiting") && at("run_waiting") < at("run_resumed"), "{names:?}");
+    assert_eq!(names.last(), Some(&"run_finished"), "{names:?}");
     let (status, late) = post(&app, &path, b"{}").await;
     assert_eq!((status, late["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("run_finished")));
     let (status, _) = post(&app, "/api/v1/runs/nobody/signals/approve", b"{}").await;

@@ -367,6 +367,7 @@ mod tests {
             finished_at: None,
             output: Some(Arc::new(reference.clone())),
             error: None,
+            error_code: None,
             port: None,
         };
         let (run, _) = runs.create(NewRun::new("f", 1, json!({}))).await.unwrap();

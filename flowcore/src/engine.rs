@@ -663,6 +663,7 @@ impl Driver {
                         finished_at: Some(Utc::now()),
                         output: None,
                         error: None,
+                        error_code: None,
                         port: None,
                     };
                     if let Err(e) = record(&run, &step).await {
@@ -725,6 +726,7 @@ impl Driver {
                         finished_at: Some(now),
                         output: None,
                         error: None,
+                        error_code: None,
                         port: None,
                     };
                     let _ = record(&run, &step).await;
@@ -893,6 +895,7 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
         finished_at: Some(Utc::now()),
         output: None,
         error: None,
+        error_code: None,
         port: None,
     };
     let result = match result {
@@ -922,6 +925,7 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
             let message = run.scrubber.text(e.to_string());
             step.status = StepStatus::Failed;
             step.error = Some(message.clone());
+            step.error_code = Some(e.code().to_owned());
             match pn.on_error {
                 OnError::Fail => {
                     fail_run = Some(format!("node `{}` failed: {message}", pn.id));

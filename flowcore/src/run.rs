@@ -272,10 +272,15 @@ pub struct StepRecord {
     pub started_at: Option<DateTime<Utc>>,
     /// When it reached its status.
     pub finished_at: Option<DateTime<Utc>>,
-    /// Its output (for a failed node with `on_error` continue or route, `{"error": ...}`).
+    /// Its output (for a failed node with `on_error` continue or route,
+    /// `{"error": ..., "code": ...}`).
     pub output: Option<Arc<Value>>,
     /// The error of its last attempt.
     pub error: Option<String>,
+    /// The error's stable code (`timeout`, `node_failed`, `node_timeout`, ...; see
+    /// [`NodeError::code`](crate::NodeError::code)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
     /// The named port it took (`true`/`false` for a branch, `error` for a routed failure).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<Arc<str>>,

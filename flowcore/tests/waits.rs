@@ -212,6 +212,7 @@ async fn a_wait_past_its_timeout_fails_with_code_timeout_and_on_error_applies() 
     let steps = f.runs.steps(&run.id).await.expect("steps");
     let w = steps.iter().find(|s| &*s.node == "w").expect("w");
     assert_eq!(w.status, StepStatus::Failed);
+    assert_eq!(w.error_code.as_deref(), Some("timeout"));
     // A signal that comes after the timeout is kept for no one, and wakes nothing.
     let answer = f
         .runs

@@ -110,6 +110,9 @@ pub struct StepView {
     pub output: Option<Value>,
     /// The error of its last attempt.
     pub error: Option<String>,
+    /// The error's stable code (`timeout`, `node_failed`, `node_timeout`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
 }
 
 /// A run with its steps.
@@ -206,6 +209,7 @@ pub(crate) async fn read(
             started_at: step.started_at,
             finished_at: step.finished_at,
             error: step.error,
+            error_code: step.error_code,
         });
     }
     let waits = match (&run.parked, run.status) {

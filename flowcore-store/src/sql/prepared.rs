@@ -213,6 +213,7 @@ pub(super) struct StepArrays {
     pub output: Vec<Option<String>>,
     pub error: Vec<Option<String>>,
     pub port: Vec<Option<String>>,
+    pub error_code: Vec<Option<String>>,
 }
 
 impl StepArrays {
@@ -229,6 +230,7 @@ impl StepArrays {
             a.output.push(row.output);
             a.error.push(row.error);
             a.port.push(row.port);
+            a.error_code.push(row.error_code);
         }
         a
     }
@@ -243,6 +245,7 @@ impl StepArrays {
         self.output.extend(other.output);
         self.error.extend(other.error);
         self.port.extend(other.port);
+        self.error_code.extend(other.error_code);
     }
 }
 
@@ -320,8 +323,9 @@ impl QueryFragment<Pg> for FinishRuns {
         self.1.walk_ast(out.reborrow())?;
         out.push_sql(
             "), written AS (INSERT INTO steps (run_id, node, status, attempts, started_at, \
-             finished_at, output, error, port) SELECT s.run_id, s.node, s.status, s.attempts, \
-             s.started_at, s.finished_at, s.output, s.error, s.port FROM unnest(",
+             finished_at, output, error, port, error_code) SELECT s.run_id, s.node, s.status, \
+             s.attempts, s.started_at, s.finished_at, s.output, s.error, s.port, s.error_code \
+             FROM unnest(",
         );
         out.push_bind_param::<Array<Text>, _>(&s.run_id)?;
         out.push_sql(", ");
@@ -340,13 +344,15 @@ impl QueryFragment<Pg> for FinishRuns {
         out.push_bind_param::<Array<Nullable<Text>>, _>(&s.error)?;
         out.push_sql(", ");
         out.push_bind_param::<Array<Nullable<Text>>, _>(&s.port)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&s.error_code)?;
         out.push_sql(
             ") AS s(run_id, node, status, attempts, started_at, finished_at, output, error, \
-             port) WHERE s.run_id IN (SELECT id FROM run) \
+             port, error_code) WHERE s.run_id IN (SELECT id FROM run) \
              ON CONFLICT (run_id, node) DO UPDATE SET status = excluded.status, \
              attempts = excluded.attempts, started_at = excluded.started_at, \
              finished_at = excluded.finished_at, output = excluded.output, \
-             error = excluded.error, port = excluded.port) \
+             error = excluded.error, port = excluded.port, error_code = excluded.error_code) \
              SELECT * FROM run",
         );
         Ok(())

@@ -158,6 +158,7 @@ pub(super) struct StepRow {
     pub output: Option<String>,
     pub error: Option<String>,
     pub port: Option<String>,
+    pub error_code: Option<String>,
 }
 
 impl StepRow {
@@ -176,6 +177,7 @@ impl StepRow {
                     output: s.output.as_deref().map(to_text).transpose()?,
                     error: s.error.clone(),
                     port: s.port.as_deref().map(str::to_owned),
+                    error_code: s.error_code.clone(),
                 })
             })
             .collect()
@@ -197,6 +199,7 @@ impl TryFrom<StepRow> for StepRecord {
                 .as_deref()
                 .map(|text| std::sync::Arc::new(stored_value(text))),
             error: row.error,
+            error_code: row.error_code,
             port: row.port.map(Into::into),
         })
     }

@@ -76,6 +76,7 @@ macro_rules! upsert {
                 steps::output.eq(excluded(steps::output)),
                 steps::error.eq(excluded(steps::error)),
                 steps::port.eq(excluded(steps::port)),
+                steps::error_code.eq(excluded(steps::error_code)),
             ))
             .execute($conn)
     };

@@ -72,6 +72,7 @@ diesel::table! {
         output -> Nullable<Text>,
         error -> Nullable<Text>,
         port -> Nullable<Text>,
+        error_code -> Nullable<Text>,
     }
 }
 

@@ -224,6 +224,7 @@ fn step(node: &str, status: StepStatus) -> StepRecord {
         finished_at: Some(Utc::now()),
         output: Some(Arc::new(json!({"node": node}))),
         error: None,
+        error_code: None,
         port: None,
     }
 }

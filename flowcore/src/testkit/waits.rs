@@ -36,7 +36,14 @@ fn park(node: &str, signal: Option<&str>, key: Option<&str>, deadline: DateTime<
             active_ms: 7,
             epoch: 1,
         },
-        steps: vec![super::step("before", crate::run::StepStatus::Succeeded)],
+        steps: vec![
+            super::step("before", crate::run::StepStatus::Succeeded),
+            crate::run::StepRecord {
+                error: Some("no signal `x` came within the wait's timeout".into()),
+                error_code: Some("timeout".into()),
+                ..super::step("failed", crate::run::StepStatus::Failed)
+            },
+        ],
     }
 }
 
@@ -79,10 +86,15 @@ pub async fn parked_runs(store: Arc<dyn RunStore>) {
             Some(at),
             "the record keeps what it waits for"
         );
+        let steps = store.steps(&id).await.expect("steps");
+        assert_eq!(steps.len(), 2, "the park's steps are stored");
         assert_eq!(
-            store.steps(&id).await.expect("steps").len(),
-            1,
-            "the park's steps are stored"
+            steps
+                .iter()
+                .find(|s| &*s.node == "failed")
+                .and_then(|s| s.error_code.as_deref()),
+            Some("timeout"),
+            "with their error codes"
         );
         timed.push(id);
     }

@@ -61,9 +61,9 @@ pub fn app(state: Shared) -> Router {
         .nest("/api/v1", api)
         .merge(
             routes::webhooks::router()
+                .layer(payload_limit)
                 .merge(crate::resume::router())
-                .route_layer(limited)
-                .layer(payload_limit),
+                .route_layer(limited),
         )
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::map_response(crate::error::json_errors))
@@ -77,7 +77,10 @@ pub fn app(state: Shared) -> Router {
         // for every log line, and the id back in the answer.
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
             let id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default();
-            tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
+            // A resume URL's path is its credential: not written to the logs.
+            let path = request.uri().path();
+            let path = if path.starts_with(crate::resume::PREFIX) { crate::resume::PREFIX } else { path };
+            tracing::info_span!("request", method = %request.method(), path = %path, request_id = %id)
         }))
         .layer(PropagateRequestIdLayer::new(HeaderName::from_static(REQUEST_ID)))
         .layer(SetRequestIdLayer::new(HeaderName::from_static(REQUEST_ID), MakeId))

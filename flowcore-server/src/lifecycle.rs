@@ -392,6 +392,18 @@ pub async fn cancel(state: &AppState, id: &RunId) -> Result<RunState, RunError> 
                 Seen::Ended(_, end) => end.status,
                 Seen::Live(_, status) => status,
             };
+            // It parked as the cancel came (no engine executes it to hear it): cancelled as
+            // a waiting run.
+            if status == RunStatus::Waiting {
+                let change = RunStatus::Waiting.to(RunStatus::Cancelled);
+                if let Ok(run) = state.stores.runs.transition(id, change).await {
+                    announce_finished(state, &run).await;
+                    return Ok(RunState {
+                        run_id: run.id,
+                        status: run.status,
+                    });
+                }
+            }
             Ok(RunState {
                 run_id: id.clone(),
                 status,
@@ -467,8 +479,10 @@ pub async fn signal(
         Err(StoreError::TooLarge(message)) => return Err(RunError::TooManySignals(message)),
         Err(e) => return Err(e.into()),
     };
-    if woke {
-        requeue(state, &run).await?;
+    // Woken: a queue that fails now leaves it to the reaper's sweep of woken runs (the signal
+    // is stored; an error here would only invite the caller to send it again).
+    if woke && let Err(e) = requeue(state, &run).await {
+        tracing::warn!(run_id = %run.id, error = %e, "could not enqueue a woken run");
     }
     Ok(SignalSent {
         run_id: run.id,

@@ -136,14 +136,18 @@ fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(e) => return fail(format!("cannot start the runtime: {e}")),
             };
-            runtime.block_on(run(
+            let code = runtime.block_on(run(
                 &flow,
                 &input,
                 &signals,
                 flows_dir.as_deref(),
                 timeout_seconds,
                 quiet,
-            ))
+            ));
+            // A read of stdin (a `wait` asking for its signal) cannot be stopped: the process
+            // does not wait for it to end.
+            runtime.shutdown_background();
+            code
         }
     }
 }
@@ -550,7 +554,13 @@ async fn run_durably(
                 }
                 line = stdin.next_line(), if waits_for_signal && stdin_open => {
                     match line.map_err(|e| format!("reading stdin: {e}"))? {
-                        None => stdin_open = false,
+                        None => {
+                            stdin_open = false;
+                            eprintln!(
+                                "stdin is closed: the run waits until its deadline ({wake_at}) \
+                                 unless a signal comes; give signals with --signal"
+                            );
+                        }
                         Some(line) if line.trim().is_empty() => {}
                         Some(line) => match parse_signal(&line, ' ') {
                             Ok((name, payload)) => {

@@ -5,8 +5,10 @@
 //!
 //! A token is `{run id}.{signal}.{mac}`: the MAC is [`Keyring::sign`] of the run id and the
 //! signal, so a token is valid for that run and that signal only, cannot be guessed, and needs
-//! nothing stored (nothing to leak from the database either). It stays valid while the run
-//! lives: a signal for a finished run is refused.
+//! no table of its own. It delivers only while the run waits for that signal (409
+//! `not_waiting` otherwise). The URL is a credential: whoever holds it chooses the payload, and
+//! a template that renders it leaves it in the step's output (readable with the `read` scope);
+//! the request logs leave its path out.
 
 use std::sync::Arc;
 
@@ -69,9 +71,16 @@ impl flowcore::wait::ResumeUrls for ResumeLinks {
     }
 }
 
-/// The resume routes.
+/// Where resume URLs live.
+pub const PREFIX: &str = "/webhooks/resume/";
+
+/// The resume routes: a body is at most a signal's payload (with room for a form's encoding).
 pub fn router() -> Router<Shared> {
-    Router::new().route("/webhooks/resume/{token}", get(page).post(deliver))
+    Router::new()
+        .route("/webhooks/resume/{token}", get(page).post(deliver))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            lifecycle::MAX_SIGNAL_BYTES * 3,
+        ))
 }
 
 fn refused() -> ApiError {
@@ -118,6 +127,21 @@ async fn deliver(
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<lifecycle::SignalSent>), ApiError> {
     let (run_id, signal) = state.resume.open(&token).ok_or_else(refused)?;
+    // Only while the run waits for this signal: a link clicked twice, or kept after its wait,
+    // does not pile up signals for the run's later waits.
+    let run = state.stores.runs.get(&run_id).await?;
+    let waits = run.status == flowcore::RunStatus::Waiting
+        && run
+            .parked
+            .as_ref()
+            .is_some_and(|p| p.waits_for(&signal, None));
+    if !waits {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_waiting",
+            format!("run `{run_id}` does not wait for `{signal}` now"),
+        ));
+    }
     let kind = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

@@ -658,6 +658,8 @@ async fn waits_signals_and_parked_delays() {
     let (status, sent) = call(&app, "POST", path, None, Some(br#"{"ok": true}"#.to_vec())).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{sent}");
     assert_eq!(wait_for_status(&app, &id, "succeeded").await["output"], json!({"ok": true}));
+    let (status, again) = call(&app, "POST", path, None, Some(b"{}".to_vec())).await;
+    assert_eq!((status, again["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("not_waiting")), "a link delivers only while its wait waits");
     let reserved = json!({"id": "steal", "nodes": [{"id": "n", "type": "noop"}], "triggers": [{"type": "webhook", "path": "resume/x"}]});
     let (status, body) = post(&app, "/api/v1/flows", reserved.to_string().as_bytes()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");

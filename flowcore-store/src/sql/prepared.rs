@@ -128,7 +128,9 @@ where
         out.push_bind_param::<BigInt, _>(&self.expires)?;
         out.push_sql(", started_at = COALESCE(started_at, ");
         out.push_bind_param::<BigInt, _>(&self.now)?;
-        out.push_sql(") WHERE ");
+        // A woken run, once claimed, is no longer one whose job may be lost
+        // (`RunStore::woken_unclaimed`).
+        out.push_sql("), wake_at = NULL WHERE ");
         self.id.walk_id(&mut out)?;
         // The statuses a claim starts from; a leased one only once its lease lapsed.
         out.push_sql(" AND status IN (");

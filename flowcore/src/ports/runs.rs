@@ -304,8 +304,8 @@ pub trait RunStore: Send + Sync {
     /// Queued runs that a wake (the timer, a signal) moved out of `waiting` at or before
     /// `due.by` and that no worker claimed since, the longest woken first, at most
     /// `due.limit`: the reaper enqueues them again (a process that died, or a queue that
-    /// failed, between waking a run and enqueuing it left it without a job). A run handed back
-    /// after a wake may show too (a second job is refused at its claim).
+    /// failed, between waking a run and enqueuing it left it without a job). A claim takes a
+    /// run off this list.
     async fn woken_unclaimed(&self, due: &Due) -> StoreResult<Vec<RunId>>;
     /// Keeps signal `name` with `payload` for run `id` (first in first out, until a wait of
     /// the run takes it) and wakes the run (`waiting` -> `queued`) when one of its waits takes

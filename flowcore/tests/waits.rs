@@ -80,6 +80,15 @@ impl Fixture {
     }
 }
 
+/// A signal without a key.
+fn plain<'a>(name: &'a str, payload: &'a Value) -> Signal<'a> {
+    Signal {
+        name,
+        payload,
+        key: None,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_parks_until_its_signal_and_outputs_it() {
     let f = Fixture::new();
@@ -114,14 +123,7 @@ async fn a_wait_parks_until_its_signal_and_outputs_it() {
 
     let (woken, woke) = f
         .runs
-        .send_signal(
-            &run.id,
-            Signal {
-                name: "approval",
-                payload: &json!({"by": "ada"}),
-                key: None,
-            },
-        )
+        .send_signal(&run.id, plain("approval", &json!({"by": "ada"})))
         .await
         .expect("signal");
     assert!(woke && woken.status == RunStatus::Queued);
@@ -146,14 +148,7 @@ async fn a_signal_sent_before_its_wait_is_taken_when_the_run_gets_there() {
     }));
     let run = f.create(json!({})).await;
     f.runs
-        .send_signal(
-            &run.id,
-            Signal {
-                name: "go",
-                payload: &json!("early"),
-                key: None,
-            },
-        )
+        .send_signal(&run.id, plain("go", &json!("early")))
         .await
         .expect("signal");
     let done = f.execute(&plan, &run.id).await;
@@ -214,17 +209,7 @@ async fn a_wait_past_its_timeout_fails_with_code_timeout_and_on_error_applies() 
     assert_eq!(w.status, StepStatus::Failed);
     assert_eq!(w.error_code.as_deref(), Some("timeout"));
     // A signal that comes after the timeout is kept for no one, and wakes nothing.
-    let answer = f
-        .runs
-        .send_signal(
-            &run.id,
-            Signal {
-                name: "late",
-                payload: &json!(1),
-                key: None,
-            },
-        )
-        .await;
+    let answer = f.runs.send_signal(&run.id, plain("late", &json!(1))).await;
     assert!(answer.is_err(), "the run is finished: {answer:?}");
 }
 
@@ -242,14 +227,7 @@ async fn cancelling_a_waiting_run_ends_it() {
     assert_eq!(cancelled.status, RunStatus::Cancelled);
     assert!(
         f.runs
-            .send_signal(
-                &run.id,
-                Signal {
-                    name: "s",
-                    payload: &json!(1),
-                    key: None,
-                }
-            )
+            .send_signal(&run.id, plain("s", &json!(1)))
             .await
             .is_err()
     );
@@ -334,11 +312,7 @@ async fn a_signal_racing_the_timeout_wins_or_loses_whole() {
             let left = (at - Utc::now()).to_std().unwrap_or_default();
             tokio::time::sleep(left).await;
             let payload = json!({"n": i});
-            let signal = Signal {
-                name: "go",
-                payload: &payload,
-                key: None,
-            };
+            let signal = plain("go", &payload);
             runs.send_signal(&id, signal).await
         });
         f.wake(&run.id).await;

@@ -59,6 +59,15 @@ fn ids(runs: &[RunRecord]) -> Vec<RunId> {
     runs.iter().map(|r| r.id.clone()).collect()
 }
 
+/// A signal without a key.
+fn plain<'a>(name: &'a str, payload: &'a serde_json::Value) -> Signal<'a> {
+    Signal {
+        name,
+        payload,
+        key: None,
+    }
+}
+
 /// Parked runs: a park stores its waits and steps and drops the lease; the timer index wakes
 /// the due ones, earliest first, each once; a signal wakes the run that waits for it, one sent
 /// before the wait is kept and answers the park at once, a wait takes a signal exactly once
@@ -144,14 +153,7 @@ pub async fn parked_runs(store: Arc<dyn RunStore>) {
         .await
         .expect("park");
     let (run, woke) = store
-        .send_signal(
-            &other,
-            Signal {
-                name: "go",
-                payload: &json!("not for you"),
-                key: None,
-            },
-        )
+        .send_signal(&other, plain("go", &json!("not for you")))
         .await
         .expect("signal");
     assert!(
@@ -159,14 +161,7 @@ pub async fn parked_runs(store: Arc<dyn RunStore>) {
         "a signal no wait takes is kept, and wakes nothing"
     );
     let (run, woke) = store
-        .send_signal(
-            &id,
-            Signal {
-                name: "go",
-                payload: &json!({"approved": true}),
-                key: None,
-            },
-        )
+        .send_signal(&id, plain("go", &json!({"approved": true})))
         .await
         .expect("signal");
     assert!(woke && run.status == RunStatus::Queued, "{run:?}");
@@ -175,14 +170,7 @@ pub async fn parked_runs(store: Arc<dyn RunStore>) {
         "a run woken by a signal left the timer index"
     );
     let (_, second) = store
-        .send_signal(
-            &id,
-            Signal {
-                name: "go",
-                payload: &json!("second"),
-                key: None,
-            },
-        )
+        .send_signal(&id, plain("go", &json!("second")))
         .await
         .expect("a second signal of the name is kept");
     assert!(!second, "a queued run is not woken again");
@@ -249,14 +237,7 @@ pub async fn parked_runs(store: Arc<dyn RunStore>) {
     // A signal sent before its wait is kept, and answers the park at once.
     let (early, epoch) = running(store, "signals").await;
     let (run, woke) = store
-        .send_signal(
-            &early,
-            Signal {
-                name: "ready",
-                payload: &json!(1),
-                key: None,
-            },
-        )
+        .send_signal(&early, plain("ready", &json!(1)))
         .await
         .expect("signal");
     assert!(!woke && run.status == RunStatus::Running);
@@ -355,40 +336,19 @@ pub async fn parked_runs(store: Arc<dyn RunStore>) {
     let (full, _) = store.create(new_run("full", None)).await.expect("create");
     for i in 0..MAX_PENDING_SIGNALS {
         store
-            .send_signal(
-                &full.id,
-                Signal {
-                    name: "s",
-                    payload: &json!(i),
-                    key: None,
-                },
-            )
+            .send_signal(&full.id, plain("s", &json!(i)))
             .await
             .expect("under the bound");
     }
     assert!(matches!(
         store
-            .send_signal(
-                &full.id,
-                Signal {
-                    name: "s",
-                    payload: &json!("over"),
-                    key: None,
-                }
-            )
+            .send_signal(&full.id, plain("s", &json!("over")))
             .await,
         Err(StoreError::TooLarge(_))
     ));
     assert!(matches!(
         store
-            .send_signal(
-                &RunId::new(),
-                Signal {
-                    name: "s",
-                    payload: &json!(1),
-                    key: None,
-                }
-            )
+            .send_signal(&RunId::new(), plain("s", &json!(1)))
             .await,
         Err(StoreError::NotFound { .. })
     ));
@@ -399,16 +359,7 @@ pub async fn parked_runs(store: Arc<dyn RunStore>) {
     };
     store.finish(&ended, epoch, outcome).await.expect("finish");
     assert!(matches!(
-        store
-            .send_signal(
-                &ended,
-                Signal {
-                    name: "s",
-                    payload: &json!(1),
-                    key: None,
-                }
-            )
-            .await,
+        store.send_signal(&ended, plain("s", &json!(1))).await,
         Err(StoreError::Conflict(_))
     ));
 

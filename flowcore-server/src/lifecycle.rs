@@ -508,13 +508,24 @@ pub async fn keyed_signal(
             key: Some(key),
         })
         .await?;
-    for run in &woken {
-        // Woken: a queue that fails now leaves it to the reaper's sweep of woken runs.
-        if let Err(e) = requeue(state, run).await {
-            tracing::warn!(run_id = %run.id, error = %e, "could not enqueue a woken run");
-        }
-    }
+    requeue_all(state, &woken).await;
     Ok(woken.into_iter().map(|r| r.id).collect())
+}
+
+/// How many woken runs are enqueued at once: each is a round trip to a shared queue.
+const REQUEUES_AT_ONCE: usize = 32;
+
+/// Hands woken runs to their queues, several at once. A queue that fails leaves a run to the
+/// reaper's sweep of woken runs.
+async fn requeue_all(state: &AppState, woken: &[RunRecord]) {
+    use futures::StreamExt;
+    futures::stream::iter(woken)
+        .for_each_concurrent(REQUEUES_AT_ONCE, |run| async move {
+            if let Err(e) = requeue(state, run).await {
+                tracing::warn!(run_id = %run.id, error = %e, "could not enqueue a woken run");
+            }
+        })
+        .await;
 }
 
 /// Hands a woken run to its flow's queue.
@@ -543,11 +554,7 @@ pub async fn wake_timers(state: Shared, shutdown: CancellationToken) {
         };
         let full = match state.stores.runs.wake_due(&due).await {
             Ok(woken) => {
-                for run in &woken {
-                    if let Err(e) = requeue(&state, run).await {
-                        tracing::warn!(run_id = %run.id, error = %e, "could not enqueue a woken run");
-                    }
-                }
+                requeue_all(&state, &woken).await;
                 woken.len() >= WAKES_PER_LOOK
             }
             Err(e) => {

@@ -40,7 +40,8 @@ pub const MAX_PENDING_SIGNALS: usize = 100;
 /// The most runs one keyed signal reaches.
 pub const MAX_KEYED_RUNS: usize = 1000;
 
-/// A delay this long or longer parks the run instead of sleeping in a worker.
+/// A wait with this long or longer left (a `delay`, or a `wait` before its timeout) parks the
+/// run instead of holding a worker.
 pub const PARK_FROM: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What one node of a parked run waits for.

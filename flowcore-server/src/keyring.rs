@@ -119,6 +119,8 @@ pub struct Keyring {
     keys: RwLock<Vec<Key>>,
     /// The key file, when the keys are not from the environment.
     file: Option<PathBuf>,
+    /// When [`Keyring::verify`] last read the key file again.
+    reloaded: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -146,6 +148,7 @@ impl Keyring {
                 Ok(Self {
                     keys: RwLock::new(keys),
                     file: None,
+                    reloaded: Default::default(),
                 })
             }
             None => {
@@ -154,6 +157,7 @@ impl Keyring {
                 Ok(Self {
                     keys: RwLock::new(keys),
                     file: Some(path),
+                    reloaded: Default::default(),
                 })
             }
         }
@@ -231,10 +235,36 @@ impl Keyring {
         if given.len() != TOKEN_MAC_BYTES {
             return false;
         }
-        self.keys().iter().any(|key| {
-            let mac = hmac_sha256(&key.tokens, message);
-            bool::from(mac[..TOKEN_MAC_BYTES].ct_eq(&given))
-        })
+        let matches = |keys: &[Key]| {
+            keys.iter().any(|key| {
+                let mac = hmac_sha256(&key.tokens, message);
+                bool::from(mac[..TOKEN_MAC_BYTES].ct_eq(&given))
+            })
+        };
+        if matches(&self.keys()) {
+            return true;
+        }
+        // Another process may have made a new key current (`rotate-key`) and signed with it:
+        // the key file is read again, at most every 10 s (a stranger's forged tokens must not
+        // make every request read it).
+        let Some(path) = &self.file else {
+            return false;
+        };
+        {
+            let mut last = self.reloaded.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(10)) {
+                return false;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        match read_or_create(path) {
+            Ok(fresh) => {
+                let found = matches(&fresh);
+                *self.keys.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+                found
+            }
+            Err(_) => false,
+        }
     }
 
     /// Makes a new key the current one. With a key file, the new key is written first in the
@@ -375,6 +405,28 @@ mod tests {
         // The other ring has not seen the new key yet: it reads the file again.
         assert_eq!(other_process.decrypt(&new_id, b"b", &new).unwrap(), b"two");
         assert_eq!(other_process.current_id(), new_id);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn tokens_verify_under_every_key_of_the_ring_and_a_rotation_elsewhere() {
+        let dir = dir();
+        let ring = Keyring::load(None, &dir).unwrap();
+        let other_process = Keyring::load(None, &dir).unwrap();
+        let token = ring.sign(b"run\0approve");
+        assert!(ring.verify(b"run\0approve", &token));
+        assert!(!ring.verify(b"run\0reject", &token), "for its message only");
+        assert!(!ring.verify(b"run\0approve", "AAAAAAAAAAAAAAAAAAAAAA"));
+        assert!(!ring.verify(b"run\0approve", "not base64!"));
+        ring.rotate().unwrap();
+        let newer = ring.sign(b"run\0approve");
+        assert_ne!(newer, token, "signed with the new key");
+        assert!(
+            ring.verify(b"run\0approve", &token),
+            "old tokens stay valid"
+        );
+        // The other process has not seen the new key: it reads the file again, once.
+        assert!(other_process.verify(b"run\0approve", &newer));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

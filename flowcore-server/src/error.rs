@@ -232,12 +232,13 @@ impl IntoResponse for ApiError {
 /// not JSON is rewritten here, once, at the edge of the router; its text becomes the message.
 pub async fn json_errors(response: Response) -> Response {
     let status = response.status();
-    let is_json_answer = response
+    let kind = response
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(is_json);
-    if !(status.is_client_error() || status.is_server_error()) || is_json_answer {
+        .and_then(|v| v.to_str().ok());
+    // JSON as it is; a page for a person (a resume link's) too.
+    let as_it_is = kind.is_some_and(|k| is_json(k) || k.starts_with("text/html"));
+    if !(status.is_client_error() || status.is_server_error()) || as_it_is {
         return response;
     }
     let (parts, body) = response.into_parts();

@@ -162,6 +162,12 @@ pub async fn serve(state: Shared, stop: CancellationToken) -> std::io::Result<us
     let listener = tokio::net::TcpListener::bind(bind).await?;
     tracing::info!(%bind, max_connections = limits.max_connections, descriptors, "flowcore listening");
     eprintln!("flowcore listening on http://{bind}");
+    if state.config.public_url.is_none() && bind.ip().is_unspecified() {
+        tracing::warn!(
+            "FLOWCORE_PUBLIC_URL is not set: resume URLs point at http://{bind}, which nobody \
+             reaches; set it to the address users reach the server at"
+        );
+    }
     let grace = std::time::Duration::from_secs(state.config.shutdown_grace_seconds);
     let background = background::start(&state);
     // The background stops (runs finish or are handed back) while the server drains requests.

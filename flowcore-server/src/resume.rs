@@ -91,24 +91,20 @@ fn refused() -> ApiError {
     )
 }
 
-/// A page with a button that delivers the signal (a GET must not: link checkers open it).
-async fn page(State(state): State<Shared>, Path(token): Path<String>) -> Response {
-    let Some((run_id, signal)) = state.resume.open(&token) else {
-        return refused().into_response();
-    };
-    // Only names checked above reach the page: ids of the run's and [A-Za-z0-9_.-] signal
-    // names, nothing to escape but kept out of the markup's syntax all the same.
-    let text = |s: &str| s.replace(['<', '>', '&', '"', '\''], "");
+/// Markup of names checked before (run ids, `[A-Za-z0-9_.-]` signal names, our messages):
+/// nothing to escape, but kept out of the markup's syntax all the same.
+fn text(s: &str) -> String {
+    s.replace(['<', '>', '&', '"', '\''], "")
+}
+
+/// A small page for a person (no script, no outside resource).
+fn html_page(status: StatusCode, body: &str) -> Response {
     let html = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>flowcore</title>\
-         <meta name=\"viewport\" content=\"width=device-width\"></head><body>\
-         <p>Send <b>{signal}</b> to run <code>{run}</code>?</p>\
-         <form method=\"post\"><button type=\"submit\">Send {signal}</button></form>\
-         </body></html>",
-        signal = text(&signal),
-        run = text(run_id.as_str()),
+         <meta name=\"viewport\" content=\"width=device-width\"></head><body>{body}</body></html>"
     );
     (
+        status,
         [
             (header::CACHE_CONTROL, "no-store"),
             (header::REFERRER_POLICY, "no-referrer"),
@@ -118,15 +114,57 @@ async fn page(State(state): State<Shared>, Path(token): Path<String>) -> Respons
         .into_response()
 }
 
+/// A page with a button that delivers the signal (a GET must not: link checkers open it).
+async fn page(State(state): State<Shared>, Path(token): Path<String>) -> Response {
+    let Some((run_id, signal)) = state.resume.open(&token) else {
+        return refused().into_response();
+    };
+    let body = format!(
+        "<p>Send <b>{signal}</b> to run <code>{run}</code>?</p>\
+         <form method=\"post\"><button type=\"submit\">Send {signal}</button></form>",
+        signal = text(&signal),
+        run = text(run_id.as_str()),
+    );
+    html_page(StatusCode::OK, &body)
+}
+
 /// Delivers the signal: a JSON body as it is, a form's fields as an object of strings, an
-/// empty body as `{}`.
+/// empty body as `{}`. The page's button (a form) is answered with a page, a program with
+/// JSON.
 async fn deliver(
     State(state): State<Shared>,
     Path(token): Path<String>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<(StatusCode, Json<lifecycle::SignalSent>), ApiError> {
-    let (run_id, signal) = state.resume.open(&token).ok_or_else(refused)?;
+) -> Response {
+    let kind = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let form = kind.starts_with("application/x-www-form-urlencoded");
+    match send(&state, &token, form, body).await {
+        Ok(sent) if form => html_page(
+            StatusCode::ACCEPTED,
+            &format!(
+                "<p>Sent <b>{}</b> to run <code>{}</code>.</p>",
+                text(&sent.signal),
+                text(sent.run_id.as_str())
+            ),
+        ),
+        Ok(sent) => (StatusCode::ACCEPTED, Json(sent)).into_response(),
+        Err(e) if form => html_page(e.status, &format!("<p>{}</p>", text(&e.message))),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn send(
+    state: &Shared,
+    token: &str,
+    form: bool,
+    body: axum::body::Bytes,
+) -> Result<lifecycle::SignalSent, ApiError> {
+    let (run_id, signal) = state.resume.open(token).ok_or_else(refused)?;
     // Only while the run waits for this signal: a link clicked twice, or kept after its wait,
     // does not pile up signals for the run's later waits.
     let run = state.stores.runs.get(&run_id).await?;
@@ -142,14 +180,9 @@ async fn deliver(
             format!("run `{run_id}` does not wait for `{signal}` now"),
         ));
     }
-    let kind = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
     let payload: Value = if body.iter().all(u8::is_ascii_whitespace) {
         Value::Object(serde_json::Map::new())
-    } else if kind.starts_with("application/x-www-form-urlencoded") {
+    } else if form {
         let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&body)
             .map_err(|e| ApiError::bad_request(format!("the form cannot be read: {e}")))?;
         Value::Object(
@@ -161,6 +194,5 @@ async fn deliver(
     } else {
         crate::error::parse_json(body).await?
     };
-    let sent = lifecycle::signal(&state, &run_id, &signal, &payload).await?;
-    Ok((StatusCode::ACCEPTED, Json(sent)))
+    Ok(lifecycle::signal(state, &run_id, &signal, &payload).await?)
 }

@@ -660,6 +660,16 @@ async fn waits_signals_and_parked_delays() {
     assert_eq!(wait_for_status(&app, &id, "succeeded").await["output"], json!({"ok": true}));
     let (status, again) = call(&app, "POST", path, None, Some(b"{}".to_vec())).await;
     assert_eq!((status, again["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("not_waiting")), "a link delivers only while its wait waits");
+    // The page's button (a form) is answered with a page.
+    let button = Request::builder()
+        .method("POST")
+        .uri(path)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Body::empty())
+        .unwrap();
+    let answer = app.clone().oneshot(button).await.unwrap();
+    assert_eq!(answer.status(), StatusCode::CONFLICT);
+    assert!(text_of(answer).await.contains("does not wait for `approve` now"));
     let reserved = json!({"id": "steal", "nodes": [{"id": "n", "type": "noop"}], "triggers": [{"type": "webhook", "path": "resume/x"}]});
     let (status, body) = post(&app, "/api/v1/flows", reserved.to_string().as_bytes()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");

@@ -62,7 +62,7 @@ pub fn app(state: Shared) -> Router {
         .merge(
             routes::webhooks::router()
                 .layer(payload_limit)
-                .merge(crate::resume::router())
+                .merge(routes::resume::router())
                 .route_layer(limited),
         )
         .fallback(|| async { ApiError::not_found("no such route") })

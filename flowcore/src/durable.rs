@@ -35,8 +35,8 @@ use crate::event::EventSink;
 use crate::ids::RunId;
 use crate::plan::Plan;
 use crate::ports::{BlobStore, Claim, Park, RunOutcome, RunRecord, RunStore, SignalTake};
-use crate::run::{RunStatus, StepRecord, StepRecorder};
-use crate::wait::{Parked, SignalInbox};
+use crate::run::{RunStatus, SignalInbox, StepRecord, StepRecorder};
+use crate::wait::Parked;
 use serde_json::Value;
 
 /// When finished steps are written to the run store.

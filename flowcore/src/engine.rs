@@ -28,9 +28,9 @@ use crate::node::{NodeContext, Registry};
 use crate::plan::{ERROR_PORT, Plan, compile};
 use crate::ports::FlowStore;
 use crate::ports::memory::MemoryFlowStore;
-use crate::run::{RunResult, RunStatus, StepRecord, StepRecorder, StepStatus};
+use crate::run::{RunResult, RunStatus, SignalInbox, StepRecord, StepRecorder, StepStatus};
 use crate::secret::{Scrubber, SecretSource};
-use crate::wait::{Parked, ResumeUrls, SignalInbox, Wait};
+use crate::wait::{Parked, ResumeUrls, Wait};
 
 /// Limits the engine enforces on every run.
 #[derive(Debug, Clone)]

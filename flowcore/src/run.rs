@@ -333,6 +333,15 @@ pub trait StepRecorder: Send + Sync {
     async fn record_step(&self, run_id: &RunId, step: &StepRecord) -> Result<(), StoreError>;
 }
 
+/// Where the wait nodes of one durable execution take the signals sent to their run.
+#[async_trait]
+pub trait SignalInbox: Send + Sync {
+    /// The payload of the oldest pending signal `name` of the run, taken for `node`; the one
+    /// `node` took already, if it took one (an execution resumed after a crash gets what the
+    /// crashed one took). `None` when none is pending.
+    async fn take(&self, node: &str, name: &str) -> Result<Option<Value>, StoreError>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

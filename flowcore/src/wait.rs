@@ -2,7 +2,7 @@
 //! wait nodes take the signals sent to their run.
 //!
 //! A node that must wait calls [`NodeContext::wait_for`](crate::NodeContext::wait_for). In a
-//! durable execution (one with a [`SignalInbox`], see [`crate::durable`]) the node is parked:
+//! durable execution (one with a [`SignalInbox`](crate::run::SignalInbox), see [`crate::durable`]) the node is parked:
 //! the run goes on with whatever else it can do, and once nothing else is left it ends its
 //! execution as [`RunStatus::Waiting`](crate::RunStatus::Waiting) with its [`Wait`]s. The store
 //! keeps them; a signal or the earliest deadline wakes the run, a worker executes it again, the
@@ -27,12 +27,8 @@
 //! assert_eq!(parked.wake_at(), parked.waits.first().map(|w| w.deadline));
 //! ```
 
-use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
-
-use crate::error::StoreError;
 
 /// The most signals one run may have pending (sent, not yet taken by a wait).
 pub const MAX_PENDING_SIGNALS: usize = 100;
@@ -92,15 +88,6 @@ impl Parked {
     }
 }
 
-/// Where the wait nodes of one durable execution take the signals sent to their run.
-#[async_trait]
-pub trait SignalInbox: Send + Sync {
-    /// The payload of the oldest pending signal `name` of the run, taken for `node`; the one
-    /// `node` took already, if it took one (an execution resumed after a crash gets what the
-    /// crashed one took). `None` when none is pending.
-    async fn take(&self, node: &str, name: &str) -> Result<Option<Value>, StoreError>;
-}
-
 /// Makes the resume URLs that templates see as `run.resume_urls.<signal>`: an address that
 /// delivers one signal to one run without an API key (an approval link in an email). The
 /// server's makes unguessable ones; an engine without one shows none.
@@ -125,7 +112,7 @@ pub struct WaitFor {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Waited {
     /// The signal came, with this payload.
-    Signal(Value),
+    Signal(serde_json::Value),
     /// The deadline passed first.
     Deadline,
 }

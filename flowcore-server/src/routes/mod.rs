@@ -6,6 +6,7 @@ pub mod events;
 pub mod files;
 pub mod flows;
 pub mod meta;
+pub mod resume;
 pub mod runs;
 pub mod usage;
 pub mod webhooks;

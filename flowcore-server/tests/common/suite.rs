@@ -660,6 +660,8 @@ async fn waits_signals_and_parked_delays() {
     assert_eq!(wait_for_status(&app, &id, "succeeded").await["output"], json!({"ok": true}));
     let (status, again) = call(&app, "POST", path, None, Some(b"{}".to_vec())).await;
     assert_eq!((status, again["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("not_waiting")), "a link delivers only while its wait waits");
+    let huge = vec![b' '; 1024 * 1024];
+    assert_eq!(call(&app, "POST", path, None, Some(huge)).await.0, StatusCode::PAYLOAD_TOO_LARGE, "a resume link's body is bounded");
     // The page's button (a form) is answered with a page.
     let button = Request::builder()
         .method("POST")

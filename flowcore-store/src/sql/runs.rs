@@ -144,6 +144,13 @@ mod blocking {
     }
 }
 
+/// `status = '<status>'` written into the statement, not bound: PostgreSQL matches a partial
+/// index's predicate (`runs_wake`, `runs_woken`) only against a literal; a generic plan for a
+/// bound `status = $1` would read every waiting and running run's entry of another index.
+fn status_is(status: RunStatus) -> diesel::expression::SqlLiteral<diesel::sql_types::Bool> {
+    diesel::dsl::sql(&format!("status = '{}'", status.as_str()))
+}
+
 /// The final statuses' names.
 fn final_statuses() -> Vec<&'static str> {
     RunStatus::ALL
@@ -673,12 +680,8 @@ impl RunStore for SqlStore {
         let rows: Vec<RunRow> = with_conn!(self, write, |conn| {
             conn.transaction(async move |conn| {
                 // The due range of the timer index (`runs_wake`: waiting runs by `wake_at`).
-                // The status is written into the statement, not bound: PostgreSQL matches a
-                // partial index's predicate only against a literal (a generic plan for a bound
-                // `status = $1` would read every waiting and running run's lease entry).
-                let waiting = diesel::dsl::sql::<diesel::sql_types::Bool>("status = 'waiting'");
                 let ids: Vec<String> = runs::table
-                    .filter(waiting)
+                    .filter(status_is(RunStatus::Waiting))
                     .filter(runs::wake_at.le(by))
                     .order(runs::wake_at.asc())
                     .limit(limit)
@@ -872,11 +875,9 @@ impl RunStore for SqlStore {
     async fn woken_unclaimed(&self, due: &Due) -> StoreResult<Vec<RunId>> {
         let (by, limit) = (micros(due.by), due.limit.clamp(1, 10_000) as i64);
         let ids: Vec<String> = with_conn!(self, read, |conn| {
-            // `runs_woken`: queued runs by when they were woken (a literal status, as for
-            // `runs_wake`).
-            let queued = diesel::dsl::sql::<diesel::sql_types::Bool>("status = 'queued'");
+            // `runs_woken`: queued runs by when they were woken.
             runs::table
-                .filter(queued)
+                .filter(status_is(RunStatus::Queued))
                 .filter(runs::wake_at.le(by))
                 .order(runs::wake_at.asc())
                 .limit(limit)

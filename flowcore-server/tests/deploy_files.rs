@@ -186,33 +186,24 @@ async fn the_dashboard_asks_for_metrics_that_exist() {
     let state = flowcore_server::build_state(config).await.expect("state");
     let app = flowcore_server::app::app(state);
     let send = |method: &str, uri: &str, body: &'static str| {
-        Request::builder()
+        let request = Request::builder()
             .method(method)
             .uri(uri)
             .header("x-api-key", "k")
             .header("content-type", "application/json")
             .body(Body::from(body))
-            .expect("request")
+            .expect("request");
+        app.clone().oneshot(request)
     };
     // Some traffic, so that every family has a series.
     let flow = r#"{"id": "m", "nodes": [{"id": "a", "type": "noop"}]}"#;
-    let res = app
-        .clone()
-        .oneshot(send("POST", "/api/v1/flows", flow))
-        .await
-        .expect("answer");
+    let res = send("POST", "/api/v1/flows", flow).await.expect("answer");
     assert_eq!(res.status(), StatusCode::CREATED);
-    let res = app
-        .clone()
-        .oneshot(send("POST", "/api/v1/flows/m/runs", "{}"))
+    let res = send("POST", "/api/v1/flows/m/runs", "{}")
         .await
         .expect("answer");
     assert_eq!(res.status(), StatusCode::OK);
-    let res = app
-        .clone()
-        .oneshot(send("GET", "/metrics", ""))
-        .await
-        .expect("answer");
+    let res = send("GET", "/metrics", "").await.expect("answer");
     let text = String::from_utf8(
         axum::body::to_bytes(res.into_body(), 1 << 20)
             .await

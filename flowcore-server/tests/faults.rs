@@ -126,30 +126,26 @@ fn postgres_cluster(dir: &Path, port: u16) -> Proc {
         String::from_utf8_lossy(&out.stderr)
     );
     let (dir, log) = (dir.to_owned(), dir.join("postgres.log"));
-    Proc {
-        name: "postgres".into(),
-        port,
-        child: None,
-        // Immediate shutdown: the server processes exit at once, without a checkpoint; the next
-        // start recovers from the WAL, as after a crash.
-        stop_signal: Some("QUIT"),
-        command: Box::new(move || {
-            let mut c = command("postgres");
-            c.arg("-D")
-                .arg(&data)
-                .args(["-p", &port.to_string(), "-k"])
-                .arg(&dir)
-                .args([
-                    "-c",
-                    "listen_addresses=127.0.0.1",
-                    "-c",
-                    "max_connections=200",
-                ])
-                .stdout(Stdio::null())
-                .stderr(log_file(&log));
-            c
-        }),
-    }
+    let mut postgres = Proc::new("postgres", port, move || {
+        let mut c = command("postgres");
+        c.arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(&dir)
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "max_connections=200",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log_file(&log));
+        c
+    });
+    // Immediate shutdown: the server processes exit at once, without a checkpoint; the next
+    // start recovers from the WAL, as after a crash.
+    postgres.stop_signal = Some("QUIT");
+    postgres
 }
 
 /// A process's log, appended to across its restarts.
@@ -180,6 +176,22 @@ struct Proc {
 }
 
 impl Proc {
+    /// A process named `name` that `command` starts and that listens on `port`; killed with
+    /// SIGKILL unless `stop_signal` is set.
+    fn new(
+        name: impl Into<String>,
+        port: u16,
+        command: impl Fn() -> Command + Send + 'static,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            port,
+            child: None,
+            stop_signal: None,
+            command: Box::new(command),
+        }
+    }
+
     fn start(&mut self) {
         let mut last = String::new();
         for _ in 0..5 {
@@ -424,39 +436,27 @@ fn topology_survives_kills_and_restarts() {
     let redis_port = free_port();
     let redis_dir = dir.join("redis");
     std::fs::create_dir_all(&redis_dir).unwrap();
-    let mut redis = Proc {
-        name: "redis-server".into(),
-        port: redis_port,
-        child: None,
-        stop_signal: None,
-        command: Box::new(move || {
-            let mut c = Command::new("redis-server");
-            c.args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(&redis_dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            c
-        }),
-    };
+    let mut redis = Proc::new("redis-server", redis_port, move || {
+        let mut c = Command::new("redis-server");
+        c.args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&redis_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c
+    });
     redis.start();
     let moto_port = free_port();
-    let mut moto = Proc {
-        name: "moto_server".into(),
-        port: moto_port,
-        child: None,
-        stop_signal: None,
-        command: Box::new(move || {
-            let program =
-                std::env::var("FLOWCORE_MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
-            let mut c = Command::new(program);
-            c.args(["-H", "127.0.0.1", "-p", &moto_port.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            c
-        }),
-    };
+    let mut moto = Proc::new("moto_server", moto_port, move || {
+        let program =
+            std::env::var("FLOWCORE_MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
+        let mut c = Command::new(program);
+        c.args(["-H", "127.0.0.1", "-p", &moto_port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c
+    });
     moto.start();
     wait_for_port(moto_port, "moto_server");
     let (status, _) = request(moto_port, "PUT", "/flowcore", None).expect("moto answers");
@@ -506,24 +506,18 @@ fn topology_survives_kills_and_restarts() {
         let (script, env, data) = (script.clone(), env.clone(), dir.join(&name));
         let log: PathBuf = dir.join(format!("{name}.log"));
         let role = role.to_owned();
-        Proc {
-            name,
-            port,
-            child: None,
-            stop_signal: None,
-            command: Box::new(move || {
-                let mut c = Command::new("bash");
-                c.arg(&script)
-                    .arg(env!("CARGO_BIN_EXE_flowcore"))
-                    .envs(env.iter().map(|(k, v)| (k, v)))
-                    .env("FLOWCORE_ROLE", &role)
-                    .env("FLOWCORE_BIND", format!("127.0.0.1:{port}"))
-                    .env("FLOWCORE_DATA_DIR", &data)
-                    .stdout(Stdio::null())
-                    .stderr(log_file(&log));
-                c
-            }),
-        }
+        Proc::new(name, port, move || {
+            let mut c = Command::new("bash");
+            c.arg(&script)
+                .arg(env!("CARGO_BIN_EXE_flowcore"))
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .env("FLOWCORE_ROLE", &role)
+                .env("FLOWCORE_BIND", format!("127.0.0.1:{port}"))
+                .env("FLOWCORE_DATA_DIR", &data)
+                .stdout(Stdio::null())
+                .stderr(log_file(&log));
+            c
+        })
     };
     let mut apis: Vec<Proc> = (1..=2).map(|i| process("api", i)).collect();
     let mut workers: Vec<Proc> = (1..=3).map(|i| process("worker", i)).collect();

@@ -23,11 +23,16 @@ fn unique_prefix() -> String {
     )
 }
 
-/// Deletes every key under `prefix` from the shared Redis.
-async fn clean(prefix: &str) {
+/// The shared Redis, keys under `prefix`.
+fn config(prefix: &str) -> RedisConfig {
     let mut config = RedisConfig::new(redis_url());
     config.prefix = prefix.to_owned();
-    let queue = RedisQueue::connect(config).await.expect("connect");
+    config
+}
+
+/// Deletes every key under `prefix` from the shared Redis.
+async fn clean(prefix: &str) {
+    let queue = RedisQueue::connect(config(prefix)).await.expect("connect");
     queue.delete_prefix().await.expect("delete the test's keys");
 }
 
@@ -38,10 +43,10 @@ async fn clean(prefix: &str) {
 async fn redis_passes_the_kit() {
     let prefix = unique_prefix();
     let connect = || {
-        let mut config = RedisConfig::new(redis_url());
-        config.prefix = prefix.clone();
-        config.max_deliveries = 3;
-        RedisQueue::connect(config)
+        RedisQueue::connect(RedisConfig {
+            max_deliveries: 3,
+            ..config(&prefix)
+        })
     };
     let (first, second) = (
         connect()
@@ -73,11 +78,7 @@ async fn redis_passes_the_kit() {
     // would match.
     let other = format!("{}x", unique_prefix());
     let starry = format!("{}*", &other[..other.len() - 1]);
-    let queue_of = async |prefix: &str| {
-        let mut config = RedisConfig::new(redis_url());
-        config.prefix = prefix.to_owned();
-        RedisQueue::connect(config).await.expect("connect")
-    };
+    let queue_of = async |prefix: &str| RedisQueue::connect(config(prefix)).await.expect("connect");
     let neighbour = queue_of(&other).await;
     neighbour
         .enqueue("g", &RunId::new(), None)
@@ -108,9 +109,8 @@ async fn subscribed(queues: &[&RedisQueue]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_lease_wakes_on_enqueue() {
-    let mut config = RedisConfig::new(redis_url());
-    config.prefix = unique_prefix();
-    let prefix = config.prefix.clone();
+    let prefix = unique_prefix();
+    let config = config(&prefix);
     let queue = Arc::new(RedisQueue::connect(config).await.expect("connect"));
     let waiter = {
         let queue = queue.clone();
@@ -150,9 +150,8 @@ async fn a_waiting_lease_wakes_on_enqueue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_hears_only_what_it_subscribes_to() {
     use flowcore::ports::RunSignals;
-    let mut config = RedisConfig::new(redis_url());
-    config.prefix = unique_prefix();
-    let prefix = config.prefix.clone();
+    let prefix = unique_prefix();
+    let mut config = config(&prefix);
     let hearing = RedisQueue::connect(config.clone()).await.expect("connect");
     config.hear_enqueues = false;
     config.hear_finished_runs = false;
@@ -231,9 +230,9 @@ async fn bad_urls_and_groups_are_refused() {
             .await
             .is_err()
     );
-    let mut config = RedisConfig::new(redis_url());
-    config.prefix = unique_prefix();
-    let queue = RedisQueue::connect(config).await.expect("connect");
+    let queue = RedisQueue::connect(config(&unique_prefix()))
+        .await
+        .expect("connect");
     assert!(
         queue
             .enqueue("bad group!", &RunId::new(), None)
@@ -396,11 +395,7 @@ async fn redis_restart_loses_nothing_and_clients_reconnect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancels_cross_processes_through_redis() {
     let prefix = unique_prefix();
-    let connect = || {
-        let mut config = RedisConfig::new(redis_url());
-        config.prefix = prefix.clone();
-        RedisQueue::connect(config)
-    };
+    let connect = || RedisQueue::connect(config(&prefix));
     // Two connections, two subscribers: as two processes would have.
     let (first, second) = (
         connect().await.expect("connect"),
@@ -417,39 +412,39 @@ async fn cancels_cross_processes_through_redis() {
     })
     .await
     .expect("the other process hears the request");
-    // A run announced finished by one process wakes its watch in the other.
-    let done = flowcore::RunId::new();
-    let mut watch = second.run_signals().watch_finished(&done);
+    // A run announced finished by one process wakes its watch in the other: what does it hear?
+    let announce = |end: flowcore::ports::RunEnd| {
+        let (first, second) = (&first, &second);
+        async move {
+            let id = flowcore::RunId::new();
+            let mut watch = second.run_signals().watch_finished(&id);
+            first
+                .run_signals()
+                .finished(&id, Some(&end))
+                .await
+                .expect("publish");
+            tokio::time::timeout(Duration::from_secs(5), watch.finished())
+                .await
+                .expect("the other process's watch wakes")
+        }
+    };
     let end = flowcore::ports::RunEnd {
         status: flowcore::RunStatus::Succeeded,
         output: Some(serde_json::json!({"msg": "hello ada"})),
         error: None,
     };
-    first
-        .run_signals()
-        .finished(&done, Some(&end))
-        .await
-        .expect("publish");
-    let heard = tokio::time::timeout(Duration::from_secs(5), watch.finished())
-        .await
-        .expect("the other process's watch wakes");
+    let heard = announce(end.clone()).await;
     assert_eq!(heard.as_deref(), Some(&end), "with the run's end");
     // A large end is left out of the announcement (every process receives it): the watch
     // wakes without it, and its waiter reads the store.
-    let large = flowcore::RunId::new();
-    let mut watch = second.run_signals().watch_finished(&large);
-    let end = flowcore::ports::RunEnd {
+    let large = flowcore::ports::RunEnd {
         output: Some(serde_json::json!("x".repeat(64 * 1024))),
         ..end
     };
-    first
-        .run_signals()
-        .finished(&large, Some(&end))
-        .await
-        .expect("publish");
-    let heard = tokio::time::timeout(Duration::from_secs(5), watch.finished())
-        .await
-        .expect("the other process's watch wakes");
-    assert_eq!(heard, None, "a large end stays out of the announcement");
+    assert_eq!(
+        announce(large).await,
+        None,
+        "a large end stays out of the announcement"
+    );
     clean(&prefix).await;
 }

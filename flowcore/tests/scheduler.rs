@@ -19,6 +19,16 @@ fn attempts(result: &RunResult, node: &str) -> u32 {
     result.step(node).expect("the node ran").attempts
 }
 
+/// Runs `flow` once on a default engine, with an empty input.
+async fn run_flow(flow: Value) -> RunResult {
+    run_on(&Engine::new(), flow).await
+}
+
+/// Runs `flow` once on `engine`, with an empty input.
+async fn run_on(engine: &Engine, flow: Value) -> RunResult {
+    engine.run(&compile(engine, flow), json!({})).await
+}
+
 fn greet() -> Value {
     serde_json::from_str(include_str!("../../examples/flows/greet.json")).unwrap()
 }
@@ -46,7 +56,7 @@ async fn contract_example_takes_one_branch() {
 async fn diamond_runs_branches_concurrently_and_joins() {
     let probe = Arc::new(Probe::default());
     let engine = engine(&probe);
-    let plan = compile(
+    let result = run_on(
         &engine,
         json!({
             "nodes": [
@@ -57,8 +67,8 @@ async fn diamond_runs_branches_concurrently_and_joins() {
             ],
             "edges": [{"from": "a", "to": "b"}, {"from": "a", "to": "c"}, {"from": "b", "to": "d"}, {"from": "c", "to": "d"}]
         }),
-    );
-    let result = engine.run(&plan, json!({})).await;
+    )
+    .await;
     assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
     assert_eq!(result.output, Some(json!({"a": "a", "b": "b", "c": "c"})));
     assert_eq!(
@@ -77,11 +87,11 @@ async fn max_concurrency_of_a_flow_is_respected() {
     let nodes: Vec<Value> = (0..6)
         .map(|i| json!({"id": format!("n{i}"), "type": "probe", "params": {"sleep_ms": 10}}))
         .collect();
-    let plan = compile(
+    let result = run_on(
         &engine,
         json!({"nodes": nodes, "settings": {"max_concurrency": 2}}),
-    );
-    let result = engine.run(&plan, json!({})).await;
+    )
+    .await;
     assert_eq!(result.status, RunStatus::Succeeded);
     assert_eq!(probe.max_in_flight.load(Ordering::SeqCst), 2);
     assert_eq!(
@@ -192,11 +202,11 @@ async fn retries_succeed_on_attempt_three() {
 async fn retries_stop_when_exhausted_or_fatal() {
     let probe = Arc::new(Probe::default());
     let engine = engine(&probe);
-    let plan = compile(
+    let result = run_on(
         &engine,
         json!({"nodes": [{"id": "f", "type": "probe", "params": {"fail_until": 9}, "retry": {"max_attempts": 2, "backoff_ms": 1}}]}),
-    );
-    let result = engine.run(&plan, json!({})).await;
+    )
+    .await;
     assert_eq!(result.status, RunStatus::Failed);
     assert_eq!(attempts(&result, "f"), 2);
     assert!(
@@ -206,22 +216,20 @@ async fn retries_stop_when_exhausted_or_fatal() {
             .contains("node `f` failed: failing attempt 2")
     );
 
-    let plan = compile(
+    let result = run_on(
         &engine,
         json!({"nodes": [{"id": "g", "type": "probe", "params": {"fail_until": 9, "fatal": true}, "retry": {"max_attempts": 5, "backoff_ms": 1}}]}),
-    );
-    let result = engine.run(&plan, json!({})).await;
+    )
+    .await;
     assert_eq!(attempts(&result, "g"), 1, "a fatal error is not retried");
 }
 
 #[tokio::test]
 async fn node_timeout_fails_the_attempt() {
-    let engine = Engine::new();
-    let plan = compile(
-        &engine,
+    let result = run_flow(
         json!({"nodes": [{"id": "slow", "type": "delay", "params": {"ms": 10000}, "timeout_ms": 20, "retry": {"max_attempts": 2, "backoff_ms": 1}}]}),
-    );
-    let result = engine.run(&plan, json!({})).await;
+    )
+    .await;
     assert_eq!(result.status, RunStatus::Failed);
     let step = result.step("slow").unwrap();
     assert_eq!(step.attempts, 2, "timeouts are retryable");
@@ -293,9 +301,7 @@ async fn cancellation_from_outside_stops_the_run() {
 
 #[tokio::test]
 async fn on_error_continue_passes_the_error_on() {
-    let engine = Engine::new();
-    let plan = compile(
-        &engine,
+    let result = run_flow(
         json!({
             "nodes": [
                 {"id": "bad", "type": "script", "params": {"source": "throw \"no luck\""}, "on_error": "continue"},
@@ -303,8 +309,8 @@ async fn on_error_continue_passes_the_error_on() {
             ],
             "edges": [{"from": "bad", "to": "next"}]
         }),
-    );
-    let result = engine.run(&plan, json!({})).await;
+    )
+    .await;
     assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
     assert_eq!(result.step("bad").unwrap().status, StepStatus::Failed);
     let out = result.output.unwrap();
@@ -318,9 +324,7 @@ async fn on_error_continue_passes_the_error_on() {
 
 #[tokio::test]
 async fn on_error_route_takes_only_the_error_port() {
-    let engine = Engine::new();
-    let plan = compile(
-        &engine,
+    let result = run_flow(
         json!({
             "nodes": [
                 {"id": "bad", "type": "script", "params": {"source": "throw \"x\""}, "on_error": "route"},
@@ -329,8 +333,8 @@ async fn on_error_route_takes_only_the_error_port() {
             ],
             "edges": [{"from": "bad", "to": "ok_path"}, {"from": "bad", "port": "error", "to": "err_path"}]
         }),
-    );
-    let result = engine.run(&plan, json!({})).await;
+    )
+    .await;
     assert_eq!(result.status, RunStatus::Succeeded);
     assert_eq!(result.step("ok_path").unwrap().status, StepStatus::Skipped);
     assert_eq!(result.step("bad").unwrap().port.as_deref(), Some("error"));
@@ -344,15 +348,11 @@ async fn on_error_route_takes_only_the_error_port() {
 
 #[tokio::test]
 async fn a_failed_node_fails_the_run_and_stops_the_others() {
-    let engine = Engine::new();
-    let plan = compile(
-        &engine,
-        json!({"nodes": [
-            {"id": "bad", "type": "script", "params": {"source": "throw \"x\""}},
-            {"id": "slow", "type": "delay", "params": {"ms": 60000}}
-        ]}),
-    );
-    let result = tokio::time::timeout(Duration::from_secs(10), engine.run(&plan, json!({})))
+    let flow = json!({"nodes": [
+        {"id": "bad", "type": "script", "params": {"source": "throw \"x\""}},
+        {"id": "slow", "type": "delay", "params": {"ms": 60000}}
+    ]});
+    let result = tokio::time::timeout(Duration::from_secs(10), run_flow(flow))
         .await
         .unwrap();
     assert_eq!(result.status, RunStatus::Failed);
@@ -397,12 +397,12 @@ async fn a_run_stores_no_more_than_its_log_limit() {
     // Each step outputs 802 bytes: three fit (2,406), the fourth would pass 2,500.
     let node =
         |id: &str| json!({"id": id, "type": "template", "params": {"template": "{{ 'y' * 800 }}"}});
-    let plan = compile(
+    let result = run_on(
         &engine,
         json!({"nodes": [node("a"), node("b"), node("c"), node("d")],
                "edges": [{"from": "a", "to": "b"}, {"from": "b", "to": "c"}, {"from": "c", "to": "d"}]}),
-    );
-    let result = engine.run(&plan, json!({})).await;
+    )
+    .await;
     assert_eq!(result.status, RunStatus::Failed);
     for id in ["a", "b", "c"] {
         assert_eq!(

@@ -72,29 +72,17 @@ impl From<ApiKeyRecord> for ApiKeyView {
 /// A key just made: the only answer that holds the key (`Debug` leaves it out).
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct ApiKeyCreated {
-    /// Its id.
-    pub id: String,
-    /// Its name.
-    pub name: String,
-    /// The key's first characters.
-    pub prefix: String,
+    /// The key as listed.
+    #[serde(flatten)]
+    pub view: ApiKeyView,
     /// The key, shown this once.
     pub key: String,
-    /// What it may do.
-    #[schema(value_type = Vec<String>)]
-    pub scopes: Scopes,
-    /// The key that made it.
-    pub parent_id: Option<String>,
-    /// When it was made.
-    pub created_at: DateTime<Utc>,
 }
 
 impl std::fmt::Debug for ApiKeyCreated {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiKeyCreated")
-            .field("id", &self.id)
-            .field("prefix", &self.prefix)
-            .field("scopes", &self.scopes)
+            .field("view", &self.view)
             .finish_non_exhaustive()
     }
 }
@@ -147,13 +135,8 @@ pub(crate) async fn create(
         }
     }
     let created = ApiKeyCreated {
-        id: record.id,
-        name: record.name,
-        prefix: record.prefix,
+        view: record.into(),
         key,
-        scopes: record.scopes,
-        parent_id: record.parent_id,
-        created_at: record.created_at,
     };
     Ok((StatusCode::CREATED, Json(created)))
 }

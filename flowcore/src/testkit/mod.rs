@@ -151,55 +151,46 @@ impl Backend {
 /// concurrent creates and finishes, pruning and durable execution). Panics, naming the backend and the suite, at the first case
 /// that fails.
 pub async fn check(backend: &Backend) {
-    let suite = |name: &str| eprintln!("testkit: {name} on {}", backend.name);
+    // Names the suite on stderr (a failure's panic then says where it was), then runs it.
+    macro_rules! suite {
+        ($suite:ident($($arg:expr),*)) => {{
+            eprintln!("testkit: {} on {}", stringify!($suite), backend.name);
+            $suite($($arg),*).await;
+        }};
+    }
     if let Some(flows) = &backend.flows {
-        suite("flow_store");
-        flow_store(flows.as_ref()).await;
+        suite!(flow_store(flows.as_ref()));
     }
     if let Some(runs) = &backend.runs {
-        suite("run_store");
-        run_store(runs.as_ref()).await;
-        suite("transitions");
-        transitions(runs.as_ref()).await;
-        suite("parked_runs");
-        parked_runs(runs.clone()).await;
-        suite("concurrent_creates");
-        concurrent_creates(runs.clone()).await;
-        suite("concurrent_finishes");
-        concurrent_finishes(runs.clone()).await;
-        suite("pruning");
-        pruning(runs.as_ref()).await;
-        suite("durable_runs");
-        durable_runs(runs.clone()).await;
+        suite!(run_store(runs.as_ref()));
+        suite!(transitions(runs.as_ref()));
+        suite!(parked_runs(runs.clone()));
+        suite!(concurrent_creates(runs.clone()));
+        suite!(concurrent_finishes(runs.clone()));
+        suite!(pruning(runs.as_ref()));
+        suite!(durable_runs(runs.clone()));
     }
     if let Some(q) = &backend.queue {
-        suite("queue");
-        queue(q.clone(), backend.capabilities.max_deliveries).await;
+        suite!(queue(q.clone(), backend.capabilities.max_deliveries));
     }
     if let Some(blobs) = &backend.blobs {
-        suite("blob_store");
-        blob_store(blobs.as_ref()).await;
+        suite!(blob_store(blobs.as_ref()));
     }
     if let Some(events) = &backend.events {
-        suite("event_bus");
-        event_bus(events.clone()).await;
+        suite!(event_bus(events.clone()));
     }
     if let Some(limiter) = &backend.limiter {
-        suite("rate_limiter");
-        rate_limiter(limiter.clone()).await;
+        suite!(rate_limiter(limiter.clone()));
     }
     if let Some(signals) = &backend.signals {
-        suite("run_signals");
-        run_signals(signals.clone()).await;
+        suite!(run_signals(signals.clone()));
     }
     if let Some((flows, [first, second])) = &backend.flow_changes {
-        suite("flow_changes");
-        flow_changes(flows.clone(), first.clone(), second.clone()).await;
+        suite!(flow_changes(flows.clone(), first.clone(), second.clone()));
     }
     #[cfg(feature = "records")]
     if let Some(records) = &backend.records {
-        suite("meta_store");
-        meta_store(records.clone()).await;
+        suite!(meta_store(records.clone()));
     }
 }
 

@@ -369,6 +369,7 @@ mod tests {
             error: None,
             error_code: None,
             port: None,
+            items: None,
         };
         let (run, _) = runs.create(NewRun::new("f", 1, json!({}))).await.unwrap();
         let archived = read_back(run, vec![step.clone()], &blobs).await.unwrap();

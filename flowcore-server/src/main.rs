@@ -635,6 +635,9 @@ fn progress(event: &RunEvent, started: Instant) {
             }
         }
         RunEvent::RunResumed { .. } => eprintln!("{ms:9.1} ms  run resumed"),
+        RunEvent::ItemsDone {
+            node, total, done, ..
+        } => eprintln!("{ms:9.1} ms  {node}: {done} of {total} items done"),
         _ => {}
     }
 }

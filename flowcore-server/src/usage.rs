@@ -74,7 +74,7 @@ impl Usage {
     }
 
     /// Wraps a run's event sink to count its node executions (steps that ran: succeeded or
-    /// failed, not skipped or cancelled).
+    /// failed, not skipped or cancelled), those inside `map` items too.
     pub fn node_sink(
         self: &Arc<Self>,
         flow_id: &str,
@@ -82,10 +82,16 @@ impl Usage {
     ) -> Arc<dyn EventSink> {
         let (usage, flow_id) = (self.clone(), flow_id.to_owned());
         Arc::new(move |event: &RunEvent| {
-            if let RunEvent::NodeFinished { status, .. } = event
-                && matches!(status, StepStatus::Succeeded | StepStatus::Failed)
-            {
-                usage.add(&flow_id, |c| c.nodes += 1);
+            match event {
+                RunEvent::NodeFinished { status, .. }
+                    if matches!(status, StepStatus::Succeeded | StepStatus::Failed) =>
+                {
+                    usage.add(&flow_id, |c| c.nodes += 1);
+                }
+                RunEvent::ItemsDone { executions, .. } if *executions > 0 => {
+                    usage.add(&flow_id, |c| c.nodes += executions);
+                }
+                _ => {}
             }
             inner.emit(event);
         })

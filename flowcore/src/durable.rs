@@ -35,7 +35,7 @@ use crate::event::EventSink;
 use crate::ids::RunId;
 use crate::plan::Plan;
 use crate::ports::{BlobStore, Claim, Park, RunOutcome, RunRecord, RunStore, SignalTake};
-use crate::run::{RunStatus, SignalInbox, StepRecord, StepRecorder};
+use crate::run::{ItemBatch, RunStatus, SignalInbox, StepRecord, StepRecorder};
 use crate::wait::Parked;
 use serde_json::Value;
 
@@ -484,15 +484,48 @@ impl Recorder {
     }
 }
 
-#[async_trait]
-impl StepRecorder for Recorder {
-    async fn record_step(&self, _run_id: &RunId, step: &StepRecord) -> Result<(), StoreError> {
+impl Recorder {
+    fn check_held(&self) -> Result<(), StoreError> {
         if self.lost.is_cancelled() {
             return Err(StoreError::StaleLease(format!(
                 "run `{}` was taken over by another worker",
                 self.run_id
             )));
         }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl StepRecorder for Recorder {
+    async fn record_items(&self, _run_id: &RunId, mut batch: ItemBatch) -> Result<(), StoreError> {
+        self.check_held()?;
+        // The steps before the map are written first: a resumed run then finds them with
+        // the items.
+        self.flush().await?;
+        if let Some(offload) = &self.offload {
+            for (index, value) in &mut batch.items {
+                let name = format!("items/{}/{index}", batch.node);
+                *value = Arc::new(offload.store(&name, (**value).clone()).await?);
+            }
+        }
+        self.runs
+            .record_items(&self.run_id, self.epoch, &batch)
+            .await
+    }
+
+    async fn items(&self, _run_id: &RunId, node: &str) -> Result<Vec<(u32, Value)>, StoreError> {
+        let mut items = self.runs.items(&self.run_id, node).await?;
+        if let Some(offload) = &self.offload {
+            for (_, value) in &mut items {
+                *value = resolve(value, offload.blobs.as_ref()).await?;
+            }
+        }
+        Ok(items)
+    }
+
+    async fn record_step(&self, _run_id: &RunId, step: &StepRecord) -> Result<(), StoreError> {
+        self.check_held()?;
         let mut step = step.clone();
         if let (Some(offload), Some(output)) = (&self.offload, &step.output) {
             let stored = offload

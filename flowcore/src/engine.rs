@@ -391,17 +391,70 @@ impl Engine {
             cancel: Some(parent.cancellation().child_token()),
             ..RunOptions::default()
         };
+        let parent = Parent {
+            run: &parent.run,
+            item: None,
+        };
         Driver::new(
             self.clone(),
             plan.clone(),
             Arc::new(input),
             options,
-            Some(&parent.run),
+            Some(parent),
+        )
+        .run()
+        .await
+    }
+
+    /// Executes one item of a `map` node: a child run that is a record of its parent (it has
+    /// the parent's id and `run`), stops when `cancel` does, and may start `width` items at
+    /// once in maps of its own.
+    pub(crate) async fn execute_item(
+        &self,
+        plan: &Plan,
+        input: Value,
+        parent: &NodeContext,
+        item: Item,
+    ) -> RunResult {
+        let options = RunOptions {
+            run_id: Some(parent.run.run_id.clone()),
+            cancel: Some(item.cancel.clone()),
+            ..RunOptions::default()
+        };
+        let parent = Parent {
+            run: &parent.run,
+            item: Some(item),
+        };
+        Driver::new(
+            self.clone(),
+            plan.clone(),
+            Arc::new(input),
+            options,
+            Some(parent),
         )
         .run()
         .await
     }
 }
+
+/// What a child run takes from its parent.
+struct Parent<'a> {
+    run: &'a RunShared,
+    /// Set for a `map` item.
+    item: Option<Item>,
+}
+
+/// How a `map` item runs.
+pub(crate) struct Item {
+    /// Stops the item.
+    pub(crate) cancel: CancellationToken,
+    /// How many items its own maps may run at once, all together.
+    pub(crate) width: usize,
+}
+
+/// How many `map` items a top-level run may execute at once, at every depth of nesting: a map
+/// with `concurrency` c gives each of its items 1/c of its own width.
+pub(crate) const MAX_ITEMS_AT_ONCE: usize = 1024;
 
 /// The part of a run that its nodes share.
 pub(crate) struct RunShared {
@@ -414,8 +467,15 @@ pub(crate) struct RunShared {
     pub(crate) depth: u32,
     /// Subflow runs started so far by the top-level run and every run below it.
     pub(crate) subflow_runs: Arc<std::sync::atomic::AtomicU32>,
+    /// Node executions inside `map` items so far, at every depth, not yet reported: the top
+    /// run's maps report them ([`RunEvent::ItemsDone`]), so that usage counts them.
+    pub(crate) item_executions: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether this run is a `map` item or runs inside one.
+    pub(crate) in_item: bool,
+    /// How many items this run's maps may execute at once, all together.
+    pub(crate) item_width: usize,
     pub(crate) events: Option<Arc<dyn EventSink>>,
-    recorder: Option<Arc<dyn StepRecorder>>,
+    pub(crate) recorder: Option<Arc<dyn StepRecorder>>,
     outputs: Box<[OnceLock<Arc<Value>>]>,
     /// The secrets handed to this run's nodes, scrubbed from what they produce.
     pub(crate) scrubber: Scrubber,
@@ -547,6 +607,8 @@ struct Driver {
     ready: VecDeque<usize>,
     /// The nodes that parked the run, with what they wait for.
     waits: Vec<Wait>,
+    /// Whether the run is a `map` item.
+    is_item: bool,
 }
 
 impl Driver {
@@ -555,7 +617,7 @@ impl Driver {
         plan: Plan,
         input: Arc<Value>,
         options: RunOptions,
-        parent: Option<&RunShared>,
+        parent: Option<Parent<'_>>,
     ) -> Self {
         let n = plan.len();
         let limit = engine.limits().run_timeout;
@@ -576,7 +638,21 @@ impl Driver {
         let pending: Vec<usize> = (0..n).map(|i| plan.node(i).in_edges).collect();
         let ready = (0..n).filter(|&i| pending[i] == 0).collect();
         let run_id = options.run_id.unwrap_or_default();
-        let about = about(&engine, &plan, &run_id);
+        // An item is a record of its parent run: it sees the parent's `run`.
+        let about = match &parent {
+            Some(Parent { run, item: Some(_) }) => run.about.clone(),
+            _ => about(&engine, &plan, &run_id),
+        };
+        let item_width = match &parent {
+            Some(Parent {
+                item: Some(item), ..
+            }) => item.width,
+            Some(Parent { run, item: None }) => run.item_width,
+            None => MAX_ITEMS_AT_ONCE,
+        };
+        let is_item = parent.as_ref().is_some_and(|p| p.item.is_some());
+        let in_item = is_item || parent.as_ref().is_some_and(|p| p.run.in_item);
+        let parent = parent.map(|p| p.run);
         let run = Arc::new(RunShared {
             about,
             run_id,
@@ -590,6 +666,11 @@ impl Driver {
             engine,
             depth: parent.map_or(0, |p| p.depth + 1),
             subflow_runs: parent.map(|p| p.subflow_runs.clone()).unwrap_or_default(),
+            item_executions: parent
+                .map(|p| p.item_executions.clone())
+                .unwrap_or_default(),
+            in_item,
+            item_width,
             events: options.events,
             recorder: options.recorder,
             outputs: (0..n).map(|_| OnceLock::new()).collect(),
@@ -610,6 +691,7 @@ impl Driver {
             launched: vec![None; n],
             ready,
             waits: Vec::new(),
+            is_item,
         }
     }
 
@@ -628,7 +710,17 @@ impl Driver {
         let too_deep = run.depth > run.engine.limits().max_subflow_depth;
         let limit = run.plan.max_concurrency().unwrap_or(usize::MAX);
         let mut running = FuturesUnordered::new();
-        let deadline = tokio::time::sleep(self.timeout);
+        // A map item has no timer of its own unless its flow sets one (a timer per item would
+        // cost more than a small item): its parent's ends it.
+        let timed = !self.is_item || run.plan.timeout().is_some();
+        let limit_time = self.timeout;
+        let deadline = async move {
+            if timed {
+                tokio::time::sleep(limit_time).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::pin!(deadline);
         let token = run.cancel.clone();
         let cancelled = token.cancelled();
@@ -665,6 +757,7 @@ impl Driver {
                         error: None,
                         error_code: None,
                         port: None,
+                        items: None,
                     };
                     if let Err(e) = record(&run, &step).await {
                         failure = Some((RunStatus::Failed, e));
@@ -728,6 +821,7 @@ impl Driver {
                         error: None,
                         error_code: None,
                         port: None,
+                        items: None,
                     };
                     let _ = record(&run, &step).await;
                     run.emit(|| finished_event(&run, &step));
@@ -897,6 +991,7 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
         error: None,
         error_code: None,
         port: None,
+        items: None,
     };
     let result = match result {
         Err(NodeError::Parked(wait)) => {
@@ -919,6 +1014,7 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
             let _ = run.outputs[index].set(value.clone());
             step.output = Some(value);
             step.port = out.port.map(|p| Arc::from(&*p));
+            step.items = out.items;
             Taken::Main(step.port.clone())
         }
         Err(e) => {
@@ -948,6 +1044,10 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
     if let Err(e) = record(&run, &step).await {
         fail_run = Some(e);
     }
+    if run.in_item {
+        run.item_executions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     run.emit(|| finished_event(&run, &step));
     Done {
         index,
@@ -961,7 +1061,7 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
 /// Fails when `value` serializes to more than `limit` bytes (without building the whole text) or
 /// nests deeper than [`crate::json::MAX_DEPTH`]. Checks one output against the limit; returns its size as serialized JSON (an upper bound
 /// for plain values and short strings, which are not serialized to be measured).
-fn check_size(value: &Value, limit: usize) -> Result<usize, NodeError> {
+pub(crate) fn check_size(value: &Value, limit: usize) -> Result<usize, NodeError> {
     struct Counter {
         written: usize,
         limit: usize,

@@ -63,6 +63,21 @@ pub enum RunEvent {
         /// The run.
         run_id: RunId,
     },
+    /// A `map` step finished more items (sent with each checkpoint of its items, and when it
+    /// ends).
+    ItemsDone {
+        /// The run.
+        run_id: RunId,
+        /// The map node's id.
+        node: Arc<str>,
+        /// How many items it maps over.
+        total: u32,
+        /// How many are finished.
+        done: u32,
+        /// Node executions inside the run's map items since the run's last `items_done`
+        /// (usage counts them as node executions).
+        executions: u64,
+    },
     /// The run reached its final status.
     RunFinished {
         /// The run.
@@ -76,14 +91,15 @@ pub enum RunEvent {
 }
 
 impl RunEvent {
-    /// The event's name: `run_started`, `node_started`, `node_finished`, `token`, `run_waiting`,
-    /// `run_resumed`, `run_finished`.
+    /// The event's name: `run_started`, `node_started`, `node_finished`, `token`, `items_done`,
+    /// `run_waiting`, `run_resumed`, `run_finished`.
     pub fn name(&self) -> &'static str {
         match self {
             Self::RunStarted { .. } => "run_started",
             Self::NodeStarted { .. } => "node_started",
             Self::NodeFinished { .. } => "node_finished",
             Self::Token { .. } => "token",
+            Self::ItemsDone { .. } => "items_done",
             Self::RunWaiting { .. } => "run_waiting",
             Self::RunResumed { .. } => "run_resumed",
             Self::RunFinished { .. } => "run_finished",
@@ -97,6 +113,7 @@ impl RunEvent {
             | Self::NodeStarted { run_id, .. }
             | Self::NodeFinished { run_id, .. }
             | Self::Token { run_id, .. }
+            | Self::ItemsDone { run_id, .. }
             | Self::RunWaiting { run_id, .. }
             | Self::RunResumed { run_id }
             | Self::RunFinished { run_id, .. } => run_id,

@@ -502,13 +502,15 @@ pub trait NodeOutputs: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Clone)]
 pub struct Scope(JValue);
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct ScopeObject {
     input: Arc<Value>,
     nodes: Option<Arc<dyn NodeOutputs>>,
     attempt: u32,
     trigger: Option<Arc<Value>>,
     run: Option<Arc<Value>>,
+    /// A `map` item and its index, for the templates that make the item's input.
+    item: Option<(Arc<Value>, usize)>,
 }
 
 impl Scope {
@@ -520,6 +522,7 @@ impl Scope {
             attempt,
             trigger: None,
             run: None,
+            item: None,
         }))
     }
 
@@ -538,7 +541,26 @@ impl Scope {
             attempt,
             trigger,
             run: Some(run),
+            item: None,
         }))
+    }
+
+    /// This scope with `item` and `index` (what a `map` node renders an item's input in).
+    pub fn with_item(&self, item: Arc<Value>, index: usize) -> Self {
+        let mut object = self
+            .0
+            .downcast_object_ref::<ScopeObject>()
+            .cloned()
+            .unwrap_or_else(|| ScopeObject {
+                input: Arc::new(Value::Null),
+                nodes: None,
+                attempt: 1,
+                trigger: None,
+                run: None,
+                item: None,
+            });
+        object.item = Some((item, index));
+        Self(JValue::from_object(object))
     }
 
     /// A scope with only `input` (and `attempt` = 1), for tests and one-off evaluation.
@@ -549,6 +571,7 @@ impl Scope {
             attempt: 1,
             trigger: None,
             run: None,
+            item: None,
         }))
     }
 
@@ -571,6 +594,8 @@ impl Object for ScopeObject {
                 Some(run) => json_value(run, &[]),
                 None => JValue::from(()),
             }),
+            "item" => self.item.as_ref().map(|(item, _)| json_value(item, &[])),
+            "index" => self.item.as_ref().map(|(_, index)| JValue::from(*index)),
             _ => None,
         }
     }

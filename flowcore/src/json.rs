@@ -50,6 +50,19 @@ pub fn parse(bytes: &[u8]) -> Result<Value, JsonError> {
     Ok(value)
 }
 
+/// The JSON type of `value`, as an error message names it: `null`, `a boolean`, `a number`,
+/// `a string`, `an array` or `an object`.
+pub fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// How deep `value` nests (0 for a scalar). Walks without recursion, so any value is safe.
 pub fn depth(value: &Value) -> usize {
     let mut deepest = 0;

@@ -63,7 +63,10 @@ pub use model::{
     EdgeDef, FlowDef, NodeDef, OnError, Retention, RetryPolicy, Settings, Trigger, WebhookAuth,
     WebhookMode,
 };
-pub use node::{Node, NodeContext, NodeFactory, Output, Registry};
+pub use node::{BuildContext, Node, NodeContext, NodeFactory, Output, Registry};
 pub use plan::Plan;
-pub use run::{Move, RunResult, RunStatus, StepRecord, StepRecorder, StepStatus, Transition};
+pub use run::{
+    ItemBatch, ItemProgress, Move, RunResult, RunStatus, StepRecord, StepRecorder, StepStatus,
+    Transition,
+};
 pub use tokio_util::sync::CancellationToken;

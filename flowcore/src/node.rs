@@ -24,18 +24,25 @@ pub struct Output {
     pub value: Value,
     /// The named port taken besides the main output (`"true"` or `"false"` for a branch).
     pub port: Option<Cow<'static, str>>,
+    /// For a node that maps over items, how many it had and finished (shown on its step).
+    pub items: Option<crate::run::ItemProgress>,
 }
 
 impl Output {
     /// An output that takes only the main port.
     pub fn new(value: Value) -> Self {
-        Self { value, port: None }
+        Self {
+            value,
+            port: None,
+            items: None,
+        }
     }
     /// An output that also takes the named port.
     pub fn with_port(value: Value, port: impl Into<Cow<'static, str>>) -> Self {
         Self {
             value,
             port: Some(port.into()),
+            items: None,
         }
     }
 }
@@ -83,6 +90,23 @@ pub trait Node: Send + Sync {
 pub trait NodeFactory: Send + Sync {
     /// Checks the params and builds the node.
     fn build(&self, params: &Value) -> Result<Box<dyn Node>, ParamError>;
+
+    /// Builds the node with what the compilation knows: a node that holds a flow of its own
+    /// (`map` with an inline `flow`) compiles it here, with the same node types. The default
+    /// calls [`build`](Self::build).
+    fn build_in(&self, params: &Value, cx: &BuildContext<'_>) -> Result<Box<dyn Node>, ParamError> {
+        let _ = cx;
+        self.build(params)
+    }
+}
+
+/// What a flow is compiled with, for [`NodeFactory::build_in`].
+#[derive(Debug, Clone, Copy)]
+pub struct BuildContext<'a> {
+    /// The node types.
+    pub registry: &'a Registry,
+    /// Whether the flow runs as a child of another (a `map`'s): `wait` is refused there.
+    pub child: bool,
 }
 
 impl<F> NodeFactory for F
@@ -211,6 +235,21 @@ impl NodeContext {
             )));
         }
         Ok(())
+    }
+    /// Where the run's steps are recorded, in a durable execution of a top-level run (a `map`
+    /// checkpoints its items there).
+    pub(crate) fn recorder(&self) -> Option<Arc<dyn crate::run::StepRecorder>> {
+        self.run.recorder.clone()
+    }
+    /// How many `map` items this run may execute at once, at every depth below it.
+    pub(crate) fn item_width(&self) -> usize {
+        self.run.item_width
+    }
+    /// The node executions inside `map` items since the last call (for any map of the run).
+    pub(crate) fn take_item_executions(&self) -> u64 {
+        self.run
+            .item_executions
+            .swap(0, std::sync::atomic::Ordering::Relaxed)
     }
     /// The scope that templates and expressions of this node evaluate in.
     pub fn scope(&self) -> Scope {

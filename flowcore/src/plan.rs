@@ -11,7 +11,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 
 use crate::error::{CompileError, Problem};
 use crate::model::{FlowDef, OnError, RetryPolicy, Trigger, is_valid_id};
-use crate::node::{Node, Registry};
+use crate::node::{BuildContext, Node, Registry};
 
 /// The port name a routed failure goes out of.
 pub const ERROR_PORT: &str = "error";
@@ -160,6 +160,18 @@ pub const MAX_EDGES: usize = 100_000;
 
 /// Compiles a flow with the node types of `registry`.
 pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError> {
+    compile_in(
+        flow,
+        BuildContext {
+            registry,
+            child: false,
+        },
+    )
+}
+
+/// Compiles a flow with what `cx` says: a child flow (a `map`'s) may not `wait`.
+pub fn compile_in(flow: &FlowDef, cx: BuildContext<'_>) -> Result<Plan, CompileError> {
+    let registry = cx.registry;
     if flow.nodes.len() > MAX_NODES || flow.edges.len() > MAX_EDGES {
         return Err(CompileError {
             problems: vec![Problem::flow(format!(
@@ -213,7 +225,15 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
                 ));
                 None
             }
-            Some(factory) => match factory.build(&def.params) {
+            Some(_) if cx.child && def.node_type == "wait" => {
+                problems.push(Problem::node(
+                    &*def.id,
+                    "`wait` is not allowed in a flow that runs as a `map` item or a subflow \
+                     (only a top-level run can park); a `delay` there sleeps in place",
+                ));
+                None
+            }
+            Some(factory) => match factory.build_in(&def.params, &cx) {
                 Ok(node) => Some(node),
                 Err(e) => {
                     problems.push(Problem::node(&*def.id, format!("bad params: {e}")));

@@ -284,6 +284,34 @@ pub struct StepRecord {
     /// The named port it took (`true`/`false` for a branch, `error` for a routed failure).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<Arc<str>>,
+    /// A `map` step's progress: how many items it has, and how many are done (`None` for
+    /// other nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<ItemProgress>,
+}
+
+/// How far a `map` step got: of `total` items, `done` are finished (and checkpointed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemProgress {
+    /// How many items the step maps over.
+    pub total: u32,
+    /// How many of them are finished.
+    pub done: u32,
+}
+
+/// Finished items of a `map` step, written together: the checkpoint from which a resumed run
+/// executes only the items that had not finished. Each entry is an item's index and its output
+/// (for a failed item under `on_item_error: continue`, `{"error", "code"}`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemBatch {
+    /// The map node's id.
+    pub node: Arc<str>,
+    /// The step's progress once this batch is stored.
+    pub progress: ItemProgress,
+    /// When the step started (its progress row shows it).
+    pub started_at: DateTime<Utc>,
+    /// The finished items, by index.
+    pub items: Vec<(u32, Arc<Value>)>,
 }
 
 impl StepRecord {
@@ -331,6 +359,19 @@ pub trait StepRecorder: Send + Sync {
     /// Records one finished (or skipped, or cancelled) step. An error stops the run as failed;
     /// [`StoreError::StaleLease`] means another worker owns the run now.
     async fn record_step(&self, run_id: &RunId, step: &StepRecord) -> Result<(), StoreError>;
+
+    /// Records finished items of a `map` step (and its progress), so that a resumed run does
+    /// not execute them again. The default keeps nothing.
+    async fn record_items(&self, run_id: &RunId, batch: ItemBatch) -> Result<(), StoreError> {
+        let _ = (run_id, batch);
+        Ok(())
+    }
+
+    /// The items of `node`'s map step recorded by an earlier execution of the run, by index.
+    async fn items(&self, run_id: &RunId, node: &str) -> Result<Vec<(u32, Value)>, StoreError> {
+        let _ = (run_id, node);
+        Ok(Vec::new())
+    }
 }
 
 /// Where the wait nodes of one durable execution take the signals sent to their run.

@@ -127,6 +127,22 @@ mod commits {
         async fn steps(&self, id: &RunId) -> StoreResult<Vec<StepRecord>> {
             self.inner.steps(id).await
         }
+        async fn record_items(
+            &self,
+            id: &RunId,
+            epoch: u64,
+            batch: &flowcore::ItemBatch,
+        ) -> StoreResult<()> {
+            self.reachable()?;
+            self.inner.record_items(id, epoch, batch).await
+        }
+        async fn items(
+            &self,
+            id: &RunId,
+            node: &str,
+        ) -> StoreResult<Vec<(u32, serde_json::Value)>> {
+            self.inner.items(id, node).await
+        }
         async fn finish(
             &self,
             id: &RunId,

@@ -622,7 +622,7 @@ async fn subflows_run_through_the_flow_store_and_nest_boundedly() {
         json!({"nodes": [{"id": "m", "type": "subflow", "params": {"flow_id": "nope"}}]}),
     );
     let result = engine.run(&missing, json!({})).await;
-    assert!(result.error.unwrap().contains("subflow `nope` not found"));
+    assert!(result.error.unwrap().contains("flow `nope` not found"));
 }
 
 #[tokio::test]

@@ -113,6 +113,12 @@ pub struct StepView {
     /// The error's stable code (`timeout`, `node_failed`, `node_timeout`, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_code: Option<String>,
+    /// A `map` step's items in all (shown as they are checkpointed, while it runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub items_total: Option<u32>,
+    /// How many of its items are finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub items_done: Option<u32>,
 }
 
 /// A run with its steps.
@@ -210,6 +216,8 @@ pub(crate) async fn read(
             finished_at: step.finished_at,
             error: step.error,
             error_code: step.error_code,
+            items_total: step.items.map(|p| p.total),
+            items_done: step.items.map(|p| p.done),
         });
     }
     let waits = match (&run.parked, run.status) {

@@ -216,6 +216,8 @@ pub(super) struct StepArrays {
     pub error: Vec<Option<String>>,
     pub port: Vec<Option<String>>,
     pub error_code: Vec<Option<String>>,
+    pub items_total: Vec<Option<i32>>,
+    pub items_done: Vec<Option<i32>>,
 }
 
 impl StepArrays {
@@ -233,6 +235,8 @@ impl StepArrays {
             a.error.push(row.error);
             a.port.push(row.port);
             a.error_code.push(row.error_code);
+            a.items_total.push(row.items_total);
+            a.items_done.push(row.items_done);
         }
         a
     }
@@ -248,6 +252,8 @@ impl StepArrays {
         self.error.extend(other.error);
         self.port.extend(other.port);
         self.error_code.extend(other.error_code);
+        self.items_total.extend(other.items_total);
+        self.items_done.extend(other.items_done);
     }
 }
 
@@ -325,9 +331,9 @@ impl QueryFragment<Pg> for FinishRuns {
         self.1.walk_ast(out.reborrow())?;
         out.push_sql(
             "), written AS (INSERT INTO steps (run_id, node, status, attempts, started_at, \
-             finished_at, output, error, port, error_code) SELECT s.run_id, s.node, s.status, \
-             s.attempts, s.started_at, s.finished_at, s.output, s.error, s.port, s.error_code \
-             FROM unnest(",
+             finished_at, output, error, port, error_code, items_total, items_done) SELECT \
+             s.run_id, s.node, s.status, s.attempts, s.started_at, s.finished_at, s.output, \
+             s.error, s.port, s.error_code, s.items_total, s.items_done FROM unnest(",
         );
         out.push_bind_param::<Array<Text>, _>(&s.run_id)?;
         out.push_sql(", ");
@@ -348,13 +354,19 @@ impl QueryFragment<Pg> for FinishRuns {
         out.push_bind_param::<Array<Nullable<Text>>, _>(&s.port)?;
         out.push_sql(", ");
         out.push_bind_param::<Array<Nullable<Text>>, _>(&s.error_code)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Integer>>, _>(&s.items_total)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Integer>>, _>(&s.items_done)?;
         out.push_sql(
             ") AS s(run_id, node, status, attempts, started_at, finished_at, output, error, \
-             port, error_code) WHERE s.run_id IN (SELECT id FROM run) \
+             port, error_code, items_total, items_done) WHERE s.run_id IN (SELECT id FROM run) \
              ON CONFLICT (run_id, node) DO UPDATE SET status = excluded.status, \
              attempts = excluded.attempts, started_at = excluded.started_at, \
              finished_at = excluded.finished_at, output = excluded.output, \
-             error = excluded.error, port = excluded.port, error_code = excluded.error_code) \
+             error = excluded.error, port = excluded.port, error_code = excluded.error_code, \
+             items_total = excluded.items_total, items_done = excluded.items_done), \
+             cleared AS (DELETE FROM map_items WHERE run_id IN (SELECT id FROM run)) \
              SELECT * FROM run",
         );
         Ok(())

@@ -11,10 +11,11 @@ use diesel::prelude::*;
 use flowcore::ports::{
     ApiKeyRecord, FileRecord, Lease, RunRecord, StoreResult, StoredCredential, UsageDay,
 };
-use flowcore::{RunId, RunStatus, StepRecord, StepStatus, StoreError};
+use flowcore::{ItemBatch, ItemProgress, RunId, RunStatus, StepRecord, StepStatus, StoreError};
+use serde_json::Value;
 
-use super::schema::{api_keys, credentials, files, runs, steps, usage_daily};
-use super::{from_micros, micros, stored_value, to_text};
+use super::schema::{api_keys, credentials, files, map_items, runs, steps, usage_daily};
+use super::{from_micros, from_text, micros, stored_value, to_text};
 
 /// A run's row as read.
 #[derive(Debug, Queryable, Selectable)]
@@ -159,6 +160,8 @@ pub(super) struct StepRow {
     pub error: Option<String>,
     pub port: Option<String>,
     pub error_code: Option<String>,
+    pub items_total: Option<i32>,
+    pub items_done: Option<i32>,
 }
 
 impl StepRow {
@@ -178,6 +181,8 @@ impl StepRow {
                     error: s.error.clone(),
                     port: s.port.as_deref().map(str::to_owned),
                     error_code: s.error_code.clone(),
+                    items_total: s.items.map(|p| items_count(p.total)),
+                    items_done: s.items.map(|p| items_count(p.done)),
                 })
             })
             .collect()
@@ -201,7 +206,65 @@ impl TryFrom<StepRow> for StepRecord {
             error: row.error,
             error_code: row.error_code,
             port: row.port.map(Into::into),
+            items: row
+                .items_total
+                .zip(row.items_done)
+                .map(|(total, done)| ItemProgress {
+                    total: u32::try_from(total).unwrap_or_default(),
+                    done: u32::try_from(done).unwrap_or_default(),
+                }),
         })
+    }
+}
+
+/// An item count as a SQL integer.
+fn items_count(n: u32) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// A batch of a map step's finished items: `[[index, output], ...]`.
+#[derive(Debug, Queryable, Selectable, Insertable)]
+#[diesel(table_name = map_items)]
+pub(super) struct MapItemsRow {
+    pub run_id: String,
+    pub node: String,
+    pub first_index: i32,
+    pub items: String,
+}
+
+impl MapItemsRow {
+    /// The row of `batch` of run `id`.
+    pub fn of(id: &RunId, batch: &ItemBatch) -> StoreResult<Self> {
+        let items: Vec<(u32, &Value)> = batch.items.iter().map(|(i, v)| (*i, &**v)).collect();
+        Ok(Self {
+            run_id: id.as_str().to_owned(),
+            node: batch.node.to_string(),
+            first_index: items_count(batch.items.iter().map(|(i, _)| *i).min().unwrap_or(0)),
+            items: to_text(&items)?,
+        })
+    }
+
+    /// The items it holds.
+    pub fn items(&self) -> StoreResult<Vec<(u32, Value)>> {
+        from_text(&self.items)
+    }
+
+    /// The step that shows the progress of `batch`.
+    pub fn progress(id: &RunId, batch: &ItemBatch) -> StepRow {
+        StepRow {
+            run_id: id.as_str().to_owned(),
+            node: batch.node.to_string(),
+            status: StepStatus::Running.as_str().to_owned(),
+            attempts: 1,
+            started_at: Some(micros(batch.started_at)),
+            finished_at: None,
+            output: None,
+            error: None,
+            port: None,
+            error_code: None,
+            items_total: Some(items_count(batch.progress.total)),
+            items_done: Some(items_count(batch.progress.done)),
+        }
     }
 }
 

@@ -15,12 +15,12 @@ use flowcore::ports::{
     RunStore, Signal, SignalTake, StoreResult, signal_each,
 };
 use flowcore::wait::{MAX_KEYED_RUNS, MAX_PENDING_SIGNALS, Parked};
-use flowcore::{RunId, RunStatus, StepRecord, StoreError, Transition};
+use flowcore::{ItemBatch, RunId, RunStatus, StepRecord, StepStatus, StoreError, Transition};
 use serde_json::Value;
 
 use super::prepared::{ClaimRun, EndArrays, Finish, FinishRuns, Id, Ids, StepArrays};
-use super::rows::{NewRunRow, RunRow, StepRow, run_columns};
-use super::schema::{runs, signals, steps, wait_keys};
+use super::rows::{MapItemsRow, NewRunRow, RunRow, StepRow, run_columns};
+use super::schema::{map_items, runs, signals, steps, wait_keys};
 use super::{SqlStore, db_error, from_micros, is_unique_violation, micros, to_text, with_conn};
 
 /// The run `id` while `epoch` owns it and it runs: the target of every lease-guarded write.
@@ -77,25 +77,56 @@ macro_rules! upsert {
                 steps::error.eq(excluded(steps::error)),
                 steps::port.eq(excluded(steps::port)),
                 steps::error_code.eq(excluded(steps::error_code)),
+                steps::items_total.eq(excluded(steps::items_total)),
+                steps::items_done.eq(excluded(steps::items_done)),
             ))
             .execute($conn)
+    };
+}
+
+/// The map steps among `rows` that ended, as a run id and nodes: their checkpointed items are
+/// done with (the step holds their outputs).
+fn ended_maps(rows: &[StepRow]) -> Option<(String, Vec<String>)> {
+    let nodes: Vec<String> = rows
+        .iter()
+        .filter(|r| r.items_total.is_some() && r.status != StepStatus::Running.as_str())
+        .map(|r| r.node.clone())
+        .collect();
+    Some((rows.first()?.run_id.clone(), nodes)).filter(|(_, nodes)| !nodes.is_empty())
+}
+
+/// Deletes the checkpointed items of the map steps among `rows` that ended.
+macro_rules! clear_items {
+    ($conn:expr, $rows:expr) => {
+        if let Some((run_id, nodes)) = ended_maps($rows) {
+            diesel::delete(
+                map_items::table
+                    .filter(map_items::run_id.eq(run_id))
+                    .filter(map_items::node.eq_any(nodes)),
+            )
+            .execute($conn)
+        } else {
+            return Ok(());
+        }
     };
 }
 
 impl UpsertSteps for diesel_async::AsyncPgConnection {
     async fn upsert_steps(&mut self, rows: Vec<StepRow>) -> QueryResult<()> {
         if !rows.is_empty() {
-            upsert!(self, rows).await?;
+            upsert!(self, &rows).await?;
         }
+        clear_items!(self, &rows).await?;
         Ok(())
     }
 }
 
 impl UpsertSteps for super::Sqlite {
     async fn upsert_steps(&mut self, rows: Vec<StepRow>) -> QueryResult<()> {
-        for row in rows {
+        for row in &rows {
             upsert!(&mut *self, row).await?;
         }
+        clear_items!(&mut *self, &rows).await?;
         Ok(())
     }
 }
@@ -110,7 +141,7 @@ mod blocking {
     use diesel::{RunQueryDsl, SqliteConnection};
 
     use super::super::prepared::{Finish, FinishRun};
-    use super::{NewRunRow, RunRow, StepRow, owned_run, run_columns, runs, steps};
+    use super::{NewRunRow, RunRow, StepRow, map_items, owned_run, run_columns, runs, steps};
 
     /// The final write of a run, under the caller's epoch: its last steps, then the run row.
     /// No savepoint is needed (the batch's other writes must survive a failure here): the
@@ -126,11 +157,20 @@ mod blocking {
         if !owned {
             return Ok(None);
         }
+        let ended = super::ended_maps(&rows);
         for row in rows {
             // REPLACE writes every column, so replacing a row is updating it.
             diesel::replace_into(steps::table)
                 .values(row)
                 .execute(conn)?;
+        }
+        if let Some((run_id, nodes)) = ended {
+            diesel::delete(
+                map_items::table
+                    .filter(map_items::run_id.eq(run_id))
+                    .filter(map_items::node.eq_any(nodes)),
+            )
+            .execute(conn)?;
         }
         FinishRun::new(end).get_result(conn).optional()
     }
@@ -259,6 +299,9 @@ macro_rules! delete_belongings {
             .execute($conn)
             .await?;
         diesel::delete(wait_keys::table.filter(wait_keys::run_id.eq_any($ids)))
+            .execute($conn)
+            .await?;
+        diesel::delete(map_items::table.filter(map_items::run_id.eq_any($ids)))
             .execute($conn)
             .await?;
     }};
@@ -478,6 +521,75 @@ impl RunStore for SqlStore {
             return Err(StoreError::not_found("run", id.as_str()));
         }
         rows.into_iter().map(StepRecord::try_from).collect()
+    }
+
+    async fn record_items(&self, id: &RunId, epoch: u64, batch: &ItemBatch) -> StoreResult<()> {
+        if batch.items.is_empty() {
+            return Ok(());
+        }
+        let (row, progress) = (
+            MapItemsRow::of(id, batch)?,
+            MapItemsRow::progress(id, batch),
+        );
+        let owned: bool = with_conn!(self, write, |conn| {
+            let (run_id, row, progress) = (id.as_str().to_owned(), row, progress);
+            conn.transaction(async move |conn| {
+                if !touch_owned!(conn, &run_id, epoch) {
+                    return Ok::<bool, diesel::result::Error>(false);
+                }
+                // A batch written again (a retried write that had committed) is the same batch.
+                diesel::insert_into(map_items::table)
+                    .values(row)
+                    .on_conflict_do_nothing()
+                    .execute(conn)
+                    .await?;
+                // The progress shows on a running step only: an ended step stays as it is.
+                let upsert = diesel::insert_into(steps::table)
+                    .values(progress)
+                    .on_conflict((steps::run_id, steps::node))
+                    .do_update()
+                    .set((
+                        steps::items_total.eq(excluded(steps::items_total)),
+                        steps::items_done.eq(excluded(steps::items_done)),
+                    ));
+                diesel::query_dsl::methods::FilterDsl::filter(
+                    upsert,
+                    steps::status.eq(StepStatus::Running.as_str()),
+                )
+                .execute(conn)
+                .await?;
+                Ok(true)
+            })
+            .await
+            .map_err(|e| db_error("recording items", e))?
+        });
+        if owned {
+            Ok(())
+        } else {
+            Err(self.stale(id, epoch).await)
+        }
+    }
+
+    async fn items(&self, id: &RunId, node: &str) -> StoreResult<Vec<(u32, Value)>> {
+        let rows: Vec<MapItemsRow> = with_conn!(self, read, |conn| {
+            map_items::table
+                .filter(map_items::run_id.eq(id.as_str()))
+                .filter(map_items::node.eq(node))
+                .select(MapItemsRow::as_select())
+                .order(map_items::first_index.asc())
+                .load(conn)
+                .await
+                .map_err(|e| db_error("reading items", e))?
+        });
+        let mut items = Vec::new();
+        for row in rows {
+            items.extend(row.items()?);
+        }
+        items.sort_unstable_by_key(|(index, _)| *index);
+        if items.is_empty() && self.get_row(id.as_str()).await?.is_none() {
+            return Err(StoreError::not_found("run", id.as_str()));
+        }
+        Ok(items)
     }
 
     async fn finish(&self, id: &RunId, epoch: u64, outcome: RunOutcome) -> StoreResult<RunRecord> {

@@ -73,6 +73,17 @@ diesel::table! {
         error -> Nullable<Text>,
         port -> Nullable<Text>,
         error_code -> Nullable<Text>,
+        items_total -> Nullable<Integer>,
+        items_done -> Nullable<Integer>,
+    }
+}
+
+diesel::table! {
+    map_items (run_id, node, first_index) {
+        run_id -> Text,
+        node -> Text,
+        first_index -> Integer,
+        items -> Text,
     }
 }
 
@@ -139,5 +150,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     runs,
     steps,
     signals,
-    wait_keys
+    wait_keys,
+    map_items
 );

@@ -3,11 +3,13 @@
 mod basic;
 #[cfg(feature = "http")]
 pub(crate) mod http;
+mod map;
 #[cfg(feature = "script")]
 mod script;
 mod subflow;
 mod wait;
 
+pub use map::{MAX_CONCURRENCY as MAX_MAP_CONCURRENCY, MAX_ITEMS as MAX_MAP_ITEMS};
 pub use wait::is_signal_name;
 
 use serde::de::DeserializeOwned;
@@ -24,7 +26,8 @@ pub(crate) fn register_builtins(registry: &mut Registry) {
         .register("noop", basic::noop)
         .register("delay", wait::delay)
         .register("wait", wait::wait)
-        .register("subflow", subflow::build);
+        .register("subflow", subflow::build)
+        .register("map", map::MapFactory);
     #[cfg(feature = "script")]
     registry.register("script", script::build);
     #[cfg(feature = "http")]

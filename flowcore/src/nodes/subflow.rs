@@ -9,6 +9,7 @@ use crate::error::{NodeError, ParamError, StoreError};
 use crate::expr::{References, ValueTemplate};
 use crate::model::is_valid_id;
 use crate::node::{Node, NodeContext, Output};
+use crate::plan::Plan;
 use crate::run::RunStatus;
 
 struct Subflow {
@@ -45,35 +46,50 @@ pub(crate) fn build(params: &Value) -> Result<Box<dyn Node>, ParamError> {
     }))
 }
 
+/// The compiled plan of stored flow `flow_id` (its latest version, or `version`), to run as a
+/// child: compiled once per version, and refused when it has `wait` nodes (only a top-level
+/// run can park).
+pub(crate) async fn load_stored(
+    cx: &NodeContext,
+    flow_id: &str,
+    version: Option<u32>,
+) -> Result<Plan, NodeError> {
+    let engine = cx.engine();
+    let stored = engine
+        .flow_store()
+        .get(flow_id, version)
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound { .. } => NodeError::fatal(format!("flow `{flow_id}` not found")),
+            e if e.is_retryable() => NodeError::retryable(format!("loading flow `{flow_id}`: {e}")),
+            e => NodeError::fatal(format!("loading flow `{flow_id}`: {e}")),
+        })?;
+    let plan = match engine.compiled(&stored) {
+        Some(plan) => plan,
+        // Compiled once per version, on the blocking pool: a large flow is milliseconds of
+        // CPU that must not hold up the runtime's threads.
+        None => {
+            let engine = engine.clone();
+            tokio::task::spawn_blocking(move || engine.compile_stored(&stored))
+                .await
+                .map_err(|e| NodeError::fatal(format!("compiling flow `{flow_id}`: {e}")))?
+                .map_err(|e| NodeError::fatal(format!("flow `{flow_id}`: {e}")))?
+        }
+    };
+    if !plan.signals().is_empty() {
+        return Err(NodeError::fatal(format!(
+            "flow `{flow_id}` has `wait` nodes, which a subflow or a `map` item cannot have \
+             (only a top-level run can park)"
+        )));
+    }
+    Ok(plan)
+}
+
 #[async_trait]
 impl Node for Subflow {
     async fn run(&self, cx: &NodeContext) -> Result<Output, NodeError> {
         let engine = cx.engine();
-        let stored = engine
-            .flow_store()
-            .get(&self.flow_id, self.version)
-            .await
-            .map_err(|e| match e {
-                StoreError::NotFound { .. } => {
-                    NodeError::fatal(format!("subflow `{}` not found", self.flow_id))
-                }
-                e if e.is_retryable() => {
-                    NodeError::retryable(format!("loading subflow `{}`: {e}", self.flow_id))
-                }
-                e => NodeError::fatal(format!("loading subflow `{}`: {e}", self.flow_id)),
-            })?;
-        let plan = match engine.compiled(&stored) {
-            Some(plan) => plan,
-            // Compiled once per version, on the blocking pool: a large flow is milliseconds of
-            // CPU that must not hold up the runtime's threads.
-            None => {
-                let engine = engine.clone();
-                tokio::task::spawn_blocking(move || engine.compile_stored(&stored))
-                    .await
-                    .map_err(|e| NodeError::fatal(format!("compiling a subflow: {e}")))?
-                    .map_err(|e| NodeError::fatal(format!("subflow `{}`: {e}", self.flow_id)))?
-            }
-        };
+        let plan = load_stored(cx, &self.flow_id, self.version).await?;
         let input = match &self.input {
             Some(t) => t
                 .render(&cx.scope())

@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::{Page, StoreResult};
 use crate::error::StoreError;
 use crate::ids::RunId;
-use crate::run::{RunStatus, StepRecord, Transition};
+use crate::run::{ItemBatch, RunStatus, StepRecord, Transition};
 use crate::wait::Parked;
 
 /// A new run, as the API accepts it.
@@ -286,6 +286,14 @@ pub trait RunStore: Send + Sync {
     async fn record_steps(&self, id: &RunId, epoch: u64, steps: &[StepRecord]) -> StoreResult<()>;
     /// The recorded steps of a run.
     async fn steps(&self, id: &RunId) -> StoreResult<Vec<StepRecord>>;
+    /// Checkpoints finished items of a `map` step in one write, and shows the step's progress
+    /// (a `running` step with its [`ItemProgress`](crate::ItemProgress), unless the step is
+    /// already recorded as ended). The items stay until a final step of that node is recorded
+    /// (by `record_steps`, `finish` or `park`) or the run is deleted. `StaleLease` when `epoch`
+    /// is not current.
+    async fn record_items(&self, id: &RunId, epoch: u64, batch: &ItemBatch) -> StoreResult<()>;
+    /// The items of `node`'s map step checkpointed by [`RunStore::record_items`], by index.
+    async fn items(&self, id: &RunId, node: &str) -> StoreResult<Vec<(u32, Value)>>;
     /// Writes the final status of a running run and its last steps, atomically. `StaleLease`
     /// when `epoch` is not current.
     async fn finish(&self, id: &RunId, epoch: u64, outcome: RunOutcome) -> StoreResult<RunRecord>;

@@ -17,6 +17,7 @@ mod blobs;
 mod durable;
 mod events;
 mod flows;
+mod items;
 mod limits;
 mod queue;
 #[cfg(feature = "records")]
@@ -33,6 +34,7 @@ pub use blobs::blob_store;
 pub use durable::durable_runs;
 pub use events::{event_bus, run_signals};
 pub use flows::{flow_changes, flow_store};
+pub use items::map_items;
 pub use limits::rate_limiter;
 pub use queue::queue;
 #[cfg(feature = "records")]
@@ -148,7 +150,7 @@ impl Backend {
 
 /// Runs every suite that applies to `backend`: each port it implements against its suite (the
 /// run store's: records, every move between statuses, parked runs, timers and signals,
-/// concurrent creates and finishes, pruning and durable execution). Panics, naming the backend and the suite, at the first case
+/// checkpointed map items, concurrent creates and finishes, pruning and durable execution). Panics, naming the backend and the suite, at the first case
 /// that fails.
 pub async fn check(backend: &Backend) {
     // Names the suite on stderr (a failure's panic then says where it was), then runs it.
@@ -165,6 +167,7 @@ pub async fn check(backend: &Backend) {
         suite!(run_store(runs.as_ref()));
         suite!(transitions(runs.as_ref()));
         suite!(parked_runs(runs.clone()));
+        suite!(map_items(runs.as_ref()));
         suite!(concurrent_creates(runs.clone()));
         suite!(concurrent_finishes(runs.clone()));
         suite!(pruning(runs.as_ref()));
@@ -217,5 +220,6 @@ fn step(node: &str, status: StepStatus) -> StepRecord {
         error: None,
         error_code: None,
         port: None,
+        items: None,
     }
 }

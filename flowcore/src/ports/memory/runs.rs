@@ -15,7 +15,7 @@ use crate::ports::{
     Due, Lapsed, Lease, NewRun, Page, Park, PruneRule, RunFilter, RunOutcome, RunRecord, RunStore,
     Signal, SignalTake, StoreResult, signal_each,
 };
-use crate::run::{Move, RunStatus, StepRecord, Transition};
+use crate::run::{ItemBatch, Move, RunStatus, StepRecord, StepStatus, Transition};
 use crate::wait::{MAX_KEYED_RUNS, MAX_PENDING_SIGNALS};
 
 /// Runs in memory.
@@ -37,6 +37,8 @@ struct RunState {
     signals: HashMap<RunId, Vec<StoredSignal>>,
     /// When each woken run that no worker claimed since was woken.
     woken: HashMap<RunId, DateTime<Utc>>,
+    /// Checkpointed items of map steps, by run and node.
+    items: HashMap<RunId, HashMap<String, BTreeMap<u32, Value>>>,
 }
 
 /// A signal sent to a run.
@@ -64,6 +66,19 @@ impl RunState {
                 None => stored.push(step.clone()),
             }
         }
+        // A map step that ended holds its items' outputs: their checkpoints are done with.
+        if let Some(items) = self.items.get_mut(id) {
+            for step in steps.iter().filter(|s| s.status != StepStatus::Running) {
+                items.remove(&*step.node);
+            }
+        }
+    }
+
+    /// Forgets what run `id` holds besides its record.
+    fn drop_belongings(&mut self, id: &RunId) {
+        self.steps.remove(id);
+        self.signals.remove(id);
+        self.items.remove(id);
     }
 
     fn run_mut(&mut self, id: &RunId) -> StoreResult<&mut RunRecord> {
@@ -249,6 +264,50 @@ impl RunStore for MemoryRunStore {
         let mut st = lock(&self.state);
         st.run_mut(id)?;
         Ok(st.steps.get(id).cloned().unwrap_or_default())
+    }
+
+    async fn record_items(&self, id: &RunId, epoch: u64, batch: &ItemBatch) -> StoreResult<()> {
+        let mut st = lock(&self.state);
+        st.owned_mut(id, epoch)?;
+        let steps = st.steps.entry(id.clone()).or_default();
+        let progress = StepRecord {
+            node: batch.node.clone(),
+            status: StepStatus::Running,
+            attempts: 1,
+            started_at: Some(batch.started_at),
+            finished_at: None,
+            output: None,
+            error: None,
+            error_code: None,
+            port: None,
+            items: Some(batch.progress),
+        };
+        match steps.iter_mut().find(|s| s.node == batch.node) {
+            Some(step) if step.status != StepStatus::Running => return Ok(()),
+            Some(step) => *step = progress,
+            None => steps.push(progress),
+        }
+        let items = st
+            .items
+            .entry(id.clone())
+            .or_default()
+            .entry(batch.node.to_string())
+            .or_default();
+        for (index, value) in &batch.items {
+            items.insert(*index, (**value).clone());
+        }
+        Ok(())
+    }
+
+    async fn items(&self, id: &RunId, node: &str) -> StoreResult<Vec<(u32, Value)>> {
+        let mut st = lock(&self.state);
+        st.run_mut(id)?;
+        Ok(st
+            .items
+            .get(id)
+            .and_then(|nodes| nodes.get(node))
+            .map(|items| items.iter().map(|(i, v)| (*i, v.clone())).collect())
+            .unwrap_or_default())
     }
 
     async fn finish(&self, id: &RunId, epoch: u64, outcome: RunOutcome) -> StoreResult<RunRecord> {
@@ -517,8 +576,7 @@ impl RunStore for MemoryRunStore {
                 run.trigger = None;
                 run.data_pruned = true;
             }
-            st.steps.remove(id);
-            st.signals.remove(id);
+            st.drop_belongings(id);
         }
         Ok(chosen)
     }
@@ -536,8 +594,7 @@ impl RunStore for MemoryRunStore {
                     st.idempotency.remove(&(run.flow_id, key));
                 }
             }
-            st.steps.remove(id);
-            st.signals.remove(id);
+            st.drop_belongings(id);
             gone.push(id.clone());
         }
         Ok(gone)

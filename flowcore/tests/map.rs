@@ -1,0 +1,307 @@
+//! `map`: a child flow per item, in item order, bounded at once; failed items; limits; stored
+//! and inline children; nesting; cancellation; and checkpointed items in durable execution.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{Probe, compile, engine};
+use flowcore::durable::{self, DurableOptions, Hooks};
+use flowcore::ports::memory::{MemoryFlowStore, MemoryRunStore};
+use flowcore::ports::{FlowStore, NewRun, RunStore};
+use flowcore::{Engine, FlowDef, ItemProgress, RunEvent, RunOptions, RunStatus, StepStatus};
+use serde_json::{Value, json};
+
+/// A flow of one `map` node with `params`, over `input.items`.
+fn mapping(params: Value) -> Value {
+    let mut params = params;
+    params["items"] = json!("{{ input.items }}");
+    json!({"nodes": [{"id": "m", "type": "map", "params": params}]})
+}
+
+#[tokio::test]
+async fn outputs_come_in_item_order_and_at_most_concurrency_items_run_at_once() {
+    let probe = Arc::new(Probe::default());
+    let engine = engine(&probe);
+    // Later items finish first: the output is still in item order.
+    let plan = compile(
+        &engine,
+        mapping(json!({
+            "flow": {"nodes": [
+                {"id": "p", "type": "probe", "params": {"sleep_ms": 20}},
+                {"id": "br", "type": "branch", "params": {"condition": "input % 2 == 0"}},
+                {"id": "slow", "type": "delay", "params": {"ms": 40}},
+                {"id": "out", "type": "script", "params": {"source": "input * 10"}}
+            ], "edges": [
+                {"from": "p", "to": "br"},
+                {"from": "br", "port": "true", "to": "slow"},
+                {"from": "slow", "to": "out"},
+                {"from": "br", "port": "false", "to": "out"}
+            ], "output": "out"},
+            "concurrency": 3
+        })),
+    );
+    let items: Vec<u32> = (0..12).collect();
+    let result = engine.run(&plan, json!({ "items": items })).await;
+    assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
+    let expected: Vec<u32> = items.iter().map(|i| i * 10).collect();
+    assert_eq!(result.output, Some(json!(expected)));
+    assert_eq!(probe.runs_of("p"), 12, "one child per item");
+    assert_eq!(probe.max_in_flight.load(Ordering::SeqCst), 3);
+    let step = result.step("m").unwrap();
+    assert_eq!(
+        step.items,
+        Some(ItemProgress {
+            total: 12,
+            done: 12
+        })
+    );
+}
+
+#[tokio::test]
+async fn the_input_template_sees_item_index_and_the_parents_scope() {
+    let engine = Engine::new();
+    let plan = compile(
+        &engine,
+        json!({
+            "nodes": [
+                {"id": "first", "type": "set", "params": {"fields": {"tag": "t"}}},
+                {"id": "m", "type": "map", "params": {
+                    "items": "{{ input.orders }}",
+                    "input": {"order": "{{ item }}", "n": "{{ index }}", "customer": "{{ input.customer }}", "tag": "{{ nodes.first.tag }}"},
+                    "flow": {"nodes": [{"id": "t", "type": "template", "params": {"template": "{{ input.customer }}-{{ input.n }}-{{ input.order.id }}-{{ input.tag }}"}}]}
+                }}
+            ],
+            "edges": [{"from": "first", "to": "m"}]
+        }),
+    );
+    let input = json!({"customer": "ada", "orders": [{"id": "a"}, {"id": "b"}]});
+    let result = engine.run(&plan, input).await;
+    assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
+    assert_eq!(result.output, Some(json!(["ada-0-a-t", "ada-1-b-t"])));
+}
+
+#[tokio::test]
+async fn a_failed_item_fails_the_node_or_becomes_an_error_entry() {
+    let engine = Engine::new();
+    let child = json!({"nodes": [{"id": "s", "type": "script", "params": {"source": "if input == 2 { throw \"two\" } input"}}]});
+    let fail = compile(&engine, mapping(json!({"flow": child})));
+    let result = engine.run(&fail, json!({"items": [1, 2, 3]})).await;
+    assert_eq!(result.status, RunStatus::Failed);
+    let error = result.error.unwrap();
+    assert!(
+        error.contains("item 1 failed") && error.contains("two"),
+        "{error}"
+    );
+
+    let go_on = compile(
+        &engine,
+        mapping(json!({"flow": child, "on_item_error": "continue"})),
+    );
+    let result = engine.run(&go_on, json!({"items": [1, 2, 3]})).await;
+    assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
+    let out = result.output.unwrap();
+    assert_eq!((&out[0], &out[2]), (&json!(1), &json!(3)));
+    assert_eq!(out[1]["code"], "node_failed");
+    assert!(out[1]["error"].as_str().unwrap().contains("two"), "{out}");
+}
+
+#[tokio::test]
+async fn bad_items_and_too_many_items_fail_with_a_clear_error() {
+    let engine = Engine::new();
+    let plan = compile(
+        &engine,
+        mapping(json!({"flow": {"nodes": [{"id": "n", "type": "noop"}]}, "max_items": 3})),
+    );
+    let result = engine.run(&plan, json!({"items": [1, 2, 3, 4]})).await;
+    assert_eq!(result.status, RunStatus::Failed);
+    assert!(
+        result
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("4 items, more than max_items (3)"),
+        "{:?}",
+        result.error
+    );
+    let result = engine.run(&plan, json!({"items": "nope"})).await;
+    assert!(
+        result
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("must give an array, not a string"),
+        "{:?}",
+        result.error
+    );
+    // Params are checked when the flow is compiled, the inline flow with them.
+    let bad = |params: Value| {
+        let flow = FlowDef::from_value(mapping(params)).unwrap();
+        engine.compile(&flow).unwrap_err().to_string()
+    };
+    let noop = json!({"nodes": [{"id": "n", "type": "noop"}]});
+    assert!(bad(json!({"flow": noop, "concurrency": 0})).contains("concurrency"));
+    assert!(bad(json!({"flow": noop, "max_items": 100_001})).contains("max_items"));
+    assert!(bad(json!({"flow": noop, "flow_id": "x"})).contains("exactly one of flow_id and flow"));
+    assert!(bad(json!({})).contains("exactly one of flow_id and flow"));
+    assert!(
+        bad(json!({"flow": {"nodes": [{"id": "n", "type": "nope"}]}}))
+            .contains("unknown node type `nope`")
+    );
+    let waits =
+        bad(json!({"flow": {"nodes": [{"id": "w", "type": "wait", "params": {"signal": "s"}}]}}));
+    assert!(waits.contains("`wait` is not allowed"), "{waits}");
+    // A reference to a name the scope does not have is refused; `item` and `index` are there.
+    let unknown = bad(json!({"flow": noop, "input": "{{ itme }}"}));
+    assert!(unknown.contains("itme"), "{unknown}");
+}
+
+#[tokio::test]
+async fn a_stored_child_runs_by_flow_id_and_one_that_waits_is_refused() {
+    let flows = Arc::new(MemoryFlowStore::new());
+    let engine = Engine::builder().flow_store(flows.clone()).build();
+    flows
+        .create(
+            &FlowDef::from_value(json!({"id": "double", "nodes": [{"id": "t", "type": "script", "params": {"source": "input * 2"}}]}))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    flows
+        .create(
+            &FlowDef::from_value(json!({"id": "waits", "nodes": [{"id": "w", "type": "wait", "params": {"signal": "s"}}]}))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let plan = compile(&engine, mapping(json!({"flow_id": "double"})));
+    let result = engine.run(&plan, json!({"items": [1, 2]})).await;
+    assert_eq!(result.output, Some(json!([2, 4])), "{:?}", result.error);
+    let plan = compile(&engine, mapping(json!({"flow_id": "waits"})));
+    let result = engine.run(&plan, json!({"items": [1]})).await;
+    assert!(
+        result
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("has `wait` nodes"),
+        "{:?}",
+        result.error
+    );
+    let plan = compile(&engine, mapping(json!({"flow_id": "missing"})));
+    let result = engine.run(&plan, json!({"items": [1]})).await;
+    assert!(
+        result
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("flow `missing` not found")
+    );
+}
+
+#[tokio::test]
+async fn a_map_inside_a_map_works() {
+    let engine = Engine::new();
+    let plan = compile(
+        &engine,
+        mapping(json!({
+            "flow": {"nodes": [{"id": "inner", "type": "map", "params": {
+                "items": "{{ input }}",
+                "flow": {"nodes": [{"id": "t", "type": "script", "params": {"source": "input + 1"}}]}
+            }}]}
+        })),
+    );
+    let result = engine.run(&plan, json!({"items": [[1, 2], [], [3]]})).await;
+    assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
+    assert_eq!(result.output, Some(json!([[2, 3], [], [4]])));
+}
+
+#[tokio::test]
+async fn cancelling_the_parent_stops_every_child_and_a_childs_delay_sleeps_in_place() {
+    let probe = Arc::new(Probe::default());
+    let engine = engine(&probe);
+    let plan = compile(
+        &engine,
+        mapping(json!({
+            "flow": {"nodes": [
+                {"id": "p", "type": "probe", "params": {"sleep_ms": 60000}}
+            ]},
+            "concurrency": 4
+        })),
+    );
+    let handle = engine.start(
+        &plan,
+        json!({"items": [1, 2, 3, 4, 5, 6]}),
+        RunOptions::default(),
+    );
+    for _ in 0..200 {
+        if probe.in_flight.load(Ordering::SeqCst) == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        probe.in_flight.load(Ordering::SeqCst),
+        4,
+        "four children run"
+    );
+    handle.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(5), handle.wait())
+        .await
+        .expect("the run ends at once");
+    assert_eq!(result.status, RunStatus::Cancelled);
+    assert_eq!(probe.runs_of("p"), 4, "no item started after the cancel");
+
+    // In a durable execution a child's delay does not park the run: it sleeps in place.
+    let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new());
+    let engine = Engine::new();
+    let plan = compile(
+        &engine,
+        mapping(json!({"flow": {"nodes": [{"id": "d", "type": "delay", "params": {"ms": 1100}}]}})),
+    );
+    let options = DurableOptions::new("w");
+    let new = NewRun::new("f", 1, json!({"items": [1, 2]})).claimed(options.claim());
+    let (run, _) = runs.create(new).await.unwrap();
+    let done = durable::execute(&engine, &plan, &runs, &run, &options, Hooks::default())
+        .await
+        .unwrap();
+    assert_eq!(done.status, RunStatus::Succeeded, "{:?}", done.error);
+}
+
+#[tokio::test]
+async fn progress_is_told_as_items_finish() {
+    let engine = Engine::new();
+    let plan = compile(
+        &engine,
+        mapping(json!({"flow": {"nodes": [
+            {"id": "a", "type": "noop"}, {"id": "b", "type": "noop"}
+        ]}})),
+    );
+    let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let options = RunOptions {
+        events: Some(Arc::new(move |e: &RunEvent| {
+            sink.lock().unwrap().push(e.clone())
+        })),
+        ..Default::default()
+    };
+    let result = engine
+        .execute(&plan, json!({"items": [1, 2, 3]}), options)
+        .await;
+    assert_eq!(result.status, RunStatus::Succeeded);
+    let events = events.lock().unwrap();
+    let (done, executions) = events
+        .iter()
+        .filter_map(|e| match e {
+            RunEvent::ItemsDone {
+                done, executions, ..
+            } => Some((*done, *executions)),
+            _ => None,
+        })
+        .fold((0, 0), |(_, n), (done, e)| (done, n + e));
+    assert_eq!(done, 3, "the last event says every item is done");
+    assert_eq!(executions, 6, "two node executions per item, told once");
+    assert_eq!(result.step("m").unwrap().status, StepStatus::Succeeded);
+}

@@ -305,3 +305,132 @@ async fn progress_is_told_as_items_finish() {
     assert_eq!(executions, 6, "two node executions per item, told once");
     assert_eq!(result.step("m").unwrap().status, StepStatus::Succeeded);
 }
+
+/// Records each input it runs with, after `sleep`, and outputs it doubled; items from 20 up
+/// take a minute while `slow_tail` is set.
+struct Seen {
+    inputs: Arc<std::sync::Mutex<Vec<Value>>>,
+    sleep: Duration,
+    slow_tail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[flowcore::async_trait]
+impl flowcore::Node for Seen {
+    async fn run(
+        &self,
+        cx: &flowcore::NodeContext,
+    ) -> Result<flowcore::Output, flowcore::NodeError> {
+        let n = cx.input().as_u64().unwrap_or_default();
+        if n >= 20 && self.slow_tail.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        tokio::time::sleep(self.sleep).await;
+        self.inputs.lock().unwrap().push((**cx.input()).clone());
+        Ok(json!(cx.input().as_u64().unwrap_or_default() * 2).into())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_durable_run_executes_only_the_items_that_had_not_finished() {
+    let inputs = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut registry = flowcore::Registry::with_builtins();
+    let seen = inputs.clone();
+    let slow_tail = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let slow = slow_tail.clone();
+    registry.register(
+        "seen",
+        move |_: &Value| -> Result<Box<dyn flowcore::Node>, flowcore::ParamError> {
+            Ok(Box::new(Seen {
+                inputs: seen.clone(),
+                sleep: Duration::from_millis(40),
+                slow_tail: slow.clone(),
+            }))
+        },
+    );
+    let engine = Engine::builder().registry(registry).build();
+    let plan = compile(
+        &engine,
+        mapping(json!({"flow": {"nodes": [{"id": "s", "type": "seen"}]}, "concurrency": 4})),
+    );
+    let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new());
+    let options = DurableOptions::new("w1");
+    let items: Vec<u64> = (0..40).collect();
+    let new = NewRun::new("f", 1, json!({ "items": items })).claimed(options.claim());
+    let (run, _) = runs.create(new).await.unwrap();
+
+    // The worker hands the run back half way (as a shutdown does), the first items finished
+    // and checkpointed, the last ones still running: what was checkpointed stays done.
+    let hand_back = flowcore::CancellationToken::new();
+    let hooks = Hooks {
+        hand_back: Some(hand_back.clone()),
+        ..Hooks::default()
+    };
+    let stopper = tokio::spawn({
+        let runs = runs.clone();
+        let id = run.id.clone();
+        async move {
+            for _ in 0..500 {
+                if runs.items(&id, "m").await.unwrap().len() >= 16 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            hand_back.cancel();
+        }
+    });
+    let handed = durable::execute(&engine, &plan, &runs, &run, &options, hooks)
+        .await
+        .unwrap();
+    stopper.await.unwrap();
+    assert_eq!(handed.status, RunStatus::Queued, "handed back");
+    let checkpointed: Vec<u32> = runs
+        .items(&run.id, "m")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        checkpointed.len() >= 16 && checkpointed.iter().all(|i| *i < 20),
+        "{checkpointed:?}"
+    );
+    let steps = runs.steps(&run.id).await.unwrap();
+    let progress = steps.iter().find(|s| &*s.node == "m").unwrap();
+    assert_eq!(progress.status, StepStatus::Running);
+    assert_eq!(progress.items.unwrap().total, 40);
+
+    // Another worker resumes it.
+    slow_tail.store(false, Ordering::SeqCst);
+    let run = runs
+        .claim_run(&run.id, "w2", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let options = DurableOptions::new("w2");
+    let done = durable::execute(&engine, &plan, &runs, &run, &options, Hooks::default())
+        .await
+        .unwrap();
+    assert_eq!(done.status, RunStatus::Succeeded, "{:?}", done.error);
+    let doubled: Vec<u64> = items.iter().map(|i| i * 2).collect();
+    assert_eq!(done.output, Some(json!(doubled)), "every item's result");
+    let inputs = inputs.lock().unwrap();
+    for index in &checkpointed {
+        let ran = inputs.iter().filter(|v| **v == json!(index)).count();
+        assert_eq!(ran, 1, "checkpointed item {index} ran once");
+    }
+    for index in &items {
+        assert!(inputs.contains(&json!(index)), "item {index} ran");
+    }
+    let steps = runs.steps(&run.id).await.unwrap();
+    let step = steps.iter().find(|s| &*s.node == "m").unwrap();
+    assert_eq!(
+        step.items,
+        Some(ItemProgress {
+            total: 40,
+            done: 40
+        })
+    );
+    assert!(
+        runs.items(&run.id, "m").await.unwrap().is_empty(),
+        "cleared"
+    );
+}

@@ -299,7 +299,23 @@ impl Node for Map {
                 running
                     .push(async move { (index, engine.execute_item(plan, input, cx, run).await) });
             }
-            let Some((index, result)) = running.next().await else {
+            // Finished items wait at most BATCH_AGE for their checkpoint, even while the items
+            // still running take long.
+            let next = match pending.since {
+                Some(since) => {
+                    let due = tokio::time::Instant::from_std(since + BATCH_AGE);
+                    match tokio::time::timeout_at(due, running.next()).await {
+                        Ok(next) => next,
+                        Err(_) => {
+                            self.checkpoint(cx, &node, &mut pending, total, done, started_at)
+                                .await?;
+                            continue;
+                        }
+                    }
+                }
+                None => running.next().await,
+            };
+            let Some((index, result)) = next else {
                 break;
             };
             let value = match outcome(index, result) {

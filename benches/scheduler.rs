@@ -2,6 +2,7 @@
 //!
 //! - `baseline/*`: a bare `tokio::spawn` + join, the yardstick for per-node overhead.
 //! - `schedule/*`: no-op nodes through the engine (chain, fan-out, layered diamonds).
+//! - `map/*`: a `map` of 10,000 items over a one-node child.
 //! - `compile/*`: compiling large flows.
 //! - `run/greet_4_nodes`: the contract's example flow (set -> branch -> set) end to end,
 //!   1,000 runs per iteration, 100 in flight at a time, on a 2-thread runtime.
@@ -106,6 +107,34 @@ fn schedule(c: &mut Criterion) {
     g.finish();
 }
 
+/// `map` over 10,000 items of a one-node (`noop`) child: the cost of an item (a child run
+/// of one node) against a node's (`schedule/*`).
+fn mapping(c: &mut Criterion) {
+    let rt = runtime();
+    let engine = Engine::new();
+    let mut g = c.benchmark_group("map");
+    let items: Vec<usize> = (0..10_000).collect();
+    let input = json!({ "items": items });
+    for concurrency in [8, 64] {
+        let flow = FlowDef::from_value(json!({"nodes": [{"id": "m", "type": "map", "params": {
+            "items": "{{ input.items }}",
+            "concurrency": concurrency,
+            "flow": {"nodes": [{"id": "n", "type": "noop"}]}
+        }}]}))
+        .expect("flow");
+        let plan = compile(&engine, &flow);
+        g.throughput(Throughput::Elements(10_000));
+        g.bench_function(format!("noop_child_10000_at_{concurrency}"), |b| {
+            b.to_async(&rt).iter(|| async {
+                let result = engine.run(&plan, input.clone()).await;
+                assert_eq!(result.status, flowcore::RunStatus::Succeeded);
+                black_box(result)
+            });
+        });
+    }
+    g.finish();
+}
+
 fn compiling(c: &mut Criterion) {
     let engine = Engine::new();
     let mut g = c.benchmark_group("compile");
@@ -202,6 +231,6 @@ fn end_to_end(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(3));
-    targets = baseline, schedule, compiling, end_to_end
+    targets = baseline, schedule, mapping, compiling, end_to_end
 }
 criterion_main!(benches);

@@ -711,16 +711,10 @@ impl Driver {
         let limit = run.plan.max_concurrency().unwrap_or(usize::MAX);
         let mut running = FuturesUnordered::new();
         // A map item has no timer of its own unless its flow sets one (a timer per item would
-        // cost more than a small item): its parent's ends it.
+        // cost more than a small item): its parent's ends it. A sleep never polled is never
+        // registered with the timer.
         let timed = !self.is_item || run.plan.timeout().is_some();
-        let limit_time = self.timeout;
-        let deadline = async move {
-            if timed {
-                tokio::time::sleep(limit_time).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        };
+        let deadline = tokio::time::sleep(self.timeout);
         tokio::pin!(deadline);
         let token = run.cancel.clone();
         let cancelled = token.cancelled();
@@ -779,7 +773,7 @@ impl Driver {
             tokio::select! {
                 biased;
                 () = &mut cancelled => failure = Some((RunStatus::Cancelled, "the run was cancelled".to_owned())),
-                () = &mut deadline => failure = Some((
+                () = &mut deadline, if timed => failure = Some((
                     RunStatus::TimedOut,
                     format!("the run timed out after {} s", self.timeout.as_secs_f64()),
                 )),

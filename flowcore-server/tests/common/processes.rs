@@ -35,7 +35,7 @@ fn cli_migrate_and_api_key_create() {
     );
     assert_eq!(
         String::from_utf8_lossy(&first.stdout).trim(),
-        "5 migration(s) applied"
+        "6 migration(s) applied"
     );
     assert_eq!(
         String::from_utf8_lossy(&run(&["migrate"]).stdout).trim(),
@@ -121,7 +121,7 @@ fn echo_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let record = seen.clone();
     std::thread::spawn(move || {
-        for sock in listener.incoming().take(100) {
+        for sock in listener.incoming().take(5000) {
             let Ok(mut sock) = sock else { return };
             let mut reader = BufReader::new(sock.try_clone().unwrap());
             let mut authorization = String::new();
@@ -416,6 +416,95 @@ fn parked_runs_survive_a_kill_and_wake_once() {
     let mut expected: Vec<String> = ids.iter().map(|id| format!("run {id}")).collect();
     expected.sort();
     assert_eq!(calls, expected, "each run went on exactly once");
+    drop(server);
+    cleanup(&dir);
+}
+
+/// A 1,000-item map whose worker is killed (-9) half way: after a restart the run finishes
+/// with every item's result, and no item checkpointed before the kill runs again.
+#[test]
+fn a_map_survives_a_kill_and_runs_no_checkpointed_item_again() {
+    let dir = std::env::temp_dir().join(format!("flowcore-map-kill-{}", flowcore::ids::new_id()));
+    let (url, seen) = echo_server();
+    let env = [("FLOWCORE_HTTP_ALLOW", "127.0.0.1/32")];
+    let server = Server::start(&dir, &env);
+    let flow = json!({"id": "each", "nodes": [{"id": "m", "type": "map", "params": {
+        "items": "{{ input.items }}",
+        "concurrency": 8,
+        "flow": {"nodes": [
+            {"id": "d", "type": "delay", "params": {"ms": 15}},
+            {"id": "call", "type": "http_request", "params": {"url": url, "headers": {"authorization": "item {{ input }}"}}}
+        ], "edges": [{"from": "d", "to": "call"}]}
+    }}]});
+    assert_eq!(server.json("POST", "/api/v1/flows", Some(flow)).0, 201);
+    let items: Vec<u32> = (0..1000).collect();
+    let (status, run) = server.json("POST", "/api/v1/flows/each/runs", Some(json!({"input": {"items": items}, "wait": false})));
+    assert_eq!(status, 202, "{run}");
+    let id = run["run_id"].as_str().unwrap().to_owned();
+    let started = std::time::Instant::now();
+    loop {
+        let (_, run) = server.json("GET", &format!("/api/v1/runs/{id}"), None);
+        let done = run["steps"][0]["items_done"].as_u64().unwrap_or(0);
+        if done >= 200 {
+            assert_eq!(run["steps"][0]["items_total"], 1000, "{run}");
+            assert_eq!(run["steps"][0]["status"], "running", "{run}");
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "no progress: {run}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    server.stop();
+    // What the killed worker had checkpointed, read from the database itself.
+    let database = database_for(&dir)
+        .unwrap_or_else(|| format!("sqlite://{}", dir.join("flowcore.db").display()));
+    let checkpointed: Vec<u32> = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use flowcore::ports::RunStore;
+        let store = flowcore_store::SqlStore::connect(flowcore_store::SqlConfig::new(&database))
+            .await
+            .expect("the database");
+        let id = flowcore::RunId::from(id.as_str());
+        store.items(&id, "m").await.expect("items").into_iter().map(|(i, _)| i).collect()
+    });
+    assert!(checkpointed.len() >= 200 && checkpointed.len() < 1000, "{}", checkpointed.len());
+    let calls_before = seen.lock().unwrap().len();
+
+    let server = Server::start(&dir, &env);
+    let resumed = std::time::Instant::now();
+    let done = loop {
+        let (_, run) = server.json("GET", &format!("/api/v1/runs/{id}"), None);
+        if run["status"] == "succeeded" {
+            break run;
+        }
+        assert!(run["status"] == "running" || run["status"] == "queued", "{run}");
+        assert!(resumed.elapsed() < std::time::Duration::from_secs(60), "never finished: {run}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let output = done["output"].as_array().expect("an array");
+    assert_eq!(output.len(), 1000);
+    for (i, item) in output.iter().enumerate() {
+        assert_eq!(item["body"]["authorization"], format!("item {i}"), "item {i}'s result: {item}");
+    }
+    assert_eq!(done["steps"][0]["items_done"], 1000);
+    let calls = seen.lock().unwrap().clone();
+    let mut count = std::collections::HashMap::new();
+    for call in &calls {
+        *count.entry(call.clone()).or_insert(0) += 1;
+    }
+    for i in &checkpointed {
+        assert_eq!(count.get(&format!("item {i}")), Some(&1), "checkpointed item {i} ran once");
+    }
+    for i in 0..1000 {
+        assert!(count.contains_key(&format!("item {i}")), "item {i} ran");
+    }
+    let again = calls.len() - 1000;
+    assert!(
+        again <= calls_before - checkpointed.len(),
+        "only items called but not checkpointed before the kill ran again: {again}"
+    );
+    eprintln!(
+        "map kill: {} of 1000 items checkpointed at the kill, {calls_before} called by then, {again} called twice",
+        checkpointed.len()
+    );
     drop(server);
     cleanup(&dir);
 }

@@ -1091,6 +1091,51 @@ async fn files_upload_stream_and_refuse_past_the_file_limit() {
     cleanup(&dir);
 }
 
+/// A `map` over HTTP: inline and stored children, output in item order, failed items as
+/// error entries, progress on the step, one run listed (items are not runs), its children's
+/// node executions in usage, and bad params refused when the flow is saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_runs_a_child_per_item() {
+    let (app, state, dir) = app_with_state(&[]).await;
+    let child = json!({"id": "shout", "nodes": [{"id": "s", "type": "script", "params": {"source": "if input.name == \"bad\" { throw \"no\" } input.name.to_upper() + input.n"}}]});
+    assert_eq!(post(&app, "/api/v1/flows", child.to_string().as_bytes()).await.0, StatusCode::CREATED);
+    let each = json!({"id": "each", "nodes": [
+        {"id": "stored", "type": "map", "params": {"items": "{{ input.names }}", "flow_id": "shout", "input": {"name": "{{ item }}", "n": "{{ index }}"}, "on_item_error": "continue", "concurrency": 2}},
+        {"id": "inline", "type": "map", "params": {"items": "{{ input.names }}", "flow": {"nodes": [{"id": "t", "type": "template", "params": {"template": "hi {{ input }}"}}]}}}
+    ]});
+    assert_eq!(post(&app, "/api/v1/flows", each.to_string().as_bytes()).await.0, StatusCode::CREATED);
+    let (status, run) = post(&app, "/api/v1/flows/each/runs", br#"{"input": {"names": ["ada", "bad", "bob"]}}"#).await;
+    assert_eq!(status, StatusCode::OK, "{run}");
+    assert_eq!(run["output"]["inline"], json!(["hi ada", "hi bad", "hi bob"]));
+    let stored = &run["output"]["stored"];
+    assert_eq!((&stored[0], &stored[2]), (&json!("ADA0"), &json!("BOB2")), "{stored}");
+    assert_eq!(stored[1]["code"], "node_failed", "{stored}");
+    let id = run["run_id"].as_str().unwrap();
+    let (_, shown) = get(&app, &format!("/api/v1/runs/{id}")).await;
+    for step in shown["steps"].as_array().unwrap() {
+        assert_eq!((step["items_total"].as_u64(), step["items_done"].as_u64()), (Some(3), Some(3)), "{step}");
+    }
+    let (_, listed) = get(&app, "/api/v1/runs?limit=100").await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1, "items are not runs: {listed}");
+    state.usage.flush().await.unwrap();
+    let (_, usage) = get(&app, "/api/v1/usage?flow_id=each").await;
+    assert_eq!(usage["items"][0]["runs"], 1);
+    assert_eq!(usage["items"][0]["node_executions"], 8, "two maps and six children: {usage}");
+
+    // Bad params are refused with the flow, naming the node.
+    let bad = json!({"id": "bad", "nodes": [{"id": "m", "type": "map", "params": {"items": "{{ input }}", "flow": {"nodes": [{"id": "w", "type": "wait", "params": {"signal": "s"}}]}}}]});
+    let (status, body) = post(&app, "/api/v1/flows", bad.to_string().as_bytes()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("`wait` is not allowed"), "{body}");
+    let many = json!({"id": "many", "nodes": [{"id": "m", "type": "map", "params": {"items": "{{ input.items }}", "max_items": 2, "flow": {"nodes": [{"id": "n", "type": "noop"}]}}}]});
+    assert_eq!(post(&app, "/api/v1/flows", many.to_string().as_bytes()).await.0, StatusCode::CREATED);
+    let (status, run) = post(&app, "/api/v1/flows/many/runs", br#"{"input": {"items": [1, 2, 3]}}"#).await;
+    assert_eq!(status, StatusCode::OK, "{run}");
+    assert_eq!(run["status"], "failed");
+    assert!(run["error"].as_str().unwrap().contains("more than max_items (2)"), "{run}");
+    cleanup(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_is_counted_per_flow_and_day_and_quotas_refuse_with_429() {
     let (app, state, dir) = app_with_state(&[("FLOWCORE_QUOTA_RUNS_PER_DAY", "3")]).await;

@@ -281,6 +281,8 @@ impl Node for Map {
         };
         let started_at = chrono::Utc::now();
         let mut failed: Option<NodeError> = None;
+        let flush_timer = tokio::time::sleep(BATCH_AGE);
+        tokio::pin!(flush_timer);
         loop {
             while failed.is_none() && running.len() < concurrency {
                 let Some(index) = todo.next() else { break };
@@ -300,20 +302,15 @@ impl Node for Map {
                     .push(async move { (index, engine.execute_item(plan, input, cx, run).await) });
             }
             // Finished items wait at most BATCH_AGE for their checkpoint, even while the items
-            // still running take long.
-            let next = match pending.since {
-                Some(since) => {
-                    let due = tokio::time::Instant::from_std(since + BATCH_AGE);
-                    match tokio::time::timeout_at(due, running.next()).await {
-                        Ok(next) => next,
-                        Err(_) => {
-                            self.checkpoint(cx, &node, &mut pending, total, done, started_at)
-                                .await?;
-                            continue;
-                        }
-                    }
+            // still running take long. One timer a batch, not one an item.
+            let next = tokio::select! {
+                biased;
+                next = running.next() => next,
+                () = &mut flush_timer, if pending.since.is_some() => {
+                    self.checkpoint(cx, &node, &mut pending, total, done, started_at)
+                        .await?;
+                    continue;
                 }
-                None => running.next().await,
             };
             let Some((index, result)) = next else {
                 break;
@@ -335,15 +332,20 @@ impl Node for Map {
                 .map_err(|_| NodeError::OutputTooLarge { limit: max_bytes })?;
             bytes += size;
             done += 1;
+            if pending.since.is_none() {
+                let now = Instant::now();
+                pending.since = Some(now);
+                flush_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::from_std(now + BATCH_AGE));
+            }
             if recorder.is_some() {
                 let value = Arc::new(value);
                 pending.items.push((index as u32, value.clone()));
                 pending.bytes += size;
-                pending.since.get_or_insert_with(Instant::now);
                 outputs[index] = Some(Arc::unwrap_or_clone(value));
             } else {
                 outputs[index] = Some(value);
-                pending.since.get_or_insert_with(Instant::now);
             }
             if pending.is_due() {
                 self.checkpoint(cx, &node, &mut pending, total, done, started_at)

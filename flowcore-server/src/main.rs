@@ -453,11 +453,19 @@ async fn run(
     match result {
         Ok(run) if run.status == RunStatus::Succeeded => {
             let output = run.output.unwrap_or(Value::Null);
-            match serde_json::to_string_pretty(&output) {
-                Ok(text) => println!("{text}"),
+            let text = match serde_json::to_string_pretty(&output) {
+                Ok(text) => text,
                 Err(e) => return fail(format!("cannot print the output: {e}")),
+            };
+            // A reader that stopped early (`| head`) is not an error of the run (`println!`
+            // would panic on the closed pipe).
+            use std::io::Write;
+            match writeln!(std::io::stdout().lock(), "{text}") {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    fail(format!("cannot print the output: {e}"))
+                }
+                _ => ExitCode::SUCCESS,
             }
-            ExitCode::SUCCESS
         }
         Ok(run) => fail(format!(
             "run {}: {}",

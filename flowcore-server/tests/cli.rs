@@ -158,9 +158,30 @@ fn subflows_come_from_a_flows_dir() {
         r#"{"who": "x"}"#,
         "-q",
     ]);
-    std::fs::remove_dir_all(&dir).ok();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), r#""child of x""#);
+
+    // A map runs the stored child once per item, and says how far it got.
+    let each = temp_file(
+        br#"{"nodes": [{"id": "each", "type": "map", "params": {"items": "{{ input.names }}", "flow_id": "child", "input": {"who": "{{ item }}"}}}]}"#,
+    );
+    let out = flowcore(&[
+        "run",
+        each.arg(),
+        "--flows-dir",
+        dir.to_str().unwrap(),
+        "--input",
+        r#"{"names": ["a", "b"]}"#,
+    ]);
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let output: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(output, serde_json::json!(["child of a", "child of b"]));
+    assert!(
+        text(&out.stderr).contains("each: 2 of 2 items done"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// A `wait` takes its signal from `--signal` or from stdin; a long `delay` sleeps in the

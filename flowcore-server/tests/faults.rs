@@ -373,16 +373,19 @@ fn serve_steps(sock: TcpStream, database: &str, seen: &Seen) {
     }
 }
 
+/// A call of the step server as node `node` of the run keyed `input.k`.
+fn step(step_port: u16, node: &str) -> Value {
+    json!({"id": node, "type": "http_request", "params": {
+        "method": "POST",
+        "url": format!("http://127.0.0.1:{step_port}/step"),
+        "body": {"k": "{{ input.k }}", "node": node, "ms": 50},
+        "timeout_ms": 10_000
+    }})
+}
+
 /// The flow: three calls of the step server with delays in between, then the answer.
 fn flow(step_port: u16) -> Value {
-    let step = |node: &str| {
-        json!({"id": node, "type": "http_request", "params": {
-            "method": "POST",
-            "url": format!("http://127.0.0.1:{step_port}/step"),
-            "body": {"k": "{{ input.k }}", "node": node, "ms": 50},
-            "timeout_ms": 10_000
-        }})
-    };
+    let step = |node: &str| step(step_port, node);
     json!({
         "id": "fault",
         "nodes": [
@@ -745,7 +748,6 @@ fn topology_survives_kills_and_restarts() {
         Path::new(env!("CARGO_TARGET_TMPDIR")).join("faults-report.txt"),
         format!("{report}\n"),
     );
-    stop_steps.store(true, Ordering::Relaxed);
     for p in apis.iter_mut().chain(workers.iter_mut()) {
         p.kill();
     }
@@ -767,13 +769,122 @@ fn topology_survives_kills_and_restarts() {
         &problems[..problems.len().min(20)]
     );
     // Refused runs that were stored ended too (checked above: nothing unfinished).
+
+    // Parked runs across a restart of every process: runs asleep at a delay, then waiting for a
+    // signal, while every process stops at once (both api processes, the workers, Redis and
+    // PostgreSQL), all wake after the restart (by their time, by signals sent before the stop
+    // and after the restart), and each step runs once.
+    for p in apis.iter_mut().chain(workers.iter_mut()) {
+        p.start();
+    }
+    let parked = json!({"id": "parked", "nodes": [
+        step(step_port, "p1"),
+        {"id": "sleep", "type": "delay", "params": {"ms": 3000}},
+        {"id": "w", "type": "wait", "params": {"signal": "go", "timeout_ms": 120_000}},
+        step(step_port, "p2")
+    ], "edges": [{"from": "p1", "to": "sleep"}, {"from": "sleep", "to": "w"}, {"from": "w", "to": "p2"}]});
+    let (status, answer) =
+        request(api_ports[0], "POST", "/api/v1/flows", Some(&parked)).expect("the api answers");
+    assert_eq!(status, 201, "{answer}");
+    let mut parked_ids = Vec::new();
+    for i in 0..20 {
+        let key = format!("parked-{i}");
+        let body = json!({"input": {"k": key}, "wait": false, "idempotency_key": key});
+        let (status, run) = request(
+            api_ports[i % 2],
+            "POST",
+            "/api/v1/flows/parked/runs",
+            Some(&body),
+        )
+        .expect("the api answers");
+        assert_eq!(status, 202, "{run}");
+        parked_ids.push(run["run_id"].as_str().expect("an id").to_owned());
+    }
+    let count_parked = |status: &str| {
+        psql(
+            &database,
+            &format!("SELECT count(*) FROM runs WHERE idempotency_key LIKE 'parked-%' AND status = '{status}'"),
+        )
+        .trim()
+        .to_owned()
+    };
+    let asleep = Instant::now();
+    while count_parked("waiting") != "20" {
+        assert!(
+            asleep.elapsed() < Duration::from_secs(30),
+            "the runs did not all park"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let signal = |id: &str| {
+        let path = format!("/api/v1/runs/{id}/signals/go");
+        for attempt in 0..300usize {
+            if let Some((202, _)) = request(
+                api_ports[attempt % 2],
+                "POST",
+                &path,
+                Some(&json!({"ok": true})),
+            ) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the signal for {id} was never taken");
+    };
+    // Half get their signal before they reach their wait (it is kept for them).
+    for id in &parked_ids[..10] {
+        signal(id);
+    }
+    for p in apis.iter_mut().chain(workers.iter_mut()) {
+        p.kill();
+    }
+    redis.kill();
+    postgres.kill();
+    thread::sleep(Duration::from_millis(500));
+    postgres.start();
+    redis.start();
+    for p in apis.iter_mut().chain(workers.iter_mut()) {
+        p.start();
+    }
+    for id in &parked_ids[10..] {
+        signal(id);
+    }
+    let woken = Instant::now();
+    while count_parked("succeeded") != "20" {
+        assert!(
+            woken.elapsed() < Duration::from_secs(60),
+            "parked runs not all done after the restart: {} succeeded",
+            count_parked("succeeded")
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
+    let calls = seen.calls.lock().unwrap().clone();
+    for i in 0..20 {
+        for node in ["p1", "p2"] {
+            let ran = calls
+                .get(&(format!("parked-{i}"), node.to_owned()))
+                .map_or(0, Vec::len);
+            assert_eq!(ran, 1, "parked-{i}/{node} ran {ran} times");
+        }
+    }
+    let violations = seen.violations.lock().unwrap().clone();
+    assert!(violations.is_empty(), "steps ran again: {violations:?}");
+    println!(
+        "faults: 20 parked runs woke after every process restarted, each step once, in {:?}",
+        woken.elapsed()
+    );
+    stop_steps.store(true, Ordering::Relaxed);
+    for p in apis.iter_mut().chain(workers.iter_mut()) {
+        p.kill();
+    }
+
     postgres.kill();
     // Each PostgreSQL fault was a crash-like stop that the next start recovered from.
     let log = std::fs::read_to_string(dir.join("postgres/postgres.log")).unwrap_or_default();
     assert_eq!(
         log.matches("received immediate shutdown request").count(),
-        count(Fault::Postgres) + 1,
-        "PostgreSQL stopped once per fault and once at the end"
+        count(Fault::Postgres) + 2,
+        "PostgreSQL stopped once per fault, once with every process, and once at the end"
     );
     if std::env::var_os("FLOWCORE_FAULT_KEEP").is_none() {
         let _ = std::fs::remove_dir_all(&dir);

@@ -387,28 +387,13 @@ impl Engine {
         input: Value,
         parent: &NodeContext,
     ) -> RunResult {
-        let options = RunOptions {
-            cancel: Some(parent.cancellation().child_token()),
-            ..RunOptions::default()
-        };
-        let parent = Parent {
-            run: &parent.run,
-            item: None,
-        };
-        Driver::new(
-            self.clone(),
-            plan.clone(),
-            Arc::new(input),
-            options,
-            Some(parent),
-        )
-        .run()
-        .await
+        let cancel = parent.cancellation().child_token();
+        self.execute_under(plan, input, parent, cancel, None).await
     }
 
     /// Executes one item of a `map` node: a child run that is a record of its parent (it has
-    /// the parent's id and `run`), stops when `cancel` does, and may start `width` items at
-    /// once in maps of its own.
+    /// the parent's id and `run`), stops when `item.cancel` does, and may start `item.width`
+    /// items at once in maps of its own.
     pub(crate) async fn execute_item(
         &self,
         plan: &Plan,
@@ -416,14 +401,28 @@ impl Engine {
         parent: &NodeContext,
         item: Item,
     ) -> RunResult {
+        let cancel = item.cancel.clone();
+        self.execute_under(plan, input, parent, cancel, Some(item))
+            .await
+    }
+
+    async fn execute_under(
+        &self,
+        plan: &Plan,
+        input: Value,
+        parent: &NodeContext,
+        cancel: CancellationToken,
+        item: Option<Item>,
+    ) -> RunResult {
         let options = RunOptions {
-            run_id: Some(parent.run.run_id.clone()),
-            cancel: Some(item.cancel.clone()),
+            // An item is a record of its parent run, with its id.
+            run_id: item.as_ref().map(|_| parent.run.run_id.clone()),
+            cancel: Some(cancel),
             ..RunOptions::default()
         };
         let parent = Parent {
             run: &parent.run,
-            item: Some(item),
+            item,
         };
         Driver::new(
             self.clone(),

@@ -3,6 +3,9 @@
 //! (`VmHWM`, reset through `/proc/self/clear_refs`), with flowcore's counting allocator
 //! installed as the server installs it.
 
+mod common;
+
+use common::assert_error;
 use flowcore::{Engine, FlowDef, RunStatus};
 use serde_json::{Value, json};
 
@@ -153,15 +156,7 @@ async fn a_subflow_tree_stops_at_its_total_runs() {
     assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
     let result = engine.run(&plan, json!({"d": 0})).await;
     assert_eq!(result.status, RunStatus::Failed);
-    assert!(
-        result
-            .error
-            .as_deref()
-            .unwrap()
-            .contains("started 100 subflow runs"),
-        "{:?}",
-        result.error
-    );
+    assert_error(&result, "started 100 subflow runs");
 }
 
 #[test]

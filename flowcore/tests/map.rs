@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{Probe, compile, engine};
+use common::{Probe, assert_error, compile, engine};
 use flowcore::durable::{self, DurableOptions, Hooks};
 use flowcore::ports::memory::{MemoryFlowStore, MemoryRunStore};
 use flowcore::ports::{FlowStore, NewRun, RunStore};
@@ -21,14 +21,18 @@ fn mapping(params: Value) -> Value {
     json!({"nodes": [{"id": "m", "type": "map", "params": params}]})
 }
 
-#[tokio::test]
-async fn outputs_come_in_item_order_and_at_most_concurrency_items_run_at_once() {
+/// An engine with the `probe` node, and `flow` compiled on it.
+fn probed(flow: Value) -> (Arc<Probe>, Engine, flowcore::Plan) {
     let probe = Arc::new(Probe::default());
     let engine = engine(&probe);
+    let plan = compile(&engine, flow);
+    (probe, engine, plan)
+}
+
+#[tokio::test]
+async fn outputs_come_in_item_order_and_at_most_concurrency_items_run_at_once() {
     // Later items finish first: the output is still in item order.
-    let plan = compile(
-        &engine,
-        mapping(json!({
+    let (probe, engine, plan) = probed(mapping(json!({
             "flow": {"nodes": [
                 {"id": "p", "type": "probe", "params": {"sleep_ms": 20}},
                 {"id": "br", "type": "branch", "params": {"condition": "input % 2 == 0"}},
@@ -41,8 +45,7 @@ async fn outputs_come_in_item_order_and_at_most_concurrency_items_run_at_once() 
                 {"from": "br", "port": "false", "to": "out"}
             ], "output": "out"},
             "concurrency": 3
-        })),
-    );
+    })));
     let items: Vec<u32> = (0..12).collect();
     let result = engine.run(&plan, json!({ "items": items })).await;
     assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
@@ -117,25 +120,9 @@ async fn bad_items_and_too_many_items_fail_with_a_clear_error() {
     );
     let result = engine.run(&plan, json!({"items": [1, 2, 3, 4]})).await;
     assert_eq!(result.status, RunStatus::Failed);
-    assert!(
-        result
-            .error
-            .as_deref()
-            .unwrap()
-            .contains("4 items, more than max_items (3)"),
-        "{:?}",
-        result.error
-    );
+    assert_error(&result, "4 items, more than max_items (3)");
     let result = engine.run(&plan, json!({"items": "nope"})).await;
-    assert!(
-        result
-            .error
-            .as_deref()
-            .unwrap()
-            .contains("must give an array, not a string"),
-        "{:?}",
-        result.error
-    );
+    assert_error(&result, "must give an array, not a string");
     // Params are checked when the flow is compiled, the inline flow with them.
     let bad = |params: Value| {
         let flow = FlowDef::from_value(mapping(params)).unwrap();
@@ -181,24 +168,10 @@ async fn a_stored_child_runs_by_flow_id_and_one_that_waits_is_refused() {
     assert_eq!(result.output, Some(json!([2, 4])), "{:?}", result.error);
     let plan = compile(&engine, mapping(json!({"flow_id": "waits"})));
     let result = engine.run(&plan, json!({"items": [1]})).await;
-    assert!(
-        result
-            .error
-            .as_deref()
-            .unwrap()
-            .contains("has `wait` nodes"),
-        "{:?}",
-        result.error
-    );
+    assert_error(&result, "has `wait` nodes");
     let plan = compile(&engine, mapping(json!({"flow_id": "missing"})));
     let result = engine.run(&plan, json!({"items": [1]})).await;
-    assert!(
-        result
-            .error
-            .as_deref()
-            .unwrap()
-            .contains("flow `missing` not found")
-    );
+    assert_error(&result, "flow `missing` not found");
 }
 
 #[tokio::test]
@@ -220,17 +193,12 @@ async fn a_map_inside_a_map_works() {
 
 #[tokio::test]
 async fn cancelling_the_parent_stops_every_child_and_a_childs_delay_sleeps_in_place() {
-    let probe = Arc::new(Probe::default());
-    let engine = engine(&probe);
-    let plan = compile(
-        &engine,
-        mapping(json!({
+    let (probe, engine, plan) = probed(mapping(json!({
             "flow": {"nodes": [
                 {"id": "p", "type": "probe", "params": {"sleep_ms": 60000}}
             ]},
             "concurrency": 4
-        })),
-    );
+    })));
     let handle = engine.start(
         &plan,
         json!({"items": [1, 2, 3, 4, 5, 6]}),

@@ -1,10 +1,13 @@
 //! Parked runs in durable execution over the memory stores: `wait` and signals, long delays,
 //! wait timeouts, signals sent early, and what stays in place outside a durable execution.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use common::assert_error;
 use flowcore::durable::{self, DurableOptions, Hooks};
 use flowcore::ports::memory::MemoryRunStore;
 use flowcore::ports::{Due, NewRun, RunRecord, RunStore, Signal};
@@ -241,15 +244,7 @@ async fn outside_a_durable_execution_a_wait_fails_and_a_delay_sleeps_in_place() 
         .expect("compile");
     let result = engine.run(&waiting, json!({})).await;
     assert_eq!(result.status, RunStatus::Failed);
-    assert!(
-        result
-            .error
-            .as_deref()
-            .unwrap_or_default()
-            .contains("durable"),
-        "{:?}",
-        result.error
-    );
+    assert_error(&result, "durable");
     let delay = engine
         .compile_json(r#"{"nodes": [{"id": "d", "type": "delay", "params": {"ms": 1000}}]}"#)
         .expect("compile");

@@ -195,12 +195,7 @@ pub(crate) fn build(params: &Value) -> Result<Box<dyn Node>, ParamError> {
             ))
         })
         .collect::<Result<_, ParamError>>()?;
-    let body = p
-        .body
-        .as_ref()
-        .map(ValueTemplate::compile)
-        .transpose()
-        .map_err(|e| ParamError::new(format!("body: {e}")))?;
+    let body = super::value_template(p.body.as_ref(), "body")?;
     let timeout_ms = p.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
     if timeout_ms == 0 || timeout_ms > MAX_TIMEOUT_MS {
         return Err(ParamError::new(format!(

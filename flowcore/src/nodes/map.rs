@@ -145,12 +145,7 @@ impl NodeFactory for MapFactory {
             }
             _ => return Err(ParamError::new("exactly one of flow_id and flow")),
         };
-        let input = p
-            .input
-            .as_ref()
-            .map(ValueTemplate::compile)
-            .transpose()
-            .map_err(|e| ParamError::new(format!("input: {e}")))?;
+        let input = super::value_template(p.input.as_ref(), "input")?;
         if p.concurrency == 0 || p.concurrency > MAX_CONCURRENCY {
             return Err(ParamError::new(format!(
                 "concurrency: from 1 to {MAX_CONCURRENCY}"

@@ -34,6 +34,17 @@ pub(crate) fn register_builtins(registry: &mut Registry) {
     registry.register("http_request", http::build);
 }
 
+/// Compiles an optional JSON param whose strings are templates, naming the param in its error.
+pub(crate) fn value_template(
+    value: Option<&Value>,
+    param: &str,
+) -> Result<Option<crate::expr::ValueTemplate>, ParamError> {
+    value
+        .map(crate::expr::ValueTemplate::compile)
+        .transpose()
+        .map_err(|e| ParamError::new(format!("{param}: {e}")))
+}
+
 /// Reads a node's params into a typed struct (which should refuse unknown fields), with a
 /// message that names the param.
 pub fn parse_params<T: DeserializeOwned>(params: &Value) -> Result<T, ParamError> {

@@ -33,12 +33,7 @@ pub(crate) fn build(params: &Value) -> Result<Box<dyn Node>, ParamError> {
     if !is_valid_id(&p.flow_id) {
         return Err(ParamError::new("flow_id: not a valid flow id"));
     }
-    let input = p
-        .input
-        .as_ref()
-        .map(ValueTemplate::compile)
-        .transpose()
-        .map_err(|e| ParamError::new(format!("input: {e}")))?;
+    let input = super::value_template(p.input.as_ref(), "input")?;
     Ok(Box::new(Subflow {
         flow_id: p.flow_id,
         version: p.version,

@@ -110,3 +110,10 @@ pub fn compile(engine: &Engine, flow: Value) -> Plan {
         Err(e) => panic!("compile: {e}"),
     }
 }
+
+/// Asserts that `result` ended with an error that says `text`.
+#[track_caller]
+pub fn assert_error(result: &flowcore::RunResult, text: &str) {
+    let error = result.error.as_deref().unwrap_or_default();
+    assert!(error.contains(text), "`{text}` not in {:?}", result.error);
+}

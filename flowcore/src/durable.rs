@@ -505,7 +505,9 @@ impl StepRecorder for Recorder {
         self.flush().await?;
         if let Some(offload) = &self.offload {
             for (index, value) in &mut batch.items {
-                let name = format!("items/{}/{index}", batch.node);
+                // The epoch in the key: a worker that lost the run cannot write over the blob
+                // that the new owner's checkpoint points to.
+                let name = format!("items/{}/{index}.{}", batch.node, self.epoch);
                 *value = Arc::new(offload.store(&name, (**value).clone()).await?);
             }
         }

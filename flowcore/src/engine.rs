@@ -447,13 +447,16 @@ struct Parent<'a> {
 pub(crate) struct Item {
     /// Stops the item.
     pub(crate) cancel: CancellationToken,
-    /// How many items its own maps may run at once, all together.
-    pub(crate) width: usize,
+    /// The most its nodes may output in all (its share of its parent's).
+    pub(crate) log_limit: usize,
 }
 
-/// How many `map` items a top-level run may execute at once, at every depth of nesting: a map
-/// with `concurrency` c gives each of its items 1/c of its own width.
-pub(crate) const MAX_ITEMS_AT_ONCE: usize = 1024;
+/// How many `map` items a top-level run may execute at once, over all its maps at every depth
+/// (a map always runs one item; more only with free slots, so nesting cannot deadlock).
+pub const MAX_ITEMS_AT_ONCE: usize = 1024;
+
+/// How many `map` items a top-level run may execute in all, at every depth.
+pub const MAX_ITEMS_PER_RUN: u64 = 1_000_000;
 
 /// The part of a run that its nodes share.
 pub(crate) struct RunShared {
@@ -471,8 +474,13 @@ pub(crate) struct RunShared {
     pub(crate) item_executions: Arc<std::sync::atomic::AtomicU64>,
     /// Whether this run is a `map` item or runs inside one.
     pub(crate) in_item: bool,
-    /// How many items this run's maps may execute at once, all together.
-    pub(crate) item_width: usize,
+    /// The slots of `map` items beyond each map's first, shared by the whole run tree.
+    pub(crate) item_slots: Arc<Semaphore>,
+    /// `map` items started so far in the whole run tree.
+    pub(crate) items_started: Arc<std::sync::atomic::AtomicU64>,
+    /// The most this run's nodes may output in all: the engine's run log limit, or a map
+    /// item's share of its parent's.
+    pub(crate) log_limit: usize,
     pub(crate) events: Option<Arc<dyn EventSink>>,
     pub(crate) recorder: Option<Arc<dyn StepRecorder>>,
     outputs: Box<[OnceLock<Arc<Value>>]>,
@@ -500,16 +508,27 @@ impl RunShared {
     /// Counts `bytes` more of the run's stored log (outputs and errors) against
     /// [`Limits::max_run_log_bytes`].
     fn take_log(&self, bytes: usize) -> Result<(), NodeError> {
-        let limit = self.engine.limits().max_run_log_bytes;
+        let limit = self.log_limit;
         let before = self
             .log_bytes
             .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         if before.saturating_add(bytes) > limit {
-            return Err(NodeError::fatal(format!(
-                "the run's stored outputs would pass their limit of {limit} bytes (MAX_RUN_LOG_SIZE_MB)"
-            )));
+            return Err(NodeError::fatal(if self.is_map_item() {
+                format!(
+                    "this map item's outputs would pass its share of the run's output limit: \
+                     {limit} bytes (MAX_RUN_LOG_SIZE_MB divided by the map's concurrency)"
+                )
+            } else {
+                format!(
+                    "the run's stored outputs would pass their limit of {limit} bytes (MAX_RUN_LOG_SIZE_MB)"
+                )
+            }));
         }
         Ok(())
+    }
+
+    fn is_map_item(&self) -> bool {
+        self.in_item && self.log_limit < self.engine.limits().max_run_log_bytes
     }
 
     pub(crate) fn output(&self, index: usize) -> Option<&Arc<Value>> {
@@ -642,12 +661,12 @@ impl Driver {
             Some(Parent { run, item: Some(_) }) => run.about.clone(),
             _ => about(&engine, &plan, &run_id),
         };
-        let item_width = match &parent {
+        let log_limit = match &parent {
             Some(Parent {
                 item: Some(item), ..
-            }) => item.width,
-            Some(Parent { run, item: None }) => run.item_width,
-            None => MAX_ITEMS_AT_ONCE,
+            }) => item.log_limit,
+            Some(Parent { run, item: None }) => run.log_limit,
+            None => engine.limits().max_run_log_bytes,
         };
         let is_item = parent.as_ref().is_some_and(|p| p.item.is_some());
         let in_item = is_item || parent.as_ref().is_some_and(|p| p.run.in_item);
@@ -669,7 +688,12 @@ impl Driver {
                 .map(|p| p.item_executions.clone())
                 .unwrap_or_default(),
             in_item,
-            item_width,
+            item_slots: parent.map_or_else(
+                || Arc::new(Semaphore::new(MAX_ITEMS_AT_ONCE)),
+                |p| p.item_slots.clone(),
+            ),
+            items_started: parent.map(|p| p.items_started.clone()).unwrap_or_default(),
+            log_limit,
             events: options.events,
             recorder: options.recorder,
             outputs: (0..n).map(|_| OnceLock::new()).collect(),
@@ -933,6 +957,8 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
     let max_attempts = pn.retry.map_or(1, |r| r.max_attempts.max(1));
     let max_bytes = run.engine.limits().max_output_bytes;
     let mut attempt = 0;
+    // What a map node says of its progress, kept across its attempts.
+    let progress = Arc::new(std::sync::Mutex::new(None));
     let result = loop {
         attempt += 1;
         run.emit(|| RunEvent::NodeStarted {
@@ -944,6 +970,7 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
             run: run.clone(),
             index,
             attempt,
+            items: progress.clone(),
         };
         let call = AssertUnwindSafe(pn.node.run(&cx)).catch_unwind();
         let outcome = match pn.timeout {
@@ -1000,6 +1027,9 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
         }
         other => other,
     };
+    step.items = *progress
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut fail_run = None;
     let taken = match result {
         Ok(out) => {
@@ -1007,7 +1037,6 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
             let _ = run.outputs[index].set(value.clone());
             step.output = Some(value);
             step.port = out.port.map(|p| Arc::from(&*p));
-            step.items = out.items;
             Taken::Main(step.port.clone())
         }
         Err(e) => {

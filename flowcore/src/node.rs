@@ -24,25 +24,18 @@ pub struct Output {
     pub value: Value,
     /// The named port taken besides the main output (`"true"` or `"false"` for a branch).
     pub port: Option<Cow<'static, str>>,
-    /// For a node that maps over items, how many it had and finished (shown on its step).
-    pub items: Option<crate::run::ItemProgress>,
 }
 
 impl Output {
     /// An output that takes only the main port.
     pub fn new(value: Value) -> Self {
-        Self {
-            value,
-            port: None,
-            items: None,
-        }
+        Self { value, port: None }
     }
     /// An output that also takes the named port.
     pub fn with_port(value: Value, port: impl Into<Cow<'static, str>>) -> Self {
         Self {
             value,
             port: Some(port.into()),
-            items: None,
         }
     }
 }
@@ -175,6 +168,8 @@ pub struct NodeContext {
     pub(crate) run: Arc<RunShared>,
     pub(crate) index: usize,
     pub(crate) attempt: u32,
+    /// A `map` node's progress, shown on its step whether it succeeds or fails.
+    pub(crate) items: Arc<std::sync::Mutex<Option<crate::run::ItemProgress>>>,
 }
 
 impl fmt::Debug for NodeContext {
@@ -241,9 +236,39 @@ impl NodeContext {
     pub(crate) fn recorder(&self) -> Option<Arc<dyn crate::run::StepRecorder>> {
         self.run.recorder.clone()
     }
-    /// How many `map` items this run may execute at once, at every depth below it.
-    pub(crate) fn item_width(&self) -> usize {
-        self.run.item_width
+    /// The slots of `map` items beyond each map's first, shared by the run tree.
+    pub(crate) fn item_slots(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.run.item_slots
+    }
+    /// Counts `n` more `map` items against the run tree's
+    /// [`MAX_ITEMS_PER_RUN`](crate::engine::MAX_ITEMS_PER_RUN).
+    pub(crate) fn take_items(&self, n: u64) -> Result<(), NodeError> {
+        let limit = crate::engine::MAX_ITEMS_PER_RUN;
+        let before = self
+            .run
+            .items_started
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        if before.saturating_add(n) > limit {
+            return Err(NodeError::fatal(format!(
+                "this run would map over more than {limit} items at every depth, its limit"
+            )));
+        }
+        Ok(())
+    }
+    /// This map item's share of the run's output limit, with `concurrency` items at once.
+    pub(crate) fn item_log_limit(&self, concurrency: usize) -> usize {
+        self.run.log_limit / concurrency.max(1)
+    }
+    /// Shows a `map` node's progress on its step.
+    pub(crate) fn set_items(&self, progress: crate::run::ItemProgress) {
+        *self
+            .items
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(progress);
+    }
+    /// Whether this is a node of the top-level run (not of a subflow or a map item).
+    pub(crate) fn is_top_level(&self) -> bool {
+        self.run.depth == 0
     }
     /// The node executions inside `map` items since the last call (for any map of the run).
     pub(crate) fn take_item_executions(&self) -> u64 {

@@ -402,3 +402,101 @@ async fn a_resumed_durable_run_executes_only_the_items_that_had_not_finished() {
         "cleared"
     );
 }
+
+#[tokio::test]
+async fn an_items_bad_input_is_its_error_entry_and_a_failed_map_keeps_its_progress() {
+    let engine = Engine::new();
+    let child =
+        json!({"nodes": [{"id": "t", "type": "template", "params": {"template": "{{ input }}"}}]});
+    let go_on = compile(
+        &engine,
+        mapping(json!({"flow": child, "input": "{{ item.a.b }}", "on_item_error": "continue"})),
+    );
+    let result = engine
+        .run(&go_on, json!({"items": [{"a": {"b": 1}}, {"c": 2}]}))
+        .await;
+    assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
+    let out = result.output.unwrap();
+    assert_eq!(out[0], json!("1"));
+    assert!(
+        out[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("input of item 1"),
+        "{out}"
+    );
+    let fail = compile(
+        &engine,
+        mapping(json!({"flow": child, "input": "{{ item.a.b }}", "concurrency": 1})),
+    );
+    let result = engine
+        .run(
+            &fail,
+            json!({"items": [{"a": {"b": 1}}, {"c": 2}, {"a": {"b": 3}}]}),
+        )
+        .await;
+    assert_eq!(result.status, RunStatus::Failed);
+    let step = result.step("m").unwrap();
+    assert_eq!(
+        step.items,
+        Some(ItemProgress { total: 3, done: 1 }),
+        "{step:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_item_may_output_its_share_of_the_run_limit_only() {
+    let engine = Engine::builder()
+        .limits(flowcore::Limits {
+            max_run_log_bytes: 400_000,
+            ..Default::default()
+        })
+        .build();
+    // Four at once: each item may output 100,000 bytes.
+    let plan = compile(
+        &engine,
+        mapping(json!({
+            "flow": {"nodes": [{"id": "t", "type": "script", "params": {"source": "let s = \"\"; s.pad(input, \"x\"); s"}}]},
+            "concurrency": 4,
+            "on_item_error": "continue"
+        })),
+    );
+    let result = engine
+        .run(&plan, json!({"items": [10, 90000, 150000]}))
+        .await;
+    assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
+    let out = result.output.unwrap();
+    assert_eq!(out[1].as_str().map(str::len), Some(90000));
+    assert!(
+        out[2]["error"]
+            .as_str()
+            .unwrap()
+            .contains("share of the run's output limit"),
+        "{}",
+        out[2]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_maps_of_a_run_share_its_item_slots() {
+    // Six maps side by side, each asking for 256 items at once: together they run at most the
+    // run's slots, plus one item each.
+    let maps: Vec<Value> = (0..6)
+        .map(|i| {
+            json!({"id": format!("m{i}"), "type": "map", "params": {
+                "items": "{{ input.items }}", "concurrency": 256,
+                "flow": {"nodes": [{"id": "p", "type": "probe", "params": {"sleep_ms": 300}}]}
+            }})
+        })
+        .collect();
+    let (probe, engine, plan) = probed(json!({ "nodes": maps }));
+    let items: Vec<u32> = (0..256).collect();
+    let result = engine.run(&plan, json!({ "items": items })).await;
+    assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
+    assert_eq!(probe.runs_of("p"), 6 * 256);
+    let most = probe.max_in_flight.load(Ordering::SeqCst);
+    assert!(
+        (1024..=1024 + 6).contains(&most),
+        "at most the run's 1,024 slots and one item a map: {most}"
+    );
+}

@@ -157,21 +157,14 @@ mod blocking {
         if !owned {
             return Ok(None);
         }
-        let ended = super::ended_maps(&rows);
         for row in rows {
             // REPLACE writes every column, so replacing a row is updating it.
             diesel::replace_into(steps::table)
                 .values(row)
                 .execute(conn)?;
         }
-        if let Some((run_id, nodes)) = ended {
-            diesel::delete(
-                map_items::table
-                    .filter(map_items::run_id.eq(run_id))
-                    .filter(map_items::node.eq_any(nodes)),
-            )
-            .execute(conn)?;
-        }
+        // A finished run resumes no map: its checkpointed items are done with.
+        diesel::delete(map_items::table.filter(map_items::run_id.eq(&end.id))).execute(conn)?;
         FinishRun::new(end).get_result(conn).optional()
     }
 

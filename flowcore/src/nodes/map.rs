@@ -131,6 +131,14 @@ impl NodeFactory for MapFactory {
                 if p.version.is_some() {
                     return Err(ParamError::new("version: only with flow_id"));
                 }
+                if let Some(extra) = flow.as_object().and_then(|o| {
+                    o.keys()
+                        .find(|k| !["nodes", "edges", "output"].contains(&k.as_str()))
+                }) {
+                    return Err(ParamError::new(format!(
+                        "flow: an inline flow has `nodes`, `edges` and `output` only, not `{extra}`"
+                    )));
+                }
                 let def =
                     FlowDef::from_value(flow).map_err(|e| ParamError::new(format!("flow: {e}")))?;
                 let plan = compile_in(
@@ -236,131 +244,27 @@ impl Node for Map {
                 self.max_items
             )));
         }
-        let engine = cx.engine();
         let plan = match &self.child {
             Child::Inline(plan) => plan.clone(),
             Child::Stored { flow_id, version } => load_stored(cx, flow_id, *version).await?,
         };
-        let total = u32::try_from(items.len()).unwrap_or(u32::MAX);
-        let node: Arc<str> = Arc::from(cx.node_id());
-        let recorder = cx.recorder();
-        let max_bytes = engine.limits().max_output_bytes;
-
-        // Items an earlier execution finished are not executed again.
-        let mut outputs: Vec<Option<Value>> = vec![None; items.len()];
-        let mut bytes = 0usize;
-        if let Some(recorder) = &recorder {
-            let done = recorder
-                .items(cx.run_id(), &node)
-                .await
-                .map_err(|e| NodeError::retryable(format!("reading finished items: {e}")))?;
-            for (index, value) in done {
-                if let Some(slot) = outputs.get_mut(index as usize) {
-                    bytes += check_size(&value, usize::MAX)?;
-                    *slot = Some(value);
-                }
-            }
-        }
-        let mut done = outputs.iter().filter(|o| o.is_some()).count() as u32;
-
-        let concurrency = self.concurrency.min(cx.item_width()).max(1);
-        let width = (cx.item_width() / concurrency).max(1);
-        let mut items = items;
-        let todo: Vec<usize> = (0..items.len()).filter(|&i| outputs[i].is_none()).collect();
-        let mut todo = todo.into_iter();
-        let mut running = FuturesUnordered::new();
-        let mut pending = Pending {
-            items: Vec::new(),
-            bytes: 0,
-            since: None,
+        let mut map = Mapping {
+            node: Arc::from(cx.node_id()),
+            total: u32::try_from(items.len()).unwrap_or(u32::MAX),
+            done: 0,
+            pending: Pending {
+                items: Vec::new(),
+                bytes: 0,
+                since: None,
+            },
+            started_at: chrono::Utc::now(),
         };
-        let started_at = chrono::Utc::now();
-        let mut failed: Option<NodeError> = None;
-        let flush_timer = tokio::time::sleep(BATCH_AGE);
-        tokio::pin!(flush_timer);
-        loop {
-            while failed.is_none() && running.len() < concurrency {
-                let Some(index) = todo.next() else { break };
-                let item = std::mem::take(&mut items[index]);
-                let input = match &self.input {
-                    None => item,
-                    Some(template) => template
-                        .render(&scope.with_item(Arc::new(item), index))
-                        .map_err(|e| NodeError::fatal(format!("input of item {index}: {e}")))?,
-                };
-                let plan = &plan;
-                let run = Item {
-                    cancel: cx.cancellation().child_token(),
-                    width,
-                };
-                running
-                    .push(async move { (index, engine.execute_item(plan, input, cx, run).await) });
-            }
-            // Finished items wait at most BATCH_AGE for their checkpoint, even while the items
-            // still running take long. One timer a batch, not one an item.
-            let next = tokio::select! {
-                biased;
-                next = running.next() => next,
-                () = &mut flush_timer, if pending.since.is_some() => {
-                    self.checkpoint(cx, &node, &mut pending, total, done, started_at)
-                        .await?;
-                    continue;
-                }
-            };
-            let Some((index, result)) = next else {
-                break;
-            };
-            let value = match outcome(index, result) {
-                Ok(value) => value,
-                Err((message, code)) => match self.on_item_error {
-                    OnItemError::Continue => serde_json::json!({"error": message, "code": code}),
-                    OnItemError::Fail => {
-                        // The items still running stop (the finished ones stay checkpointed).
-                        failed = Some(NodeError::retryable(message));
-                        break;
-                    }
-                },
-            };
-            // The outputs together may not pass the step's limit: fail as soon as they do,
-            // holding no more than the limit.
-            let size = check_size(&value, max_bytes.saturating_sub(bytes))
-                .map_err(|_| NodeError::OutputTooLarge { limit: max_bytes })?;
-            bytes += size;
-            done += 1;
-            if pending.since.is_none() {
-                let now = Instant::now();
-                pending.since = Some(now);
-                flush_timer
-                    .as_mut()
-                    .reset(tokio::time::Instant::from_std(now + BATCH_AGE));
-            }
-            if recorder.is_some() {
-                let value = Arc::new(value);
-                pending.items.push((index as u32, value.clone()));
-                pending.bytes += size;
-                outputs[index] = Some(Arc::unwrap_or_clone(value));
-            } else {
-                outputs[index] = Some(value);
-            }
-            if pending.is_due() {
-                self.checkpoint(cx, &node, &mut pending, total, done, started_at)
-                    .await?;
-            }
-        }
-        drop(running);
-        self.checkpoint(cx, &node, &mut pending, total, done, started_at)
-            .await?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        let values: Vec<Value> = outputs
-            .into_iter()
-            .map(|o| o.unwrap_or(Value::Null))
-            .collect();
-        Ok(Output {
-            items: Some(ItemProgress { total, done }),
-            ..Output::new(Value::Array(values))
-        })
+        let outcome = self.map_items(cx, &scope, &plan, items, &mut map).await;
+        // Whatever ended the mapping, what finished is checkpointed and told.
+        let told = map.checkpoint(cx).await;
+        let outputs = outcome?;
+        told?;
+        Ok(Value::Array(outputs).into())
     }
 
     fn references(&self) -> References {
@@ -376,32 +280,177 @@ impl Node for Map {
     }
 }
 
+/// One execution of a map node: its progress and the items not yet checkpointed.
+struct Mapping {
+    node: Arc<str>,
+    total: u32,
+    done: u32,
+    pending: Pending,
+    started_at: chrono::DateTime<chrono::Utc>,
+}
+
 impl Map {
-    /// Writes the pending items (in a durable execution) and tells the run's listeners how far
-    /// the map got.
-    async fn checkpoint(
+    /// Executes the items not finished before, at most `concurrency` at once (one, plus as many
+    /// as the run tree's item slots allow), and gives their outputs in item order.
+    async fn map_items(
         &self,
         cx: &NodeContext,
-        node: &Arc<str>,
-        pending: &mut Pending,
-        total: u32,
-        done: u32,
-        started_at: chrono::DateTime<chrono::Utc>,
-    ) -> Result<(), NodeError> {
-        if pending.since.is_none() {
-            return Ok(());
+        scope: &crate::expr::Scope,
+        plan: &Plan,
+        mut items: Vec<Value>,
+        map: &mut Mapping,
+    ) -> Result<Vec<Value>, NodeError> {
+        let engine = cx.engine();
+        let recorder = cx.recorder();
+        let max_bytes = engine.limits().max_output_bytes;
+        // Items an earlier execution finished are not executed again.
+        let mut outputs: Vec<Option<Value>> = vec![None; items.len()];
+        let mut bytes = 0usize;
+        if let Some(recorder) = &recorder {
+            let done = recorder
+                .items(cx.run_id(), &map.node)
+                .await
+                .map_err(|e| NodeError::retryable(format!("reading finished items: {e}")))?;
+            for (index, value) in done {
+                if let Some(slot) = outputs.get_mut(index as usize) {
+                    bytes += check_size(&value, usize::MAX)?;
+                    *slot = Some(value);
+                }
+            }
         }
-        let items = std::mem::take(&mut pending.items);
-        pending.bytes = 0;
-        pending.since = None;
-        let progress = ItemProgress { total, done };
+        map.done = outputs.iter().filter(|o| o.is_some()).count() as u32;
+        let todo: Vec<usize> = (0..items.len()).filter(|&i| outputs[i].is_none()).collect();
+        cx.take_items(todo.len() as u64)?;
+        cx.set_items(ItemProgress {
+            total: map.total,
+            done: map.done,
+        });
+
+        // Each item's nodes may output their share of this run's limit, its input included.
+        let log_limit = cx.item_log_limit(self.concurrency);
+        // Stops the items still running whenever this returns (a failed item, an error).
+        let items_cancel = cx.cancellation().child_token();
+        let _stop_items = items_cancel.clone().drop_guard();
+        let slots = cx.item_slots().clone();
+        let mut todo = todo.into_iter().peekable();
+        let mut running = FuturesUnordered::new();
+        let flush_timer = tokio::time::sleep(BATCH_AGE);
+        tokio::pin!(flush_timer);
+        let mut launched = 0usize;
+        loop {
+            while running.len() < self.concurrency && todo.peek().is_some() {
+                // One item runs on its own; more take a slot of the run tree's.
+                let slot = match slots.clone().try_acquire_owned() {
+                    Ok(slot) => Some(slot),
+                    Err(_) if running.is_empty() => None,
+                    Err(_) => break,
+                };
+                let Some(index) = todo.next() else { break };
+                let item = Arc::new(std::mem::take(&mut items[index]));
+                let input = match &self.input {
+                    None => Ok(Arc::unwrap_or_clone(item)),
+                    Some(template) => template
+                        .render(&scope.with_item(item, index))
+                        .map_err(|e| format!("input of item {index}: {e}")),
+                };
+                let input = input.and_then(|input| {
+                    check_size(&input, log_limit)
+                        .map(|_| input)
+                        .map_err(|_| format!("input of item {index}: more than its share of the run's output limit ({log_limit} bytes)"))
+                });
+                let run = Item {
+                    cancel: items_cancel.child_token(),
+                    log_limit,
+                };
+                running.push(async move {
+                    let result = match input {
+                        Ok(input) => Ok(engine.execute_item(plan, input, cx, run).await),
+                        Err(message) => Err(message),
+                    };
+                    drop(slot);
+                    (index, result)
+                });
+                launched += 1;
+                // Rendering inputs is CPU work: let the runtime's other tasks in now and then.
+                if launched % 16 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            // Finished items wait at most BATCH_AGE for their checkpoint, even while the items
+            // still running take long. One timer a batch, not one an item.
+            let next = tokio::select! {
+                biased;
+                next = running.next() => next,
+                () = &mut flush_timer, if map.pending.since.is_some() => {
+                    map.checkpoint(cx).await?;
+                    continue;
+                }
+            };
+            let Some((index, result)) = next else {
+                break;
+            };
+            let value = match result
+                .map_err(|message| (message, "node_failed"))
+                .and_then(|result| outcome(index, result))
+            {
+                Ok(value) => value,
+                Err((message, code)) => match self.on_item_error {
+                    OnItemError::Continue => serde_json::json!({"error": message, "code": code}),
+                    // The items still running stop; the finished ones stay checkpointed.
+                    OnItemError::Fail => return Err(NodeError::retryable(message)),
+                },
+            };
+            // The outputs together may not pass the step's limit: fail as soon as they do,
+            // holding no more than the limit.
+            let size = check_size(&value, max_bytes.saturating_sub(bytes))
+                .map_err(|_| NodeError::OutputTooLarge { limit: max_bytes })?;
+            bytes += size;
+            map.done += 1;
+            if map.pending.since.is_none() {
+                let now = Instant::now();
+                map.pending.since = Some(now);
+                flush_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::from_std(now + BATCH_AGE));
+            }
+            if recorder.is_some() {
+                let value = Arc::new(value);
+                map.pending.items.push((index as u32, value.clone()));
+                map.pending.bytes += size;
+                outputs[index] = Some(Arc::unwrap_or_clone(value));
+            } else {
+                outputs[index] = Some(value);
+            }
+            if map.pending.is_due() {
+                map.checkpoint(cx).await?;
+            }
+        }
+        Ok(outputs
+            .into_iter()
+            .map(|o| o.unwrap_or(Value::Null))
+            .collect())
+    }
+}
+
+impl Mapping {
+    /// Writes the pending items (in a durable execution), shows the step's progress, and tells
+    /// the run's listeners how far the map got.
+    async fn checkpoint(&mut self, cx: &NodeContext) -> Result<(), NodeError> {
+        let items = std::mem::take(&mut self.pending.items);
+        self.pending.bytes = 0;
+        self.pending.since = None;
+        let progress = ItemProgress {
+            total: self.total,
+            done: self.done,
+        };
+        cx.set_items(progress);
         if let Some(recorder) = cx.recorder()
             && !items.is_empty()
         {
             let batch = ItemBatch {
-                node: node.clone(),
+                node: self.node.clone(),
                 progress,
-                started_at,
+                started_at: self.started_at,
                 items,
             };
             recorder
@@ -409,12 +458,19 @@ impl Map {
                 .await
                 .map_err(|e| NodeError::retryable(format!("checkpointing items: {e}")))?;
         }
+        // The top-level run's maps tell the node executions of every item below them (a
+        // nested map's events have no listener).
+        let executions = if cx.is_top_level() {
+            cx.take_item_executions()
+        } else {
+            0
+        };
         cx.emit(&RunEvent::ItemsDone {
             run_id: cx.run_id().clone(),
-            node: node.clone(),
-            total,
-            done,
-            executions: cx.take_item_executions(),
+            node: self.node.clone(),
+            total: self.total,
+            done: self.done,
+            executions,
         });
         Ok(())
     }

@@ -114,6 +114,15 @@ pub async fn map_items(store: &dyn RunStore) {
         )
         .await
         .expect("another map");
+    // A map whose step never ended (cancelled with the run) is done with at the finish too.
+    store
+        .record_items(
+            &run.id,
+            epoch,
+            &batch("c", &[0], ItemProgress { total: 3, done: 1 }),
+        )
+        .await
+        .expect("a third map");
     let last = crate::run::StepRecord {
         items: Some(ItemProgress { total: 2, done: 2 }),
         ..step("n", StepStatus::Succeeded)
@@ -134,6 +143,10 @@ pub async fn map_items(store: &dyn RunStore) {
     assert!(
         store.items(&run.id, "n").await.expect("items").is_empty(),
         "finishing with the ended step clears its items"
+    );
+    assert!(
+        store.items(&run.id, "c").await.expect("items").is_empty(),
+        "a finished run keeps no items"
     );
     let steps = store.steps(&run.id).await.expect("steps");
     let n = steps.iter().find(|s| &*s.node == "n").expect("the step");

@@ -332,6 +332,8 @@ impl RunStore for MemoryRunStore {
         run.lease = None;
         let record = run.clone();
         st.upsert_steps(id, &outcome.steps);
+        // A finished run resumes no map: its checkpointed items are done with.
+        st.items.remove(id);
         Ok(record)
     }
 

@@ -83,9 +83,10 @@ impl Usage {
         let (usage, flow_id) = (self.clone(), flow_id.to_owned());
         Arc::new(move |event: &RunEvent| {
             match event {
-                RunEvent::NodeFinished { status, .. }
-                    if matches!(status, StepStatus::Succeeded | StepStatus::Failed) =>
-                {
+                RunEvent::NodeFinished {
+                    status: StepStatus::Succeeded | StepStatus::Failed,
+                    ..
+                } => {
                     usage.add(&flow_id, |c| c.nodes += 1);
                 }
                 RunEvent::ItemsDone { executions, .. } if *executions > 0 => {

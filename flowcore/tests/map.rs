@@ -380,7 +380,7 @@ async fn a_resumed_durable_run_executes_only_the_items_that_had_not_finished() {
     assert_eq!(done.status, RunStatus::Succeeded, "{:?}", done.error);
     let doubled: Vec<u64> = items.iter().map(|i| i * 2).collect();
     assert_eq!(done.output, Some(json!(doubled)), "every item's result");
-    let inputs = inputs.lock().unwrap();
+    let inputs = inputs.lock().unwrap().clone();
     for index in &checkpointed {
         let ran = inputs.iter().filter(|v| **v == json!(index)).count();
         assert_eq!(ran, 1, "checkpointed item {index} ran once");

@@ -372,7 +372,7 @@ impl Map {
                 });
                 launched += 1;
                 // Rendering inputs is CPU work: let the runtime's other tasks in now and then.
-                if launched % 16 == 0 {
+                if launched.is_multiple_of(16) {
                     tokio::task::yield_now().await;
                 }
             }

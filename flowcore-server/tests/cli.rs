@@ -149,15 +149,17 @@ fn subflows_come_from_a_flows_dir() {
     let parent = temp_file(
         br#"{"nodes": [{"id": "call", "type": "subflow", "params": {"flow_id": "child"}}]}"#,
     );
-    let out = flowcore(&[
-        "run",
-        parent.arg(),
-        "--flows-dir",
-        dir.to_str().unwrap(),
-        "--input",
-        r#"{"who": "x"}"#,
-        "-q",
-    ]);
+    let run = |flow: &str, input: &str| {
+        flowcore(&[
+            "run",
+            flow,
+            "--flows-dir",
+            dir.to_str().unwrap(),
+            "--input",
+            input,
+        ])
+    };
+    let out = run(parent.arg(), r#"{"who": "x"}"#);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), r#""child of x""#);
 
@@ -165,14 +167,7 @@ fn subflows_come_from_a_flows_dir() {
     let each = temp_file(
         br#"{"nodes": [{"id": "each", "type": "map", "params": {"items": "{{ input.names }}", "flow_id": "child", "input": {"who": "{{ item }}"}}}]}"#,
     );
-    let out = flowcore(&[
-        "run",
-        each.arg(),
-        "--flows-dir",
-        dir.to_str().unwrap(),
-        "--input",
-        r#"{"names": ["a", "b"]}"#,
-    ]);
+    let out = run(each.arg(), r#"{"names": ["a", "b"]}"#);
     std::fs::remove_dir_all(&dir).ok();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let output: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -21,6 +21,13 @@ fn mapping(params: Value) -> Value {
     json!({"nodes": [{"id": "m", "type": "map", "params": params}]})
 }
 
+/// A default engine, and `flow` compiled on it.
+fn plain(flow: Value) -> (Engine, flowcore::Plan) {
+    let engine = Engine::new();
+    let plan = compile(&engine, flow);
+    (engine, plan)
+}
+
 /// An engine with the `probe` node, and `flow` compiled on it.
 fn probed(flow: Value) -> (Arc<Probe>, Engine, flowcore::Plan) {
     let probe = Arc::new(Probe::default());
@@ -65,21 +72,17 @@ async fn outputs_come_in_item_order_and_at_most_concurrency_items_run_at_once() 
 
 #[tokio::test]
 async fn the_input_template_sees_item_index_and_the_parents_scope() {
-    let engine = Engine::new();
-    let plan = compile(
-        &engine,
-        json!({
-            "nodes": [
-                {"id": "first", "type": "set", "params": {"fields": {"tag": "t"}}},
-                {"id": "m", "type": "map", "params": {
-                    "items": "{{ input.orders }}",
-                    "input": {"order": "{{ item }}", "n": "{{ index }}", "customer": "{{ input.customer }}", "tag": "{{ nodes.first.tag }}"},
-                    "flow": {"nodes": [{"id": "t", "type": "template", "params": {"template": "{{ input.customer }}-{{ input.n }}-{{ input.order.id }}-{{ input.tag }}"}}]}
-                }}
-            ],
-            "edges": [{"from": "first", "to": "m"}]
-        }),
-    );
+    let (engine, plan) = plain(json!({
+        "nodes": [
+            {"id": "first", "type": "set", "params": {"fields": {"tag": "t"}}},
+            {"id": "m", "type": "map", "params": {
+                "items": "{{ input.orders }}",
+                "input": {"order": "{{ item }}", "n": "{{ index }}", "customer": "{{ input.customer }}", "tag": "{{ nodes.first.tag }}"},
+                "flow": {"nodes": [{"id": "t", "type": "template", "params": {"template": "{{ input.customer }}-{{ input.n }}-{{ input.order.id }}-{{ input.tag }}"}}]}
+            }}
+        ],
+        "edges": [{"from": "first", "to": "m"}]
+    }));
     let input = json!({"customer": "ada", "orders": [{"id": "a"}, {"id": "b"}]});
     let result = engine.run(&plan, input).await;
     assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
@@ -113,11 +116,9 @@ async fn a_failed_item_fails_the_node_or_becomes_an_error_entry() {
 
 #[tokio::test]
 async fn bad_items_and_too_many_items_fail_with_a_clear_error() {
-    let engine = Engine::new();
-    let plan = compile(
-        &engine,
-        mapping(json!({"flow": {"nodes": [{"id": "n", "type": "noop"}]}, "max_items": 3})),
-    );
+    let (engine, plan) = plain(mapping(
+        json!({"flow": {"nodes": [{"id": "n", "type": "noop"}]}, "max_items": 3}),
+    ));
     let result = engine.run(&plan, json!({"items": [1, 2, 3, 4]})).await;
     assert_eq!(result.status, RunStatus::Failed);
     assert_error(&result, "4 items, more than max_items (3)");
@@ -149,20 +150,13 @@ async fn bad_items_and_too_many_items_fail_with_a_clear_error() {
 async fn a_stored_child_runs_by_flow_id_and_one_that_waits_is_refused() {
     let flows = Arc::new(MemoryFlowStore::new());
     let engine = Engine::builder().flow_store(flows.clone()).build();
-    flows
-        .create(
-            &FlowDef::from_value(json!({"id": "double", "nodes": [{"id": "t", "type": "script", "params": {"source": "input * 2"}}]}))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    flows
-        .create(
-            &FlowDef::from_value(json!({"id": "waits", "nodes": [{"id": "w", "type": "wait", "params": {"signal": "s"}}]}))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    for flow in [
+        json!({"id": "double", "nodes": [{"id": "t", "type": "script", "params": {"source": "input * 2"}}]}),
+        json!({"id": "waits", "nodes": [{"id": "w", "type": "wait", "params": {"signal": "s"}}]}),
+    ] {
+        let flow = FlowDef::from_value(flow).unwrap();
+        flows.create(&flow).await.unwrap();
+    }
     let plan = compile(&engine, mapping(json!({"flow_id": "double"})));
     let result = engine.run(&plan, json!({"items": [1, 2]})).await;
     assert_eq!(result.output, Some(json!([2, 4])), "{:?}", result.error);
@@ -176,16 +170,12 @@ async fn a_stored_child_runs_by_flow_id_and_one_that_waits_is_refused() {
 
 #[tokio::test]
 async fn a_map_inside_a_map_works() {
-    let engine = Engine::new();
-    let plan = compile(
-        &engine,
-        mapping(json!({
-            "flow": {"nodes": [{"id": "inner", "type": "map", "params": {
-                "items": "{{ input }}",
-                "flow": {"nodes": [{"id": "t", "type": "script", "params": {"source": "input + 1"}}]}
-            }}]}
-        })),
-    );
+    let (engine, plan) = plain(mapping(json!({
+        "flow": {"nodes": [{"id": "inner", "type": "map", "params": {
+            "items": "{{ input }}",
+            "flow": {"nodes": [{"id": "t", "type": "script", "params": {"source": "input + 1"}}]}
+        }}]}
+    })));
     let result = engine.run(&plan, json!({"items": [[1, 2], [], [3]]})).await;
     assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
     assert_eq!(result.output, Some(json!([[2, 3], [], [4]])));
@@ -224,11 +214,9 @@ async fn cancelling_the_parent_stops_every_child_and_a_childs_delay_sleeps_in_pl
 
     // In a durable execution a child's delay does not park the run: it sleeps in place.
     let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new());
-    let engine = Engine::new();
-    let plan = compile(
-        &engine,
-        mapping(json!({"flow": {"nodes": [{"id": "d", "type": "delay", "params": {"ms": 1100}}]}})),
-    );
+    let (engine, plan) = plain(mapping(
+        json!({"flow": {"nodes": [{"id": "d", "type": "delay", "params": {"ms": 1100}}]}}),
+    ));
     let options = DurableOptions::new("w");
     let new = NewRun::new("f", 1, json!({"items": [1, 2]})).claimed(options.claim());
     let (run, _) = runs.create(new).await.unwrap();
@@ -240,13 +228,9 @@ async fn cancelling_the_parent_stops_every_child_and_a_childs_delay_sleeps_in_pl
 
 #[tokio::test]
 async fn progress_is_told_as_items_finish() {
-    let engine = Engine::new();
-    let plan = compile(
-        &engine,
-        mapping(json!({"flow": {"nodes": [
-            {"id": "a", "type": "noop"}, {"id": "b", "type": "noop"}
-        ]}})),
-    );
+    let (engine, plan) = plain(mapping(json!({"flow": {"nodes": [
+        {"id": "a", "type": "noop"}, {"id": "b", "type": "noop"}
+    ]}})));
     let events = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = events.clone();
     let options = RunOptions {

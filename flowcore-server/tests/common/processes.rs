@@ -112,6 +112,18 @@ impl Drop for Server {
     }
 }
 
+/// What lets a server's `http_request` nodes call the echo server on loopback.
+const ECHO_ENV: [(&str, &str); 1] = [("FLOWCORE_HTTP_ALLOW", "127.0.0.1/32")];
+
+/// A fresh data folder named after `test`, and an echo server's URL and what it saw.
+fn with_echo(
+    test: &str,
+) -> (std::path::PathBuf, String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let dir = std::env::temp_dir().join(format!("flowcore-{test}-{}", flowcore::ids::new_id()));
+    let (url, seen) = echo_server();
+    (dir, url, seen)
+}
+
 /// A loopback HTTP server that answers every request with the `Authorization` header it got,
 /// as JSON, and remembers it.
 fn echo_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
@@ -371,9 +383,8 @@ async fn a_schedule_tick_fires_once_across_processes() {
 /// exactly once: the call after their waits reaches the echo server once per run.
 #[test]
 fn parked_runs_survive_a_kill_and_wake_once() {
-    let dir = std::env::temp_dir().join(format!("flowcore-parked-{}", flowcore::ids::new_id()));
-    let (url, seen) = echo_server();
-    let env = [("FLOWCORE_HTTP_ALLOW", "127.0.0.1/32")];
+    let (dir, url, seen) = with_echo("parked");
+    let env = ECHO_ENV;
     let server = Server::start(&dir, &env);
     let flow = json!({"id": "later", "nodes": [
         {"id": "d", "type": "delay", "params": {"ms": 3000}},
@@ -424,9 +435,8 @@ fn parked_runs_survive_a_kill_and_wake_once() {
 /// with every item's result, and no item checkpointed before the kill runs again.
 #[test]
 fn a_map_survives_a_kill_and_runs_no_checkpointed_item_again() {
-    let dir = std::env::temp_dir().join(format!("flowcore-map-kill-{}", flowcore::ids::new_id()));
-    let (url, seen) = echo_server();
-    let env = [("FLOWCORE_HTTP_ALLOW", "127.0.0.1/32")];
+    let (dir, url, seen) = with_echo("map-kill");
+    let env = ECHO_ENV;
     let server = Server::start(&dir, &env);
     let flow = json!({"id": "each", "nodes": [{"id": "m", "type": "map", "params": {
         "items": "{{ input.items }}",

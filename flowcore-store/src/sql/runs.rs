@@ -310,6 +310,17 @@ macro_rules! delete_runs {
     }};
 }
 
+impl SqlStore {
+    /// `Ok` when a write under lease `epoch` found the run `owned`, else why not.
+    async fn written_under(&self, owned: bool, id: &RunId, epoch: u64) -> StoreResult<()> {
+        if owned {
+            Ok(())
+        } else {
+            Err(self.stale(id, epoch).await)
+        }
+    }
+}
+
 #[async_trait]
 impl RunStore for SqlStore {
     async fn create(&self, run: NewRun) -> StoreResult<(RunRecord, bool)> {
@@ -493,11 +504,7 @@ impl RunStore for SqlStore {
             .await
             .map_err(|e| db_error("recording steps", e))?
         });
-        if owned {
-            Ok(())
-        } else {
-            Err(self.stale(id, epoch).await)
-        }
+        self.written_under(owned, id, epoch).await
     }
 
     async fn steps(&self, id: &RunId) -> StoreResult<Vec<StepRecord>> {
@@ -556,11 +563,7 @@ impl RunStore for SqlStore {
             .await
             .map_err(|e| db_error("recording items", e))?
         });
-        if owned {
-            Ok(())
-        } else {
-            Err(self.stale(id, epoch).await)
-        }
+        self.written_under(owned, id, epoch).await
     }
 
     async fn items(&self, id: &RunId, node: &str) -> StoreResult<Vec<(u32, Value)>> {

@@ -105,24 +105,15 @@ pub async fn map_items(store: &dyn RunStore) {
         "an ended step keeps its end"
     );
 
-    // A run's items go with it: finished with the step among its last, then deleted.
-    store
-        .record_items(
-            &run.id,
-            epoch,
-            &batch("n", &[0], ItemProgress { total: 2, done: 1 }),
-        )
-        .await
-        .expect("another map");
-    // A map whose step never ended (cancelled with the run) is done with at the finish too.
-    store
-        .record_items(
-            &run.id,
-            epoch,
-            &batch("c", &[0], ItemProgress { total: 3, done: 1 }),
-        )
-        .await
-        .expect("a third map");
+    // A run's items go with it: finished with the step among its last, then deleted. A map
+    // whose step never ended (`c`, cancelled with the run) is done with at the finish too.
+    for (node, total) in [("n", 2), ("c", 3)] {
+        let progress = ItemProgress { total, done: 1 };
+        store
+            .record_items(&run.id, epoch, &batch(node, &[0], progress))
+            .await
+            .expect("another map");
+    }
     let last = crate::run::StepRecord {
         items: Some(ItemProgress { total: 2, done: 2 }),
         ..step("n", StepStatus::Succeeded)

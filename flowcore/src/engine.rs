@@ -392,8 +392,8 @@ impl Engine {
     }
 
     /// Executes one item of a `map` node: a child run that is a record of its parent (it has
-    /// the parent's id and `run`), stops when `item.cancel` does, and may start `item.width`
-    /// items at once in maps of its own.
+    /// the parent's id and `run`), stops when `item.cancel` does, and whose nodes may output
+    /// `item.log_limit` bytes in all.
     pub(crate) async fn execute_item(
         &self,
         plan: &Plan,

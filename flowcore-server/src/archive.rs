@@ -19,7 +19,7 @@ use std::io::{BufRead, Write};
 use std::sync::Arc;
 
 use flowcore::durable::resolve;
-use flowcore::ports::{BlobStore, RunRecord, RunStore};
+use flowcore::ports::{BlobStore, RunAction, RunRecord, RunStore};
 use flowcore::{RunId, StepRecord, StoreError};
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +51,9 @@ pub struct ArchivedRun {
     pub run: RunRecord,
     /// Its steps.
     pub steps: Vec<StepRecord>,
+    /// What people did to it (absent from lines archived before it was recorded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<RunAction>,
 }
 
 /// Writes the runs `ids` to the archive, read from `runs` (a run gone since is left out).
@@ -72,7 +75,8 @@ pub async fn write(
             Err(e) => return Err(e),
         };
         let steps = runs.steps(id).await?;
-        let archived = read_back(run, steps, blobs).await?;
+        let mut archived = read_back(run, steps, blobs).await?;
+        archived.actions = runs.actions(id).await?;
         let hour =
             hour_of(id).unwrap_or_else(|| archived.run.created_at.format("%F/%H").to_string());
         buffered += open
@@ -129,6 +133,7 @@ async fn read_back(
         format: FORMAT,
         run,
         steps,
+        actions: Vec::new(),
     })
 }
 
@@ -270,6 +275,10 @@ mod tests {
             runs.transition(&run.id, RunStatus::Queued.to(RunStatus::Cancelled))
                 .await
                 .unwrap();
+            let cancel = RunAction::now(flowcore::ports::ActionKind::Cancel, None);
+            runs.record_actions(&[(run.id.clone(), cancel)])
+                .await
+                .unwrap();
             ids.push(run.id);
         }
         ids
@@ -316,6 +325,7 @@ mod tests {
             assert_eq!(found.run.id, *id);
             assert_eq!(found.run.input, json!({"n": n}));
             assert_eq!(found.run.status, RunStatus::Cancelled);
+            assert_eq!(found.actions.len(), 1, "with who cancelled it");
             assert_eq!(found.format, FORMAT);
         }
         assert!(find(&blobs, &RunId::new()).await.unwrap().is_none());
@@ -335,6 +345,7 @@ mod tests {
             format: FORMAT,
             run: runs.get(&ids[0]).await.unwrap(),
             steps: Vec::new(),
+            actions: Vec::new(),
         };
         let mut lines =
             format!("{{\"format\": 1, \"run\": {{\"id\": \"{}\"}}}}\n", ids[0]).into_bytes();

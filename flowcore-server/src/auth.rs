@@ -21,6 +21,8 @@ fn hash(key: &str) -> String {
 pub struct Caller {
     /// The key's id; [`ADMIN`] for `FLOWCORE_ADMIN_KEY`.
     pub key_id: String,
+    /// The key's name (`admin` for `FLOWCORE_ADMIN_KEY`).
+    pub name: String,
     /// What it may do.
     pub scopes: Scopes,
     /// Whether it is the admin key or a key made by it or the command line (no parent): such a
@@ -32,6 +34,14 @@ pub struct Caller {
 pub const ADMIN: &str = "admin";
 
 impl Caller {
+    /// Who this caller is, as recorded on what it does to a run.
+    pub fn actor(&self) -> flowcore::ports::Actor {
+        flowcore::ports::Actor {
+            id: self.key_id.clone(),
+            name: self.name.clone(),
+        }
+    }
+
     /// The parent to record on a key this caller makes (`None` for the admin key).
     pub fn parent_id(&self) -> Option<String> {
         (self.key_id != ADMIN).then(|| self.key_id.clone())
@@ -98,6 +108,7 @@ pub async fn authenticate(
     if admin.is_some_and(|admin| bool::from(admin.as_bytes().ct_eq(presented.as_bytes()))) {
         return Ok(Some(Caller {
             key_id: ADMIN.to_owned(),
+            name: ADMIN.to_owned(),
             scopes: Scopes::all(),
             root: true,
         }));
@@ -116,6 +127,7 @@ pub async fn authenticate(
     Ok(valid.then(|| Caller {
         root: record.parent_id.is_none(),
         key_id: record.id,
+        name: record.name,
         scopes: record.scopes,
     }))
 }
@@ -193,6 +205,7 @@ mod tests {
         ];
         let caller = |id: &str, root: bool| Caller {
             key_id: id.into(),
+            name: id.into(),
             scopes: Scopes::all(),
             root,
         };

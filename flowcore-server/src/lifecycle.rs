@@ -13,10 +13,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flowcore::durable::{self, Checkpoint, DurableOptions, Hooks, resolve};
-use flowcore::ports::{Due, FinishWatch, NewRun, RunEnd, RunFilter, RunOutcome, RunRecord, Signal};
+use flowcore::ports::{
+    ActionKind, Actor, Due, FinishWatch, NewRun, RunAction, RunEnd, RunFilter, RunOutcome,
+    RunRecord, Signal,
+};
 use flowcore::{CancellationToken, RunId, RunStatus, StoreError};
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::admission::{Overloaded, Refused};
@@ -342,8 +345,21 @@ const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
 /// Cancels a queued or waiting run (a move of the table), or asks whichever process executes a
 /// running one to stop it and waits for its end up to [`CANCEL_WAIT`] (still running after it: the
-/// answer says so). A finished run: [`RunError::AlreadyFinished`].
-pub async fn cancel(state: &AppState, id: &RunId) -> Result<RunState, RunError> {
+/// answer says so). A finished run: [`RunError::AlreadyFinished`]. The cancel is recorded with
+/// the run, by `actor`.
+pub async fn cancel(
+    state: &AppState,
+    id: &RunId,
+    actor: Option<Actor>,
+) -> Result<RunState, RunError> {
+    let done = stop(state, id).await?;
+    let action = RunAction::now(ActionKind::Cancel, actor);
+    record_actions(state, &[(id.clone(), action)]).await;
+    Ok(done)
+}
+
+/// What [`cancel`] does to the run.
+async fn stop(state: &AppState, id: &RunId) -> Result<RunState, RunError> {
     let mut run = state.stores.runs.get(id).await?;
     // A queued or waiting run may move meanwhile (claimed, woken): then it is looked at again.
     for _ in 0..3 {
@@ -450,12 +466,14 @@ pub struct SignalSent {
 
 /// Sends signal `name` with `payload` to run `id`: kept until a wait of the run takes it, and
 /// when the run waits for it now, the run is woken and handed to its queue. A finished run:
-/// [`RunError::AlreadyFinished`]; too many pending: [`RunError::TooManySignals`].
+/// [`RunError::AlreadyFinished`]; too many pending: [`RunError::TooManySignals`]. Once stored,
+/// `by` is recorded with the run.
 pub async fn signal(
     state: &AppState,
     id: &RunId,
     name: &str,
     payload: &Value,
+    by: RunAction,
 ) -> Result<SignalSent, RunError> {
     check_signal(payload)?;
     let (run, woke) = match state
@@ -484,6 +502,7 @@ pub async fn signal(
     if woke && let Err(e) = requeue(state, &run).await {
         tracing::warn!(run_id = %run.id, error = %e, "could not enqueue a woken run");
     }
+    record_actions(state, &[(run.id.clone(), by)]).await;
     Ok(SignalSent {
         run_id: run.id,
         signal: name.to_owned(),
@@ -497,6 +516,7 @@ pub async fn keyed_signal(
     name: &str,
     key: &str,
     payload: &Value,
+    actor: Option<Actor>,
 ) -> Result<Vec<RunId>, RunError> {
     check_signal(payload)?;
     let woken = state
@@ -509,7 +529,23 @@ pub async fn keyed_signal(
         })
         .await?;
     requeue_all(state, &woken).await;
+    let action =
+        RunAction::now(ActionKind::Signal, actor).with_detail(json!({"signal": name, "key": key}));
+    let actions: Vec<(RunId, RunAction)> = woken
+        .iter()
+        .map(|run| (run.id.clone(), action.clone()))
+        .collect();
+    record_actions(state, &actions).await;
     Ok(woken.into_iter().map(|r| r.id).collect())
+}
+
+/// Records what a person did to runs. The change is made by now: a store that fails here
+/// loses only the record, which is logged rather than answered (an error would invite the
+/// caller to do it again).
+async fn record_actions(state: &AppState, actions: &[(RunId, RunAction)]) {
+    if let Err(e) = state.stores.runs.record_actions(actions).await {
+        tracing::warn!(error = %e, runs = actions.len(), "could not record who acted on a run");
+    }
 }
 
 /// How many woken runs are enqueued at once: each is a round trip to a shared queue.

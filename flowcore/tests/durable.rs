@@ -156,6 +156,16 @@ mod commits {
             self.write();
             self.inner.release(id, epoch).await
         }
+        async fn record_actions(
+            &self,
+            actions: &[(RunId, flowcore::ports::RunAction)],
+        ) -> StoreResult<()> {
+            self.write();
+            self.inner.record_actions(actions).await
+        }
+        async fn actions(&self, id: &RunId) -> StoreResult<Vec<flowcore::ports::RunAction>> {
+            self.inner.actions(id).await
+        }
         async fn transition(&self, id: &RunId, change: Transition) -> StoreResult<RunRecord> {
             self.write();
             self.inner.transition(id, change).await

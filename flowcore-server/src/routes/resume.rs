@@ -7,6 +7,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use flowcore::ports::{ActionKind, RunAction};
 use serde_json::Value;
 
 use crate::error::ApiError;
@@ -133,5 +134,7 @@ async fn send(
     } else {
         crate::error::parse_json(body).await?
     };
-    Ok(lifecycle::signal(state, &run_id, &signal, &payload).await?)
+    let by = RunAction::now(ActionKind::Signal, None)
+        .with_detail(serde_json::json!({"signal": signal, "via": "resume_link"}));
+    Ok(lifecycle::signal(state, &run_id, &signal, &payload, by).await?)
 }

@@ -5,15 +5,16 @@
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use chrono::{DateTime, Utc};
 use flowcore::durable::resolve;
-use flowcore::ports::{BlobStore, RunFilter, RunRecord};
+use flowcore::ports::{ActionKind, Actor, BlobStore, RunAction, RunFilter, RunRecord};
 use flowcore::{RunId, RunStatus, StepStatus, StoreError};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::archive;
+use crate::auth::Caller;
 use crate::error::{ApiError, ApiErrorBody, JsonBody};
 use crate::lifecycle::{self, RunAnswer, RunState, SignalSent, Start};
 use crate::routes::Page;
@@ -146,6 +147,10 @@ pub struct RunView {
     /// While it is `waiting`: what its nodes wait for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waits: Option<Vec<WaitView>>,
+    /// What people did to it (cancel, signal), oldest first: what, who (`actor`: the API
+    /// key's `id` and `name`; `null` for a resume link), when, and details.
+    #[schema(value_type = Vec<Object>)]
+    pub actions: Vec<RunAction>,
 }
 
 /// What a node of a waiting run waits for.
@@ -195,11 +200,11 @@ pub(crate) async fn read(
 ) -> Result<Json<RunView>, ApiError> {
     let id = RunId::from(id);
     let (runs, blobs) = (&state.stores.runs, state.stores.blobs.as_ref());
-    let (run, stored, archived) = match runs.get(&id).await {
-        Ok(run) => (run, runs.steps(&id).await?, false),
+    let (run, stored, actions, archived) = match runs.get(&id).await {
+        Ok(run) => (run, runs.steps(&id).await?, runs.actions(&id).await?, false),
         Err(StoreError::NotFound { .. }) if state.config.archive => {
             match archive::find(blobs, &id).await? {
-                Some(found) => (found.run, found.steps, true),
+                Some(found) => (found.run, found.steps, found.actions, true),
                 None => return Err(StoreError::not_found("run", id.as_str()).into()),
             }
         }
@@ -235,6 +240,7 @@ pub(crate) async fn read(
         steps,
         archived,
         waits,
+        actions,
     }))
 }
 
@@ -307,6 +313,12 @@ pub(crate) async fn list(
     Ok(Json(Page::of(page, RunSummary::from)))
 }
 
+/// Who made the request, as recorded on what it does to a run (`None` on a server without
+/// API keys).
+fn actor(caller: Option<Extension<Caller>>) -> Option<Actor> {
+    caller.map(|Extension(caller)| caller.actor())
+}
+
 /// A signal's name as a route takes it: 400 unless it can name one.
 fn signal_name(name: &str) -> Result<(), ApiError> {
     if flowcore::nodes::is_signal_name(name) {
@@ -322,11 +334,13 @@ fn signal_name(name: &str) -> Result<(), ApiError> {
 #[utoipa::path(post, path = "/api/v1/runs/{id}/signals/{name}", operation_id = "signal_run", tag = "runs", params(("id" = String, Path, description = "the run's id"), ("name" = String, Path, description = "the signal's name")), request_body(content = Object, description = "the payload (any JSON)"), responses((status = 202, description = "stored: a wait of the run takes it", body = SignalSent), (status = 400, description = "invalid input", body = ApiErrorBody), (status = 404, description = "not found", body = ApiErrorBody), (status = 409, description = "run_finished", body = ApiErrorBody), (status = 429, description = "too_many_signals: 100 wait already", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
 pub(crate) async fn signal(
     State(state): State<Shared>,
+    caller: Option<Extension<Caller>>,
     Path((id, name)): Path<(String, String)>,
     JsonBody(payload): JsonBody<Value>,
 ) -> Result<(StatusCode, Json<SignalSent>), ApiError> {
     signal_name(&name)?;
-    let sent = lifecycle::signal(&state, &RunId::from(id), &name, &payload).await?;
+    let by = RunAction::now(ActionKind::Signal, actor(caller)).with_detail(json!({"signal": name}));
+    let sent = lifecycle::signal(&state, &RunId::from(id), &name, &payload, by).await?;
     Ok((StatusCode::ACCEPTED, Json(sent)))
 }
 
@@ -356,6 +370,7 @@ pub struct KeyedSignalSent {
 #[utoipa::path(post, path = "/api/v1/signals/{name}", operation_id = "signal_keyed", tag = "runs", params(("name" = String, Path, description = "the signal's name")), request_body = KeyedSignal, responses((status = 200, description = "the runs it reached (maybe none)", body = KeyedSignalSent), (status = 400, description = "invalid input", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
 pub(crate) async fn keyed_signal(
     State(state): State<Shared>,
+    caller: Option<Extension<Caller>>,
     Path(name): Path<String>,
     JsonBody(body): JsonBody<KeyedSignal>,
 ) -> Result<Json<KeyedSignalSent>, ApiError> {
@@ -363,7 +378,8 @@ pub(crate) async fn keyed_signal(
     if body.key.is_empty() || body.key.len() > 256 {
         return Err(ApiError::bad_request("key must be 1 to 256 bytes"));
     }
-    let run_ids = lifecycle::keyed_signal(&state, &name, &body.key, &body.data).await?;
+    let run_ids =
+        lifecycle::keyed_signal(&state, &name, &body.key, &body.data, actor(caller)).await?;
     Ok(Json(KeyedSignalSent {
         signal: name,
         run_ids,
@@ -374,9 +390,10 @@ pub(crate) async fn keyed_signal(
 #[utoipa::path(post, path = "/api/v1/runs/{id}/cancel", operation_id = "cancel_run", tag = "runs", params(("id" = String, Path, description = "its id")), responses((status = 200, description = "cancelled", body = RunState), (status = 202, description = "asked to stop; still running after 5 s", body = RunState), (status = 404, description = "not found", body = ApiErrorBody), (status = 409, description = "already finished", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
 pub(crate) async fn cancel(
     State(state): State<Shared>,
+    caller: Option<Extension<Caller>>,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<RunState>), ApiError> {
-    let done = lifecycle::cancel(&state, &RunId::from(id)).await?;
+    let done = lifecycle::cancel(&state, &RunId::from(id), actor(caller)).await?;
     let code = if done.status.is_final() {
         StatusCode::OK
     } else {

@@ -539,6 +539,12 @@ async fn runs_sync_async_idempotent_cancel() {
         (status, again["error"]["code"].as_str()),
         (StatusCode::CONFLICT, Some("run_finished"))
     );
+    let (_, run) = get(&app, &format!("/api/v1/runs/{id}")).await;
+    assert_eq!(
+        run["actions"].as_array().map(|a| a.iter().map(|a| a["action"].clone()).collect()),
+        Some(vec![json!("cancel")]),
+        "one cancel recorded, not the refused one: {run}"
+    );
 
     // Listing, filters, errors.
     let (status, list) = get(&app, "/api/v1/runs?flow_id=greet&status=succeeded&limit=2").await;
@@ -582,14 +588,20 @@ async fn waits_signals_and_parked_delays() {
     assert_eq!((waits[0]["node"].as_str(), waits[0]["signal"].as_str(), waits[0]["key"].as_str()), (Some("approve"), Some("approve"), Some("o-1")));
     assert!(waits[0]["deadline"].is_string());
 
-    // A signal wakes it; its body is the wait's output.
+    // A signal wakes it; its body is the wait's output. Who sent it is recorded with the run.
+    let (_, ops) = post(&app, "/api/v1/api-keys", br#"{"name": "ops", "scopes": ["run"]}"#).await;
+    let ops_key = ops["key"].as_str().expect("a key").to_owned();
     let path = format!("/api/v1/runs/{id}/signals/approve");
-    let (status, sent) = post(&app, &path, br#"{"by": "ada"}"#).await;
+    let (status, sent) = call(&app, "POST", &path, Some(&ops_key), Some(br#"{"by": "ada"}"#.to_vec())).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{sent}");
     assert_eq!((sent["run_id"].as_str(), sent["signal"].as_str()), (Some(id.as_str()), Some("approve")));
     let done = wait_for_status(&app, &id, "succeeded").await;
     assert_eq!(done["output"], json!("o-1 by ada"));
     assert!(done.get("waits").is_none(), "no waits once it ended");
+    let actions = done["actions"].as_array().expect("actions");
+    assert_eq!(actions.len(), 1, "{done}");
+    assert_eq!((actions[0]["action"].as_str(), &actions[0]["actor"], &actions[0]["detail"]), (Some("signal"), &json!({"id": ops["id"], "name": "ops"}), &json!({"signal": "approve"})));
+    assert!(actions[0]["at"].is_string());
     let stream = get_signed_text(&app, &format!("/api/v1/runs/{id}/events")).await;
     let names: Vec<&str> = fields(&stream, "event: ");
     let at = |name: &str| names.iter().position(|n| *n == name).unwrap_or_else(|| panic!("{name}: {stream}"));
@@ -616,7 +628,10 @@ async fn waits_signals_and_parked_delays() {
     let (status, reached) = post(&app, "/api/v1/signals/approve", br#"{"key": "o-3", "data": {"by": "bob"}}"#).await;
     assert_eq!(status, StatusCode::OK, "{reached}");
     assert_eq!(reached["run_ids"], json!([keyed[1]]));
-    assert_eq!(wait_for_status(&app, &keyed[1], "succeeded").await["output"], json!("o-3 by bob"));
+    let keyed_done = wait_for_status(&app, &keyed[1], "succeeded").await;
+    assert_eq!(keyed_done["output"], json!("o-3 by bob"));
+    assert_eq!(keyed_done["actions"][0]["detail"], json!({"signal": "approve", "key": "o-3"}));
+    assert_eq!(keyed_done["actions"][0]["actor"], json!({"id": "admin", "name": "admin"}));
     let (_, other) = get(&app, &format!("/api/v1/runs/{}", keyed[0])).await;
     assert_eq!(other["status"], "waiting", "another key's run waits on");
 
@@ -631,6 +646,10 @@ async fn waits_signals_and_parked_delays() {
     // Cancel works on a waiting run.
     let (status, cancelled) = call(&app, "POST", &format!("/api/v1/runs/{}/cancel", keyed[0]), Some(KEY), None).await;
     assert_eq!((status, cancelled["status"].as_str()), (StatusCode::OK, Some("cancelled")), "{cancelled}");
+    let (_, cancelled) = get(&app, &format!("/api/v1/runs/{}", keyed[0])).await;
+    let actions = cancelled["actions"].as_array().expect("actions");
+    assert_eq!(actions.len(), 101, "100 signals, then the cancel");
+    assert_eq!((actions[100]["action"].as_str(), actions[100]["actor"]["name"].as_str()), (Some("cancel"), Some("admin")));
 
     // A resume URL delivers its one signal to its one run, without a key: GET shows a page,
     // POST delivers.
@@ -657,7 +676,10 @@ async fn waits_signals_and_parked_delays() {
     assert_eq!(status, StatusCode::NOT_FOUND, "valid for its own signal only");
     let (status, sent) = call(&app, "POST", path, None, Some(br#"{"ok": true}"#.to_vec())).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{sent}");
-    assert_eq!(wait_for_status(&app, &id, "succeeded").await["output"], json!({"ok": true}));
+    let resumed = wait_for_status(&app, &id, "succeeded").await;
+    assert_eq!(resumed["output"], json!({"ok": true}));
+    assert_eq!(resumed["actions"][0]["actor"], Value::Null, "no key behind a resume link");
+    assert_eq!(resumed["actions"][0]["detail"], json!({"signal": "approve", "via": "resume_link"}));
     let (status, again) = call(&app, "POST", path, None, Some(b"{}".to_vec())).await;
     assert_eq!((status, again["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("not_waiting")), "a link delivers only while its wait waits");
     let huge = vec![b' '; 1024 * 1024];

@@ -14,7 +14,9 @@ use flowcore::ports::{
 use flowcore::{ItemBatch, ItemProgress, RunId, RunStatus, StepRecord, StepStatus, StoreError};
 use serde_json::Value;
 
-use super::schema::{api_keys, credentials, files, map_items, runs, steps, usage_daily};
+use super::schema::{
+    api_keys, credentials, files, map_items, run_actions, runs, steps, usage_daily,
+};
 use super::{from_micros, from_text, micros, stored_value, to_text};
 
 /// A run's row as read.
@@ -220,6 +222,14 @@ impl TryFrom<StepRow> for StepRecord {
 /// An item count as a SQL integer.
 fn items_count(n: u32) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+/// A person's action on a run ([`flowcore::ports::RunAction`] as JSON).
+#[derive(Debug, Insertable)]
+#[diesel(table_name = run_actions, treat_none_as_default_value = false)]
+pub(super) struct RunActionRow {
+    pub run_id: String,
+    pub action: String,
 }
 
 /// A batch of a map step's finished items: `[[index, output], ...]`.

@@ -11,17 +11,19 @@ use diesel::prelude::*;
 use diesel::upsert::excluded;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use flowcore::ports::{
-    Claim, Due, Lapsed, Lease, NewRun, Page, Park, PruneRule, RunFilter, RunOutcome, RunRecord,
-    RunStore, Signal, SignalTake, StoreResult, signal_each,
+    Claim, Due, Lapsed, Lease, NewRun, Page, Park, PruneRule, RunAction, RunFilter, RunOutcome,
+    RunRecord, RunStore, Signal, SignalTake, StoreResult, signal_each,
 };
 use flowcore::wait::{MAX_KEYED_RUNS, MAX_PENDING_SIGNALS, Parked};
 use flowcore::{ItemBatch, RunId, RunStatus, StepRecord, StepStatus, StoreError, Transition};
 use serde_json::Value;
 
 use super::prepared::{ClaimRun, EndArrays, Finish, FinishRuns, Id, Ids, StepArrays};
-use super::rows::{MapItemsRow, NewRunRow, RunRow, StepRow, run_columns};
-use super::schema::{map_items, runs, signals, steps, wait_keys};
-use super::{SqlStore, db_error, from_micros, is_unique_violation, micros, to_text, with_conn};
+use super::rows::{MapItemsRow, NewRunRow, RunActionRow, RunRow, StepRow, run_columns};
+use super::schema::{map_items, run_actions, runs, signals, steps, wait_keys};
+use super::{
+    SqlStore, db_error, from_micros, from_text, is_unique_violation, micros, to_text, with_conn,
+};
 
 /// The run `id` while `epoch` owns it and it runs: the target of every lease-guarded write.
 /// The filter type of [`owned_run`].
@@ -304,6 +306,9 @@ macro_rules! delete_belongings {
 macro_rules! delete_runs {
     ($conn:expr, $ids:expr) => {{
         delete_belongings!($conn, $ids);
+        diesel::delete(run_actions::table.filter(run_actions::run_id.eq_any($ids)))
+            .execute($conn)
+            .await?;
         diesel::delete(runs::table.filter(runs::id.eq_any($ids)))
             .execute($conn)
             .await?;
@@ -564,6 +569,58 @@ impl RunStore for SqlStore {
             .map_err(|e| db_error("recording items", e))?
         });
         self.written_under(owned, id, epoch).await
+    }
+
+    async fn record_actions(&self, actions: &[(RunId, RunAction)]) -> StoreResult<()> {
+        if actions.is_empty() {
+            return Ok(());
+        }
+        let rows = actions
+            .iter()
+            .map(|(id, action)| {
+                Ok(RunActionRow {
+                    run_id: id.as_str().to_owned(),
+                    action: to_text(action)?,
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        with_conn!(self, write, |conn| {
+            let rows = &rows;
+            conn.transaction(async move |conn| {
+                // Only for runs that are there (a run deleted meanwhile leaves nothing behind).
+                let ids: Vec<&str> = rows.iter().map(|r| r.run_id.as_str()).collect();
+                let there: Vec<String> = runs::table
+                    .filter(runs::id.eq_any(&ids))
+                    .select(runs::id)
+                    .load(conn)
+                    .await?;
+                // A row a statement: SQLite has no multi-row insert in diesel, and a person's
+                // actions are few.
+                for row in rows.iter().filter(|r| there.contains(&r.run_id)) {
+                    diesel::insert_into(run_actions::table)
+                        .values(row)
+                        .execute(conn)
+                        .await?;
+                }
+                Ok::<(), diesel::result::Error>(())
+            })
+            .await
+            .map_err(|e| db_error("recording actions", e))?
+        });
+        Ok(())
+    }
+
+    async fn actions(&self, id: &RunId) -> StoreResult<Vec<RunAction>> {
+        let rows: Vec<String> = with_conn!(self, read, |conn| {
+            run_actions::table
+                .filter(run_actions::run_id.eq(id.as_str()))
+                .select(run_actions::action)
+                .order(run_actions::id.asc())
+                .load(conn)
+                .await
+                .map_err(|e| db_error("reading actions", e))?
+        });
+        rows.iter().map(|text| from_text(text)).collect()
     }
 
     async fn items(&self, id: &RunId, node: &str) -> StoreResult<Vec<(u32, Value)>> {
@@ -1089,6 +1146,14 @@ impl RunStore for SqlStore {
                     .eq_any(&ids)
                     .and(runs::status.eq_any(final_statuses()));
                 delete_belongings!(conn, runs::table.filter(finished.clone()).select(runs::id));
+                diesel::delete(
+                    run_actions::table.filter(
+                        run_actions::run_id
+                            .eq_any(runs::table.filter(finished.clone()).select(runs::id)),
+                    ),
+                )
+                .execute(conn)
+                .await?;
                 // What this statement deleted: another process may have deleted some first.
                 diesel::delete(runs::table.filter(finished))
                     .returning(runs::id)

@@ -144,6 +144,14 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    run_actions (id) {
+        id -> BigInt,
+        run_id -> Text,
+        action -> Text,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(
     flows,
     flow_versions,
@@ -151,5 +159,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     steps,
     signals,
     wait_keys,
-    map_items
+    map_items,
+    run_actions
 );

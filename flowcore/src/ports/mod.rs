@@ -26,8 +26,9 @@ pub use records::{
     StoredCredential, UsageDay, UsageQuery, UsageStore,
 };
 pub use runs::{
-    Claim, Due, Lapsed, Lease, NewRun, Park, PruneRule, RunEnd, RunFilter, RunOutcome, RunRecord,
-    RunStore, Signal, SignalTake, claim_each, prune_runs, signal_each,
+    ActionKind, Actor, Claim, Due, Lapsed, Lease, NewRun, Park, PruneRule, RunAction, RunEnd,
+    RunFilter, RunOutcome, RunRecord, RunStore, Signal, SignalTake, claim_each, prune_runs,
+    signal_each,
 };
 pub use signals::{FinishWaiters, FinishWatch, RunSignals};
 

@@ -221,6 +221,87 @@ pub struct Signal<'a> {
     pub key: Option<&'a str>,
 }
 
+/// Who acted on a run by hand: the API key of the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// The key's id (`admin` for the server's admin key).
+    pub id: String,
+    /// The key's name.
+    pub name: String,
+}
+
+/// What a person did to a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionKind {
+    /// Cancelled it (or asked a running run to stop).
+    Cancel,
+    /// Sent it a signal.
+    Signal,
+}
+
+impl ActionKind {
+    /// Its name, as stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cancel => "cancel",
+            Self::Signal => "signal",
+        }
+    }
+
+    /// The kind named `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "cancel" => Some(Self::Cancel),
+            "signal" => Some(Self::Signal),
+            _ => None,
+        }
+    }
+}
+
+/// A person's action on a run, recorded with the run ([`RunStore::record_actions`]): what,
+/// by whom and when, with details such as a signal's name (never its payload).
+///
+/// ```
+/// use flowcore::ports::{ActionKind, Actor, RunAction};
+/// let cancelled = RunAction::now(ActionKind::Cancel, Some(Actor { id: "k1".into(), name: "ops".into() }));
+/// assert_eq!(cancelled.action.as_str(), "cancel");
+/// assert!(cancelled.detail.is_none());
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunAction {
+    /// What was done.
+    pub action: ActionKind,
+    /// Who did it: `None` when no API key was involved (a resume link, or a server without
+    /// keys).
+    pub actor: Option<Actor>,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// Details: for a signal, its `signal` name, and `key` or `via` (`resume_link`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Value>,
+}
+
+impl RunAction {
+    /// `action` by `actor`, now, without details.
+    pub fn now(action: ActionKind, actor: Option<Actor>) -> Self {
+        Self {
+            action,
+            actor,
+            at: Utc::now(),
+            detail: None,
+        }
+    }
+
+    /// The same, with `detail`.
+    pub fn with_detail(self, detail: Value) -> Self {
+        Self {
+            detail: Some(detail),
+            ..self
+        }
+    }
+}
+
 /// A wait taking a signal of its run ([`RunStore::take_signal`]), under its execution's lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SignalTake<'a> {
@@ -330,6 +411,12 @@ pub trait RunStore: Send + Sync {
     /// after a crash gets what the crashed one took, so a signal is taken exactly once). `None`
     /// when none is pending. `StaleLease` when `take.epoch` is not current.
     async fn take_signal(&self, id: &RunId, take: SignalTake<'_>) -> StoreResult<Option<Value>>;
+    /// Records what people did to runs, each with its run (kept as long as the run, deleted
+    /// with it; a run's data pruning keeps them). An action for a run that is gone is
+    /// dropped.
+    async fn record_actions(&self, actions: &[(RunId, RunAction)]) -> StoreResult<()>;
+    /// The actions recorded for run `id`, oldest first.
+    async fn actions(&self, id: &RunId) -> StoreResult<Vec<RunAction>>;
     /// Compare-and-set of the status, for changes without a lease (such as cancelling a queued
     /// run). `Conflict` when the status is not `change.from`.
     async fn transition(&self, id: &RunId, change: Transition) -> StoreResult<RunRecord>;

@@ -13,6 +13,7 @@
 //! # });
 //! ```
 
+mod actions;
 mod blobs;
 mod durable;
 mod events;
@@ -30,6 +31,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use serde_json::json;
 
+pub use actions::run_actions;
 pub use blobs::blob_store;
 pub use durable::durable_runs;
 pub use events::{event_bus, run_signals};
@@ -168,6 +170,7 @@ pub async fn check(backend: &Backend) {
         suite!(transitions(runs.as_ref()));
         suite!(parked_runs(runs.clone()));
         suite!(map_items(runs.as_ref()));
+        suite!(run_actions(runs.as_ref()));
         suite!(concurrent_creates(runs.clone()));
         suite!(concurrent_finishes(runs.clone()));
         suite!(pruning(runs.as_ref()));

@@ -12,8 +12,8 @@ use super::{lock, parse_cursor, ttl_to_chrono};
 use crate::error::StoreError;
 use crate::ids::RunId;
 use crate::ports::{
-    Due, Lapsed, Lease, NewRun, Page, Park, PruneRule, RunFilter, RunOutcome, RunRecord, RunStore,
-    Signal, SignalTake, StoreResult, signal_each,
+    Due, Lapsed, Lease, NewRun, Page, Park, PruneRule, RunAction, RunFilter, RunOutcome, RunRecord,
+    RunStore, Signal, SignalTake, StoreResult, signal_each,
 };
 use crate::run::{ItemBatch, Move, RunStatus, StepRecord, StepStatus, Transition};
 use crate::wait::{MAX_KEYED_RUNS, MAX_PENDING_SIGNALS};
@@ -39,6 +39,8 @@ struct RunState {
     woken: HashMap<RunId, DateTime<Utc>>,
     /// Checkpointed items of map steps, by run and node.
     items: HashMap<RunId, HashMap<String, BTreeMap<u32, Value>>>,
+    /// What people did to each run, oldest first.
+    actions: HashMap<RunId, Vec<RunAction>>,
 }
 
 /// A signal sent to a run.
@@ -79,6 +81,7 @@ impl RunState {
         self.steps.remove(id);
         self.signals.remove(id);
         self.items.remove(id);
+        self.actions.remove(id);
     }
 
     fn run_mut(&mut self, id: &RunId) -> StoreResult<&mut RunRecord> {
@@ -345,6 +348,27 @@ impl RunStore for MemoryRunStore {
         Ok(())
     }
 
+    async fn record_actions(&self, actions: &[(RunId, RunAction)]) -> StoreResult<()> {
+        let mut st = lock(&self.state);
+        for (id, action) in actions {
+            if st.runs.contains_key(id) {
+                st.actions
+                    .entry(id.clone())
+                    .or_default()
+                    .push(action.clone());
+            }
+        }
+        Ok(())
+    }
+
+    async fn actions(&self, id: &RunId) -> StoreResult<Vec<RunAction>> {
+        Ok(lock(&self.state)
+            .actions
+            .get(id)
+            .cloned()
+            .unwrap_or_default())
+    }
+
     async fn transition(&self, id: &RunId, change: Transition) -> StoreResult<RunRecord> {
         Move::unowned(change)?;
         let Transition { from, to } = change;
@@ -578,7 +602,12 @@ impl RunStore for MemoryRunStore {
                 run.trigger = None;
                 run.data_pruned = true;
             }
+            // What people did to it stays with its summary.
+            let actions = st.actions.remove(id);
             st.drop_belongings(id);
+            if let Some(actions) = actions {
+                st.actions.insert(id.clone(), actions);
+            }
         }
         Ok(chosen)
     }

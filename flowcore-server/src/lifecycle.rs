@@ -345,16 +345,30 @@ const CANCEL_WAIT: Duration = Duration::from_secs(5);
 
 /// Cancels a queued or waiting run (a move of the table), or asks whichever process executes a
 /// running one to stop it and waits for its end up to [`CANCEL_WAIT`] (still running after it: the
-/// answer says so). A finished run: [`RunError::AlreadyFinished`]. The cancel is recorded with
-/// the run, by `actor`.
+/// answer says so). A finished run: [`RunError::AlreadyFinished`].
+///
+/// The cancel is recorded with the run, by `actor`, with the status it answers (`detail`:
+/// `{"status"}`): when the run ended cancelled, or still runs after the request (once: a
+/// cancel asked again of a run that does not stop adds nothing). A run that ended otherwise
+/// meanwhile (succeeded, failed) records nothing.
 pub async fn cancel(
     state: &AppState,
     id: &RunId,
     actor: Option<Actor>,
 ) -> Result<RunState, RunError> {
     let done = stop(state, id).await?;
-    let action = RunAction::now(ActionKind::Cancel, actor);
-    record_actions(state, &[(id.clone(), action)]).await;
+    let record = match done.status {
+        RunStatus::Cancelled => true,
+        status if status.is_final() => false,
+        _ => state.stores.runs.actions(id).await.map_or(true, |a| {
+            a.last().is_none_or(|a| a.action != ActionKind::Cancel)
+        }),
+    };
+    if record {
+        let action =
+            RunAction::now(ActionKind::Cancel, actor).with_detail(json!({"status": done.status}));
+        record_actions(state, &[(id.clone(), action)]).await;
+    }
     Ok(done)
 }
 
@@ -529,14 +543,26 @@ pub async fn keyed_signal(
         })
         .await?;
     requeue_all(state, &woken).await;
-    let action =
-        RunAction::now(ActionKind::Signal, actor).with_detail(json!({"signal": name, "key": key}));
+    // Not the key: it is often an order's id or an address, and it goes with the run's data.
+    let action = RunAction::now(ActionKind::Signal, actor)
+        .with_detail(json!({"signal": name, "keyed": true}));
     let actions: Vec<(RunId, RunAction)> = woken
         .iter()
         .map(|run| (run.id.clone(), action.clone()))
         .collect();
     record_actions(state, &actions).await;
     Ok(woken.into_iter().map(|r| r.id).collect())
+}
+
+/// Runs `act` to its end in a task of its own: a person's action and its record are not cut
+/// short when the client goes away (the server drops a request's handler when its connection
+/// closes, which would leave a cancel made and not recorded).
+pub async fn detached<T: Send + 'static>(
+    act: impl Future<Output = Result<T, RunError>> + Send + 'static,
+) -> Result<T, RunError> {
+    tokio::spawn(act)
+        .await
+        .map_err(|e| StoreError::backend("acting on a run", e))?
 }
 
 /// Records what a person did to runs. The change is made by now: a store that fails here

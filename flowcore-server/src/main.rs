@@ -492,6 +492,80 @@ fn parse_signal(text: &str, sep: char) -> Result<(String, Value), String> {
     Ok((name.to_owned(), payload))
 }
 
+/// The longest line of stdin a run takes as a signal: a name, a space and a payload of at most
+/// [`flowcore_server::lifecycle::MAX_SIGNAL_BYTES`].
+const MAX_SIGNAL_LINE: usize = flowcore_server::lifecycle::MAX_SIGNAL_BYTES + 128;
+
+/// Lines of a reader, each at most `max` bytes: a longer one is read to its end and answered
+/// as an error without being kept, and so is one that is not UTF-8; the lines after it come
+/// as usual. (tokio's `lines()` keeps a line of any length, and tokio-util's codecs end their
+/// stream at the first such error.) Cancel-safe: a line read in part stays here for the next
+/// call, so it can stand in a `select!`.
+struct BoundedLines<R> {
+    reader: R,
+    max: usize,
+    line: Vec<u8>,
+    too_long: bool,
+}
+
+impl<R: tokio::io::AsyncBufRead + Unpin> BoundedLines<R> {
+    fn new(reader: R, max: usize) -> Self {
+        Self {
+            reader,
+            max,
+            line: Vec::new(),
+            too_long: false,
+        }
+    }
+
+    /// The next line without its end (`\n` or `\r\n`); `Ok(None)` at the end of the input.
+    async fn next_line(&mut self) -> std::io::Result<Option<Result<String, String>>> {
+        use tokio::io::AsyncBufReadExt;
+        loop {
+            let buf = self.reader.fill_buf().await?;
+            if buf.is_empty() {
+                if self.line.is_empty() && !self.too_long {
+                    return Ok(None);
+                }
+                return Ok(Some(self.take()));
+            }
+            let (chunk, used, ended) = match buf.iter().position(|b| *b == b'\n') {
+                Some(at) => (&buf[..at], at + 1, true),
+                None => (buf, buf.len(), false),
+            };
+            if !self.too_long {
+                if self.line.len() + chunk.len() > self.max {
+                    self.too_long = true;
+                    self.line = Vec::new();
+                } else {
+                    self.line.extend_from_slice(chunk);
+                }
+            }
+            self.reader.consume(used);
+            if ended {
+                return Ok(Some(self.take()));
+            }
+        }
+    }
+
+    /// The line read so far, and a fresh start.
+    fn take(&mut self) -> Result<String, String> {
+        let line = std::mem::take(&mut self.line);
+        if std::mem::take(&mut self.too_long) {
+            return Err(format!(
+                "a line longer than {} bytes was left out",
+                self.max
+            ));
+        }
+        let mut line = String::from_utf8(line)
+            .map_err(|_| "a line that is not UTF-8 was left out".to_owned())?;
+        if line.ends_with('\r') {
+            line.pop();
+        }
+        Ok(line)
+    }
+}
+
 /// Executes a run durably over in-memory stores, as a worker would, so that `wait` and long
 /// `delay`s park it: a parked run is woken by a signal (given up front, or read from stdin) or
 /// by its time, and executed again, until it ends.
@@ -506,7 +580,6 @@ async fn run_durably(
     use flowcore::durable::{self, DurableOptions, Hooks};
     use flowcore::ports::memory::MemoryRunStore;
     use flowcore::ports::{Due, NewRun, RunStore, Signal};
-    use tokio::io::AsyncBufReadExt;
 
     let runs: Arc<dyn RunStore> = Arc::new(MemoryRunStore::new());
     let options = DurableOptions::new("cli");
@@ -526,7 +599,10 @@ async fn run_durably(
     for (name, payload) in &given {
         send(name, payload).await?;
     }
-    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin = BoundedLines::new(
+        tokio::io::BufReader::new(tokio::io::stdin()),
+        MAX_SIGNAL_LINE,
+    );
     let mut stdin_open = true;
     loop {
         let hooks = Hooks {
@@ -569,8 +645,9 @@ async fn run_durably(
                                  unless a signal comes; give signals with --signal"
                             );
                         }
-                        Some(line) if line.trim().is_empty() => {}
-                        Some(line) => match parse_signal(&line, ' ') {
+                        Some(Err(e)) => eprintln!("stdin: {e}; give NAME JSON"),
+                        Some(Ok(line)) if line.trim().is_empty() => {}
+                        Some(Ok(line)) => match parse_signal(&line, ' ') {
                             Ok((name, payload)) => {
                                 send(&name, &payload).await?;
                             }

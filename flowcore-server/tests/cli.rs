@@ -221,6 +221,28 @@ fn run_takes_signals_from_the_command_line_and_stdin_and_sleeps_long_delays() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), r#""bob 36""#);
 
+    // A line past the bound (a signal's 256 KiB and its name) and a line that is not UTF-8
+    // are each left out with a message, unkept; the run waits on for a good one.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flowcore"))
+        .args(["run", flow.arg()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut input = b"approve \"".to_vec();
+    input.extend(std::iter::repeat_n(b'x', 8 * 1024 * 1024));
+    input.extend_from_slice(b"\"\napprove \xff\xfe\napprove {\"by\": \"cy\"}\n");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output().expect("wait");
+    writer.join().expect("writer").expect("write");
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(text(&out.stdout).trim(), r#""cy 36""#);
+    assert!(err.contains("a line longer than"), "{err}");
+    assert!(err.contains("not UTF-8"), "{err}");
+
     let bad = flowcore(&["run", flow.arg(), "--signal", "approve"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(

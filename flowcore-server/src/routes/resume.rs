@@ -136,5 +136,9 @@ async fn send(
     };
     let by = RunAction::now(ActionKind::Signal, None)
         .with_detail(serde_json::json!({"signal": signal, "via": "resume_link"}));
-    Ok(lifecycle::signal(state, &run_id, &signal, &payload, by).await?)
+    let state = state.clone();
+    Ok(lifecycle::detached(async move {
+        lifecycle::signal(&state, &run_id, &signal, &payload, by).await
+    })
+    .await?)
 }

@@ -340,7 +340,10 @@ pub(crate) async fn signal(
 ) -> Result<(StatusCode, Json<SignalSent>), ApiError> {
     signal_name(&name)?;
     let by = RunAction::now(ActionKind::Signal, actor(caller)).with_detail(json!({"signal": name}));
-    let sent = lifecycle::signal(&state, &RunId::from(id), &name, &payload, by).await?;
+    let sent = lifecycle::detached(async move {
+        lifecycle::signal(&state, &RunId::from(id), &name, &payload, by).await
+    })
+    .await?;
     Ok((StatusCode::ACCEPTED, Json(sent)))
 }
 
@@ -378,8 +381,12 @@ pub(crate) async fn keyed_signal(
     if body.key.is_empty() || body.key.len() > 256 {
         return Err(ApiError::bad_request("key must be 1 to 256 bytes"));
     }
-    let run_ids =
-        lifecycle::keyed_signal(&state, &name, &body.key, &body.data, actor(caller)).await?;
+    let actor = actor(caller);
+    let signal = name.clone();
+    let run_ids = lifecycle::detached(async move {
+        lifecycle::keyed_signal(&state, &signal, &body.key, &body.data, actor).await
+    })
+    .await?;
     Ok(Json(KeyedSignalSent {
         signal: name,
         run_ids,
@@ -393,7 +400,12 @@ pub(crate) async fn cancel(
     caller: Option<Extension<Caller>>,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<RunState>), ApiError> {
-    let done = lifecycle::cancel(&state, &RunId::from(id), actor(caller)).await?;
+    let actor = actor(caller);
+    let done =
+        lifecycle::detached(
+            async move { lifecycle::cancel(&state, &RunId::from(id), actor).await },
+        )
+        .await?;
     let code = if done.status.is_final() {
         StatusCode::OK
     } else {

@@ -630,7 +630,7 @@ async fn waits_signals_and_parked_delays() {
     assert_eq!(reached["run_ids"], json!([keyed[1]]));
     let keyed_done = wait_for_status(&app, &keyed[1], "succeeded").await;
     assert_eq!(keyed_done["output"], json!("o-3 by bob"));
-    assert_eq!(keyed_done["actions"][0]["detail"], json!({"signal": "approve", "key": "o-3"}));
+    assert_eq!(keyed_done["actions"][0]["detail"], json!({"signal": "approve", "keyed": true}), "the key itself is not kept");
     assert_eq!(keyed_done["actions"][0]["actor"], json!({"id": "admin", "name": "admin"}));
     let (_, other) = get(&app, &format!("/api/v1/runs/{}", keyed[0])).await;
     assert_eq!(other["status"], "waiting", "another key's run waits on");
@@ -650,6 +650,7 @@ async fn waits_signals_and_parked_delays() {
     let actions = cancelled["actions"].as_array().expect("actions");
     assert_eq!(actions.len(), 101, "100 signals, then the cancel");
     assert_eq!((actions[100]["action"].as_str(), actions[100]["actor"]["name"].as_str()), (Some("cancel"), Some("admin")));
+    assert_eq!(actions[100]["detail"], json!({"status": "cancelled"}));
 
     // A resume URL delivers its one signal to its one run, without a key: GET shows a page,
     // POST delivers.

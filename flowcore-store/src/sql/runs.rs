@@ -11,8 +11,8 @@ use diesel::prelude::*;
 use diesel::upsert::excluded;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use flowcore::ports::{
-    Claim, Due, Lapsed, Lease, NewRun, Page, Park, PruneRule, RunAction, RunFilter, RunOutcome,
-    RunRecord, RunStore, Signal, SignalTake, StoreResult, signal_each,
+    Claim, Due, Lapsed, Lease, MAX_ACTIONS_PER_RUN, NewRun, Page, Park, PruneRule, RunAction,
+    RunFilter, RunOutcome, RunRecord, RunStore, Signal, SignalTake, StoreResult, signal_each,
 };
 use flowcore::wait::{MAX_KEYED_RUNS, MAX_PENDING_SIGNALS, Parked};
 use flowcore::{ItemBatch, RunId, RunStatus, StepRecord, StepStatus, StoreError, Transition};
@@ -306,9 +306,6 @@ macro_rules! delete_belongings {
 macro_rules! delete_runs {
     ($conn:expr, $ids:expr) => {{
         delete_belongings!($conn, $ids);
-        diesel::delete(run_actions::table.filter(run_actions::run_id.eq_any($ids)))
-            .execute($conn)
-            .await?;
         diesel::delete(runs::table.filter(runs::id.eq_any($ids)))
             .execute($conn)
             .await?;
@@ -587,16 +584,28 @@ impl RunStore for SqlStore {
         with_conn!(self, write, |conn| {
             let rows = &rows;
             conn.transaction(async move |conn| {
-                // Only for runs that are there (a run deleted meanwhile leaves nothing behind).
+                // Only for runs that are there (the foreign key refuses the others, and
+                // deletes a run's actions with it), each up to its cap.
                 let ids: Vec<&str> = rows.iter().map(|r| r.run_id.as_str()).collect();
                 let there: Vec<String> = runs::table
                     .filter(runs::id.eq_any(&ids))
                     .select(runs::id)
                     .load(conn)
                     .await?;
-                // A row a statement: SQLite has no multi-row insert in diesel, and a person's
-                // actions are few.
+                let mut counts: std::collections::HashMap<String, i64> = run_actions::table
+                    .filter(run_actions::run_id.eq_any(&ids))
+                    .group_by(run_actions::run_id)
+                    .select((run_actions::run_id, diesel::dsl::count_star()))
+                    .load::<(String, i64)>(conn)
+                    .await?
+                    .into_iter()
+                    .collect();
                 for row in rows.iter().filter(|r| there.contains(&r.run_id)) {
+                    let count = counts.entry(row.run_id.clone()).or_default();
+                    if *count >= MAX_ACTIONS_PER_RUN as i64 {
+                        continue;
+                    }
+                    *count += 1;
                     diesel::insert_into(run_actions::table)
                         .values(row)
                         .execute(conn)
@@ -1146,14 +1155,6 @@ impl RunStore for SqlStore {
                     .eq_any(&ids)
                     .and(runs::status.eq_any(final_statuses()));
                 delete_belongings!(conn, runs::table.filter(finished.clone()).select(runs::id));
-                diesel::delete(
-                    run_actions::table.filter(
-                        run_actions::run_id
-                            .eq_any(runs::table.filter(finished.clone()).select(runs::id)),
-                    ),
-                )
-                .execute(conn)
-                .await?;
                 // What this statement deleted: another process may have deleted some first.
                 diesel::delete(runs::table.filter(finished))
                     .returning(runs::id)

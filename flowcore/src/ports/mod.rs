@@ -26,9 +26,9 @@ pub use records::{
     StoredCredential, UsageDay, UsageQuery, UsageStore,
 };
 pub use runs::{
-    ActionKind, Actor, Claim, Due, Lapsed, Lease, NewRun, Park, PruneRule, RunAction, RunEnd,
-    RunFilter, RunOutcome, RunRecord, RunStore, Signal, SignalTake, claim_each, prune_runs,
-    signal_each,
+    ActionKind, Actor, Claim, Due, Lapsed, Lease, MAX_ACTIONS_PER_RUN, NewRun, Park, PruneRule,
+    RunAction, RunEnd, RunFilter, RunOutcome, RunRecord, RunStore, Signal, SignalTake, claim_each,
+    prune_runs, signal_each,
 };
 pub use signals::{FinishWaiters, FinishWatch, RunSignals};
 

@@ -230,6 +230,11 @@ pub struct Actor {
     pub name: String,
 }
 
+/// The most actions recorded for one run ([`RunStore::record_actions`]); later ones are not
+/// kept. Far above what a run meets: its signals are bounded by its pending signals and its
+/// waits, and a cancel is recorded once.
+pub const MAX_ACTIONS_PER_RUN: usize = 1000;
+
 /// What a person did to a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -272,8 +277,8 @@ impl ActionKind {
 pub struct RunAction {
     /// What was done.
     pub action: ActionKind,
-    /// Who did it: `None` when no API key was involved (a resume link, or a server without
-    /// keys).
+    /// Who did it: `None` when no API key was involved (a resume link). Its `id` is what
+    /// names the key; a `name` is whatever its maker chose.
     pub actor: Option<Actor>,
     /// When.
     pub at: DateTime<Utc>,
@@ -413,7 +418,7 @@ pub trait RunStore: Send + Sync {
     async fn take_signal(&self, id: &RunId, take: SignalTake<'_>) -> StoreResult<Option<Value>>;
     /// Records what people did to runs, each with its run (kept as long as the run, deleted
     /// with it; a run's data pruning keeps them). An action for a run that is gone is
-    /// dropped.
+    /// dropped, and so is one past [`MAX_ACTIONS_PER_RUN`] of its run.
     async fn record_actions(&self, actions: &[(RunId, RunAction)]) -> StoreResult<()>;
     /// The actions recorded for run `id`, oldest first.
     async fn actions(&self, id: &RunId) -> StoreResult<Vec<RunAction>>;

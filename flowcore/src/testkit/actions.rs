@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::new_run;
 use crate::ids::RunId;
-use crate::ports::{ActionKind, Actor, PruneRule, RunAction, RunStore};
+use crate::ports::{ActionKind, Actor, MAX_ACTIONS_PER_RUN, PruneRule, RunAction, RunStore};
 use crate::run::RunStatus;
 
 /// Actions on runs of `store`.
@@ -62,6 +62,25 @@ pub async fn run_actions(store: &dyn RunStore) {
     assert!(
         store.actions(&gone).await.expect("unknown run").is_empty(),
         "an action for a run that is not there is dropped"
+    );
+
+    // At most the cap a run, whatever comes.
+    let (busy, _) = store
+        .create(new_run("actions", None))
+        .await
+        .expect("create");
+    let many: Vec<(RunId, RunAction)> = (0..MAX_ACTIONS_PER_RUN + 5)
+        .map(|_| (busy.id.clone(), signal.clone()))
+        .collect();
+    store.record_actions(&many).await.expect("record many");
+    store
+        .record_actions(&many[..1])
+        .await
+        .expect("record past the cap");
+    assert_eq!(
+        store.actions(&busy.id).await.expect("actions").len(),
+        MAX_ACTIONS_PER_RUN,
+        "the cap holds"
     );
 
     // Pruning the run's data keeps them with its summary; deleting the run deletes them.

@@ -42,7 +42,7 @@ pub use queue::queue;
 #[cfg(feature = "records")]
 pub use records::{Records, meta_store};
 pub use runs::{concurrent_creates, concurrent_finishes, pruning, run_store, transitions};
-pub use waits::parked_runs;
+pub use waits::{keyed_fan_out, parked_runs};
 
 use crate::model::FlowDef;
 use crate::ports::{
@@ -169,6 +169,7 @@ pub async fn check(backend: &Backend) {
         suite!(run_store(runs.as_ref()));
         suite!(transitions(runs.as_ref()));
         suite!(parked_runs(runs.clone()));
+        suite!(keyed_fan_out(runs.clone()));
         suite!(map_items(runs.as_ref()));
         suite!(run_actions(runs.as_ref()));
         suite!(concurrent_creates(runs.clone()));

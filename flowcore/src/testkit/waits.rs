@@ -12,7 +12,7 @@ use crate::error::StoreError;
 use crate::ids::RunId;
 use crate::ports::{Due, Park, RunRecord, RunStore, Signal, SignalTake};
 use crate::run::{RunStatus, Transition};
-use crate::wait::{MAX_PENDING_SIGNALS, Parked, Wait};
+use crate::wait::{MAX_KEYED_RUNS, MAX_PENDING_SIGNALS, Parked, Wait};
 
 const TTL: Duration = Duration::from_secs(60);
 
@@ -378,5 +378,36 @@ pub async fn parked_runs(store: Arc<dyn RunStore>) {
     assert!(
         !ids(&store.wake_due(&due(Utc::now(), 100)).await.expect("wake")).contains(&cancelled),
         "a cancelled run is not woken"
+    );
+}
+
+/// A keyed signal reaches at most [`MAX_KEYED_RUNS`] runs a call (the rest are reached by the
+/// next call: a sender learns from the answer whom it reached), each woken once.
+pub async fn keyed_fan_out(store: Arc<dyn RunStore>) {
+    let store = store.as_ref();
+    let far = Utc::now() + chrono::Duration::hours(1);
+    for _ in 0..=MAX_KEYED_RUNS {
+        let (id, epoch) = running(store, "fan").await;
+        store
+            .park(&id, epoch, park("w", Some("go"), Some("all"), far))
+            .await
+            .expect("park");
+    }
+    let payload = json!(1);
+    let signal = Signal {
+        key: Some("all"),
+        ..plain("go", &payload)
+    };
+    let first = store.send_keyed_signal(signal).await.expect("keyed");
+    assert_eq!(first.len(), MAX_KEYED_RUNS, "at most the cap a call");
+    let rest = store.send_keyed_signal(signal).await.expect("keyed again");
+    assert_eq!(rest.len(), 1, "the next call reaches the one left");
+    assert!(!ids(&first).contains(&rest[0].id), "each woken once");
+    assert!(
+        store
+            .send_keyed_signal(signal)
+            .await
+            .expect("none left")
+            .is_empty()
     );
 }

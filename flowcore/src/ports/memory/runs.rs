@@ -12,8 +12,8 @@ use super::{lock, parse_cursor, ttl_to_chrono};
 use crate::error::StoreError;
 use crate::ids::RunId;
 use crate::ports::{
-    Due, Lapsed, Lease, NewRun, Page, Park, PruneRule, RunAction, RunFilter, RunOutcome, RunRecord,
-    RunStore, Signal, SignalTake, StoreResult, signal_each,
+    Due, Lapsed, Lease, MAX_ACTIONS_PER_RUN, NewRun, Page, Park, PruneRule, RunAction, RunFilter,
+    RunOutcome, RunRecord, RunStore, Signal, SignalTake, StoreResult, signal_each,
 };
 use crate::run::{ItemBatch, Move, RunStatus, StepRecord, StepStatus, Transition};
 use crate::wait::{MAX_KEYED_RUNS, MAX_PENDING_SIGNALS};
@@ -351,11 +351,12 @@ impl RunStore for MemoryRunStore {
     async fn record_actions(&self, actions: &[(RunId, RunAction)]) -> StoreResult<()> {
         let mut st = lock(&self.state);
         for (id, action) in actions {
-            if st.runs.contains_key(id) {
-                st.actions
-                    .entry(id.clone())
-                    .or_default()
-                    .push(action.clone());
+            if !st.runs.contains_key(id) {
+                continue;
+            }
+            let kept = st.actions.entry(id.clone()).or_default();
+            if kept.len() < MAX_ACTIONS_PER_RUN {
+                kept.push(action.clone());
             }
         }
         Ok(())

@@ -41,6 +41,15 @@ static ENV: LazyLock<Environment<'static>> = LazyLock::new(|| {
     // levels deep (whose drop overflows the stack and aborts the process), and `ns.s ~ ns.s`
     // doubles a string each turn. Loop-carried state belongs in a `script` node.
     env.remove_global("namespace");
+    // Booleans as JSON writes them (`true`), not as Python does (`True`, minijinja's default,
+    // for Jinja's sake): a flag in a string, a URL or a JSON body means JSON's.
+    env.set_formatter(|out, state, value| {
+        if value.kind() == minijinja::value::ValueKind::Bool {
+            out.write_str(if value.is_true() { "true" } else { "false" })?;
+            return Ok(());
+        }
+        minijinja::escape_formatter(out, state, value)
+    });
     env
 });
 
@@ -201,9 +210,7 @@ impl Template {
             Kind::Single(e) => {
                 let v = e.eval(scope)?;
                 let mut out = Bounded::default();
-                if !v.is_undefined() && !v.is_none() {
-                    write!(out, "{v}").map_err(|_| too_large())?;
-                }
+                write_value(&mut out, &v)?;
                 Ok(out.text)
             }
             Kind::Pieces(pieces) => {
@@ -212,10 +219,7 @@ impl Template {
                     match piece {
                         Piece::Text(t) => out.write_str(t).map_err(|_| too_large())?,
                         Piece::Expr(e) => {
-                            let v = e.eval(scope)?;
-                            if !v.is_undefined() && !v.is_none() {
-                                write!(out, "{v}").map_err(|_| too_large())?;
-                            }
+                            write_value(&mut out, &e.eval(scope)?)?;
                         }
                     }
                 }
@@ -250,6 +254,20 @@ impl Template {
             Kind::Full { references, .. } => references.clone(),
         }
     }
+}
+
+/// Writes `v` as a `{{ }}` in a string shows it: nothing for none or undefined, booleans as
+/// JSON writes them (as the environment's formatter does for whole templates).
+fn write_value(out: &mut Bounded, v: &minijinja::Value) -> Result<(), String> {
+    use std::fmt::Write;
+    let written = match v.kind() {
+        minijinja::value::ValueKind::Undefined | minijinja::value::ValueKind::None => Ok(()),
+        minijinja::value::ValueKind::Bool => {
+            out.write_str(if v.is_true() { "true" } else { "false" })
+        }
+        _ => write!(out, "{v}"),
+    };
+    written.map_err(|_| too_large())
 }
 
 /// A JSON value whose strings are templates, compiled: `{"a": "{{ input.x }}", "b": [1, "{{ attempt }}"]}`.
@@ -761,6 +779,31 @@ mod tests {
         assert_eq!(
             Template::compile("{{ '}}' }}").unwrap().render(&s).unwrap(),
             json!("}}")
+        );
+        let flags = scope(json!({"yes": true, "no": false}));
+        assert_eq!(
+            Template::compile("{{ input.yes }}/{{ input.no }}/{{ 1 == 2 }}")
+                .unwrap()
+                .render(&flags)
+                .unwrap(),
+            json!("true/false/false"),
+            "booleans in a string as JSON writes them"
+        );
+        assert_eq!(
+            Template::compile("{{ input.yes }}")
+                .unwrap()
+                .render(&flags)
+                .unwrap(),
+            json!(true),
+            "a whole template keeps the boolean"
+        );
+        assert_eq!(
+            Template::compile("{% if input.yes %}{{ input.no }}{% endif %}")
+                .unwrap()
+                .render(&flags)
+                .unwrap(),
+            json!("false"),
+            "and so do statements"
         );
         let full = Template::compile("{% for x in input.list %}{{ x }},{% endfor %}").unwrap();
         assert_eq!(full.render(&s).unwrap(), json!("1,2,"));

@@ -371,16 +371,10 @@ mod tests {
             .unwrap();
         let reference = json!({flowcore::durable::BLOB_REF: "runs/r/n", "size": 1012});
         let step = StepRecord {
-            node: "n".into(),
             status: StepStatus::Succeeded,
             attempts: 1,
-            started_at: None,
-            finished_at: None,
             output: Some(Arc::new(reference.clone())),
-            error: None,
-            error_code: None,
-            port: None,
-            items: None,
+            ..StepRecord::pending("n")
         };
         let (run, _) = runs.create(NewRun::new("f", 1, json!({}))).await.unwrap();
         let archived = read_back(run, vec![step.clone()], &blobs).await.unwrap();

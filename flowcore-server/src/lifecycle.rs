@@ -17,6 +17,7 @@ use flowcore::ports::{
     ActionKind, Actor, Due, FinishWatch, NewRun, RunAction, RunEnd, RunFilter, RunOutcome,
     RunRecord, Signal,
 };
+use flowcore::rerun::{RerunFrom, kept_steps};
 use flowcore::{CancellationToken, RunId, RunStatus, StoreError};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -56,6 +57,15 @@ pub enum RunError {
     /// A signal's payload is larger than [`MAX_SIGNAL_BYTES`].
     #[error("a signal's payload is {0} bytes of JSON, more than {MAX_SIGNAL_BYTES}")]
     SignalTooLarge(usize),
+    /// A rerun of a run that has not ended.
+    #[error("the run is {0}: only a finished run can be rerun")]
+    NotFinished(RunStatus),
+    /// A rerun of a run whose data retention removed.
+    #[error("run `{0}` had its data removed by retention; it cannot be rerun")]
+    Pruned(RunId),
+    /// A rerun that cannot start where it was asked to.
+    #[error("{0}")]
+    CannotRerun(String),
 }
 
 /// The largest payload a signal may carry, as JSON: a run holds up to 100 pending, and a keyed
@@ -182,6 +192,7 @@ pub async fn start(state: &Shared, start: Start) -> Result<RunAnswer, RunError> 
         idempotency_key,
         claim: permit.as_ref().map(|_| durable_options(state).claim()),
         trigger,
+        rerun_of: None,
     };
     // In a task of its own: a client that goes away mid-request drops this future, and must
     // not leave a stored run that nobody starts (until the reaper or the orphan sweep finds it
@@ -210,6 +221,115 @@ pub async fn start(state: &Shared, start: Start) -> Result<RunAnswer, RunError> 
         }
     };
     Ok(answer(state, seen).await?)
+}
+
+/// How to rerun a finished run ([`rerun`]).
+#[derive(Debug, Clone)]
+pub struct Rerun {
+    /// Where it starts again.
+    pub from: RerunFrom,
+    /// The flow's latest version, instead of the one the earlier run executed.
+    pub latest: bool,
+    /// A new input, instead of the earlier run's.
+    pub input: Option<Value>,
+    /// Who asks.
+    pub actor: Option<Actor>,
+}
+
+/// Starts a rerun of the finished run `id` (found in the archive too): a new run of its flow,
+/// at its version or the latest, with its input or a new one, that keeps the steps of the
+/// earlier run not downstream of where it starts again ([`flowcore::rerun::kept_steps`]); the
+/// rest executes. Admitted as a new run is (quota, queue bound), then queued. The rerun is
+/// recorded on both runs, by `actor`.
+pub async fn rerun(state: &Shared, id: &RunId, rerun: Rerun) -> Result<RunRecord, RunError> {
+    let (runs, blobs) = (&state.stores.runs, state.stores.blobs.as_ref());
+    let (earlier, steps) = match runs.get(id).await {
+        Ok(run) => {
+            let steps = runs.steps(id).await?;
+            (run, steps)
+        }
+        Err(StoreError::NotFound { .. }) if state.config.archive => {
+            match crate::archive::find(blobs, id).await? {
+                Some(found) => (found.run, found.steps),
+                None => return Err(StoreError::not_found("run", id.as_str()).into()),
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !earlier.status.is_final() {
+        return Err(RunError::NotFinished(earlier.status));
+    }
+    if earlier.data_pruned {
+        return Err(RunError::Pruned(id.clone()));
+    }
+    let version = (!rerun.latest).then_some(earlier.flow_version);
+    let (version, plan) = state.plans.get(&earlier.flow_id, version).await?;
+    let mut kept = kept_steps(&plan, &steps, &rerun.from)
+        .map_err(|e| RunError::CannotRerun(format!("{e} (version {version})")))?;
+    // Read back what went to the blob store: the earlier run's blobs go when it is pruned.
+    for step in &mut kept {
+        if let Some(output) = &step.output {
+            step.output = Some(Arc::new(resolve(output, blobs).await?));
+        }
+    }
+    let quota = state.config.quota_runs_per_day;
+    if quota > 0 && state.usage.runs_today(&earlier.flow_id).await? >= quota {
+        return Err(RunError::QuotaExceeded {
+            flow_id: earlier.flow_id,
+            quota,
+        });
+    }
+    let group = plan
+        .worker_group()
+        .unwrap_or(&state.config.worker_group)
+        .to_owned();
+    state
+        .admission
+        .admit_queued(state.stores.queue.as_ref(), &group)
+        .await?;
+    let new = NewRun {
+        rerun_of: Some(earlier.id.clone()),
+        trigger: earlier.trigger.clone(),
+        ..NewRun::new(
+            earlier.flow_id.clone(),
+            version,
+            rerun.input.unwrap_or(earlier.input),
+        )
+    };
+    let run = runs.create_rerun(new, kept).await?;
+    state.usage.run_started(&run.flow_id);
+    let from = match &rerun.from {
+        RerunFrom::Failed => "failed",
+        RerunFrom::Start => "start",
+        RerunFrom::Node(node) => node,
+    };
+    let action =
+        |detail| RunAction::now(ActionKind::Rerun, rerun.actor.clone()).with_detail(detail);
+    record_actions(
+        state,
+        &[
+            (
+                run.id.clone(),
+                action(json!({"rerun_of": earlier.id, "from": from, "version": version})),
+            ),
+            (earlier.id.clone(), action(json!({"rerun": run.id}))),
+        ],
+    )
+    .await;
+    if let Err(e) = state.stores.queue.enqueue(&group, &run.id, None).await {
+        // As for a new run: not accepted, and not left queued without a job.
+        if let Err(f) = fail(
+            state,
+            &run.id,
+            "the queue was unavailable when the rerun was started".into(),
+        )
+        .await
+        {
+            tracing::warn!(run_id = %run.id, error = %f, "could not fail a rerun that was not enqueued");
+        }
+        return Err(e.into());
+    }
+    Ok(run)
 }
 
 /// A run as [`accept`] left it.

@@ -13,7 +13,7 @@ use crate::routes::files::FileView;
 use crate::routes::flows::{FlowCreated, FlowSummary, FlowView};
 use crate::routes::meta::{Health, Readiness};
 use crate::routes::runs::{
-    KeyedSignal, KeyedSignalSent, RunSummary, RunView, StartRun, StepView, WaitView,
+    KeyedSignal, KeyedSignalSent, RerunRequest, RunSummary, RunView, StartRun, StepView, WaitView,
 };
 use crate::routes::usage::{Quota, UsageReport};
 
@@ -43,7 +43,7 @@ impl Modify for Security {
         crate::routes::flows::create, crate::routes::flows::list, crate::routes::flows::read,
         crate::routes::flows::update, crate::routes::flows::delete,
         crate::routes::runs::start, crate::routes::runs::list, crate::routes::runs::read,
-        crate::routes::runs::cancel, crate::routes::runs::signal, crate::routes::runs::keyed_signal,
+        crate::routes::runs::cancel, crate::routes::runs::rerun, crate::routes::runs::signal, crate::routes::runs::keyed_signal,
         crate::routes::events::events,
         crate::routes::api_keys::create, crate::routes::api_keys::list, crate::routes::api_keys::revoke,
         crate::routes::credentials::create, crate::routes::credentials::list,
@@ -54,7 +54,7 @@ impl Modify for Security {
     components(schemas(
         ApiErrorBody, ApiErrorDetail, Health, Readiness, FlowCreated, FlowSummary, FlowView,
         StartRun, RunAnswer, RunState, StepView, RunView, RunSummary, WaitView, SignalSent,
-        KeyedSignal, KeyedSignalSent, CreateApiKey,
+        KeyedSignal, KeyedSignalSent, RerunRequest, CreateApiKey,
         ApiKeyCreated, ApiKeyView, ApiKeyList, CreateCredential, CredentialView, CredentialList,
         FileView, UsageReport, Quota,
     )),

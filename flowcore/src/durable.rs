@@ -136,13 +136,14 @@ pub async fn execute(
     hooks: Hooks,
 ) -> Result<RunRecord, StoreError> {
     let epoch = run.epoch;
-    // The first owner of a run (epoch 1) cannot find steps of an earlier one.
+    // The first owner of a run (epoch 1) cannot find steps of an earlier one, but for those a
+    // rerun keeps.
     let offload = options.blobs.clone().map(|b| Offload {
         blobs: b,
         over: options.offload_over,
         run_id: run.id.clone(),
     });
-    let mut resume = if epoch > 1 {
+    let mut resume = if epoch > 1 || run.rerun_of.is_some() {
         runs.steps(&run.id).await?
     } else {
         Vec::new()

@@ -775,6 +775,7 @@ impl Driver {
                         error_code: None,
                         port: None,
                         items: None,
+                        reused: false,
                     };
                     if let Err(e) = record(&run, &step).await {
                         failure = Some((RunStatus::Failed, e));
@@ -839,6 +840,7 @@ impl Driver {
                         error_code: None,
                         port: None,
                         items: None,
+                        reused: false,
                     };
                     let _ = record(&run, &step).await;
                     run.emit(|| finished_event(&run, &step));
@@ -1012,6 +1014,7 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
         error_code: None,
         port: None,
         items: None,
+        reused: false,
     };
     let result = match result {
         Err(NodeError::Parked(wait)) => {

@@ -48,6 +48,7 @@ pub mod node;
 pub mod nodes;
 pub mod plan;
 pub mod ports;
+pub mod rerun;
 pub mod run;
 pub mod secret;
 #[cfg(feature = "testkit")]

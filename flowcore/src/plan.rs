@@ -128,6 +128,28 @@ impl Plan {
     pub fn node_type(&self, index: usize) -> &str {
         &self.0.nodes[index].node_type
     }
+    /// The nodes reachable from `from` along edges (any port), `from` included: what must run
+    /// again when they do. Indexes out of range are ignored.
+    ///
+    /// ```
+    /// let plan = flowcore::Engine::new()
+    ///     .compile_json(r#"{"nodes": [{"id": "a", "type": "noop"}, {"id": "b", "type": "noop"},
+    ///         {"id": "c", "type": "noop"}], "edges": [{"from": "a", "to": "b"}]}"#)
+    ///     .unwrap();
+    /// let down = plan.downstream([plan.index_of("a").unwrap()]);
+    /// assert!(down[plan.index_of("b").unwrap()] && !down[plan.index_of("c").unwrap()]);
+    /// ```
+    pub fn downstream(&self, from: impl IntoIterator<Item = usize>) -> Vec<bool> {
+        let mut seen = vec![false; self.0.nodes.len()];
+        let mut stack: Vec<usize> = from.into_iter().filter(|i| *i < seen.len()).collect();
+        while let Some(i) = stack.pop() {
+            if std::mem::replace(&mut seen[i], true) {
+                continue;
+            }
+            stack.extend(self.0.out.get(i).iter().map(|(_, to)| *to));
+        }
+        seen
+    }
     /// The flow's own time limit.
     pub fn timeout(&self) -> Option<Duration> {
         self.0.timeout

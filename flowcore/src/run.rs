@@ -288,6 +288,9 @@ pub struct StepRecord {
     /// other nodes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub items: Option<ItemProgress>,
+    /// Kept from an earlier run by a rerun ([`crate::rerun`]): not executed in this one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reused: bool,
 }
 
 /// How far a `map` step got: of `total` items, `done` are finished (and checkpointed).
@@ -315,6 +318,23 @@ pub struct ItemBatch {
 }
 
 impl StepRecord {
+    /// A step of `node` that has not started: no attempt, no times, no output.
+    pub fn pending(node: &str) -> Self {
+        Self {
+            node: Arc::from(node),
+            status: StepStatus::Pending,
+            attempts: 0,
+            started_at: None,
+            finished_at: None,
+            output: None,
+            error: None,
+            error_code: None,
+            port: None,
+            items: None,
+            reused: false,
+        }
+    }
+
     /// Whether a resumed run can take this step as done instead of executing it again.
     pub fn is_checkpoint(&self) -> bool {
         matches!(self.status, StepStatus::Succeeded | StepStatus::Skipped)

@@ -156,6 +156,10 @@ mod commits {
             self.write();
             self.inner.release(id, epoch).await
         }
+        async fn create_rerun(&self, run: NewRun, kept: Vec<StepRecord>) -> StoreResult<RunRecord> {
+            self.write();
+            self.inner.create_rerun(run, kept).await
+        }
         async fn record_actions(
             &self,
             actions: &[(RunId, flowcore::ports::RunAction)],

@@ -9,6 +9,7 @@ use axum::{Extension, Json, Router};
 use chrono::{DateTime, Utc};
 use flowcore::durable::resolve;
 use flowcore::ports::{ActionKind, Actor, BlobStore, RunAction, RunFilter, RunRecord};
+use flowcore::rerun::RerunFrom;
 use flowcore::{RunId, RunStatus, StepStatus, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -27,6 +28,7 @@ pub fn router() -> Router<Shared> {
         .route("/runs", get(list))
         .route("/runs/{id}", get(read))
         .route("/runs/{id}/cancel", post(cancel))
+        .route("/runs/{id}/rerun", post(rerun))
         .route("/runs/{id}/signals/{name}", post(signal))
         .route("/signals/{name}", post(keyed_signal))
 }
@@ -120,6 +122,9 @@ pub struct StepView {
     /// How many of its items are finished.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub items_done: Option<u32>,
+    /// Kept from the run this one reruns: not executed in this one.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reused: bool,
 }
 
 /// A run with its steps.
@@ -223,6 +228,7 @@ pub(crate) async fn read(
             error_code: step.error_code,
             items_total: step.items.map(|p| p.total),
             items_done: step.items.map(|p| p.done),
+            reused: step.reused,
         });
     }
     let waits = match (&run.parked, run.status) {
@@ -275,6 +281,10 @@ pub struct RunSummary {
     /// (`FLOWCORE_RUN_DATA_RETENTION_DAYS`, `settings.retention.data_days`).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub data_pruned: bool,
+    /// The run it reruns (`POST /api/v1/runs/{id}/rerun`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub rerun_of: Option<RunId>,
 }
 
 impl From<RunRecord> for RunSummary {
@@ -287,6 +297,7 @@ impl From<RunRecord> for RunSummary {
             created_at: r.created_at,
             finished_at: r.finished_at,
             data_pruned: r.data_pruned,
+            rerun_of: r.rerun_of,
         }
     }
 }
@@ -311,6 +322,57 @@ pub(crate) async fn list(
     };
     let page = state.stores.runs.list(&filter).await?;
     Ok(Json(Page::of(page, RunSummary::from)))
+}
+
+/// A rerun of a finished run.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RerunRequest {
+    /// Where it starts again: `failed` (default: the steps that did not succeed, and all
+    /// downstream of them), `start`, or a node's id (that node and all downstream of it).
+    pub from: Option<String>,
+    /// `original` (default: the version the run executed) or `latest`.
+    pub version: Option<String>,
+    /// A new input (default: the run's).
+    #[schema(value_type = Option<Object>)]
+    pub input: Option<Value>,
+}
+
+/// Reruns a finished run: a new run (`rerun_of`) that keeps the steps not downstream of `from`
+/// (`reused`) and executes the rest.
+#[utoipa::path(post, path = "/api/v1/runs/{id}/rerun", operation_id = "rerun_run", tag = "runs", params(("id" = String, Path, description = "the run to rerun")), request_body = RerunRequest, responses((status = 202, description = "the rerun, queued", body = RunState), (status = 400, description = "invalid input: a `from` node the version lacks, `failed` for a run without a failed step", body = ApiErrorBody), (status = 404, description = "not found", body = ApiErrorBody), (status = 409, description = "run_not_finished, or run_pruned: retention removed its data", body = ApiErrorBody), (status = 429, description = "quota_exceeded", body = ApiErrorBody), (status = 503, description = "overloaded: too many runs wait", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn rerun(
+    State(state): State<Shared>,
+    caller: Option<Extension<Caller>>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<RerunRequest>,
+) -> Result<(StatusCode, Json<RunState>), ApiError> {
+    let latest = match body.version.as_deref() {
+        None | Some("original") => false,
+        Some("latest") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "version is `original` or `latest`, not `{other}`"
+            )));
+        }
+    };
+    let from = RerunFrom::parse(body.from.as_deref().unwrap_or("failed"));
+    let rerun = lifecycle::Rerun {
+        from,
+        latest,
+        input: body.input,
+        actor: actor(caller),
+    };
+    let run =
+        lifecycle::detached(async move { lifecycle::rerun(&state, &RunId::from(id), rerun).await })
+            .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(RunState {
+            run_id: run.id,
+            status: run.status,
+        }),
+    ))
 }
 
 /// Who made the request, as recorded on what it does to a run (`None` on a server without

@@ -1500,3 +1500,93 @@ async fn retention_drops_old_runs_data_and_keeps_their_summary() {
     assert!(metrics.contains("flowcore_runs_data_dropped_total 2"), "{metrics}");
     cleanup(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reruns_keep_what_came_before_and_run_the_rest() {
+    let (app, state, dir) = app_with_state(&[("WEBHOOK_TIMEOUT_SECONDS", "5")]).await;
+    let worker = Worker::start(&state);
+    let chain = |template: &str| {
+        json!({"id": "chain", "nodes": [
+            {"id": "a", "type": "script", "params": {"source": "input.n + 1"}},
+            {"id": "b", "type": "script", "params": {"source": "if input.fail { throw \"boom\" } input.n * 10"}},
+            {"id": "c", "type": "template", "params": {"template": template}}
+        ], "edges": [{"from": "a", "to": "b"}, {"from": "b", "to": "c"}], "output": "c"})
+        .to_string()
+    };
+    assert_eq!(post(&app, "/api/v1/flows", chain("{{ nodes.a }}-{{ nodes.b }}").as_bytes()).await.0, StatusCode::CREATED);
+    let (_, failed) = post(&app, "/api/v1/flows/chain/runs", br#"{"input": {"n": 1, "fail": true}}"#).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let first = failed["run_id"].as_str().unwrap().to_owned();
+    let (_, earlier) = get(&app, &format!("/api/v1/runs/{first}")).await;
+    let step = |run: &Value, node: &str| run["steps"].as_array().unwrap().iter().find(|s| s["node"] == node).cloned().unwrap_or(Value::Null);
+    // A newer version of the flow: a rerun runs the original unless asked for the latest.
+    let (status, _) = call(&app, "PUT", "/api/v1/flows/chain", Some(KEY), Some(chain("v2 {{ nodes.a }}-{{ nodes.b }}").into_bytes())).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let rerun = async |id: &str, body: Value| {
+        let (status, answer) = post(&app, &format!("/api/v1/runs/{id}/rerun"), body.to_string().as_bytes()).await;
+        (status, answer)
+    };
+    let (status, answer) = rerun(&first, json!({"from": "failed", "input": {"n": 1, "fail": false}})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let second = answer["run_id"].as_str().unwrap().to_owned();
+    let done = wait_for_status(&app, &second, "succeeded").await;
+    assert_eq!(done["output"], json!("2-10"), "the original version: {done}");
+    assert_eq!((done["rerun_of"].as_str(), done["flow_version"].as_u64()), (Some(first.as_str()), Some(1)));
+    let a = step(&done, "a");
+    assert_eq!(a["reused"], true, "the step before the failure is kept: {done}");
+    assert_eq!((&a["output"], &a["started_at"]), (&step(&earlier, "a")["output"], &step(&earlier, "a")["started_at"]), "as the earlier run did it");
+    assert!(step(&done, "b").get("reused").is_none() && step(&done, "c").get("reused").is_none(), "the failed step and what follows it ran again");
+    assert_eq!(done["actions"][0]["action"], "rerun");
+    assert_eq!(done["actions"][0]["actor"]["name"], "admin");
+    assert_eq!(done["actions"][0]["detail"], json!({"rerun_of": first, "from": "failed", "version": 1}));
+    let (_, earlier) = get(&app, &format!("/api/v1/runs/{first}")).await;
+    assert_eq!(earlier["actions"][0]["detail"], json!({"rerun": second}), "the earlier run names its rerun");
+
+    // The latest version, on the same kept step.
+    let (_, answer) = rerun(&first, json!({"version": "latest", "input": {"n": 1, "fail": false}})).await;
+    let latest = wait_for_status(&app, answer["run_id"].as_str().unwrap(), "succeeded").await;
+    assert_eq!((&latest["output"], latest["flow_version"].as_u64()), (&json!("v2 2-10"), Some(2)), "{latest}");
+    assert_eq!(step(&latest, "a")["reused"], true);
+
+    // From a node: it and what follows run again; from the start: nothing is kept.
+    let (_, answer) = rerun(&second, json!({"from": "b"})).await;
+    let from_b = wait_for_status(&app, answer["run_id"].as_str().unwrap(), "succeeded").await;
+    assert_eq!(from_b["input"], json!({"n": 1, "fail": false}), "the earlier run's input");
+    assert_eq!((step(&from_b, "a")["reused"].as_bool(), step(&from_b, "b").get("reused")), (Some(true), None));
+    let (_, answer) = rerun(&second, json!({"from": "start"})).await;
+    let fresh = wait_for_status(&app, answer["run_id"].as_str().unwrap(), "succeeded").await;
+    assert!(fresh["steps"].as_array().unwrap().iter().all(|s| s.get("reused").is_none()), "{fresh}");
+
+    // What cannot be rerun, and why.
+    for (body, code) in [
+        (json!({"from": "failed"}), "invalid_request"),
+        (json!({"from": "nope"}), "invalid_request"),
+        (json!({"version": "newest"}), "invalid_request"),
+        (json!({"form": "failed"}), "invalid_json"),
+    ] {
+        let (status, answer) = rerun(&second, body.clone()).await;
+        assert_eq!((status, answer["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some(code)), "{body}: {answer}");
+    }
+    let (status, _) = rerun("nobody", json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let waits = br#"{"id": "waits", "nodes": [{"id": "w", "type": "wait", "params": {"signal": "go"}}]}"#;
+    post(&app, "/api/v1/flows", waits).await;
+    let (_, waiting) = post(&app, "/api/v1/flows/waits/runs", br#"{"wait": false}"#).await;
+    let waiting = waiting["run_id"].as_str().unwrap().to_owned();
+    wait_for_status(&app, &waiting, "waiting").await;
+    let (status, answer) = rerun(&waiting, json!({})).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("run_not_finished")));
+    call(&app, "POST", &format!("/api/v1/runs/{waiting}/cancel"), Some(KEY), None).await;
+    // A run whose data retention removed cannot be rerun.
+    let rule = flowcore::ports::PruneRule {
+        flow_id: Some("chain".into()),
+        ..flowcore::ports::PruneRule::older_than(chrono::Utc::now() + chrono::Duration::seconds(1))
+    };
+    state.stores.runs.drop_data(&rule, 100).await.unwrap();
+    let (status, answer) = rerun(&first, json!({})).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("run_pruned")), "{answer}");
+
+    worker.stop().await;
+    cleanup(&dir);
+}

@@ -41,6 +41,7 @@ pub(super) struct RunRow {
     pub trigger: Option<String>,
     pub data_pruned_at: Option<i64>,
     pub parked: Option<String>,
+    pub rerun_of: Option<String>,
 }
 
 /// The columns of a [`RunRow`], as statements select or return them (the same on both
@@ -94,6 +95,7 @@ impl TryFrom<RunRow> for RunRecord {
                 .map(serde_json::from_str)
                 .transpose()
                 .map_err(|e| unreadable(format!("a run's parked state: {e}")))?,
+            rerun_of: row.rerun_of.map(RunId::from),
         })
     }
 }
@@ -114,6 +116,7 @@ pub(super) struct NewRunRow {
     pub lease_expires_at: Option<i64>,
     pub epoch: i64,
     pub trigger: Option<String>,
+    pub rerun_of: Option<String>,
 }
 
 impl NewRunRow {
@@ -144,6 +147,7 @@ impl NewRunRow {
             lease_expires_at,
             epoch: i64::from(claimed),
             trigger: run.trigger.as_ref().map(to_text).transpose()?,
+            rerun_of: run.rerun_of.as_ref().map(|id| id.as_str().to_owned()),
         })
     }
 }
@@ -164,6 +168,7 @@ pub(super) struct StepRow {
     pub error_code: Option<String>,
     pub items_total: Option<i32>,
     pub items_done: Option<i32>,
+    pub reused: bool,
 }
 
 impl StepRow {
@@ -185,6 +190,7 @@ impl StepRow {
                     error_code: s.error_code.clone(),
                     items_total: s.items.map(|p| items_count(p.total)),
                     items_done: s.items.map(|p| items_count(p.done)),
+                    reused: s.reused,
                 })
             })
             .collect()
@@ -215,6 +221,7 @@ impl TryFrom<StepRow> for StepRecord {
                     total: u32::try_from(total).unwrap_or_default(),
                     done: u32::try_from(done).unwrap_or_default(),
                 }),
+            reused: row.reused,
         })
     }
 }
@@ -274,6 +281,7 @@ impl MapItemsRow {
             error_code: None,
             items_total: Some(items_count(batch.progress.total)),
             items_done: Some(items_count(batch.progress.done)),
+            reused: false,
         }
     }
 }

@@ -568,6 +568,44 @@ impl RunStore for SqlStore {
         self.written_under(owned, id, epoch).await
     }
 
+    async fn create_rerun(&self, run: NewRun, kept: Vec<StepRecord>) -> StoreResult<RunRecord> {
+        let run = NewRun {
+            idempotency_key: None,
+            claim: None,
+            ..run
+        };
+        let new = NewRunRow::new(&run, micros(Utc::now()), None)?;
+        let kept: Vec<StepRecord> = kept
+            .into_iter()
+            .map(|step| StepRecord {
+                reused: true,
+                ..step
+            })
+            .collect();
+        let rows = StepRow::of(&run.id, &kept)?;
+        let row: RunRow = with_conn!(self, write, |conn| {
+            let (new, rows) = (new.clone(), rows.clone());
+            conn.transaction(async move |conn| {
+                let row = diesel::insert_into(runs::table)
+                    .values(new)
+                    .returning(run_columns())
+                    .get_result::<RunRow>(conn)
+                    .await?;
+                // A row a statement: few, and the same on both backends.
+                for step in rows {
+                    diesel::insert_into(steps::table)
+                        .values(step)
+                        .execute(conn)
+                        .await?;
+                }
+                Ok::<RunRow, diesel::result::Error>(row)
+            })
+            .await
+            .map_err(|e| db_error("creating a rerun", e))?
+        });
+        row.try_into()
+    }
+
     async fn record_actions(&self, actions: &[(RunId, RunAction)]) -> StoreResult<()> {
         if actions.is_empty() {
             return Ok(());

@@ -39,6 +39,7 @@ diesel::table! {
         data_pruned_at -> Nullable<BigInt>,
         parked -> Nullable<Text>,
         wake_at -> Nullable<BigInt>,
+        rerun_of -> Nullable<Text>,
     }
 }
 
@@ -75,6 +76,7 @@ diesel::table! {
         error_code -> Nullable<Text>,
         items_total -> Nullable<Integer>,
         items_done -> Nullable<Integer>,
+        reused -> Bool,
     }
 }
 

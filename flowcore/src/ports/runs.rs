@@ -31,6 +31,8 @@ pub struct NewRun {
     pub claim: Option<Claim>,
     /// What started it, as templates see it (`trigger`): a webhook's path and chosen headers.
     pub trigger: Option<Value>,
+    /// The run it reruns ([`RunStore::create_rerun`]).
+    pub rerun_of: Option<RunId>,
 }
 
 impl NewRun {
@@ -51,6 +53,7 @@ impl NewRun {
             idempotency_key: None,
             claim: None,
             trigger: None,
+            rerun_of: None,
         }
     }
 
@@ -137,6 +140,9 @@ pub struct RunRecord {
     /// while `waiting`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parked: Option<Parked>,
+    /// The run this one reruns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun_of: Option<RunId>,
 }
 
 /// How a run ended, as stored: what a request that waited for the run answers. Carried by
@@ -243,6 +249,8 @@ pub enum ActionKind {
     Cancel,
     /// Sent it a signal.
     Signal,
+    /// Started a rerun of it, or started it as a rerun.
+    Rerun,
 }
 
 impl ActionKind {
@@ -251,6 +259,7 @@ impl ActionKind {
         match self {
             Self::Cancel => "cancel",
             Self::Signal => "signal",
+            Self::Rerun => "rerun",
         }
     }
 
@@ -259,6 +268,7 @@ impl ActionKind {
         match name {
             "cancel" => Some(Self::Cancel),
             "signal" => Some(Self::Signal),
+            "rerun" => Some(Self::Rerun),
             _ => None,
         }
     }
@@ -422,6 +432,11 @@ pub trait RunStore: Send + Sync {
     async fn record_actions(&self, actions: &[(RunId, RunAction)]) -> StoreResult<()>;
     /// The actions recorded for run `id`, oldest first.
     async fn actions(&self, id: &RunId) -> StoreResult<Vec<RunAction>>;
+    /// Stores a queued rerun of an earlier run (`run.rerun_of`) with the steps it keeps from
+    /// that run (marked [`StepRecord::reused`]), in one commit: a worker that takes it finds
+    /// them as a resumed run finds its own, and executes only the rest. No idempotency key, no
+    /// claim.
+    async fn create_rerun(&self, run: NewRun, kept: Vec<StepRecord>) -> StoreResult<RunRecord>;
     /// Compare-and-set of the status, for changes without a lease (such as cancelling a queued
     /// run). `Conflict` when the status is not `change.from`.
     async fn transition(&self, id: &RunId, change: Transition) -> StoreResult<RunRecord>;

@@ -23,6 +23,7 @@ mod limits;
 mod queue;
 #[cfg(feature = "records")]
 mod records;
+mod reruns;
 mod runs;
 mod waits;
 
@@ -41,6 +42,7 @@ pub use limits::rate_limiter;
 pub use queue::queue;
 #[cfg(feature = "records")]
 pub use records::{Records, meta_store};
+pub use reruns::reruns;
 pub use runs::{concurrent_creates, concurrent_finishes, pruning, run_store, transitions};
 pub use waits::{keyed_fan_out, parked_runs};
 
@@ -172,6 +174,7 @@ pub async fn check(backend: &Backend) {
         suite!(keyed_fan_out(runs.clone()));
         suite!(map_items(runs.as_ref()));
         suite!(run_actions(runs.as_ref()));
+        suite!(reruns(runs.as_ref()));
         suite!(concurrent_creates(runs.clone()));
         suite!(concurrent_finishes(runs.clone()));
         suite!(pruning(runs.as_ref()));
@@ -215,15 +218,11 @@ fn new_run(flow_id: &str, key: Option<&str>) -> NewRun {
 
 fn step(node: &str, status: StepStatus) -> StepRecord {
     StepRecord {
-        node: Arc::from(node),
         status,
         attempts: 1,
         started_at: Some(Utc::now()),
         finished_at: Some(Utc::now()),
         output: Some(Arc::new(json!({"node": node}))),
-        error: None,
-        error_code: None,
-        port: None,
-        items: None,
+        ..StepRecord::pending(node)
     }
 }

@@ -181,6 +181,7 @@ impl RunStore for MemoryRunStore {
             trigger: run.trigger,
             data_pruned: false,
             parked: None,
+            rerun_of: run.rerun_of,
         };
         if let Some(key) = run.idempotency_key {
             st.idempotency.insert((run.flow_id, key), run.id.clone());
@@ -284,6 +285,7 @@ impl RunStore for MemoryRunStore {
             error_code: None,
             port: None,
             items: Some(batch.progress),
+            reused: false,
         };
         match steps.iter_mut().find(|s| s.node == batch.node) {
             Some(step) if step.status != StepStatus::Running => return Ok(()),
@@ -346,6 +348,25 @@ impl RunStore for MemoryRunStore {
         run.status = RunStatus::Queued;
         run.lease = None;
         Ok(())
+    }
+
+    async fn create_rerun(&self, run: NewRun, kept: Vec<StepRecord>) -> StoreResult<RunRecord> {
+        let run = NewRun {
+            idempotency_key: None,
+            claim: None,
+            ..run
+        };
+        // Nothing takes the run before this returns (its job is enqueued after).
+        let (record, _) = self.create(run).await?;
+        let kept: Vec<StepRecord> = kept
+            .into_iter()
+            .map(|step| StepRecord {
+                reused: true,
+                ..step
+            })
+            .collect();
+        lock(&self.state).upsert_steps(&record.id, &kept);
+        Ok(record)
     }
 
     async fn record_actions(&self, actions: &[(RunId, RunAction)]) -> StoreResult<()> {

@@ -1,0 +1,2 @@
+ALTER TABLE steps DROP COLUMN reused;
+ALTER TABLE runs DROP COLUMN rerun_of;

@@ -1447,6 +1447,14 @@ async fn archived_runs_are_still_found_after_retention_deleted_them() {
     let (status, missing) = get(&app, &format!("/api/v1/runs/{nobody}")).await;
     assert_eq!((status, missing["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
     assert_eq!(flowcore_server::retention::prune_once(&state, later).await.unwrap(), 0);
+    // An archived run can be rerun, its input read back from the archive.
+    let worker = Worker::start(&state);
+    let (status, rerun) = post(&app, &format!("/api/v1/runs/{}/rerun", before[2].0), br#"{"from": "start"}"#).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{rerun}");
+    let again = wait_for_status(&app, rerun["run_id"].as_str().unwrap(), "succeeded").await;
+    assert_eq!(again["output"], before[2].1["output"]);
+    assert_eq!(again["rerun_of"].as_str(), Some(before[2].0.as_str()));
+    worker.stop().await;
     let metrics = text_of(get_unsigned(&app, "/metrics").await).await;
     assert!(metrics.contains("flowcore_runs_archived_total 3"), "{metrics}");
     assert!(metrics.contains("flowcore_archive_lag_seconds "), "{metrics}");

@@ -87,6 +87,7 @@ async fn server() -> (String, Arc<AtomicUsize>) {
                     }
                     "/flaky" => ("200 OK", "text/plain", "finally".into()),
                     "/big" => ("200 OK", "text/plain", "x".repeat(5000)),
+                    "/slow" => ("408 Request Timeout", "text/plain", "late".into()),
                     _ => ("404 Not Found", "text/plain", "nope".into()),
                 };
                 let response = format!(
@@ -159,6 +160,17 @@ async fn http_request_calls_a_real_server() {
         (step.attempts, step.error.as_deref()),
         (1, Some("HTTP 404 Not Found")),
         "a 404 is not retried"
+    );
+    let result = run(
+        &engine,
+        json!({"id": "late", "type": "http_request", "params": {"url": format!("{base}/slow")}, "retry": {"max_attempts": 2, "backoff_ms": 1}}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        result.step("late").unwrap().attempts,
+        2,
+        "a 408 is retried as a 429 or a 5xx is"
     );
 
     let result = run(

@@ -1,6 +1,7 @@
 //! `http_request`: an HTTP call with reqwest (rustls on ring). Output `{status, headers, body}`;
 //! the body is parsed as JSON when the response says it is JSON. A non-2xx status fails the node
-//! unless `fail_on_status` is false; 5xx, 429 and connection errors are retryable.
+//! unless `fail_on_status` is false; every failure but a 4xx other than 408 and 429 (5xx,
+//! 408, 429, connection errors) is retryable.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -427,10 +428,13 @@ impl Node for HttpRequest {
         };
         if self.fail_on_status && !status.is_success() {
             let message = format!("HTTP {status}");
-            return Err(if status.is_server_error() || status.as_u16() == 429 {
-                NodeError::retryable(message)
-            } else {
+            // Permanent: a 4xx other than 408 (the server timed out) and 429 (too many
+            // requests), which a retry would only repeat. Anything else may pass.
+            let permanent = status.is_client_error() && !matches!(status.as_u16(), 408 | 429);
+            return Err(if permanent {
                 NodeError::fatal(message)
+            } else {
+                NodeError::retryable(message)
             });
         }
         Ok(

@@ -94,6 +94,17 @@ impl Deref for Dsn {
 }
 
 /// A value parser: a number within `range`, with a message saying so.
+/// A flow id as a setting names one.
+fn flow_id(raw: &str) -> Result<String, String> {
+    if flowcore::model::is_valid_id(raw) {
+        Ok(raw.to_owned())
+    } else {
+        Err(format!(
+            "`{raw}` is not a flow id (1 to 64 of A-Z a-z 0-9 _ -)"
+        ))
+    }
+}
+
 fn within<T>(
     range: std::ops::RangeInclusive<T>,
     what: &'static str,
@@ -281,6 +292,10 @@ pub struct Config {
     /// lines under `archive/`), and `GET /api/v1/runs/{id}` still finds them there.
     #[arg(long, env = "FLOWCORE_ARCHIVE", default_value = "false", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub archive: bool,
+    /// The flow whose run starts (once) when a run ends `failed` or `timed_out`, for flows
+    /// whose `settings.on_failure` names none; unset: none.
+    #[arg(long, env = "FLOWCORE_ON_FAILURE_FLOW", value_parser = flow_id)]
+    pub on_failure_flow: Option<String>,
     /// A worker's hold on a run, renewed every third of it; a dead worker's runs move on after
     /// it.
     #[arg(long, env = "FLOWCORE_LEASE_SECONDS", default_value = "30", value_parser = within(2u64..=3600, "seconds"))]

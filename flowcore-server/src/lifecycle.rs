@@ -765,7 +765,28 @@ pub fn durable_options(state: &AppState) -> DurableOptions {
         checkpoint: Checkpoint::Batched(Duration::from_millis(200)),
         blobs: Some(state.stores.blobs.clone()),
         lease_ttl: state.config.lease(),
+        on_failure: state.config.on_failure_flow.clone(),
         ..DurableOptions::new(state.worker_name.clone())
+    }
+}
+
+/// Hands a failed run's failure handler run (stored with its end, see
+/// [`durable::failure_handler`]) to its queue, when it has one. A queue that fails leaves it to
+/// the reaper's sweep of queued runs (it is stored).
+async fn start_handler(state: &AppState, failed: &RunRecord) {
+    if !matches!(failed.status, RunStatus::Failed | RunStatus::TimedOut) {
+        return;
+    }
+    let id = failed.id.failure_handler();
+    match state.stores.runs.get(&id).await {
+        Ok(handler) if handler.status == RunStatus::Queued => {
+            state.usage.run_started(&handler.flow_id);
+            if let Err(e) = requeue(state, &handler).await {
+                tracing::warn!(run_id = %id, error = %e, "could not enqueue a failure handler");
+            }
+        }
+        Ok(_) | Err(StoreError::NotFound { .. }) => {}
+        Err(e) => tracing::warn!(run_id = %id, error = %e, "could not read a failure handler"),
     }
 }
 
@@ -802,6 +823,7 @@ pub async fn execute(state: &AppState, run: RunRecord, slot: Slot) -> Result<Run
         && (done.status.is_final() || done.status == RunStatus::Waiting)
     {
         announce_finished(state, done).await;
+        start_handler(state, done).await;
     }
     let seconds = started.elapsed().as_secs_f64();
     if status.is_final() {
@@ -846,22 +868,32 @@ async fn end_unowned(
     error: Option<String>,
 ) -> Result<bool, StoreError> {
     let runs = &state.stores.runs;
-    let lease = match runs
-        .claim(id, &state.worker_name, state.config.lease())
+    let run = match runs
+        .claim_run(id, &state.worker_name, state.config.lease())
         .await
     {
-        Ok(lease) => lease,
+        Ok(run) => run,
         // Someone took it meanwhile, or it ended.
         Err(StoreError::Conflict(_) | StoreError::NotFound { .. }) => return Ok(false),
         Err(e) => return Err(e),
     };
-    let outcome = RunOutcome {
+    let mut outcome = RunOutcome {
         status,
         error,
         ..Default::default()
     };
-    let ended = runs.finish(id, lease.epoch, outcome).await?;
+    // Its flow's handler, else the server's (a flow gone since names none).
+    let own = match state.plans.get(&run.flow_id, Some(run.flow_version)).await {
+        Ok((_, plan)) => plan.on_failure().map(str::to_owned),
+        Err(_) => None,
+    };
+    let handler = own.or_else(|| state.config.on_failure_flow.clone());
+    outcome.then =
+        durable::failure_handler(&state.engine, handler.as_deref(), &run, &outcome, None).await?;
+    let epoch = run.lease.as_ref().map_or(run.epoch, |l| l.epoch);
+    let ended = runs.finish(id, epoch, outcome).await?;
     announce_finished(state, &ended).await;
+    start_handler(state, &ended).await;
     Ok(true)
 }
 

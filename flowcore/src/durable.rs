@@ -34,7 +34,7 @@ use crate::error::StoreError;
 use crate::event::EventSink;
 use crate::ids::RunId;
 use crate::plan::Plan;
-use crate::ports::{BlobStore, Claim, Park, RunOutcome, RunRecord, RunStore, SignalTake};
+use crate::ports::{BlobStore, Claim, NewRun, Park, RunOutcome, RunRecord, RunStore, SignalTake};
 use crate::run::{ItemBatch, RunStatus, SignalInbox, StepRecord, StepRecorder};
 use crate::wait::Parked;
 use serde_json::Value;
@@ -65,6 +65,9 @@ pub struct DurableOptions {
     pub blobs: Option<Arc<dyn BlobStore>>,
     /// The serialized size above which outputs go to `blobs` (64 KiB by default).
     pub offload_over: usize,
+    /// The failure handler of runs whose flow names none (`settings.on_failure`): a flow id
+    /// (see [`failure_handler`]).
+    pub on_failure: Option<String>,
 }
 
 impl std::fmt::Debug for DurableOptions {
@@ -88,6 +91,7 @@ impl DurableOptions {
             checkpoint: Checkpoint::EveryStep,
             blobs: None,
             offload_over: 64 * 1024,
+            on_failure: None,
         }
     }
     /// The claim to create a run with, or to claim one.
@@ -249,20 +253,69 @@ pub async fn execute(
         (Some(offload), Some(output)) => Some(offload.store("output", output).await?),
         (_, output) => output,
     };
-    let finished = runs
-        .finish(
-            &run.id,
-            epoch,
-            RunOutcome {
-                status: result.status,
-                output,
-                error: result.error,
-                steps,
-            },
-        )
-        .await?;
+    let mut outcome = RunOutcome {
+        status: result.status,
+        output,
+        error: result.error,
+        steps,
+        then: None,
+    };
+    // The step whose failure ended the run: failed, and not carried on (`on_error`).
+    let node = result
+        .steps
+        .iter()
+        .find(|s| s.status == crate::run::StepStatus::Failed && s.output.is_none())
+        .map(|s| s.node.clone());
+    let handler = plan.on_failure().or(options.on_failure.as_deref());
+    outcome.then = failure_handler(engine, handler, run, &outcome, node.as_deref()).await?;
+    let finished = runs.finish(&run.id, epoch, outcome).await?;
     held.release();
     Ok(finished)
+}
+
+/// The failure handler's run for `run`, which ends as `outcome` says, to store with that end
+/// ([`RunOutcome::then`]): for a run that ends `failed` or `timed_out`, a queued run of
+/// `handler` (the flow's `settings.on_failure`, else the server's default) at its latest
+/// version, with input `{"run_id", "flow_id", "flow_version", "status", "error", "node",
+/// "input"}` (`node`: the step whose failure ended the run, `null` for a time-out) and the
+/// trigger `{"type": "failure", "run_id"}`. Its id is [`RunId::failure_handler`]. `None` for
+/// another end, without a handler, or for a run a failure handler started: a handler's failure
+/// starts no handler. A handler flow that is not there starts nothing (logged).
+pub async fn failure_handler(
+    engine: &Engine,
+    handler: Option<&str>,
+    run: &RunRecord,
+    outcome: &RunOutcome,
+    node: Option<&str>,
+) -> Result<Option<NewRun>, StoreError> {
+    let failed = matches!(outcome.status, RunStatus::Failed | RunStatus::TimedOut);
+    let by_handler = run.trigger.as_ref().is_some_and(|t| t["type"] == "failure");
+    let Some(flow_id) = handler.filter(|_| failed && !by_handler) else {
+        return Ok(None);
+    };
+    let version = match engine.flow_store().get(flow_id, None).await {
+        Ok(flow) => flow.version,
+        Err(StoreError::NotFound { .. }) => {
+            tracing::warn!(run_id = %run.id, handler = flow_id, "the failure handler flow does not exist; no handler starts");
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let node = node.filter(|_| outcome.status == RunStatus::Failed);
+    let input = serde_json::json!({
+        "run_id": run.id,
+        "flow_id": run.flow_id,
+        "flow_version": run.flow_version,
+        "status": outcome.status,
+        "error": outcome.error,
+        "node": node,
+        "input": run.input,
+    });
+    Ok(Some(NewRun {
+        id: run.id.failure_handler(),
+        trigger: Some(serde_json::json!({"type": "failure", "run_id": run.id})),
+        ..NewRun::new(flow_id, version, input)
+    }))
 }
 
 /// The signals of the run one execution holds: taken through the run store, with its lease.

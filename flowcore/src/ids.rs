@@ -38,6 +38,36 @@ impl RunId {
     }
 }
 
+impl RunId {
+    /// The id of this run's failure handler run: derived, so that whoever knows the failed run
+    /// knows its handler's (a worker enqueues it after the commit that stored both), and the
+    /// same for every try. For a UUIDv7 id, the same time with the random bits changed; for
+    /// another id, the id with `.on_failure` appended.
+    ///
+    /// ```
+    /// let failed = flowcore::RunId::new();
+    /// let handler = failed.failure_handler();
+    /// assert_ne!(handler, failed);
+    /// assert_eq!(handler, failed.failure_handler());
+    /// assert_eq!(handler.created_at(), failed.created_at());
+    /// assert_ne!(handler.failure_handler(), failed);
+    /// ```
+    pub fn failure_handler(&self) -> RunId {
+        match uuid::Uuid::try_parse(&self.0) {
+            Ok(uuid) if uuid.get_version_num() == 7 => {
+                let mut bytes = *uuid.as_bytes();
+                // Bytes 10 to 15 are random bits only (the variant is in byte 8). Not an
+                // involution (as a XOR would be): a handler's handler's id is not the run's.
+                for b in &mut bytes[10..] {
+                    *b = b.wrapping_add(0x5b);
+                }
+                Self(uuid::Uuid::from_bytes(bytes).to_string().into())
+            }
+            _ => Self(format!("{}.on_failure", self.0).into()),
+        }
+    }
+}
+
 impl Default for RunId {
     fn default() -> Self {
         Self::new()

@@ -293,6 +293,18 @@ pub struct Settings {
     /// How long the flow's finished runs are kept, instead of the server's retention.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<Retention>,
+    /// The flow whose run starts when a run of this one ends `failed` or `timed_out`, instead
+    /// of the server's (`FLOWCORE_ON_FAILURE_FLOW`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<OnFailure>,
+}
+
+/// A flow's failure handler (`settings.on_failure`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnFailure {
+    /// The handler flow's id.
+    pub flow_id: String,
 }
 
 /// How long a flow's finished runs are kept (`settings.retention`): each field replaces the

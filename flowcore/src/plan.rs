@@ -24,6 +24,7 @@ pub struct Plan(Arc<PlanInner>);
 struct PlanInner {
     flow_id: Option<String>,
     worker_group: Option<String>,
+    on_failure: Option<String>,
     nodes: Vec<PlanNode>,
     index: HashMap<Arc<str>, usize>,
     output: Option<usize>,
@@ -127,6 +128,10 @@ impl Plan {
     /// The type name of the node at `index`.
     pub fn node_type(&self, index: usize) -> &str {
         &self.0.nodes[index].node_type
+    }
+    /// The flow's failure handler (`settings.on_failure.flow_id`).
+    pub fn on_failure(&self) -> Option<&str> {
+        self.0.on_failure.as_deref()
     }
     /// The nodes reachable from `from` along edges (any port), `from` included: what must run
     /// again when they do. Indexes out of range are ignored.
@@ -377,6 +382,13 @@ pub fn compile_in(flow: &FlowDef, cx: BuildContext<'_>) -> Result<Plan, CompileE
             "settings.worker_group is not 1 to 64 of A-Z a-z 0-9 _ -",
         ));
     }
+    if let Some(handler) = &flow.settings.on_failure
+        && !is_valid_id(&handler.flow_id)
+    {
+        problems.push(Problem::flow(
+            "settings.on_failure.flow_id is not 1 to 64 of A-Z a-z 0-9 _ -",
+        ));
+    }
     if let Some(retention) = &flow.settings.retention {
         if retention.days.is_some_and(|d| !(1..=36_500).contains(&d)) {
             problems.push(Problem::flow(
@@ -477,6 +489,7 @@ pub fn compile_in(flow: &FlowDef, cx: BuildContext<'_>) -> Result<Plan, CompileE
     Ok(Plan(Arc::new(PlanInner {
         flow_id: flow.id.clone(),
         worker_group: flow.settings.worker_group.clone(),
+        on_failure: flow.settings.on_failure.as_ref().map(|h| h.flow_id.clone()),
         nodes,
         index,
         output,

@@ -1598,3 +1598,66 @@ async fn reruns_keep_what_came_before_and_run_the_rest() {
     worker.stop().await;
     cleanup(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_handlers_start_once_and_never_for_a_handler() {
+    let (app, state, dir) = app_with_state(&[("FLOWCORE_ON_FAILURE_FLOW", "broken"), ("WEBHOOK_TIMEOUT_SECONDS", "5")]).await;
+    let worker = Worker::start(&state);
+    let flows = [
+        json!({"id": "alert", "nodes": [{"id": "t", "type": "template", "params": {"template": "{{ input.flow_id }} {{ input.status }} at {{ input.node }}"}}]}),
+        json!({"id": "flaky", "nodes": [
+            {"id": "a", "type": "noop"},
+            {"id": "b", "type": "script", "params": {"source": "if input.fail { throw \"boom\" } 1"}}
+        ], "edges": [{"from": "a", "to": "b"}], "settings": {"on_failure": {"flow_id": "alert"}}}),
+        // The server's default handler, which fails itself: its failure starts no handler.
+        json!({"id": "broken", "nodes": [{"id": "s", "type": "script", "params": {"source": "throw \"handler down\""}}]}),
+        json!({"id": "plain", "nodes": [{"id": "s", "type": "script", "params": {"source": "throw \"no\""}}]}),
+        json!({"id": "slowpoke", "nodes": [
+            {"id": "d1", "type": "delay", "params": {"ms": 700}}, {"id": "d2", "type": "delay", "params": {"ms": 700}}
+        ], "edges": [{"from": "d1", "to": "d2"}], "settings": {"timeout_seconds": 1, "on_failure": {"flow_id": "alert"}}}),
+    ];
+    for flow in &flows {
+        assert_eq!(post(&app, "/api/v1/flows", flow.to_string().as_bytes()).await.0, StatusCode::CREATED);
+    }
+    let handler_of = |id: &Value| flowcore::RunId::from(id.as_str().unwrap()).failure_handler().to_string();
+
+    let (_, run) = post(&app, "/api/v1/flows/flaky/runs", br#"{"input": {"fail": true}}"#).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    let handler = wait_for_status(&app, &handler_of(&run["run_id"]), "succeeded").await;
+    assert_eq!(handler["flow_id"], "alert");
+    assert_eq!(handler["output"], json!("flaky failed at b"));
+    assert_eq!(
+        handler["input"],
+        json!({"run_id": run["run_id"], "flow_id": "flaky", "flow_version": 1, "status": "failed", "error": run["error"], "node": "b", "input": {"fail": true}}),
+        "{handler}"
+    );
+    let (_, listed) = get(&app, "/api/v1/runs?flow_id=alert").await;
+    assert_eq!(listed["items"].as_array().map(Vec::len), Some(1), "exactly one: {listed}");
+
+    // A time-out names no node.
+    let (_, run) = post(&app, "/api/v1/flows/slowpoke/runs", b"{}").await;
+    let timed_out = wait_for_status(&app, run["run_id"].as_str().unwrap(), "timed_out").await;
+    let handler = wait_for_status(&app, &handler_of(&timed_out["id"]), "succeeded").await;
+    assert_eq!((handler["input"]["status"].as_str(), &handler["input"]["node"]), (Some("timed_out"), &Value::Null));
+
+    // The server's default for a flow without its own; that handler's failure starts none.
+    let (_, run) = post(&app, "/api/v1/flows/plain/runs", b"{}").await;
+    assert_eq!(run["status"], "failed");
+    let handler_id = handler_of(&run["run_id"]);
+    let handler = wait_for_status(&app, &handler_id, "failed").await;
+    assert_eq!(handler["flow_id"], "broken");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (status, _) = get(&app, &format!("/api/v1/runs/{}", handler_of(&json!(handler_id)))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "a handler's failure starts no handler");
+
+    // A run that succeeds starts nothing.
+    let (_, run) = post(&app, "/api/v1/flows/flaky/runs", br#"{"input": {"fail": false}}"#).await;
+    assert_eq!(run["status"], "succeeded");
+    assert_eq!(get(&app, &format!("/api/v1/runs/{}", handler_of(&run["run_id"]))).await.0, StatusCode::NOT_FOUND);
+
+    // A handler that is not a flow id is refused with the flow.
+    let bad = json!({"id": "bad", "nodes": [{"id": "n", "type": "noop"}], "settings": {"on_failure": {"flow_id": "no way"}}});
+    assert_eq!(post(&app, "/api/v1/flows", bad.to_string().as_bytes()).await.0, StatusCode::BAD_REQUEST);
+    worker.stop().await;
+    cleanup(&dir);
+}

@@ -153,6 +153,7 @@ mod blocking {
         conn: &mut SqliteConnection,
         end: Finish,
         rows: Vec<StepRow>,
+        then: Option<NewRunRow>,
     ) -> QueryResult<Option<RunRow>> {
         let owned: bool = diesel::select(diesel::dsl::exists(owned_run(&end.id, end.epoch as u64)))
             .get_result(conn)?;
@@ -167,7 +168,13 @@ mod blocking {
         }
         // A finished run resumes no map: its checkpointed items are done with.
         diesel::delete(map_items::table.filter(map_items::run_id.eq(&end.id))).execute(conn)?;
-        FinishRun::new(end).get_result(conn).optional()
+        let ended = FinishRun::new(end).get_result(conn).optional()?;
+        if let (Some(_), Some(then)) = (&ended, then) {
+            diesel::insert_into(runs::table)
+                .values(then)
+                .execute(conn)?;
+        }
+        Ok(ended)
     }
 
     /// A new run's row.
@@ -710,15 +717,49 @@ impl RunStore for SqlStore {
                 finished_at,
             })
         };
+        let now = micros(Utc::now());
+        let then = outcome
+            .then
+            .as_ref()
+            .map(|run| {
+                NewRunRow::new(
+                    &NewRun {
+                        claim: None,
+                        ..run.clone()
+                    },
+                    now,
+                    None,
+                )
+            })
+            .transpose()?;
         let row: Option<RunRow> = match &self.pools {
             super::Pools::Sqlite { batcher, .. } => {
                 let (end, rows) = (end()?, StepRow::of(id, &outcome.steps)?);
                 batcher
                     .write("finishing a run", move |conn| {
-                        blocking::finish(conn, end, rows)
+                        blocking::finish(conn, end, rows, then)
                     })
                     .await?
                     .map_err(|e| db_error("finishing a run", e))?
+            }
+            // A run that starts another (a failure handler; rare) ends in a transaction of
+            // its own: the batch's statement writes ends only.
+            super::Pools::Postgres { pool, .. } if let Some(then) = then => {
+                let mut ends = EndArrays::default();
+                ends.push(end()?, StepArrays::of(StepRow::of(id, &outcome.steps)?));
+                let mut conn = pool.get().await.map_err(super::pool_error)?;
+                conn.transaction(async move |conn| {
+                    let ended: Option<RunRow> = super::returned!(FinishRuns::new(ends), conn)?;
+                    if ended.is_some() {
+                        diesel::insert_into(runs::table)
+                            .values(then)
+                            .execute(conn)
+                            .await?;
+                    }
+                    Ok::<_, diesel::result::Error>(ended)
+                })
+                .await
+                .map_err(|e| db_error("finishing a run", e))?
             }
             super::Pools::Postgres { pool, batches } => {
                 let steps = StepArrays::of(StepRow::of(id, &outcome.steps)?);

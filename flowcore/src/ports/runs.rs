@@ -203,6 +203,9 @@ pub struct RunOutcome {
     pub error: Option<String>,
     /// Steps not yet recorded, written in the same commit as the status.
     pub steps: Vec<StepRecord>,
+    /// A run stored (queued) in the same commit, only when the end is written: the failure
+    /// handler's ([`crate::durable::failure_handler`]), so that no crash loses or doubles it.
+    pub then: Option<NewRun>,
 }
 
 /// A parking run's state, written by its lease owner ([`RunStore::park`]).

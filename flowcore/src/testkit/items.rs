@@ -127,6 +127,7 @@ pub async fn map_items(store: &dyn RunStore) {
                 output: None,
                 error: None,
                 steps: vec![last],
+                then: None,
             },
         )
         .await

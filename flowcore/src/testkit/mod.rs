@@ -42,7 +42,7 @@ pub use limits::rate_limiter;
 pub use queue::queue;
 #[cfg(feature = "records")]
 pub use records::{Records, meta_store};
-pub use reruns::reruns;
+pub use reruns::{reruns, runs_started_by_an_end};
 pub use runs::{concurrent_creates, concurrent_finishes, pruning, run_store, transitions};
 pub use waits::{keyed_fan_out, parked_runs};
 
@@ -175,6 +175,7 @@ pub async fn check(backend: &Backend) {
         suite!(map_items(runs.as_ref()));
         suite!(run_actions(runs.as_ref()));
         suite!(reruns(runs.as_ref()));
+        suite!(runs_started_by_an_end(runs.as_ref()));
         suite!(concurrent_creates(runs.clone()));
         suite!(concurrent_finishes(runs.clone()));
         suite!(pruning(runs.as_ref()));

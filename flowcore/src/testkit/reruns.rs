@@ -59,3 +59,41 @@ pub async fn reruns(store: &dyn RunStore) {
         .expect("claim");
     assert_eq!(lease.epoch, 1);
 }
+
+/// A run stored with a run's end ([`crate::ports::RunOutcome::then`], a failure handler): there
+/// once the end is written, never when it is not.
+pub async fn runs_started_by_an_end(store: &dyn RunStore) {
+    let ttl = std::time::Duration::from_secs(60);
+    let (run, _) = store.create(new_run("ends", None)).await.expect("create");
+    let epoch = store.claim(&run.id, "w1", ttl).await.expect("claim").epoch;
+    let handler = NewRun::new("handler", 3, serde_json::json!({"run_id": run.id}));
+    let stale = crate::ports::RunOutcome {
+        status: RunStatus::Failed,
+        then: Some(NewRun::new("handler", 3, serde_json::json!({}))),
+        ..Default::default()
+    };
+    let stale_id = stale.then.as_ref().map(|t| t.id.clone()).expect("an id");
+    assert!(
+        store.finish(&run.id, epoch + 1, stale).await.is_err(),
+        "a stale end is refused"
+    );
+    assert!(store.get(&stale_id).await.is_err(), "and starts nothing");
+    let end = crate::ports::RunOutcome {
+        status: RunStatus::Failed,
+        error: Some("boom".into()),
+        then: Some(handler.clone()),
+        ..Default::default()
+    };
+    let ended = store.finish(&run.id, epoch, end).await.expect("finish");
+    assert_eq!(ended.status, RunStatus::Failed);
+    let started = store.get(&handler.id).await.expect("stored with the end");
+    assert_eq!(
+        (
+            started.status,
+            started.flow_id.as_str(),
+            started.flow_version
+        ),
+        (RunStatus::Queued, "handler", 3)
+    );
+    assert_eq!(started.input, handler.input);
+}

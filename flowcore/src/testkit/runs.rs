@@ -179,6 +179,7 @@ pub async fn run_store(store: &dyn RunStore) {
                 output: Some(json!(42)),
                 error: None,
                 steps: vec![step("s3", StepStatus::Succeeded)],
+                then: None,
             },
         )
         .await
@@ -686,6 +687,7 @@ pub async fn concurrent_finishes(store: Arc<dyn RunStore>) {
                 output: Some(json!({"run": i})),
                 error: None,
                 steps: vec![done],
+                then: None,
             };
             store.finish(&id, epoch, outcome).await
         })
@@ -918,6 +920,7 @@ pub async fn pruning(store: &dyn RunStore) {
             output: Some(json!({"big": "data"})),
             error: None,
             steps: vec![step("b", StepStatus::Succeeded)],
+            then: None,
         };
         store.finish(&run.id, 1, outcome).await.expect("finish");
         old.push(run.id);

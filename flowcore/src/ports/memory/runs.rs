@@ -76,6 +76,60 @@ impl RunState {
         }
     }
 
+    /// Stores a new run (see [`RunStore::create`]).
+    fn insert(&mut self, run: NewRun) -> StoreResult<(RunRecord, bool)> {
+        let st = self;
+        if let Some(key) = &run.idempotency_key
+            && let Some(existing) = st.idempotency.get(&(run.flow_id.clone(), key.clone()))
+        {
+            let existing = existing.clone();
+            return Ok((st.run_mut(&existing)?.clone(), false));
+        }
+        if st.runs.contains_key(&run.id) {
+            return Err(StoreError::AlreadyExists(format!(
+                "run `{}` exists",
+                run.id
+            )));
+        }
+        st.next_seq += 1;
+        let seq = st.next_seq;
+        let now = Utc::now();
+        let lease = run.claim.as_ref().map(|c| Lease {
+            owner: c.owner.clone(),
+            expires_at: now + ttl_to_chrono(c.ttl),
+            epoch: 1,
+        });
+        let record = RunRecord {
+            id: run.id.clone(),
+            flow_id: run.flow_id.clone(),
+            flow_version: run.flow_version,
+            status: if lease.is_some() {
+                RunStatus::Running
+            } else {
+                RunStatus::Queued
+            },
+            input: run.input,
+            output: None,
+            error: None,
+            idempotency_key: run.idempotency_key.clone(),
+            created_at: now,
+            started_at: lease.as_ref().map(|_| now),
+            finished_at: None,
+            epoch: u64::from(lease.is_some()),
+            lease,
+            trigger: run.trigger,
+            data_pruned: false,
+            parked: None,
+            rerun_of: run.rerun_of,
+        };
+        if let Some(key) = run.idempotency_key {
+            st.idempotency.insert((run.flow_id, key), run.id.clone());
+        }
+        st.order.insert(seq, run.id.clone());
+        st.runs.insert(run.id, (seq, record.clone()));
+        Ok((record, true))
+    }
+
     /// Forgets what run `id` holds besides its record.
     fn drop_belongings(&mut self, id: &RunId) {
         self.steps.remove(id);
@@ -139,56 +193,7 @@ impl RunState {
 #[async_trait]
 impl RunStore for MemoryRunStore {
     async fn create(&self, run: NewRun) -> StoreResult<(RunRecord, bool)> {
-        let mut st = lock(&self.state);
-        if let Some(key) = &run.idempotency_key
-            && let Some(existing) = st.idempotency.get(&(run.flow_id.clone(), key.clone()))
-        {
-            let existing = existing.clone();
-            return Ok((st.run_mut(&existing)?.clone(), false));
-        }
-        if st.runs.contains_key(&run.id) {
-            return Err(StoreError::AlreadyExists(format!(
-                "run `{}` exists",
-                run.id
-            )));
-        }
-        st.next_seq += 1;
-        let seq = st.next_seq;
-        let now = Utc::now();
-        let lease = run.claim.as_ref().map(|c| Lease {
-            owner: c.owner.clone(),
-            expires_at: now + ttl_to_chrono(c.ttl),
-            epoch: 1,
-        });
-        let record = RunRecord {
-            id: run.id.clone(),
-            flow_id: run.flow_id.clone(),
-            flow_version: run.flow_version,
-            status: if lease.is_some() {
-                RunStatus::Running
-            } else {
-                RunStatus::Queued
-            },
-            input: run.input,
-            output: None,
-            error: None,
-            idempotency_key: run.idempotency_key.clone(),
-            created_at: now,
-            started_at: lease.as_ref().map(|_| now),
-            finished_at: None,
-            epoch: u64::from(lease.is_some()),
-            lease,
-            trigger: run.trigger,
-            data_pruned: false,
-            parked: None,
-            rerun_of: run.rerun_of,
-        };
-        if let Some(key) = run.idempotency_key {
-            st.idempotency.insert((run.flow_id, key), run.id.clone());
-        }
-        st.order.insert(seq, run.id.clone());
-        st.runs.insert(run.id, (seq, record.clone()));
-        Ok((record, true))
+        lock(&self.state).insert(run)
     }
 
     async fn get(&self, id: &RunId) -> StoreResult<RunRecord> {
@@ -339,6 +344,12 @@ impl RunStore for MemoryRunStore {
         st.upsert_steps(id, &outcome.steps);
         // A finished run resumes no map: its checkpointed items are done with.
         st.items.remove(id);
+        if let Some(then) = outcome.then {
+            st.insert(NewRun {
+                claim: None,
+                ..then
+            })?;
+        }
         Ok(record)
     }
 

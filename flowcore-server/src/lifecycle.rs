@@ -17,7 +17,7 @@ use flowcore::ports::{
     ActionKind, Actor, Due, FinishWatch, NewRun, RunAction, RunEnd, RunFilter, RunOutcome,
     RunRecord, Signal,
 };
-use flowcore::rerun::{RerunFrom, kept_steps};
+use flowcore::rerun::{RerunFrom, changed_nodes, kept_steps};
 use flowcore::{CancellationToken, RunId, RunStatus, StoreError};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -223,6 +223,10 @@ pub async fn start(state: &Shared, start: Start) -> Result<RunAnswer, RunError> 
     Ok(answer(state, seen).await?)
 }
 
+/// How many reruns are prepared at once in this process (each reads a run and copies its
+/// large outputs); the others wait their turn.
+static RERUNS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
 /// How to rerun a finished run ([`rerun`]).
 #[derive(Debug, Clone)]
 pub struct Rerun {
@@ -242,14 +246,19 @@ pub struct Rerun {
 /// rest executes. Admitted as a new run is (quota, queue bound), then queued. The rerun is
 /// recorded on both runs, by `actor`.
 pub async fn rerun(state: &Shared, id: &RunId, rerun: Rerun) -> Result<RunRecord, RunError> {
-    let (runs, blobs) = (&state.stores.runs, state.stores.blobs.as_ref());
+    // A few at once: each reads the earlier run and copies its large outputs.
+    let _turn = RERUNS
+        .acquire()
+        .await
+        .map_err(|e| StoreError::backend("waiting for a rerun's turn", e))?;
+    let (runs, blobs) = (&state.stores.runs, &state.stores.blobs);
     let (earlier, steps) = match runs.get(id).await {
         Ok(run) => {
             let steps = runs.steps(id).await?;
             (run, steps)
         }
         Err(StoreError::NotFound { .. }) if state.config.archive => {
-            match crate::archive::find(blobs, id).await? {
+            match crate::archive::find(blobs.as_ref(), id).await? {
                 Some(found) => (found.run, found.steps),
                 None => return Err(StoreError::not_found("run", id.as_str()).into()),
             }
@@ -264,14 +273,7 @@ pub async fn rerun(state: &Shared, id: &RunId, rerun: Rerun) -> Result<RunRecord
     }
     let version = (!rerun.latest).then_some(earlier.flow_version);
     let (version, plan) = state.plans.get(&earlier.flow_id, version).await?;
-    let mut kept = kept_steps(&plan, &steps, &rerun.from)
-        .map_err(|e| RunError::CannotRerun(format!("{e} (version {version})")))?;
-    // Read back what went to the blob store: the earlier run's blobs go when it is pruned.
-    for step in &mut kept {
-        if let Some(output) = &step.output {
-            step.output = Some(Arc::new(resolve(output, blobs).await?));
-        }
-    }
+    // Admitted before anything is copied.
     let quota = state.config.quota_runs_per_day;
     if quota > 0 && state.usage.runs_today(&earlier.flow_id).await? >= quota {
         return Err(RunError::QuotaExceeded {
@@ -287,7 +289,47 @@ pub async fn rerun(state: &Shared, id: &RunId, rerun: Rerun) -> Result<RunRecord
         .admission
         .admit_queued(state.stores.queue.as_ref(), &group)
         .await?;
+    // At another version, the nodes defined otherwise start again too.
+    let changed = if version == earlier.flow_version {
+        Vec::new()
+    } else {
+        let flows = state.engine.flow_store();
+        match flows
+            .get(&earlier.flow_id, Some(earlier.flow_version))
+            .await
+        {
+            Ok(before) => {
+                let now = flows.get(&earlier.flow_id, Some(version)).await?;
+                changed_nodes(&before.definition, &now.definition)
+            }
+            // The earlier version is gone: nothing of it is known to be the same.
+            Err(StoreError::NotFound { .. }) => (0..plan.len())
+                .map(|i| plan.node_id(i).to_owned())
+                .collect(),
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let mut kept = kept_steps(&plan, &steps, &rerun.from, &changed)
+        .map_err(|e| RunError::CannotRerun(format!("{e} (version {version})")))?;
+    let new_id = RunId::new();
+    // The earlier run's blobs go when it is pruned: the rerun's own copies, one at a time.
+    let over = durable_options(state).offload_over;
+    for step in &mut kept {
+        if let Some(output) = &step.output {
+            let carried = durable::carry_output(output, blobs, &new_id, &format!("reused/{}", step.node), over)
+                .await
+                .map_err(|e| match e {
+                    StoreError::NotFound { .. } => RunError::CannotRerun(format!(
+                        "the output of step `{}` is gone from the blob store: rerun from it or before it",
+                        step.node
+                    )),
+                    e => e.into(),
+                })?;
+            step.output = Some(Arc::new(carried));
+        }
+    }
     let new = NewRun {
+        id: new_id,
         rerun_of: Some(earlier.id.clone()),
         trigger: earlier.trigger.clone(),
         ..NewRun::new(

@@ -280,7 +280,8 @@ pub async fn execute(
 /// "input"}` (`node`: the step whose failure ended the run, `null` for a time-out) and the
 /// trigger `{"type": "failure", "run_id"}`. Its id is [`RunId::failure_handler`]. `None` for
 /// another end, without a handler, or for a run a failure handler started: a handler's failure
-/// starts no handler. A handler flow that is not there starts nothing (logged).
+/// starts no handler. A handler flow that is not there, or that cannot be read, starts
+/// nothing (logged): the run ends all the same.
 pub async fn failure_handler(
     engine: &Engine,
     handler: Option<&str>,
@@ -299,7 +300,12 @@ pub async fn failure_handler(
             tracing::warn!(run_id = %run.id, handler = flow_id, "the failure handler flow does not exist; no handler starts");
             return Ok(None);
         }
-        Err(e) => return Err(e),
+        // The run ends all the same: not ending it would leave it to a lease's lapse and an
+        // execution again, side effects and all, which is worse than a handler not started.
+        Err(e) => {
+            tracing::error!(run_id = %run.id, handler = flow_id, error = %e, "the failure handler flow could not be read; no handler starts");
+            return Ok(None);
+        }
     };
     let node = node.filter(|_| outcome.status == RunStatus::Failed);
     let input = serde_json::json!({
@@ -410,6 +416,37 @@ impl Offload {
         self.blobs.put(&key, bytes).await?;
         Ok(serde_json::json!({ BLOB_REF: key, "size": size }))
     }
+}
+
+/// An output of an earlier run carried into run `run_id` (a rerun's kept step `name`), as that
+/// run stores it: one that went to the blob store is copied under `run_id`'s prefix (the
+/// earlier run's blobs go with it), byte for byte; one inline and larger than `over` goes
+/// there too; a smaller one stays inline.
+pub async fn carry_output(
+    value: &Value,
+    blobs: &Arc<dyn BlobStore>,
+    run_id: &RunId,
+    name: &str,
+    over: usize,
+) -> Result<Value, StoreError> {
+    let key = format!("runs/{run_id}/{name}.json");
+    let reference = value
+        .as_object()
+        .filter(|o| o.len() == 2 && o.contains_key("size"))
+        .and_then(|o| o.get(BLOB_REF))
+        .and_then(Value::as_str);
+    if let Some(from) = reference {
+        let bytes = blobs.get(from).await?;
+        let size = bytes.len();
+        blobs.put(&key, bytes).await?;
+        return Ok(serde_json::json!({ BLOB_REF: key, "size": size }));
+    }
+    let offload = Offload {
+        blobs: blobs.clone(),
+        over,
+        run_id: run_id.clone(),
+    };
+    offload.store(name, value.clone()).await
 }
 
 /// The field that marks an output kept in the blob store.

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-/// A run's id: a UUIDv7 string by default, so ids sort by creation time.
+/// A run's id: a UUIDv7 string by default, so ids sort by creation time (but a failure
+/// handler's, which has its failed run's time: [`RunId::failure_handler`]).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct RunId(Arc<str>);

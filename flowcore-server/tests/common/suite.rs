@@ -267,6 +267,7 @@ const API_ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/runs"),
     ("GET", "/api/v1/runs/x"),
     ("POST", "/api/v1/runs/x/cancel"),
+    ("POST", "/api/v1/runs/x/rerun"),
     ("POST", "/api/v1/runs/x/signals/s"),
     ("POST", "/api/v1/signals/s"),
     ("GET", "/api/v1/runs/x/events"),
@@ -1515,6 +1516,7 @@ async fn reruns_keep_what_came_before_and_run_the_rest() {
     let worker = Worker::start(&state);
     let chain = |template: &str| {
         json!({"id": "chain", "nodes": [
+            {"id": "pad", "type": "set", "params": {"fields": {"text": "{{ input.pad }}"}}},
             {"id": "a", "type": "script", "params": {"source": "input.n + 1"}},
             {"id": "b", "type": "script", "params": {"source": "if input.fail { throw \"boom\" } input.n * 10"}},
             {"id": "c", "type": "template", "params": {"template": template}}
@@ -1522,7 +1524,9 @@ async fn reruns_keep_what_came_before_and_run_the_rest() {
         .to_string()
     };
     assert_eq!(post(&app, "/api/v1/flows", chain("{{ nodes.a }}-{{ nodes.b }}").as_bytes()).await.0, StatusCode::CREATED);
-    let (_, failed) = post(&app, "/api/v1/flows/chain/runs", br#"{"input": {"n": 1, "fail": true}}"#).await;
+    let pad = "x".repeat(100_000);
+    let body = json!({"input": {"n": 1, "fail": true, "pad": pad}}).to_string();
+    let (_, failed) = post(&app, "/api/v1/flows/chain/runs", body.as_bytes()).await;
     assert_eq!(failed["status"], "failed", "{failed}");
     let first = failed["run_id"].as_str().unwrap().to_owned();
     let (_, earlier) = get(&app, &format!("/api/v1/runs/{first}")).await;
@@ -1535,7 +1539,7 @@ async fn reruns_keep_what_came_before_and_run_the_rest() {
         let (status, answer) = post(&app, &format!("/api/v1/runs/{id}/rerun"), body.to_string().as_bytes()).await;
         (status, answer)
     };
-    let (status, answer) = rerun(&first, json!({"from": "failed", "input": {"n": 1, "fail": false}})).await;
+    let (status, answer) = rerun(&first, json!({"from": "failed", "input": {"n": 1, "fail": false, "pad": "-"}})).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
     let second = answer["run_id"].as_str().unwrap().to_owned();
     let done = wait_for_status(&app, &second, "succeeded").await;
@@ -1545,6 +1549,12 @@ async fn reruns_keep_what_came_before_and_run_the_rest() {
     assert_eq!(a["reused"], true, "the step before the failure is kept: {done}");
     assert_eq!((&a["output"], &a["started_at"]), (&step(&earlier, "a")["output"], &step(&earlier, "a")["started_at"]), "as the earlier run did it");
     assert!(step(&done, "b").get("reused").is_none() && step(&done, "c").get("reused").is_none(), "the failed step and what follows it ran again");
+    // A kept output that went to the blob store is the rerun's own copy (the earlier run's
+    // blobs go with it), and reads back whole.
+    assert_eq!(step(&done, "pad")["output"]["text"].as_str().map(str::len), Some(100_000));
+    let stored = state.stores.runs.steps(&flowcore::RunId::from(second.as_str())).await.unwrap();
+    let pad_ref = stored.iter().find(|s| &*s.node == "pad").and_then(|s| s.output.clone()).unwrap();
+    assert!(pad_ref["$blob"].as_str().is_some_and(|k| k.starts_with(&format!("runs/{second}/"))), "{pad_ref}");
     assert_eq!(done["actions"][0]["action"], "rerun");
     assert_eq!(done["actions"][0]["actor"]["name"], "admin");
     assert_eq!(done["actions"][0]["detail"], json!({"rerun_of": first, "from": "failed", "version": 1}));
@@ -1552,7 +1562,7 @@ async fn reruns_keep_what_came_before_and_run_the_rest() {
     assert_eq!(earlier["actions"][0]["detail"], json!({"rerun": second}), "the earlier run names its rerun");
 
     // The latest version, on the same kept step.
-    let (_, answer) = rerun(&first, json!({"version": "latest", "input": {"n": 1, "fail": false}})).await;
+    let (_, answer) = rerun(&first, json!({"version": "latest", "input": {"n": 1, "fail": false, "pad": "-"}})).await;
     let latest = wait_for_status(&app, answer["run_id"].as_str().unwrap(), "succeeded").await;
     assert_eq!((&latest["output"], latest["flow_version"].as_u64()), (&json!("v2 2-10"), Some(2)), "{latest}");
     assert_eq!(step(&latest, "a")["reused"], true);
@@ -1560,7 +1570,7 @@ async fn reruns_keep_what_came_before_and_run_the_rest() {
     // From a node: it and what follows run again; from the start: nothing is kept.
     let (_, answer) = rerun(&second, json!({"from": "b"})).await;
     let from_b = wait_for_status(&app, answer["run_id"].as_str().unwrap(), "succeeded").await;
-    assert_eq!(from_b["input"], json!({"n": 1, "fail": false}), "the earlier run's input");
+    assert_eq!(from_b["input"], json!({"n": 1, "fail": false, "pad": "-"}), "the earlier run's input");
     assert_eq!((step(&from_b, "a")["reused"].as_bool(), step(&from_b, "b").get("reused")), (Some(true), None));
     let (_, answer) = rerun(&second, json!({"from": "start"})).await;
     let fresh = wait_for_status(&app, answer["run_id"].as_str().unwrap(), "succeeded").await;

@@ -160,6 +160,12 @@ mod blocking {
         if !owned {
             return Ok(None);
         }
+        // First: a run that cannot be stored fails the end before anything of it is written.
+        if let Some(then) = then {
+            diesel::insert_into(runs::table)
+                .values(then)
+                .execute(conn)?;
+        }
         for row in rows {
             // REPLACE writes every column, so replacing a row is updating it.
             diesel::replace_into(steps::table)
@@ -168,13 +174,7 @@ mod blocking {
         }
         // A finished run resumes no map: its checkpointed items are done with.
         diesel::delete(map_items::table.filter(map_items::run_id.eq(&end.id))).execute(conn)?;
-        let ended = FinishRun::new(end).get_result(conn).optional()?;
-        if let (Some(_), Some(then)) = (&ended, then) {
-            diesel::insert_into(runs::table)
-                .values(then)
-                .execute(conn)?;
-        }
-        Ok(ended)
+        FinishRun::new(end).get_result(conn).optional()
     }
 
     /// A new run's row.
@@ -748,18 +748,30 @@ impl RunStore for SqlStore {
                 let mut ends = EndArrays::default();
                 ends.push(end()?, StepArrays::of(StepRow::of(id, &outcome.steps)?));
                 let mut conn = pool.get().await.map_err(super::pool_error)?;
-                conn.transaction(async move |conn| {
-                    let ended: Option<RunRow> = super::returned!(FinishRuns::new(ends), conn)?;
-                    if ended.is_some() {
-                        diesel::insert_into(runs::table)
-                            .values(then)
-                            .execute(conn)
-                            .await?;
-                    }
-                    Ok::<_, diesel::result::Error>(ended)
-                })
-                .await
-                .map_err(|e| db_error("finishing a run", e))?
+                let written = conn
+                    .transaction(async move |conn| {
+                        let ended: Option<RunRow> = super::returned!(FinishRuns::new(ends), conn)?;
+                        if ended.is_some() {
+                            diesel::insert_into(runs::table)
+                                .values(then)
+                                .execute(conn)
+                                .await?;
+                        }
+                        Ok::<_, diesel::result::Error>(ended)
+                    })
+                    .await;
+                drop(conn);
+                match written {
+                    Ok(row) => row,
+                    // The commit may have gone through with its answer lost: ended at our
+                    // epoch is ended by us (as after the batch).
+                    Err(e) => match self.get_row(id.as_str()).await? {
+                        Some(run) if run.epoch == epoch && run.status.is_final() => {
+                            return Ok(run);
+                        }
+                        _ => return Err(db_error("finishing a run", e)),
+                    },
+                }
             }
             super::Pools::Postgres { pool, batches } => {
                 let steps = StepArrays::of(StepRow::of(id, &outcome.steps)?);

@@ -328,6 +328,16 @@ impl RunStore for MemoryRunStore {
             )));
         }
         let mut st = lock(&self.state);
+        st.owned_mut(id, epoch)?;
+        // First: a run that cannot be stored fails the end before anything of it is written.
+        if let Some(then) = &outcome.then
+            && st.runs.contains_key(&then.id)
+        {
+            return Err(StoreError::AlreadyExists(format!(
+                "run `{}` exists",
+                then.id
+            )));
+        }
         let run = st.owned_mut(id, epoch)?;
         if run.status.move_to(outcome.status) != Some(Move::Finish) {
             return Err(StoreError::Invalid(format!(

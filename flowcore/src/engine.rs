@@ -765,17 +765,9 @@ impl Driver {
                     self.finish(i, step, &taken);
                 } else if run.plan.node(i).in_edges > 0 && !self.live[i] {
                     let step = StepRecord {
-                        node: run.plan.node(i).id.clone(),
                         status: StepStatus::Skipped,
-                        attempts: 0,
-                        started_at: None,
                         finished_at: Some(Utc::now()),
-                        output: None,
-                        error: None,
-                        error_code: None,
-                        port: None,
-                        items: None,
-                        reused: false,
+                        ..StepRecord::pending(run.plan.node(i).id.clone())
                     };
                     if let Err(e) = record(&run, &step).await {
                         failure = Some((RunStatus::Failed, e));
@@ -830,17 +822,10 @@ impl Driver {
                     && let Some(at) = self.launched[i]
                 {
                     let step = StepRecord {
-                        node: run.plan.node(i).id.clone(),
                         status: StepStatus::Cancelled,
-                        attempts: 0,
                         started_at: Some(at),
                         finished_at: Some(now),
-                        output: None,
-                        error: None,
-                        error_code: None,
-                        port: None,
-                        items: None,
-                        reused: false,
+                        ..StepRecord::pending(run.plan.node(i).id.clone())
                     };
                     let _ = record(&run, &step).await;
                     run.emit(|| finished_event(&run, &step));
@@ -1004,17 +989,11 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
     };
 
     let mut step = StepRecord {
-        node: pn.id.clone(),
         status: StepStatus::Succeeded,
         attempts: attempt,
         started_at: Some(started_at),
         finished_at: Some(Utc::now()),
-        output: None,
-        error: None,
-        error_code: None,
-        port: None,
-        items: None,
-        reused: false,
+        ..StepRecord::pending(pn.id.clone())
     };
     let result = match result {
         Err(NodeError::Parked(wait)) => {

@@ -95,10 +95,7 @@ pub fn kept_steps(
         .iter()
         .filter(|s| done(s))
         .filter(|s| plan.index_of(&s.node).is_some_and(|i| !again[i]))
-        .map(|s| StepRecord {
-            reused: true,
-            ..s.clone()
-        })
+        .map(|s| s.clone().into_reused())
         .collect())
 }
 
@@ -151,7 +148,7 @@ mod tests {
         list.iter()
             .map(|(node, status)| StepRecord {
                 status: *status,
-                ..StepRecord::pending(node)
+                ..StepRecord::pending(*node)
             })
             .collect()
     }

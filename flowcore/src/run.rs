@@ -319,9 +319,9 @@ pub struct ItemBatch {
 
 impl StepRecord {
     /// A step of `node` that has not started: no attempt, no times, no output.
-    pub fn pending(node: &str) -> Self {
+    pub fn pending(node: impl Into<Arc<str>>) -> Self {
         Self {
-            node: Arc::from(node),
+            node: node.into(),
             status: StepStatus::Pending,
             attempts: 0,
             started_at: None,
@@ -332,6 +332,14 @@ impl StepRecord {
             port: None,
             items: None,
             reused: false,
+        }
+    }
+
+    /// The same step, kept by a rerun from an earlier run ([`StepRecord::reused`]).
+    pub fn into_reused(self) -> Self {
+        Self {
+            reused: true,
+            ..self
         }
     }
 

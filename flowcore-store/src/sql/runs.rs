@@ -582,13 +582,7 @@ impl RunStore for SqlStore {
             ..run
         };
         let new = NewRunRow::new(&run, micros(Utc::now()), None)?;
-        let kept: Vec<StepRecord> = kept
-            .into_iter()
-            .map(|step| StepRecord {
-                reused: true,
-                ..step
-            })
-            .collect();
+        let kept: Vec<StepRecord> = kept.into_iter().map(StepRecord::into_reused).collect();
         let rows = StepRow::of(&run.id, &kept)?;
         let row: RunRow = with_conn!(self, write, |conn| {
             let (new, rows) = (new.clone(), rows.clone());

@@ -379,13 +379,7 @@ impl RunStore for MemoryRunStore {
         };
         // Nothing takes the run before this returns (its job is enqueued after).
         let (record, _) = self.create(run).await?;
-        let kept: Vec<StepRecord> = kept
-            .into_iter()
-            .map(|step| StepRecord {
-                reused: true,
-                ..step
-            })
-            .collect();
+        let kept: Vec<StepRecord> = kept.into_iter().map(StepRecord::into_reused).collect();
         lock(&self.state).upsert_steps(&record.id, &kept);
         Ok(record)
     }

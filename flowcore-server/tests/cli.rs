@@ -204,13 +204,17 @@ fn run_takes_signals_from_the_command_line_and_stdin_and_sleeps_long_delays() {
         text(&out.stderr)
     );
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flowcore"))
-        .args(["run", flow.arg()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    // `flowcore run` with stdin, stdout and stderr piped.
+    let piped = || {
+        Command::new(env!("CARGO_BIN_EXE_flowcore"))
+            .args(["run", flow.arg()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    let mut child = piped();
     child
         .stdin
         .as_mut()
@@ -223,13 +227,7 @@ fn run_takes_signals_from_the_command_line_and_stdin_and_sleeps_long_delays() {
 
     // A line past the bound (a signal's 256 KiB and its name) and a line that is not UTF-8
     // are each left out with a message, unkept; the run waits on for a good one.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flowcore"))
-        .args(["run", flow.arg()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut child = piped();
     let mut input = b"approve \"".to_vec();
     input.extend(std::iter::repeat_n(b'x', 8 * 1024 * 1024));
     input.extend_from_slice(b"\"\napprove \xff\xfe\napprove {\"by\": \"cy\"}\n");

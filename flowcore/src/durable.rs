@@ -260,14 +260,17 @@ pub async fn execute(
         steps,
         then: None,
     };
-    // The step whose failure ended the run: failed, and not carried on (`on_error`).
-    let node = result
-        .steps
-        .iter()
-        .find(|s| s.status == crate::run::StepStatus::Failed && s.output.is_none())
-        .map(|s| s.node.clone());
-    let handler = plan.on_failure().or(options.on_failure.as_deref());
-    outcome.then = failure_handler(engine, handler, run, &outcome, node.as_deref()).await?;
+    // Only a failed end looks for a handler (not every run's end, on the hot path).
+    if outcome.status.is_final() && outcome.status != RunStatus::Succeeded {
+        // The step whose failure ended the run: failed, and not carried on (`on_error`).
+        let node = result
+            .steps
+            .iter()
+            .find(|s| s.status == crate::run::StepStatus::Failed && s.output.is_none())
+            .map(|s| s.node.clone());
+        let handler = plan.on_failure().or(options.on_failure.as_deref());
+        outcome.then = failure_handler(engine, handler, run, &outcome, node.as_deref()).await?;
+    }
     let finished = runs.finish(&run.id, epoch, outcome).await?;
     held.release();
     Ok(finished)

@@ -731,8 +731,9 @@ pub async fn detached<T: Send + 'static>(
 /// loses only the record, which is logged rather than answered (an error would invite the
 /// caller to do it again).
 async fn record_actions(state: &AppState, actions: &[(RunId, RunAction)]) {
-    // Tried twice: a CI run lost one record on SQLite under load, most likely a busy database
-    // met by the store's read-then-write transaction; the cause is not pinned down yet.
+    // Tried twice: a CI run lost one record on SQLite under load. The cause is not pinned
+    // down: the batch writer shares the one writer connection, so it is no lock conflict of
+    // ours; a wait for that connection past its timeout, or another transient error.
     for attempt in 1..=2 {
         match state.stores.runs.record_actions(actions).await {
             Ok(()) => return,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use flowcore::RunId;
 use flowcore::ports::memory::MemoryQueue;
-use flowcore::ports::{Queue, Take};
+use flowcore::ports::{NewJob, Queue, Take};
 use flowcore_store::{RedisConfig, RedisQueue};
 
 const LATENCY_JOBS: usize = 2_000;
@@ -51,7 +51,7 @@ async fn latency(queue: Arc<dyn Queue>) -> (Duration, Duration, Duration) {
         let sent = Instant::now();
         tx.send(sent).expect("channel");
         queue
-            .enqueue("lat", &RunId::new(), None)
+            .enqueue("lat", NewJob::run(RunId::new()))
             .await
             .expect("enqueue");
         // One job in flight at a time, so that each sample is a wake-up, not a batch.
@@ -71,7 +71,7 @@ async fn throughput(queue: Arc<dyn Queue>) -> f64 {
         tasks.push(tokio::spawn(async move {
             for _ in 0..THROUGHPUT_JOBS / 4 {
                 queue
-                    .enqueue("tp", &RunId::new(), None)
+                    .enqueue("tp", NewJob::run(RunId::new()))
                     .await
                     .expect("enqueue");
             }

@@ -91,8 +91,11 @@ impl Admission {
             .map(|(_, depth)| *depth);
         let depth = match cached {
             Some(depth) => depth,
-            // What waits for a worker: ready now, or due later (retries).
-            None => queue.depth(group).await.map(|d| d.ready + d.delayed)?,
+            // What waits for a worker: ready now, due later (retries), or behind its key.
+            None => queue
+                .depth(group)
+                .await
+                .map(|d| d.ready + d.delayed + d.held_back)?,
         };
         if depth < self.max_queued as u64 {
             // Counted at once, so that a burst within the depth's freshness sees itself.
@@ -169,7 +172,7 @@ mod tests {
             .expect("the queue is empty");
         for _ in 0..3 {
             queue
-                .enqueue("g", &flowcore::RunId::new(), None)
+                .enqueue("g", flowcore::ports::NewJob::run(flowcore::RunId::new()))
                 .await
                 .unwrap();
         }

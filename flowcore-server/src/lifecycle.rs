@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use flowcore::durable::{self, Checkpoint, DurableOptions, Hooks, resolve};
 use flowcore::ports::{
-    ActionKind, Actor, Due, FinishWatch, NewRun, RunAction, RunEnd, RunFilter, RunOutcome,
-    RunRecord, Signal,
+    ActionKind, Actor, ConcurrencyKey, Due, FinishWatch, NewJob, NewRun, RunAction, RunEnd,
+    RunFilter, RunOutcome, RunRecord, Signal,
 };
 use flowcore::rerun::{RerunFrom, changed_nodes, kept_steps};
-use flowcore::{CancellationToken, RunId, RunStatus, StoreError};
+use flowcore::{CancellationToken, Plan, RunId, RunStatus, StoreError};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
@@ -66,6 +66,9 @@ pub enum RunError {
     /// A rerun that cannot start where it was asked to.
     #[error("{0}")]
     CannotRerun(String),
+    /// The run's concurrency key or priority could not be rendered from its input.
+    #[error("{0}")]
+    Placement(String),
 }
 
 /// The largest payload a signal may carry, as JSON: a run holds up to 100 pending, and a keyed
@@ -156,16 +159,19 @@ pub async fn start(state: &Shared, start: Start) -> Result<RunAnswer, RunError> 
         trigger,
     } = start;
     let (version, plan) = state.plans.get(&flow_id, None).await?;
+    let (input, concurrency, priority) = place(&plan, input)?;
     let quota = state.config.quota_runs_per_day;
     if quota > 0 && state.usage.runs_today(&flow_id).await? >= quota {
         return Err(RunError::QuotaExceeded { flow_id, quota });
     }
     // The `all` role executes a waited run itself: created already claimed (one commit) and
     // run at once; the run is still leased and checkpointed, so a crash loses nothing.
-    // ... unless the flow names another worker group: then its workers must run it.
+    // ... unless the flow names another worker group: then its workers must run it; or
+    // unless it has a concurrency key: then it waits for a slot of its key in the queue.
     let own_group = plan
         .worker_group()
-        .is_none_or(|g| g == state.config.worker_group);
+        .is_none_or(|g| g == state.config.worker_group)
+        && concurrency.is_none();
     // ... in one of the process's slots, waited for (past the wait it goes to the queue).
     let limit = Duration::from_secs(state.config.webhook_timeout_seconds);
     let until = tokio::time::Instant::now() + limit;
@@ -193,6 +199,8 @@ pub async fn start(state: &Shared, start: Start) -> Result<RunAnswer, RunError> 
         claim: permit.as_ref().map(|_| durable_options(state).claim()),
         trigger,
         rerun_of: None,
+        concurrency,
+        priority,
     };
     // In a task of its own: a client that goes away mid-request drops this future, and must
     // not leave a stored run that nobody starts (until the reaper or the orphan sweep finds it
@@ -221,6 +229,14 @@ pub async fn start(state: &Shared, start: Start) -> Result<RunAnswer, RunError> 
         }
     };
     Ok(answer(state, seen).await?)
+}
+
+/// A new run's input, with its place in the queue rendered from it ([`Plan::placement`]); a
+/// key or priority that cannot be rendered refuses the run.
+fn place(plan: &Plan, input: Value) -> Result<(Value, Option<ConcurrencyKey>, u8), RunError> {
+    let input = Arc::new(input);
+    let (key, priority) = plan.placement(&input).map_err(RunError::Placement)?;
+    Ok((Arc::unwrap_or_clone(input), key, priority))
 }
 
 /// How many reruns are prepared at once in this process (each reads a run and copies its
@@ -273,6 +289,7 @@ pub async fn rerun(state: &Shared, id: &RunId, rerun: Rerun) -> Result<RunRecord
     }
     let version = (!rerun.latest).then_some(earlier.flow_version);
     let (version, plan) = state.plans.get(&earlier.flow_id, version).await?;
+    let (input, concurrency, priority) = place(&plan, rerun.input.unwrap_or(earlier.input))?;
     // Admitted before anything is copied.
     let quota = state.config.quota_runs_per_day;
     if quota > 0 && state.usage.runs_today(&earlier.flow_id).await? >= quota {
@@ -332,11 +349,9 @@ pub async fn rerun(state: &Shared, id: &RunId, rerun: Rerun) -> Result<RunRecord
         id: new_id,
         rerun_of: Some(earlier.id.clone()),
         trigger: earlier.trigger.clone(),
-        ..NewRun::new(
-            earlier.flow_id.clone(),
-            version,
-            rerun.input.unwrap_or(earlier.input),
-        )
+        concurrency,
+        priority,
+        ..NewRun::new(earlier.flow_id.clone(), version, input)
     };
     let run = runs.create_rerun(new, kept).await?;
     state.usage.run_started(&run.flow_id);
@@ -358,7 +373,7 @@ pub async fn rerun(state: &Shared, id: &RunId, rerun: Rerun) -> Result<RunRecord
         ],
     )
     .await;
-    if let Err(e) = state.stores.queue.enqueue(&group, &run.id, None).await {
+    if let Err(e) = state.stores.queue.enqueue(&group, NewJob::of(&run)).await {
         // As for a new run: not accepted, and not left queued without a job.
         if let Err(f) = fail(
             state,
@@ -414,7 +429,7 @@ async fn accept(
     }
     // Watched before it is enqueued, so that its end cannot pass unseen.
     let watch = wait.then(|| state.stores.signals.watch_finished(&run.id));
-    if let Err(e) = state.stores.queue.enqueue(&group, &run.id, None).await {
+    if let Err(e) = state.stores.queue.enqueue(&group, NewJob::of(&run)).await {
         // Not accepted: the caller gets the error, and the run must not wait for ever for a
         // job that does not exist (unless the enqueue went through after all and a worker has
         // it already).
@@ -767,7 +782,7 @@ async fn requeue_all(state: &AppState, woken: &[RunRecord]) {
 /// Hands a woken run to its flow's queue.
 async fn requeue(state: &AppState, run: &RunRecord) -> Result<(), StoreError> {
     let group = group_of(state, run).await;
-    state.stores.queue.enqueue(&group, &run.id, None).await?;
+    state.stores.queue.enqueue(&group, NewJob::of(run)).await?;
     Ok(())
 }
 
@@ -901,7 +916,11 @@ async fn execute_inline(
     let done = done?;
     if done.status == RunStatus::Queued {
         let group = group_of(state, &done).await;
-        state.stores.queue.enqueue(&group, &done.id, None).await?;
+        state
+            .stores
+            .queue
+            .enqueue(&group, NewJob::of(&done))
+            .await?;
     }
     Ok(done)
 }
@@ -1117,7 +1136,7 @@ async fn recover_ids(
             continue;
         }
         let group = group_of(state, &run).await;
-        state.stores.queue.enqueue(&group, &id, None).await?;
+        state.stores.queue.enqueue(&group, NewJob::of(&run)).await?;
         recent.insert(id, std::time::Instant::now());
         count += 1;
     }

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use flowcore::ports::{Job, LeasedJob, Queue, QueueDepth, StoreResult, Take};
+use flowcore::ports::{Job, LeasedJob, MAX_PRIORITY, NewJob, Queue, QueueDepth, StoreResult, Take};
 use flowcore::{RunId, StoreError};
 use futures::StreamExt;
 use redis::aio::MultiplexedConnection;
@@ -147,7 +147,7 @@ impl std::fmt::Debug for RedisQueue {
 /// A Lua script with `now` first set to the Redis server's clock in milliseconds: every
 /// process's scripts read one clock, whatever the processes' own clocks say.
 macro_rules! with_now {
-    ($body:literal) => {
+    ($body:expr) => {
         concat!(
             "local t = redis.call('TIME')\n",
             "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n",
@@ -156,85 +156,193 @@ macro_rules! with_now {
     };
 }
 
-const ENQUEUE: &str = with_now!(
+/// The queue scripts' common part: `P` (ARGV[1]) is the group's key prefix; under it `due` (the
+/// delayed and the leased jobs by time), `ready` (by rank: priority, then arrival), `leased`
+/// (lease expiries, for the depth), `dead`, `seq`, `held` (slots taken per concurrency key),
+/// `backlog:<key>` (the jobs held back behind a key, by rank), `held_back` (their count) and
+/// `job:<id>` (a hash: run_id, deliveries, token, rank, key, limit, admitted).
+macro_rules! queue_script {
+    ($body:literal) => {
+        with_now!(concat!(
+            r#"
+local P = ARGV[1]
+local function rank_of(jk)
+  local r = redis.call('HGET', jk, 'rank')
+  if r then return r end
+  r = string.format('%.0f', 4 * 1e12 + redis.call('INCR', P .. 'seq'))
+  redis.call('HSET', jk, 'rank', r)
+  return r
+end
+local function admit(key)
+  local bk = P .. 'backlog:' .. key
+  local held = tonumber(redis.call('HGET', P .. 'held', key) or '0')
+  if held < 0 then held = 0 end
+  local moved = 0
+  while true do
+    local head = redis.call('ZRANGE', bk, 0, 0, 'WITHSCORES')
+    if not head[1] then break end
+    local jk = P .. 'job:' .. head[1]
+    local limit = tonumber(redis.call('HGET', jk, 'limit') or '1') or 1
+    if held >= limit then break end
+    redis.call('ZREM', bk, head[1])
+    redis.call('DECR', P .. 'held_back')
+    if redis.call('EXISTS', jk) == 1 then
+      held = held + 1
+      redis.call('HSET', jk, 'admitted', '1')
+      redis.call('ZADD', P .. 'ready', head[2], head[1])
+      moved = moved + 1
+    end
+  end
+  if held > 0 then redis.call('HSET', P .. 'held', key, held) else redis.call('HDEL', P .. 'held', key) end
+  return moved
+end
+local function make_ready(id)
+  local jk = P .. 'job:' .. id
+  local key = redis.call('HGET', jk, 'key')
+  local rank = rank_of(jk)
+  if key and key ~= '' and redis.call('HGET', jk, 'admitted') ~= '1' then
+    redis.call('ZADD', P .. 'backlog:' .. key, rank, id)
+    redis.call('INCR', P .. 'held_back')
+    return admit(key)
+  end
+  redis.call('ZADD', P .. 'ready', rank, id)
+  return 1
+end
+local function release(id)
+  local jk = P .. 'job:' .. id
+  local key = redis.call('HGET', jk, 'key')
+  if key and key ~= '' and redis.call('HGET', jk, 'admitted') == '1' then
+    redis.call('HSET', jk, 'admitted', '0')
+    redis.call('HINCRBY', P .. 'held', key, -1)
+    return admit(key)
+  end
+  return 0
+end
+"#,
+            $body
+        ))
+    };
+}
+
+const ENQUEUE: &str = queue_script!(
     r#"
-local due = tonumber(ARGV[3]) or now
-redis.call('HSET', KEYS[2], 'run_id', ARGV[2], 'deliveries', 0, 'token', '')
-redis.call('ZADD', KEYS[1], due, ARGV[1])
-if due <= now then redis.call('PUBLISH', ARGV[4], '1') end
+local id = ARGV[2]
+local jk = P .. 'job:' .. id
+local rank = string.format('%.0f', (9 - tonumber(ARGV[6])) * 1e12 + redis.call('INCR', P .. 'seq'))
+redis.call('HSET', jk, 'run_id', ARGV[3], 'deliveries', 0, 'token', '', 'rank', rank,
+  'key', ARGV[7], 'limit', ARGV[8], 'admitted', '0')
+local due = tonumber(ARGV[4])
+if due and due > now then
+  redis.call('ZADD', P .. 'due', due, id)
+  return 1
+end
+if make_ready(id) > 0 then redis.call('PUBLISH', ARGV[5], '1') end
 return 1
 "#
 );
 
-const LEASE: &str = with_now!(
+const LEASE: &str = queue_script!(
     r#"
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local came = redis.call('ZRANGEBYSCORE', P .. 'due', '-inf', now, 'LIMIT', 0, 1000)
+for _, id in ipairs(came) do
+  redis.call('ZREM', P .. 'due', id)
+  redis.call('ZREM', P .. 'leased', id)
+  if redis.call('EXISTS', P .. 'job:' .. id) == 1 then make_ready(id) end
+end
 local out = {tostring(now), ''}
-for _, id in ipairs(ids) do
-  local jk = ARGV[1] .. id
+local max, taken, looked = tonumber(ARGV[2]), 0, 0
+-- One at a time: a dead letter's slot may make the next job of its key ready.
+while taken < max and looked < max + 1000 do
+  local head = redis.call('ZRANGE', P .. 'ready', 0, 0)
+  local id = head[1]
+  if not id then break end
+  looked = looked + 1
+  redis.call('ZREM', P .. 'ready', id)
+  local jk = P .. 'job:' .. id
   local d = redis.call('HINCRBY', jk, 'deliveries', 1)
   if d > tonumber(ARGV[4]) then
     redis.call('HINCRBY', jk, 'deliveries', -1)
     redis.call('HSET', jk, 'token', '')
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('ZREM', KEYS[2], id)
-    redis.call('RPUSH', KEYS[3], id)
+    release(id)
+    redis.call('RPUSH', P .. 'dead', id)
   else
     local token = ARGV[5] .. ':' .. id .. ':' .. d
     local expires = now + tonumber(ARGV[3])
     redis.call('HSET', jk, 'token', token)
-    redis.call('ZADD', KEYS[1], expires, id)
-    redis.call('ZADD', KEYS[2], expires, id)
+    redis.call('ZADD', P .. 'due', expires, id)
+    redis.call('ZADD', P .. 'leased', expires, id)
     table.insert(out, id)
     table.insert(out, redis.call('HGET', jk, 'run_id'))
     table.insert(out, tostring(d))
     table.insert(out, token)
+    taken = taken + 1
   end
 end
-local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local nxt = redis.call('ZRANGE', P .. 'due', 0, 0, 'WITHSCORES')
 if nxt[2] then out[2] = nxt[2] end
 return out
 "#
 );
 
-const HEARTBEAT: &str = with_now!(
+const HEARTBEAT: &str = queue_script!(
     r#"
-if redis.call('HGET', KEYS[3], 'token') ~= ARGV[1] then return 0 end
-local expires = now + tonumber(ARGV[3])
-redis.call('ZADD', KEYS[1], expires, ARGV[2])
-redis.call('ZADD', KEYS[2], expires, ARGV[2])
+local id = ARGV[3]
+if redis.call('HGET', P .. 'job:' .. id, 'token') ~= ARGV[2] then return 0 end
+local expires = now + tonumber(ARGV[4])
+redis.call('ZREM', P .. 'ready', id)
+redis.call('ZADD', P .. 'due', expires, id)
+redis.call('ZADD', P .. 'leased', expires, id)
 return 1
 "#
 );
 
-const ACK: &str = r#"
-local token = redis.call('HGET', KEYS[3], 'token')
-if not token then return 1 end
-if token ~= ARGV[1] then return -1 end
-redis.call('DEL', KEYS[3])
-redis.call('ZREM', KEYS[1], ARGV[2])
-redis.call('ZREM', KEYS[2], ARGV[2])
-return 1
-"#;
-
-const NACK: &str = with_now!(
+const ACK: &str = queue_script!(
     r#"
-if redis.call('HGET', KEYS[3], 'token') ~= ARGV[1] then return -1 end
-local at = tonumber(ARGV[3]) or now
-redis.call('HSET', KEYS[3], 'token', '')
-redis.call('ZREM', KEYS[2], ARGV[2])
-redis.call('ZADD', KEYS[1], at, ARGV[2])
-if at <= now then redis.call('PUBLISH', ARGV[4], '1') end
+local id = ARGV[3]
+local jk = P .. 'job:' .. id
+local token = redis.call('HGET', jk, 'token')
+if not token then return 1 end
+if token ~= ARGV[2] then return -1 end
+redis.call('ZREM', P .. 'due', id)
+redis.call('ZREM', P .. 'ready', id)
+redis.call('ZREM', P .. 'leased', id)
+local moved = release(id)
+redis.call('DEL', jk)
+if moved > 0 then redis.call('PUBLISH', ARGV[4], '1') end
+return 1
+"#
+);
+
+const NACK: &str = queue_script!(
+    r#"
+local id = ARGV[3]
+local jk = P .. 'job:' .. id
+if redis.call('HGET', jk, 'token') ~= ARGV[2] then return -1 end
+local at = tonumber(ARGV[4]) or now
+redis.call('HSET', jk, 'token', '')
+redis.call('ZREM', P .. 'leased', id)
+redis.call('ZREM', P .. 'due', id)
+redis.call('ZREM', P .. 'ready', id)
+local moved
+if at > now then
+  moved = release(id)
+  redis.call('ZADD', P .. 'due', at, id)
+else
+  moved = make_ready(id)
+end
+if moved > 0 then redis.call('PUBLISH', ARGV[5], '1') end
 return 1
 "#
 );
 
 const DEPTH: &str = with_now!(
     r#"
-local ready = redis.call('ZCOUNT', KEYS[1], '-inf', now)
-local leased = redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf')
-local total = redis.call('ZCARD', KEYS[1])
-return {ready, math.max(0, total - ready - leased), leased, redis.call('LLEN', KEYS[3])}
+local P = ARGV[1]
+local came = redis.call('ZCOUNT', P .. 'due', '-inf', now)
+local leased = redis.call('ZCOUNT', P .. 'leased', '(' .. now, '+inf')
+local later = redis.call('ZCOUNT', P .. 'due', '(' .. now, '+inf')
+return {redis.call('ZCARD', P .. 'ready') + came, math.max(0, later - leased), leased,
+  redis.call('LLEN', P .. 'dead'), tonumber(redis.call('GET', P .. 'held_back') or '0')}
 "#
 );
 
@@ -418,12 +526,9 @@ impl RedisQueue {
         self.subscriber_up.load(Ordering::Relaxed)
     }
 
-    fn key(&self, group: &str, what: &str) -> String {
-        format!("{}:q:{group}:{what}", self.prefix)
-    }
-
-    fn job_prefix(&self, group: &str) -> String {
-        format!("{}:q:{group}:job:", self.prefix)
+    /// The prefix of every key of `group`'s queue (see the queue scripts).
+    fn group_prefix(&self, group: &str) -> String {
+        format!("{}:q:{group}:", self.prefix)
     }
 
     fn channel(&self) -> String {
@@ -484,14 +589,6 @@ impl RedisQueue {
             invocation.invoke_async::<T>(&mut conn).await
         })
         .await
-    }
-
-    fn lease_keys(&self, group: &str, job_id: &str) -> Vec<String> {
-        vec![
-            self.key(group, "due"),
-            self.key(group, "leased"),
-            format!("{}{job_id}", self.job_prefix(group)),
-        ]
     }
 }
 
@@ -611,25 +708,24 @@ const MAX_POLL: Duration = Duration::from_millis(500);
 
 #[async_trait]
 impl Queue for RedisQueue {
-    async fn enqueue(
-        &self,
-        group: &str,
-        run_id: &RunId,
-        not_before: Option<DateTime<Utc>>,
-    ) -> StoreResult<String> {
+    async fn enqueue(&self, group: &str, job: NewJob) -> StoreResult<String> {
         check_group(group)?;
         let id = flowcore::ids::new_id();
-        let keys = vec![
-            self.key(group, "due"),
-            format!("{}{id}", self.job_prefix(group)),
-        ];
+        let (key, limit) = job
+            .key
+            .map(|k| (k.key, k.limit.max(1).to_string()))
+            .unwrap_or_default();
         let args = vec![
+            self.group_prefix(group),
             id.clone(),
-            run_id.to_string(),
-            not_before.map(millis).unwrap_or_default(),
+            job.run_id.to_string(),
+            job.not_before.map(millis).unwrap_or_default(),
             self.channel(),
+            job.priority.min(MAX_PRIORITY).to_string(),
+            key,
+            limit,
         ];
-        self.script::<i64>(&scripts().enqueue, keys, args).await?;
+        self.script::<i64>(&scripts().enqueue, vec![], args).await?;
         Ok(id)
     }
 
@@ -642,19 +738,14 @@ impl Queue for RedisQueue {
             let notified = self.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let keys = vec![
-                self.key(group, "due"),
-                self.key(group, "leased"),
-                self.key(group, "dead"),
-            ];
             let args = vec![
-                self.job_prefix(group),
+                self.group_prefix(group),
                 max.clamp(1, 1000).to_string(),
                 ttl.as_millis().max(1).to_string(),
                 self.max_deliveries.to_string(),
                 token_prefix.clone(),
             ];
-            let out: Vec<String> = self.script(&scripts().lease, keys, args).await?;
+            let out: Vec<String> = self.script(&scripts().lease, vec![], args).await?;
             let now_ms: i64 = out.first().and_then(|s| s.parse().ok()).unwrap_or(0);
             let next_due: Option<i64> = out
                 .get(1)
@@ -686,13 +777,16 @@ impl Queue for RedisQueue {
     }
 
     async fn heartbeat(&self, job: &LeasedJob, ttl: Duration) -> StoreResult<()> {
-        let keys = self.lease_keys(&job.group, &job.job.id);
         let args = vec![
+            self.group_prefix(&job.group),
             job.token.clone(),
             job.job.id.clone(),
             ttl.as_millis().max(1).to_string(),
         ];
-        match self.script::<i64>(&scripts().heartbeat, keys, args).await? {
+        match self
+            .script::<i64>(&scripts().heartbeat, vec![], args)
+            .await?
+        {
             1 => Ok(()),
             _ => Err(StoreError::StaleLease(format!(
                 "job `{}` was delivered again or finished",
@@ -702,15 +796,13 @@ impl Queue for RedisQueue {
     }
 
     async fn ack(&self, job: &LeasedJob) -> StoreResult<()> {
-        let keys = self.lease_keys(&job.group, &job.job.id);
-        match self
-            .script::<i64>(
-                &scripts().ack,
-                keys,
-                vec![job.token.clone(), job.job.id.clone()],
-            )
-            .await?
-        {
+        let args = vec![
+            self.group_prefix(&job.group),
+            job.token.clone(),
+            job.job.id.clone(),
+            self.channel(),
+        ];
+        match self.script::<i64>(&scripts().ack, vec![], args).await? {
             1 => Ok(()),
             _ => Err(StoreError::StaleLease(format!(
                 "job `{}` was delivered again",
@@ -720,14 +812,14 @@ impl Queue for RedisQueue {
     }
 
     async fn nack(&self, job: &LeasedJob, retry_at: Option<DateTime<Utc>>) -> StoreResult<()> {
-        let keys = self.lease_keys(&job.group, &job.job.id);
         let args = vec![
+            self.group_prefix(&job.group),
             job.token.clone(),
             job.job.id.clone(),
             retry_at.map(millis).unwrap_or_default(),
             self.channel(),
         ];
-        match self.script::<i64>(&scripts().nack, keys, args).await? {
+        match self.script::<i64>(&scripts().nack, vec![], args).await? {
             1 => Ok(()),
             _ => Err(StoreError::StaleLease(format!(
                 "job `{}` was delivered again or finished",
@@ -738,18 +830,15 @@ impl Queue for RedisQueue {
 
     async fn depth(&self, group: &str) -> StoreResult<QueueDepth> {
         check_group(group)?;
-        let keys = vec![
-            self.key(group, "due"),
-            self.key(group, "leased"),
-            self.key(group, "dead"),
-        ];
-        let v: Vec<i64> = self.script(&scripts().depth, keys, vec![]).await?;
+        let args = vec![self.group_prefix(group)];
+        let v: Vec<i64> = self.script(&scripts().depth, vec![], args).await?;
         let get = |i: usize| v.get(i).copied().unwrap_or(0).max(0) as u64;
         Ok(QueueDepth {
             ready: get(0),
             delayed: get(1),
             leased: get(2),
             dead: get(3),
+            held_back: get(4),
         })
     }
 

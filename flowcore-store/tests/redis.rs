@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flowcore::RunId;
-use flowcore::ports::{Queue, Take};
+use flowcore::ports::{NewJob, Queue, Take};
 use flowcore_store::{RedisConfig, RedisQueue};
 
 fn redis_url() -> String {
@@ -81,7 +81,7 @@ async fn redis_passes_the_kit() {
     let queue_of = async |prefix: &str| RedisQueue::connect(config(prefix)).await.expect("connect");
     let neighbour = queue_of(&other).await;
     neighbour
-        .enqueue("g", &RunId::new(), None)
+        .enqueue("g", NewJob::run(RunId::new()))
         .await
         .expect("enqueue");
     assert!(first.delete_prefix().await.expect("delete") > 0);
@@ -132,7 +132,7 @@ async fn a_waiting_lease_wakes_on_enqueue() {
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     queue
-        .enqueue("g", &RunId::new(), None)
+        .enqueue("g", NewJob::run(RunId::new()))
         .await
         .expect("enqueue");
     let (jobs, waited) = waiter.await.expect("task");
@@ -206,7 +206,10 @@ async fn a_process_hears_only_what_it_subscribes_to() {
 
     // Its lease still finds a job enqueued elsewhere, at its next poll.
     let run = RunId::new();
-    hearing.enqueue("g", &run, None).await.expect("enqueue");
+    hearing
+        .enqueue("g", NewJob::run(run.clone()))
+        .await
+        .expect("enqueue");
     let jobs = deaf
         .lease(
             "g",
@@ -235,7 +238,7 @@ async fn bad_urls_and_groups_are_refused() {
         .expect("connect");
     assert!(
         queue
-            .enqueue("bad group!", &RunId::new(), None)
+            .enqueue("bad group!", NewJob::run(RunId::new()))
             .await
             .is_err()
     );
@@ -327,14 +330,17 @@ async fn redis_restart_loses_nothing_and_clients_reconnect() {
     let mut accepted = Vec::new();
     for _ in 0..20 {
         let run = RunId::new();
-        queue.enqueue("g", &run, None).await.expect("enqueue");
+        queue
+            .enqueue("g", NewJob::run(run.clone()))
+            .await
+            .expect("enqueue");
         accepted.push(run);
     }
 
     server.kill();
     let started = Instant::now();
     let err = queue
-        .enqueue("g", &RunId::new(), None)
+        .enqueue("g", NewJob::run(RunId::new()))
         .await
         .expect_err("Redis is down");
     assert!(

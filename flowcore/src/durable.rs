@@ -297,8 +297,8 @@ pub async fn failure_handler(
     let Some(flow_id) = handler.filter(|_| failed && !by_handler) else {
         return Ok(None);
     };
-    let version = match engine.flow_store().get(flow_id, None).await {
-        Ok(flow) => flow.version,
+    let flow = match engine.flow_store().get(flow_id, None).await {
+        Ok(flow) => flow,
         Err(StoreError::NotFound { .. }) => {
             tracing::warn!(run_id = %run.id, handler = flow_id, "the failure handler flow does not exist; no handler starts");
             return Ok(None);
@@ -320,10 +320,26 @@ pub async fn failure_handler(
         "node": node,
         "input": run.input,
     });
+    // Its place in the queue, from its own flow's settings; one that cannot be rendered
+    // leaves the handler unkeyed, at the default priority, rather than not started.
+    let input = Arc::new(input);
+    let (concurrency, priority) = match engine
+        .compile_stored(&flow)
+        .map_err(|e| e.to_string())
+        .and_then(|plan| plan.placement(&input))
+    {
+        Ok(placement) => placement,
+        Err(e) => {
+            tracing::warn!(run_id = %run.id, handler = flow_id, error = %e, "the failure handler's concurrency key or priority could not be rendered; it starts without them");
+            (None, crate::ports::DEFAULT_PRIORITY)
+        }
+    };
     Ok(Some(NewRun {
         id: run.id.failure_handler(),
         trigger: Some(serde_json::json!({"type": "failure", "run_id": run.id})),
-        ..NewRun::new(flow_id, version, input)
+        concurrency,
+        priority,
+        ..NewRun::new(flow_id, flow.version, Arc::unwrap_or_clone(input))
     }))
 }
 

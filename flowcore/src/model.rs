@@ -297,6 +297,30 @@ pub struct Settings {
     /// of the server's (`FLOWCORE_ON_FAILURE_FLOW`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_failure: Option<OnFailure>,
+    /// At most `limit` runs of the flow with the same key execute at once, across every
+    /// worker; the others stay queued, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
+    /// The runs' priority in the queue: 0 to 9 (9 first), or a template rendering one from the
+    /// input; 5 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Value>,
+}
+
+/// A flow's concurrency key (`settings.concurrency`).
+///
+/// ```
+/// let flow = flowcore::FlowDef::from_json(r#"{"nodes": [{"id": "a", "type": "noop"}],
+///     "settings": {"concurrency": {"key": "{{ input.tenant }}", "limit": 2}}}"#).unwrap();
+/// assert_eq!(flow.settings.concurrency.unwrap().limit, 2);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Concurrency {
+    /// A template rendered from the run's input when the run is created.
+    pub key: String,
+    /// Runs with the same key at once, at most (1 to 10,000).
+    pub limit: u32,
 }
 
 /// A flow's failure handler (`settings.on_failure`).

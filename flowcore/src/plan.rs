@@ -9,9 +9,13 @@ use std::time::Duration;
 use petgraph::algo::tarjan_scc;
 use petgraph::graph::{DiGraph, NodeIndex};
 
+use serde_json::Value;
+
 use crate::error::{CompileError, Problem};
+use crate::expr::{Scope, Template, ValueTemplate};
 use crate::model::{FlowDef, OnError, RetryPolicy, Trigger, is_valid_id};
 use crate::node::{BuildContext, Node, Registry};
+use crate::ports::{ConcurrencyKey, DEFAULT_PRIORITY, MAX_PRIORITY};
 
 /// The port name a routed failure goes out of.
 pub const ERROR_PORT: &str = "error";
@@ -25,6 +29,10 @@ struct PlanInner {
     flow_id: Option<String>,
     worker_group: Option<String>,
     on_failure: Option<String>,
+    /// `settings.concurrency`: the key's template and the limit.
+    concurrency: Option<(Template, u32)>,
+    /// `settings.priority`.
+    priority: Option<ValueTemplate>,
     nodes: Vec<PlanNode>,
     index: HashMap<Arc<str>, usize>,
     output: Option<usize>,
@@ -132,6 +140,64 @@ impl Plan {
     /// The flow's failure handler (`settings.on_failure.flow_id`).
     pub fn on_failure(&self) -> Option<&str> {
         self.0.on_failure.as_deref()
+    }
+
+    /// Where a run of this flow with `input` goes in the queue: its concurrency key
+    /// (`settings.concurrency`) and its priority (`settings.priority`), rendered from the
+    /// input. An error says which setting failed and why.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use flowcore::{FlowDef, Registry, compile};
+    /// let flow = FlowDef::from_json(r#"{"nodes": [{"id": "a", "type": "noop"}], "settings": {
+    ///     "concurrency": {"key": "{{ input.tenant }}", "limit": 2},
+    ///     "priority": "{{ input.urgent and 9 or 1 }}"}}"#).unwrap();
+    /// let plan = compile(&flow, &Registry::with_builtins()).unwrap();
+    /// let (key, priority) = plan.placement(&Arc::new(serde_json::json!({"tenant": "acme", "urgent": true}))).unwrap();
+    /// assert_eq!((key.unwrap().key.as_str(), priority), ("acme", 9));
+    /// assert!(plan.placement(&Arc::new(serde_json::json!({}))).is_err());
+    /// ```
+    pub fn placement(&self, input: &Arc<Value>) -> Result<(Option<ConcurrencyKey>, u8), String> {
+        if self.0.concurrency.is_none() && self.0.priority.is_none() {
+            return Ok((None, DEFAULT_PRIORITY));
+        }
+        let scope = Scope::input_only(input.clone());
+        let key = match &self.0.concurrency {
+            None => None,
+            Some((template, limit)) => {
+                let key = match template.render(&scope) {
+                    Err(e) => return Err(format!("settings.concurrency.key: {e}")),
+                    Ok(Value::Null) => {
+                        return Err("settings.concurrency.key rendered null".into());
+                    }
+                    Ok(Value::String(s)) => s,
+                    Ok(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
+                    Ok(_) => {
+                        return Err(
+                            "settings.concurrency.key rendered an object or an array, not a text"
+                                .into(),
+                        );
+                    }
+                };
+                if key.len() > MAX_CONCURRENCY_KEY {
+                    return Err(format!(
+                        "settings.concurrency.key rendered {} bytes, more than {MAX_CONCURRENCY_KEY}",
+                        key.len()
+                    ));
+                }
+                Some(ConcurrencyKey { key, limit: *limit })
+            }
+        };
+        let priority = match &self.0.priority {
+            None => DEFAULT_PRIORITY,
+            Some(template) => {
+                let value = template
+                    .render(&scope)
+                    .map_err(|e| format!("settings.priority: {e}"))?;
+                priority_of(&value)?
+            }
+        };
+        Ok((key, priority))
     }
     /// The nodes reachable from `from` along edges (any port), `from` included: what must run
     /// again when they do. Indexes out of range are ignored.
@@ -389,6 +455,7 @@ pub fn compile_in(flow: &FlowDef, cx: BuildContext<'_>) -> Result<Plan, CompileE
             "settings.on_failure.flow_id is not 1 to 64 of A-Z a-z 0-9 _ -",
         ));
     }
+    let (concurrency, priority) = placement_settings(flow, &mut problems);
     if let Some(retention) = &flow.settings.retention {
         if retention.days.is_some_and(|d| !(1..=36_500).contains(&d)) {
             problems.push(Problem::flow(
@@ -490,6 +557,8 @@ pub fn compile_in(flow: &FlowDef, cx: BuildContext<'_>) -> Result<Plan, CompileE
         flow_id: flow.id.clone(),
         worker_group: flow.settings.worker_group.clone(),
         on_failure: flow.settings.on_failure.as_ref().map(|h| h.flow_id.clone()),
+        concurrency,
+        priority,
         nodes,
         index,
         output,
@@ -500,6 +569,66 @@ pub fn compile_in(flow: &FlowDef, cx: BuildContext<'_>) -> Result<Plan, CompileE
         preds,
         signals,
     })))
+}
+
+/// The longest concurrency key a run's input may render, in bytes.
+pub const MAX_CONCURRENCY_KEY: usize = 256;
+
+/// The most runs a concurrency key may let execute at once.
+pub const MAX_CONCURRENCY_LIMIT: u32 = 10_000;
+
+/// `settings.concurrency` and `settings.priority`, compiled; their problems reported.
+fn placement_settings(
+    flow: &FlowDef,
+    problems: &mut Vec<Problem>,
+) -> (Option<(Template, u32)>, Option<ValueTemplate>) {
+    let concurrency = flow.settings.concurrency.as_ref().and_then(|c| {
+        if !(1..=MAX_CONCURRENCY_LIMIT).contains(&c.limit) {
+            problems.push(Problem::flow(format!(
+                "settings.concurrency.limit must be from 1 to {MAX_CONCURRENCY_LIMIT}"
+            )));
+        }
+        match Template::compile(&c.key) {
+            Ok(t) => Some((t, c.limit)),
+            Err(e) => {
+                problems.push(Problem::flow(format!("settings.concurrency.key: {e}")));
+                None
+            }
+        }
+    });
+    let priority = flow.settings.priority.as_ref().and_then(|p| {
+        let compiled = match p {
+            Value::String(_) => ValueTemplate::compile(p).map_err(|e| e.to_string()),
+            Value::Number(_) => {
+                priority_of(p).and_then(|_| ValueTemplate::compile(p).map_err(|e| e.to_string()))
+            }
+            _ => Err("a number from 0 to 9 or a template".into()),
+        };
+        match compiled {
+            Ok(t) => Some(t),
+            Err(e) => {
+                problems.push(Problem::flow(format!("settings.priority: {e}")));
+                None
+            }
+        }
+    });
+    (concurrency, priority)
+}
+
+/// A rendered priority: a whole number from 0 to 9, or a text holding one.
+fn priority_of(value: &Value) -> Result<u8, String> {
+    let n = match value {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    };
+    match n {
+        Some(n) if n <= u64::from(MAX_PRIORITY) => Ok(n as u8),
+        _ => Err(format!(
+            "settings.priority rendered {}, not a whole number from 0 to 9",
+            shorten(&value.to_string())
+        )),
+    }
 }
 
 /// The nodes in an order where each comes after its predecessors (Kahn's algorithm); shorter

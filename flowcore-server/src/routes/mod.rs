@@ -66,7 +66,7 @@ impl From<RunError> for ApiError {
                 Self::new(StatusCode::CONFLICT, "run_not_finished", e.to_string())
             }
             RunError::Pruned(_) => Self::new(StatusCode::CONFLICT, "run_pruned", e.to_string()),
-            RunError::CannotRerun(_) => Self::bad_request(e.to_string()),
+            RunError::CannotRerun(_) | RunError::Placement(_) => Self::bad_request(e.to_string()),
             RunError::TooManySignals(_) => Self::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_signals",

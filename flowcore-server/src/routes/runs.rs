@@ -144,6 +144,11 @@ pub struct RunView {
     /// When a worker first took it.
     #[schema(value_type = Option<String>, format = DateTime)]
     pub started_at: Option<DateTime<Utc>>,
+    /// Its concurrency key, rendered from its input (`settings.concurrency`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
+    /// Its priority in the queue (0 to 9, 9 first).
+    pub priority: u8,
     /// Its steps, in the flow's node order.
     pub steps: Vec<StepView>,
     /// Read from the archive: retention deleted it from the database (`FLOWCORE_ARCHIVE`).
@@ -242,6 +247,8 @@ pub(crate) async fn read(
         input: run.input.clone(),
         error: run.error.clone(),
         started_at: run.started_at,
+        concurrency_key: run.concurrency.as_ref().map(|c| c.key.clone()),
+        priority: run.priority,
         run: RunSummary::from(run),
         steps,
         archived,

@@ -12,7 +12,7 @@ use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::serialize::ToSql;
-use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Integer, Nullable, SmallInt, Text};
 use diesel::sqlite::Sqlite;
 
 use flowcore::{Move, RunStatus};
@@ -388,6 +388,9 @@ pub(super) struct RunArrays {
     lease_expires_at: Vec<Option<i64>>,
     epoch: Vec<i64>,
     trigger: Vec<Option<String>>,
+    concurrency_key: Vec<Option<String>>,
+    concurrency_limit: Vec<Option<i32>>,
+    priority: Vec<i16>,
 }
 
 impl RunArrays {
@@ -403,6 +406,9 @@ impl RunArrays {
         self.lease_expires_at.push(row.lease_expires_at);
         self.epoch.push(row.epoch);
         self.trigger.push(row.trigger);
+        self.concurrency_key.push(row.concurrency_key);
+        self.concurrency_limit.push(row.concurrency_limit);
+        self.priority.push(row.priority);
     }
 }
 
@@ -423,9 +429,11 @@ impl QueryFragment<Pg> for InsertRuns {
         let r = &self.0;
         out.push_sql(
             "INSERT INTO runs (id, flow_id, flow_version, status, input, idempotency_key, \
-             created_at, started_at, lease_owner, lease_expires_at, epoch, trigger) \
+             created_at, started_at, lease_owner, lease_expires_at, epoch, trigger, \
+             concurrency_key, concurrency_limit, priority) \
              SELECT id, flow_id, flow_version, status, input, NULL, created_at, started_at, \
-             lease_owner, lease_expires_at, epoch, trigger FROM unnest(",
+             lease_owner, lease_expires_at, epoch, trigger, concurrency_key, concurrency_limit, \
+             priority FROM unnest(",
         );
         out.push_bind_param::<Array<Text>, _>(&r.id)?;
         out.push_sql(", ");
@@ -448,9 +456,16 @@ impl QueryFragment<Pg> for InsertRuns {
         out.push_bind_param::<Array<BigInt>, _>(&r.epoch)?;
         out.push_sql(", ");
         out.push_bind_param::<Array<Nullable<Text>>, _>(&r.trigger)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&r.concurrency_key)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Integer>>, _>(&r.concurrency_limit)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<SmallInt>, _>(&r.priority)?;
         out.push_sql(
             ") AS t(id, flow_id, flow_version, status, input, created_at, started_at, \
-             lease_owner, lease_expires_at, epoch, trigger) RETURNING ",
+             lease_owner, lease_expires_at, epoch, trigger, concurrency_key, concurrency_limit, \
+             priority) RETURNING ",
         );
         self.1.walk_ast(out.reborrow())
     }

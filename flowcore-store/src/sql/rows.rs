@@ -9,7 +9,8 @@
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use flowcore::ports::{
-    ApiKeyRecord, FileRecord, Lease, RunRecord, StoreResult, StoredCredential, UsageDay,
+    ApiKeyRecord, ConcurrencyKey, DEFAULT_PRIORITY, FileRecord, Lease, MAX_PRIORITY, RunRecord,
+    StoreResult, StoredCredential, UsageDay,
 };
 use flowcore::{ItemBatch, ItemProgress, RunId, RunStatus, StepRecord, StepStatus, StoreError};
 use serde_json::Value;
@@ -42,6 +43,9 @@ pub(super) struct RunRow {
     pub data_pruned_at: Option<i64>,
     pub parked: Option<String>,
     pub rerun_of: Option<String>,
+    pub concurrency_key: Option<String>,
+    pub concurrency_limit: Option<i32>,
+    pub priority: i16,
 }
 
 /// The columns of a [`RunRow`], as statements select or return them (the same on both
@@ -96,6 +100,17 @@ impl TryFrom<RunRow> for RunRecord {
                 .transpose()
                 .map_err(|e| unreadable(format!("a run's parked state: {e}")))?,
             rerun_of: row.rerun_of.map(RunId::from),
+            concurrency: row.concurrency_key.map(|key| ConcurrencyKey {
+                key,
+                limit: row
+                    .concurrency_limit
+                    .and_then(|l| u32::try_from(l).ok())
+                    .unwrap_or(1)
+                    .max(1),
+            }),
+            priority: u8::try_from(row.priority)
+                .unwrap_or(DEFAULT_PRIORITY)
+                .min(MAX_PRIORITY),
         })
     }
 }
@@ -117,6 +132,9 @@ pub(super) struct NewRunRow {
     pub epoch: i64,
     pub trigger: Option<String>,
     pub rerun_of: Option<String>,
+    pub concurrency_key: Option<String>,
+    pub concurrency_limit: Option<i32>,
+    pub priority: i16,
 }
 
 impl NewRunRow {
@@ -148,6 +166,12 @@ impl NewRunRow {
             epoch: i64::from(claimed),
             trigger: run.trigger.as_ref().map(to_text).transpose()?,
             rerun_of: run.rerun_of.as_ref().map(|id| id.as_str().to_owned()),
+            concurrency_key: run.concurrency.as_ref().map(|c| c.key.clone()),
+            concurrency_limit: run
+                .concurrency
+                .as_ref()
+                .map(|c| i32::try_from(c.limit).unwrap_or(i32::MAX)),
+            priority: i16::from(run.priority),
         })
     }
 }

@@ -40,6 +40,9 @@ diesel::table! {
         parked -> Nullable<Text>,
         wake_at -> Nullable<BigInt>,
         rerun_of -> Nullable<Text>,
+        concurrency_key -> Nullable<Text>,
+        concurrency_limit -> Nullable<Integer>,
+        priority -> SmallInt,
     }
 }
 

@@ -19,16 +19,18 @@ pub use blobs::{BlobStore, ChunkStream, is_valid_blob_key, too_large};
 pub use events::{BusSink, EventBus, EventRecord};
 pub use flows::{FlowChanges, FlowStore, StoredFlow, all_flows};
 pub use limits::{RateDecision, RateLimiter};
-pub use queue::{Job, LeasedJob, Queue, QueueDepth, Take};
+pub use queue::{
+    DEFAULT_PRIORITY, Job, JobKey, LeasedJob, MAX_PRIORITY, NewJob, Queue, QueueDepth, Take,
+};
 #[cfg(feature = "records")]
 pub use records::{
     ApiKeyRecord, ApiKeyStore, CredentialStore, FileRecord, FileStore, Reencryption, Scope, Scopes,
     StoredCredential, UsageDay, UsageQuery, UsageStore,
 };
 pub use runs::{
-    ActionKind, Actor, Claim, Due, Lapsed, Lease, MAX_ACTIONS_PER_RUN, NewRun, Park, PruneRule,
-    RunAction, RunEnd, RunFilter, RunOutcome, RunRecord, RunStore, Signal, SignalTake, claim_each,
-    prune_runs, signal_each,
+    ActionKind, Actor, Claim, ConcurrencyKey, Due, Lapsed, Lease, MAX_ACTIONS_PER_RUN, NewRun,
+    Park, PruneRule, RunAction, RunEnd, RunFilter, RunOutcome, RunRecord, RunStore, Signal,
+    SignalTake, claim_each, prune_runs, signal_each,
 };
 pub use signals::{FinishWaiters, FinishWatch, RunSignals};
 

@@ -20,6 +20,93 @@ pub struct Job {
     pub deliveries: u32,
 }
 
+/// A concurrency key on a job: at most `limit` jobs with the same `key` in a group are ready or
+/// leased at once; the others wait behind it, in order, holding nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobKey {
+    /// The key (a flow's rendered `settings.concurrency.key`, prefixed with the flow's id).
+    pub key: String,
+    /// How many jobs with the key may hold a slot at once (at least 1).
+    pub limit: u32,
+}
+
+/// The highest priority a job may have: 9 goes first.
+pub const MAX_PRIORITY: u8 = 9;
+
+/// The priority of a job whose flow sets none: the middle, so a flow may go before or after.
+pub const DEFAULT_PRIORITY: u8 = 5;
+
+/// A job to add to a queue ([`Queue::enqueue`]).
+///
+/// ```
+/// use flowcore::ports::{JobKey, NewJob};
+/// use flowcore::RunId;
+/// let job = NewJob::run(RunId::new())
+///     .keyed(JobKey { key: "sync:acme".into(), limit: 2 })
+///     .with_priority(9);
+/// assert_eq!(job.priority, 9);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewJob {
+    /// The run it executes.
+    pub run_id: RunId,
+    /// Not ready before this time (now when `None`).
+    pub not_before: Option<DateTime<Utc>>,
+    /// Its concurrency key.
+    pub key: Option<JobKey>,
+    /// 0 to [`MAX_PRIORITY`]: among ready jobs, a higher priority is leased first, and first
+    /// in first out within a priority.
+    pub priority: u8,
+}
+
+impl NewJob {
+    /// A job for `run_id`: ready now, no key, the default priority.
+    pub fn run(run_id: RunId) -> Self {
+        Self {
+            run_id,
+            not_before: None,
+            key: None,
+            priority: DEFAULT_PRIORITY,
+        }
+    }
+
+    /// The job of a stored run: its id, its concurrency key and its priority.
+    pub fn of(run: &crate::ports::RunRecord) -> Self {
+        Self {
+            key: run.concurrency.as_ref().map(|c| JobKey {
+                key: format!("{}:{}", run.flow_id, c.key),
+                limit: c.limit,
+            }),
+            priority: run.priority,
+            ..Self::run(run.id.clone())
+        }
+    }
+
+    /// The same job, not ready before `at`.
+    pub fn not_before(self, at: DateTime<Utc>) -> Self {
+        Self {
+            not_before: Some(at),
+            ..self
+        }
+    }
+
+    /// The same job, with a concurrency key.
+    pub fn keyed(self, key: JobKey) -> Self {
+        Self {
+            key: Some(key),
+            ..self
+        }
+    }
+
+    /// The same job, with a priority (capped at [`MAX_PRIORITY`]).
+    pub fn with_priority(self, priority: u8) -> Self {
+        Self {
+            priority: priority.min(MAX_PRIORITY),
+            ..self
+        }
+    }
+}
+
 /// A job delivered to one worker until its lease lapses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeasedJob {
@@ -61,21 +148,24 @@ pub struct QueueDepth {
     pub leased: u64,
     /// In the dead-letter list.
     pub dead: u64,
+    /// Held back behind their concurrency key, whose slots are all taken.
+    pub held_back: u64,
 }
 
 /// Hands runs to workers: at-least-once delivery with leases, one queue per worker group.
 ///
 /// A job leased and not acked before its lease lapses is delivered again; after
 /// `max_deliveries` deliveries it moves to the dead-letter list instead.
+///
+/// Ready jobs are leased by priority, then in the order they became ready. A job with a
+/// concurrency key ([`JobKey`]) takes one of its key's slots when it becomes ready, and keeps it
+/// while ready or leased, across lapsed leases (another worker takes the job, and the slot with
+/// it), until it is acked, dead-lettered or nacked to a later time; the next job behind the key
+/// then takes it. Jobs behind a full key cost the other keys nothing.
 #[async_trait]
 pub trait Queue: Send + Sync {
-    /// Adds a job for `run_id`, ready at `not_before` (now when `None`). Returns the job id.
-    async fn enqueue(
-        &self,
-        group: &str,
-        run_id: &RunId,
-        not_before: Option<DateTime<Utc>>,
-    ) -> StoreResult<String>;
+    /// Adds a job to `group`'s queue. Returns the job id.
+    async fn enqueue(&self, group: &str, job: NewJob) -> StoreResult<String>;
     /// Leases up to `take.max` ready jobs of `group` (expired leases included) for `take.ttl`,
     /// waiting up to `take.wait` for the first one. Returns an empty list when none came.
     async fn lease(&self, group: &str, take: Take) -> StoreResult<Vec<LeasedJob>>;

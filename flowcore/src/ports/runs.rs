@@ -33,6 +33,20 @@ pub struct NewRun {
     pub trigger: Option<Value>,
     /// The run it reruns ([`RunStore::create_rerun`]).
     pub rerun_of: Option<RunId>,
+    /// Its concurrency key, rendered from its input when it was created.
+    pub concurrency: Option<ConcurrencyKey>,
+    /// Its priority in the queue (0 to 9, 9 first).
+    pub priority: u8,
+}
+
+/// A run's concurrency key (`settings.concurrency`), rendered once when the run is created: at
+/// most `limit` runs of the flow with the same `key` execute at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConcurrencyKey {
+    /// The rendered key.
+    pub key: String,
+    /// Runs with the key at once, at most.
+    pub limit: u32,
 }
 
 impl NewRun {
@@ -54,6 +68,8 @@ impl NewRun {
             claim: None,
             trigger: None,
             rerun_of: None,
+            concurrency: None,
+            priority: crate::ports::DEFAULT_PRIORITY,
         }
     }
 
@@ -143,6 +159,16 @@ pub struct RunRecord {
     /// The run this one reruns.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rerun_of: Option<RunId>,
+    /// Its concurrency key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<ConcurrencyKey>,
+    /// Its priority in the queue.
+    #[serde(default = "default_priority")]
+    pub priority: u8,
+}
+
+fn default_priority() -> u8 {
+    crate::ports::DEFAULT_PRIORITY
 }
 
 /// How a run ended, as stored: what a request that waited for the run answers. Carried by

@@ -39,7 +39,7 @@ pub use events::{event_bus, run_signals};
 pub use flows::{flow_changes, flow_store};
 pub use items::map_items;
 pub use limits::rate_limiter;
-pub use queue::queue;
+pub use queue::{queue, queue_keys};
 #[cfg(feature = "records")]
 pub use records::{Records, meta_store};
 pub use reruns::{reruns, runs_started_by_an_end};
@@ -183,6 +183,7 @@ pub async fn check(backend: &Backend) {
     }
     if let Some(q) = &backend.queue {
         suite!(queue(q.clone(), backend.capabilities.max_deliveries));
+        suite!(queue_keys(q.clone(), backend.capabilities.max_deliveries));
     }
     if let Some(blobs) = &backend.blobs {
         suite!(blob_store(blobs.as_ref()));

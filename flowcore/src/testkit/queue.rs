@@ -8,7 +8,7 @@ use chrono::Utc;
 
 use crate::error::StoreError;
 use crate::ids::RunId;
-use crate::ports::{Queue, Take};
+use crate::ports::{JobKey, NewJob, Queue, Take};
 
 /// The queue suite: leases, redelivery after expiry, no duplicate under concurrent leases,
 /// idempotent ack, stale acks refused, nack with a delay, and with `max_deliveries` (the
@@ -25,7 +25,10 @@ pub async fn queue(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
     let ten = Take { max: 10, ..one };
     let g = "kit";
     let run = RunId::new();
-    queue.enqueue(g, &run, None).await.expect("enqueue");
+    queue
+        .enqueue(g, NewJob::run(run.clone()))
+        .await
+        .expect("enqueue");
     let depth = queue.depth(g).await.expect("depth");
     assert_eq!(depth.ready, 1, "one ready job: {depth:?}");
     let got = queue.lease(g, ten).await.expect("lease");
@@ -63,7 +66,7 @@ pub async fn queue(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
 
     // Nack with a delay; delayed enqueue.
     queue
-        .enqueue(g, &RunId::new(), None)
+        .enqueue(g, NewJob::run(RunId::new()))
         .await
         .expect("enqueue");
     let job = queue.lease(g, one).await.expect("lease").remove(0);
@@ -88,7 +91,10 @@ pub async fn queue(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
     // Dead letters after the last delivery.
     if let Some(max) = max_deliveries {
         let doomed = RunId::new();
-        queue.enqueue(g, &doomed, None).await.expect("enqueue");
+        queue
+            .enqueue(g, NewJob::run(doomed.clone()))
+            .await
+            .expect("enqueue");
         for delivery in 1..=max {
             let job = queue.lease(g, one).await.expect("lease").remove(0);
             assert_eq!(job.job.deliveries, delivery);
@@ -106,7 +112,7 @@ pub async fn queue(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
     let total = 200;
     for _ in 0..total {
         queue
-            .enqueue("kit-many", &RunId::new(), None)
+            .enqueue("kit-many", NewJob::run(RunId::new()))
             .await
             .expect("enqueue");
     }
@@ -163,4 +169,184 @@ async fn nothing_to_lease(queue: &dyn Queue, group: &str, max: usize, why: &str)
         .await
         .expect("lease");
     assert!(got.is_empty(), "{why}");
+}
+
+/// Leases everything `group` has ready now, acking nothing: the run ids, in order.
+async fn lease_all(queue: &dyn Queue, group: &str, ttl: Duration) -> Vec<crate::ports::LeasedJob> {
+    queue
+        .lease(
+            group,
+            Take {
+                max: 1000,
+                ttl,
+                wait: Duration::ZERO,
+            },
+        )
+        .await
+        .expect("lease")
+}
+
+/// The concurrency key and priority suite: priorities lease first and in order within one;
+/// a key lets `limit` jobs out at once and holds the rest back, in order; an ack, a
+/// dead letter and a nack to later free a slot; a lapsed lease keeps its slot and is delivered
+/// again; a long backlog behind one key costs the other keys nothing.
+pub async fn queue_keys(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
+    let ttl = Duration::from_millis(300);
+    let run = |n: u8| NewJob::run(RunId::from(format!("run-{n}")));
+    let key = |k: &str, limit: u32| JobKey {
+        key: k.into(),
+        limit,
+    };
+    let ids = |jobs: &[crate::ports::LeasedJob]| -> Vec<String> {
+        jobs.iter().map(|j| j.job.run_id.to_string()).collect()
+    };
+
+    // Priorities: 9 first, first in first out within one.
+    let g = "kit-priority";
+    for (n, p) in [(1, 0), (2, 5), (3, 9), (4, 5), (5, 9)] {
+        queue
+            .enqueue(g, run(n).with_priority(p))
+            .await
+            .expect("enqueue");
+    }
+    let got = lease_all(queue.as_ref(), g, Duration::from_secs(30)).await;
+    assert_eq!(ids(&got), ["run-3", "run-5", "run-2", "run-4", "run-1"]);
+    for job in &got {
+        queue.ack(job).await.expect("ack");
+    }
+
+    // A key at limit 2: two out, the rest held back in order; other keys and unkeyed jobs go.
+    let g = "kit-keys";
+    for n in 1..=5 {
+        queue
+            .enqueue(g, run(n).keyed(key("a", 2)))
+            .await
+            .expect("enqueue");
+    }
+    queue
+        .enqueue(g, run(6).keyed(key("b", 1)))
+        .await
+        .expect("enqueue");
+    queue.enqueue(g, run(7)).await.expect("enqueue");
+    let depth = queue.depth(g).await.expect("depth");
+    assert_eq!((depth.ready, depth.held_back), (4, 3), "{depth:?}");
+    let first = lease_all(queue.as_ref(), g, ttl).await;
+    assert_eq!(ids(&first), ["run-1", "run-2", "run-6", "run-7"]);
+    nothing_to_lease(queue.as_ref(), g, 10, "key `a` has both its slots taken").await;
+
+    // An ack frees a slot: the next in line comes out, and a waiting lease wakes for it.
+    let waiting = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            queue
+                .lease(
+                    "kit-keys",
+                    Take {
+                        max: 10,
+                        ttl: Duration::from_secs(30),
+                        wait: Duration::from_secs(5),
+                    },
+                )
+                .await
+                .expect("lease")
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    queue.ack(&first[0]).await.expect("ack");
+    let woke = waiting.await.expect("waiting lease");
+    assert_eq!(ids(&woke), ["run-3"], "the first held back comes out");
+    queue.ack(&first[2]).await.expect("ack b");
+    queue.ack(&first[3]).await.expect("ack unkeyed");
+
+    // A lapsed lease keeps its slot: the same job is delivered again, no other of its key.
+    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+    let again = lease_all(queue.as_ref(), g, Duration::from_secs(30)).await;
+    assert_eq!(
+        ids(&again),
+        ["run-2"],
+        "the lapsed job comes again, holding its slot"
+    );
+    assert!(again[0].job.deliveries >= 2);
+    queue.ack(&again[0]).await.expect("ack");
+    queue.ack(&woke[0]).await.expect("ack");
+    let next = lease_all(queue.as_ref(), g, Duration::from_secs(30)).await;
+    assert_eq!(ids(&next), ["run-4", "run-5"]);
+
+    // A nack to later gives the slot back; the job queues for one again when due.
+    queue
+        .enqueue(g, run(8).keyed(key("a", 2)))
+        .await
+        .expect("enqueue");
+    queue
+        .nack(
+            &next[0],
+            Some(Utc::now() + chrono::Duration::milliseconds(200)),
+        )
+        .await
+        .expect("nack");
+    let freed = lease_all(queue.as_ref(), g, Duration::from_secs(30)).await;
+    assert_eq!(
+        ids(&freed),
+        ["run-8"],
+        "the nacked job's slot went to the next"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nothing_to_lease(queue.as_ref(), g, 10, "the nacked job waits for a slot").await;
+    assert_eq!(queue.depth(g).await.expect("depth").held_back, 1);
+    queue.ack(&freed[0]).await.expect("ack");
+    let back = lease_all(queue.as_ref(), g, Duration::from_secs(30)).await;
+    assert_eq!(ids(&back), ["run-4"]);
+    // A nack for now keeps the slot: ready again at once.
+    queue.nack(&back[0], None).await.expect("nack now");
+    let back = lease_all(queue.as_ref(), g, Duration::from_secs(30)).await;
+    assert_eq!(ids(&back), ["run-4"]);
+    queue.ack(&back[0]).await.expect("ack");
+    queue.ack(&next[1]).await.expect("ack");
+    let depth = queue.depth(g).await.expect("depth");
+    assert_eq!(
+        (depth.ready, depth.leased, depth.delayed, depth.held_back),
+        (0, 0, 0, 0),
+        "{depth:?}"
+    );
+
+    // A dead letter frees its slot.
+    if let Some(max) = max_deliveries {
+        let g = "kit-keys-dead";
+        queue
+            .enqueue(g, run(1).keyed(key("d", 1)))
+            .await
+            .expect("enqueue");
+        queue
+            .enqueue(g, run(2).keyed(key("d", 1)))
+            .await
+            .expect("enqueue");
+        for _ in 0..max {
+            let job = lease_all(queue.as_ref(), g, Duration::from_secs(30)).await;
+            assert_eq!(ids(&job), ["run-1"]);
+            queue.nack(&job[0], None).await.expect("nack");
+        }
+        let after = lease_all(queue.as_ref(), g, Duration::from_secs(30)).await;
+        assert_eq!(
+            ids(&after),
+            ["run-2"],
+            "the dead job's slot went to the next"
+        );
+    }
+
+    // A long backlog behind one key does not hold the others back.
+    let g = "kit-keys-long";
+    for _ in 0..2000 {
+        queue
+            .enqueue(g, NewJob::run(RunId::new()).keyed(key("busy", 1)))
+            .await
+            .expect("enqueue");
+    }
+    queue
+        .enqueue(g, run(9).keyed(key("quiet", 1)))
+        .await
+        .expect("enqueue");
+    let got = lease_all(queue.as_ref(), g, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 2, "one of the busy key, and the quiet one");
+    assert_eq!(got[1].job.run_id.as_str(), "run-9");
+    assert_eq!(queue.depth(g).await.expect("depth").held_back, 1999);
 }

@@ -10,11 +10,13 @@ use tokio::sync::Notify;
 
 use super::{lock, ttl_to_chrono};
 use crate::error::StoreError;
-use crate::ids::{RunId, new_id};
-use crate::ports::{Job, LeasedJob, Queue, QueueDepth, StoreResult, Take};
+use crate::ids::new_id;
+use crate::ports::{
+    Job, JobKey, LeasedJob, MAX_PRIORITY, NewJob, Queue, QueueDepth, StoreResult, Take,
+};
 
-/// An in-process queue with leases, delays and a dead-letter list: the embedded twin of the
-/// Redis queue.
+/// An in-process queue with leases, delays, priorities, concurrency keys and a dead-letter
+/// list: the embedded twin of the Redis queue.
 #[derive(Debug)]
 pub struct MemoryQueue {
     max_deliveries: u32,
@@ -22,19 +24,38 @@ pub struct MemoryQueue {
     notify: Notify,
 }
 
+/// A job's place among the ready: priority first (9 first), then order of arrival.
+type Rank = (u8, u64);
+
 #[derive(Debug, Default)]
 struct GroupState {
     seq: u64,
     jobs: HashMap<String, QueuedJob>,
-    /// Every job once: keyed by when it is due (ready time, or lease expiry when leased).
-    due: BTreeSet<(DateTime<Utc>, u64, String)>,
+    /// Jobs waiting for a time: delayed ones (until due) and leased ones (until the lease
+    /// lapses).
+    timed: BTreeSet<(DateTime<Utc>, u64, String)>,
+    /// Jobs ready to be leased, by rank.
+    ready: BTreeSet<(Rank, String)>,
+    /// The concurrency keys in use: slots taken, and the jobs held back behind the key.
+    keys: HashMap<String, Gate>,
     dead: Vec<Job>,
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    held: u32,
+    backlog: BTreeSet<(Rank, String)>,
 }
 
 #[derive(Debug)]
 struct QueuedJob {
     job: Job,
-    due: (DateTime<Utc>, u64),
+    rank: Rank,
+    key: Option<JobKey>,
+    /// Whether it holds one of its key's slots.
+    admitted: bool,
+    /// Its entry in `timed`, while delayed or leased.
+    timed: Option<(DateTime<Utc>, u64)>,
     token: Option<String>,
 }
 
@@ -57,21 +78,18 @@ impl MemoryQueue {
         let mut groups = lock(&self.state);
         let g = groups.entry(group.to_owned()).or_default();
         let now = Utc::now();
+        g.promote_due(now);
         let mut out = Vec::new();
         while out.len() < max {
-            let Some(first) = g.due.first().cloned() else {
+            let Some((_, id)) = g.ready.pop_first() else {
                 break;
             };
-            if first.0 > now {
-                break;
-            }
-            g.due.pop_first();
-            let id = first.2;
             let Some(q) = g.jobs.get_mut(&id) else {
                 continue;
             };
             if q.job.deliveries >= self.max_deliveries {
                 if let Some(q) = g.jobs.remove(&id) {
+                    g.release(&q);
                     g.dead.push(q.job);
                 }
                 continue;
@@ -79,16 +97,14 @@ impl MemoryQueue {
             q.job.deliveries += 1;
             let token = new_id();
             q.token = Some(token.clone());
-            g.seq += 1;
-            q.due = (now + ttl_to_chrono(ttl), g.seq);
-            g.due.insert((q.due.0, q.due.1, id));
             out.push(LeasedJob {
                 job: q.job.clone(),
                 group: group.to_owned(),
                 token,
             });
+            g.set_timed(&id, now + ttl_to_chrono(ttl));
         }
-        let next_due = g.due.first().map(|d| d.0);
+        let next_due = g.timed.first().map(|d| d.0);
         (out, next_due)
     }
 
@@ -118,46 +134,136 @@ impl Default for MemoryQueue {
 }
 
 impl GroupState {
-    fn reschedule(&mut self, id: &str, at: DateTime<Utc>, token: Option<String>) {
+    /// Moves job `id` into `timed` at `at` (out of wherever it was).
+    fn set_timed(&mut self, id: &str, at: DateTime<Utc>) {
         self.seq += 1;
         let seq = self.seq;
         if let Some(q) = self.jobs.get_mut(id) {
-            self.due.remove(&(q.due.0, q.due.1, id.to_owned()));
-            q.due = (at, seq);
-            q.token = token;
-            self.due.insert((at, seq, id.to_owned()));
+            if let Some((t, s)) = q.timed.take() {
+                self.timed.remove(&(t, s, id.to_owned()));
+            }
+            self.ready.remove(&(q.rank, id.to_owned()));
+            q.timed = Some((at, seq));
+            self.timed.insert((at, seq, id.to_owned()));
         }
+    }
+
+    /// Moves the jobs whose time came out of `timed`: a lapsed lease back among the ready
+    /// (with the slot it holds), a delayed job through its key's gate.
+    fn promote_due(&mut self, now: DateTime<Utc>) {
+        while let Some(first) = self.timed.first().cloned() {
+            if first.0 > now {
+                break;
+            }
+            self.timed.pop_first();
+            let id = first.2;
+            if let Some(q) = self.jobs.get_mut(&id) {
+                q.timed = None;
+                self.make_ready(&id);
+            }
+        }
+    }
+
+    /// Makes job `id` ready: at once when it has no key or holds a slot already, else behind
+    /// its key.
+    fn make_ready(&mut self, id: &str) {
+        let Some(q) = self.jobs.get(id) else { return };
+        match &q.key {
+            Some(key) if !q.admitted => {
+                let key = key.key.clone();
+                let rank = q.rank;
+                self.keys
+                    .entry(key.clone())
+                    .or_default()
+                    .backlog
+                    .insert((rank, id.to_owned()));
+                self.admit(&key);
+            }
+            _ => {
+                self.ready.insert((q.rank, id.to_owned()));
+            }
+        }
+    }
+
+    /// Gives the free slots of `key` to the jobs first behind it.
+    fn admit(&mut self, key: &str) {
+        let Some(gate) = self.keys.get_mut(key) else {
+            return;
+        };
+        while let Some((rank, id)) = gate.backlog.first().cloned() {
+            let Some(q) = self.jobs.get_mut(&id) else {
+                gate.backlog.pop_first();
+                continue;
+            };
+            let limit = q.key.as_ref().map_or(1, |k| k.limit.max(1));
+            if gate.held >= limit {
+                break;
+            }
+            gate.backlog.pop_first();
+            gate.held += 1;
+            q.admitted = true;
+            self.ready.insert((rank, id));
+        }
+        if gate.held == 0 && gate.backlog.is_empty() {
+            self.keys.remove(key);
+        }
+    }
+
+    /// Gives back the slot `q` holds, if any, to the next job behind its key.
+    fn release(&mut self, q: &QueuedJob) {
+        if let (Some(key), true) = (&q.key, q.admitted) {
+            if let Some(gate) = self.keys.get_mut(&key.key) {
+                gate.held = gate.held.saturating_sub(1);
+            }
+            self.admit(&key.key);
+        }
+    }
+
+    /// Takes job `id` out of every index, and frees its slot.
+    fn remove(&mut self, id: &str) -> Option<QueuedJob> {
+        let q = self.jobs.remove(id)?;
+        if let Some((t, s)) = q.timed {
+            self.timed.remove(&(t, s, id.to_owned()));
+        }
+        self.ready.remove(&(q.rank, id.to_owned()));
+        if let Some(key) = &q.key
+            && let Some(gate) = self.keys.get_mut(&key.key)
+        {
+            gate.backlog.remove(&(q.rank, id.to_owned()));
+        }
+        self.release(&q);
+        Some(q)
     }
 }
 
 #[async_trait]
 impl Queue for MemoryQueue {
-    async fn enqueue(
-        &self,
-        group: &str,
-        run_id: &RunId,
-        not_before: Option<DateTime<Utc>>,
-    ) -> StoreResult<String> {
+    async fn enqueue(&self, group: &str, new: NewJob) -> StoreResult<String> {
         let id = new_id();
         {
             let mut groups = lock(&self.state);
             let g = groups.entry(group.to_owned()).or_default();
             g.seq += 1;
-            let due = (not_before.unwrap_or_else(Utc::now), g.seq);
-            g.due.insert((due.0, due.1, id.clone()));
             let job = Job {
                 id: id.clone(),
-                run_id: run_id.clone(),
+                run_id: new.run_id,
                 deliveries: 0,
             };
             g.jobs.insert(
                 id.clone(),
                 QueuedJob {
                     job,
-                    due,
+                    rank: (MAX_PRIORITY - new.priority.min(MAX_PRIORITY), g.seq),
+                    key: new.key,
+                    admitted: false,
+                    timed: None,
                     token: None,
                 },
             );
+            match new.not_before {
+                Some(at) if at > Utc::now() => g.set_timed(&id, at),
+                _ => g.make_ready(&id),
+            }
         }
         self.notify.notify_waiters();
         Ok(id)
@@ -189,31 +295,65 @@ impl Queue for MemoryQueue {
 
     async fn heartbeat(&self, job: &LeasedJob, ttl: Duration) -> StoreResult<()> {
         let at = Utc::now() + ttl_to_chrono(ttl);
-        self.with_lease(job, |g, id| g.reschedule(id, at, Some(job.token.clone())))
+        self.with_lease(job, |g, id| g.set_timed(id, at))
     }
 
     async fn ack(&self, job: &LeasedJob) -> StoreResult<()> {
-        let mut groups = lock(&self.state);
-        let g = groups.entry(job.group.clone()).or_default();
-        match g.jobs.get(&job.job.id) {
-            // Already gone: acked before (by this delivery or a later one). Nothing to undo.
-            None => Ok(()),
-            Some(q) if q.token.as_deref() == Some(job.token.as_str()) => {
-                if let Some(q) = g.jobs.remove(&job.job.id) {
-                    g.due.remove(&(q.due.0, q.due.1, job.job.id.clone()));
+        {
+            let mut groups = lock(&self.state);
+            let g = groups.entry(job.group.clone()).or_default();
+            match g.jobs.get(&job.job.id) {
+                // Already gone: acked before (by this delivery or a later one). Nothing to undo.
+                None => return Ok(()),
+                Some(q) if q.token.as_deref() == Some(job.token.as_str()) => {
+                    g.remove(&job.job.id);
                 }
-                Ok(())
+                Some(_) => {
+                    return Err(StoreError::StaleLease(format!(
+                        "job `{}` was delivered again",
+                        job.job.id
+                    )));
+                }
             }
-            Some(_) => Err(StoreError::StaleLease(format!(
-                "job `{}` was delivered again",
-                job.job.id
-            ))),
         }
+        // Its slot may have made another job ready.
+        self.notify.notify_waiters();
+        Ok(())
     }
 
     async fn nack(&self, job: &LeasedJob, retry_at: Option<DateTime<Utc>>) -> StoreResult<()> {
-        let at = retry_at.unwrap_or_else(Utc::now);
-        self.with_lease(job, |g, id| g.reschedule(id, at, None))?;
+        let now = Utc::now();
+        self.with_lease(job, |g, id| {
+            if let Some(q) = g.jobs.get_mut(id) {
+                q.token = None;
+            }
+            match retry_at {
+                // Later: it gives its slot back meanwhile, and queues for one when due.
+                Some(at) if at > now => {
+                    g.set_timed(id, at);
+                    let released = g.jobs.get_mut(id).map(|q| {
+                        let was = q.admitted;
+                        q.admitted = false;
+                        (q.key.clone(), was)
+                    });
+                    if let Some((Some(key), true)) = released {
+                        if let Some(gate) = g.keys.get_mut(&key.key) {
+                            gate.held = gate.held.saturating_sub(1);
+                        }
+                        g.admit(&key.key);
+                    }
+                }
+                // Now: ready again at once, with the slot it holds.
+                _ => {
+                    if let Some(q) = g.jobs.get_mut(id)
+                        && let Some((t, s)) = q.timed.take()
+                    {
+                        g.timed.remove(&(t, s, id.to_owned()));
+                    }
+                    g.make_ready(id);
+                }
+            }
+        })?;
         self.notify.notify_waiters();
         Ok(())
     }
@@ -226,13 +366,16 @@ impl Queue for MemoryQueue {
         let now = Utc::now();
         let mut depth = QueueDepth {
             dead: g.dead.len() as u64,
+            ready: g.ready.len() as u64,
+            held_back: g.keys.values().map(|k| k.backlog.len() as u64).sum(),
             ..QueueDepth::default()
         };
         for q in g.jobs.values() {
-            match (&q.token, q.due.0 <= now) {
-                (Some(_), false) => depth.leased += 1,
-                (None, false) => depth.delayed += 1,
-                (_, true) => depth.ready += 1,
+            match (q.timed, &q.token) {
+                (Some((at, _)), _) if at <= now => depth.ready += 1,
+                (Some(_), Some(_)) => depth.leased += 1,
+                (Some(_), None) => depth.delayed += 1,
+                (None, _) => {}
             }
         }
         Ok(depth)

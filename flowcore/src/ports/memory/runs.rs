@@ -121,6 +121,8 @@ impl RunState {
             data_pruned: false,
             parked: None,
             rerun_of: run.rerun_of,
+            concurrency: run.concurrency,
+            priority: run.priority,
         };
         if let Some(key) = run.idempotency_key {
             st.idempotency.insert((run.flow_id, key), run.id.clone());

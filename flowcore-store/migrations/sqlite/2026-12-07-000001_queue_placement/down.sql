@@ -1,0 +1,3 @@
+ALTER TABLE runs DROP COLUMN priority;
+ALTER TABLE runs DROP COLUMN concurrency_limit;
+ALTER TABLE runs DROP COLUMN concurrency_key;

@@ -1671,3 +1671,70 @@ async fn failure_handlers_start_once_and_never_for_a_handler() {
     worker.stop().await;
     cleanup(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_keys_hold_runs_back_in_order_and_priorities_render_from_the_input() {
+    let (app, state, dir) = app_with_state(&[("WORKER_CONCURRENCY", "4")]).await;
+    let worker = Worker::start(&state);
+    let keyed = json!({"id": "keyed", "nodes": [{"id": "d", "type": "delay", "params": {"ms": 300}}],
+        "settings": {"concurrency": {"key": "{{ input.tenant }}", "limit": 1}, "priority": "{{ input.p }}"}});
+    assert_eq!(post(&app, "/api/v1/flows", keyed.to_string().as_bytes()).await.0, StatusCode::CREATED);
+
+    // Three runs of tenant a, one of tenant b: a's run one at a time, in order; b beside them.
+    let mut ids = Vec::new();
+    for (tenant, p) in [("a", 1), ("b", 1), ("a", 1), ("a", 1)] {
+        let body = json!({"input": {"tenant": tenant, "p": p}, "wait": false});
+        let (status, run) = post(&app, "/api/v1/flows/keyed/runs", body.to_string().as_bytes()).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+        ids.push(run["run_id"].as_str().unwrap().to_owned());
+    }
+    let mut runs = Vec::new();
+    for id in &ids {
+        runs.push(wait_for_status(&app, id, "succeeded").await);
+    }
+    let at = |run: &Value, field: &str| chrono::DateTime::parse_from_rfc3339(run[field].as_str().unwrap()).unwrap();
+    let a: Vec<&Value> = [0, 2, 3].iter().map(|&i| &runs[i]).collect();
+    for pair in a.windows(2) {
+        assert!(
+            at(pair[1], "started_at") >= at(pair[0], "finished_at"),
+            "a run of key a started before the one before it ended: {} {}",
+            pair[0],
+            pair[1]
+        );
+    }
+    assert!(at(&runs[1], "started_at") < at(&runs[0], "finished_at"), "key b did not wait for key a");
+    assert_eq!((runs[0]["concurrency_key"].as_str(), &runs[0]["priority"]), (Some("a"), &json!(1)));
+
+    // A synchronous call of a keyed flow goes through the queue, and is answered.
+    let (status, run) = post(&app, "/api/v1/flows/keyed/runs", br#"{"input": {"tenant": "c", "p": "9"}}"#).await;
+    assert_eq!((status, run["status"].as_str()), (StatusCode::OK, Some("succeeded")), "{run}");
+    let (_, view) = get(&app, &format!("/api/v1/runs/{}", run["run_id"].as_str().unwrap())).await;
+    assert_eq!(view["priority"], 9);
+
+    // A key or priority the input cannot render refuses the run.
+    for (input, says) in [
+        (json!({"p": 1}), "settings.concurrency.key rendered null"),
+        (json!({"tenant": {"x": 1}, "p": 1}), "settings.concurrency.key rendered an object"),
+        (json!({"tenant": "x".repeat(300), "p": 1}), "more than 256"),
+        (json!({"tenant": "a", "p": 10}), "settings.priority rendered 10"),
+        (json!({"tenant": "a", "p": "high"}), "settings.priority rendered"),
+    ] {
+        let body = json!({"input": input, "wait": false});
+        let (status, answer) = post(&app, "/api/v1/flows/keyed/runs", body.to_string().as_bytes()).await;
+        assert_eq!((status, answer["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request")), "{answer}");
+        assert!(answer["error"]["message"].as_str().unwrap().contains(says), "{answer}");
+    }
+    // ... and a flow whose settings are wrong is refused with the flow.
+    for settings in [
+        json!({"concurrency": {"key": "{{ input.t }}", "limit": 0}}),
+        json!({"concurrency": {"key": "{{ input.t ", "limit": 1}}),
+        json!({"priority": 12}),
+        json!({"priority": true}),
+    ] {
+        let flow = json!({"id": "wrong", "nodes": [{"id": "n", "type": "noop"}], "settings": settings});
+        let (status, answer) = post(&app, "/api/v1/flows", flow.to_string().as_bytes()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{settings}: {answer}");
+    }
+    worker.stop().await;
+    cleanup(&dir);
+}

@@ -1,7 +1,7 @@
 //! Reruns: a queued run stored with the steps it keeps from an earlier run, in one commit.
 
 use super::{new_run, step};
-use crate::ports::{NewRun, RunStore};
+use crate::ports::{ConcurrencyKey, NewRun, RunStore};
 use crate::run::{RunStatus, StepStatus};
 
 /// Reruns on `store`.
@@ -15,6 +15,11 @@ pub async fn reruns(store: &dyn RunStore) {
         rerun_of: Some(earlier.id.clone()),
         // Left out by a rerun: it has neither.
         idempotency_key: Some("k".into()),
+        concurrency: Some(ConcurrencyKey {
+            key: "tenant-1".into(),
+            limit: 3,
+        }),
+        priority: 8,
         ..NewRun::new("rerun", 2, serde_json::json!({"again": true}))
     };
     let run = store
@@ -33,6 +38,34 @@ pub async fn reruns(store: &dyn RunStore) {
     );
     let read = store.get(&run.id).await.expect("get");
     assert_eq!(read.rerun_of, run.rerun_of, "as read back");
+    assert_eq!(
+        (read.concurrency.as_ref(), read.priority),
+        (
+            Some(&ConcurrencyKey {
+                key: "tenant-1".into(),
+                limit: 3
+            }),
+            8
+        ),
+        "its place in the queue, as read back"
+    );
+    // A new run keeps its place too, created one at a time or in a batch.
+    let placed = NewRun {
+        concurrency: Some(ConcurrencyKey {
+            key: "tenant-2".into(),
+            limit: 1,
+        }),
+        priority: 0,
+        ..new_run("rerun", None)
+    };
+    let (made, _) = store.create(placed.clone()).await.expect("create");
+    let read = store.get(&made.id).await.expect("get");
+    assert_eq!(
+        (read.concurrency, read.priority),
+        (placed.concurrency, 0),
+        "a new run's place in the queue, as read back"
+    );
+    assert_eq!(made.priority, 0, "as created");
     let steps = store.steps(&run.id).await.expect("steps");
     assert_eq!(steps.len(), 2, "{steps:?}");
     for (step, earlier) in steps.iter().zip(&kept) {

@@ -873,6 +873,153 @@ fn topology_survives_kills_and_restarts() {
         "faults: 20 parked runs woke after every process restarted, each step once, in {:?}",
         woken.elapsed()
     );
+    // Concurrency keys and failure handlers while workers die: keyed runs holding slots and
+    // failed runs whose handlers are due, with a worker killed every second or two. No key
+    // stays blocked past a lease, no two runs of a key at limit 1 overlap, and each failed run
+    // has exactly one handler run. (Every process runs since the restart above.)
+    let flows = [
+        json!({"id": "keyed", "nodes": [
+            step(step_port, "k1"), {"id": "d", "type": "delay", "params": {"ms": 500}}, step(step_port, "k2")
+        ], "edges": [{"from": "k1", "to": "d"}, {"from": "d", "to": "k2"}],
+        "settings": {"concurrency": {"key": "{{ input.tenant }}", "limit": 1}}}),
+        json!({"id": "alert", "nodes": [{"id": "alert", "type": "http_request", "params": {
+            "method": "POST", "url": format!("http://127.0.0.1:{step_port}/step"),
+            "body": {"k": "{{ input.input.k }}", "node": "alert", "ms": 50}, "timeout_ms": 10_000}}]}),
+        json!({"id": "doomed", "nodes": [
+            step(step_port, "h1"), {"id": "boom", "type": "script", "params": {"source": "throw \"down\""}}
+        ], "edges": [{"from": "h1", "to": "boom"}], "settings": {"on_failure": {"flow_id": "alert"}}}),
+    ];
+    for flow in &flows {
+        let (status, answer) =
+            request(api_ports[0], "POST", "/api/v1/flows", Some(flow)).expect("the api answers");
+        assert_eq!(status, 201, "{answer}");
+    }
+    let start = |flow: &str, input: Value, i: usize| {
+        let key = input["k"].as_str().expect("k").to_owned();
+        let body = json!({"input": input, "wait": false, "idempotency_key": key});
+        for attempt in 0..300usize {
+            if let Some((202 | 200, _)) = request(
+                api_ports[(i + attempt) % 2],
+                "POST",
+                &format!("/api/v1/flows/{flow}/runs"),
+                Some(&body),
+            ) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        panic!("{key} was never accepted");
+    };
+    let tenants = 5;
+    for i in 0..8 {
+        for t in 0..tenants {
+            start(
+                "keyed",
+                json!({"k": format!("keyed-{t}-{i}"), "tenant": format!("t{t}")}),
+                i,
+            );
+        }
+    }
+    for i in 0..20 {
+        start("doomed", json!({"k": format!("doomed-{i}")}), i);
+    }
+    let kills_started = Instant::now();
+    let mut key_kills = 0;
+    while kills_started.elapsed() < Duration::from_secs(8) {
+        thread::sleep(Duration::from_millis(fastrand::u64(800..1600)));
+        let victim = fastrand::choice(workers.iter_mut()).expect("a worker");
+        victim.kill();
+        thread::sleep(Duration::from_millis(fastrand::u64(200..600)));
+        victim.start();
+        key_kills += 1;
+    }
+    let count_runs = |condition: &str| {
+        psql(
+            &database,
+            &format!("SELECT count(*) FROM runs WHERE {condition}"),
+        )
+        .trim()
+        .to_owned()
+    };
+    let settling = Instant::now();
+    while count_runs(
+        "flow_id IN ('keyed', 'doomed', 'alert') AND status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out')",
+    ) != "0"
+        || count_runs("flow_id = 'alert'") != "20"
+    {
+        assert!(
+            settling.elapsed() < Duration::from_secs(90),
+            "keyed runs or handlers left unfinished: {}",
+            psql(
+                &database,
+                "SELECT flow_id, status, count(*) FROM runs WHERE flow_id IN ('keyed', 'doomed', 'alert') GROUP BY 1, 2"
+            )
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(
+        count_runs("flow_id = 'keyed' AND status = 'succeeded'"),
+        (8 * tenants).to_string()
+    );
+    assert_eq!(count_runs("flow_id = 'doomed' AND status = 'failed'"), "20");
+    assert_eq!(
+        count_runs("flow_id = 'alert' AND status = 'succeeded'"),
+        "20",
+        "one handler each, all through"
+    );
+    assert_eq!(
+        psql(
+            &database,
+            "SELECT count(DISTINCT input::json->>'run_id') FROM runs WHERE flow_id = 'alert'"
+        )
+        .trim(),
+        "20",
+        "each failed run has its own handler"
+    );
+    let calls = seen.calls.lock().unwrap().clone();
+    for t in 0..tenants {
+        let mut spans: Vec<(Instant, Instant)> = (0..8)
+            .map(|i| {
+                let key = format!("keyed-{t}-{i}");
+                let all: Vec<Call> = ["k1", "k2"]
+                    .iter()
+                    .flat_map(|node| {
+                        calls
+                            .get(&(key.clone(), (*node).to_owned()))
+                            .cloned()
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                assert!(!all.is_empty(), "{key} never called its steps");
+                (
+                    all.iter().map(|c| c.start).min().expect("a call"),
+                    all.iter().map(|c| c.end).max().expect("a call"),
+                )
+            })
+            .collect();
+        spans.sort();
+        for pair in spans.windows(2) {
+            assert!(
+                pair[1].0 >= pair[0].1,
+                "two runs of key t{t} at limit 1 overlapped"
+            );
+        }
+    }
+    for i in 0..20 {
+        let ran = calls
+            .get(&(format!("doomed-{i}"), "alert".to_owned()))
+            .map_or(0, Vec::len);
+        assert!(ran >= 1, "doomed-{i}'s handler never called its step");
+    }
+    let violations = seen.violations.lock().unwrap().clone();
+    assert!(violations.is_empty(), "steps ran again: {violations:?}");
+    println!(
+        "faults: {} keyed runs over {tenants} keys at limit 1 ({} of them taken over from a killed worker) and 20 failure handlers through {key_kills} worker kills, settled in {:?}",
+        8 * tenants,
+        count_runs("flow_id = 'keyed' AND epoch > 1"),
+        settling.elapsed()
+    );
+
     stop_steps.store(true, Ordering::Relaxed);
     for p in apis.iter_mut().chain(workers.iter_mut()) {
         p.kill();

@@ -40,6 +40,23 @@ impl Admission {
         }
     }
 
+    /// Whether work in the background (a bulk replay) may queue one more run in `group`: the
+    /// queue holds less than half of `FLOWCORE_MAX_QUEUED_RUNS` (the other half is left to new
+    /// runs), or 1,000 runs without a bound.
+    pub async fn room_for_background(
+        &self,
+        queue: &dyn Queue,
+        group: &str,
+    ) -> Result<bool, flowcore::StoreError> {
+        let depth = queue.depth(group).await?;
+        let waiting = depth.ready + depth.delayed + depth.held_back;
+        let bound = match self.max_queued {
+            0 => 1000,
+            n => (n / 2).max(1),
+        };
+        Ok(waiting < bound as u64)
+    }
+
     /// A slot for a run the request executes itself, waited for up to `limit`: `Ok(None)` past
     /// it (the run then goes to the queue), 503 `overloaded` when `FLOWCORE_MAX_QUEUED_RUNS`
     /// requests wait already. Waiting here costs no write and no queue round trip (a run that

@@ -31,6 +31,7 @@ pub mod limits;
 pub mod listen;
 pub mod metrics;
 pub mod openapi;
+pub mod replay;
 pub mod resume;
 pub mod retention;
 pub mod routes;

@@ -254,6 +254,8 @@ pub struct Rerun {
     pub input: Option<Value>,
     /// Who asks.
     pub actor: Option<Actor>,
+    /// A priority in the queue instead of the flow's (a bulk replay's reruns go last).
+    pub priority: Option<u8>,
 }
 
 /// Starts a rerun of the finished run `id` (found in the archive too): a new run of its flow,
@@ -290,6 +292,7 @@ pub async fn rerun(state: &Shared, id: &RunId, rerun: Rerun) -> Result<RunRecord
     let version = (!rerun.latest).then_some(earlier.flow_version);
     let (version, plan) = state.plans.get(&earlier.flow_id, version).await?;
     let (input, concurrency, priority) = place(&plan, rerun.input.unwrap_or(earlier.input))?;
+    let priority = rerun.priority.unwrap_or(priority);
     // Admitted before anything is copied.
     let quota = state.config.quota_runs_per_day;
     if quota > 0 && state.usage.runs_today(&earlier.flow_id).await? >= quota {

@@ -7,6 +7,7 @@ use utoipa::{Modify, OpenApi};
 
 use crate::error::{ApiErrorBody, ApiErrorDetail};
 use crate::lifecycle::{RunAnswer, RunState, SignalSent};
+use crate::replay::{ReplayProgress, ReplayRequest};
 use crate::routes::api_keys::{ApiKeyCreated, ApiKeyList, ApiKeyView, CreateApiKey};
 use crate::routes::credentials::{CreateCredential, CredentialList, CredentialView};
 use crate::routes::files::FileView;
@@ -43,7 +44,7 @@ impl Modify for Security {
         crate::routes::flows::create, crate::routes::flows::list, crate::routes::flows::read,
         crate::routes::flows::update, crate::routes::flows::delete,
         crate::routes::runs::start, crate::routes::runs::list, crate::routes::runs::read,
-        crate::routes::runs::cancel, crate::routes::runs::rerun, crate::routes::runs::signal, crate::routes::runs::keyed_signal,
+        crate::routes::runs::cancel, crate::routes::runs::rerun, crate::routes::runs::replay, crate::routes::runs::replay_progress, crate::routes::runs::signal, crate::routes::runs::keyed_signal,
         crate::routes::events::events,
         crate::routes::api_keys::create, crate::routes::api_keys::list, crate::routes::api_keys::revoke,
         crate::routes::credentials::create, crate::routes::credentials::list,
@@ -54,7 +55,7 @@ impl Modify for Security {
     components(schemas(
         ApiErrorBody, ApiErrorDetail, Health, Readiness, FlowCreated, FlowSummary, FlowView,
         StartRun, RunAnswer, RunState, StepView, RunView, RunSummary, WaitView, SignalSent,
-        KeyedSignal, KeyedSignalSent, RerunRequest, CreateApiKey,
+        KeyedSignal, KeyedSignalSent, RerunRequest, ReplayRequest, ReplayProgress, CreateApiKey,
         ApiKeyCreated, ApiKeyView, ApiKeyList, CreateCredential, CredentialView, CredentialList,
         FileView, UsageReport, Quota,
     )),

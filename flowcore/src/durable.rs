@@ -198,6 +198,7 @@ pub async fn execute(
                 epoch,
             })),
             parked: run.parked.clone(),
+            started_at: Some(run.created_at),
         },
     );
     // `None` once handed back; the execution (and its nodes in flight) is dropped by then.

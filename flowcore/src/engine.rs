@@ -209,6 +209,12 @@ pub struct RunOptions {
     /// The state of the run when it last parked (its waits' deadlines, the time it executed),
     /// for a run that executes again after waiting.
     pub parked: Option<Parked>,
+    /// When the run started (default: now): the `subflow` and `map` children of the run tree
+    /// execute their flow's version that was current then ([`FlowStore::get_as_of`]), however
+    /// often the run parks and resumes. [`crate::durable::execute`] sets the run's creation.
+    ///
+    /// [`FlowStore::get_as_of`]: crate::ports::FlowStore::get_as_of
+    pub started_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl fmt::Debug for RunOptions {
@@ -467,6 +473,8 @@ pub(crate) struct RunShared {
     pub(crate) cancel: CancellationToken,
     pub(crate) engine: Engine,
     pub(crate) depth: u32,
+    /// When the top-level run started: its children's flows are read as of then.
+    pub(crate) started_at: chrono::DateTime<chrono::Utc>,
     /// Subflow runs started so far by the top-level run and every run below it.
     pub(crate) subflow_runs: Arc<std::sync::atomic::AtomicU32>,
     /// Node executions inside `map` items so far, at every depth, not yet reported: the top
@@ -683,6 +691,10 @@ impl Driver {
             cancel: options.cancel.unwrap_or_default(),
             engine,
             depth: parent.map_or(0, |p| p.depth + 1),
+            started_at: parent.map_or_else(
+                || options.started_at.unwrap_or_else(chrono::Utc::now),
+                |p| p.started_at,
+            ),
             subflow_runs: parent.map(|p| p.subflow_runs.clone()).unwrap_or_default(),
             item_executions: parent
                 .map(|p| p.item_executions.clone())

@@ -18,6 +18,7 @@ use crate::archive;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiErrorBody, JsonBody};
 use crate::lifecycle::{self, RunAnswer, RunState, SignalSent, Start};
+use crate::replay::{ReplayError, ReplayProgress, ReplayRequest};
 use crate::routes::Page;
 use crate::state::Shared;
 
@@ -29,6 +30,8 @@ pub fn router() -> Router<Shared> {
         .route("/runs/{id}", get(read))
         .route("/runs/{id}/cancel", post(cancel))
         .route("/runs/{id}/rerun", post(rerun))
+        .route("/runs/replay", post(replay))
+        .route("/replays/{id}", get(replay_progress))
         .route("/runs/{id}/signals/{name}", post(signal))
         .route("/signals/{name}", post(keyed_signal))
 }
@@ -369,6 +372,7 @@ pub(crate) async fn rerun(
         latest,
         input: body.input,
         actor: actor(caller),
+        priority: None,
     };
     let run =
         lifecycle::detached(async move { lifecycle::rerun(&state, &RunId::from(id), rerun).await })
@@ -380,6 +384,38 @@ pub(crate) async fn rerun(
             status: run.status,
         }),
     ))
+}
+
+/// Reruns the finished runs of a flow that match a filter, in the background (see
+/// [`crate::replay`]).
+#[utoipa::path(post, path = "/api/v1/runs/replay", operation_id = "replay_runs", tag = "runs", request_body = ReplayRequest, responses((status = 202, description = "the replay, started: how many runs it reruns, and its id to follow it at /api/v1/replays/{id}", body = ReplayProgress), (status = 400, description = "invalid input", body = ApiErrorBody), (status = 404, description = "no such flow", body = ApiErrorBody), (status = 429, description = "too_many_replays: two run in this process already", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn replay(
+    State(state): State<Shared>,
+    caller: Option<Extension<Caller>>,
+    JsonBody(body): JsonBody<ReplayRequest>,
+) -> Result<(StatusCode, Json<ReplayProgress>), ApiError> {
+    let started = crate::replay::start(&state, body, actor(caller))
+        .await
+        .map_err(|e| match e {
+            ReplayError::Invalid(m) => ApiError::bad_request(m),
+            ReplayError::Busy => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_replays",
+                e.to_string(),
+            ),
+            ReplayError::Store(e) => e.into(),
+            ReplayError::Flow(e) => e.into(),
+        })?;
+    Ok((StatusCode::ACCEPTED, Json(started)))
+}
+
+/// Where a replay stands.
+#[utoipa::path(get, path = "/api/v1/replays/{id}", operation_id = "read_replay", tag = "runs", params(("id" = String, Path, description = "the replay's id")), responses((status = 200, description = "its progress", body = ReplayProgress), (status = 404, description = "not found", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+pub(crate) async fn replay_progress(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<ReplayProgress>, ApiError> {
+    Ok(Json(crate::replay::progress(&state, &id).await?))
 }
 
 /// Who made the request, as recorded on what it does to a run (`None` on a server without

@@ -268,6 +268,8 @@ const API_ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/runs/x"),
     ("POST", "/api/v1/runs/x/cancel"),
     ("POST", "/api/v1/runs/x/rerun"),
+    ("POST", "/api/v1/runs/replay"),
+    ("GET", "/api/v1/replays/x"),
     ("POST", "/api/v1/runs/x/signals/s"),
     ("POST", "/api/v1/signals/s"),
     ("GET", "/api/v1/runs/x/events"),
@@ -1711,6 +1713,31 @@ async fn concurrency_keys_hold_runs_back_in_order_and_priorities_render_from_the
     let (_, view) = get(&app, &format!("/api/v1/runs/{}", run["run_id"].as_str().unwrap())).await;
     assert_eq!(view["priority"], 9);
 
+    // A waiting run holds no slot: two runs of one key at limit 1 both reach their wait, and
+    // each queues for a slot again when its signal wakes it.
+    let parking = json!({"id": "parking", "nodes": [
+        {"id": "w", "type": "wait", "params": {"signal": "go", "timeout_ms": 60000}},
+        {"id": "t", "type": "template", "params": {"template": "{{ nodes.w.n }}"}}
+    ], "edges": [{"from": "w", "to": "t"}], "settings": {"concurrency": {"key": "one", "limit": 1}}});
+    assert_eq!(post(&app, "/api/v1/flows", parking.to_string().as_bytes()).await.0, StatusCode::CREATED);
+    let mut parked = Vec::new();
+    for _ in 0..2 {
+        let (_, run) = post(&app, "/api/v1/flows/parking/runs", br#"{"wait": false}"#).await;
+        parked.push(run["run_id"].as_str().unwrap().to_owned());
+    }
+    for id in &parked {
+        wait_for_status(&app, id, "waiting").await;
+    }
+    for (i, id) in parked.iter().enumerate() {
+        let body = json!({"n": i});
+        let (status, _) = post(&app, &format!("/api/v1/runs/{id}/signals/go"), body.to_string().as_bytes()).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    for (i, id) in parked.iter().enumerate() {
+        let done = wait_for_status(&app, id, "succeeded").await;
+        assert_eq!(done["output"], json!(i.to_string()));
+    }
+
     // A key or priority the input cannot render refuses the run.
     for (input, says) in [
         (json!({"p": 1}), "settings.concurrency.key rendered null"),
@@ -1735,6 +1762,107 @@ async fn concurrency_keys_hold_runs_back_in_order_and_priorities_render_from_the
         let (status, answer) = post(&app, "/api/v1/flows", flow.to_string().as_bytes()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{settings}: {answer}");
     }
+    worker.stop().await;
+    cleanup(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_run_calls_the_child_versions_current_when_it_started() {
+    let (app, state, dir) = app_with_state(&[("WEBHOOK_TIMEOUT_SECONDS", "5")]).await;
+    let worker = Worker::start(&state);
+    let child = |word: &str| json!({"id": "child", "nodes": [{"id": "t", "type": "template", "params": {"template": word}}]});
+    assert_eq!(post(&app, "/api/v1/flows", child("one").to_string().as_bytes()).await.0, StatusCode::CREATED);
+    let parent = json!({"id": "parent", "nodes": [
+        {"id": "w", "type": "wait", "params": {"signal": "go", "timeout_ms": 60000}},
+        {"id": "sub", "type": "subflow", "params": {"flow_id": "child"}},
+        {"id": "each", "type": "map", "params": {"items": "{{ input.list }}", "flow_id": "child"}}
+    ], "edges": [{"from": "w", "to": "sub"}, {"from": "w", "to": "each"}]});
+    assert_eq!(post(&app, "/api/v1/flows", parent.to_string().as_bytes()).await.0, StatusCode::CREATED);
+    let (_, early) = post(&app, "/api/v1/flows/parent/runs", br#"{"input": {"list": [1, 2]}, "wait": false}"#).await;
+    let early = early["run_id"].as_str().unwrap().to_owned();
+    wait_for_status(&app, &early, "waiting").await;
+
+    // The child changes while the run waits; a run started after the change sees the change.
+    let body = child("two").to_string().into_bytes();
+    let (status, updated) = call(&app, "PUT", "/api/v1/flows/child", Some(KEY), Some(body)).await;
+    assert_eq!((status, updated["version"].as_u64()), (StatusCode::OK, Some(2)), "{updated}");
+    let (_, late) = post(&app, "/api/v1/flows/parent/runs", br#"{"input": {"list": [1, 2]}, "wait": false}"#).await;
+    let late = late["run_id"].as_str().unwrap().to_owned();
+    wait_for_status(&app, &late, "waiting").await;
+    for id in [&early, &late] {
+        let (status, _) = post(&app, &format!("/api/v1/runs/{id}/signals/go"), b"{}").await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    let early = wait_for_status(&app, &early, "succeeded").await;
+    assert_eq!(early["output"], json!({"sub": "one", "each": ["one", "one"]}), "the versions current when it started");
+    let late = wait_for_status(&app, &late, "succeeded").await;
+    assert_eq!(late["output"], json!({"sub": "two", "each": ["two", "two"]}));
+    worker.stop().await;
+    cleanup(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_rerun_the_matching_runs_once_each_at_the_lowest_priority() {
+    let (app, state, dir) = app_with_state(&[]).await;
+    let worker = Worker::start(&state);
+    let flow = json!({"id": "flaky", "nodes": [{"id": "s", "type": "script", "params": {"source": "if input.fail { throw \"boom\" } 1"}}]});
+    assert_eq!(post(&app, "/api/v1/flows", flow.to_string().as_bytes()).await.0, StatusCode::CREATED);
+    let mut failed = Vec::new();
+    for fail in [true, true, false, true] {
+        let body = json!({"input": {"fail": fail}});
+        let (_, run) = post(&app, "/api/v1/flows/flaky/runs", body.to_string().as_bytes()).await;
+        if fail {
+            assert_eq!(run["status"], "failed", "{run}");
+            failed.push(run["run_id"].as_str().unwrap().to_owned());
+        }
+    }
+    let replay_done = async |body: Value| {
+        let (status, started) = post(&app, "/api/v1/runs/replay", body.to_string().as_bytes()).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{started}");
+        let path = format!("/api/v1/replays/{}", started["replay_id"].as_str().unwrap());
+        for _ in 0..200 {
+            let (status, progress) = get(&app, &path).await;
+            assert_eq!(status, StatusCode::OK, "{progress}");
+            if progress["status"] == "done" {
+                assert_eq!(progress["count"], started["count"]);
+                return progress;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the replay did not end");
+    };
+    let progress = replay_done(json!({"flow_id": "flaky"})).await;
+    assert_eq!((progress["count"].as_u64(), progress["rerun"].as_u64(), progress["skipped"].as_u64()), (Some(3), Some(3), Some(0)), "{progress}");
+    assert_eq!(progress["actor"]["name"], "admin", "{progress}");
+    for id in &failed {
+        let (_, run) = get(&app, &format!("/api/v1/runs/{id}")).await;
+        let rerun = run["actions"].as_array().unwrap().iter().find(|a| a["action"] == "rerun").expect("recorded");
+        let again = wait_for_status(&app, rerun["detail"]["rerun"].as_str().unwrap(), "failed").await;
+        assert_eq!((again["rerun_of"].as_str(), &again["priority"]), (Some(id.as_str()), &json!(0)), "{again}");
+    }
+    // Again: the runs rerun before are left out; the reruns that failed are rerun.
+    let progress = replay_done(json!({"flow_id": "flaky", "status": "failed", "limit": 100})).await;
+    assert_eq!((progress["count"].as_u64(), progress["rerun"].as_u64(), progress["skipped"].as_u64()), (Some(6), Some(3), Some(3)), "{progress}");
+    // A range that holds nothing; the succeeded run alone.
+    let future = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    assert_eq!(replay_done(json!({"flow_id": "flaky", "from": future})).await["count"], 0);
+    let progress = replay_done(json!({"flow_id": "flaky", "status": "succeeded"})).await;
+    assert_eq!((progress["count"].as_u64(), progress["rerun"].as_u64()), (Some(1), Some(1)), "{progress}");
+
+    for (body, status) in [
+        (json!({"flow_id": "flaky", "status": "running"}), StatusCode::BAD_REQUEST),
+        (json!({"flow_id": "flaky", "limit": 0}), StatusCode::BAD_REQUEST),
+        (json!({"flow_id": "flaky", "limit": 100_001}), StatusCode::BAD_REQUEST),
+        (json!({"flow_id": "flaky", "from": "2026-01-02T00:00:00Z", "to": "2026-01-01T00:00:00Z"}), StatusCode::BAD_REQUEST),
+        (json!({"flow_id": "no such flow"}), StatusCode::BAD_REQUEST),
+        (json!({"flow_id": "nothere"}), StatusCode::NOT_FOUND),
+        (json!({"flow": "flaky"}), StatusCode::BAD_REQUEST),
+    ] {
+        let (got, answer) = post(&app, "/api/v1/runs/replay", body.to_string().as_bytes()).await;
+        assert_eq!(got, status, "{body}: {answer}");
+    }
+    assert_eq!(get(&app, "/api/v1/replays/nothere").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(get(&app, "/api/v1/replays/..%2Fx").await.0, StatusCode::NOT_FOUND);
     worker.stop().await;
     cleanup(&dir);
 }

@@ -146,6 +146,30 @@ impl FlowStore for SqlStore {
         }
     }
 
+    async fn get_as_of(&self, id: &str, at: chrono::DateTime<Utc>) -> StoreResult<StoredFlow> {
+        let at = micros(at);
+        let row: Option<(i32, String, i64)> = with_conn!(self, read, |conn| {
+            flow_versions::table
+                .filter(flow_versions::flow_id.eq(id))
+                .filter(flow_versions::created_at.le(at))
+                .order(flow_versions::version.desc())
+                .select((
+                    flow_versions::version,
+                    flow_versions::definition,
+                    flow_versions::created_at,
+                ))
+                .first(conn)
+                .await
+                .optional()
+                .map_err(|e| db_error("reading a flow", e))?
+        });
+        match row {
+            Some((v, definition, created_at)) => stored(id.to_owned(), v, &definition, created_at),
+            // None then: the flow was created since.
+            None => self.get(id, None).await,
+        }
+    }
+
     async fn list(&self, limit: usize, cursor: Option<&str>) -> StoreResult<Page<StoredFlow>> {
         let limit = limit.clamp(1, 1000);
         let after = cursor.map(parse_cursor).transpose()?;

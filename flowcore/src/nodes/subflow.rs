@@ -41,24 +41,25 @@ pub(crate) fn build(params: &Value) -> Result<Box<dyn Node>, ParamError> {
     }))
 }
 
-/// The compiled plan of stored flow `flow_id` (its latest version, or `version`), to run as a
-/// child: compiled once per version, and refused when it has `wait` nodes (only a top-level
-/// run can park).
+/// The compiled plan of stored flow `flow_id` (`version`, or the version current when the
+/// top-level run started), to run as a child: compiled once per version, and refused when it
+/// has `wait` nodes (only a top-level run can park).
 pub(crate) async fn load_stored(
     cx: &NodeContext,
     flow_id: &str,
     version: Option<u32>,
 ) -> Result<Plan, NodeError> {
     let engine = cx.engine();
-    let stored = engine
-        .flow_store()
-        .get(flow_id, version)
-        .await
-        .map_err(|e| match e {
-            StoreError::NotFound { .. } => NodeError::fatal(format!("flow `{flow_id}` not found")),
-            e if e.is_retryable() => NodeError::retryable(format!("loading flow `{flow_id}`: {e}")),
-            e => NodeError::fatal(format!("loading flow `{flow_id}`: {e}")),
-        })?;
+    let flows = engine.flow_store();
+    let stored = match version {
+        Some(v) => flows.get(flow_id, Some(v)).await,
+        None => flows.get_as_of(flow_id, cx.run.started_at).await,
+    };
+    let stored = stored.map_err(|e| match e {
+        StoreError::NotFound { .. } => NodeError::fatal(format!("flow `{flow_id}` not found")),
+        e if e.is_retryable() => NodeError::retryable(format!("loading flow `{flow_id}`: {e}")),
+        e => NodeError::fatal(format!("loading flow `{flow_id}`: {e}")),
+    })?;
     let plan = match engine.compiled(&stored) {
         Some(plan) => plan,
         // Compiled once per version, on the blocking pool: a large flow is milliseconds of

@@ -30,6 +30,10 @@ pub trait FlowStore: Send + Sync {
     async fn update(&self, id: &str, flow: &FlowDef) -> StoreResult<StoredFlow>;
     /// One version of a flow, the latest when `version` is `None`.
     async fn get(&self, id: &str, version: Option<u32>) -> StoreResult<StoredFlow>;
+    /// The version of a flow that was current at `at`: the latest stored at or before it, or
+    /// the latest of all when the flow had none then. A `subflow` or `map` child runs the
+    /// version current when its top-level run started.
+    async fn get_as_of(&self, id: &str, at: DateTime<Utc>) -> StoreResult<StoredFlow>;
     /// The latest version of each flow, newest first.
     async fn list(&self, limit: usize, cursor: Option<&str>) -> StoreResult<Page<StoredFlow>>;
     /// Deletes a flow and all its versions.

@@ -58,6 +58,31 @@ pub async fn flow_store(store: &dyn FlowStore) {
         store.update("nope", &flow("nope", "noop")).await,
         Err(StoreError::NotFound { .. })
     ));
+    // As of a time: the version current then; the latest when the flow had none yet.
+    let v1 = store.get("f1", Some(1)).await.expect("v1");
+    let as_of = |at| async move {
+        store
+            .get_as_of("f1", at)
+            .await
+            .expect("as of a time")
+            .version
+    };
+    assert_eq!(as_of(v1.created_at).await, 1, "at v1's storing: v1");
+    assert_eq!(
+        as_of(v2.created_at - chrono::Duration::microseconds(1)).await,
+        1,
+        "just before v2: v1"
+    );
+    assert_eq!(as_of(v2.created_at).await, 2, "at v2's storing: v2");
+    assert_eq!(
+        as_of(v1.created_at - chrono::Duration::days(1)).await,
+        2,
+        "before the flow existed: the latest"
+    );
+    assert!(matches!(
+        store.get_as_of("nope", chrono::Utc::now()).await,
+        Err(StoreError::NotFound { .. })
+    ));
     assert!(
         matches!(
             store.get("nope", None).await,

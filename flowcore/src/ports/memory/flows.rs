@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use super::{lock, parse_cursor};
 use crate::error::StoreError;
@@ -97,6 +97,21 @@ impl FlowStore for MemoryFlowStore {
         .ok_or_else(|| {
             StoreError::not_found("flow version", format!("{id}@{}", version.unwrap_or(0)))
         })
+    }
+
+    async fn get_as_of(&self, id: &str, at: DateTime<Utc>) -> StoreResult<StoredFlow> {
+        let st = lock(&self.state);
+        let (_, versions) = st
+            .flows
+            .get(id)
+            .ok_or_else(|| StoreError::not_found("flow", id))?;
+        versions
+            .iter()
+            .rev()
+            .find(|s| s.created_at <= at)
+            .or(versions.last())
+            .cloned()
+            .ok_or_else(|| StoreError::not_found("flow", id))
     }
 
     async fn list(&self, limit: usize, cursor: Option<&str>) -> StoreResult<Page<StoredFlow>> {

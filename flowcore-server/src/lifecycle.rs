@@ -17,8 +17,8 @@ use flowcore::ports::{
     ActionKind, Actor, ConcurrencyKey, Due, FinishWatch, NewJob, NewRun, RunAction, RunEnd,
     RunFilter, RunOutcome, RunRecord, Signal,
 };
-use flowcore::rerun::{RerunFrom, changed_nodes, kept_steps};
-use flowcore::{CancellationToken, Plan, RunId, RunStatus, StoreError};
+use flowcore::rerun::{RerunFrom, carried_maps, changed_nodes, kept_steps};
+use flowcore::{CancellationToken, ItemBatch, ItemProgress, Plan, RunId, RunStatus, StoreError};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::OwnedSemaphorePermit;
@@ -291,6 +291,7 @@ pub async fn rerun(state: &Shared, id: &RunId, rerun: Rerun) -> Result<RunRecord
     }
     let version = (!rerun.latest).then_some(earlier.flow_version);
     let (version, plan) = state.plans.get(&earlier.flow_id, version).await?;
+    let new_input = rerun.input.is_some();
     let (input, concurrency, priority) = place(&plan, rerun.input.unwrap_or(earlier.input))?;
     let priority = rerun.priority.unwrap_or(priority);
     // Admitted before anything is copied.
@@ -348,6 +349,13 @@ pub async fn rerun(state: &Shared, id: &RunId, rerun: Rerun) -> Result<RunRecord
             step.output = Some(Arc::new(carried));
         }
     }
+    // A failed map reruns only the items that had not finished (same input, same map).
+    let mut items = Vec::new();
+    if !new_input {
+        for node in carried_maps(&plan, &steps, &kept, &rerun.from, &changed) {
+            items.extend(carried_items(state, &earlier.id, &new_id, &node, over).await?);
+        }
+    }
     let new = NewRun {
         id: new_id,
         rerun_of: Some(earlier.id.clone()),
@@ -356,7 +364,7 @@ pub async fn rerun(state: &Shared, id: &RunId, rerun: Rerun) -> Result<RunRecord
         priority,
         ..NewRun::new(earlier.flow_id.clone(), version, input)
     };
-    let run = runs.create_rerun(new, kept).await?;
+    let run = runs.create_rerun(new, kept, items).await?;
     state.usage.run_started(&run.flow_id);
     let from = match &rerun.from {
         RerunFrom::Failed => "failed",
@@ -390,6 +398,53 @@ pub async fn rerun(state: &Shared, id: &RunId, rerun: Rerun) -> Result<RunRecord
         return Err(e.into());
     }
     Ok(run)
+}
+
+/// How many items of a map a rerun carries in one checkpoint row.
+const CARRIED_PER_BATCH: usize = 1000;
+
+/// The finished items of map step `node` of run `earlier`, for its rerun `rerun` (their large
+/// outputs copied for it, as kept steps' are), in batches. None when the earlier run's items
+/// are gone (an archived run keeps none): the map then reruns whole.
+async fn carried_items(
+    state: &AppState,
+    earlier: &RunId,
+    rerun: &RunId,
+    node: &str,
+    over: usize,
+) -> Result<Vec<ItemBatch>, RunError> {
+    let done = match state.stores.runs.items(earlier, node).await {
+        Ok(items) => items,
+        Err(StoreError::NotFound { .. }) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let total = u32::try_from(done.len()).unwrap_or(u32::MAX);
+    let mut batches: Vec<ItemBatch> = Vec::new();
+    for chunk in done.chunks(CARRIED_PER_BATCH) {
+        let mut items = Vec::with_capacity(chunk.len());
+        for (index, value) in chunk {
+            let name = format!("reused/{node}/{index}");
+            let value = durable::carry_output(value, &state.stores.blobs, rerun, &name, over)
+                .await
+                .map_err(|e| match e {
+                    // Its blob is gone: that item executes again.
+                    StoreError::NotFound { .. } => None,
+                    e => Some(e),
+                });
+            match value {
+                Ok(value) => items.push((*index, Arc::new(value))),
+                Err(None) => {}
+                Err(Some(e)) => return Err(e.into()),
+            }
+        }
+        batches.push(ItemBatch {
+            node: Arc::from(node),
+            progress: ItemProgress { total, done: total },
+            started_at: chrono::Utc::now(),
+            items,
+        });
+    }
+    Ok(batches)
 }
 
 /// A run as [`accept`] left it.

@@ -148,11 +148,11 @@ impl Plan {
     ///
     /// ```
     /// use std::sync::Arc;
-    /// use flowcore::{FlowDef, Registry, compile};
-    /// let flow = FlowDef::from_json(r#"{"nodes": [{"id": "a", "type": "noop"}], "settings": {
-    ///     "concurrency": {"key": "{{ input.tenant }}", "limit": 2},
-    ///     "priority": "{{ input.urgent and 9 or 1 }}"}}"#).unwrap();
-    /// let plan = compile(&flow, &Registry::with_builtins()).unwrap();
+    /// let plan = flowcore::Engine::new()
+    ///     .compile_json(r#"{"nodes": [{"id": "a", "type": "noop"}], "settings": {
+    ///         "concurrency": {"key": "{{ input.tenant }}", "limit": 2},
+    ///         "priority": "{{ input.urgent and 9 or 1 }}"}}"#)
+    ///     .unwrap();
     /// let (key, priority) = plan.placement(&Arc::new(serde_json::json!({"tenant": "acme", "urgent": true}))).unwrap();
     /// assert_eq!((key.unwrap().key.as_str(), priority), ("acme", 9));
     /// assert!(plan.placement(&Arc::new(serde_json::json!({}))).is_err());

@@ -99,6 +99,51 @@ pub fn kept_steps(
         .collect())
 }
 
+/// The `map` nodes whose finished items a rerun from `failed` keeps, so that only the items
+/// that had not finished execute: each map step of the earlier run that failed or was
+/// cancelled, whose node is defined as it was (not in `changed`) and whose predecessors all
+/// keep their steps (`kept`), so that it maps over the same items. The caller leaves them out
+/// when the rerun has a new input (the items may come from it).
+///
+/// ```
+/// use flowcore::{StepRecord, StepStatus, ItemProgress};
+/// use flowcore::rerun::{RerunFrom, carried_maps, kept_steps};
+/// let plan = flowcore::Engine::new()
+///     .compile_json(r#"{"nodes": [{"id": "a", "type": "noop"},
+///         {"id": "m", "type": "map", "params": {"items": "{{ input.list }}",
+///          "flow": {"nodes": [{"id": "n", "type": "noop"}]}}}],
+///         "edges": [{"from": "a", "to": "m"}]}"#)
+///     .unwrap();
+/// let earlier = [
+///     StepRecord { status: StepStatus::Succeeded, ..StepRecord::pending("a") },
+///     StepRecord { status: StepStatus::Failed, items: Some(ItemProgress { total: 3, done: 1 }), ..StepRecord::pending("m") },
+/// ];
+/// let kept = kept_steps(&plan, &earlier, &RerunFrom::Failed, &[]).unwrap();
+/// assert_eq!(carried_maps(&plan, &earlier, &kept, &RerunFrom::Failed, &[]), ["m"]);
+/// assert!(carried_maps(&plan, &earlier, &kept, &RerunFrom::Start, &[]).is_empty());
+/// ```
+pub fn carried_maps(
+    plan: &Plan,
+    earlier: &[StepRecord],
+    kept: &[StepRecord],
+    from: &RerunFrom,
+    changed: &[String],
+) -> Vec<String> {
+    if *from != RerunFrom::Failed {
+        return Vec::new();
+    }
+    let is_kept = |i: usize| kept.iter().any(|s| *s.node == *plan.node_id(i));
+    earlier
+        .iter()
+        .filter(|s| s.items.is_some())
+        .filter(|s| matches!(s.status, StepStatus::Failed | StepStatus::Cancelled))
+        .filter(|s| !changed.iter().any(|c| *c == *s.node))
+        .filter_map(|s| plan.index_of(&s.node))
+        .filter(|&i| !is_kept(i) && plan.preds(i).iter().all(|&p| is_kept(p)))
+        .map(|i| plan.node_id(i).to_owned())
+        .collect()
+}
+
 /// The nodes of `now` whose definition differs from `before`'s (its type, params, retry,
 /// time limit, `on_error`, or the edges that come into it), or that `before` lacks: a rerun at
 /// another version than the earlier run's starts again at them ([`kept_steps`]'s `changed`).

@@ -156,9 +156,14 @@ mod commits {
             self.write();
             self.inner.release(id, epoch).await
         }
-        async fn create_rerun(&self, run: NewRun, kept: Vec<StepRecord>) -> StoreResult<RunRecord> {
+        async fn create_rerun(
+            &self,
+            run: NewRun,
+            kept: Vec<StepRecord>,
+            items: Vec<flowcore::ItemBatch>,
+        ) -> StoreResult<RunRecord> {
             self.write();
-            self.inner.create_rerun(run, kept).await
+            self.inner.create_rerun(run, kept, items).await
         }
         async fn record_actions(
             &self,

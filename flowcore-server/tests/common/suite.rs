@@ -1866,3 +1866,36 @@ async fn replays_rerun_the_matching_runs_once_each_at_the_lowest_priority() {
     worker.stop().await;
     cleanup(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_of_a_failed_map_executes_only_the_items_that_had_not_finished() {
+    let (app, state, dir) = app_with_state(&[("WEBHOOK_TIMEOUT_SECONDS", "5")]).await;
+    let worker = Worker::start(&state);
+    let work = |source: &str| json!({"id": "work", "nodes": [{"id": "s", "type": "script", "params": {"source": source}}]});
+    let v1 = work("if input == 2 { throw \"bad item\" } \"v1:\" + input");
+    assert_eq!(post(&app, "/api/v1/flows", v1.to_string().as_bytes()).await.0, StatusCode::CREATED);
+    let each = json!({"id": "each", "nodes": [
+        {"id": "m", "type": "map", "params": {"items": "{{ input.list }}", "flow_id": "work", "concurrency": 1}}
+    ]});
+    assert_eq!(post(&app, "/api/v1/flows", each.to_string().as_bytes()).await.0, StatusCode::CREATED);
+    let (_, run) = post(&app, "/api/v1/flows/each/runs", br#"{"input": {"list": [1, 2, 3]}}"#).await;
+    assert_eq!(run["status"], "failed", "{run}");
+    let id = run["run_id"].as_str().unwrap().to_owned();
+
+    // The child is fixed; a rerun from the failed step keeps item 0, done by the old child.
+    let body = work("\"v2:\" + input").to_string().into_bytes();
+    assert_eq!(call(&app, "PUT", "/api/v1/flows/work", Some(KEY), Some(body)).await.0, StatusCode::OK);
+    let (status, rerun) = post(&app, &format!("/api/v1/runs/{id}/rerun"), b"{}").await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{rerun}");
+    let done = wait_for_status(&app, rerun["run_id"].as_str().unwrap(), "succeeded").await;
+    assert_eq!(done["output"], json!(["v1:1", "v2:2", "v2:3"]), "only the items not finished ran again: {done}");
+    // From the start, or with a new input, the map executes whole.
+    let (_, again) = post(&app, &format!("/api/v1/runs/{id}/rerun"), br#"{"from": "start"}"#).await;
+    let again = wait_for_status(&app, again["run_id"].as_str().unwrap(), "succeeded").await;
+    assert_eq!(again["output"], json!(["v2:1", "v2:2", "v2:3"]));
+    let (_, other) = post(&app, &format!("/api/v1/runs/{id}/rerun"), br#"{"input": {"list": [5, 1]}}"#).await;
+    let other = wait_for_status(&app, other["run_id"].as_str().unwrap(), "succeeded").await;
+    assert_eq!(other["output"], json!(["v2:5", "v2:1"]));
+    worker.stop().await;
+    cleanup(&dir);
+}

@@ -366,7 +366,8 @@ impl QueryFragment<Pg> for FinishRuns {
              finished_at = excluded.finished_at, output = excluded.output, \
              error = excluded.error, port = excluded.port, error_code = excluded.error_code, \
              items_total = excluded.items_total, items_done = excluded.items_done), \
-             cleared AS (DELETE FROM map_items WHERE run_id IN (SELECT id FROM run)) \
+             cleared AS (DELETE FROM map_items WHERE run_id IN \
+             (SELECT id FROM run WHERE status = 'succeeded')) \
              SELECT * FROM run",
         );
         Ok(())

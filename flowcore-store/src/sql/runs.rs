@@ -86,12 +86,14 @@ macro_rules! upsert {
     };
 }
 
-/// The map steps among `rows` that ended, as a run id and nodes: their checkpointed items are
-/// done with (the step holds their outputs).
+/// The map steps among `rows` that succeeded (or were skipped), as a run id and nodes: their
+/// checkpointed items are done with (the step holds their outputs). Those of a map that failed
+/// stay, for a rerun of its failed items.
 fn ended_maps(rows: &[StepRow]) -> Option<(String, Vec<String>)> {
+    let done = [StepStatus::Succeeded.as_str(), StepStatus::Skipped.as_str()];
     let nodes: Vec<String> = rows
         .iter()
-        .filter(|r| r.items_total.is_some() && r.status != StepStatus::Running.as_str())
+        .filter(|r| r.items_total.is_some() && done.contains(&r.status.as_str()))
         .map(|r| r.node.clone())
         .collect();
     Some((rows.first()?.run_id.clone(), nodes)).filter(|(_, nodes)| !nodes.is_empty())
@@ -172,8 +174,11 @@ mod blocking {
                 .values(row)
                 .execute(conn)?;
         }
-        // A finished run resumes no map: its checkpointed items are done with.
-        diesel::delete(map_items::table.filter(map_items::run_id.eq(&end.id))).execute(conn)?;
+        // A run that succeeded resumes no map and is not rerun from its failed items: its
+        // checkpointed items are done with (another end keeps those of its failed maps).
+        if end.status == flowcore::RunStatus::Succeeded.as_str() {
+            diesel::delete(map_items::table.filter(map_items::run_id.eq(&end.id))).execute(conn)?;
+        }
         FinishRun::new(end).get_result(conn).optional()
     }
 
@@ -575,7 +580,12 @@ impl RunStore for SqlStore {
         self.written_under(owned, id, epoch).await
     }
 
-    async fn create_rerun(&self, run: NewRun, kept: Vec<StepRecord>) -> StoreResult<RunRecord> {
+    async fn create_rerun(
+        &self,
+        run: NewRun,
+        kept: Vec<StepRecord>,
+        items: Vec<ItemBatch>,
+    ) -> StoreResult<RunRecord> {
         let run = NewRun {
             idempotency_key: None,
             claim: None,
@@ -584,8 +594,12 @@ impl RunStore for SqlStore {
         let new = NewRunRow::new(&run, micros(Utc::now()), None)?;
         let kept: Vec<StepRecord> = kept.into_iter().map(StepRecord::into_reused).collect();
         let rows = StepRow::of(&run.id, &kept)?;
+        let batches = items
+            .iter()
+            .map(|batch| MapItemsRow::of(&run.id, batch))
+            .collect::<StoreResult<Vec<_>>>()?;
         let row: RunRow = with_conn!(self, write, |conn| {
-            let (new, rows) = (new.clone(), rows.clone());
+            let (new, rows, batches) = (new.clone(), rows.clone(), &batches);
             conn.transaction(async move |conn| {
                 let row = diesel::insert_into(runs::table)
                     .values(new)
@@ -596,6 +610,12 @@ impl RunStore for SqlStore {
                 for step in rows {
                     diesel::insert_into(steps::table)
                         .values(step)
+                        .execute(conn)
+                        .await?;
+                }
+                for batch in batches {
+                    diesel::insert_into(map_items::table)
+                        .values(batch)
                         .execute(conn)
                         .await?;
                 }

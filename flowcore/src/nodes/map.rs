@@ -396,8 +396,12 @@ impl Map {
                 Ok(value) => value,
                 Err((message, code)) => match self.on_item_error {
                     OnItemError::Continue => serde_json::json!({"error": message, "code": code}),
-                    // The items still running stop; the finished ones stay checkpointed.
-                    OnItemError::Fail => return Err(NodeError::retryable(message)),
+                    // The items still running stop; the finished ones are checkpointed, for
+                    // a retry of the step, a resumed run, or a rerun of the failed items.
+                    OnItemError::Fail => {
+                        map.checkpoint(cx).await?;
+                        return Err(NodeError::retryable(message));
+                    }
                 },
             };
             // The outputs together may not pass the step's limit: fail as soon as they do,

@@ -464,8 +464,14 @@ pub trait RunStore: Send + Sync {
     /// Stores a queued rerun of an earlier run (`run.rerun_of`) with the steps it keeps from
     /// that run (marked [`StepRecord::reused`]), in one commit: a worker that takes it finds
     /// them as a resumed run finds its own, and executes only the rest. No idempotency key, no
-    /// claim.
-    async fn create_rerun(&self, run: NewRun, kept: Vec<StepRecord>) -> StoreResult<RunRecord>;
+    /// claim. `items` are finished items of `map` steps it executes again, checkpointed for
+    /// it (a rerun of a failed map executes only the items that had not finished).
+    async fn create_rerun(
+        &self,
+        run: NewRun,
+        kept: Vec<StepRecord>,
+        items: Vec<ItemBatch>,
+    ) -> StoreResult<RunRecord>;
     /// Compare-and-set of the status, for changes without a lease (such as cancelling a queued
     /// run). `Conflict` when the status is not `change.from`.
     async fn transition(&self, id: &RunId, change: Transition) -> StoreResult<RunRecord>;

@@ -1,5 +1,6 @@
 //! The run store's checkpoints of `map` items: batches written under the lease, read back by
-//! index, the step's progress, and cleared once the step ends.
+//! index, the step's progress, and cleared once the step succeeds (a failed map keeps them for
+//! a rerun of its failed items).
 
 use std::sync::Arc;
 
@@ -153,5 +154,58 @@ pub async fn map_items(store: &dyn RunStore) {
             Err(StoreError::NotFound { .. })
         ),
         "a deleted run has no items"
+    );
+
+    // A run that fails keeps the items of its map that failed (a rerun of the failed items
+    // starts from them), and a rerun is created with the items it carries.
+    let (run, _) = store.create(new_run("items", None)).await.expect("create");
+    let epoch = store.claim(&run.id, "w1", ttl).await.expect("claim").epoch;
+    let progress = ItemProgress { total: 3, done: 1 };
+    store
+        .record_items(&run.id, epoch, &batch("f", &[0], progress))
+        .await
+        .expect("record items");
+    let failed = crate::run::StepRecord {
+        items: Some(progress),
+        ..step("f", StepStatus::Failed)
+    };
+    store
+        .record_steps(&run.id, epoch, std::slice::from_ref(&failed))
+        .await
+        .expect("the map fails");
+    store
+        .finish(
+            &run.id,
+            epoch,
+            RunOutcome {
+                status: RunStatus::Failed,
+                output: None,
+                error: Some("item 1 failed".into()),
+                steps: vec![failed],
+                then: None,
+            },
+        )
+        .await
+        .expect("finish");
+    let kept = store.items(&run.id, "f").await.expect("items");
+    assert_eq!(
+        kept,
+        [(0, json!({"item": 0}))],
+        "a failed map keeps its finished items"
+    );
+    let rerun = crate::ports::NewRun {
+        rerun_of: Some(run.id.clone()),
+        ..new_run("items", None)
+    };
+    let carried = batch("f", &[0, 2], ItemProgress { total: 3, done: 2 });
+    let made = store
+        .create_rerun(rerun, Vec::new(), vec![carried])
+        .await
+        .expect("create the rerun");
+    let items = store.items(&made.id, "f").await.expect("items");
+    assert_eq!(
+        items.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        [0, 2],
+        "the rerun starts with the items carried"
     );
 }

@@ -23,7 +23,7 @@ pub async fn reruns(store: &dyn RunStore) {
         ..NewRun::new("rerun", 2, serde_json::json!({"again": true}))
     };
     let run = store
-        .create_rerun(rerun, kept.clone())
+        .create_rerun(rerun, kept.clone(), Vec::new())
         .await
         .expect("create the rerun");
     assert_eq!(run.status, RunStatus::Queued);

@@ -1,7 +1,7 @@
 //! Runs and steps in memory.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -68,9 +68,12 @@ impl RunState {
                 None => stored.push(step.clone()),
             }
         }
-        // A map step that ended holds its items' outputs: their checkpoints are done with.
+        // A map step that succeeded holds its items' outputs: their checkpoints are done with.
+        // Those of a map that failed stay, for a rerun of its failed items.
         if let Some(items) = self.items.get_mut(id) {
-            for step in steps.iter().filter(|s| s.status != StepStatus::Running) {
+            let done =
+                |s: &&StepRecord| matches!(s.status, StepStatus::Succeeded | StepStatus::Skipped);
+            for step in steps.iter().filter(done) {
                 items.remove(&*step.node);
             }
         }
@@ -354,8 +357,12 @@ impl RunStore for MemoryRunStore {
         run.lease = None;
         let record = run.clone();
         st.upsert_steps(id, &outcome.steps);
-        // A finished run resumes no map: its checkpointed items are done with.
-        st.items.remove(id);
+        // A run that succeeded resumes no map, and is not rerun from its failed items: its
+        // checkpointed items are done with. Another end keeps those of its maps that did
+        // not succeed.
+        if record.status == RunStatus::Succeeded {
+            st.items.remove(id);
+        }
         if let Some(then) = outcome.then {
             st.insert(NewRun {
                 claim: None,
@@ -373,7 +380,12 @@ impl RunStore for MemoryRunStore {
         Ok(())
     }
 
-    async fn create_rerun(&self, run: NewRun, kept: Vec<StepRecord>) -> StoreResult<RunRecord> {
+    async fn create_rerun(
+        &self,
+        run: NewRun,
+        kept: Vec<StepRecord>,
+        items: Vec<ItemBatch>,
+    ) -> StoreResult<RunRecord> {
         let run = NewRun {
             idempotency_key: None,
             claim: None,
@@ -382,7 +394,19 @@ impl RunStore for MemoryRunStore {
         // Nothing takes the run before this returns (its job is enqueued after).
         let (record, _) = self.create(run).await?;
         let kept: Vec<StepRecord> = kept.into_iter().map(StepRecord::into_reused).collect();
-        lock(&self.state).upsert_steps(&record.id, &kept);
+        let mut st = lock(&self.state);
+        st.upsert_steps(&record.id, &kept);
+        for batch in items {
+            let checkpoint = st
+                .items
+                .entry(record.id.clone())
+                .or_default()
+                .entry(batch.node.to_string())
+                .or_default();
+            for (index, value) in batch.items {
+                checkpoint.insert(index, Arc::unwrap_or_clone(value));
+            }
+        }
         Ok(record)
     }
 

@@ -93,26 +93,48 @@ impl Admission {
         self.slots.clone().try_acquire_owned().ok()
     }
 
-    /// `Ok` when the queue of `group` has room for one more run, [`Refused::Overloaded`]
-    /// otherwise.
-    pub async fn admit_queued(&self, queue: &dyn Queue, group: &str) -> Result<(), Refused> {
+    /// `Ok` when the queue of `group` has room for one more run, and the backlog of its
+    /// concurrency key `key` (if it has one) too; [`Refused::Overloaded`] otherwise. Each holds
+    /// up to `FLOWCORE_MAX_QUEUED_RUNS`: the runs held back behind one key do not count
+    /// against the group, so a tenant that floods its key is refused alone.
+    pub async fn admit_queued(
+        &self,
+        queue: &dyn Queue,
+        group: &str,
+        key: Option<&str>,
+    ) -> Result<(), Refused> {
         if self.max_queued == 0 {
             return Ok(());
         }
+        // The key first: a run its key refuses does not count against the group.
+        if let Some(key) = key {
+            self.admit_in(&format!("{group}\u{0}{key}"), queue.held_back(group, key))
+                .await?;
+        }
+        // What waits for a worker: ready now, or due later (retries).
+        self.admit_in(group, async {
+            queue.depth(group).await.map(|d| d.ready + d.delayed)
+        })
+        .await
+    }
+
+    /// Admits one more run where `read` tells how many wait (read at most every
+    /// [`DEPTH_FRESH`] for `what`, and counted here in between).
+    async fn admit_in(
+        &self,
+        what: &str,
+        read: impl std::future::Future<Output = Result<u64, flowcore::StoreError>>,
+    ) -> Result<(), Refused> {
         let cached = self
             .depths
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(group)
+            .get(what)
             .filter(|(at, _)| at.elapsed() < DEPTH_FRESH)
             .map(|(_, depth)| *depth);
         let depth = match cached {
             Some(depth) => depth,
-            // What waits for a worker: ready now, due later (retries), or behind its key.
-            None => queue
-                .depth(group)
-                .await
-                .map(|d| d.ready + d.delayed + d.held_back)?,
+            None => read.await?,
         };
         if depth < self.max_queued as u64 {
             // Counted at once, so that a burst within the depth's freshness sees itself.
@@ -120,8 +142,12 @@ impl Admission {
                 .depths
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // One entry a group and a key: the stale ones go when there are many.
+            if depths.len() >= MAX_DEPTHS {
+                depths.retain(|_, (at, _)| at.elapsed() < DEPTH_FRESH);
+            }
             let entry = depths
-                .entry(group.to_owned())
+                .entry(what.to_owned())
                 .or_insert((Instant::now(), depth));
             if cached.is_none() {
                 *entry = (Instant::now(), depth);
@@ -132,6 +158,9 @@ impl Admission {
         Err(Overloaded { waiting: depth }.into())
     }
 }
+
+/// How many depths (of groups and keys) are remembered before the stale ones are dropped.
+const MAX_DEPTHS: usize = 10_000;
 
 /// Counts a waiter out however its wait ends.
 struct Leave<'a>(&'a std::sync::atomic::AtomicUsize);
@@ -178,13 +207,16 @@ mod tests {
         let queue = MemoryQueue::default();
         // A burst counts itself before the queue is read again.
         for _ in 0..3 {
-            admission.admit_queued(&queue, "g").await.expect("room");
+            admission
+                .admit_queued(&queue, "g", None)
+                .await
+                .expect("room");
         }
-        assert!(admission.admit_queued(&queue, "g").await.is_err());
+        assert!(admission.admit_queued(&queue, "g", None).await.is_err());
         // Read again once stale: what the queue holds.
         tokio::time::sleep(DEPTH_FRESH).await;
         admission
-            .admit_queued(&queue, "g")
+            .admit_queued(&queue, "g", None)
             .await
             .expect("the queue is empty");
         for _ in 0..3 {
@@ -194,15 +226,41 @@ mod tests {
                 .unwrap();
         }
         tokio::time::sleep(DEPTH_FRESH).await;
-        let refused = admission.admit_queued(&queue, "g").await.unwrap_err();
+        let refused = admission.admit_queued(&queue, "g", None).await.unwrap_err();
         assert!(matches!(
             refused,
             Refused::Overloaded(Overloaded { waiting: 3 })
         ));
         admission
-            .admit_queued(&queue, "other")
+            .admit_queued(&queue, "other", None)
             .await
             .expect("per group");
+
+        // A key's backlog has a bound of its own, and does not count against the group.
+        let admission = Admission::new(2, 3);
+        let keyed = || {
+            flowcore::ports::NewJob::run(flowcore::RunId::new()).keyed(flowcore::ports::JobKey {
+                key: "a".into(),
+                limit: 1,
+            })
+        };
+        for _ in 0..4 {
+            queue.enqueue("k", keyed()).await.unwrap();
+        }
+        let refused = admission
+            .admit_queued(&queue, "k", Some("a"))
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            refused,
+            Refused::Overloaded(Overloaded { waiting: 3 })
+        ));
+        for _ in 0..2 {
+            admission
+                .admit_queued(&queue, "k", Some("b"))
+                .await
+                .expect("another key, and the group, have room");
+        }
     }
 
     #[tokio::test]

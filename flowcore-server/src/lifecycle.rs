@@ -185,9 +185,10 @@ pub async fn start(state: &Shared, start: Start) -> Result<RunAnswer, RunError> 
         .unwrap_or(&state.config.worker_group)
         .to_owned();
     if permit.is_none() {
+        let key = concurrency.as_ref().map(|c| job_key(&flow_id, c));
         state
             .admission
-            .admit_queued(state.stores.queue.as_ref(), &group)
+            .admit_queued(state.stores.queue.as_ref(), &group, key.as_deref())
             .await?;
     }
     let new = NewRun {
@@ -237,6 +238,12 @@ fn place(plan: &Plan, input: Value) -> Result<(Value, Option<ConcurrencyKey>, u8
     let input = Arc::new(input);
     let (key, priority) = plan.placement(&input).map_err(RunError::Placement)?;
     Ok((Arc::unwrap_or_clone(input), key, priority))
+}
+
+/// The queue's key for a run of `flow_id` with concurrency key `key` (as [`NewJob::of`] makes
+/// it).
+fn job_key(flow_id: &str, key: &ConcurrencyKey) -> String {
+    NewJob::key_of(flow_id, &key.key)
 }
 
 /// How many reruns are prepared at once in this process (each reads a run and copies its
@@ -306,9 +313,10 @@ pub async fn rerun(state: &Shared, id: &RunId, rerun: Rerun) -> Result<RunRecord
         .worker_group()
         .unwrap_or(&state.config.worker_group)
         .to_owned();
+    let key = concurrency.as_ref().map(|c| job_key(&earlier.flow_id, c));
     state
         .admission
-        .admit_queued(state.stores.queue.as_ref(), &group)
+        .admit_queued(state.stores.queue.as_ref(), &group, key.as_deref())
         .await?;
     // At another version, the nodes defined otherwise start again too.
     let changed = if version == earlier.flow_version {
@@ -436,6 +444,10 @@ async fn carried_items(
                 Err(None) => {}
                 Err(Some(e)) => return Err(e.into()),
             }
+        }
+        // A batch whose every blob is gone: those items execute again.
+        if items.is_empty() {
+            continue;
         }
         batches.push(ItemBatch {
             node: Arc::from(node),

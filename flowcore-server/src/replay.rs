@@ -33,6 +33,10 @@ pub const REPLAY_PER_SECOND: u32 = 100;
 /// stopped (a replay asked for again goes on where it stopped).
 const STALE: Duration = Duration::from_secs(30);
 
+/// The most runs a replay looks through to find the ones it reruns (newer than its `to`
+/// included): past it, the request is refused with a word to narrow the range.
+pub const MAX_SCANNED: usize = 200_000;
+
 /// How many error messages a replay keeps.
 const KEPT_ERRORS: usize = 10;
 
@@ -99,6 +103,9 @@ pub enum ReplayError {
     /// `REPLAYS_AT_ONCE` replays run in this process already.
     #[error("{REPLAYS_AT_ONCE} replays run already: try again when one is done")]
     Busy,
+    /// A replay of the flow runs in this process already.
+    #[error("a replay of flow `{0}` runs already: wait for it to end, or follow it")]
+    FlowBusy(String),
     /// A store failed, or the flow does not exist.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -150,6 +157,8 @@ pub async fn start(
         .clone()
         .try_acquire_owned()
         .map_err(|_| ReplayError::Busy)?;
+    let turn = FlowTurn::take(&request.flow_id)
+        .ok_or_else(|| ReplayError::FlowBusy(request.flow_id.clone()))?;
     let ids = matching(state, &request, status, limit).await?;
     let now = Utc::now();
     let progress = ReplayProgress {
@@ -166,18 +175,51 @@ pub async fn start(
         updated_at: now,
     };
     write(state.stores.blobs.as_ref(), &progress).await?;
-    tokio::spawn(replay(state.clone(), ids, progress.clone(), permit));
+    tokio::spawn(replay(state.clone(), ids, progress.clone(), (permit, turn)));
     Ok(progress)
 }
 
+/// The flows whose replay runs in this process: one at a time each (two would rerun the
+/// same runs twice).
+fn replaying() -> &'static std::sync::Mutex<std::collections::HashSet<String>> {
+    static FLOWS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+        std::sync::OnceLock::new();
+    FLOWS.get_or_init(Default::default)
+}
+
+/// A flow's turn to be replayed, given back when dropped.
+#[derive(Debug)]
+struct FlowTurn(String);
+
+impl FlowTurn {
+    fn take(flow_id: &str) -> Option<Self> {
+        let mut flows = replaying()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        flows
+            .insert(flow_id.to_owned())
+            .then(|| Self(flow_id.to_owned()))
+    }
+}
+
+impl Drop for FlowTurn {
+    fn drop(&mut self) {
+        replaying()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.0);
+    }
+}
+
 /// The ids of the runs a replay reruns: the flow's runs of `status` created in the range,
-/// newest first, at most `limit`.
+/// newest first, at most `limit`, looking through at most [`MAX_SCANNED`] runs.
 async fn matching(
     state: &Shared,
     request: &ReplayRequest,
     status: RunStatus,
     limit: usize,
-) -> Result<Vec<RunId>, StoreError> {
+) -> Result<Vec<RunId>, ReplayError> {
+    let mut scanned = 0usize;
     let mut filter = RunFilter {
         flow_id: Some(request.flow_id.clone()),
         status: Some(status),
@@ -187,6 +229,12 @@ async fn matching(
     let mut ids = Vec::new();
     loop {
         let page = state.stores.runs.list(&filter).await?;
+        scanned += page.items.len();
+        if scanned > MAX_SCANNED {
+            return Err(ReplayError::Invalid(format!(
+                "more than {MAX_SCANNED} runs of the flow lie in the range or after it: narrow it with `to`"
+            )));
+        }
         for run in page.items {
             if request.to.is_some_and(|to| run.created_at >= to) {
                 continue;
@@ -214,7 +262,7 @@ async fn replay(
     state: Shared,
     ids: Vec<RunId>,
     mut progress: ReplayProgress,
-    _permit: OwnedSemaphorePermit,
+    _held: (OwnedSemaphorePermit, FlowTurn),
 ) {
     let blobs = state.stores.blobs.clone();
     let group = match state.plans.get(&progress.flow_id, None).await {
@@ -327,7 +375,10 @@ async fn rerun_once(state: &Shared, id: &RunId, actor: Option<Actor>) -> Result<
                 return Ok(true);
             }
             // Full after all (another process queued meanwhile): wait, and try again.
-            Err(RunError::Overloaded(_)) => tokio::time::sleep(Duration::from_millis(500)).await,
+            Err(RunError::Overloaded(e)) if !state.hand_back.is_cancelled() => {
+                tracing::debug!(run_id = %id, error = %e, "a replay waits for room in the queue");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             Err(e) => return Err(e),
         }
     }

@@ -42,14 +42,13 @@ pub async fn work(state: Shared, shutdown: CancellationToken) {
         };
         // Registered before they are claimed, so that a cancel arriving in between is not lost.
         // A job of a run that executes here already (the sweep may enqueue a run twice, and
-        // both jobs may come in one batch) is done with: its run is in hand.
+        // both jobs may come in one batch; or this job's lease lapsed under its execution) is
+        // left to lapse, not acked: it may hold the concurrency slot of the execution in hand.
+        // It comes back after a lease, and is acked then if the run has ended.
         let mut fresh = Vec::with_capacity(jobs.len());
         for job in jobs {
-            match state.running.enter(&job.job.run_id) {
-                Some(slot) => fresh.push((job, slot)),
-                None => {
-                    let _ = queue.ack(&job).await;
-                }
+            if let Some(slot) = state.running.enter(&job.job.run_id) {
+                fresh.push((job, slot));
             }
         }
         if fresh.is_empty() {
@@ -91,6 +90,20 @@ pub async fn work(state: Shared, shutdown: CancellationToken) {
     }
 }
 
+/// Whether run `id` is running under a live lease of another worker (read only when a claim
+/// was refused).
+async fn owned_elsewhere(state: &AppState, id: &RunId) -> bool {
+    match state.stores.runs.get(id).await {
+        Ok(run) => {
+            run.status == RunStatus::Running
+                && run.lease.is_some_and(|l| {
+                    l.owner != state.worker_name && l.expires_at > chrono::Utc::now()
+                })
+        }
+        Err(_) => false,
+    }
+}
+
 /// Executes the run of a leased job, claimed by [`work`] (`None`: finished, cancelled or owned
 /// by a live worker, so nothing to do for this delivery; an error: the claim failed).
 async fn run_job(
@@ -100,15 +113,24 @@ async fn run_job(
     slot: Slot,
     claim: Result<Option<RunRecord>, Arc<StoreError>>,
 ) {
-    // Keep the job's lease while the run executes.
+    // Keep the job's lease while the run executes: through a queue that fails for a while
+    // too (the lease, and a concurrency key's slot with it, must not lapse under a run that
+    // goes on); only a delivery taken over is given up.
     let heartbeat = {
         let (queue, job) = (state.stores.queue.clone(), job.clone());
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            let mut wait = ttl / 3;
             loop {
-                tokio::time::sleep(ttl / 3).await;
-                if queue.heartbeat(&job, ttl).await.is_err() {
-                    return;
-                }
+                tokio::time::sleep(wait).await;
+                wait = match queue.heartbeat(&job, ttl).await {
+                    Ok(()) => ttl / 3,
+                    Err(StoreError::StaleLease(_)) => return,
+                    // Sooner, while the lease lasts.
+                    Err(e) => {
+                        tracing::warn!(run_id = %job.job.run_id, error = %e, "a job's heartbeat failed; retrying");
+                        (ttl / 10).max(Duration::from_millis(100))
+                    }
+                };
             }
         }))
     };
@@ -124,7 +146,17 @@ async fn run_job(
             Ok(_) | Err(RunError::Store(StoreError::StaleLease(_))) => Ok(()),
             Err(e) => Err(e.to_string()),
         },
-        Ok(None) => Ok(()),
+        Ok(None) => {
+            if owned_elsewhere(state, &job.job.run_id).await {
+                // Another worker executes the run (this job's lease lapsed under it, or the
+                // job is a second one of the run): acking would free the concurrency slot the
+                // run holds. The job is left to lapse and come back; by then the run has
+                // ended, or its owner is gone and the run is claimed.
+                drop(heartbeat);
+                return;
+            }
+            Ok(())
+        }
         Err(e) => Err(e.to_string()),
     };
     drop(heartbeat);

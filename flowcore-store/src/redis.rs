@@ -159,8 +159,9 @@ macro_rules! with_now {
 /// The queue scripts' common part: `P` (ARGV[1]) is the group's key prefix; under it `due` (the
 /// delayed and the leased jobs by time), `ready` (by rank: priority, then arrival), `leased`
 /// (lease expiries, for the depth), `dead`, `seq`, `held` (slots taken per concurrency key),
-/// `backlog:<key>` (the jobs held back behind a key, by rank), `held_back` (their count) and
-/// `job:<id>` (a hash: run_id, deliveries, token, rank, key, limit, admitted).
+/// `backlog:<key>` (the jobs held back behind a key, by rank), `held_back` (their count),
+/// `runs` (each run's latest job) and `job:<id>` (a hash: run_id, deliveries, token, rank, key,
+/// limit, admitted).
 macro_rules! queue_script {
     ($body:literal) => {
         with_now!(concat!(
@@ -208,6 +209,10 @@ local function make_ready(id)
   redis.call('ZADD', P .. 'ready', rank, id)
   return 1
 end
+local function forget(id)
+  local run = redis.call('HGET', P .. 'job:' .. id, 'run_id')
+  if run and redis.call('HGET', P .. 'runs', run) == id then redis.call('HDEL', P .. 'runs', run) end
+end
 local function release(id)
   local jk = P .. 'job:' .. id
   local key = redis.call('HGET', jk, 'key')
@@ -226,7 +231,11 @@ end
 
 const ENQUEUE: &str = queue_script!(
     r#"
+-- The run has a job that no worker holds: that one will do.
+local prev = redis.call('HGET', P .. 'runs', ARGV[3])
+if prev and redis.call('HGET', P .. 'job:' .. prev, 'token') == '' then return prev end
 local id = ARGV[2]
+redis.call('HSET', P .. 'runs', ARGV[3], id)
 local jk = P .. 'job:' .. id
 local rank = string.format('%.0f', (9 - tonumber(ARGV[6])) * 1e12 + redis.call('INCR', P .. 'seq'))
 redis.call('HSET', jk, 'run_id', ARGV[3], 'deliveries', 0, 'token', '', 'rank', rank,
@@ -234,10 +243,10 @@ redis.call('HSET', jk, 'run_id', ARGV[3], 'deliveries', 0, 'token', '', 'rank', 
 local due = tonumber(ARGV[4])
 if due and due > now then
   redis.call('ZADD', P .. 'due', due, id)
-  return 1
+  return id
 end
 if make_ready(id) > 0 then redis.call('PUBLISH', ARGV[5], '1') end
-return 1
+return id
 "#
 );
 
@@ -264,6 +273,7 @@ while taken < max and looked < max + 1000 do
     redis.call('HINCRBY', jk, 'deliveries', -1)
     redis.call('HSET', jk, 'token', '')
     release(id)
+    forget(id)
     redis.call('RPUSH', P .. 'dead', id)
   else
     local token = ARGV[5] .. ':' .. id .. ':' .. d
@@ -307,6 +317,7 @@ redis.call('ZREM', P .. 'due', id)
 redis.call('ZREM', P .. 'ready', id)
 redis.call('ZREM', P .. 'leased', id)
 local moved = release(id)
+forget(id)
 redis.call('DEL', jk)
 if moved > 0 then redis.call('PUBLISH', ARGV[4], '1') end
 return 1
@@ -717,7 +728,7 @@ impl Queue for RedisQueue {
             .unwrap_or_default();
         let args = vec![
             self.group_prefix(group),
-            id.clone(),
+            id,
             job.run_id.to_string(),
             job.not_before.map(millis).unwrap_or_default(),
             self.channel(),
@@ -725,8 +736,9 @@ impl Queue for RedisQueue {
             key,
             limit,
         ];
-        self.script::<i64>(&scripts().enqueue, vec![], args).await?;
-        Ok(id)
+        // The id of the run's job that was there already, if one was.
+        self.script::<String>(&scripts().enqueue, vec![], args)
+            .await
     }
 
     async fn lease(&self, group: &str, take: Take) -> StoreResult<Vec<LeasedJob>> {
@@ -826,6 +838,20 @@ impl Queue for RedisQueue {
                 job.job.id
             ))),
         }
+    }
+
+    async fn held_back(&self, group: &str, key: &str) -> StoreResult<u64> {
+        check_group(group)?;
+        let backlog = format!("{}backlog:{key}", self.group_prefix(group));
+        let n: u64 = self
+            .run(|mut conn| async move {
+                redis::cmd("ZCARD")
+                    .arg(&backlog)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(n)
     }
 
     async fn depth(&self, group: &str) -> StoreResult<QueueDepth> {

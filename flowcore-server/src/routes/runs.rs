@@ -398,7 +398,7 @@ pub(crate) async fn replay(
         .await
         .map_err(|e| match e {
             ReplayError::Invalid(m) => ApiError::bad_request(m),
-            ReplayError::Busy => ApiError::new(
+            ReplayError::Busy | ReplayError::FlowBusy(_) => ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_replays",
                 e.to_string(),

@@ -1319,6 +1319,8 @@ impl RunStore for SqlStore {
                         runs::input.eq("null"),
                         runs::output.eq(None::<String>),
                         runs::trigger.eq(None::<String>),
+                        // Rendered from the input: it goes with it.
+                        runs::concurrency_key.eq(None::<String>),
                         runs::data_pruned_at.eq(Some(now)),
                     ))
                     .execute(conn)

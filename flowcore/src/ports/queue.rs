@@ -74,12 +74,17 @@ impl NewJob {
     pub fn of(run: &crate::ports::RunRecord) -> Self {
         Self {
             key: run.concurrency.as_ref().map(|c| JobKey {
-                key: format!("{}:{}", run.flow_id, c.key),
+                key: Self::key_of(&run.flow_id, &c.key),
                 limit: c.limit,
             }),
             priority: run.priority,
             ..Self::run(run.id.clone())
         }
+    }
+
+    /// The queue's key for concurrency key `key` of flow `flow_id`: keys are per flow.
+    pub fn key_of(flow_id: &str, key: &str) -> String {
+        format!("{flow_id}:{key}")
     }
 
     /// The same job, not ready before `at`.
@@ -164,8 +169,12 @@ pub struct QueueDepth {
 /// then takes it. Jobs behind a full key cost the other keys nothing.
 #[async_trait]
 pub trait Queue: Send + Sync {
-    /// Adds a job to `group`'s queue. Returns the job id.
+    /// Adds a job to `group`'s queue. Returns the job id. A run whose latest job is not held by
+    /// a worker keeps that job (its id is returned): enqueuing a run again is cheap and adds
+    /// nothing while it waits.
     async fn enqueue(&self, group: &str, job: NewJob) -> StoreResult<String>;
+    /// How many jobs wait behind concurrency key `key` of `group` (see [`JobKey`]).
+    async fn held_back(&self, group: &str, key: &str) -> StoreResult<u64>;
     /// Leases up to `take.max` ready jobs of `group` (expired leases included) for `take.ttl`,
     /// waiting up to `take.wait` for the first one. Returns an empty list when none came.
     async fn lease(&self, group: &str, take: Take) -> StoreResult<Vec<LeasedJob>>;

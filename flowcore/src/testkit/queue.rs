@@ -349,4 +349,30 @@ pub async fn queue_keys(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
     assert_eq!(got.len(), 2, "one of the busy key, and the quiet one");
     assert_eq!(got[1].job.run_id.as_str(), "run-9");
     assert_eq!(queue.depth(g).await.expect("depth").held_back, 1999);
+    assert_eq!(queue.held_back(g, "busy").await.expect("held back"), 1999);
+    assert_eq!(queue.held_back(g, "quiet").await.expect("held back"), 0);
+
+    // A run enqueued again while its job waits keeps that job; once a worker holds it, the
+    // run gets a new one.
+    let g = "kit-again";
+    let first = queue.enqueue(g, run(1)).await.expect("enqueue");
+    let again = queue.enqueue(g, run(1)).await.expect("enqueue again");
+    assert_eq!(first, again, "one job for a waiting run");
+    assert_eq!(queue.depth(g).await.expect("depth").ready, 1);
+    let held = lease_all(queue.as_ref(), g, Duration::from_secs(30)).await;
+    assert_eq!(held.len(), 1);
+    let third = queue.enqueue(g, run(1)).await.expect("enqueue while held");
+    assert_ne!(third, first, "a held job does not stand for the run");
+    queue.ack(&held[0]).await.expect("ack");
+    let next = lease_all(queue.as_ref(), g, Duration::from_secs(30)).await;
+    assert_eq!(ids(&next), ["run-1"]);
+    queue.ack(&next[0]).await.expect("ack");
+    let fourth = queue
+        .enqueue(g, run(1))
+        .await
+        .expect("enqueue after the acks");
+    assert!(
+        fourth != first && fourth != third,
+        "a finished job does not stand for the run"
+    );
 }

@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 
 use super::{lock, ttl_to_chrono};
 use crate::error::StoreError;
-use crate::ids::new_id;
+use crate::ids::{RunId, new_id};
 use crate::ports::{
     Job, JobKey, LeasedJob, MAX_PRIORITY, NewJob, Queue, QueueDepth, StoreResult, Take,
 };
@@ -38,6 +38,8 @@ struct GroupState {
     ready: BTreeSet<(Rank, String)>,
     /// The concurrency keys in use: slots taken, and the jobs held back behind the key.
     keys: HashMap<String, Gate>,
+    /// Each run's latest job: a run enqueued again while that job is not leased keeps it.
+    by_run: HashMap<RunId, String>,
     dead: Vec<Job>,
 }
 
@@ -88,8 +90,7 @@ impl MemoryQueue {
                 continue;
             };
             if q.job.deliveries >= self.max_deliveries {
-                if let Some(q) = g.jobs.remove(&id) {
-                    g.release(&q);
+                if let Some(q) = g.remove(&id) {
                     g.dead.push(q.job);
                 }
                 continue;
@@ -222,6 +223,9 @@ impl GroupState {
     /// Takes job `id` out of every index, and frees its slot.
     fn remove(&mut self, id: &str) -> Option<QueuedJob> {
         let q = self.jobs.remove(id)?;
+        if self.by_run.get(&q.job.run_id).is_some_and(|j| j == id) {
+            self.by_run.remove(&q.job.run_id);
+        }
         if let Some((t, s)) = q.timed {
             self.timed.remove(&(t, s, id.to_owned()));
         }
@@ -243,6 +247,14 @@ impl Queue for MemoryQueue {
         {
             let mut groups = lock(&self.state);
             let g = groups.entry(group.to_owned()).or_default();
+            // The run has a job that no worker holds: that one will do (the sweeps that find
+            // runs without a job would otherwise pile up jobs of runs waiting behind a key).
+            if let Some(existing) = g.by_run.get(&new.run_id)
+                && g.jobs.get(existing).is_some_and(|q| q.token.is_none())
+            {
+                return Ok(existing.clone());
+            }
+            g.by_run.insert(new.run_id.clone(), id.clone());
             g.seq += 1;
             let job = Job {
                 id: id.clone(),
@@ -356,6 +368,14 @@ impl Queue for MemoryQueue {
         })?;
         self.notify.notify_waiters();
         Ok(())
+    }
+
+    async fn held_back(&self, group: &str, key: &str) -> StoreResult<u64> {
+        let groups = lock(&self.state);
+        Ok(groups
+            .get(group)
+            .and_then(|g| g.keys.get(key))
+            .map_or(0, |gate| gate.backlog.len() as u64))
     }
 
     async fn depth(&self, group: &str) -> StoreResult<QueueDepth> {

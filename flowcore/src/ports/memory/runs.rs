@@ -663,6 +663,8 @@ impl RunStore for MemoryRunStore {
                 run.input = Value::Null;
                 run.output = None;
                 run.trigger = None;
+                // Rendered from the input: it goes with it.
+                run.concurrency = None;
                 run.data_pruned = true;
             }
             // What people did to it stays with its summary.

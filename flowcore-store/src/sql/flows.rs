@@ -114,29 +114,11 @@ impl FlowStore for SqlStore {
     }
 
     async fn get(&self, id: &str, version: Option<u32>) -> StoreResult<StoredFlow> {
-        let row: Option<(i32, String, i64)> = with_conn!(self, read, |conn| {
-            let query = flow_versions::table
-                .inner_join(flows::table.on(flows::id.eq(flow_versions::flow_id)))
-                .filter(flow_versions::flow_id.eq(id))
-                .select((
-                    flow_versions::version,
-                    flow_versions::definition,
-                    flow_versions::created_at,
-                ))
-                .into_boxed();
-            let query = match version {
-                Some(v) => {
-                    query.filter(flow_versions::version.eq(i32::try_from(v).unwrap_or(i32::MAX)))
-                }
-                None => query.filter(flow_versions::version.eq(flows::latest_version)),
-            };
-            query
-                .first(conn)
-                .await
-                .optional()
-                .map_err(|e| db_error("reading a flow", e))?
-        });
-        match row {
+        let which = match version {
+            Some(v) => Which::Version(i32::try_from(v).unwrap_or(i32::MAX)),
+            None => Which::Latest,
+        };
+        match self.version_row(id, which).await? {
             Some((v, definition, created_at)) => stored(id.to_owned(), v, &definition, created_at),
             None if version.is_some() => Err(StoreError::not_found(
                 "flow version",
@@ -147,23 +129,7 @@ impl FlowStore for SqlStore {
     }
 
     async fn get_as_of(&self, id: &str, at: chrono::DateTime<Utc>) -> StoreResult<StoredFlow> {
-        let at = micros(at);
-        let row: Option<(i32, String, i64)> = with_conn!(self, read, |conn| {
-            flow_versions::table
-                .filter(flow_versions::flow_id.eq(id))
-                .filter(flow_versions::created_at.le(at))
-                .order(flow_versions::version.desc())
-                .select((
-                    flow_versions::version,
-                    flow_versions::definition,
-                    flow_versions::created_at,
-                ))
-                .first(conn)
-                .await
-                .optional()
-                .map_err(|e| db_error("reading a flow", e))?
-        });
-        match row {
+        match self.version_row(id, Which::AsOf(micros(at))).await? {
             Some((v, definition, created_at)) => stored(id.to_owned(), v, &definition, created_at),
             // None then: the flow was created since.
             None => self.get(id, None).await,
@@ -228,5 +194,45 @@ impl FlowStore for SqlStore {
             .map_err(|e| db_error("deleting a flow", e))?
         });
         super::found(deleted, "flow", id)
+    }
+}
+
+/// Which version of a flow to read.
+#[derive(Debug, Clone, Copy)]
+enum Which {
+    /// This one.
+    Version(i32),
+    /// The latest.
+    Latest,
+    /// The latest stored at or before this time (microseconds).
+    AsOf(i64),
+}
+
+impl SqlStore {
+    /// A version's number, definition and creation, if there is one.
+    async fn version_row(&self, id: &str, which: Which) -> StoreResult<Option<(i32, String, i64)>> {
+        Ok(with_conn!(self, read, |conn| {
+            let query = flow_versions::table
+                .inner_join(flows::table.on(flows::id.eq(flow_versions::flow_id)))
+                .filter(flow_versions::flow_id.eq(id))
+                .select((
+                    flow_versions::version,
+                    flow_versions::definition,
+                    flow_versions::created_at,
+                ))
+                .into_boxed();
+            let query = match which {
+                Which::Version(v) => query.filter(flow_versions::version.eq(v)),
+                Which::Latest => query.filter(flow_versions::version.eq(flows::latest_version)),
+                Which::AsOf(at) => query
+                    .filter(flow_versions::created_at.le(at))
+                    .order(flow_versions::version.desc()),
+            };
+            query
+                .first(conn)
+                .await
+                .optional()
+                .map_err(|e| db_error("reading a flow", e))?
+        }))
     }
 }

@@ -104,6 +104,64 @@ async fn owned_elsewhere(state: &AppState, id: &RunId) -> bool {
     }
 }
 
+/// Whether a claim failed because the run store is away (its answer may come back).
+fn outage(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Unavailable { .. } | StoreError::Backend { .. }
+    )
+}
+
+/// How long a worker tries to claim a job's run again through a store failure that is not a
+/// plain outage (a `Backend` error may be one, or may stay); an outage is waited out.
+const CLAIM_THROUGH_BACKEND_ERRORS: Duration = Duration::from_secs(60);
+
+/// Claims run `id` again and again while the run store fails, keeping the job (its lease is
+/// heartbeated meanwhile), until the claim is answered, a process shutdown hands the job back,
+/// or a non-outage error lasts [`CLAIM_THROUGH_BACKEND_ERRORS`].
+///
+/// Giving the job back to the queue instead would spend one of its deliveries each time: a
+/// job that runs out of them is dead-lettered, and its run (queued, older than the orphan
+/// sweep's look) would wait forever. A database failover of a minute did just that.
+async fn claim_through(
+    state: &AppState,
+    id: &RunId,
+    ttl: Duration,
+) -> Result<Option<RunRecord>, Arc<StoreError>> {
+    let started = std::time::Instant::now();
+    let mut wait = Duration::from_millis(100);
+    loop {
+        tokio::select! {
+            () = state.hand_back.cancelled() => {
+                return Err(Arc::new(StoreError::Unavailable {
+                    message: "handed back while the run store was away".into(),
+                    source: None,
+                }));
+            }
+            () = tokio::time::sleep(wait) => {}
+        }
+        let claimed = state
+            .stores
+            .runs
+            .claim_run(id, &state.worker_name, ttl)
+            .await;
+        match claimed {
+            Ok(run) => return Ok(Some(run)),
+            Err(StoreError::Conflict(_) | StoreError::NotFound { .. }) => return Ok(None),
+            Err(e @ StoreError::Backend { .. })
+                if started.elapsed() >= CLAIM_THROUGH_BACKEND_ERRORS =>
+            {
+                return Err(Arc::new(e));
+            }
+            Err(e) if outage(&e) => {
+                tracing::debug!(run_id = %id, error = %e, "claiming a run failed; trying again");
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(Arc::new(e)),
+        }
+    }
+}
+
 /// Executes the run of a leased job, claimed by [`work`] (`None`: finished, cancelled or owned
 /// by a live worker, so nothing to do for this delivery; an error: the claim failed).
 async fn run_job(
@@ -134,6 +192,10 @@ async fn run_job(
             }
         }))
     };
+    let claim = match claim {
+        Err(e) if outage(&e) => claim_through(state, &job.job.run_id, ttl).await,
+        claim => claim,
+    };
     let outcome = match claim {
         Ok(Some(run)) => match lifecycle::execute(state, run, slot).await {
             // Handed back by a shutdown: due again at once, for another worker.
@@ -146,6 +208,12 @@ async fn run_job(
             Ok(_) | Err(RunError::Store(StoreError::StaleLease(_))) => Ok(()),
             Err(e) => Err(e.to_string()),
         },
+        // Handed back while the store was away.
+        Err(e) if outage(&e) && state.hand_back.is_cancelled() => {
+            drop(heartbeat);
+            let _ = state.stores.queue.nack(&job, None).await;
+            return;
+        }
         Ok(None) => {
             if owned_elsewhere(state, &job.job.run_id).await {
                 // Another worker executes the run (this job's lease lapsed under it, or the

@@ -12,7 +12,8 @@
 //! bounded. `FLOWCORE_FAULT_SECONDS` (30) sets how long the load and the faults last;
 //! `FLOWCORE_TEST_POSTGRES_BIN` the folder of `initdb` and `postgres` (else `pg_config --bindir`);
 //! with `FLOWCORE_FAULT_KEEP` set, the processes' logs and data stay in the temporary folder.
-//! `FLOWCORE_FAULT_LOG` sets the processes' log filter (default `warn`).
+//! `FLOWCORE_FAULT_LOG` sets the processes' log filter (default `warn`); `FLOWCORE_FAULT_SEED`
+//! replays a report's seed (the choice and order of faults; their timing varies).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -349,7 +350,7 @@ fn serve_steps(sock: TcpStream, database: &str, seen: &Seen) {
             }
         }
         thread::sleep(Duration::from_millis(
-            body["ms"].as_u64().unwrap_or(0).min(5_000),
+            body["ms"].as_u64().unwrap_or(0).min(10_000),
         ));
         let calls = {
             let mut map = seen.calls.lock().unwrap();
@@ -419,7 +420,11 @@ fn topology_survives_kills_and_restarts() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(30)
         .clamp(5, 600);
-    let seed = fastrand::u64(..);
+    // The chaos's choices replay from `FLOWCORE_FAULT_SEED` (the timings do not).
+    let seed = std::env::var("FLOWCORE_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
     fastrand::seed(seed);
     let started = Instant::now();
     let dir = std::env::temp_dir().join(format!("flowcore-faults-{}-{seed}", std::process::id()));
@@ -652,6 +657,13 @@ fn topology_survives_kills_and_restarts() {
         thread::sleep(Duration::from_millis(250));
     }
     let drained_in = drain_started.elapsed();
+    // What the unfinished ones look like, for the failure's message.
+    let unfinished = psql(
+        &database,
+        "SELECT id, idempotency_key, status, epoch, coalesce(lease_owner, ''), created_at, \
+         coalesce(lease_expires_at, 0) FROM runs \
+         WHERE status NOT IN ('succeeded', 'failed', 'cancelled', 'timed_out') LIMIT 20",
+    );
 
     // The verdict.
     let rows = psql(
@@ -756,7 +768,11 @@ fn topology_survives_kills_and_restarts() {
         "too few runs went through: {}",
         accepted.len()
     );
-    assert_eq!(left.trim(), "0", "runs left unfinished: {left}");
+    assert_eq!(
+        left.trim(),
+        "0",
+        "runs left unfinished: {left} (id, key, status, epoch, owner, created, lease until):\n{unfinished}"
+    );
     assert!(
         server_errors.is_empty(),
         "answers other than 503 among the 5xx: {server_errors:?}"
@@ -1020,6 +1036,59 @@ fn topology_survives_kills_and_restarts() {
         settling.elapsed()
     );
 
+    // A database failover of 40 s while runs wait in the queue: every worker slot is busy
+    // with a slow step when PostgreSQL stops, so the waiting runs' jobs are taken only while
+    // it is away, and their claims fail for as long as it is. Their runs are older than the
+    // orphan sweep's look. All of them run once it is back: a worker keeps a job whose claim
+    // fails for an outage (giving it back each time would spend its deliveries, and a job
+    // dead-lettered leaves its run queued for good).
+    let hold = json!({"id": "hold", "nodes": [{"id": "h", "type": "http_request", "params": {
+        "method": "POST", "url": format!("http://127.0.0.1:{step_port}/step"),
+        "body": {"k": "{{ input.k }}", "node": "h", "ms": 8_000}, "timeout_ms": 30_000}}]});
+    let (status, answer) =
+        request(api_ports[0], "POST", "/api/v1/flows", Some(&hold)).expect("the api answers");
+    assert_eq!(status, 201, "{answer}");
+    let submitted = Instant::now();
+    // 3 workers of 16 slots.
+    for i in 0..60 {
+        start("hold", json!({"k": format!("hold-{i}")}), i);
+    }
+    for i in 0..20 {
+        start("fault", json!({"k": format!("failover-{i}")}), i);
+    }
+    // The waiting runs pass the orphan sweep's age (a lease) and its look (every second).
+    thread::sleep(Duration::from_millis(5_500).saturating_sub(submitted.elapsed()));
+    assert_eq!(
+        count_runs("idempotency_key LIKE 'failover-%' AND status = 'queued'"),
+        "20",
+        "the runs wait behind busy workers when the database stops"
+    );
+    postgres.kill();
+    thread::sleep(Duration::from_secs(40));
+    postgres.start();
+    let recovered = Instant::now();
+    while count_runs(
+        "(idempotency_key LIKE 'failover-%' OR idempotency_key LIKE 'hold-%') AND status = 'succeeded'",
+    ) != "80"
+    {
+        assert!(
+            recovered.elapsed() < Duration::from_secs(90),
+            "runs left behind by the failover: {}",
+            psql(
+                &database,
+                "SELECT flow_id, status, count(*) FROM runs WHERE idempotency_key LIKE 'failover-%' \
+                 OR idempotency_key LIKE 'hold-%' GROUP BY 1, 2"
+            )
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
+    let violations = seen.violations.lock().unwrap().clone();
+    assert!(violations.is_empty(), "steps ran again: {violations:?}");
+    println!(
+        "faults: 80 runs through a 40 s database failover (20 queued behind 60 slow ones), all done {:?} after it",
+        recovered.elapsed()
+    );
+
     stop_steps.store(true, Ordering::Relaxed);
     for p in apis.iter_mut().chain(workers.iter_mut()) {
         p.kill();
@@ -1030,8 +1099,8 @@ fn topology_survives_kills_and_restarts() {
     let log = std::fs::read_to_string(dir.join("postgres/postgres.log")).unwrap_or_default();
     assert_eq!(
         log.matches("received immediate shutdown request").count(),
-        count(Fault::Postgres) + 2,
-        "PostgreSQL stopped once per fault, once with every process, and once at the end"
+        count(Fault::Postgres) + 3,
+        "PostgreSQL stopped once per fault, once with every process, once for the failover and once at the end"
     );
     if std::env::var_os("FLOWCORE_FAULT_KEEP").is_none() {
         let _ = std::fs::remove_dir_all(&dir);

@@ -605,6 +605,8 @@ impl RedisQueue {
 
 /// Forwards wake-up messages to waiting leases; reconnects after an outage.
 async fn subscribe(client: Client, channels: Channels, wake: Arc<Notify>, up: Arc<AtomicBool>) {
+    // The marker's token at the last connection.
+    let mut seen: Option<String> = None;
     loop {
         let mut names = vec![&channels.flows, &channels.cancel];
         if channels.hear_enqueues {
@@ -613,23 +615,27 @@ async fn subscribe(client: Client, channels: Channels, wake: Arc<Notify>, up: Ar
         if channels.hear_finished_runs {
             names.push(&channels.finished);
         }
+        // The marker is a token set by the first process to connect to a Redis; finding
+        // another token than the one seen before means Redis restarted empty, and the jobs of
+        // runs still waiting went with it. Every process sees it for itself (a `SET NX` alone
+        // would tell only the first to reconnect, maybe one that recovers nothing). A marker
+        // not read is a connection tried again.
         if let Ok(mut pubsub) = client.get_async_pubsub().await
             && pubsub.subscribe(&names).await.is_ok()
+            && let Some(now) = marker_token(&client, &channels.marker).await
         {
-            // The marker is set by the first process ever to connect; finding it gone means
-            // Redis restarted empty, and the jobs of runs still waiting went with it.
-            let mut conn = client.get_multiplexed_async_connection().await;
-            if let Ok(conn) = conn.as_mut() {
-                let set: Result<Option<String>, _> = redis::cmd("SET")
-                    .arg(&channels.marker)
-                    .arg(1)
-                    .arg("NX")
-                    .query_async(conn)
-                    .await;
-                if matches!(set, Ok(Some(_))) {
-                    channels.losses.send_modify(|n| *n += 1);
-                }
+            let (lost, first) = match &seen {
+                None => (now.mine, true),
+                Some(before) => (*before != now.token, false),
+            };
+            if lost {
+                tracing::info!(
+                    first,
+                    "Redis holds none of the earlier data: the jobs of waiting runs go back into the queue"
+                );
+                channels.losses.send_modify(|n| *n += 1);
             }
+            seen = Some(now.token);
             // While we were away jobs may have been enqueued and flows changed: let waiters
             // look, and tell caches to drop everything.
             wake.notify_waiters();
@@ -661,6 +667,35 @@ async fn subscribe(client: Client, channels: Channels, wake: Arc<Notify>, up: Ar
     }
 }
 
+/// The marker's token, and whether this call set it.
+struct Marker {
+    token: String,
+    mine: bool,
+}
+
+/// Sets the marker to a fresh token unless it is set (`SET NX`), and reads it.
+async fn marker_token(client: &Client, marker: &str) -> Option<Marker> {
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    // A UUIDv7: unique, whoever sets it.
+    let fresh = RunId::new().as_str().to_owned();
+    let set: Option<String> = redis::cmd("SET")
+        .arg(marker)
+        .arg(&fresh)
+        .arg("NX")
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    let token: String = redis::cmd("GET")
+        .arg(marker)
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    Some(Marker {
+        mine: set.is_some() && token == fresh,
+        token,
+    })
+}
+
 struct Channels {
     hear_enqueues: bool,
     hear_finished_runs: bool,
@@ -671,7 +706,8 @@ struct Channels {
     cancels: tokio::sync::broadcast::Sender<RunId>,
     finished: String,
     finish_waiters: Arc<flowcore::ports::FinishWaiters>,
-    /// A key set once (`SET NX`): when a (re)connection finds it gone, Redis lost its data.
+    /// A key set once to a random token (`SET NX`): when a (re)connection finds another
+    /// token, Redis lost its data.
     marker: String,
     losses: tokio::sync::watch::Sender<u64>,
 }

@@ -390,11 +390,24 @@ async fn redis_restart_loses_nothing_and_clients_reconnect() {
         "a restart that kept the data is no loss"
     );
 
-    // Restarted empty: the queue reports the loss, so that runs are enqueued again.
+    // Another process's queue: its first connection finds the marker of the first one.
+    let mut other_config = RedisConfig::new(format!("redis://127.0.0.1:{port}"));
+    other_config.command_timeout = Duration::from_millis(500);
+    let other = RedisQueue::connect(other_config).await.expect("connect");
+    let mut other_losses = other.losses().expect("losses");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(*other_losses.borrow(), 0, "a second process finds the data");
+
+    // Restarted empty: each queue reports the loss, whichever reconnects first, so that
+    // runs are enqueued again wherever a reaper runs.
     drop(_server);
     std::fs::remove_dir_all(&dir).ok();
     let _server = Throwaway::start(server.port, &server.dir);
     count_becomes(2, "a Redis restarted empty is reported").await;
+    tokio::time::timeout(Duration::from_secs(15), other_losses.wait_for(|l| *l == 1))
+        .await
+        .expect("the loss is reported to the second process too")
+        .expect("sender alive");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -272,6 +272,10 @@ pub struct Config {
     /// Runs one flow may start per UTC day; more get 429 quota_exceeded (0 = off).
     #[arg(long, env = "FLOWCORE_QUOTA_RUNS_PER_DAY", default_value = "0")]
     pub quota_runs_per_day: u64,
+    /// LLM tokens (prompt and completion) one flow may use per UTC day; past them new runs
+    /// get 429 quota_exceeded (0 = off). A run under way finishes.
+    #[arg(long, env = "FLOWCORE_QUOTA_TOKENS_PER_DAY", default_value = "0")]
+    pub quota_tokens_per_day: u64,
     /// On SIGTERM, how long runs may finish before they are handed back to the queue.
     #[arg(long, env = "FLOWCORE_SHUTDOWN_GRACE_SECONDS", default_value = "25", value_parser = within(0u64..=3600, "seconds"))]
     pub shutdown_grace_seconds: u64,

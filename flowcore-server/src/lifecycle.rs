@@ -37,13 +37,18 @@ pub enum RunError {
     /// The flow could not be read or compiled.
     #[error(transparent)]
     Flow(#[from] flowcore::Error),
-    /// The flow started its runs of today (`FLOWCORE_QUOTA_RUNS_PER_DAY`).
-    #[error("flow `{flow_id}` has started its {quota} runs of today (FLOWCORE_QUOTA_RUNS_PER_DAY)")]
+    /// The flow used its runs or LLM tokens of today (`FLOWCORE_QUOTA_RUNS_PER_DAY`,
+    /// `FLOWCORE_QUOTA_TOKENS_PER_DAY`).
+    #[error("flow `{flow_id}` has used its {quota} {what} of today ({setting})")]
     QuotaExceeded {
         /// The flow.
         flow_id: String,
-        /// Its runs a day.
+        /// Its runs or tokens a day.
         quota: u64,
+        /// `runs` or `LLM tokens`.
+        what: &'static str,
+        /// The setting.
+        setting: &'static str,
     },
     /// Too many runs wait already.
     #[error(transparent)]
@@ -147,6 +152,31 @@ pub struct RunState {
 // ---------------------------------------------------------------------------------------------
 // Start, wait, answer.
 
+/// Refuses a new run of `flow_id` when the flow used its runs or its LLM tokens of today.
+async fn within_quotas(state: &AppState, flow_id: &str) -> Result<(), RunError> {
+    let (runs, tokens) = (
+        state.config.quota_runs_per_day,
+        state.config.quota_tokens_per_day,
+    );
+    let refused = |quota, what, setting| RunError::QuotaExceeded {
+        flow_id: flow_id.to_owned(),
+        quota,
+        what,
+        setting,
+    };
+    if runs > 0 && state.usage.runs_today(flow_id).await? >= runs {
+        return Err(refused(runs, "runs", "FLOWCORE_QUOTA_RUNS_PER_DAY"));
+    }
+    if tokens > 0 && state.usage.tokens_today(flow_id).await? >= tokens {
+        return Err(refused(
+            tokens,
+            "LLM tokens",
+            "FLOWCORE_QUOTA_TOKENS_PER_DAY",
+        ));
+    }
+    Ok(())
+}
+
 /// Starts a run of the latest version of `start.flow_id`: admitted (quota, slots, queue bound),
 /// stored, then executed here (the `all` role's waited runs, in one of the process's slots) or
 /// handed to the queue; answers with its end when the caller waits and it ends in time.
@@ -160,10 +190,7 @@ pub async fn start(state: &Shared, start: Start) -> Result<RunAnswer, RunError> 
     } = start;
     let (version, plan) = state.plans.get(&flow_id, None).await?;
     let (input, concurrency, priority) = place(&plan, input)?;
-    let quota = state.config.quota_runs_per_day;
-    if quota > 0 && state.usage.runs_today(&flow_id).await? >= quota {
-        return Err(RunError::QuotaExceeded { flow_id, quota });
-    }
+    within_quotas(state, &flow_id).await?;
     // The `all` role executes a waited run itself: created already claimed (one commit) and
     // run at once; the run is still leased and checkpointed, so a crash loses nothing.
     // ... unless the flow names another worker group: then its workers must run it; or
@@ -302,13 +329,7 @@ pub async fn rerun(state: &Shared, id: &RunId, rerun: Rerun) -> Result<RunRecord
     let (input, concurrency, priority) = place(&plan, rerun.input.unwrap_or(earlier.input))?;
     let priority = rerun.priority.unwrap_or(priority);
     // Admitted before anything is copied.
-    let quota = state.config.quota_runs_per_day;
-    if quota > 0 && state.usage.runs_today(&earlier.flow_id).await? >= quota {
-        return Err(RunError::QuotaExceeded {
-            flow_id: earlier.flow_id,
-            quota,
-        });
-    }
+    within_quotas(state, &earlier.flow_id).await?;
     let group = plan
         .worker_group()
         .unwrap_or(&state.config.worker_group)

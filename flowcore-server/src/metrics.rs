@@ -37,6 +37,17 @@ struct NodeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    model: String,
+    kind: &'static str,
+}
+
+/// Distinct `model` labels of `flowcore_llm_tokens_total`; more are counted as `other` (a
+/// model name comes from a flow or a model server: unbounded labels would grow the
+/// registry and every scrape).
+const MAX_MODEL_LABELS: usize = 100;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GroupLabels {
     group: String,
 }
@@ -50,6 +61,8 @@ pub struct Metrics {
     run_duration: Histogram,
     nodes: Family<NodeLabels, Counter>,
     queue_depth: Family<GroupLabels, Gauge>,
+    llm_tokens: Family<TokenLabels, Counter>,
+    models: std::sync::Mutex<std::collections::HashSet<String>>,
     in_flight: Gauge,
     parked: Counter,
     pruned: Counter,
@@ -85,6 +98,7 @@ impl Metrics {
         let run_duration = Histogram::new(exponential_buckets(0.001, 2.0, 20));
         let nodes = Family::<NodeLabels, Counter>::default();
         let queue_depth = Family::<GroupLabels, Gauge>::default();
+        let llm_tokens = Family::<TokenLabels, Counter>::default();
         let in_flight = Gauge::default();
         let parked = Counter::default();
         let pruned = Counter::default();
@@ -156,6 +170,11 @@ impl Metrics {
             database_bytes.clone(),
         );
         registry.register(
+            "flowcore_llm_tokens",
+            "LLM tokens used by llm_chat nodes, by model and kind (prompt, completion)",
+            llm_tokens.clone(),
+        );
+        registry.register(
             "process_resident_memory_bytes",
             "Resident memory of this process",
             memory.clone(),
@@ -173,6 +192,8 @@ impl Metrics {
             run_duration,
             nodes,
             queue_depth,
+            llm_tokens,
+            models: std::sync::Mutex::default(),
             in_flight,
             parked,
             pruned,
@@ -182,6 +203,27 @@ impl Metrics {
             database_bytes,
             memory,
             cpu_millis,
+        }
+    }
+
+    /// Tokens one model call used.
+    pub fn llm_tokens(&self, model: &str, prompt: u64, completion: u64) {
+        let model = {
+            let mut models = self.models.lock().unwrap_or_else(|e| e.into_inner());
+            if models.contains(model) || models.len() < MAX_MODEL_LABELS {
+                models.insert(model.to_owned());
+                model.to_owned()
+            } else {
+                "other".to_owned()
+            }
+        };
+        for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+            self.llm_tokens
+                .get_or_create(&TokenLabels {
+                    model: model.clone(),
+                    kind,
+                })
+                .inc_by(n);
         }
     }
 
@@ -251,7 +293,7 @@ impl Metrics {
         self.run_duration.observe(seconds);
     }
 
-    /// Counts node executions of a run from its events.
+    /// Counts node executions and LLM tokens of a run from its events.
     pub fn node_sink(
         self: &Arc<Self>,
         plan: &Plan,
@@ -259,14 +301,27 @@ impl Metrics {
     ) -> Arc<dyn EventSink> {
         let (metrics, plan) = (self.clone(), plan.clone());
         Arc::new(move |event: &RunEvent| {
-            if let RunEvent::NodeFinished { node, status, .. } = event
-                && let Some(i) = plan.index_of(node)
-            {
-                let labels = NodeLabels {
-                    node_type: plan.node_type(i).to_owned(),
-                    status: status.as_str().to_owned(),
-                };
-                metrics.nodes.get_or_create(&labels).inc();
+            match event {
+                RunEvent::NodeFinished { node, status, .. } => {
+                    if let Some(i) = plan.index_of(node) {
+                        let labels = NodeLabels {
+                            node_type: plan.node_type(i).to_owned(),
+                            status: status.as_str().to_owned(),
+                        };
+                        metrics.nodes.get_or_create(&labels).inc();
+                    }
+                }
+                // Accounting only: not one of the run's streamed events.
+                RunEvent::LlmUsage {
+                    model,
+                    prompt_tokens,
+                    completion_tokens,
+                    ..
+                } => {
+                    metrics.llm_tokens(model, *prompt_tokens, *completion_tokens);
+                    return;
+                }
+                _ => {}
             }
             inner.emit(event);
         })

@@ -299,10 +299,8 @@ async fn replay(
         match rerun_once(&state, &id, progress.actor.clone()).await {
             Ok(true) => progress.rerun += 1,
             Ok(false) => progress.skipped += 1,
-            Err(RunError::QuotaExceeded { flow_id, quota }) => {
-                stopped = Some(format!(
-                    "flow `{flow_id}` has started its {quota} runs of today (FLOWCORE_QUOTA_RUNS_PER_DAY)"
-                ));
+            Err(e @ RunError::QuotaExceeded { .. }) => {
+                stopped = Some(e.to_string());
                 break;
             }
             Err(e) => {

@@ -17,10 +17,21 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 type Key = (String, String);
 type Day = chrono::NaiveDate;
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct Counts {
     runs: u64,
     nodes: u64,
+    /// LLM tokens (`tokens`, and by model).
+    tokens: UsageDay,
+}
+
+/// The longest model name usage keeps (a longer one is cut: it comes from a model server).
+const MAX_MODEL_NAME: usize = 200;
+
+/// A flow's stored counts of a day, for quotas.
+#[derive(Debug, Default, Clone, Copy)]
+struct Stored {
+    runs: u64,
     tokens: u64,
 }
 
@@ -29,8 +40,8 @@ pub struct Usage {
     store: Arc<dyn UsageStore>,
     /// Not yet stored, by day then flow (looked up without allocating on every count).
     pending: Mutex<HashMap<Day, HashMap<String, Counts>>>,
-    /// Runs stored per (flow, day), as read at an instant, for quotas.
-    stored_runs: Mutex<HashMap<Key, (u64, Instant)>>,
+    /// Runs and tokens stored per (flow, day), as read at an instant, for quotas.
+    stored: Mutex<HashMap<Key, (Stored, Instant)>>,
 }
 
 /// Today (UTC) as `YYYY-MM-DD`.
@@ -50,7 +61,7 @@ impl Usage {
         Self {
             store,
             pending: Mutex::new(HashMap::new()),
-            stored_runs: Mutex::new(HashMap::new()),
+            stored: Mutex::new(HashMap::new()),
         }
     }
 
@@ -68,13 +79,19 @@ impl Usage {
         self.add(flow_id, |c| c.runs += 1);
     }
 
-    /// Counts LLM tokens used now.
-    pub fn tokens(&self, flow_id: &str, tokens: u64) {
-        self.add(flow_id, |c| c.tokens += tokens);
+    /// Counts LLM tokens of `model` used now.
+    pub fn tokens(&self, flow_id: &str, model: &str, prompt: u64, completion: u64) {
+        let mut end = model.len().min(MAX_MODEL_NAME);
+        while !model.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.add(flow_id, |c| {
+            c.tokens.add_tokens(&model[..end], prompt, completion);
+        });
     }
 
     /// Wraps a run's event sink to count its node executions (steps that ran: succeeded or
-    /// failed, not skipped or cancelled), those inside `map` items too.
+    /// failed, not skipped or cancelled), those inside `map` items too, and its LLM tokens.
     pub fn node_sink(
         self: &Arc<Self>,
         flow_id: &str,
@@ -92,6 +109,12 @@ impl Usage {
                 RunEvent::ItemsDone { executions, .. } if *executions > 0 => {
                     usage.add(&flow_id, |c| c.nodes += executions);
                 }
+                RunEvent::LlmUsage {
+                    model,
+                    prompt_tokens,
+                    completion_tokens,
+                    ..
+                } => usage.tokens(&flow_id, model, *prompt_tokens, *completion_tokens),
                 _ => {}
             }
             inner.emit(event);
@@ -112,14 +135,18 @@ impl Usage {
                 day: day.format("%Y-%m-%d").to_string(),
                 runs: c.runs,
                 node_executions: c.nodes,
-                tokens: c.tokens,
+                tokens: c.tokens.tokens,
+                models: c.tokens.models.clone(),
             };
             if let Err(e) = self.store.add_usage(&add).await {
                 let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
                 let slot = pending.entry(day).or_default().entry(flow).or_default();
                 slot.runs += c.runs;
                 slot.nodes += c.nodes;
-                slot.tokens += c.tokens;
+                for m in &c.tokens.models {
+                    slot.tokens
+                        .add_tokens(&m.model, m.prompt_tokens, m.completion_tokens);
+                }
                 failed = Some(e);
             }
         }
@@ -129,42 +156,57 @@ impl Usage {
     /// Runs of `flow_id` today across all processes, as of at most [`FLUSH_EVERY`] ago, plus
     /// this process's unflushed ones.
     pub async fn runs_today(&self, flow_id: &str) -> Result<u64, StoreError> {
+        let stored = self.stored_today(flow_id).await?.runs;
+        Ok(stored + self.pending_today(flow_id, |c| c.runs))
+    }
+
+    /// LLM tokens of `flow_id` today across all processes, as [`Usage::runs_today`].
+    pub async fn tokens_today(&self, flow_id: &str) -> Result<u64, StoreError> {
+        let stored = self.stored_today(flow_id).await?.tokens;
+        Ok(stored + self.pending_today(flow_id, |c| c.tokens.tokens))
+    }
+
+    /// This process's unflushed count of `flow_id` today.
+    fn pending_today(&self, flow_id: &str, count: impl Fn(&Counts) -> u64) -> u64 {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&Utc::now().date_naive())
+            .and_then(|flows| flows.get(flow_id))
+            .map_or(0, count)
+    }
+
+    /// The stored counts of `flow_id` today, read at most once per [`FLUSH_EVERY`].
+    async fn stored_today(&self, flow_id: &str) -> Result<Stored, StoreError> {
         let key = (flow_id.to_owned(), today());
         let cached = self
-            .stored_runs
+            .stored
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
             .filter(|(_, at)| at.elapsed() < FLUSH_EVERY)
             .map(|(n, _)| *n);
-        let stored = match cached {
-            Some(n) => n,
-            None => {
-                let n = self
-                    .store
-                    .usage(&UsageQuery {
-                        flow_id: Some(flow_id.to_owned()),
-                        from_day: key.1.clone(),
-                        to_day: key.1.clone(),
-                    })
-                    .await?
-                    .first()
-                    .map_or(0, |d| d.runs);
-                let mut cache = self.stored_runs.lock().unwrap_or_else(|e| e.into_inner());
-                // Yesterday's entries are of no use any more.
-                cache.retain(|(_, day), _| *day == key.1);
-                cache.insert(key.clone(), (n, Instant::now()));
-                n
-            }
-        };
-        let pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&Utc::now().date_naive())
-            .and_then(|flows| flows.get(flow_id))
-            .map_or(0, |c| c.runs);
-        Ok(stored + pending)
+        if let Some(stored) = cached {
+            return Ok(stored);
+        }
+        let stored = self
+            .store
+            .usage(&UsageQuery {
+                flow_id: Some(flow_id.to_owned()),
+                from_day: key.1.clone(),
+                to_day: key.1.clone(),
+            })
+            .await?
+            .first()
+            .map_or_else(Stored::default, |d| Stored {
+                runs: d.runs,
+                tokens: d.tokens,
+            });
+        let mut cache = self.stored.lock().unwrap_or_else(|e| e.into_inner());
+        // Yesterday's entries are of no use any more.
+        cache.retain(|(_, day), _| *day == key.1);
+        cache.insert(key, (stored, Instant::now()));
+        Ok(stored)
     }
 
     /// Flushes every [`FLUSH_EVERY`] until `shutdown`, then once more.

@@ -193,9 +193,13 @@ impl Proc {
         }
     }
 
+    /// Starts the process, again while it exits at start (a database still recovering from
+    /// a crash refuses connections for a while), for up to 30 s.
     fn start(&mut self) {
         let mut last = String::new();
-        for _ in 0..5 {
+        let (started, mut tries) = (Instant::now(), 0);
+        while tries < 5 || started.elapsed() < Duration::from_secs(30) {
+            tries += 1;
             let mut child = (self.command)().spawn().expect("spawn");
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
@@ -212,7 +216,7 @@ impl Proc {
             }
             thread::sleep(Duration::from_millis(500));
         }
-        panic!("{last} five times");
+        panic!("{last} {tries} times in {:?}", started.elapsed());
     }
 
     fn kill(&mut self) {

@@ -39,7 +39,7 @@ async fn concurrent_migrate_processes_migrate_once() {
             "0 migration(s) applied",
             "0 migration(s) applied",
             "0 migration(s) applied",
-            "9 migration(s) applied"
+            "10 migration(s) applied"
         ],
         "exactly one process migrates"
     );

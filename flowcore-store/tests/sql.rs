@@ -44,7 +44,7 @@ fn kit(name: &'static str, store: &SqlStore) -> flowcore::testkit::Backend {
 }
 
 /// The migrations of each backend (one folder each in `migrations/<backend>`).
-const MIGRATIONS: usize = 9;
+const MIGRATIONS: usize = 10;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_file_passes_the_kit() {

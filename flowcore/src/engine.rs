@@ -490,6 +490,9 @@ pub(crate) struct RunShared {
     /// item's share of its parent's.
     pub(crate) log_limit: usize,
     pub(crate) events: Option<Arc<dyn EventSink>>,
+    /// The top-level run's events, for what counts at every depth (LLM token usage of a
+    /// subflow's or a map item's nodes).
+    pub(crate) root_events: Option<Arc<dyn EventSink>>,
     pub(crate) recorder: Option<Arc<dyn StepRecorder>>,
     outputs: Box<[OnceLock<Arc<Value>>]>,
     /// The secrets handed to this run's nodes, scrubbed from what they produce.
@@ -706,6 +709,7 @@ impl Driver {
             ),
             items_started: parent.map(|p| p.items_started.clone()).unwrap_or_default(),
             log_limit,
+            root_events: parent.map_or_else(|| options.events.clone(), |p| p.root_events.clone()),
             events: options.events,
             recorder: options.recorder,
             outputs: (0..n).map(|_| OnceLock::new()).collect(),
@@ -993,7 +997,8 @@ async fn execute_node(run: Arc<RunShared>, index: usize, started_at: DateTime<Ut
         };
         match outcome {
             Err(e) if e.is_retryable() && attempt < max_attempts => {
-                let wait = pn.retry.unwrap_or_default().backoff(attempt + 1);
+                let backoff = pn.retry.unwrap_or_default().backoff(attempt + 1);
+                let wait = e.retry_after().map_or(backoff, |after| after.max(backoff));
                 Box::pin(tokio::time::sleep(wait)).await;
             }
             other => break other,

@@ -159,6 +159,15 @@ pub enum NodeError {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
+    /// The node failed in a way a retry may fix, no sooner than `after` (a 429 or a 503 with
+    /// `Retry-After`): the next attempt waits at least that long (retryable).
+    #[error("{message}")]
+    RetryAfter {
+        /// What failed.
+        message: String,
+        /// The shortest wait before the next attempt.
+        after: Duration,
+    },
     /// The attempt ran past the node's `timeout_ms` (retryable).
     #[error("timed out after {} ms", .0.as_millis())]
     Timeout(Duration),
@@ -211,18 +220,25 @@ impl NodeError {
             source: Some(Box::new(source)),
         }
     }
+    /// The shortest wait before the next attempt the failure asks for (`RetryAfter`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RetryAfter { after, .. } => Some(*after),
+            _ => None,
+        }
+    }
     /// Whether the node's `retry` policy applies to this error.
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Failed { retryable, .. } => *retryable,
-            Self::Timeout(_) => true,
+            Self::Timeout(_) | Self::RetryAfter { .. } => true,
             Self::OutputTooLarge { .. } | Self::Parked(_) | Self::WaitTimedOut { .. } => false,
         }
     }
     /// A stable code for the kind of failure.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::Failed { .. } => "node_failed",
+            Self::Failed { .. } | Self::RetryAfter { .. } => "node_failed",
             Self::Timeout(_) => "node_timeout",
             Self::OutputTooLarge { .. } => "output_too_large",
             Self::Parked(_) => "parked",

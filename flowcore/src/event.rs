@@ -49,7 +49,24 @@ pub enum RunEvent {
         /// The node's id.
         node: Arc<str>,
         /// The text.
-        text: String,
+        delta: String,
+        /// Which model call of the node (1 for the first; tools make more).
+        turn: u32,
+        /// The node's attempt (a retried call streams again under its new attempt).
+        attempt: u32,
+    },
+    /// Tokens an LLM call used (sent once per model call, from any depth of the run).
+    LlmUsage {
+        /// The (top-level) run.
+        run_id: RunId,
+        /// The node's id.
+        node: Arc<str>,
+        /// The model that answered.
+        model: String,
+        /// Tokens of the prompt.
+        prompt_tokens: u64,
+        /// Tokens of the answer.
+        completion_tokens: u64,
     },
     /// The run parked: nothing is left to do until a signal or a time wakes it.
     RunWaiting {
@@ -91,7 +108,7 @@ pub enum RunEvent {
 }
 
 impl RunEvent {
-    /// The event's name: `run_started`, `node_started`, `node_finished`, `token`, `items_done`,
+    /// The event's name: `run_started`, `node_started`, `node_finished`, `token`, `llm_usage`, `items_done`,
     /// `run_waiting`, `run_resumed`, `run_finished`.
     pub fn name(&self) -> &'static str {
         match self {
@@ -99,6 +116,7 @@ impl RunEvent {
             Self::NodeStarted { .. } => "node_started",
             Self::NodeFinished { .. } => "node_finished",
             Self::Token { .. } => "token",
+            Self::LlmUsage { .. } => "llm_usage",
             Self::ItemsDone { .. } => "items_done",
             Self::RunWaiting { .. } => "run_waiting",
             Self::RunResumed { .. } => "run_resumed",
@@ -113,6 +131,7 @@ impl RunEvent {
             | Self::NodeStarted { run_id, .. }
             | Self::NodeFinished { run_id, .. }
             | Self::Token { run_id, .. }
+            | Self::LlmUsage { run_id, .. }
             | Self::ItemsDone { run_id, .. }
             | Self::RunWaiting { run_id, .. }
             | Self::RunResumed { run_id }

@@ -70,6 +70,12 @@ pub trait Node: Send + Sync {
         &[]
     }
 
+    /// The retry policy of a node of this type whose flow gives none (`None`: one attempt).
+    /// `llm_chat` retries a model server's 429 and 5xx three times by default.
+    fn default_retry(&self) -> Option<crate::model::RetryPolicy> {
+        None
+    }
+
     /// The names its templates and expressions use, so that compilation can refuse a reference
     /// to an unknown variable or to a node that is not upstream.
     fn references(&self) -> References {
@@ -400,10 +406,54 @@ impl NodeContext {
             None => Waited::Deadline,
         })
     }
-    /// Sends an event to the run's subscribers, such as streamed LLM tokens.
+    /// Sends an event to the run's subscribers, such as streamed LLM tokens. Only a top-level
+    /// run has subscribers: a subflow's or a map item's events go nowhere.
     pub fn emit(&self, event: &RunEvent) {
         if let Some(sink) = &self.run.events {
             sink.emit(event);
         }
+    }
+    /// Sends an event to the top-level run's subscribers from any depth (what must count
+    /// wherever it happens: [`RunEvent::LlmUsage`]).
+    pub fn emit_to_root(&self, event: &RunEvent) {
+        if let Some(sink) = &self.run.root_events {
+            sink.emit(event);
+        }
+    }
+    /// Checkpoints finished pieces of this node's work, by index, in a durable execution (a
+    /// no-op otherwise): what [`NodeContext::checkpoints`] answers when the node executes
+    /// again (a retry, a resumed run). The step shows `progress`. They are deleted once the
+    /// node's step succeeds.
+    pub async fn checkpoint(
+        &self,
+        progress: crate::run::ItemProgress,
+        started_at: chrono::DateTime<chrono::Utc>,
+        items: Vec<(u32, Arc<Value>)>,
+    ) -> Result<(), NodeError> {
+        let Some(recorder) = self.recorder().filter(|_| self.is_top_level()) else {
+            return Ok(());
+        };
+        let batch = crate::run::ItemBatch {
+            node: Arc::from(self.node_id()),
+            progress,
+            started_at,
+            items,
+        };
+        self.set_items(progress);
+        recorder
+            .record_items(self.run_id(), batch)
+            .await
+            .map_err(|e| NodeError::retryable(format!("checkpointing: {e}")))
+    }
+    /// What [`NodeContext::checkpoint`] stored for this node, by index (empty outside a
+    /// durable execution of a top-level run).
+    pub async fn checkpoints(&self) -> Result<Vec<(u32, Value)>, NodeError> {
+        let Some(recorder) = self.recorder().filter(|_| self.is_top_level()) else {
+            return Ok(Vec::new());
+        };
+        recorder
+            .items(self.run_id(), self.node_id())
+            .await
+            .map_err(|e| NodeError::retryable(format!("reading checkpoints: {e}")))
     }
 }

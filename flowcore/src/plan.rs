@@ -540,17 +540,20 @@ pub fn compile_in(flow: &FlowDef, cx: BuildContext<'_>) -> Result<Plan, CompileE
         .iter()
         .zip(built)
         .enumerate()
-        .map(|(i, (def, node))| PlanNode {
-            id: ids[i].clone(),
-            node_type: type_names
-                .get(def.node_type.as_str())
-                .cloned()
-                .unwrap_or_else(|| Arc::from(def.node_type.as_str())),
-            node: node.expect("no problems means every node was built"),
-            retry: def.retry,
-            timeout: def.timeout_ms.map(Duration::from_millis),
-            on_error: def.on_error,
-            in_edges: in_edges[i],
+        .map(|(i, (def, node))| {
+            let node = node.expect("no problems means every node was built");
+            PlanNode {
+                id: ids[i].clone(),
+                node_type: type_names
+                    .get(def.node_type.as_str())
+                    .cloned()
+                    .unwrap_or_else(|| Arc::from(def.node_type.as_str())),
+                retry: def.retry.or_else(|| node.default_retry()),
+                node,
+                timeout: def.timeout_ms.map(Duration::from_millis),
+                on_error: def.on_error,
+                in_edges: in_edges[i],
+            }
         })
         .collect();
     Ok(Plan(Arc::new(PlanInner {

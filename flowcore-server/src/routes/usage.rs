@@ -37,7 +37,8 @@ pub struct UsageReport {
     /// The last day.
     #[schema(value_type = String, format = Date)]
     pub to: NaiveDate,
-    /// `{flow_id, day, runs, node_executions, tokens}` per flow and day with any.
+    /// `{flow_id, day, runs, node_executions, tokens, models: [{model, prompt_tokens,
+    /// completion_tokens}]}` per flow and day with any.
     #[schema(value_type = Vec<Object>)]
     pub items: Vec<UsageDay>,
     /// The quotas in force.
@@ -49,6 +50,8 @@ pub struct UsageReport {
 pub struct Quota {
     /// `FLOWCORE_QUOTA_RUNS_PER_DAY`.
     pub runs_per_flow_per_day: Option<u64>,
+    /// `FLOWCORE_QUOTA_TOKENS_PER_DAY`.
+    pub tokens_per_flow_per_day: Option<u64>,
 }
 
 fn day(value: Option<String>, default: NaiveDate, name: &str) -> Result<NaiveDate, ApiError> {
@@ -91,13 +94,17 @@ pub(crate) async fn usage(
             to_day: to.format("%Y-%m-%d").to_string(),
         })
         .await?;
-    let runs = state.config.quota_runs_per_day;
+    let (runs, tokens) = (
+        state.config.quota_runs_per_day,
+        state.config.quota_tokens_per_day,
+    );
     Ok(Json(UsageReport {
         from,
         to,
         items,
         quota: Quota {
             runs_per_flow_per_day: (runs > 0).then_some(runs),
+            tokens_per_flow_per_day: (tokens > 0).then_some(tokens),
         },
     }))
 }

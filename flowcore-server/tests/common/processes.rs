@@ -35,7 +35,7 @@ fn cli_migrate_and_api_key_create() {
     );
     assert_eq!(
         String::from_utf8_lossy(&first.stdout).trim(),
-        "9 migration(s) applied"
+        "10 migration(s) applied"
     );
     assert_eq!(
         String::from_utf8_lossy(&run(&["migrate"]).stdout).trim(),

@@ -1217,7 +1217,7 @@ async fn usage_is_counted_per_flow_and_day_and_quotas_refuse_with_429() {
     // greet runs hello, big and one of a/b: three node executions a run.
     assert_eq!(
         body["items"],
-        json!([{"flow_id": "greet", "day": today, "runs": 3, "node_executions": 9, "tokens": 0}])
+        json!([{"flow_id": "greet", "day": today, "runs": 3, "node_executions": 9, "tokens": 0, "models": []}])
     );
     assert_eq!(body["quota"]["runs_per_flow_per_day"], 3);
     let (_, all) = get(&app, &format!("/api/v1/usage?from={today}&to={today}")).await;
@@ -1235,6 +1235,90 @@ async fn usage_is_counted_per_flow_and_day_and_quotas_refuse_with_429() {
             "{bad}"
         );
     }
+    cleanup(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llm_nodes_stream_tokens_count_usage_by_model_and_quotas_refuse() {
+    use flowcore::testkit::openai::{FakeLlm, Reply};
+    let server = FakeLlm::start(|_| Reply::text("fake-1", &["Hel", "lo", "!"])).await;
+    let (app, state, dir) = app_with_state(&[
+        ("FLOWCORE_HTTP_ALLOW", "127.0.0.1/32"),
+        ("FLOWCORE_QUOTA_TOKENS_PER_DAY", "40"),
+    ])
+    .await;
+    let worker = Worker::start(&state);
+    let secret = "sk-test-0123456789abcdef";
+    let (status, body) = post(
+        &app,
+        "/api/v1/credentials",
+        json!({"name": "llm", "type": "bearer", "data": {"token": secret}})
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let flow = json!({"id": "ask", "nodes": [{"id": "ask", "type": "llm_chat", "params": {
+        "base_url": server.base_url(), "model": "fake-1", "credential": "llm",
+        "messages": [{"role": "user", "content": "{{ input.q }}"}]}}]});
+    let (status, body) = post(&app, "/api/v1/flows", flow.to_string().as_bytes()).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+
+    let (status, run) = post(&app, "/api/v1/flows/ask/runs", br#"{"input": {"q": "Hi"}, "wait": false}"#).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+    let id = run["run_id"].as_str().unwrap().to_owned();
+    // The run's events: each token in order, before the node's end.
+    let text = get_signed_text(&app, &format!("/api/v1/runs/{id}/events")).await;
+    let names: Vec<&str> = fields(&text, "event: ");
+    let first_token = names.iter().position(|n| *n == "token").expect("token events");
+    let finished = names.iter().position(|n| *n == "node_finished").unwrap();
+    assert!(first_token < finished, "{text}");
+    let tokens: Vec<Value> = text
+        .split("\n\n")
+        .filter(|e| e.contains("event: token"))
+        .map(|e| serde_json::from_str(fields(e, "data: ")[0]).unwrap())
+        .collect();
+    let deltas: Vec<&str> = tokens.iter().map(|t| t["delta"].as_str().unwrap()).collect();
+    assert_eq!(deltas, ["Hel", "lo", "!"]);
+    assert_eq!((tokens[0]["node"].as_str(), tokens[0]["turn"].as_u64(), tokens[0]["attempt"].as_u64()), (Some("ask"), Some(1), Some(1)));
+    assert!(!names.contains(&"llm_usage"), "accounting is not streamed: {text}");
+    let (_, shown) = get(&app, &format!("/api/v1/runs/{id}")).await;
+    assert_eq!(shown["status"], "succeeded", "{shown}");
+    assert_eq!(shown["output"]["content"], "Hello!");
+    assert_eq!(
+        server.requests()[0].authorization.as_deref(),
+        Some(format!("Bearer {secret}").as_str()),
+        "the credential went to the model server"
+    );
+    assert!(!shown.to_string().contains(secret));
+
+    // Usage by model, the metric, and the quota: 13 tokens a run, 40 a day.
+    for _ in 0..3 {
+        let (status, run) = post(&app, "/api/v1/flows/ask/runs", br#"{"input": {"q": "Hi"}}"#).await;
+        assert_eq!((status, run["status"].as_str()), (StatusCode::OK, Some("succeeded")), "{run}");
+    }
+    let (status, body) = post(&app, "/api/v1/flows/ask/runs", br#"{"input": {"q": "Hi"}}"#).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"]["code"], "quota_exceeded");
+    assert!(body["error"]["message"].as_str().unwrap().contains("FLOWCORE_QUOTA_TOKENS_PER_DAY"), "{body}");
+    state.usage.flush().await.unwrap();
+    let (_, usage) = get(&app, "/api/v1/usage?flow_id=ask").await;
+    assert_eq!(usage["items"][0]["tokens"], 52, "{usage}");
+    assert_eq!(
+        usage["items"][0]["models"],
+        json!([{"model": "fake-1", "prompt_tokens": 40, "completion_tokens": 12}])
+    );
+    assert_eq!(usage["quota"]["tokens_per_flow_per_day"], 40);
+    let metrics = get_signed_text(&app, "/metrics").await;
+    let line = |kind: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("flowcore_llm_tokens_total{") && l.contains(&format!("kind=\"{kind}\"")))
+            .map(str::to_owned)
+    };
+    assert!(line("prompt").is_some_and(|l| l.contains("model=\"fake-1\"") && l.ends_with(" 40")), "{metrics}");
+    assert!(line("completion").is_some_and(|l| l.ends_with(" 12")), "{metrics}");
+    worker.stop().await;
     cleanup(&dir);
 }
 

@@ -5,15 +5,15 @@ use async_trait::async_trait;
 use chrono::Utc;
 use diesel::prelude::*;
 use diesel::upsert::excluded;
-use diesel_async::RunQueryDsl;
+use diesel_async::{AsyncConnection, RunQueryDsl};
 use flowcore::StoreError;
 use flowcore::ports::{
     ApiKeyRecord, ApiKeyStore, CredentialStore, FileRecord, FileStore, Reencryption, StoreResult,
     StoredCredential, UsageDay, UsageQuery, UsageStore,
 };
 
-use super::rows::{ApiKeyRow, CredentialRow, FileRow, UsageRow};
-use super::schema::{api_keys, credentials, files, usage_daily};
+use super::rows::{ApiKeyRow, CredentialRow, FileRow, TokenRow, UsageRow};
+use super::schema::{api_keys, credentials, files, usage_daily, usage_tokens};
 use super::{SqlStore, db_error, micros, with_conn};
 
 fn already_exists(what: String) -> impl FnOnce(diesel::result::Error) -> StoreError {
@@ -177,20 +177,46 @@ impl ApiKeyStore for SqlStore {
 #[async_trait]
 impl UsageStore for SqlStore {
     async fn add_usage(&self, usage: &UsageDay) -> StoreResult<()> {
+        let (day, models) = (UsageRow::of(usage), TokenRow::of(usage));
         with_conn!(self, write, |conn| {
-            diesel::insert_into(usage_daily::table)
-                .values(UsageRow::of(usage))
-                .on_conflict((usage_daily::flow_id, usage_daily::day))
-                .do_update()
-                .set((
-                    usage_daily::runs.eq(usage_daily::runs + excluded(usage_daily::runs)),
-                    usage_daily::node_executions
-                        .eq(usage_daily::node_executions + excluded(usage_daily::node_executions)),
-                    usage_daily::tokens.eq(usage_daily::tokens + excluded(usage_daily::tokens)),
-                ))
-                .execute(conn)
-                .await
-                .map_err(|e| db_error("adding usage", e))?;
+            let (day, models) = (&day, &models);
+            conn.transaction(async move |conn| {
+                diesel::insert_into(usage_daily::table)
+                    .values(day)
+                    .on_conflict((usage_daily::flow_id, usage_daily::day))
+                    .do_update()
+                    .set((
+                        usage_daily::runs.eq(usage_daily::runs + excluded(usage_daily::runs)),
+                        usage_daily::node_executions
+                            .eq(usage_daily::node_executions
+                                + excluded(usage_daily::node_executions)),
+                        usage_daily::tokens.eq(usage_daily::tokens + excluded(usage_daily::tokens)),
+                    ))
+                    .execute(conn)
+                    .await?;
+                for model in models {
+                    diesel::insert_into(usage_tokens::table)
+                        .values(model)
+                        .on_conflict((
+                            usage_tokens::flow_id,
+                            usage_tokens::day,
+                            usage_tokens::model,
+                        ))
+                        .do_update()
+                        .set((
+                            usage_tokens::prompt_tokens
+                                .eq(usage_tokens::prompt_tokens
+                                    + excluded(usage_tokens::prompt_tokens)),
+                            usage_tokens::completion_tokens.eq(usage_tokens::completion_tokens
+                                + excluded(usage_tokens::completion_tokens)),
+                        ))
+                        .execute(conn)
+                        .await?;
+                }
+                Ok::<(), diesel::result::Error>(())
+            })
+            .await
+            .map_err(|e| db_error("adding usage", e))?;
         });
         Ok(())
     }
@@ -211,7 +237,43 @@ impl UsageStore for SqlStore {
                 .await
                 .map_err(|e| db_error("reading usage", e))?
         });
-        Ok(rows.into_iter().map(UsageDay::from).collect())
+        let tokens: Vec<TokenRow> = with_conn!(self, read, |conn| {
+            let mut query = usage_tokens::table
+                .filter(usage_tokens::day.between(&asked.from_day, &asked.to_day))
+                .select(TokenRow::as_select())
+                .order((
+                    usage_tokens::flow_id.asc(),
+                    usage_tokens::day.asc(),
+                    usage_tokens::model.asc(),
+                ))
+                .into_boxed();
+            if let Some(flow_id) = &asked.flow_id {
+                query = query.filter(usage_tokens::flow_id.eq(flow_id));
+            }
+            query
+                .load(conn)
+                .await
+                .map_err(|e| db_error("reading token usage", e))?
+        });
+        let mut days: Vec<UsageDay> = rows.into_iter().map(UsageDay::from).collect();
+        // Both lists are ordered by flow and day.
+        let mut at = 0;
+        for row in tokens {
+            while at < days.len() && (&days[at].flow_id, &days[at].day) < (&row.flow_id, &row.day) {
+                at += 1;
+            }
+            if let Some(day) = days
+                .get_mut(at)
+                .filter(|d| d.flow_id == row.flow_id && d.day == row.day)
+            {
+                day.models.push(flowcore::ports::ModelTokens {
+                    model: row.model,
+                    prompt_tokens: row.prompt_tokens.max(0) as u64,
+                    completion_tokens: row.completion_tokens.max(0) as u64,
+                });
+            }
+        }
+        Ok(days)
     }
 }
 

@@ -16,7 +16,7 @@ use flowcore::{ItemBatch, ItemProgress, RunId, RunStatus, StepRecord, StepStatus
 use serde_json::Value;
 
 use super::schema::{
-    api_keys, credentials, files, map_items, run_actions, runs, steps, usage_daily,
+    api_keys, credentials, files, map_items, run_actions, runs, steps, usage_daily, usage_tokens,
 };
 use super::{from_micros, from_text, micros, stored_value, to_text};
 
@@ -444,7 +444,36 @@ impl From<UsageRow> for UsageDay {
             runs: row.runs.max(0) as u64,
             node_executions: row.node_executions.max(0) as u64,
             tokens: row.tokens.max(0) as u64,
+            models: Vec::new(),
         }
+    }
+}
+
+/// One flow's tokens of one model on one day, read and added.
+#[derive(Debug, Queryable, Selectable, Insertable)]
+#[diesel(table_name = usage_tokens)]
+pub(super) struct TokenRow {
+    pub flow_id: String,
+    pub day: String,
+    pub model: String,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+}
+
+impl TokenRow {
+    /// The rows of `usage`'s models.
+    pub fn of(usage: &UsageDay) -> Vec<Self> {
+        usage
+            .models
+            .iter()
+            .map(|m| Self {
+                flow_id: usage.flow_id.clone(),
+                day: usage.day.clone(),
+                model: m.model.clone(),
+                prompt_tokens: count(m.prompt_tokens),
+                completion_tokens: count(m.completion_tokens),
+            })
+            .collect()
     }
 }
 

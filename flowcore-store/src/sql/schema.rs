@@ -130,6 +130,16 @@ diesel::table! {
 }
 
 diesel::table! {
+    usage_tokens (flow_id, day, model) {
+        flow_id -> Text,
+        day -> Text,
+        model -> Text,
+        prompt_tokens -> BigInt,
+        completion_tokens -> BigInt,
+    }
+}
+
+diesel::table! {
     files (id) {
         id -> Text,
         name -> Text,

@@ -72,7 +72,7 @@ impl reqwest::dns::Resolve for GuardedResolver {
 }
 
 /// The message of an error and of its sources, and whether the guard refused.
-fn describe(e: &reqwest::Error) -> (String, bool) {
+pub(crate) fn describe(e: &reqwest::Error) -> (String, bool) {
     let mut message = e.to_string();
     let mut denied = false;
     let mut source = std::error::Error::source(e);
@@ -92,7 +92,7 @@ fn describe(e: &reqwest::Error) -> (String, bool) {
 /// lands in the scheme, host or port (`https:///{{ h }}`, `https://{{ h }}.example.com`,
 /// `https://api.example.com{{ h }}`, `https://x@{{ h }}` all let the template choose). A
 /// credential without `allowed_hosts` goes only to this origin.
-fn literal_origin(url: &str) -> Option<url::Origin> {
+pub(crate) fn literal_origin(url: &str) -> Option<url::Origin> {
     const MARKER: &str = "flowcoretemplatemarker";
     let mut masked = String::with_capacity(url.len());
     let mut rest = url;
@@ -252,28 +252,26 @@ fn authenticate(
     })
 }
 
-impl HttpRequest {
-    /// Whether credential `name` may go to `url`'s host: one of its `allowed_hosts`, or, when
-    /// it lists none, a host written literally in the flow.
-    fn may_send(
-        &self,
-        name: &str,
-        secret: &crate::secret::Secret,
-        url: &reqwest::Url,
-    ) -> Result<(), NodeError> {
-        match secret.allows(url) {
-            Some(true) => Ok(()),
-            Some(false) => Err(NodeError::fatal(format!(
-                "credential `{name}` may not be sent to {} (not in its allowed_hosts; a host \
-                 without a port means https on 443)",
-                url.origin().ascii_serialization()
-            ))),
-            None if self.literal_origin.as_ref() == Some(&url.origin()) => Ok(()),
-            None => Err(NodeError::fatal(format!(
-                "credential `{name}` has no allowed_hosts, so it is sent only to a host written \
-                 in the flow, and this URL's scheme, host or port comes from a template"
-            ))),
-        }
+/// Whether credential `name` may go to `url`'s host: one of its `allowed_hosts`, or, when it
+/// lists none, the host written literally in the flow (`literal_origin`).
+pub(crate) fn may_send(
+    name: &str,
+    secret: &crate::secret::Secret,
+    url: &reqwest::Url,
+    literal_origin: Option<&url::Origin>,
+) -> Result<(), NodeError> {
+    match secret.allows(url) {
+        Some(true) => Ok(()),
+        Some(false) => Err(NodeError::fatal(format!(
+            "credential `{name}` may not be sent to {} (not in its allowed_hosts; a host \
+             without a port means https on 443)",
+            url.origin().ascii_serialization()
+        ))),
+        None if literal_origin == Some(&url.origin()) => Ok(()),
+        None => Err(NodeError::fatal(format!(
+            "credential `{name}` has no allowed_hosts, so it is sent only to a host written \
+             in the flow, and this URL's scheme, host or port comes from a template"
+        ))),
     }
 }
 
@@ -302,7 +300,7 @@ impl Node for HttpRequest {
             None => None,
             Some(name) => {
                 let secret = cx.credential(name).await?;
-                self.may_send(name, &secret, &first)?;
+                may_send(name, &secret, &first, self.literal_origin.as_ref())?;
                 Some((name, secret))
             }
         };

@@ -3,6 +3,8 @@
 mod basic;
 #[cfg(feature = "http")]
 pub(crate) mod http;
+#[cfg(feature = "llm")]
+pub(crate) mod llm;
 mod map;
 #[cfg(feature = "script")]
 mod script;
@@ -32,6 +34,8 @@ pub(crate) fn register_builtins(registry: &mut Registry) {
     registry.register("script", script::build);
     #[cfg(feature = "http")]
     registry.register("http_request", http::build);
+    #[cfg(feature = "llm")]
+    registry.register("llm_chat", llm::build);
 }
 
 /// Compiles an optional JSON param whose strings are templates, naming the param in its error.

@@ -24,8 +24,8 @@ pub use queue::{
 };
 #[cfg(feature = "records")]
 pub use records::{
-    ApiKeyRecord, ApiKeyStore, CredentialStore, FileRecord, FileStore, Reencryption, Scope, Scopes,
-    StoredCredential, UsageDay, UsageQuery, UsageStore,
+    ApiKeyRecord, ApiKeyStore, CredentialStore, FileRecord, FileStore, ModelTokens, Reencryption,
+    Scope, Scopes, StoredCredential, UsageDay, UsageQuery, UsageStore,
 };
 pub use runs::{
     ActionKind, Actor, Claim, ConcurrencyKey, Due, Lapsed, Lease, MAX_ACTIONS_PER_RUN, NewRun,

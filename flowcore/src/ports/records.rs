@@ -217,7 +217,7 @@ pub trait ApiKeyStore: Send + Sync {
 }
 
 /// Usage of one flow on one day (UTC).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
 pub struct UsageDay {
     /// The flow.
     pub flow_id: String,
@@ -227,17 +227,56 @@ pub struct UsageDay {
     pub runs: u64,
     /// Node executions.
     pub node_executions: u64,
-    /// LLM tokens.
+    /// LLM tokens (prompt and completion, every model).
     pub tokens: u64,
+    /// LLM tokens by model, by model name.
+    pub models: Vec<ModelTokens>,
+}
+
+/// LLM tokens of one model (in a [`UsageDay`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelTokens {
+    /// The model, as the server named it in its answer.
+    pub model: String,
+    /// Tokens of prompts.
+    pub prompt_tokens: u64,
+    /// Tokens of answers.
+    pub completion_tokens: u64,
+}
+
+impl UsageDay {
+    /// Adds `prompt` and `completion` tokens of `model` (to `tokens` too).
+    pub fn add_tokens(&mut self, model: &str, prompt: u64, completion: u64) {
+        self.tokens += prompt + completion;
+        merge_model(
+            &mut self.models,
+            &ModelTokens {
+                model: model.to_owned(),
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+            },
+        );
+    }
+}
+
+/// Adds `tokens` to its model's entry of `models` (kept sorted by name).
+pub(crate) fn merge_model(models: &mut Vec<ModelTokens>, tokens: &ModelTokens) {
+    match models.binary_search_by(|m| m.model.cmp(&tokens.model)) {
+        Ok(i) => {
+            models[i].prompt_tokens += tokens.prompt_tokens;
+            models[i].completion_tokens += tokens.completion_tokens;
+        }
+        Err(i) => models.insert(i, tokens.clone()),
+    }
 }
 
 /// Usage counters per flow and day.
 #[async_trait]
 pub trait UsageStore: Send + Sync {
-    /// Adds the counts of `usage` to its flow's counters of its day (atomically; concurrent
-    /// adds all count).
+    /// Adds the counts of `usage` to its flow's counters of its day, its models' tokens
+    /// included (atomically; concurrent adds all count).
     async fn add_usage(&self, usage: &UsageDay) -> StoreResult<()>;
-    /// The counters the query asks for, by flow then day.
+    /// The counters the query asks for, by flow then day, each day's models by name.
     async fn usage(&self, query: &UsageQuery) -> StoreResult<Vec<UsageDay>>;
 }
 

@@ -20,6 +20,7 @@ mod events;
 mod flows;
 mod items;
 mod limits;
+pub mod openai;
 mod queue;
 #[cfg(feature = "records")]
 mod records;

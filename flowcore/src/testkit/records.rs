@@ -5,7 +5,7 @@ use std::sync::Arc;
 use chrono::Utc;
 
 use crate::error::StoreError;
-use crate::ports::{Reencryption, UsageDay, UsageQuery};
+use crate::ports::{ModelTokens, Reencryption, UsageDay, UsageQuery};
 
 /// The four stores of the server's records, as one backend implements them.
 pub trait Records:
@@ -239,6 +239,26 @@ pub async fn meta_store(store: Arc<dyn Records>) {
         ("2026-11-22", 20, 80, 200)
     );
     assert_eq!(
+        f1[0].models,
+        vec![
+            ModelTokens {
+                model: "model-a".into(),
+                prompt_tokens: 60,
+                completion_tokens: 0
+            },
+            ModelTokens {
+                model: "model-b".into(),
+                prompt_tokens: 100,
+                completion_tokens: 40
+            }
+        ],
+        "tokens by model, sorted by name"
+    );
+    assert!(
+        f1[1].models.is_empty(),
+        "a day without tokens has no models"
+    );
+    assert_eq!(
         store
             .usage(&days(None, "2026-11-22", "2026-11-22"))
             .await
@@ -268,13 +288,20 @@ pub async fn meta_store(store: Arc<dyn Records>) {
 
 /// A flow's day of usage: runs, node executions and tokens.
 fn usage_of(flow_id: &str, day: &str, [runs, node_executions, tokens]: [u64; 3]) -> UsageDay {
-    UsageDay {
+    let mut usage = UsageDay {
         flow_id: flow_id.into(),
         day: day.into(),
         runs,
         node_executions,
-        tokens,
+        tokens: 0,
+        models: Vec::new(),
+    };
+    // Tokens of two models: the prompt's share first.
+    if tokens > 0 {
+        usage.add_tokens("model-b", tokens / 2, tokens / 4);
+        usage.add_tokens("model-a", tokens - tokens / 2 - tokens / 4, 0);
     }
+    usage
 }
 
 fn days(flow_id: Option<&str>, from_day: &str, to_day: &str) -> UsageQuery {

@@ -152,11 +152,15 @@ impl UsageStore for MemoryMetaStore {
                 runs: 0,
                 node_executions: 0,
                 tokens: 0,
+                models: Vec::new(),
                 ..usage.clone()
             });
         entry.runs += usage.runs;
         entry.node_executions += usage.node_executions;
         entry.tokens += usage.tokens;
+        for m in &usage.models {
+            crate::ports::records::merge_model(&mut entry.models, m);
+        }
         Ok(())
     }
 

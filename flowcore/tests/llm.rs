@@ -465,3 +465,147 @@ async fn the_guard_refuses_a_model_server_it_denies_and_names_the_setting() {
     );
     assert!(server.requests().is_empty());
 }
+
+/// The stand-in's wire format, read by the official `openai` Python client
+/// (`FLOWCORE_OPENAI_PYTHON`, a Python with `openai` installed; `.ci/run` makes one), which
+/// validates each chunk against its `ChatCompletionChunk` type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stand_in_speaks_the_format_the_official_openai_client_reads() {
+    let server = FakeLlm::start(|requests| match requests.len() {
+        1 => Reply::text("fake-1", &["Hel", "lo"]),
+        2 => Reply::tool_calls("fake-1", &[("call_9", "lookup", r#"{"q": "x"}"#)], 3),
+        _ => Reply::rate_limited("7"),
+    })
+    .await;
+    let python = std::env::var("FLOWCORE_OPENAI_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai/check_stream.py");
+    let base_url = server.base_url();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&python)
+            .arg(script)
+            .arg(&base_url)
+            .output()
+            .unwrap_or_else(|e| panic!("{python} did not start ({e}): set FLOWCORE_OPENAI_PYTHON to a Python with `openai`"))
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "the openai client failed (is `openai` installed? FLOWCORE_OPENAI_PYTHON): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cases: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(cases.len(), 3, "{cases:?}");
+    assert_eq!(cases[0]["content"], "Hello");
+    assert_eq!(cases[0]["finish_reason"], "stop");
+    assert_eq!(cases[0]["model"], "fake-1");
+    assert_eq!(cases[0]["usage"]["prompt_tokens"], 10);
+    assert_eq!(cases[0]["usage"]["total_tokens"], 12);
+    assert_eq!(
+        cases[1]["calls"],
+        json!([{"id": "call_9", "name": "lookup", "arguments": "{\"q\": \"x\"}"}])
+    );
+    assert_eq!(cases[1]["finish_reason"], "tool_calls");
+    assert_eq!(cases[2]["raised"], "RateLimitError");
+    assert_eq!(cases[2]["status"], 429);
+    assert_eq!(cases[2]["retry_after"], "7");
+    assert!(
+        cases[2]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Rate limit reached"),
+        "{}",
+        cases[2]
+    );
+}
+
+/// An example flow of `examples/flows/`, its model server pointed at `server`.
+fn example(text: &str, server: &FakeLlm) -> Value {
+    let mut flow: Value = serde_json::from_str(text).unwrap();
+    for node in flow["nodes"].as_array_mut().unwrap() {
+        if node["type"] == "llm_chat" {
+            node["params"]["base_url"] = json!(server.base_url());
+        }
+    }
+    flow
+}
+
+#[tokio::test]
+async fn the_support_triage_example_classifies_branches_and_summarizes() {
+    let server = FakeLlm::start(|requests| {
+        let last = &requests[requests.len() - 1].body;
+        if last.get("response_format").is_some() {
+            Reply::text(
+                "llama3.2",
+                &["{\"category\": \"bug\", ", "\"urgent\": true}"],
+            )
+        } else {
+            Reply::text("llama3.2", &["Export crashes ", "on large files."])
+        }
+    })
+    .await;
+    let engine = engine(&[]).await;
+    let flow = example(
+        include_str!("../../examples/flows/support_triage.json"),
+        &server,
+    );
+    let (result, _) = run(
+        &engine,
+        flow,
+        json!({"customer": "ada@example.com", "ticket": "Export crashes with 2 GB files!"}),
+    )
+    .await;
+    assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
+    let out = result.output.unwrap();
+    assert_eq!(out["queue"], "engineering", "{out}");
+    assert_eq!(out["summary"], "Export crashes on large files.");
+    assert_eq!(server.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn the_order_agent_example_calls_its_tool_flows() {
+    let tools = [
+        serde_json::from_str(include_str!("../../examples/flows/tools/lookup_order.json")).unwrap(),
+        serde_json::from_str(include_str!("../../examples/flows/tools/refund_order.json")).unwrap(),
+    ];
+    let engine = engine(&tools).await;
+    let server = FakeLlm::start(|requests| match requests.len() {
+        1 => Reply::tool_calls(
+            "llama3.2",
+            &[("c1", "lookup_order", r#"{"order_id": "A-200"}"#)],
+            5,
+        ),
+        2 => Reply::tool_calls(
+            "llama3.2",
+            &[(
+                "c2",
+                "refund_order",
+                r#"{"order_id": "A-200", "reason": "damaged"}"#,
+            )],
+            5,
+        ),
+        _ => Reply::text("llama3.2", &["Refunded A-200."]),
+    })
+    .await;
+    let flow = example(
+        include_str!("../../examples/flows/order_agent.json"),
+        &server,
+    );
+    let (result, _) = run(
+        &engine,
+        flow,
+        json!({"message": "A-200 arrived broken, refund please"}),
+    )
+    .await;
+    assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
+    let out = result.output.unwrap();
+    assert_eq!(out["content"], "Refunded A-200.");
+    assert_eq!(
+        out["tool_calls"][0]["output"],
+        json!({"found": true, "order_id": "A-200", "state": "delivered", "amount": 42.5})
+    );
+    assert_eq!(out["tool_calls"][1]["output"]["refunded"], true);
+}

@@ -672,6 +672,64 @@ fn an_api_process_and_a_worker_process_share_runs_and_cancels() {
     cleanup(&dir);
 }
 
+#[test]
+fn a_workers_llm_tokens_reach_a_client_of_the_api_process_as_they_stream() {
+    use flowcore::testkit::openai::{FakeLlm, Reply};
+    use std::io::{BufRead, Write};
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let parts: Vec<String> = (0..10).map(|i| format!("w{i} ")).collect();
+    let model = runtime.block_on(FakeLlm::start(move |_| {
+        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+        Reply::text("fake-1", &parts).slowly(std::time::Duration::from_millis(150))
+    }));
+    let dir = std::env::temp_dir().join(format!("flowcore-llm-topology-{}", flowcore::ids::new_id()));
+    let prefix = format!("flowcore-test-{}", flowcore::ids::new_id());
+    let redis = std::env::var("FLOWCORE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let allow = format!("127.0.0.1:{}", model.port());
+    let shared = [("REDIS_URL", redis.as_str()), ("FLOWCORE_REDIS_PREFIX", prefix.as_str())];
+    let api = Server::start(&dir, &[shared[0], shared[1], ("FLOWCORE_ROLE", "api")]);
+    let worker = Server::start(&dir, &[shared[0], shared[1], ("FLOWCORE_ROLE", "worker"), ("FLOWCORE_HTTP_ALLOW", &allow)]);
+    let flow = json!({"id": "ask", "nodes": [{"id": "ask", "type": "llm_chat", "params": {
+        "base_url": model.base_url(), "model": "fake-1",
+        "messages": [{"role": "user", "content": "{{ input.q }}"}]}}]});
+    let (status, answer) = api.json("POST", "/api/v1/flows", Some(flow));
+    assert_eq!(status, 201, "{answer}");
+    let (status, run) = api.json("POST", "/api/v1/flows/ask/runs", Some(json!({"input": {"q": "hi"}, "wait": false})));
+    assert_eq!(status, 202, "{run}");
+    let id = run["run_id"].as_str().unwrap().to_owned();
+
+    // The run's events from the api process, each line timed as it arrives.
+    let mut sock = std::net::TcpStream::connect(("127.0.0.1", api.port)).expect("connect");
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    write!(sock, "GET /api/v1/runs/{id}/events HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nConnection: close\r\n\r\n").unwrap();
+    let started = std::time::Instant::now();
+    let mut events: Vec<(String, std::time::Duration)> = Vec::new();
+    for line in std::io::BufReader::new(sock).lines() {
+        let Ok(line) = line else { break };
+        if let Some(name) = line.strip_prefix("event: ") {
+            events.push((name.to_owned(), started.elapsed()));
+            if name == "run_finished" {
+                break;
+            }
+        }
+    }
+    let at = |name: &str| events.iter().filter(|(n, _)| n == name).map(|(_, t)| *t).collect::<Vec<_>>();
+    let tokens = at("token");
+    assert_eq!(tokens.len(), 10, "{events:?}");
+    let finished = at("run_finished");
+    assert_eq!(finished.len(), 1, "{events:?}");
+    assert!(
+        finished[0] - tokens[0] >= std::time::Duration::from_millis(800),
+        "tokens arrive as the worker streams them, not with the end: {events:?}"
+    );
+    let (_, done) = api.json("GET", &format!("/api/v1/runs/{id}"), None);
+    assert_eq!(done["output"]["content"], "w0 w1 w2 w3 w4 w5 w6 w7 w8 w9 ", "{done}");
+    drop(api);
+    drop(worker);
+    clean_redis(&prefix);
+    cleanup(&dir);
+}
+
 /// `flowcore health`: 0 while the server is ready, 1 with a message once it is gone.
 #[test]
 fn health_command_follows_the_server() {

@@ -208,6 +208,7 @@ impl Metrics {
 
     /// Tokens one model call used.
     pub fn llm_tokens(&self, model: &str, prompt: u64, completion: u64) {
+        let model = crate::usage::model_name(model);
         let model = {
             let mut models = self.models.lock().unwrap_or_else(|e| e.into_inner());
             if models.contains(model) || models.len() < MAX_MODEL_LABELS {

@@ -25,8 +25,21 @@ struct Counts {
     tokens: UsageDay,
 }
 
-/// The longest model name usage keeps (a longer one is cut: it comes from a model server).
+/// The longest model name usage and metrics keep (a longer one is cut: it comes from a model
+/// server).
 const MAX_MODEL_NAME: usize = 200;
+
+/// Models a flow's day counts by name in one process's pending counts; more count as `other`.
+const MAX_MODELS_A_DAY: usize = 20;
+
+/// `model` cut to [`MAX_MODEL_NAME`] bytes.
+pub fn model_name(model: &str) -> &str {
+    let mut end = model.len().min(MAX_MODEL_NAME);
+    while !model.is_char_boundary(end) {
+        end -= 1;
+    }
+    &model[..end]
+}
 
 /// A flow's stored counts of a day, for quotas.
 #[derive(Debug, Default, Clone, Copy)]
@@ -81,12 +94,16 @@ impl Usage {
 
     /// Counts LLM tokens of `model` used now.
     pub fn tokens(&self, flow_id: &str, model: &str, prompt: u64, completion: u64) {
-        let mut end = model.len().min(MAX_MODEL_NAME);
-        while !model.is_char_boundary(end) {
-            end -= 1;
-        }
+        let model = model_name(model);
         self.add(flow_id, |c| {
-            c.tokens.add_tokens(&model[..end], prompt, completion);
+            // The server names the model: a flow's day counts a few by name, the rest as one.
+            let known = c.tokens.models.iter().any(|m| m.model == model);
+            let model = if known || c.tokens.models.len() < MAX_MODELS_A_DAY {
+                model
+            } else {
+                "other"
+            };
+            c.tokens.add_tokens(model, prompt, completion);
         });
     }
 
@@ -157,13 +174,13 @@ impl Usage {
     /// this process's unflushed ones.
     pub async fn runs_today(&self, flow_id: &str) -> Result<u64, StoreError> {
         let stored = self.stored_today(flow_id).await?.runs;
-        Ok(stored + self.pending_today(flow_id, |c| c.runs))
+        Ok(stored.saturating_add(self.pending_today(flow_id, |c| c.runs)))
     }
 
     /// LLM tokens of `flow_id` today across all processes, as [`Usage::runs_today`].
     pub async fn tokens_today(&self, flow_id: &str) -> Result<u64, StoreError> {
         let stored = self.stored_today(flow_id).await?.tokens;
-        Ok(stored + self.pending_today(flow_id, |c| c.tokens.tokens))
+        Ok(stored.saturating_add(self.pending_today(flow_id, |c| c.tokens.tokens)))
     }
 
     /// This process's unflushed count of `flow_id` today.

@@ -609,3 +609,83 @@ async fn the_order_agent_example_calls_its_tool_flows() {
     );
     assert_eq!(out["tool_calls"][1]["output"]["refunded"], true);
 }
+
+#[tokio::test]
+async fn a_conversation_that_outgrows_the_output_limit_fails_instead_of_growing() {
+    let flows = Arc::new(MemoryFlowStore::new());
+    let big = json!({"id": "big", "nodes": [{"id": "b", "type": "set",
+        "params": {"fields": {"text": "x".repeat(1500)}}}]});
+    flows
+        .create(&serde_json::from_value::<FlowDef>(big).unwrap())
+        .await
+        .unwrap();
+    let engine = Engine::builder()
+        .http_guard(local())
+        .flow_store(flows)
+        .limits(flowcore::Limits {
+            max_output_bytes: 4096,
+            ..flowcore::Limits::default()
+        })
+        .build();
+    let server = FakeLlm::start(|_| Reply::tool_calls("m", &[("c", "big", "{}")], 8)).await;
+    let tools = json!([{"name": "big", "flow_id": "big"}]);
+    let (result, _) = run(
+        &engine,
+        chat(&server, json!({"tools": tools, "max_iterations": 20})),
+        json!({"q": "x"}),
+    )
+    .await;
+    assert_eq!(result.status, RunStatus::Failed);
+    let error = result.error.unwrap();
+    assert!(
+        error.contains("conversation grew past 4096 bytes"),
+        "{error}"
+    );
+    assert!(server.requests().len() < 5, "{}", server.requests().len());
+}
+
+#[tokio::test]
+async fn a_server_sending_a_byte_a_chunk_gets_its_pieces_gathered_past_4096_events() {
+    let engine = engine(&[]).await;
+    let server = FakeLlm::start(|_| {
+        let parts = vec!["a"; 5_000];
+        Reply::text("m", &parts)
+    })
+    .await;
+    let (result, events) = run(&engine, chat(&server, json!({})), json!({"q": "x"})).await;
+    assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
+    let tokens = tokens(&events);
+    assert_eq!(tokens.len(), 4_097, "4,096 pieces, then the rest in one");
+    assert_eq!(tokens.last().unwrap().0.len(), 904);
+    let text: String = tokens.iter().map(|t| t.0.as_str()).collect();
+    assert_eq!(text, result.output.unwrap()["content"].as_str().unwrap());
+}
+
+#[tokio::test]
+async fn tool_calls_are_matched_by_position_when_a_server_reuses_their_ids() {
+    let engine = engine(&[json!({"id": "echo", "nodes": [{"id": "e", "type": "set",
+        "params": {"fields": {"got": "{{ input.n }}"}}}]})])
+    .await;
+    let server = FakeLlm::start(|requests| match requests.len() {
+        1 => Reply::tool_calls("m", &[("call_0", "echo", r#"{"n": 1}"#)], 4),
+        2 => Reply::tool_calls("m", &[("call_0", "echo", r#"{"n": 2}"#)], 4),
+        _ => Reply::text("m", &["done"]),
+    })
+    .await;
+    let tools = json!([{"name": "echo", "flow_id": "echo"}]);
+    let (result, _) = run(
+        &engine,
+        chat(&server, json!({"tools": tools})),
+        json!({"q": "x"}),
+    )
+    .await;
+    assert_eq!(result.status, RunStatus::Succeeded, "{:?}", result.error);
+    let out = result.output.unwrap();
+    assert_eq!(out["tool_calls"][1]["output"], json!({"got": 2}), "{out}");
+    let third = &server.requests()[2].body["messages"];
+    assert_eq!(
+        third.as_array().unwrap().len(),
+        6,
+        "both answers and both results: {third}"
+    );
+}

@@ -38,6 +38,12 @@ const MAX_TOOL_CALLS: usize = 32;
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// The longest line of the stream (one event of a few tokens is well under a kilobyte).
 const MAX_LINE: usize = 1 << 20;
+/// Token events of one model call, one a piece; after them pieces are gathered.
+const EVENTS_A_CALL: usize = 4_096;
+/// The least bytes of a gathered token event.
+const GATHERED: usize = 4_096;
+/// The largest tool output sent back to the model (a larger one is an error for it).
+const MAX_TOOL_OUTPUT: usize = 1 << 20;
 /// How much of an error answer's body is read for its message.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
@@ -292,6 +298,27 @@ struct Usage {
     completion_tokens: u64,
 }
 
+/// The most tokens one model call is counted for, of each kind: a server's number past it is
+/// a lie that would overflow the counters (and a quota's arithmetic) downstream.
+const MAX_TOKENS_A_CALL: u64 = 1_000_000_000;
+
+impl Usage {
+    /// The counts as the server told them, each at most [`MAX_TOKENS_A_CALL`].
+    fn bounded(self) -> Self {
+        Self {
+            prompt_tokens: self.prompt_tokens.min(MAX_TOKENS_A_CALL),
+            completion_tokens: self.completion_tokens.min(MAX_TOKENS_A_CALL),
+        }
+    }
+
+    fn add(&mut self, other: Self) {
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self
+            .completion_tokens
+            .saturating_add(other.completion_tokens);
+    }
+}
+
 /// One `data:` event of the stream: a `chat.completion.chunk`, or an `error`.
 #[derive(Deserialize)]
 struct Chunk<'a> {
@@ -435,6 +462,12 @@ impl Stream {
         })?;
         if let Some(data) = line.strip_prefix("data:") {
             let data = data.strip_prefix(' ').unwrap_or(data);
+            // An event of many `data:` lines and no blank line is one line as far as memory goes.
+            if self.data.len() + data.len() > MAX_LINE {
+                return Err(NodeError::fatal(format!(
+                    "malformed stream from the model server: an event longer than {MAX_LINE} bytes"
+                )));
+            }
             if !self.data.is_empty() {
                 self.data.push('\n');
             }
@@ -630,7 +663,8 @@ impl Turn {
                 usage: v
                     .get("usage")
                     .and_then(|u| Usage::deserialize(u).ok())
-                    .unwrap_or_default(),
+                    .unwrap_or_default()
+                    .bounded(),
             }),
             "tool" => Some(Self::Tool {
                 id: text("id")?,
@@ -693,6 +727,7 @@ impl LlmChat {
         cx: &NodeContext,
         request: reqwest::RequestBuilder,
         turn: u32,
+        token: Option<&str>,
     ) -> Result<Answer, NodeError> {
         let mut response = request.send().await.map_err(|e| {
             let (message, denied) = super::http::describe(&e);
@@ -722,6 +757,12 @@ impl LlmChat {
                         .map(|m| m.as_str().map_or_else(|| m.to_string(), str::to_owned))
                 })
                 .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+            // Redacted before it is cut: the run's scrubber sees only what is left, and a
+            // token cut in two would pass it.
+            let detail = match token {
+                Some(token) if !token.is_empty() => detail.replace(token, "[redacted]"),
+                _ => detail,
+            };
             let message = format!(
                 "the model server answered HTTP {status}: {}",
                 clip(detail.trim(), 500)
@@ -746,14 +787,29 @@ impl LlmChat {
             Arc::<str>::from(cx.node_id()),
             cx.attempt(),
         );
-        let mut emit = |delta: &str| {
+        let send = |delta: String| {
             cx.emit(&RunEvent::Token {
                 run_id: run_id.clone(),
                 node: node.clone(),
-                delta: delta.to_owned(),
+                delta,
                 turn,
                 attempt,
             });
+        };
+        // Each piece is an event, up to `EVENTS_A_CALL` of them; then pieces are gathered
+        // into events of at least `GATHERED` bytes (a server sending one byte a chunk would
+        // otherwise make millions of events).
+        let (mut sent, mut gathered) = (0usize, String::new());
+        let mut emit = |delta: &str| {
+            if sent < EVENTS_A_CALL {
+                sent += 1;
+                send(delta.to_owned());
+            } else {
+                gathered.push_str(delta);
+                if gathered.len() >= GATHERED {
+                    send(std::mem::take(&mut gathered));
+                }
+            }
         };
         let mut stream = Stream::default();
         loop {
@@ -774,6 +830,9 @@ impl LlmChat {
             }
         }
         stream.finish(limit, &mut emit)?;
+        if !gathered.is_empty() {
+            send(gathered);
+        }
         let answer = stream.answer;
         if !answer.done && answer.finish_reason.is_none() {
             return Err(NodeError::retryable(
@@ -835,9 +894,15 @@ impl Node for LlmChat {
 
         // What earlier executions finished.
         let started_at = chrono::Utc::now();
-        let mut turns: Vec<Turn> = cx
-            .checkpoints()
-            .await?
+        let stored = cx.checkpoints().await?;
+        // The index of the next checkpoint: after every stored one (one not read as a turn
+        // keeps its index: a new turn written there would be dropped as a repeat).
+        let mut next_index = stored
+            .iter()
+            .map(|(i, _)| i.saturating_add(1))
+            .max()
+            .unwrap_or(0);
+        let mut turns: Vec<Turn> = stored
             .iter()
             .filter_map(|(_, v)| Turn::from_value(v))
             .collect();
@@ -854,8 +919,7 @@ impl Node for LlmChat {
                     usage: u,
                 } => {
                     model_calls += 1;
-                    usage.prompt_tokens += u.prompt_tokens;
-                    usage.completion_tokens += u.completion_tokens;
+                    usage.add(*u);
                     messages.push(message.clone());
                     last = Some((message.clone(), m.clone(), finish_reason.clone()));
                 }
@@ -873,22 +937,30 @@ impl Node for LlmChat {
         }
 
         loop {
-            // The tool calls of the last answer that have no result yet run now.
-            let pending: Vec<Value> = last
+            let calls: Vec<Value> = last
                 .as_ref()
                 .and_then(|(m, _, _)| m.get("tool_calls"))
                 .and_then(Value::as_array)
                 .cloned()
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|call| {
-                    let id = call.get("id").and_then(Value::as_str).unwrap_or_default();
-                    !turns
-                        .iter()
-                        .any(|t| matches!(t, Turn::Tool { id: done, .. } if done == id))
-                })
-                .collect();
-            for call in pending {
+                .unwrap_or_default();
+            if calls.is_empty() && last.is_some() {
+                break;
+            }
+            // The last allowed answer's tools would run for nothing: no call reads them.
+            if model_calls >= self.max_iterations {
+                return Err(NodeError::fatal(format!(
+                    "the model still called tools after {} model calls (max_iterations)",
+                    self.max_iterations
+                )));
+            }
+            // The tool calls of the last answer that have no result yet run now: those past
+            // the results stored after it (by position: a server may reuse ids).
+            let done = turns
+                .iter()
+                .rev()
+                .take_while(|t| matches!(t, Turn::Tool { .. }))
+                .count();
+            for call in calls.into_iter().skip(done) {
                 let turn = self.run_tool(cx, &call).await?;
                 if let Turn::Tool {
                     id,
@@ -908,31 +980,27 @@ impl Node for LlmChat {
                         done: model_calls,
                     },
                     started_at,
-                    vec![(turns.len() as u32 - 1, Arc::new(turn.to_value()))],
+                    vec![(next_index, Arc::new(turn.to_value()))],
                 )
                 .await?;
-            }
-            let answered = last.as_ref().is_some_and(|(m, _, _)| {
-                m.get("tool_calls")
-                    .and_then(Value::as_array)
-                    .is_none_or(Vec::is_empty)
-            });
-            if answered {
-                break;
-            }
-            if model_calls >= self.max_iterations {
-                return Err(NodeError::fatal(format!(
-                    "the model still called tools after {} model calls (max_iterations)",
-                    self.max_iterations
-                )));
+                next_index += 1;
             }
             // One more model call.
-            let body = self.body(&model, &messages);
+            let body = serde_json::to_vec(&self.body(&model, &messages))
+                .map_err(|e| NodeError::fatal(format!("writing the request: {e}")))?;
+            // Tool outputs pile up in the conversation: it may be the step output limit.
+            let limit = cx.engine().limits().max_output_bytes;
+            if body.len() > limit {
+                return Err(NodeError::fatal(format!(
+                    "the conversation grew past {limit} bytes (the step output limit) after {model_calls} model calls"
+                )));
+            }
             let mut request = client
                 .post(url.clone())
                 .timeout(self.timeout)
                 .header(reqwest::header::ACCEPT, "text/event-stream")
-                .json(&body);
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
             if let Some(token) = &token {
                 let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
                     .map_err(|_| {
@@ -941,11 +1009,12 @@ impl Node for LlmChat {
                 value.set_sensitive(true);
                 request = request.header(reqwest::header::AUTHORIZATION, value);
             }
-            let answer = self.call(cx, request, model_calls + 1).await?;
+            let answer = self
+                .call(cx, request, model_calls + 1, token.as_deref())
+                .await?;
             model_calls += 1;
-            let used = answer.usage.unwrap_or_default();
-            usage.prompt_tokens += used.prompt_tokens;
-            usage.completion_tokens += used.completion_tokens;
+            let used = answer.usage.unwrap_or_default().bounded();
+            usage.add(used);
             let answered_by = answer.model.clone().unwrap_or_else(|| model.clone());
             cx.emit_to_root(&RunEvent::LlmUsage {
                 run_id: cx.run_id().clone(),
@@ -954,6 +1023,13 @@ impl Node for LlmChat {
                 prompt_tokens: used.prompt_tokens,
                 completion_tokens: used.completion_tokens,
             });
+            // Before the checkpoint: a resumed run must not take a refusal for an answer.
+            if !answer.refusal.is_empty() && answer.content.is_empty() {
+                return Err(NodeError::fatal(format!(
+                    "the model refused: {}",
+                    clip(&answer.refusal, 500)
+                )));
+            }
             let mut message = Map::new();
             message.insert("role".into(), json!("assistant"));
             message.insert("content".into(), json!(answer.content));
@@ -991,15 +1067,10 @@ impl Node for LlmChat {
                     done: model_calls,
                 },
                 started_at,
-                vec![(turns.len() as u32 - 1, Arc::new(turn.to_value()))],
+                vec![(next_index, Arc::new(turn.to_value()))],
             )
             .await?;
-            if !answer.refusal.is_empty() && answer.content.is_empty() {
-                return Err(NodeError::fatal(format!(
-                    "the model refused: {}",
-                    clip(&answer.refusal, 500)
-                )));
-            }
+            next_index += 1;
         }
 
         let (message, answered_by, finish_reason) = last.expect("an answer ends the loop");
@@ -1114,7 +1185,18 @@ impl LlmChat {
             .execute_child(&plan, arguments.clone(), cx)
             .await;
         Ok(match result.status {
-            RunStatus::Succeeded => turn(arguments, result.output.unwrap_or(Value::Null)),
+            RunStatus::Succeeded => {
+                let output = result.output.unwrap_or(Value::Null);
+                let size = serde_json::to_vec(&output).map_or(usize::MAX, |b| b.len());
+                if size > MAX_TOOL_OUTPUT {
+                    turn(
+                        arguments,
+                        json!({"error": format!("tool `{name}` answered {size} bytes, more than the {MAX_TOOL_OUTPUT} sent to a model")}),
+                    )
+                } else {
+                    turn(arguments, output)
+                }
+            }
             RunStatus::Cancelled => {
                 return Err(NodeError::fatal(format!(
                     "tool `{name}` (flow `{}`) was cancelled",
@@ -1190,6 +1272,22 @@ mod tests {
             matches!(err, NodeError::OutputTooLarge { limit: 15 }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_event_of_endless_data_lines_fails_at_the_line_limit() {
+        let mut stream = Stream::default();
+        let line = format!("data: {}\n", "x".repeat(1000));
+        let mut failed = None;
+        for _ in 0..2_000 {
+            if let Err(e) = stream.feed(line.as_bytes(), usize::MAX, &mut |_| {}) {
+                failed = Some(e);
+                break;
+            }
+        }
+        let err = failed.expect("refused before 2 MB");
+        assert!(err.to_string().contains("an event longer than"), "{err}");
+        assert!(stream.data.len() <= MAX_LINE);
     }
 
     #[test]

@@ -247,7 +247,9 @@ pub struct ModelTokens {
 impl UsageDay {
     /// Adds `prompt` and `completion` tokens of `model` (to `tokens` too).
     pub fn add_tokens(&mut self, model: &str, prompt: u64, completion: u64) {
-        self.tokens += prompt + completion;
+        self.tokens = self
+            .tokens
+            .saturating_add(prompt.saturating_add(completion));
         merge_model(
             &mut self.models,
             &ModelTokens {
@@ -263,8 +265,10 @@ impl UsageDay {
 pub(crate) fn merge_model(models: &mut Vec<ModelTokens>, tokens: &ModelTokens) {
     match models.binary_search_by(|m| m.model.cmp(&tokens.model)) {
         Ok(i) => {
-            models[i].prompt_tokens += tokens.prompt_tokens;
-            models[i].completion_tokens += tokens.completion_tokens;
+            models[i].prompt_tokens = models[i].prompt_tokens.saturating_add(tokens.prompt_tokens);
+            models[i].completion_tokens = models[i]
+                .completion_tokens
+                .saturating_add(tokens.completion_tokens);
         }
         Err(i) => models.insert(i, tokens.clone()),
     }

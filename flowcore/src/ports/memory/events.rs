@@ -56,10 +56,14 @@ impl EventLogs {
     }
 }
 
+/// The most events kept of one run (the oldest go first), as the Redis bus keeps about as
+/// many: a run that streams a long LLM answer does not grow the process without bound.
+const MAX_EVENTS_PER_RUN: usize = 10_000;
+
 #[derive(Debug, Default)]
 struct RunLog {
     next: u64,
-    events: Vec<EventRecord>,
+    events: std::collections::VecDeque<EventRecord>,
     last: Option<std::time::Instant>,
     /// Whether `run_finished` was published: nothing more will come.
     ended: bool,
@@ -116,7 +120,10 @@ impl EventBus for MemoryEventBus {
             log.last = Some(now);
             log.ended |= matches!(event, crate::event::RunEvent::RunFinished { .. });
             let id = log.next.to_string();
-            log.events.push(EventRecord {
+            if log.events.len() >= MAX_EVENTS_PER_RUN {
+                log.events.pop_front();
+            }
+            log.events.push_back(EventRecord {
                 id: id.clone(),
                 name: event.name().to_owned(),
                 data,

@@ -677,6 +677,23 @@ impl Turn {
     }
 }
 
+impl Turn {
+    /// A tool's result: its message for the model, and its entry of the output's `tool_calls`.
+    fn tell(&self, messages: &mut Vec<Value>, tool_calls: &mut Vec<Value>) {
+        if let Self::Tool {
+            id,
+            name,
+            arguments,
+            output,
+        } = self
+        {
+            messages
+                .push(json!({"role": "tool", "tool_call_id": id, "content": tool_content(output)}));
+            tool_calls.push(json!({"name": name, "arguments": arguments, "output": output}));
+        }
+    }
+}
+
 /// A tool output as the model reads it: JSON text.
 fn tool_content(output: &Value) -> String {
     match output {
@@ -923,16 +940,7 @@ impl Node for LlmChat {
                     messages.push(message.clone());
                     last = Some((message.clone(), m.clone(), finish_reason.clone()));
                 }
-                Turn::Tool {
-                    id,
-                    name,
-                    arguments,
-                    output,
-                } => {
-                    messages.push(json!({"role": "tool", "tool_call_id": id, "content": tool_content(output)}));
-                    tool_calls
-                        .push(json!({"name": name, "arguments": arguments, "output": output}));
-                }
+                Turn::Tool { .. } => turn.tell(&mut messages, &mut tool_calls),
             }
         }
 
@@ -962,28 +970,10 @@ impl Node for LlmChat {
                 .count();
             for call in calls.into_iter().skip(done) {
                 let turn = self.run_tool(cx, &call).await?;
-                if let Turn::Tool {
-                    id,
-                    name,
-                    arguments,
-                    output,
-                } = &turn
-                {
-                    messages.push(json!({"role": "tool", "tool_call_id": id, "content": tool_content(output)}));
-                    tool_calls
-                        .push(json!({"name": name, "arguments": arguments, "output": output}));
-                }
+                turn.tell(&mut messages, &mut tool_calls);
                 turns.push(turn.clone());
-                cx.checkpoint(
-                    ItemProgress {
-                        total: self.max_iterations,
-                        done: model_calls,
-                    },
-                    started_at,
-                    vec![(next_index, Arc::new(turn.to_value()))],
-                )
-                .await?;
-                next_index += 1;
+                self.keep(cx, started_at, model_calls, &mut next_index, &turn)
+                    .await?;
             }
             // One more model call.
             let body = serde_json::to_vec(&self.body(&model, &messages))
@@ -1061,16 +1051,8 @@ impl Node for LlmChat {
             messages.push(message.clone());
             turns.push(turn.clone());
             last = Some((message, Some(answered_by), answer.finish_reason));
-            cx.checkpoint(
-                ItemProgress {
-                    total: self.max_iterations,
-                    done: model_calls,
-                },
-                started_at,
-                vec![(next_index, Arc::new(turn.to_value()))],
-            )
-            .await?;
-            next_index += 1;
+            self.keep(cx, started_at, model_calls, &mut next_index, &turn)
+                .await?;
         }
 
         let (message, answered_by, finish_reason) = last.expect("an answer ends the loop");
@@ -1131,6 +1113,25 @@ impl Node for LlmChat {
 }
 
 impl LlmChat {
+    /// Checkpoints `turn` at `next_index` and moves the index on.
+    async fn keep(
+        &self,
+        cx: &NodeContext,
+        started_at: chrono::DateTime<chrono::Utc>,
+        model_calls: u32,
+        next_index: &mut u32,
+        turn: &Turn,
+    ) -> Result<(), NodeError> {
+        let progress = ItemProgress {
+            total: self.max_iterations,
+            done: model_calls,
+        };
+        let item = vec![(*next_index, Arc::new(turn.to_value()))];
+        cx.checkpoint(progress, started_at, item).await?;
+        *next_index += 1;
+        Ok(())
+    }
+
     /// Runs the tool a call names, as a child run of this node with the call's arguments as
     /// its input. What goes wrong in the call (an unknown tool, arguments that are not JSON
     /// or break the schema, a tool flow that fails) is told to the model as the tool's

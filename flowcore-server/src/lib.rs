@@ -161,8 +161,12 @@ pub async fn serve(state: Shared, stop: CancellationToken) -> std::io::Result<us
     let descriptors = listen::raise_descriptor_limit();
     let limits = listen::ConnectionLimits::from_config(&state.config, descriptors);
     let listener = tokio::net::TcpListener::bind(bind).await?;
-    tracing::info!(%bind, max_connections = limits.max_connections, descriptors, "flowcore listening");
-    eprintln!("flowcore listening on http://{bind}");
+    // One line (the log's), not a second one printed beside it.
+    tracing::info!(
+        max_connections = limits.max_connections,
+        descriptors,
+        "flowcore listening on http://{bind}"
+    );
     if state.config.public_url.is_none() && bind.ip().is_unspecified() {
         tracing::warn!(
             "FLOWCORE_PUBLIC_URL is not set: resume URLs point at http://{bind}, which nobody \

@@ -268,3 +268,40 @@ fn run_fails_a_wait_past_its_timeout() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn serve_says_it_listens_once_and_logs_to_a_pipe_without_colours() {
+    use std::io::{BufRead, Read};
+    let dir = std::env::temp_dir().join(format!("flowcore-cli-serve-{}", std::process::id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flowcore"))
+        .arg("serve")
+        .env("FLOWCORE_DATA_DIR", &dir)
+        .env("FLOWCORE_BIND", "127.0.0.1:0")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut text = String::new();
+    // Bounded: the server logs a few lines before it listens.
+    for _ in 0..200 {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        text.push_str(&line);
+        if line.contains("listening") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = stderr.read_to_string(&mut text);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(text.matches("listening on http://").count(), 1, "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "no ANSI colours in a pipe: {text:?}"
+    );
+}

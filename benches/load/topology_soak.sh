@@ -43,7 +43,7 @@ rss() {
   done
 }
 conns=$(( 32 / ${#urls[@]} ))
-printf "%-6s %10s %9s %10s %22s\n" minute "req/s" "p99" "db MB" "dead rows / RSS MB"
+printf "%-6s %10s %9s %10s %10s %10s %s\n" minute "req/s" "p99" "db MB" "dead rows" "redis MB" "RSS MB"
 for minute in $(seq "$SOAK_MINUTES"); do
   outs=()
   for u in "${urls[@]}"; do
@@ -59,7 +59,8 @@ for minute in $(seq "$SOAK_MINUTES"); do
   done
   db=$(( $(psql "$DATABASE_URL" -XAtqc "SELECT pg_database_size(current_database())") / 1024 / 1024 ))
   dead=$(psql "$DATABASE_URL" -XAtqc "SELECT sum(n_dead_tup) FROM pg_stat_user_tables WHERE relname IN ('"'"'runs'"'"', '"'"'steps'"'"')")
-  printf "%-6s %10s %9s %10s %10s %s\n" "$minute" "$total" "$p99" "$db" "$dead" "$(rss)"
+  redis=$(( $(redis-cli -u "$REDIS_URL" info memory | awk -F: "/^used_memory:/ {print \$2}" | tr -d "\r") / 1024 / 1024 ))
+  printf "%-6s %10s %9s %10s %10s %10s %s\n" "$minute" "$total" "$p99" "$db" "$dead" "$redis" "$(rss)"
 done
 echo "runs stored at the end: $(psql "$DATABASE_URL" -XAtqc "SELECT count(*) FROM runs")"
 '

@@ -59,6 +59,7 @@ pub fn app(state: Shared) -> Router {
         .route("/readyz", get(routes::meta::readyz))
         .route("/metrics", get(routes::meta::scrape))
         .nest("/api/v1", api)
+        .merge(crate::console::router())
         .merge(
             routes::webhooks::router()
                 .layer(payload_limit)

@@ -22,6 +22,7 @@ pub mod archive;
 pub mod auth;
 pub mod background;
 pub mod config;
+pub mod console;
 pub mod credentials;
 pub mod error;
 pub mod hooks;
@@ -161,11 +162,13 @@ pub async fn serve(state: Shared, stop: CancellationToken) -> std::io::Result<us
     let descriptors = listen::raise_descriptor_limit();
     let limits = listen::ConnectionLimits::from_config(&state.config, descriptors);
     let listener = tokio::net::TcpListener::bind(bind).await?;
+    // The address bound (port 0 in FLOWCORE_BIND picks a free one: this says which).
+    let bound = listener.local_addr().unwrap_or(bind);
     // One line (the log's), not a second one printed beside it.
     tracing::info!(
         max_connections = limits.max_connections,
         descriptors,
-        "flowcore listening on http://{bind}"
+        "flowcore listening on http://{bound}"
     );
     if state.config.public_url.is_none() && bind.ip().is_unspecified() {
         tracing::warn!(

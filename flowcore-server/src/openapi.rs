@@ -11,7 +11,7 @@ use crate::replay::{ReplayProgress, ReplayRequest};
 use crate::routes::api_keys::{ApiKeyCreated, ApiKeyList, ApiKeyView, CreateApiKey};
 use crate::routes::credentials::{CreateCredential, CredentialList, CredentialView};
 use crate::routes::files::FileView;
-use crate::routes::flows::{FlowCreated, FlowSummary, FlowView};
+use crate::routes::flows::{FlowChecked, FlowCreated, FlowSummary, FlowView};
 use crate::routes::meta::{Health, Readiness};
 use crate::routes::runs::{
     KeyedSignal, KeyedSignalSent, RerunRequest, RunSummary, RunView, StartRun, StepView, WaitView,
@@ -53,7 +53,7 @@ impl Modify for Security {
         crate::routes::files::remove, crate::routes::usage::usage, crate::routes::webhooks::call,
     ),
     components(schemas(
-        ApiErrorBody, ApiErrorDetail, Health, Readiness, FlowCreated, FlowSummary, FlowView,
+        ApiErrorBody, ApiErrorDetail, Health, Readiness, FlowChecked, FlowCreated, FlowSummary, FlowView,
         StartRun, RunAnswer, RunState, StepView, RunView, RunSummary, WaitView, SignalSent,
         KeyedSignal, KeyedSignalSent, RerunRequest, ReplayRequest, ReplayProgress, CreateApiKey,
         ApiKeyCreated, ApiKeyView, ApiKeyList, CreateCredential, CredentialView, CredentialList,

@@ -467,3 +467,57 @@ async fn cancels_cross_processes_through_redis() {
     );
     clean(&prefix).await;
 }
+
+/// A run's event stream lives an hour after its last event, and a minute once the run
+/// finished: a busy server keeps a minute of finished runs, not an hour of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_runs_events_expire_within_a_minute() {
+    use flowcore::ports::EventBus;
+    let prefix = unique_prefix();
+    let queue = RedisQueue::connect(config(&prefix)).await.expect("connect");
+    let bus = queue.event_bus();
+    let run_id = RunId::new();
+    let key = format!("{prefix}:ev:{run_id}");
+    let mut conn = redis::Client::open(redis_url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let ttl = async |conn: &mut redis::aio::MultiplexedConnection| -> i64 {
+        redis::cmd("TTL")
+            .arg(&key)
+            .query_async(conn)
+            .await
+            .expect("TTL")
+    };
+    bus.publish(&flowcore::RunEvent::RunStarted {
+        run_id: run_id.clone(),
+    })
+    .await
+    .expect("publish");
+    assert!(
+        ttl(&mut conn).await > 3000,
+        "a live run's events stay an hour"
+    );
+    bus.publish_many(&[flowcore::RunEvent::RunFinished {
+        run_id: run_id.clone(),
+        status: flowcore::RunStatus::Succeeded,
+        error: None,
+    }])
+    .await
+    .expect("publish");
+    let left = ttl(&mut conn).await;
+    assert!(
+        (1..=flowcore_store::redis::FINISHED_EVENTS_TTL_SECONDS).contains(&left),
+        "a finished run's events stay a minute, not {left} s"
+    );
+    assert_eq!(
+        bus.read(&run_id, None, Duration::ZERO)
+            .await
+            .expect("read")
+            .len(),
+        2,
+        "and can still be read meanwhile"
+    );
+    clean(&prefix).await;
+}

@@ -124,18 +124,39 @@ fn check_id(id: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Creates a flow.
-#[utoipa::path(post, path = "/api/v1/flows", operation_id = "create_flow", tag = "flows", request_body(content = Object, description = "a flow definition (contract section 1)"), responses((status = 201, description = "created", body = FlowCreated), (status = 400, description = "invalid_flow: every problem in details, or invalid_json", body = ApiErrorBody), (status = 409, description = "the id exists", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// The answer of a dry run: the flow would be stored.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FlowChecked {
+    /// Always true (a flow with problems answers 400 `invalid_flow`, as a create does).
+    pub valid: bool,
+}
+
+/// Creates a flow; with `?dry_run=true`, only checks it (the console's editor checks as you
+/// type) and answers 200 `{"valid": true}` or the error a create would give.
+#[utoipa::path(post, path = "/api/v1/flows", operation_id = "create_flow", tag = "flows", params(("dry_run" = Option<bool>, Query, description = "check only: 200 `{\"valid\": true}`, or the error a create would give; nothing is stored")), request_body(content = Object, description = "a flow definition (contract section 1)"), responses((status = 201, description = "created", body = FlowCreated), (status = 200, description = "dry run: it would be created", body = FlowChecked), (status = 400, description = "invalid_flow: every problem in details, or invalid_json", body = ApiErrorBody), (status = 409, description = "the id exists", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
 pub(crate) async fn create(
     State(state): State<Shared>,
+    Query(q): Query<CreateQuery>,
     body: JsonBody<Value>,
-) -> Result<(StatusCode, Json<FlowCreated>), ApiError> {
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
     let mut flow = parse_flow(body)?;
+    if q.dry_run {
+        check(&state, flow).await?;
+        return Ok(Json(FlowChecked { valid: true }).into_response());
+    }
     let id = flow.id.get_or_insert_with(flowcore::ids::new_id).clone();
     let flow = check(&state, flow).await?;
     let stored = state.stores.flows.create(&flow).await?;
     changed(&state, &id).await?;
-    Ok((StatusCode::CREATED, Json((&stored).into())))
+    Ok((StatusCode::CREATED, Json(FlowCreated::from(&stored))).into_response())
 }
 
 #[derive(Deserialize)]

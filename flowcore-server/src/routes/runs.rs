@@ -267,6 +267,8 @@ pub(crate) struct ListQuery {
     status: Option<String>,
     limit: Option<usize>,
     cursor: Option<String>,
+    created_after: Option<DateTime<Utc>>,
+    created_before: Option<DateTime<Utc>>,
 }
 
 /// A run in a list.
@@ -313,7 +315,7 @@ impl From<RunRecord> for RunSummary {
 }
 
 /// Lists runs, newest first.
-#[utoipa::path(get, path = "/api/v1/runs", operation_id = "list_runs", tag = "runs", params(("flow_id" = Option<String>, Query), ("status" = Option<String>, Query), ("limit" = Option<u32>, Query), ("cursor" = Option<String>, Query)), responses((status = 200, description = "a page of runs", body = Page<RunSummary>), (status = 400, description = "invalid input", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+#[utoipa::path(get, path = "/api/v1/runs", operation_id = "list_runs", tag = "runs", params(("flow_id" = Option<String>, Query), ("status" = Option<String>, Query), ("created_after" = Option<String>, Query, description = "RFC 3339: only runs created at or after it"), ("created_before" = Option<String>, Query, description = "RFC 3339: only runs created before it"), ("limit" = Option<u32>, Query), ("cursor" = Option<String>, Query)), responses((status = 200, description = "a page of runs", body = Page<RunSummary>), (status = 400, description = "invalid input", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
 pub(crate) async fn list(
     State(state): State<Shared>,
     Query(q): Query<ListQuery>,
@@ -329,6 +331,8 @@ pub(crate) async fn list(
         status,
         limit: q.limit.unwrap_or(50),
         cursor: q.cursor,
+        created_after: q.created_after,
+        created_before: q.created_before,
     };
     let page = state.stores.runs.list(&filter).await?;
     Ok(Json(Page::of(page, RunSummary::from)))

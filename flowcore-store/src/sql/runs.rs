@@ -426,6 +426,12 @@ impl RunStore for SqlStore {
             if let Some(status) = filter.status {
                 query = query.filter(runs::status.eq(status.as_str()));
             }
+            if let Some(after) = filter.created_after {
+                query = query.filter(runs::created_at.ge(micros(after)));
+            }
+            if let Some(before) = filter.created_before {
+                query = query.filter(runs::created_at.lt(micros(before)));
+            }
             query
                 .load(conn)
                 .await

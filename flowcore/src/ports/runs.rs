@@ -216,6 +216,17 @@ pub struct RunFilter {
     pub limit: usize,
     /// The cursor from the previous page.
     pub cursor: Option<String>,
+    /// Only runs created at or after this time.
+    pub created_after: Option<DateTime<Utc>>,
+    /// Only runs created before this time.
+    pub created_before: Option<DateTime<Utc>>,
+}
+
+impl RunFilter {
+    /// Whether a run's creation time is within the filter's window.
+    pub fn created_within(&self, at: DateTime<Utc>) -> bool {
+        self.created_after.is_none_or(|a| at >= a) && self.created_before.is_none_or(|b| at < b)
+    }
 }
 
 /// The end of a run, written by its lease owner.

@@ -373,6 +373,39 @@ pub async fn run_store(store: &dyn RunStore) {
         vec![b.id.clone()],
         "status filter"
     );
+    // A window of creation times: the oldest run of the flow opens it, nothing precedes it.
+    let oldest = store
+        .get(ids.last().expect("runs were made"))
+        .await
+        .expect("the oldest run");
+    let window = |after, before| RunFilter {
+        flow_id: Some("flow-p".into()),
+        limit: 100,
+        created_after: after,
+        created_before: before,
+        ..RunFilter::default()
+    };
+    let before_it = store
+        .list(&window(None, Some(oldest.created_at)))
+        .await
+        .expect("list before the oldest");
+    assert!(before_it.items.is_empty(), "no run precedes the oldest");
+    let from_it = store
+        .list(&window(
+            Some(oldest.created_at),
+            Some(oldest.created_at + chrono::Duration::microseconds(1)),
+        ))
+        .await
+        .expect("list its microsecond");
+    assert!(
+        from_it.items.iter().any(|r| r.id == oldest.id),
+        "the window [created_at, created_at + 1 µs) holds the run"
+    );
+    let later = store
+        .list(&window(Some(Utc::now() + chrono::Duration::hours(1)), None))
+        .await
+        .expect("list the future");
+    assert!(later.items.is_empty(), "nothing was created in the future");
     assert!(
         store
             .list(&RunFilter {

@@ -217,6 +217,7 @@ impl RunStore for MemoryRunStore {
             };
             if filter.flow_id.as_ref().is_some_and(|f| *f != run.flow_id)
                 || filter.status.is_some_and(|s| s != run.status)
+                || !filter.created_within(run.created_at)
             {
                 continue;
             }

@@ -1,0 +1,217 @@
+//! The web console at `/ui/`: plain JavaScript modules, a stylesheet and one HTML page, built
+//! into the binary, so the server needs no Node.js, no CDN and no network to show it.
+//!
+//! The pages call the same HTTP API as any client, with the API key the user signs in with
+//! (kept in the tab's `sessionStorage`, sent as a header). The assets themselves are public:
+//! they hold no data. Every answer carries a strict Content-Security-Policy (scripts and styles
+//! from this origin only, nothing inline, no frames), and the scripts put run data on the page
+//! as text only (`ui/dom.js`).
+//!
+//! Why not a crate such as rust-embed: nine files are a `const` table of `include_bytes!`, and
+//! the gzip copy of each is made once, on first use, with the `flate2` the archive already uses.
+
+use std::io::Write;
+use std::sync::OnceLock;
+
+use axum::Router;
+use axum::extract::Path;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
+use sha2::{Digest, Sha256};
+
+use crate::error::ApiError;
+use crate::state::Shared;
+
+/// The console's Content-Security-Policy: nothing but this origin's own scripts, styles and
+/// API; no inline script or style attribute, no plugin, no frame, no form posted elsewhere.
+pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+    img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; \
+    frame-ancestors 'none'";
+
+struct Asset {
+    name: &'static str,
+    content_type: &'static str,
+    body: &'static [u8],
+}
+
+macro_rules! assets {
+    ($(($name:literal, $type:expr)),* $(,)?) => {
+        [$(Asset {
+            name: $name,
+            content_type: $type,
+            body: include_bytes!(concat!("../ui/", $name)),
+        }),*]
+    };
+}
+
+const JS: &str = "text/javascript; charset=utf-8";
+
+static ASSETS: [Asset; 10] = assets![
+    ("index.html", "text/html; charset=utf-8"),
+    ("app.css", "text/css; charset=utf-8"),
+    ("app.js", JS),
+    ("api.js", JS),
+    ("dom.js", JS),
+    ("dag.js", JS),
+    ("diff.js", JS),
+    ("flows.js", JS),
+    ("runs.js", JS),
+    ("usage.js", JS),
+];
+
+/// An asset's gzip copy and the ETag of its bytes, made once.
+struct Prepared {
+    gzip: Vec<u8>,
+    etag: HeaderValue,
+}
+
+fn prepared(index: usize) -> &'static Prepared {
+    static PREPARED: [OnceLock<Prepared>; 10] = [const { OnceLock::new() }; 10];
+    PREPARED[index].get_or_init(|| {
+        let body = ASSETS[index].body;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        // Writing to a Vec cannot fail.
+        let gzip = gz
+            .write_all(body)
+            .and_then(|()| gz.finish())
+            .unwrap_or_default();
+        let digest = Sha256::digest(body);
+        let etag = HeaderValue::from_str(&format!("\"{}\"", hex::encode(&digest[..12])))
+            .unwrap_or_else(|_| HeaderValue::from_static("\"\""));
+        Prepared { gzip, etag }
+    })
+}
+
+/// The console's routes: `/` and `/ui` redirect to `/ui/`, which serves the page and its files.
+pub fn router() -> Router<Shared> {
+    Router::new()
+        .route("/", get(|| async { Redirect::to("/ui/") }))
+        .route("/ui", get(|| async { Redirect::to("/ui/") }))
+        .route("/ui/", get(|headers: HeaderMap| async move { serve("index.html", &headers) }))
+        .route(
+            "/ui/{file}",
+            get(|Path(file): Path<String>, headers: HeaderMap| async move {
+                serve(&file, &headers)
+            }),
+        )
+}
+
+fn serve(name: &str, headers: &HeaderMap) -> Response {
+    let Some(index) = ASSETS.iter().position(|a| a.name == name) else {
+        return ApiError::not_found("no such file in the console").into_response();
+    };
+    let asset = &ASSETS[index];
+    let ready = prepared(index);
+    let mut response = if headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == ready.etag.as_bytes())
+    {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else if accepts_gzip(headers) && !ready.gzip.is_empty() {
+        let mut r = ready.gzip.clone().into_response();
+        r.headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        r
+    } else {
+        asset.body.into_response()
+    };
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(asset.content_type),
+    );
+    h.insert(header::ETAG, ready.etag.clone());
+    // Revalidated on every load (a 304 when unchanged): a new binary's console shows at once.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    response
+}
+
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|part| {
+            let mut it = part.split(';');
+            let coding = it.next().unwrap_or_default().trim();
+            let refused = it.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            coding.eq_ignore_ascii_case("gzip") && !refused
+        })
+}
+
+/// The console's size: every asset, and all of them gzipped (for the docs and a test).
+pub fn sizes() -> (usize, usize) {
+    let raw = ASSETS.iter().map(|a| a.body.len()).sum();
+    let gz = (0..ASSETS.len()).map(|i| prepared(i).gzip.len()).sum();
+    (raw, gz)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_module_the_page_imports_is_served() {
+        for asset in &ASSETS {
+            let text = std::str::from_utf8(asset.body).expect("text");
+            for line in text.lines() {
+                let Some(from) = line.split(" from './").nth(1) else {
+                    continue;
+                };
+                let file = from.split('\'').next().unwrap_or_default();
+                assert!(
+                    ASSETS.iter().any(|a| a.name == file),
+                    "{} imports {file}, which is not served",
+                    asset.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_console_is_small() {
+        let (raw, gz) = sizes();
+        assert!(gz < 200 * 1024, "{gz} bytes gzipped ({raw} raw)");
+    }
+
+    #[test]
+    fn gzip_is_taken_unless_refused() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("br, gzip"),
+        );
+        assert!(accepts_gzip(&h));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("gzip;q=0"),
+        );
+        assert!(!accepts_gzip(&h));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        assert!(!accepts_gzip(&h));
+    }
+}

@@ -14,6 +14,7 @@ use std::io::Write;
 use std::sync::OnceLock;
 
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::Path;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -60,10 +61,12 @@ static ASSETS: [Asset; 10] = assets![
     ("usage.js", JS),
 ];
 
-/// An asset's gzip copy and the ETag of its bytes, made once.
+/// An asset's gzip copy and the ETags of both copies (a representation's ETag is its own),
+/// made once.
 struct Prepared {
-    gzip: Vec<u8>,
+    gzip: Bytes,
     etag: HeaderValue,
+    gzip_etag: HeaderValue,
 }
 
 fn prepared(index: usize) -> &'static Prepared {
@@ -76,10 +79,16 @@ fn prepared(index: usize) -> &'static Prepared {
             .write_all(body)
             .and_then(|()| gz.finish())
             .unwrap_or_default();
-        let digest = Sha256::digest(body);
-        let etag = HeaderValue::from_str(&format!("\"{}\"", hex::encode(&digest[..12])))
-            .unwrap_or_else(|_| HeaderValue::from_static("\"\""));
-        Prepared { gzip, etag }
+        let hash = hex::encode(&Sha256::digest(body)[..12]);
+        let tag = |suffix: &str| {
+            HeaderValue::from_str(&format!("\"{hash}{suffix}\""))
+                .unwrap_or_else(|_| HeaderValue::from_static("\"\""))
+        };
+        Prepared {
+            gzip: Bytes::from(gzip),
+            etag: tag(""),
+            gzip_etag: tag("-gz"),
+        }
     })
 }
 
@@ -103,12 +112,11 @@ fn serve(name: &str, headers: &HeaderMap) -> Response {
     };
     let asset = &ASSETS[index];
     let ready = prepared(index);
-    let mut response = if headers
-        .get(header::IF_NONE_MATCH)
-        .is_some_and(|v| v.as_bytes() == ready.etag.as_bytes())
-    {
+    let gzip = accepts_gzip(headers) && !ready.gzip.is_empty();
+    let etag = if gzip { &ready.gzip_etag } else { &ready.etag };
+    let mut response = if matches(headers, etag) {
         StatusCode::NOT_MODIFIED.into_response()
-    } else if accepts_gzip(headers) && !ready.gzip.is_empty() {
+    } else if gzip {
         let mut r = ready.gzip.clone().into_response();
         r.headers_mut()
             .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
@@ -121,7 +129,7 @@ fn serve(name: &str, headers: &HeaderMap) -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_static(asset.content_type),
     );
-    h.insert(header::ETAG, ready.etag.clone());
+    h.insert(header::ETAG, etag.clone());
     // Revalidated on every load (a 304 when unchanged): a new binary's console shows at once.
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
@@ -141,6 +149,20 @@ fn serve(name: &str, headers: &HeaderMap) -> Response {
     response
 }
 
+/// Whether `If-None-Match` names `etag` (a list, weak tags compared weakly, or `*`).
+fn matches(headers: &HeaderMap, etag: &HeaderValue) -> bool {
+    let Ok(etag) = etag.to_str() else {
+        return false;
+    };
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
+}
+
 fn accepts_gzip(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::ACCEPT_ENCODING)
@@ -151,9 +173,10 @@ fn accepts_gzip(headers: &HeaderMap) -> bool {
             let mut it = part.split(';');
             let coding = it.next().unwrap_or_default().trim();
             let refused = it.any(|p| {
-                p.trim()
-                    .strip_prefix("q=")
-                    .and_then(|q| q.trim().parse::<f32>().ok())
+                let p = p.trim();
+                p.get(..2)
+                    .filter(|k| k.eq_ignore_ascii_case("q="))
+                    .and_then(|_| p[2..].trim().parse::<f32>().ok())
                     .is_some_and(|q| q == 0.0)
             });
             coding.eq_ignore_ascii_case("gzip") && !refused
@@ -196,6 +219,46 @@ mod tests {
     }
 
     #[test]
+    fn an_etag_matches_in_a_list_and_weakly() {
+        let tag = HeaderValue::from_static("\"abc\"");
+        let mut h = HeaderMap::new();
+        assert!(!matches(&h, &tag));
+        for v in ["\"abc\"", "\"x\", \"abc\"", "W/\"abc\"", "*"] {
+            h.insert(header::IF_NONE_MATCH, HeaderValue::from_static(v));
+            assert!(matches(&h, &tag), "{v}");
+        }
+        h.insert(
+            header::IF_NONE_MATCH,
+            HeaderValue::from_static("\"abc-gz\""),
+        );
+        assert!(!matches(&h, &tag));
+    }
+
+    #[test]
+    fn nothing_puts_markup_or_code_on_the_page_from_a_string() {
+        let sinks = [
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "eval(",
+            "new Function",
+            "javascript:",
+        ];
+        for asset in &ASSETS {
+            let text = std::str::from_utf8(asset.body).expect("text");
+            for sink in sinks {
+                assert!(!text.contains(sink), "{} uses {sink}", asset.name);
+            }
+        }
+        let page = std::str::from_utf8(ASSETS[0].body).expect("text");
+        assert!(
+            !page.contains("<script>") && !page.contains("style="),
+            "no inline script or style"
+        );
+    }
+
+    #[test]
     fn gzip_is_taken_unless_refused() {
         let mut h = HeaderMap::new();
         h.insert(
@@ -206,6 +269,11 @@ mod tests {
         h.insert(
             header::ACCEPT_ENCODING,
             HeaderValue::from_static("gzip;q=0"),
+        );
+        assert!(!accepts_gzip(&h));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("gzip; Q=0"),
         );
         assert!(!accepts_gzip(&h));
         h.insert(

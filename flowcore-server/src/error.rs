@@ -65,7 +65,9 @@ impl ApiError {
         Self::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "a valid API key is required (Authorization: Bearer <key> or x-api-key)",
+            "a valid API key is required (Authorization: Bearer <key> or x-api-key): the \
+             server's FLOWCORE_ADMIN_KEY, or a key made by `flowcore api-key create` or \
+             POST /api/v1/api-keys",
         )
     }
     /// 404 `not_found`.

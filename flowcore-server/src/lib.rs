@@ -176,6 +176,17 @@ pub async fn serve(state: Shared, stop: CancellationToken) -> std::io::Result<us
              reaches; set it to the address users reach the server at"
         );
     }
+    if state.config.role != Role::Worker && state.config.admin_key.is_none() {
+        match state.stores.api_keys.list_api_keys().await {
+            Ok(keys) if keys.iter().all(|k| k.revoked_at.is_some()) => tracing::warn!(
+                "no API key exists and FLOWCORE_ADMIN_KEY is not set: every /api/ call and \
+                 the console at http://{bound}/ui/ answer 401. Set FLOWCORE_ADMIN_KEY, or run \
+                 `flowcore api-key create` with this DATABASE_URL"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not list the API keys"),
+        }
+    }
     let grace = std::time::Duration::from_secs(state.config.shutdown_grace_seconds);
     let background = background::start(&state);
     // The background stops (runs finish or are handed back) while the server drains requests.

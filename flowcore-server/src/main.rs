@@ -220,7 +220,7 @@ async fn sql_store() -> Result<flowcore_store::SqlStore, String> {
     sql.pool_size = 2;
     let store = flowcore_store::SqlStore::connect(sql)
         .await
-        .map_err(|e| format!("database: {e}"))?;
+        .map_err(|e| format!("database: {}", flowcore::error::causes(&e)))?;
     Ok(store)
 }
 
@@ -234,7 +234,7 @@ async fn migrate() -> ExitCode {
             println!("{n} migration(s) applied");
             ExitCode::SUCCESS
         }
-        Err(e) => fail(format!("migrating: {e}")),
+        Err(e) => fail(format!("migrating: {}", flowcore::error::causes(&e))),
     }
 }
 
@@ -245,7 +245,7 @@ async fn api_key_create(name: String) -> ExitCode {
         Err(e) => return fail(e),
     };
     if let Err(e) = store.migrate().await {
-        return fail(format!("migrating: {e}"));
+        return fail(format!("migrating: {}", flowcore::error::causes(&e)));
     }
     let (record, key) = match flowcore_server::auth::generate(&name) {
         Ok(k) => k,
@@ -269,7 +269,7 @@ async fn rotate_key() -> ExitCode {
     };
     let (_, credentials) = match flowcore_server::open_credentials(&config).await {
         Ok(c) => c,
-        Err(e) => return fail(format!("start-up: {e}")),
+        Err(e) => return fail(format!("start-up: {}", flowcore::error::causes(&e))),
     };
     let key_id = match credentials.rotate() {
         Ok(id) => id,
@@ -293,6 +293,11 @@ fn serve_help() -> String {
             .unwrap_or_default();
         text.push_str(&format!("  {:<34} {}{default}\n", v.name, v.meaning));
     }
+    // Read by the log subscriber, not by the configuration.
+    text.push_str(&format!(
+        "  {:<34} {}\n",
+        "RUST_LOG", "log filter, e.g. `warn` or `info,flowcore_server=debug` (default: info)"
+    ));
     text
 }
 
@@ -303,7 +308,7 @@ async fn serve() -> ExitCode {
     };
     let state = match flowcore_server::build_state(config).await {
         Ok(state) => state,
-        Err(e) => return fail(format!("start-up: {e}")),
+        Err(e) => return fail(format!("start-up: {}", flowcore::error::causes(&e))),
     };
     let bind = state.config.bind;
     let stop = flowcore::CancellationToken::new();
@@ -353,7 +358,18 @@ fn fail(message: String) -> ExitCode {
 
 fn read_flow(path: &Path) -> Result<FlowDef, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    FlowDef::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    FlowDef::from_slice(&bytes).map_err(|first| {
+        let shown = path.display();
+        // serde stops at the first problem (the one with a line and column); the flow read
+        // again element by element lists every one, as the API does.
+        match serde_json::from_slice(&bytes).map(FlowDef::from_value_all) {
+            Ok(Err(all)) if all.problems.len() > 1 => {
+                let each: Vec<String> = all.problems.iter().map(|p| format!("  {p}")).collect();
+                format!("{shown}: {first}\nevery problem:\n{}", each.join("\n"))
+            }
+            _ => format!("{shown}: {first}"),
+        }
+    })
 }
 
 fn validate(path: &Path) -> ExitCode {

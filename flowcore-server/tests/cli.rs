@@ -305,3 +305,54 @@ fn serve_says_it_listens_once_and_logs_to_a_pipe_without_colours() {
         "no ANSI colours in a pipe: {text:?}"
     );
 }
+
+/// A database that cannot be reached says why, not only where.
+#[test]
+fn a_database_that_refuses_says_why() {
+    let out = Command::new(env!("CARGO_BIN_EXE_flowcore"))
+        .arg("migrate")
+        .env(
+            "DATABASE_URL",
+            "postgres://postgres:secret@127.0.0.1:1/nowhere",
+        )
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+    assert!(err.to_lowercase().contains("refused"), "the cause: {err}");
+    assert!(!err.contains("secret"), "no password: {err}");
+}
+
+#[test]
+fn serve_help_names_the_log_filter() {
+    let out = Command::new(env!("CARGO_BIN_EXE_flowcore"))
+        .args(["serve", "--help"])
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    assert!(
+        help.contains("RUST_LOG") && help.contains("FLOWCORE_ADMIN_KEY"),
+        "{help}"
+    );
+}
+
+#[test]
+fn validate_lists_every_typo_with_the_first_ones_line() {
+    let flow = temp_file(
+        br#"{"nodes": [
+  {"id": "a", "type": "noop", "retyr": {}},
+  {"id": "b", "type": "noop", "on_eror": "continue"}
+]}"#,
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_flowcore"))
+        .args(["validate", flow.arg()])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("line 2"), "{err}");
+    assert!(err.contains("node `a`") && err.contains("retyr"), "{err}");
+    assert!(err.contains("node `b`") && err.contains("on_eror"), "{err}");
+}

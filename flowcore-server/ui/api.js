@@ -25,25 +25,28 @@ function headers(extra) {
   return {'x-api-key': session.key() || '', ...extra};
 }
 
-async function failure(response) {
+async function failure(response, key) {
   const text = await response.text();
   let body = null;
   try { body = JSON.parse(text); } catch { /* not JSON: shown as the status */ }
   const e = body && body.error ? body.error : {};
-  if (response.status === 401) window.dispatchEvent(new Event('flowcore:unauthorized'));
+  // The page signs out only when the refused key is still the one in use: a late answer to
+  // a request made with an earlier key changes nothing.
+  if (response.status === 401) window.dispatchEvent(new CustomEvent('flowcore:unauthorized', {detail: key}));
   return new ApiError(response.status, e.code || `http_${response.status}`,
     e.message || response.statusText || 'request failed', e.details);
 }
 
 /** Calls `/api/v1{path}`; the answer's JSON, or an ApiError. */
 export async function api(method, path, body, init) {
+  const key = session.key();
   const options = {method, headers: headers(), ...init};
   if (body !== undefined) {
     options.headers['content-type'] = 'application/json';
     options.body = typeof body === 'string' ? body : JSON.stringify(body);
   }
   const response = await fetch(`/api/v1${path}`, options);
-  if (!response.ok) throw await failure(response);
+  if (!response.ok) throw await failure(response, key);
   if (response.status === 204) return null;
   return response.json();
 }
@@ -56,11 +59,12 @@ export const post = (path, body) => api('POST', path, body ?? {});
  * ends or `signal` aborts. `lastId` resumes after an event already seen.
  */
 export async function* runEvents(runId, lastId, signal) {
+  const key = session.key();
   const extra = {accept: 'text/event-stream'};
   if (lastId) extra['last-event-id'] = lastId;
   const response = await fetch(`/api/v1/runs/${encodeURIComponent(runId)}/events`,
     {headers: headers(extra), signal});
-  if (!response.ok) throw await failure(response);
+  if (!response.ok) throw await failure(response, key);
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = '';
   let event = {data: []};

@@ -18,7 +18,7 @@ function signInPage(message) {
   nav.hidden = true;
   signout.hidden = true;
   const input = h('input', {
-    id: 'key', type: 'password', name: 'key', autocomplete: 'current-password',
+    id: 'key', type: 'password', name: 'key', autocomplete: 'off',
     required: true, spellcheck: 'false', placeholder: 'fc_…',
   });
   const error = h('p', {class: 'error', role: 'alert'}, message || '');
@@ -81,7 +81,9 @@ async function show() {
   main.focus({preventScroll: true});
 }
 
-window.addEventListener('flowcore:unauthorized', () => {
+window.addEventListener('flowcore:unauthorized', (e) => {
+  if (!session.key() || e.detail !== session.key()) return;
+  leaving.abort();
   session.signOut();
   signInPage('That API key is not valid, or no longer: sign in with another.');
 });

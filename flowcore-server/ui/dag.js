@@ -5,49 +5,67 @@
 // each node's neighbours. A library (dagre, elk) would weigh more than this whole console
 // and need a build step; flows have tens of nodes, not thousands, and this is enough.
 
-import {s} from './dom.js';
+import {h, s, token} from './dom.js';
 
 const W = 168;       // node width
 const H = 46;        // node height
 const GAP_X = 36;    // between nodes of a layer
 const GAP_Y = 64;    // between layers
 const PAD = 16;
+/** Past these, a flow is listed instead of drawn: a layout must not freeze the tab. */
+export const MAX_NODES = 400;
+export const MAX_EDGES = 2000;
+const MAX_VIRTUAL = 20000;
 
-/** Layers, order and coordinates of `nodes` ([{id}]) and `edges` ([{from, to, port}]). */
+/**
+ * Layers, order and coordinates of `nodes` ([{id}]) and `edges` ([{from, to, port}]); null
+ * when the flow is too large to draw.
+ */
 export function layout(nodes, edges, direction = 'TB') {
+  if (nodes.length > MAX_NODES || edges.length > MAX_EDGES) return null;
   const ids = new Set(nodes.map((n) => n.id));
   const live = edges.filter((e) => ids.has(e.from) && ids.has(e.to) && e.from !== e.to);
   const out = new Map(nodes.map((n) => [n.id, []]));
   for (const e of live) out.get(e.from).push(e.to);
 
   // Edges that close a cycle (an invalid flow in the editor) are drawn but do not layer.
+  // Depth-first without recursion: a long chain must not overflow the stack.
   const back = new Set();
   const state = new Map();
-  const visit = (id) => {
-    state.set(id, 1);
-    for (const to of out.get(id)) {
-      if (state.get(to) === 1) back.add(`${id}\u0000${to}`);
-      else if (!state.has(to)) visit(to);
-    }
-    state.set(id, 2);
-  };
-  for (const n of nodes) if (!state.has(n.id)) visit(n.id);
-  const forward = live.filter((e) => !back.has(`${e.from}\u0000${e.to}`));
-
-  // Longest path from the sources.
-  const layer = new Map(nodes.map((n) => [n.id, 0]));
-  const indegree = new Map(nodes.map((n) => [n.id, 0]));
-  for (const e of forward) indegree.set(e.to, indegree.get(e.to) + 1);
-  const ready = nodes.filter((n) => indegree.get(n.id) === 0).map((n) => n.id);
-  while (ready.length) {
-    const id = ready.shift();
-    for (const e of forward) {
-      if (e.from !== id) continue;
-      layer.set(e.to, Math.max(layer.get(e.to), layer.get(id) + 1));
-      indegree.set(e.to, indegree.get(e.to) - 1);
-      if (indegree.get(e.to) === 0) ready.push(e.to);
+  for (const n of nodes) {
+    if (state.has(n.id)) continue;
+    const stack = [[n.id, 0]];
+    state.set(n.id, 1);
+    while (stack.length) {
+      const top = stack[stack.length - 1];
+      const next = out.get(top[0])[top[1]++];
+      if (next === undefined) { state.set(top[0], 2); stack.pop(); continue; }
+      if (state.get(next) === 1) back.add(`${top[0]}\u0000${next}`);
+      else if (!state.has(next)) { state.set(next, 1); stack.push([next, 0]); }
     }
   }
+  const forward = live.filter((e) => !back.has(`${e.from}\u0000${e.to}`));
+
+  // Longest path from the sources (Kahn's order over out-edge lists).
+  const layer = new Map(nodes.map((n) => [n.id, 0]));
+  const indegree = new Map(nodes.map((n) => [n.id, 0]));
+  const next = new Map(nodes.map((n) => [n.id, []]));
+  for (const e of forward) {
+    indegree.set(e.to, indegree.get(e.to) + 1);
+    next.get(e.from).push(e.to);
+  }
+  const ready = nodes.filter((n) => indegree.get(n.id) === 0).map((n) => n.id);
+  for (let i = 0; i < ready.length; i++) {
+    const id = ready[i];
+    for (const to of next.get(id)) {
+      layer.set(to, Math.max(layer.get(to), layer.get(id) + 1));
+      indegree.set(to, indegree.get(to) - 1);
+      if (indegree.get(to) === 0) ready.push(to);
+    }
+  }
+  let spans = 0;
+  for (const e of live) spans += Math.max(0, layer.get(e.to) - layer.get(e.from) - 1);
+  if (spans > MAX_VIRTUAL) return null;
 
   // Virtual points on edges that span layers, so they route between nodes.
   const rows = [];
@@ -182,6 +200,7 @@ export function draw(flow, {status, note, onSelect, selected, direction} = {}) {
   const nodes = Array.isArray(flow.nodes) ? flow.nodes.filter((n) => n && typeof n.id === 'string') : [];
   const edges = Array.isArray(flow.edges) ? flow.edges.filter((e) => e && typeof e.from === 'string') : [];
   const L = layout(nodes, edges, direction);
+  if (!L) return tooLarge(nodes, status, onSelect);
   const w = L.swap ? W * 1.6 : W;
   const svg = s('svg', {
     class: 'dag', viewBox: `0 0 ${L.width + (L.swap ? W : 0)} ${L.height}`, role: 'group',
@@ -193,7 +212,7 @@ export function draw(flow, {status, note, onSelect, selected, direction} = {}) {
   }, s('path', {d: 'M0,0 L10,5 L0,10 z', class: 'arrowhead'}))));
   for (const r of L.routes) {
     const p = path(r.points, L.swap, r.back);
-    const g = s('g', {class: `edge${r.edge.port ? ` port-${r.edge.port.replace(/[^a-z_]/gi, '')}` : ''}`});
+    const g = s('g', {class: `edge${r.edge.port ? ` port-${token(r.edge.port)}` : ''}`});
     g.append(s('path', {d: p.d, 'marker-end': 'url(#arrow)'}));
     if (r.edge.port) {
       g.append(s('text', {x: p.label.x + 4, y: p.label.y, class: 'port'}, r.edge.port));
@@ -202,7 +221,7 @@ export function draw(flow, {status, note, onSelect, selected, direction} = {}) {
   }
   const types = new Map(nodes.map((n) => [n.id, n.type]));
   for (const [id, at] of L.nodes) {
-    const cls = status ? status(id) : '';
+    const cls = status ? String(status(id) || '').split(' ').map(token).join(' ') : '';
     const g = s('g', {
       class: `node ${cls || ''}${selected === id ? ' selected' : ''}`, tabindex: 0, role: 'button',
       'data-node': id, transform: `translate(${at.x - w / 2},${at.y - H / 2})`,
@@ -226,4 +245,14 @@ export function draw(flow, {status, note, onSelect, selected, direction} = {}) {
 function clip(text, n) {
   const t = String(text);
   return t.length > n ? `${t.slice(0, n - 1)}…` : t;
+}
+
+/** A flow too large to draw, as a list of its nodes (with their status), still selectable. */
+function tooLarge(nodes, status, onSelect) {
+  return h('div', {class: 'toolarge'},
+    h('p', {class: 'muted'}, `${nodes.length} nodes: too many to draw here (more than ${MAX_NODES} nodes, ${MAX_EDGES} edges, or edges spanning too many layers). Listed instead.`),
+    h('ol', {}, nodes.slice(0, 5000).map((n) => h('li', {},
+      onSelect ? h('button', {type: 'button', class: 'link', onclick: () => onSelect(n.id)}, n.id) : n.id,
+      ' ', h('span', {class: 'muted'}, String(n.type || '')), ' ',
+      status ? h('span', {class: `badge ${String(status(n.id) || '').split(' ').map(token).join(' ')}`}, String(status(n.id) || '').replace(/^s-/, '')) : null))));
 }

@@ -4,16 +4,23 @@
 
 const SVG = 'http://www.w3.org/2000/svg';
 
+// Attributes that load, run or restyle: never set from here (listeners go in as functions).
+const REFUSED = new Set(['style', 'src', 'srcdoc', 'xlink:href', 'formaction', 'action', 'background']);
+
 function set(el, attrs) {
-  for (const [name, value] of Object.entries(attrs || {})) {
+  for (const [key, value] of Object.entries(attrs || {})) {
     if (value === null || value === undefined || value === false) continue;
-    if (name.startsWith('on') && typeof value === 'function') {
+    const name = key.toLowerCase();
+    if (name.startsWith('on')) {
+      if (typeof value !== 'function') throw new Error(`refusing the attribute ${key}`);
       el.addEventListener(name.slice(2), value);
-    } else if (name === 'href' && !/^[#/]/.test(String(value))) {
-      // Links are the console's own routes: data never becomes a `javascript:` URL.
+    } else if (REFUSED.has(name)) {
+      throw new Error(`refusing the attribute ${key}`);
+    } else if (name === 'href' && !/^#\//.test(String(value))) {
+      // Links are the console's own routes: data never becomes a script URL or an outside one.
       throw new Error(`refusing the link ${value}`);
     } else {
-      el.setAttribute(name, value === true ? '' : String(value));
+      el.setAttribute(key, value === true ? '' : String(value));
     }
   }
 }
@@ -55,7 +62,12 @@ export function json(value) {
 
 /** A status as a badge. */
 export function badge(status) {
-  return h('span', {class: `badge s-${String(status).replace(/[^a-z_]/g, '')}`}, status);
+  return h('span', {class: `badge s-${token(status)}`}, status);
+}
+
+/** A value made safe to use in a class name (statuses, ports): letters, digits, `_`, `-`. */
+export function token(value) {
+  return String(value ?? '').replace(/[^A-Za-z0-9_-]/g, '');
 }
 
 /** A time as the reader's local time, with the exact UTC one on hover. */

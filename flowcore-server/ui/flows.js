@@ -12,6 +12,7 @@ const enc = encodeURIComponent;
 export async function flowsPage(main, q, signal) {
   const page = await get(route('/flows', {limit: 50, cursor: q.get('cursor')}));
   const usage = await get('/usage').catch(() => ({items: []}));
+  if (signal.aborted) return;
   const counts = new Map();
   for (const day of usage.items) counts.set(day.flow_id, (counts.get(day.flow_id) || 0) + day.runs);
   const rows = page.items.map((f) => {
@@ -60,6 +61,7 @@ export async function flowPage(main, id, q, signal) {
   const shown = !isNew && version !== latest.version
     ? await get(route(`/flows/${enc(id)}`, {version}))
     : latest;
+  if (signal.aborted) return;
   const tab = isNew ? 'edit' : (q.get('tab') || 'graph');
   const link = (t, extra) => route(`#/flows/${enc(id)}`, {tab: t, version: version !== latest?.version ? version : null, ...extra});
   const tabs = isNew ? null : h('nav', {class: 'tabs', 'aria-label': 'flow'},

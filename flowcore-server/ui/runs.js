@@ -15,8 +15,8 @@ const TOKEN_TEXT_LIMIT = 200_000;
 /** A `datetime-local` value as RFC 3339 in UTC. */
 const utc = (local) => (local ? new Date(local).toISOString() : null);
 const local = (iso) => {
-  if (!iso) return '';
-  const d = new Date(iso);
+  const d = new Date(iso || NaN);
+  if (Number.isNaN(d.getTime())) return '';
   return new Date(d - d.getTimezoneOffset() * 60_000).toISOString().slice(0, 16);
 };
 
@@ -84,7 +84,8 @@ export async function runPage(main, id, q, signal) {
   const io = h('div', {class: 'io'});
   const notice = h('p', {role: 'status', class: 'muted'});
 
-  const step = (nodeId) => run.steps.find((st) => st.node === nodeId);
+  let steps = new Map(run.steps.map((st) => [st.node, st]));
+  const step = (nodeId) => steps.get(nodeId);
   const statusOf = (nodeId) => live.get(nodeId) || step(nodeId)?.status || 'pending';
 
   const renderHead = () => {
@@ -134,7 +135,8 @@ export async function runPage(main, id, q, signal) {
         st.reused ? [h('dt', {}, 'Reused'), h('dd', {}, 'kept from the run this one reruns')] : null),
       st.error ? [h('h3', {}, 'Error'), h('pre', {class: 'error'}, st.error),
         st.error_code ? h('p', {class: 'muted'}, `code: ${st.error_code}`) : null] : null,
-      streamed ? [h('h3', {}, 'Tokens'), h('pre', {class: 'tokens', 'data-node': selected}, streamed.text)] : null,
+      streamed ? [h('h3', {}, 'Tokens'), h('pre', {class: 'tokens', 'data-node': selected}, streamed.text),
+        streamed.cut ? h('p', {class: 'muted'}, `The first ${TOKEN_TEXT_LIMIT.toLocaleString()} characters; the output has the whole answer.`) : null] : null,
       st.output !== undefined && st.output !== null ? [h('h3', {}, 'Output'), json(st.output)] : null,
       n ? [h('h3', {}, 'Params (as defined in the flow)'), json(n.params || {})] : null,
       FINAL.has(run.status) && !run.data_pruned
@@ -232,6 +234,7 @@ export async function runPage(main, id, q, signal) {
   const refresh = async () => {
     try {
       run = await get(`/runs/${enc(id)}`);
+      steps = new Map(run.steps.map((st) => [st.node, st]));
       for (const [nodeId] of live) if (step(nodeId) && step(nodeId).status !== 'pending') live.delete(nodeId);
       render();
     } catch (err) {
@@ -244,32 +247,56 @@ export async function runPage(main, id, q, signal) {
     h('div', {class: 'split'}, graph, detail), timeline, io);
   render();
 
-  // Live: events move the graph at once, and the record is re-read shortly after to show
-  // outputs and timings. A stream that drops is resumed after its last event.
+  // Live: events move the graph (once a frame at most), and the record is re-read shortly
+  // after to show outputs and timings. A stream that drops is resumed after its last event,
+  // waiting longer after each failure (1 s to 30 s, with jitter); any event resets the wait.
+  let framed = false;
+  const redraw = () => {
+    if (framed) return;
+    framed = true;
+    requestAnimationFrame(() => { framed = false; renderGraph(); });
+  };
+  const addTokens = (d) => {
+    if (typeof d.delta !== 'string' || typeof d.node !== 'string') return;
+    const t = tokens.get(d.node) || {text: '', cut: false};
+    if (!tokens.has(d.node)) tokens.set(d.node, t);
+    const room = TOKEN_TEXT_LIMIT - t.text.length;
+    const piece = d.delta.slice(0, Math.max(0, room));
+    if (piece.length < d.delta.length) t.cut = true;
+    if (!piece) return;
+    t.text += piece;
+    if (selected !== d.node) return;
+    const pre = detail.querySelector('pre.tokens');
+    // Appended, not rewritten: a long answer costs each token once.
+    if (pre) pre.append(piece); else renderDetail();
+  };
   let last = null;
-  for (let tries = 0; !FINAL.has(run.status) && !signal.aborted && tries < 1000; tries++) {
+  let failures = 0;
+  while (!FINAL.has(run.status) && !signal.aborted && failures < 50) {
+    let wait = 0;
     try {
       for await (const ev of runEvents(run.id, last, signal)) {
+        failures = 0;
         if (ev.id) last = ev.id;
         const d = ev.data || {};
-        if (ev.event === 'node_started') { live.set(d.node, 'running'); renderGraph(); }
-        else if (ev.event === 'node_finished') { live.set(d.node, d.status); renderGraph(); later(); }
-        else if (ev.event === 'token') {
-          const t = tokens.get(d.node) || {text: ''};
-          if (t.text.length < TOKEN_TEXT_LIMIT) t.text += d.delta;
-          tokens.set(d.node, t);
-          if (selected === d.node) {
-            const pre = detail.querySelector('pre.tokens');
-            if (pre) pre.textContent = t.text; else renderDetail();
-          }
-        } else if (ev.event === 'reset') { last = null; await refresh(); }
-        else { later(); }
+        if (ev.event === 'node_started') { live.set(d.node, 'running'); redraw(); }
+        else if (ev.event === 'node_finished') { live.set(d.node, d.status); redraw(); later(); }
+        else if (ev.event === 'token') addTokens(d);
+        else if (ev.event === 'reset') { last = null; await refresh(); }
+        else later();
       }
     } catch (err) {
       if (err.name === 'AbortError' || signal.aborted) return;
       if (err instanceof ApiError && err.status < 500 && err.status !== 429) { fill(notice, err.message); return; }
+      failures++;
+      wait = Math.min(30_000, 1000 * 2 ** Math.min(failures, 5)) * (0.5 + Math.random() / 2);
+      fill(notice, `Live updates paused (${err.message}); trying again in ${Math.round(wait / 1000)} s.`);
     }
     await refresh();
-    if (!FINAL.has(run.status)) await new Promise((r) => setTimeout(r, 1000));
+    if (!FINAL.has(run.status) && !signal.aborted) {
+      // A stream that ended without the run's end (the server restarted, a proxy cut it).
+      await new Promise((r) => setTimeout(r, wait || 1000));
+    }
   }
+  if (failures >= 50) fill(notice, 'Live updates stopped: reload the page to try again.');
 }

@@ -18,24 +18,32 @@ function days(from, to) {
   return out;
 }
 
-function chart(label, series, total) {
+const SERIES = 6; // flows drawn apart; the rest are summed as "others"
+
+/** A bar per day, stacked by flow: `days` [day], `stacks` [{name, values: [per day]}]. */
+function chart(label, days, stacks) {
   const w = 640;
   const hgt = 150;
-  const max = Math.max(1, ...series.map(([, v]) => v));
-  const bw = w / Math.max(1, series.length);
+  const totals = days.map((_, i) => stacks.reduce((t, st) => t + st.values[i], 0));
+  const total = totals.reduce((t, v) => t + v, 0);
+  const max = Math.max(1, ...totals);
+  const bw = w / Math.max(1, days.length);
   const svg = s('svg', {class: 'chart', viewBox: `0 0 ${w} ${hgt + 22}`, role: 'img',
     'aria-label': `${label} per day, ${total} in all`});
   svg.append(s('line', {x1: 0, x2: w, y1: hgt, y2: hgt, class: 'axis'}));
-  series.forEach(([day, v], i) => {
-    const bh = (v / max) * (hgt - 8);
-    svg.append(s('rect', {x: i * bw + 1, y: hgt - bh, width: Math.max(1, bw - 2), height: bh, class: 'bar'},
-      s('title', {}, `${day}: ${v.toLocaleString()}`)));
+  days.forEach((day, i) => {
+    let y = hgt;
+    stacks.forEach((st, k) => {
+      const v = st.values[i];
+      const bh = (v / max) * (hgt - 8);
+      y -= bh;
+      svg.append(s('rect', {x: i * bw + 1, y, width: Math.max(1, bw - 2), height: bh, class: `bar c${k}`},
+        s('title', {}, `${day} · ${st.name}: ${v.toLocaleString()}`)));
+    });
   });
-  const ticks = [0, Math.floor(series.length / 2), series.length - 1].filter((i, k, a) => series[i] && a.indexOf(i) === k);
-  for (const i of ticks) {
-    svg.append(s('text', {x: Math.min(w - 70, i * bw), y: hgt + 16, class: 'tick'}, series[i][0]));
-  }
-  svg.append(s('text', {x: 4, y: 12, class: 'tick'}, `max ${max.toLocaleString()}`));
+  const ticks = [0, Math.floor(days.length / 2), days.length - 1].filter((i, k, a) => days[i] && a.indexOf(i) === k);
+  for (const i of ticks) svg.append(s('text', {x: Math.min(w - 70, i * bw), y: hgt + 16, class: 'tick'}, days[i]));
+  svg.append(s('text', {x: 4, y: 12, class: 'tick'}, `max ${max.toLocaleString()} a day`));
   return h('figure', {class: 'card'}, h('figcaption', {}, h('strong', {}, label), ` · ${total.toLocaleString()} in all`), svg);
 }
 
@@ -44,12 +52,25 @@ export async function usagePage(main, q, signal) {
   const report = await get(route('/usage', {flow_id: flow, from: q.get('from'), to: q.get('to')}));
   if (signal.aborted) return;
   const all = days(report.from, report.to);
-  const byDay = new Map(all.map((d) => [d, {runs: 0, node_executions: 0, tokens: 0}]));
-  for (const item of report.items) {
-    const day = byDay.get(item.day);
-    if (!day) continue;
-    for (const [k] of METRICS) day[k] += item[k] || 0;
-  }
+  const index = new Map(all.map((d, i) => [d, i]));
+  // The flows with the most runs get a colour each; the others share one.
+  const runsOf = new Map();
+  for (const item of report.items) runsOf.set(item.flow_id, (runsOf.get(item.flow_id) || 0) + item.runs);
+  const ranked = [...runsOf.keys()].sort((a, b) => runsOf.get(b) - runsOf.get(a));
+  const named = ranked.slice(0, SERIES);
+  const stacksOf = (metric) => {
+    const stacks = named.map((name) => ({name, values: all.map(() => 0)}));
+    const others = {name: 'others', values: all.map(() => 0)};
+    for (const item of report.items) {
+      const i = index.get(item.day);
+      if (i === undefined) continue;
+      const k = named.indexOf(item.flow_id);
+      (k >= 0 ? stacks[k] : others).values[i] += item[metric] || 0;
+    }
+    return ranked.length > SERIES ? [...stacks, others] : stacks;
+  };
+  const legend = h('ul', {class: 'legend'}, [...named, ...(ranked.length > SERIES ? ['others'] : [])]
+    .map((name, k) => h('li', {}, h('span', {class: `swatch c${k}`}), name)));
   const flows = [...new Set(report.items.map((i) => i.flow_id))].sort();
   const form = h('form', {class: 'filters', onsubmit: (e) => {
     e.preventDefault();
@@ -65,8 +86,8 @@ export async function usagePage(main, q, signal) {
   fill(main,
     h('div', {class: 'bar'}, h('h1', {}, 'Usage'), h('span', {class: 'muted'}, `${report.from} to ${report.to} (UTC)`)),
     form,
-    h('div', {class: 'charts'}, METRICS.map(([k, label]) => chart(label,
-      all.map((d) => [d, byDay.get(d)[k]]), all.reduce((t, d) => t + byDay.get(d)[k], 0)))),
+    named.length ? legend : null,
+    h('div', {class: 'charts'}, METRICS.map(([k, label]) => chart(label, all, stacksOf(k)))),
     h('p', {class: 'muted'}, 'Quotas per flow and day: ',
       `runs ${quota.runs_per_flow_per_day ?? 'none'}, tokens ${quota.tokens_per_flow_per_day ?? 'none'}.`),
     report.items.length

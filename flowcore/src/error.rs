@@ -366,3 +366,27 @@ impl Error {
         }
     }
 }
+
+/// An error and its causes on one line, each cause after a colon, as a person reads them:
+/// `connecting to postgres://…: error connecting to server: Connection refused (os error
+/// 111)`. A cause whose text is already in the line is not repeated.
+///
+/// ```
+/// let e = std::io::Error::other("disk full");
+/// assert_eq!(flowcore::error::causes(&e), "disk full");
+/// ```
+pub fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    // Bounded: chains are short, and a cycle must not loop.
+    for _ in 0..8 {
+        let Some(c) = cause else { break };
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}

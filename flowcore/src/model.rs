@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::ParseError;
+use crate::error::{CompileError, ParseError, Problem};
 
 /// A flow: nodes, the edges between them, and how it is triggered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,6 +62,99 @@ impl FlowDef {
             ParseError::at_path(path, e.into_inner())
         })
     }
+
+    /// Reads a flow from a parsed JSON value, reporting every problem of its shape at once
+    /// (an unknown field, a wrong type, a missing field): each node, edge and trigger is read
+    /// on its own, so a typo in one does not hide another's. Each problem starts with its
+    /// field path; a node's problem names the node (when it has an id), an edge's its index.
+    ///
+    /// ```
+    /// use flowcore::FlowDef;
+    /// let flow = serde_json::json!({"nodes": [
+    ///     {"id": "a", "type": "noop", "retyr": {}},
+    ///     {"id": "b", "type": "noop", "on_eror": "continue"}
+    /// ]});
+    /// let problems = FlowDef::from_value_all(flow).unwrap_err().problems;
+    /// assert_eq!(problems.len(), 2);
+    /// assert_eq!(problems[1].node.as_deref(), Some("b"));
+    /// assert!(problems[1].problem.starts_with("`nodes[1]"));
+    /// assert!(problems[1].problem.contains("unknown field `on_eror`"));
+    /// ```
+    pub fn from_value_all(value: Value) -> Result<Self, CompileError> {
+        let Value::Object(mut top) = value else {
+            return Err(CompileError {
+                problems: vec![Problem::flow("the flow must be a JSON object")],
+            });
+        };
+        let mut problems = Vec::new();
+        let nodes = read_each::<NodeDef>(&mut top, "nodes", &mut problems);
+        let edges = read_each::<EdgeDef>(&mut top, "edges", &mut problems);
+        let triggers = read_each::<Trigger>(&mut top, "triggers", &mut problems);
+        let rest: Result<Self, _> = serde_path_to_error::deserialize(Value::Object(top));
+        let mut flow = match rest {
+            Ok(flow) => flow,
+            Err(e) => {
+                problems.insert(0, Problem::flow(at(&e.path().to_string(), e.inner())));
+                return Err(CompileError { problems });
+            }
+        };
+        if !problems.is_empty() {
+            return Err(CompileError { problems });
+        }
+        flow.nodes = nodes.unwrap_or(flow.nodes);
+        flow.edges = edges.unwrap_or(flow.edges);
+        flow.triggers = triggers.unwrap_or(flow.triggers);
+        Ok(flow)
+    }
+}
+
+/// `` `path`: what serde said `` (serde's own " at line L column C" cut: a value has none).
+fn at(path: &str, e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    let text = text
+        .rfind(" at line ")
+        .map_or(text.as_str(), |i| &text[..i]);
+    let path = if path == "." { "the top" } else { path };
+    format!("`{path}`: {text}")
+}
+
+/// Reads the array `field` of `top` element by element, each problem at its own path, and
+/// leaves an empty array in its place (the rest of the flow is read apart). `None` when the
+/// field is missing or not an array: the read of the whole reports that.
+fn read_each<T: serde::de::DeserializeOwned>(
+    top: &mut serde_json::Map<String, Value>,
+    field: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<Vec<T>> {
+    let Some(Value::Array(items)) = top.get_mut(field) else {
+        return None;
+    };
+    let items = std::mem::take(items);
+    let mut read = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let id = item
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|id| is_valid_id(id))
+            .map(str::to_owned);
+        match serde_path_to_error::deserialize::<_, T>(item) {
+            Ok(t) => read.push(t),
+            Err(e) => {
+                let inner = e.path().to_string();
+                let path = if inner == "." {
+                    format!("{field}[{i}]")
+                } else {
+                    format!("{field}[{i}].{inner}")
+                };
+                problems.push(Problem {
+                    node: if field == "nodes" { id } else { None },
+                    edge: (field == "edges").then_some(i),
+                    problem: at(&path, e.inner()),
+                });
+            }
+        }
+    }
+    Some(read)
 }
 
 /// One step of a flow.

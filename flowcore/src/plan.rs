@@ -495,7 +495,7 @@ pub fn compile_in(flow: &FlowDef, cx: BuildContext<'_>) -> Result<Plan, CompileE
         for name in &found.unknown {
             problems.push(Problem::node(
                 &*ids[i],
-                format!("unknown variable `{name}` (templates see `input`, `nodes`, `attempt` and `trigger`)"),
+                format!("unknown variable `{name}` (templates see `input`, `nodes`, `attempt`, `run` and `trigger`)"),
             ));
         }
         let mut wanted = Vec::new();

@@ -68,8 +68,11 @@ pub fn router() -> Router<Shared> {
         .route("/flows/{id}", get(read).put(update).delete(delete))
 }
 
+/// A flow from a request's JSON: 400 `invalid_flow` listing every problem of its shape (each
+/// node, edge and trigger read on its own), as the compiler lists every problem of its
+/// meaning. A body that is not JSON at all is `invalid_json` (the extractor).
 fn parse_flow(JsonBody(value): JsonBody<Value>) -> Result<FlowDef, ApiError> {
-    FlowDef::from_value(value).map_err(crate::error::invalid_json)
+    Ok(FlowDef::from_value_all(value)?)
 }
 
 /// Checks a flow before it is stored: it compiles (on the blocking pool: a large flow is CPU
@@ -138,9 +141,10 @@ pub struct FlowChecked {
     pub valid: bool,
 }
 
-/// Creates a flow; with `?dry_run=true`, only checks it (the console's editor checks as you
-/// type) and answers 200 `{"valid": true}` or the error a create would give.
-#[utoipa::path(post, path = "/api/v1/flows", operation_id = "create_flow", tag = "flows", params(("dry_run" = Option<bool>, Query, description = "check only: 200 `{\"valid\": true}`, or the error a create would give; nothing is stored")), request_body(content = Object, description = "a flow definition (contract section 1)"), responses((status = 201, description = "created", body = FlowCreated), (status = 200, description = "dry run: it would be created", body = FlowChecked), (status = 400, description = "invalid_flow: every problem in details, or invalid_json", body = ApiErrorBody), (status = 409, description = "the id exists", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
+/// Creates a flow; with `?dry_run=true`, only checks it as a create or an update checks it
+/// (not whether its id is taken: the console's editor checks new flows and new versions as
+/// you type) and answers 200 `{"valid": true}` or the same error; nothing is stored.
+#[utoipa::path(post, path = "/api/v1/flows", operation_id = "create_flow", tag = "flows", params(("dry_run" = Option<bool>, Query, description = "check only, as a create or an update checks (not whether the id is taken): 200 `{\"valid\": true}`, or the same error; nothing is stored")), request_body(content = Object, description = "a flow definition (contract section 1)"), responses((status = 201, description = "created", body = FlowCreated), (status = 200, description = "dry run: it would be created", body = FlowChecked), (status = 400, description = "invalid_flow: every problem in details, or invalid_json", body = ApiErrorBody), (status = 409, description = "the id exists", body = ApiErrorBody), (status = 401, description = "missing or wrong API key", body = ApiErrorBody)), security(("api_key" = [])))]
 pub(crate) async fn create(
     State(state): State<Shared>,
     Query(q): Query<CreateQuery>,

@@ -411,8 +411,8 @@ async fn flows_crud_and_errors() {
 
     for (payload, code) in [
         (b"{not json".to_vec(), "invalid_json"),
-        (br#"{"nodes": [], "extra": 1}"#.to_vec(), "invalid_json"),
-        (br#"{"nodes": "many"}"#.to_vec(), "invalid_json"),
+        (br#"{"nodes": [], "extra": 1}"#.to_vec(), "invalid_flow"),
+        (br#"{"nodes": "many"}"#.to_vec(), "invalid_flow"),
         (b"\xff\xfe\xfd".to_vec(), "invalid_json"),
         (
             format!("{}1{}", "[".repeat(10_000), "]".repeat(10_000)).into_bytes(),
@@ -426,6 +426,25 @@ async fn flows_crud_and_errors() {
             "{body}"
         );
     }
+    // Every problem of the shape at once, each at its path and on its node or edge.
+    let typos = json!({"id": "typos", "nodes": [
+        {"id": "a", "type": "noop", "retyr": {"max_attempts": 2}},
+        {"id": "b", "type": "noop", "timeout_ms": "soon"},
+        {"id": "c", "type": "noop"}
+    ], "edges": [{"from": "a", "to": "b", "prot": "x"}], "triggers": [{"type": "webhook"}]});
+    let (status, body) = post(&app, "/api/v1/flows", typos.to_string().as_bytes()).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_flow")),
+        "{body}"
+    );
+    let details = body["error"]["details"].as_array().unwrap();
+    assert_eq!(details.len(), 4, "{body}");
+    assert_eq!((details[0]["node"].as_str(), details[1]["node"].as_str()), (Some("a"), Some("b")));
+    assert!(details[0]["problem"].as_str().unwrap().contains("retyr"), "{body}");
+    assert!(details[1]["problem"].as_str().unwrap().starts_with("`nodes[1].timeout_ms`"), "{body}");
+    assert_eq!(details[2]["edge"], 0);
+    assert!(details[3]["problem"].as_str().unwrap().starts_with("`triggers[0]"), "{body}");
     let huge = format!(
         r#"{{"nodes": [], "description": "{}"}}"#,
         "x".repeat(2 * 1024 * 1024)
@@ -1980,6 +1999,143 @@ async fn a_rerun_of_a_failed_map_executes_only_the_items_that_had_not_finished()
     let (_, other) = post(&app, &format!("/api/v1/runs/{id}/rerun"), br#"{"input": {"list": [5, 1]}}"#).await;
     let other = wait_for_status(&app, other["run_id"].as_str().unwrap(), "succeeded").await;
     assert_eq!(other["output"], json!(["v2:5", "v2:1"]));
+    worker.stop().await;
+    cleanup(&dir);
+}
+
+/// The console: `/` redirects to it; its page and modules carry a strict policy, go gzipped
+/// when asked and answer 304 to their ETag; a name it does not serve is a 404, never a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_is_served_with_a_strict_policy() {
+    use std::io::Read;
+    let (app, dir) = app(&[]).await;
+    let root = get_unsigned(&app, "/").await;
+    assert!(root.status().is_redirection(), "{}", root.status());
+    assert_eq!(root.headers()["location"], "/ui/");
+    let page = get_unsigned(&app, "/ui/").await;
+    assert_eq!(page.status(), StatusCode::OK);
+    let headers = page.headers().clone();
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    for part in ["default-src 'none'", "script-src 'self'", "style-src 'self'", "frame-ancestors 'none'"] {
+        assert!(csp.contains(part), "{csp}");
+    }
+    assert!(!csp.contains("unsafe"), "{csp}");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert!(headers["content-type"].to_str().unwrap().starts_with("text/html"));
+    let html = text_of(page).await;
+    assert!(html.contains(r#"<script type="module" src="app.js"></script>"#), "{html}");
+
+    let gzipped = Request::builder()
+        .uri("/ui/runs.js")
+        .header("accept-encoding", "gzip, br")
+        .body(Body::empty())
+        .unwrap();
+    let res = app.clone().oneshot(gzipped).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["content-encoding"], "gzip");
+    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/javascript"));
+    let etag = res.headers()["etag"].clone();
+    let body = bytes_of(res).await;
+    let mut js = String::new();
+    flate2::read::GzDecoder::new(&body[..])
+        .read_to_string(&mut js)
+        .expect("gzip");
+    assert!(js.contains("export async function runPage"), "the module, whole");
+    let again = |encoding: &'static str| {
+        Request::builder()
+            .uri("/ui/runs.js")
+            .header("if-none-match", etag.clone())
+            .header("accept-encoding", encoding)
+            .body(Body::empty())
+            .unwrap()
+    };
+    let res = app.clone().oneshot(again("gzip")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::NOT_MODIFIED);
+    assert!(res.headers().contains_key("content-security-policy"));
+    // The plain copy has a tag of its own: the gzip copy's does not revalidate it.
+    let res = app.clone().oneshot(again("identity")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_ne!(res.headers()["etag"], etag);
+    let plain = get_unsigned(&app, "/ui/app.css").await;
+    assert!(plain.headers().get("content-encoding").is_none());
+    assert!(plain.headers()["content-type"].to_str().unwrap().starts_with("text/css"));
+
+    for missing in ["/ui/nope.js", "/ui/..%2FCargo.toml", "/ui/%2e%2e", "/ui/console.rs"] {
+        let res = get_unsigned(&app, missing).await;
+        assert_eq!(res.status(), StatusCode::NOT_FOUND, "{missing}");
+        let body: Value = serde_json::from_slice(&bytes_of(res).await).unwrap();
+        assert_eq!(body["error"]["code"], "not_found", "{missing}");
+    }
+    cleanup(&dir);
+}
+
+/// `POST /api/v1/flows?dry_run=true` checks a flow as a create would and stores nothing: the
+/// console's editor calls it as you type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_checks_a_flow_and_stores_nothing() {
+    let (app, dir) = app(&[]).await;
+    assert_eq!(
+        post(&app, "/api/v1/flows?dry_run=true", &greet()).await,
+        (StatusCode::OK, json!({"valid": true}))
+    );
+    assert_eq!(get(&app, "/api/v1/flows/greet").await.0, StatusCode::NOT_FOUND, "nothing stored");
+    let broken = json!({"id": "b", "nodes": [
+        {"id": "x", "type": "no_such_type"},
+        {"id": "c", "type": "branch", "params": {"condition": "input.n >"}}
+    ], "edges": [{"from": "c", "to": "ghost"}]});
+    let (status, body) = post(&app, "/api/v1/flows?dry_run=true", broken.to_string().as_bytes()).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_flow")));
+    let nodes: Vec<&str> = body["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["node"].as_str())
+        .collect();
+    assert!(nodes.contains(&"x") && nodes.contains(&"c"), "every problem, on its node: {body}");
+    assert_eq!(
+        post(&app, "/api/v1/flows?dry_run=true", b"{\"nodes\": 3}").await.1["error"]["code"],
+        "invalid_flow"
+    );
+    // A flow's own webhook is no conflict for its next version; another flow's is.
+    assert_eq!(post(&app, "/api/v1/flows", &greet()).await.0, StatusCode::CREATED);
+    assert_eq!(post(&app, "/api/v1/flows?dry_run=true", &greet()).await.0, StatusCode::OK);
+    let mut other: Value = serde_json::from_slice(&greet()).unwrap();
+    other["id"] = json!("other");
+    let (status, _) = post(&app, "/api/v1/flows?dry_run=true", other.to_string().as_bytes()).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, body) = post(&app, "/api/v1/flows?dry_run=maybe", &greet()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    cleanup(&dir);
+}
+
+/// `GET /api/v1/runs` takes a window of creation times; a time that is not RFC 3339 is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_list_by_creation_time() {
+    let (app, state, dir) = app_with_state(&[]).await;
+    let worker = Worker::start(&state);
+    assert_eq!(post(&app, "/api/v1/flows", &greet()).await.0, StatusCode::CREATED);
+    let before = chrono::Utc::now();
+    for n in [1, 9] {
+        let body = json!({"input": {"name": "ada", "n": n}}).to_string();
+        assert_eq!(post(&app, "/api/v1/flows/greet/runs", body.as_bytes()).await.0, StatusCode::OK);
+    }
+    let count = |q: String| {
+        let app = app.clone();
+        async move {
+            let (status, body) = get(&app, &format!("/api/v1/runs?{q}")).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            body["items"].as_array().unwrap().len()
+        }
+    };
+    let at = |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let hour = chrono::Duration::hours(1);
+    assert_eq!(count(format!("created_after={}", at(before))).await, 2);
+    assert_eq!(count(format!("created_before={}", at(before))).await, 0);
+    assert_eq!(count(format!("flow_id=greet&created_after={}&created_before={}", at(before - hour), at(before + hour))).await, 2);
+    assert_eq!(count(format!("created_after={}", at(before + hour))).await, 0);
+    let (status, body) = get(&app, "/api/v1/runs?created_after=yesterday").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     worker.stop().await;
     cleanup(&dir);
 }

@@ -251,7 +251,17 @@ impl SqlStore {
             let setup: SetupFn<AsyncPgConnection> = Box::new(move |url: &str| {
                 let url = url.to_owned();
                 Box::pin(async move {
-                    let mut conn = AsyncPgConnection::establish(&url).await?;
+                    // As `AsyncPgConnection::establish`, but the error keeps its cause
+                    // ("Connection refused", "password authentication failed", "database
+                    // ... does not exist"), which `establish` drops.
+                    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                        .await
+                        .map_err(|e| {
+                            diesel::ConnectionError::BadConnection(flowcore::error::causes(&e))
+                        })?;
+                    let mut conn =
+                        AsyncPgConnection::try_from_client_and_connection(client, connection)
+                            .await?;
                     conn.batch_execute(&format!("SET statement_timeout = {timeout_ms}"))
                         .await
                         .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
@@ -307,9 +317,20 @@ impl SqlStore {
                 .await
                 .map_err(|e| StoreError::backend(format!("migrating {}", redact_url(&url)), e))
             }
-            Backend::Postgres => tokio::task::spawn_blocking(move || migrate_postgres(&url))
-                .await
-                .map_err(|e| StoreError::backend("the migration task failed", e))?,
+            Backend::Postgres => {
+                // The migration harness connects through diesel-async's `establish`, which
+                // keeps only the first line of an error: a connection made here first says
+                // why the database cannot be reached ("Connection refused", a password, a
+                // missing database).
+                let (_client, _unused) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| {
+                        StoreError::unavailable(format!("connecting to {}", redact_url(&url)), e)
+                    })?;
+                tokio::task::spawn_blocking(move || migrate_postgres(&url))
+                    .await
+                    .map_err(|e| StoreError::backend("the migration task failed", e))?
+            }
         }
     }
 }

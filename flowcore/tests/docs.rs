@@ -1,0 +1,75 @@
+//! Every example of the flow reference (`docs/flows.md`) works: each `json flow` block
+//! compiles, each `json flow store` block is stored (for the `subflow` and `map` examples that
+//! name it), and each `json run` block after a flow gives the output it says for its input.
+
+use std::sync::Arc;
+
+use flowcore::ports::FlowStore;
+use flowcore::ports::memory::MemoryFlowStore;
+use flowcore::{Engine, FlowDef, RunStatus};
+use serde_json::Value;
+
+const REFERENCE: &str = include_str!("../../docs/flows.md");
+
+/// The fenced blocks of `text`: their info string and body.
+fn blocks(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut open: Option<(String, String)> = None;
+    for line in text.lines() {
+        match (&mut open, line.strip_prefix("```")) {
+            (None, Some(info)) => open = Some((info.trim().to_owned(), String::new())),
+            (Some(_), Some(_)) => out.extend(open.take()),
+            (Some((_, body)), None) => {
+                body.push_str(line);
+                body.push('\n');
+            }
+            (None, None) => {}
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_example_of_the_flow_reference_works() {
+    let store = Arc::new(MemoryFlowStore::new());
+    let engine = Engine::builder().flow_store(store.clone()).build();
+    let mut last: Option<(FlowDef, usize)> = None;
+    let (mut compiled, mut ran) = (0, 0);
+    for (n, (info, body)) in blocks(REFERENCE).into_iter().enumerate() {
+        match info.as_str() {
+            "json flow" | "json flow store" => {
+                let flow = FlowDef::from_json(&body)
+                    .unwrap_or_else(|e| panic!("block {n} does not parse: {e}\n{body}"));
+                if let Err(e) = engine.compile(&flow) {
+                    panic!("block {n} does not compile: {e}\n{body}");
+                }
+                if info == "json flow store" {
+                    store.create(&flow).await.expect("stored");
+                }
+                compiled += 1;
+                last = Some((flow, n));
+            }
+            "json run" => {
+                let (flow, at) = last.as_ref().expect("a run block follows a flow");
+                let case: Value = serde_json::from_str(&body)
+                    .unwrap_or_else(|e| panic!("block {n} is not JSON: {e}"));
+                let plan = engine.compile(flow).expect("compiled above");
+                let result = engine.run(&plan, case["input"].clone()).await;
+                assert_eq!(
+                    result.status,
+                    RunStatus::Succeeded,
+                    "the flow of block {at} with block {n}'s input: {:?}",
+                    result.error
+                );
+                assert_eq!(
+                    result.output.as_ref(),
+                    Some(&case["output"]),
+                    "the output of block {at}'s flow for block {n}'s input"
+                );
+                ran += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(compiled >= 15 && ran >= 10, "{compiled} flows, {ran} runs");
+}

@@ -356,3 +356,22 @@ fn validate_lists_every_typo_with_the_first_ones_line() {
     assert!(err.contains("node `a`") && err.contains("retyr"), "{err}");
     assert!(err.contains("node `b`") && err.contains("on_eror"), "{err}");
 }
+
+/// A Redis that cannot be reached is named (its password hidden), with the cause.
+#[test]
+fn a_redis_that_refuses_is_named_with_the_cause() {
+    let dir = std::env::temp_dir().join(format!("flowcore-cli-redis-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_flowcore"))
+        .arg("serve")
+        .env("FLOWCORE_DATA_DIR", &dir)
+        .env("FLOWCORE_BIND", "127.0.0.1:0")
+        .env("REDIS_URL", "redis://:secretpw@127.0.0.1:1")
+        .output()
+        .expect("runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("redis://:***@127.0.0.1:1"), "{err}");
+    assert!(err.to_lowercase().contains("refused"), "the cause: {err}");
+    assert!(!err.contains("secretpw"), "no password: {err}");
+}

@@ -14,28 +14,11 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use flowcore::testkit::docs::fenced_blocks;
 use serde_json::Value;
 use tower::ServiceExt;
 
 const WALK: &str = include_str!("../../docs/api.md");
-
-/// The fenced blocks of `text`: their info string and body.
-fn blocks(text: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut open: Option<(String, String)> = None;
-    for line in text.lines() {
-        match (&mut open, line.strip_prefix("```")) {
-            (None, Some(info)) => open = Some((info.trim().to_owned(), String::new())),
-            (Some(_), Some(_)) => out.extend(open.take()),
-            (Some((_, body)), None) => {
-                body.push_str(line);
-                body.push('\n');
-            }
-            (None, None) => {}
-        }
-    }
-    out
-}
 
 fn substitute(text: &str, vars: &HashMap<String, String>) -> String {
     let mut text = text.to_owned();
@@ -196,7 +179,7 @@ async fn the_walk_through_the_api_runs_as_written() {
     let mut vars: HashMap<String, String> = HashMap::new();
     let mut pending: Option<(usize, Call)> = None;
     let mut checked = 0;
-    for (n, (info, body)) in blocks(WALK).into_iter().enumerate() {
+    for (n, (info, body)) in fenced_blocks(WALK).into_iter().enumerate() {
         if info == "http" {
             assert!(
                 pending.is_none(),

@@ -1,5 +1,5 @@
 // The only way the console puts anything on the page. Text goes in as text nodes and
-// attributes through setAttribute, never through innerHTML: a flow name or a step output
+// attributes through setAttribute, never parsed as markup: a flow name or a step output
 // holding `<script>` shows as those characters and never runs.
 
 const SVG = 'http://www.w3.org/2000/svg';

@@ -92,6 +92,27 @@ pub(crate) struct Manager {
     timeout: Duration,
 }
 
+/// The last error of the pool's own connection attempts: a checkout that times out says why
+/// the pool could not connect ("Connection refused"), which bb8's timeout alone does not.
+#[derive(Debug, Clone, Default)]
+struct LastError(Arc<std::sync::Mutex<Option<String>>>);
+
+impl LastError {
+    fn take(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl bb8::ErrorSink<RedisError> for LastError {
+    fn sink(&self, error: RedisError) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<RedisError>> {
+        Box::new(self.clone())
+    }
+}
+
 impl bb8::ManageConnection for Manager {
     type Connection = Conn;
     type Error = RedisError;
@@ -125,6 +146,10 @@ pub struct RedisQueue {
     pool: bb8::Pool<Manager>,
     client: Client,
     prefix: Arc<str>,
+    /// The URL, its password hidden, for errors.
+    shown: Arc<str>,
+    /// Why the pool's last connection attempt failed.
+    last_error: LastError,
     timeout: Duration,
     max_deliveries: u32,
     wake: Arc<Notify>,
@@ -412,7 +437,9 @@ impl RedisQueue {
     pub async fn connect(config: RedisConfig) -> StoreResult<Self> {
         let client = Client::open(config.url.as_str())
             .map_err(|e| StoreError::Invalid(format!("REDIS_URL: {e}")))?;
+        let last_error = LastError::default();
         let pool = bb8::Pool::builder()
+            .error_sink(Box::new(last_error.clone()))
             .max_size(config.pool_size.max(1))
             .test_on_check_out(false)
             .connection_timeout(config.command_timeout)
@@ -450,6 +477,8 @@ impl RedisQueue {
             pool,
             client,
             prefix: config.prefix.into(),
+            shown: crate::sql::redact_url(&config.url).into(),
+            last_error,
             timeout: config.command_timeout,
             max_deliveries: config.max_deliveries.max(1),
             wake,
@@ -553,10 +582,20 @@ impl RedisQueue {
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
+        let shown = &self.shown;
         let mut conn = self.pool.get().await.map_err(|e| match e {
-            bb8::RunError::User(e) => StoreError::unavailable("connecting to Redis", e),
+            bb8::RunError::User(e) => {
+                StoreError::unavailable(format!("connecting to Redis at {shown}"), e)
+            }
             bb8::RunError::TimedOut => StoreError::Unavailable {
-                message: "timed out connecting to Redis".into(),
+                message: format!(
+                    "timed out connecting to Redis at {shown} (after {} ms){}",
+                    self.timeout.as_millis(),
+                    self.last_error
+                        .take()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                ),
                 source: None,
             },
         })?;
@@ -565,7 +604,10 @@ impl RedisQueue {
             Err(_) => {
                 conn.broken = true;
                 Err(StoreError::Unavailable {
-                    message: "Redis did not answer in time".into(),
+                    message: format!(
+                        "Redis at {shown} did not answer in {} ms",
+                        self.timeout.as_millis()
+                    ),
                     source: None,
                 })
             }
@@ -576,7 +618,10 @@ impl RedisQueue {
                     || e.is_unrecoverable_error() =>
             {
                 conn.broken = true;
-                Err(StoreError::unavailable("Redis connection failed", e))
+                Err(StoreError::unavailable(
+                    format!("the connection to Redis at {shown} failed"),
+                    e,
+                ))
             }
             Ok(Err(e)) => Err(StoreError::backend("Redis command failed", e)),
             Ok(Ok(v)) => Ok(v),

@@ -6,28 +6,11 @@ use std::sync::Arc;
 
 use flowcore::ports::FlowStore;
 use flowcore::ports::memory::MemoryFlowStore;
+use flowcore::testkit::docs::fenced_blocks;
 use flowcore::{Engine, FlowDef, RunStatus};
 use serde_json::Value;
 
 const REFERENCE: &str = include_str!("../../docs/flows.md");
-
-/// The fenced blocks of `text`: their info string and body.
-fn blocks(text: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut open: Option<(String, String)> = None;
-    for line in text.lines() {
-        match (&mut open, line.strip_prefix("```")) {
-            (None, Some(info)) => open = Some((info.trim().to_owned(), String::new())),
-            (Some(_), Some(_)) => out.extend(open.take()),
-            (Some((_, body)), None) => {
-                body.push_str(line);
-                body.push('\n');
-            }
-            (None, None) => {}
-        }
-    }
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_example_of_the_flow_reference_works() {
@@ -35,7 +18,7 @@ async fn every_example_of_the_flow_reference_works() {
     let engine = Engine::builder().flow_store(store.clone()).build();
     let mut last: Option<(FlowDef, usize)> = None;
     let (mut compiled, mut ran) = (0, 0);
-    for (n, (info, body)) in blocks(REFERENCE).into_iter().enumerate() {
+    for (n, (info, body)) in fenced_blocks(REFERENCE).into_iter().enumerate() {
         match info.as_str() {
             "json flow" | "json flow store" => {
                 let flow = FlowDef::from_json(&body)

@@ -15,6 +15,7 @@
 
 mod actions;
 mod blobs;
+pub mod docs;
 mod durable;
 mod events;
 mod flows;

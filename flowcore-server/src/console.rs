@@ -183,16 +183,16 @@ fn accepts_gzip(headers: &HeaderMap) -> bool {
         })
 }
 
-/// The console's size: every asset, and all of them gzipped (for the docs and a test).
-pub fn sizes() -> (usize, usize) {
-    let raw = ASSETS.iter().map(|a| a.body.len()).sum();
-    let gz = (0..ASSETS.len()).map(|i| prepared(i).gzip.len()).sum();
-    (raw, gz)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The console's size: every asset, and all of them gzipped.
+    fn sizes() -> (usize, usize) {
+        let raw = ASSETS.iter().map(|a| a.body.len()).sum();
+        let gz = (0..ASSETS.len()).map(|i| prepared(i).gzip.len()).sum();
+        (raw, gz)
+    }
 
     #[test]
     fn every_module_the_page_imports_is_served() {

@@ -94,7 +94,7 @@ impl FlowDef {
         let mut flow = match rest {
             Ok(flow) => flow,
             Err(e) => {
-                problems.insert(0, Problem::flow(at(&e.path().to_string(), e.inner())));
+                problems.insert(0, Problem::flow(at(e.path().to_string(), e.into_inner())));
                 return Err(CompileError { problems });
             }
         };
@@ -108,14 +108,10 @@ impl FlowDef {
     }
 }
 
-/// `` `path`: what serde said `` (serde's own " at line L column C" cut: a value has none).
-fn at(path: &str, e: &serde_json::Error) -> String {
-    let text = e.to_string();
-    let text = text
-        .rfind(" at line ")
-        .map_or(text.as_str(), |i| &text[..i]);
-    let path = if path == "." { "the top" } else { path };
-    format!("`{path}`: {text}")
+/// `` `path`: what serde said ``, as [`ParseError::at_path`] places and words it.
+fn at(path: String, e: serde_json::Error) -> String {
+    let e = ParseError::at_path(path, e);
+    format!("`{}`: {}", e.path.unwrap_or_default(), e.message)
 }
 
 /// Reads the array `field` of `top` element by element, each problem at its own path, and
@@ -149,7 +145,7 @@ fn read_each<T: serde::de::DeserializeOwned>(
                 problems.push(Problem {
                     node: if field == "nodes" { id } else { None },
                     edge: (field == "edges").then_some(i),
-                    problem: at(&path, e.inner()),
+                    problem: at(path, e.into_inner()),
                 });
             }
         }

@@ -164,14 +164,26 @@ pub fn invalid_json(e: impl std::fmt::Display) -> ApiError {
 /// A request body read through [`flowcore::json::parse`] (400 `invalid_json`); a large one on
 /// the blocking pool, since parsing megabytes takes milliseconds of a runtime thread.
 pub async fn parse_json(bytes: Bytes) -> Result<Value, ApiError> {
-    if bytes.len() > 256 * 1024 {
-        tokio::task::spawn_blocking(move || flowcore::json::parse(&bytes))
+    let len = bytes.len();
+    off_runtime(len, move || {
+        flowcore::json::parse(&bytes).map_err(invalid_json)
+    })
+    .await
+}
+
+/// `work` over a request body of `len` bytes: on the blocking pool past 256 KiB (work linear in
+/// megabytes takes milliseconds of a runtime thread), else here.
+pub async fn off_runtime<T: Send + 'static>(
+    len: usize,
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    if len > 256 * 1024 {
+        tokio::task::spawn_blocking(work)
             .await
             .map_err(|e| flowcore::StoreError::backend("reading a request body", e))?
     } else {
-        flowcore::json::parse(&bytes)
+        work()
     }
-    .map_err(invalid_json)
 }
 
 /// Whether a `Content-Type` names JSON (`application/json`, or any `+json` type).
@@ -192,23 +204,37 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let JsonText(_, value) = JsonText::from_request(request, state).await?;
+        serde_json::from_value(value)
+            .map(JsonBody)
+            .map_err(invalid_json)
+    }
+}
+
+/// A JSON request body as [`JsonBody`] reads it, with its text: for a document whose problems
+/// are found in the value and placed in the text (a flow's, with line and column).
+#[derive(Debug)]
+pub struct JsonText(pub Bytes, pub Value);
+
+impl<S: Send + Sync> FromRequest<S> for JsonText {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
         let content_type = request
             .headers()
             .get(axum::http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
         if !is_json(content_type) {
-            return Err(Self::Rejection::new(
+            return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
                 "expected Content-Type: application/json",
             ));
         }
         let bytes = Bytes::from_request(request, state).await?;
-        let value = parse_json(bytes).await?;
-        serde_json::from_value(value)
-            .map(JsonBody)
-            .map_err(invalid_json)
+        let value = parse_json(bytes.clone()).await?;
+        Ok(Self(bytes, value))
     }
 }
 

@@ -356,39 +356,61 @@ fn fail(message: String) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn read_flow(path: &Path) -> Result<FlowDef, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    FlowDef::from_slice(&bytes).map_err(|first| {
-        let shown = path.display();
-        // serde stops at the first problem (the one with a line and column); the flow read
-        // again element by element lists every one, as the API does.
-        match serde_json::from_slice(&bytes).map(FlowDef::from_value_all) {
-            Ok(Err(all)) if all.problems.len() > 1 => {
-                let each: Vec<String> = all.problems.iter().map(|p| format!("  {p}")).collect();
-                format!("{shown}: {first}\nevery problem:\n{}", each.join("\n"))
+/// Why a flow file was refused.
+enum FlowFileError {
+    /// It could not be read, or is not JSON.
+    Unreadable(String),
+    /// Its problems, each placed in the file (path, line and column).
+    Invalid(flowcore::CompileError),
+}
+
+impl FlowFileError {
+    /// The message: the file, and every problem one a line.
+    fn message(&self, path: &Path) -> String {
+        match self {
+            Self::Unreadable(e) => e.clone(),
+            Self::Invalid(e) => {
+                let each: Vec<String> = e.problems.iter().map(|p| format!("  {p}")).collect();
+                format!(
+                    "{} is not a valid flow:\n{}",
+                    path.display(),
+                    each.join("\n")
+                )
             }
-            _ => format!("{shown}: {first}"),
         }
-    })
+    }
+}
+
+/// A flow file, read as the API reads a flow: every problem of its shape, each with its path,
+/// line and column. Also its text, to place the compiler's problems in.
+fn read_flow(path: &Path) -> Result<(FlowDef, Vec<u8>), FlowFileError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| FlowFileError::Unreadable(format!("cannot read {}: {e}", path.display())))?;
+    let value = flowcore::json::parse(&bytes).map_err(|e| {
+        FlowFileError::Unreadable(format!("{}: not valid JSON: {e}", path.display()))
+    })?;
+    match FlowDef::from_value_all(value) {
+        Ok(flow) => Ok((flow, bytes)),
+        Err(e) => Err(FlowFileError::Invalid(e.locate(&bytes))),
+    }
 }
 
 fn validate(path: &Path) -> ExitCode {
-    let flow = match read_flow(path) {
-        Ok(flow) => flow,
-        Err(e) => return fail(e),
-    };
-    match Engine::new().compile(&flow) {
-        Ok(_) => {
-            println!("ok");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            for problem in &e.problems {
-                println!("{problem}");
+    let problems = match read_flow(path) {
+        Ok((flow, text)) => match Engine::new().compile(&flow) {
+            Ok(_) => {
+                println!("ok");
+                return ExitCode::SUCCESS;
             }
-            ExitCode::FAILURE
-        }
+            Err(e) => e.locate(&text),
+        },
+        Err(FlowFileError::Invalid(e)) => e,
+        Err(e) => return fail(e.message(path)),
+    };
+    for problem in &problems.problems {
+        println!("{problem}");
     }
+    ExitCode::FAILURE
 }
 
 async fn run(
@@ -399,9 +421,9 @@ async fn run(
     timeout_seconds: u64,
     quiet: bool,
 ) -> ExitCode {
-    let flow = match read_flow(path) {
-        Ok(flow) => flow,
-        Err(e) => return fail(e),
+    let (flow, text) = match read_flow(path) {
+        Ok(read) => read,
+        Err(e) => return fail(e.message(path)),
     };
     let input: Value = match flowcore::json::parse(input.as_bytes()) {
         Ok(v) => v,
@@ -441,12 +463,7 @@ async fn run(
         .build();
     let plan = match engine.compile(&flow) {
         Ok(plan) => plan,
-        Err(e) => {
-            for problem in &e.problems {
-                eprintln!("{problem}");
-            }
-            return fail(format!("{} is not a valid flow", path.display()));
-        }
+        Err(e) => return fail(FlowFileError::Invalid(e.locate(&text)).message(path)),
     };
     let mut given = Vec::new();
     for signal in signals {
@@ -690,7 +707,7 @@ async fn load_flows(store: &dyn FlowStore, dir: &Path) -> Result<(), String> {
             .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
             .path();
         if path.extension().is_some_and(|x| x == "json") {
-            let flow = read_flow(&path)?;
+            let (flow, _) = read_flow(&path).map_err(|e| e.message(&path))?;
             if flow.id.is_none() {
                 return Err(format!(
                     "{}: a flow in --flows-dir needs an id",

@@ -80,7 +80,8 @@ fn validate_lists_every_problem_one_a_line() {
     assert!(
         lines
             .iter()
-            .any(|l| l.contains("edge 1: edge to missing node `ghost`"))
+            .any(|l| l.starts_with("edge 1 (line 2, column ")
+                && l.ends_with("): edge to missing node `ghost`"))
     );
 }
 
@@ -94,7 +95,7 @@ fn bad_files_get_a_message_not_a_panic() {
     let out = flowcore(&["validate", garbage.arg()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr).contains("invalid flow JSON at line 1"),
+        text(&out.stderr).contains("not valid JSON: expected value at line 1 column 1"),
         "{}",
         text(&out.stderr)
     );
@@ -339,11 +340,11 @@ fn serve_help_names_the_log_filter() {
 }
 
 #[test]
-fn validate_lists_every_typo_with_the_first_ones_line() {
+fn validate_lists_every_typo_with_its_line_and_column() {
     let flow = temp_file(
         br#"{"nodes": [
   {"id": "a", "type": "noop", "retyr": {}},
-  {"id": "b", "type": "noop", "on_eror": "continue"}
+  {"id": "b", "type": "nope", "on_eror": "continue"}
 ]}"#,
     );
     let out = Command::new(env!("CARGO_BIN_EXE_flowcore"))
@@ -351,10 +352,30 @@ fn validate_lists_every_typo_with_the_first_ones_line() {
         .output()
         .expect("runs");
     assert_eq!(out.status.code(), Some(1));
-    let err = text(&out.stderr);
-    assert!(err.contains("line 2"), "{err}");
-    assert!(err.contains("node `a`") && err.contains("retyr"), "{err}");
-    assert!(err.contains("node `b`") && err.contains("on_eror"), "{err}");
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0]
+            .starts_with("node `a` (line 2, column 40): `nodes[0].retyr`: unknown field `retyr`"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].starts_with(
+            "node `b` (line 3, column 42): `nodes[1].on_eror`: unknown field `on_eror`"
+        ),
+        "{stdout}"
+    );
+
+    // The compiler's problems are placed too: the unknown type, at its node.
+    let flow = temp_file(b"{\"nodes\": [\n  {\"id\": \"a\", \"type\": \"noop\"},\n  {\"id\": \"b\", \"type\": \"nope\"}\n]}");
+    let out = flowcore(&["validate", flow.arg()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stdout).starts_with("node `b` (line 3, column 3): unknown node type `nope`"),
+        "{}",
+        text(&out.stdout)
+    );
 }
 
 /// A Redis that cannot be reached is named (its password hidden), with the cause.

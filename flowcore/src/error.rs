@@ -7,9 +7,9 @@ use serde::Serialize;
 
 /// One problem found while checking or compiling a flow, with where it is.
 ///
-/// Serialized as `{"node": ..., "edge": ..., "problem": ...}`, the shape of the HTTP API's
-/// `invalid_flow` details.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Serialized as `{"node", "edge", "problem"}`, with `"path"`, `"line"` and `"column"` when
+/// known: the shape of the HTTP API's `invalid_flow` details.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Problem {
     /// The id of the node the problem is about, if any.
     pub node: Option<String>,
@@ -17,31 +17,41 @@ pub struct Problem {
     pub edge: Option<usize>,
     /// What is wrong, in one sentence.
     pub problem: String,
+    /// The field the problem is in, as a path (`nodes[1].retry`), for a problem of the flow's
+    /// shape.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The 1-based line of the problem in the flow's text, when the flow was read from one
+    /// (see [`CompileError::locate`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
+    /// The 1-based column of the problem, in bytes, with [`line`](Self::line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub column: Option<usize>,
 }
 
 impl Problem {
     /// A problem with the flow as a whole.
     pub fn flow(problem: impl Into<String>) -> Self {
         Self {
-            node: None,
-            edge: None,
             problem: problem.into(),
+            ..Self::default()
         }
     }
     /// A problem with one node.
     pub fn node(node: impl Into<String>, problem: impl Into<String>) -> Self {
         Self {
             node: Some(node.into()),
-            edge: None,
             problem: problem.into(),
+            ..Self::default()
         }
     }
     /// A problem with one edge.
     pub fn edge(edge: usize, problem: impl Into<String>) -> Self {
         Self {
-            node: None,
             edge: Some(edge),
             problem: problem.into(),
+            ..Self::default()
         }
     }
 }
@@ -49,11 +59,15 @@ impl Problem {
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (&self.node, self.edge) {
-            (Some(node), Some(edge)) => write!(f, "node `{node}`, edge {edge}: {}", self.problem),
-            (Some(node), None) => write!(f, "node `{node}`: {}", self.problem),
-            (None, Some(edge)) => write!(f, "edge {edge}: {}", self.problem),
-            (None, None) => write!(f, "flow: {}", self.problem),
+            (Some(node), Some(edge)) => write!(f, "node `{node}`, edge {edge}")?,
+            (Some(node), None) => write!(f, "node `{node}`")?,
+            (None, Some(edge)) => write!(f, "edge {edge}")?,
+            (None, None) => write!(f, "flow")?,
         }
+        if let (Some(line), Some(column)) = (self.line, self.column) {
+            write!(f, " (line {line}, column {column})")?;
+        }
+        write!(f, ": {}", self.problem)
     }
 }
 
@@ -69,6 +83,23 @@ impl CompileError {
     /// The stable error code, `invalid_flow`.
     pub fn code(&self) -> &'static str {
         "invalid_flow"
+    }
+
+    /// Places each problem in `text`, the JSON document the flow was read from: its `line`
+    /// and `column` are those of the value its path names, else of its edge, else of its
+    /// node. Linear in the text, whatever the number of problems.
+    ///
+    /// ```
+    /// let text = "{\"nodes\": [\n  {\"id\": \"a\", \"type\": \"noop\", \"retyr\": 3}\n]}";
+    /// let value = serde_json::from_str(text).unwrap();
+    /// let e = flowcore::FlowDef::from_value_all(value).unwrap_err().locate(text.as_bytes());
+    /// assert_eq!((e.problems[0].line, e.problems[0].column), (Some(2), Some(40)));
+    /// assert!(e.problems[0].to_string().starts_with("node `a` (line 2, column 40): `nodes[0].retyr`"));
+    /// ```
+    #[must_use]
+    pub fn locate(mut self, text: &[u8]) -> Self {
+        crate::locate::locate(&mut self.problems, text);
+        self
     }
 }
 

@@ -41,6 +41,7 @@ pub mod event;
 pub mod expr;
 pub mod ids;
 pub mod json;
+mod locate;
 pub mod memory;
 pub mod model;
 pub mod net;

@@ -94,7 +94,7 @@ impl FlowDef {
         let mut flow = match rest {
             Ok(flow) => flow,
             Err(e) => {
-                problems.insert(0, Problem::flow(at(e.path().to_string(), e.into_inner())));
+                problems.insert(0, at(e.path().to_string(), e.into_inner()));
                 return Err(CompileError { problems });
             }
         };
@@ -108,10 +108,16 @@ impl FlowDef {
     }
 }
 
-/// `` `path`: what serde said ``, as [`ParseError::at_path`] places and words it.
-fn at(path: String, e: serde_json::Error) -> String {
+/// The problem `` `path`: what serde said `` at `path`, as [`ParseError::at_path`] places and
+/// words it.
+fn at(path: String, e: serde_json::Error) -> Problem {
     let e = ParseError::at_path(path, e);
-    format!("`{}`: {}", e.path.unwrap_or_default(), e.message)
+    let path = e.path.unwrap_or_default();
+    Problem {
+        problem: format!("`{path}`: {}", e.message),
+        path: Some(path),
+        ..Problem::default()
+    }
 }
 
 /// Reads the array `field` of `top` element by element, each problem at its own path, and
@@ -145,7 +151,7 @@ fn read_each<T: serde::de::DeserializeOwned>(
                 problems.push(Problem {
                     node: if field == "nodes" { id } else { None },
                     edge: (field == "edges").then_some(i),
-                    problem: at(path, e.into_inner()),
+                    ..at(path, e.into_inner())
                 });
             }
         }

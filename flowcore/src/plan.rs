@@ -388,9 +388,10 @@ pub fn compile_in(flow: &FlowDef, cx: BuildContext<'_>) -> Result<Plan, CompileE
                 if def.on_error != OnError::Route {
                     problems.push(Problem {
                         node: Some(def.id.clone()),
-                        edge: Some(e),
-                        problem: "port `error` is only taken when the node's on_error is `route`"
-                            .into(),
+                        ..Problem::edge(
+                            e,
+                            "port `error` is only taken when the node's on_error is `route`",
+                        )
                     });
                 }
             } else if let Some(node) = &built[from]
@@ -405,12 +406,14 @@ pub fn compile_in(flow: &FlowDef, cx: BuildContext<'_>) -> Result<Plan, CompileE
                     .join(", ");
                 problems.push(Problem {
                     node: Some(def.id.clone()),
-                    edge: Some(e),
-                    problem: format!(
-                        "unknown port `{}` of a `{}` node (ports: {known})",
-                        shorten(p),
-                        def.node_type
-                    ),
+                    ..Problem::edge(
+                        e,
+                        format!(
+                            "unknown port `{}` of a `{}` node (ports: {known})",
+                            shorten(p),
+                            def.node_type
+                        ),
+                    )
                 });
             }
         }
@@ -735,11 +738,10 @@ fn report_cycles(
         }
         let path = cycle_path(&graph, &scc);
         let names: Vec<&str> = path.iter().map(|&g| &*ids[graph[g]]).collect();
-        problems.push(Problem {
-            node: Some(names[0].to_owned()),
-            edge: None,
-            problem: format!("cycle: {}", names.join(" -> ")),
-        });
+        problems.push(Problem::node(
+            names[0],
+            format!("cycle: {}", names.join(" -> ")),
+        ));
     }
 }
 

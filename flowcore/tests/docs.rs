@@ -56,3 +56,16 @@ async fn every_example_of_the_flow_reference_works() {
     }
     assert!(compiled >= 15 && ran >= 10, "{compiled} flows, {ran} runs");
 }
+
+/// The README's flow is the quick start's file, byte for byte: one is not changed without the
+/// other.
+#[test]
+fn the_readmes_flow_is_the_quick_starts_file() {
+    let readme = include_str!("../../README.md");
+    let after = &readme[readme.find("## A flow").expect("a section `A flow`")..];
+    let (_, first) = fenced_blocks(after)
+        .into_iter()
+        .next()
+        .expect("a block in `A flow`");
+    assert_eq!(first, include_str!("../../examples/flows/greet.json"));
+}

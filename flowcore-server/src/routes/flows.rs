@@ -1,5 +1,6 @@
 //! `/api/v1/flows`: create, list, read, new version, delete.
 
+use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -10,9 +11,8 @@ use flowcore::ports::StoredFlow;
 use flowcore::secret::SecretSource;
 use flowcore::{FlowDef, Trigger};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
-use crate::error::{ApiError, ApiErrorBody, JsonBody};
+use crate::error::{ApiError, ApiErrorBody, JsonText, off_runtime};
 use crate::routes::Page;
 use crate::state::Shared;
 
@@ -68,21 +68,31 @@ pub fn router() -> Router<Shared> {
         .route("/flows/{id}", get(read).put(update).delete(delete))
 }
 
-/// A flow from a request's JSON: 400 `invalid_flow` listing every problem of its shape (each
-/// node, edge and trigger read on its own), as the compiler lists every problem of its
-/// meaning. A body that is not JSON at all is `invalid_json` (the extractor).
-fn parse_flow(JsonBody(value): JsonBody<Value>) -> Result<FlowDef, ApiError> {
-    Ok(FlowDef::from_value_all(value)?)
+/// A flow from a request's JSON, with its text: 400 `invalid_flow` listing every problem of its
+/// shape (each node, edge and trigger read on its own), placed in the text (line and column),
+/// as the compiler lists every problem of its meaning. A body that is not JSON at all is
+/// `invalid_json` (the extractor).
+async fn parse_flow(JsonText(text, value): JsonText) -> Result<(FlowDef, Bytes), ApiError> {
+    off_runtime(text.len(), move || match FlowDef::from_value_all(value) {
+        Ok(flow) => Ok((flow, text)),
+        Err(e) => Err(e.locate(&text).into()),
+    })
+    .await
 }
 
 /// Checks a flow before it is stored: it compiles (on the blocking pool: a large flow is CPU
-/// work that must not hold up the runtime's threads), the credentials its webhooks check exist,
-/// and no other flow has one of its webhook paths (409).
-async fn check(state: &Shared, flow: FlowDef) -> Result<FlowDef, ApiError> {
+/// work that must not hold up the runtime's threads; its problems placed in `text`), the
+/// credentials its webhooks check exist, and no other flow has one of its webhook paths (409).
+async fn check(state: &Shared, flow: FlowDef, text: Bytes) -> Result<FlowDef, ApiError> {
     let engine = state.engine.clone();
-    let flow = tokio::task::spawn_blocking(move || engine.compile(&flow).map(|_| flow))
-        .await
-        .map_err(|e| flowcore::StoreError::backend("compiling a flow", e))??;
+    let flow = tokio::task::spawn_blocking(move || {
+        engine
+            .compile(&flow)
+            .map(|_| flow)
+            .map_err(|e| e.locate(&text))
+    })
+    .await
+    .map_err(|e| flowcore::StoreError::backend("compiling a flow", e))??;
     let mut problems = Vec::new();
     for trigger in &flow.triggers {
         if let Trigger::Webhook {
@@ -148,16 +158,16 @@ pub struct FlowChecked {
 pub(crate) async fn create(
     State(state): State<Shared>,
     Query(q): Query<CreateQuery>,
-    body: JsonBody<Value>,
+    body: JsonText,
 ) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
-    let mut flow = parse_flow(body)?;
+    let (mut flow, text) = parse_flow(body).await?;
     if q.dry_run {
-        check(&state, flow).await?;
+        check(&state, flow, text).await?;
         return Ok(Json(FlowChecked { valid: true }).into_response());
     }
     let id = flow.id.get_or_insert_with(flowcore::ids::new_id).clone();
-    let flow = check(&state, flow).await?;
+    let flow = check(&state, flow, text).await?;
     let stored = state.stores.flows.create(&flow).await?;
     changed(&state, &id).await?;
     Ok((StatusCode::CREATED, Json(FlowCreated::from(&stored))).into_response())
@@ -217,17 +227,17 @@ pub(crate) async fn read(
 pub(crate) async fn update(
     State(state): State<Shared>,
     Path(id): Path<String>,
-    body: JsonBody<Value>,
+    body: JsonText,
 ) -> Result<Json<FlowCreated>, ApiError> {
     check_id(&id)?;
-    let mut flow = parse_flow(body)?;
+    let (mut flow, text) = parse_flow(body).await?;
     if flow.id.as_deref().is_some_and(|body_id| body_id != id) {
         return Err(ApiError::bad_request(
             "the body's id differs from the path's",
         ));
     }
     flow.id = Some(id.clone());
-    let flow = check(&state, flow).await?;
+    let flow = check(&state, flow, text).await?;
     let stored = state.stores.flows.update(&id, &flow).await?;
     changed(&state, &id).await?;
     Ok(Json((&stored).into()))

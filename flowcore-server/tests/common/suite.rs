@@ -406,7 +406,7 @@ async fn flows_crud_and_errors() {
     );
     assert_eq!(
         body["error"]["details"][0],
-        json!({"node": "a", "edge": null, "problem": "unknown node type `nope`"})
+        json!({"node": "a", "edge": null, "problem": "unknown node type `nope`", "line": 1, "column": 12})
     );
 
     for (payload, code) in [
@@ -432,7 +432,8 @@ async fn flows_crud_and_errors() {
         {"id": "b", "type": "noop", "timeout_ms": "soon"},
         {"id": "c", "type": "noop"}
     ], "edges": [{"from": "a", "to": "b", "prot": "x"}], "triggers": [{"type": "webhook"}]});
-    let (status, body) = post(&app, "/api/v1/flows", typos.to_string().as_bytes()).await;
+    let text = serde_json::to_string_pretty(&typos).unwrap();
+    let (status, body) = post(&app, "/api/v1/flows", text.as_bytes()).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (StatusCode::BAD_REQUEST, Some("invalid_flow")),
@@ -440,6 +441,16 @@ async fn flows_crud_and_errors() {
     );
     let details = body["error"]["details"].as_array().unwrap();
     assert_eq!(details.len(), 4, "{body}");
+    // Each at its path, and at its line and column in the body.
+    let soon = text.find("\"soon\"").unwrap();
+    let line_start = text[..soon].rfind('\n').map_or(0, |i| i + 1);
+    assert_eq!(details[1]["path"], "nodes[1].timeout_ms", "{body}");
+    assert_eq!(
+        (details[1]["line"].as_u64(), details[1]["column"].as_u64()),
+        (Some(text[..soon].matches('\n').count() as u64 + 1), Some((soon - line_start + 1) as u64)),
+        "{body}"
+    );
+    assert!(details.iter().all(|d| d["line"].is_u64() && d["path"].is_string()), "{body}");
     assert_eq!((details[0]["node"].as_str(), details[1]["node"].as_str()), (Some("a"), Some("b")));
     assert!(details[0]["problem"].as_str().unwrap().contains("retyr"), "{body}");
     assert!(details[1]["problem"].as_str().unwrap().starts_with("`nodes[1].timeout_ms`"), "{body}");

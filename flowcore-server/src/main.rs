@@ -370,7 +370,11 @@ impl FlowFileError {
         match self {
             Self::Unreadable(e) => e.clone(),
             Self::Invalid(e) => {
-                let each: Vec<String> = e.problems.iter().map(|p| format!("  {p}")).collect();
+                let each: Vec<String> = e
+                    .problems
+                    .iter()
+                    .map(|p| format!("  {}", printable(&p.to_string())))
+                    .collect();
                 format!(
                     "{} is not a valid flow:\n{}",
                     path.display(),
@@ -408,9 +412,23 @@ fn validate(path: &Path) -> ExitCode {
         Err(e) => return fail(e.message(path)),
     };
     for problem in &problems.problems {
-        println!("{problem}");
+        println!("{}", printable(&problem.to_string()));
     }
     ExitCode::FAILURE
+}
+
+/// `text` with its control characters escaped (`\u{1b}`): a problem quotes the flow file's
+/// keys, and a terminal must not take one for a command.
+fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 async fn run(

@@ -79,7 +79,32 @@ pub struct CompileError {
     pub problems: Vec<Problem>,
 }
 
+/// The most problems a [`CompileError`] lists; past them, one more problem says how many were
+/// left out. A refused flow's answer stays small however broken the flow (a 25 MB array of
+/// bad edges would otherwise list millions).
+pub const MAX_PROBLEMS: usize = 100;
+
 impl CompileError {
+    /// The error of `problems`, the first [`MAX_PROBLEMS`] of them, and one more saying how
+    /// many are left out when there are more.
+    ///
+    /// ```
+    /// use flowcore::{CompileError, Problem, error::MAX_PROBLEMS};
+    /// let e = CompileError::capped((0..500).map(|i| Problem::edge(i, "bad")).collect(), 0);
+    /// assert_eq!(e.problems.len(), MAX_PROBLEMS + 1);
+    /// assert_eq!(e.problems[MAX_PROBLEMS].problem, "and 400 more problems, not listed");
+    /// ```
+    pub fn capped(mut problems: Vec<Problem>, more: usize) -> Self {
+        let more = more + problems.len().saturating_sub(MAX_PROBLEMS);
+        problems.truncate(MAX_PROBLEMS);
+        if more > 0 {
+            problems.push(Problem::flow(format!(
+                "and {more} more problems, not listed"
+            )));
+        }
+        Self { problems }
+    }
+
     /// The stable error code, `invalid_flow`.
     pub fn code(&self) -> &'static str {
         "invalid_flow"

@@ -120,7 +120,9 @@ impl<'a> Index<'a> {
             at = item;
             steps.next();
         }
-        for step in steps {
+        // A flow's fields nest at most 4 deep under an element (`settings.retention.days`);
+        // a deeper path is an unknown key full of dots, and each step parses its value again.
+        for step in steps.take(4) {
             let next = match step {
                 Segment::Key(key) => serde_json::from_str::<HashMap<String, &RawValue>>(at.get())
                     .ok()
@@ -227,10 +229,12 @@ mod tests {
         assert_eq!(placed("[1]", Problem::node("a", "n")), (None, None));
     }
 
-    /// The worst a request can ask: the most nodes a flow may have, each with a problem. Every
-    /// problem is placed, each on its own line (one walk of the text, not one per problem).
+    /// The most problems a request gets: a flow of the most nodes a flow may have, each with a
+    /// problem, lists the first [`MAX_PROBLEMS`](crate::error::MAX_PROBLEMS), each placed on
+    /// its own line, and counts the rest; a flow over the bounds is one problem.
     #[test]
-    fn every_problem_of_the_largest_flow_is_placed() {
+    fn the_problems_of_the_largest_flow_are_capped_and_placed() {
+        use crate::error::MAX_PROBLEMS;
         let nodes: Vec<String> = (0..20_000)
             .map(|i| format!("{{\"id\": \"n{i}\", \"type\": \"noop\", \"typo\": {i}}}"))
             .collect();
@@ -239,10 +243,37 @@ mod tests {
         let e = crate::FlowDef::from_value_all(value)
             .unwrap_err()
             .locate(text.as_bytes());
-        assert_eq!(e.problems.len(), 20_000);
-        for (i, p) in e.problems.iter().enumerate() {
+        assert_eq!(e.problems.len(), MAX_PROBLEMS + 1);
+        for (i, p) in e.problems[..MAX_PROBLEMS].iter().enumerate() {
             assert_eq!(p.line, Some(i + 2), "{p}");
             assert_eq!(p.column, Some(37 + i.to_string().len()), "{p}");
         }
+        assert_eq!(
+            e.problems[MAX_PROBLEMS].problem,
+            "and 19900 more problems, not listed"
+        );
+
+        let edges = serde_json::json!({"nodes": [], "edges": vec![0; 100_001]});
+        let e = crate::FlowDef::from_value_all(edges).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert!(
+            e.problems[0].problem.starts_with("a flow has at most"),
+            "{e}"
+        );
+    }
+
+    /// An unknown key is quoted cut short, and a key full of dots is not a deep path to walk.
+    #[test]
+    fn a_huge_key_is_cut_short_and_not_walked() {
+        let key = "params.x".repeat(100_000);
+        let text = format!("{{\"nodes\": [{{\"id\": \"a\", \"type\": \"noop\", \"{key}\": 1}}]}}");
+        let value = serde_json::from_str(&text).unwrap();
+        let e = crate::FlowDef::from_value_all(value)
+            .unwrap_err()
+            .locate(text.as_bytes());
+        let p = &e.problems[0];
+        assert!(p.path.as_ref().is_some_and(|path| path.len() <= 131), "{p}");
+        assert!(p.problem.len() < 700, "{}", p.problem.len());
+        assert_eq!((p.line, p.column), (Some(1), Some(12)), "{p}");
     }
 }

@@ -6,7 +6,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::{CompileError, ParseError, Problem};
+use crate::error::{CompileError, MAX_PROBLEMS, ParseError, Problem};
+use crate::plan::{shorten_to, too_many};
 
 /// A flow: nodes, the edges between them, and how it is triggered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,7 +87,13 @@ impl FlowDef {
                 problems: vec![Problem::flow("the flow must be a JSON object")],
             });
         };
-        let mut problems = Vec::new();
+        let len = |field: &str| top.get(field).and_then(Value::as_array).map_or(0, Vec::len);
+        if let Some(problem) = too_many(len("nodes"), len("edges"), len("triggers")) {
+            return Err(CompileError {
+                problems: vec![problem],
+            });
+        }
+        let mut problems = Problems::default();
         let nodes = read_each::<NodeDef>(&mut top, "nodes", &mut problems);
         let edges = read_each::<EdgeDef>(&mut top, "edges", &mut problems);
         let triggers = read_each::<Trigger>(&mut top, "triggers", &mut problems);
@@ -94,12 +101,14 @@ impl FlowDef {
         let mut flow = match rest {
             Ok(flow) => flow,
             Err(e) => {
-                problems.insert(0, at(e.path().to_string(), e.into_inner()));
-                return Err(CompileError { problems });
+                problems
+                    .listed
+                    .insert(0, at(e.path().to_string(), e.into_inner()));
+                return Err(CompileError::capped(problems.listed, problems.more));
             }
         };
-        if !problems.is_empty() {
-            return Err(CompileError { problems });
+        if !problems.listed.is_empty() {
+            return Err(CompileError::capped(problems.listed, problems.more));
         }
         flow.nodes = nodes.unwrap_or(flow.nodes);
         flow.edges = edges.unwrap_or(flow.edges);
@@ -109,14 +118,32 @@ impl FlowDef {
 }
 
 /// The problem `` `path`: what serde said `` at `path`, as [`ParseError::at_path`] places and
-/// words it.
+/// words it; both cut short, as serde quotes the input (an unknown field's name) in full.
 fn at(path: String, e: serde_json::Error) -> Problem {
     let e = ParseError::at_path(path, e);
-    let path = e.path.unwrap_or_default();
+    let path = shorten_to(&e.path.unwrap_or_default(), 128);
     Problem {
-        problem: format!("`{path}`: {}", e.message),
+        problem: format!("`{path}`: {}", shorten_to(&e.message, 512)),
         path: Some(path),
         ..Problem::default()
+    }
+}
+
+/// The problems of a flow's shape: the first [`MAX_PROBLEMS`] kept, the others only counted,
+/// so that a flow of a million bad elements costs no more memory than its first ones.
+#[derive(Default)]
+struct Problems {
+    listed: Vec<Problem>,
+    more: usize,
+}
+
+impl Problems {
+    fn push(&mut self, problem: Problem) {
+        if self.listed.len() < MAX_PROBLEMS {
+            self.listed.push(problem);
+        } else {
+            self.more += 1;
+        }
     }
 }
 
@@ -126,7 +153,7 @@ fn at(path: String, e: serde_json::Error) -> Problem {
 fn read_each<T: serde::de::DeserializeOwned>(
     top: &mut serde_json::Map<String, Value>,
     field: &str,
-    problems: &mut Vec<Problem>,
+    problems: &mut Problems,
 ) -> Option<Vec<T>> {
     let Some(Value::Array(items)) = top.get_mut(field) else {
         return None;

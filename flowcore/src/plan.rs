@@ -251,6 +251,19 @@ pub const MAX_NODES: usize = 20_000;
 /// The most edges a flow may have.
 pub const MAX_EDGES: usize = 100_000;
 
+/// The most triggers a flow may have.
+pub const MAX_TRIGGERS: usize = 1_000;
+
+/// The problem of a flow with more nodes, edges or triggers than a flow may have.
+pub(crate) fn too_many(nodes: usize, edges: usize, triggers: usize) -> Option<Problem> {
+    (nodes > MAX_NODES || edges > MAX_EDGES || triggers > MAX_TRIGGERS).then(|| {
+        Problem::flow(format!(
+            "a flow has at most {MAX_NODES} nodes, {MAX_EDGES} edges and {MAX_TRIGGERS} \
+             triggers (this one: {nodes}, {edges} and {triggers})"
+        ))
+    })
+}
+
 /// Compiles a flow with the node types of `registry`.
 pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError> {
     compile_in(
@@ -265,13 +278,9 @@ pub fn compile(flow: &FlowDef, registry: &Registry) -> Result<Plan, CompileError
 /// Compiles a flow with what `cx` says: a child flow (a `map`'s) may not `wait`.
 pub fn compile_in(flow: &FlowDef, cx: BuildContext<'_>) -> Result<Plan, CompileError> {
     let registry = cx.registry;
-    if flow.nodes.len() > MAX_NODES || flow.edges.len() > MAX_EDGES {
+    if let Some(problem) = too_many(flow.nodes.len(), flow.edges.len(), flow.triggers.len()) {
         return Err(CompileError {
-            problems: vec![Problem::flow(format!(
-                "a flow has at most {MAX_NODES} nodes and {MAX_EDGES} edges (this one: {} and {})",
-                flow.nodes.len(),
-                flow.edges.len()
-            ))],
+            problems: vec![problem],
         });
     }
     let mut problems = Vec::new();
@@ -526,7 +535,7 @@ pub fn compile_in(flow: &FlowDef, cx: BuildContext<'_>) -> Result<Plan, CompileE
     }
 
     if !problems.is_empty() {
-        return Err(CompileError { problems });
+        return Err(CompileError::capped(problems, 0));
     }
 
     let sinks = (0..n).filter(|&i| out.get(i).is_empty()).collect();
@@ -781,16 +790,17 @@ fn check_triggers(flow: &FlowDef, problems: &mut Vec<Problem>) {
                 headers,
                 ..
             } => {
-                for name in headers {
-                    if !is_header_name(name) {
-                        problems.push(Problem::flow(format!(
-                            "webhook header `{}` is not a header name",
-                            shorten(name)
-                        )));
-                    }
-                }
                 if headers.len() > 50 {
                     problems.push(Problem::flow("a webhook passes at most 50 headers"));
+                } else {
+                    for name in headers {
+                        if !is_header_name(name) {
+                            problems.push(Problem::flow(format!(
+                                "webhook header `{}` is not a header name",
+                                shorten(name)
+                            )));
+                        }
+                    }
                 }
                 if let Some(auth) = auth {
                     check_webhook_auth(auth, problems);
@@ -903,11 +913,16 @@ pub fn parse_cron(cron: &str) -> Result<croner::Cron, String> {
 
 /// Keeps error messages short when the input is huge.
 fn shorten(s: &str) -> String {
-    const MAX: usize = 64;
-    if s.len() <= MAX {
+    shorten_to(s, 64)
+}
+
+/// `s`, cut to at most `max` bytes (at a character boundary) and marked `...` when cut: a name
+/// or a message quoting its input stays small in an error.
+pub(crate) fn shorten_to(s: &str, max: usize) -> String {
+    if s.len() <= max {
         return s.to_owned();
     }
-    let mut end = MAX;
+    let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }

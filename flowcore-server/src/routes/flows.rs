@@ -107,7 +107,7 @@ async fn check(state: &Shared, flow: FlowDef, text: Bytes) -> Result<FlowDef, Ap
         }
     }
     if !problems.is_empty() {
-        return Err(flowcore::CompileError { problems }.into());
+        return Err(flowcore::CompileError::capped(problems, 0).into());
     }
     state
         .webhooks

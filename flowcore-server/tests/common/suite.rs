@@ -456,6 +456,15 @@ async fn flows_crud_and_errors() {
     assert!(details[1]["problem"].as_str().unwrap().starts_with("`nodes[1].timeout_ms`"), "{body}");
     assert_eq!(details[2]["edge"], 0);
     assert!(details[3]["problem"].as_str().unwrap().starts_with("`triggers[0]"), "{body}");
+    // However broken the flow, the answer lists 100 problems and counts the rest: a body of
+    // 100,000 bad edges gets a small answer.
+    let edges = format!(r#"{{"nodes": [], "edges": [{}0]}}"#, "0,".repeat(99_999));
+    let (status, body) = call(&app, "POST", "/api/v1/flows?dry_run=true", k, Some(edges.into_bytes())).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let details = body["error"]["details"].as_array().unwrap();
+    assert_eq!(details.len(), 101);
+    assert_eq!(details[100]["problem"], "and 99900 more problems, not listed");
+    assert!(body.to_string().len() < 64 * 1024, "{}", body.to_string().len());
     let huge = format!(
         r#"{{"nodes": [], "description": "{}"}}"#,
         "x".repeat(2 * 1024 * 1024)

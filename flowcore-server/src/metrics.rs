@@ -1,4 +1,4 @@
-//! Prometheus metrics with the contract's names (prometheus-client), plus process memory and CPU
+//! Prometheus metrics with the names docs/deployment.md lists (prometheus-client), plus process memory and CPU
 //! read from `/proc` at scrape time.
 
 use std::sync::Arc;

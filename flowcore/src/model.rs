@@ -1,4 +1,4 @@
-//! The flow definition: the JSON document users write (contract section 1).
+//! The flow definition: the JSON document users write (docs/flows.md).
 //!
 //! Every struct refuses unknown fields, so a typo such as `"on_eror"` is an error, not a silently
 //! ignored setting.

@@ -357,7 +357,7 @@ pub struct RunResult {
     pub run_id: RunId,
     /// Its final status.
     pub status: RunStatus,
-    /// Its output, when it succeeded (contract: the `output` node's, or the one sink's, or an
+    /// Its output, when it succeeded (the `output` node's, or the one sink's, or an
     /// object keyed by the sinks that ran).
     pub output: Option<Value>,
     /// Why it did not succeed.

@@ -109,23 +109,6 @@ impl CompileError {
     pub fn code(&self) -> &'static str {
         "invalid_flow"
     }
-
-    /// Places each problem in `text`, the JSON document the flow was read from: its `line`
-    /// and `column` are those of the value its path names, else of its edge, else of its
-    /// node. Linear in the text, whatever the number of problems.
-    ///
-    /// ```
-    /// let text = "{\"nodes\": [\n  {\"id\": \"a\", \"type\": \"noop\", \"retyr\": 3}\n]}";
-    /// let value = serde_json::from_str(text).unwrap();
-    /// let e = flowcore::FlowDef::from_value_all(value).unwrap_err().locate(text.as_bytes());
-    /// assert_eq!((e.problems[0].line, e.problems[0].column), (Some(2), Some(40)));
-    /// assert!(e.problems[0].to_string().starts_with("node `a` (line 2, column 40): `nodes[0].retyr`"));
-    /// ```
-    #[must_use]
-    pub fn locate(mut self, text: &[u8]) -> Self {
-        crate::locate::locate(&mut self.problems, text);
-        self
-    }
 }
 
 /// A flow document that could not be read at all (not JSON, wrong types, unknown fields).

@@ -7,7 +7,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{CompileError, MAX_PROBLEMS, ParseError, Problem};
-use crate::plan::{shorten_to, too_many};
 
 /// A flow: nodes, the edges between them, and how it is triggered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,6 +114,38 @@ impl FlowDef {
         flow.triggers = triggers.unwrap_or(flow.triggers);
         Ok(flow)
     }
+}
+
+/// The most nodes a flow may have.
+pub const MAX_NODES: usize = 20_000;
+
+/// The most edges a flow may have.
+pub const MAX_EDGES: usize = 100_000;
+
+/// The most triggers a flow may have.
+pub const MAX_TRIGGERS: usize = 1_000;
+
+/// The problem of a flow with more nodes, edges or triggers than a flow may have.
+pub(crate) fn too_many(nodes: usize, edges: usize, triggers: usize) -> Option<Problem> {
+    (nodes > MAX_NODES || edges > MAX_EDGES || triggers > MAX_TRIGGERS).then(|| {
+        Problem::flow(format!(
+            "a flow has at most {MAX_NODES} nodes, {MAX_EDGES} edges and {MAX_TRIGGERS} \
+             triggers (this one: {nodes}, {edges} and {triggers})"
+        ))
+    })
+}
+
+/// `s`, cut to at most `max` bytes (at a character boundary) and marked `...` when cut: a name
+/// or a message quoting its input stays small in an error.
+pub(crate) fn shorten_to(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
 }
 
 /// The problem `` `path`: what serde said `` at `path`, as [`ParseError::at_path`] places and

@@ -13,7 +13,8 @@ use serde_json::Value;
 
 use crate::error::{CompileError, Problem};
 use crate::expr::{Scope, Template, ValueTemplate};
-use crate::model::{FlowDef, OnError, RetryPolicy, Trigger, is_valid_id};
+use crate::model::{FlowDef, OnError, RetryPolicy, Trigger, is_valid_id, shorten_to, too_many};
+pub use crate::model::{MAX_EDGES, MAX_NODES, MAX_TRIGGERS};
 use crate::node::{BuildContext, Node, Registry};
 use crate::ports::{ConcurrencyKey, DEFAULT_PRIORITY, MAX_PRIORITY};
 
@@ -243,25 +244,6 @@ impl Plan {
     pub(crate) fn max_concurrency(&self) -> Option<usize> {
         self.0.max_concurrency
     }
-}
-
-/// The most nodes a flow may have.
-pub const MAX_NODES: usize = 20_000;
-
-/// The most edges a flow may have.
-pub const MAX_EDGES: usize = 100_000;
-
-/// The most triggers a flow may have.
-pub const MAX_TRIGGERS: usize = 1_000;
-
-/// The problem of a flow with more nodes, edges or triggers than a flow may have.
-pub(crate) fn too_many(nodes: usize, edges: usize, triggers: usize) -> Option<Problem> {
-    (nodes > MAX_NODES || edges > MAX_EDGES || triggers > MAX_TRIGGERS).then(|| {
-        Problem::flow(format!(
-            "a flow has at most {MAX_NODES} nodes, {MAX_EDGES} edges and {MAX_TRIGGERS} \
-             triggers (this one: {nodes}, {edges} and {triggers})"
-        ))
-    })
 }
 
 /// Compiles a flow with the node types of `registry`.
@@ -914,17 +896,4 @@ pub fn parse_cron(cron: &str) -> Result<croner::Cron, String> {
 /// Keeps error messages short when the input is huge.
 fn shorten(s: &str) -> String {
     shorten_to(s, 64)
-}
-
-/// `s`, cut to at most `max` bytes (at a character boundary) and marked `...` when cut: a name
-/// or a message quoting its input stays small in an error.
-pub(crate) fn shorten_to(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &s[..end])
 }

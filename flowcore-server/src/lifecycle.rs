@@ -1031,8 +1031,9 @@ async fn end_unowned(
     status: RunStatus,
     error: Option<String>,
 ) -> Result<bool, StoreError> {
-    let runs = &state.stores.runs;
-    let run = match runs
+    let run = match state
+        .stores
+        .runs
         .claim_run(id, &state.worker_name, state.config.lease())
         .await
     {
@@ -1041,6 +1042,18 @@ async fn end_unowned(
         Err(StoreError::Conflict(_) | StoreError::NotFound { .. }) => return Ok(false),
         Err(e) => return Err(e),
     };
+    end_claimed(state, run, status, error).await?;
+    Ok(true)
+}
+
+/// Ends `run`, claimed by this process, as `status`, starts its failure handler and announces
+/// its end.
+async fn end_claimed(
+    state: &AppState,
+    run: RunRecord,
+    status: RunStatus,
+    error: Option<String>,
+) -> Result<(), StoreError> {
     let mut outcome = RunOutcome {
         status,
         error,
@@ -1055,10 +1068,10 @@ async fn end_unowned(
     outcome.then =
         durable::failure_handler(&state.engine, handler.as_deref(), &run, &outcome, None).await?;
     let epoch = run.lease.as_ref().map_or(run.epoch, |l| l.epoch);
-    let ended = runs.finish(id, epoch, outcome).await?;
+    let ended = state.stores.runs.finish(&run.id, epoch, outcome).await?;
     announce_finished(state, &ended).await;
     start_handler(state, &ended).await;
-    Ok(true)
+    Ok(())
 }
 
 /// Tells every process that a run ended (its end is stored, as in `run`), waking the requests
@@ -1097,6 +1110,26 @@ pub const MAX_OWNERS: u64 = 5;
 fn owners_lost(run: &RunRecord) -> u64 {
     run.epoch
         .saturating_sub(run.parked.as_ref().map_or(0, |p| p.epoch))
+}
+
+/// Whether `run`, just claimed by this process, was lost by more than [`MAX_OWNERS`] workers
+/// before it. Hand-backs by a shutdown count too: a run lives at most `timeout_seconds`, so five
+/// shutdowns in a row under one run are not a rollout.
+pub fn lost_too_often(run: &RunRecord) -> bool {
+    owners_lost(run) > MAX_OWNERS
+}
+
+/// Fails `run`, claimed by this process, that [`lost_too_often`] says too many workers lost: the
+/// reaper does so for the runs it finds lapsed, but a job delivered again as its lease lapses
+/// may take the run before the reaper looks (and a job that holds a concurrency slot is never
+/// dead-lettered, which would have left the run to the reaper).
+pub async fn give_up_claimed(state: &AppState, run: RunRecord) -> Result<(), StoreError> {
+    let error = format!(
+        "the run was lost by {} workers in a row (their leases lapsed); not retried again",
+        owners_lost(&run).saturating_sub(1)
+    );
+    tracing::warn!(run_id = %run.id, "a run lost by too many workers was failed");
+    end_claimed(state, run, RunStatus::Failed, Some(error)).await
 }
 
 /// Fails a run that [`MAX_OWNERS`] workers lost in a row.
@@ -1214,16 +1247,18 @@ async fn recover_ids(
 ) -> Result<usize, StoreError> {
     let mut count = 0;
     for id in ids {
-        if recent.contains_key(&id) {
-            continue;
-        }
         let run = match state.stores.runs.get(&id).await {
             Ok(run) => run,
             Err(StoreError::NotFound { .. }) => continue,
             Err(e) => return Err(e),
         };
+        // Before the look at `recent`: a run enqueued a moment ago and lost again is given up
+        // now, not after the pause.
         if run.status.is_leased() && owners_lost(&run) >= MAX_OWNERS {
             give_up(state, &run).await?;
+            continue;
+        }
+        if recent.contains_key(&id) {
             continue;
         }
         let group = group_of(state, &run).await;

@@ -197,17 +197,37 @@ async fn run_job(
         claim => claim,
     };
     let outcome = match claim {
-        Ok(Some(run)) => match lifecycle::execute(state, run, slot).await {
-            // Handed back by a shutdown: due again at once, for another worker.
-            Ok(done) if done.status == RunStatus::Queued => {
-                drop(heartbeat);
-                let _ = state.stores.queue.nack(&job, None).await;
-                return;
+        // Too many workers lost it: something in it kills them. Ended here, under the claim
+        // just taken (the reaper ends those it finds lapsed; this one did not lapse long enough
+        // to be seen).
+        Ok(Some(run)) if lifecycle::lost_too_often(&run) => {
+            match lifecycle::give_up_claimed(state, run).await {
+                Ok(()) => Ok(()),
+                Err(e) => Err((e.to_string(), true)),
             }
-            // Done, or another owner took it over: this delivery is over.
-            Ok(_) | Err(RunError::Store(StoreError::StaleLease(_))) => Ok(()),
-            Err(e) => Err(e.to_string()),
-        },
+        }
+        Ok(Some(run)) => {
+            let keyed = run.concurrency.is_some();
+            match lifecycle::execute(state, run, slot).await {
+                // Handed back by a shutdown: due again at once, for another worker.
+                Ok(done) if done.status == RunStatus::Queued => {
+                    drop(heartbeat);
+                    let _ = state.stores.queue.nack(&job, None).await;
+                    return;
+                }
+                // Done: this delivery is over.
+                Ok(_) => Ok(()),
+                // This process lost the run's lease (another worker took it over, or the
+                // lease could not be renewed in time). The run may be unfinished: acking would
+                // free its concurrency slot under it, for the next run of its key. The job is
+                // left to lapse and come back, and is acked then if the run has ended.
+                Err(RunError::Store(StoreError::StaleLease(_))) => {
+                    drop(heartbeat);
+                    return;
+                }
+                Err(e) => Err((e.to_string(), keyed)),
+            }
+        }
         // Handed back while the store was away.
         Err(e) if outage(&e) && state.hand_back.is_cancelled() => {
             drop(heartbeat);
@@ -225,14 +245,20 @@ async fn run_job(
             }
             Ok(())
         }
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err((e.to_string(), false)),
     };
     drop(heartbeat);
     match outcome {
         Ok(()) => {
             let _ = state.stores.queue.ack(&job).await;
         }
-        Err(error) => {
+        // A run with a concurrency key keeps its slot through the retry (a nack to later would
+        // give it to the next run of the key while this one has steps done): its job is left
+        // to lapse, and comes back after a lease.
+        Err((error, true)) => {
+            tracing::warn!(run_id = %job.job.run_id, %error, "run failed to execute; retrying after its lease");
+        }
+        Err((error, false)) => {
             tracing::warn!(run_id = %job.job.run_id, %error, "run failed to execute; retrying later");
             let _ = state
                 .stores

@@ -38,7 +38,7 @@ pub struct RedisConfig {
     pub command_timeout: Duration,
     /// Connections in the pool.
     pub pool_size: u32,
-    /// Deliveries of a job before it is dead-lettered.
+    /// Deliveries of a job before it is dead-lettered (never one that holds a concurrency slot).
     pub max_deliveries: u32,
     /// Whether this process hears that jobs were enqueued (its leases wake at once instead of
     /// at their next poll): off in a process that never leases, so that it is not sent a
@@ -285,7 +285,10 @@ for _, id in ipairs(came) do
 end
 local out = {tostring(now), ''}
 local max, taken, looked = tonumber(ARGV[2]), 0, 0
--- One at a time: a dead letter's slot may make the next job of its key ready.
+-- A job that holds its key's slot is never dead-lettered: its run is unfinished, and a dead
+-- letter would give the slot to the next run of the key while this one still has steps to go
+-- (its run comes back through the sweeps, behind the key). The run's own guard bounds it:
+-- a run lost by too many workers is failed, and its job then acked.
 while taken < max and looked < max + 1000 do
   local head = redis.call('ZRANGE', P .. 'ready', 0, 0)
   local id = head[1]
@@ -294,7 +297,7 @@ while taken < max and looked < max + 1000 do
   redis.call('ZREM', P .. 'ready', id)
   local jk = P .. 'job:' .. id
   local d = redis.call('HINCRBY', jk, 'deliveries', 1)
-  if d > tonumber(ARGV[4]) then
+  if d > tonumber(ARGV[4]) and redis.call('HGET', jk, 'admitted') ~= '1' then
     redis.call('HINCRBY', jk, 'deliveries', -1)
     redis.call('HSET', jk, 'token', '')
     release(id)

@@ -1456,6 +1456,40 @@ async fn the_reaper_requeues_runs_whose_worker_died_and_fails_those_lost_too_oft
 }
 
 
+/// A keyed run that too many workers lost, taken by a worker through its job (before any
+/// reaper looks): failed by that worker, and its key's slot goes to the next run. Its job was
+/// never dead-lettered, so nothing else would have freed the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_fails_a_keyed_run_lost_too_often_and_frees_its_key() {
+    let (app, state, dir) = app_with_state(&[]).await;
+    let flow = json!({"id": "keyed", "nodes": [{"id": "n", "type": "noop"}],
+        "settings": {"concurrency": {"key": "{{ input.t }}", "limit": 1}}});
+    let (status, _) = call(&app, "POST", "/api/v1/flows", Some(KEY), Some(flow.to_string().into_bytes())).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let start = async || {
+        let (status, run) = post(&app, "/api/v1/flows/keyed/runs", br#"{"input": {"t": "a"}, "wait": false}"#).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+        flowcore::RunId::from(run["run_id"].as_str().unwrap().to_owned())
+    };
+    let (cursed, next) = (start().await, start().await);
+    // Five workers claimed it and died (their leases lapsed); its job holds the key's slot.
+    let ttl = std::time::Duration::from_millis(20);
+    for owner in ["dead-1", "dead-2", "dead-3", "dead-4", "dead-5"] {
+        state.stores.runs.claim(&cursed, owner, ttl).await.unwrap();
+        tokio::time::sleep(ttl * 2).await;
+    }
+    assert_eq!(state.stores.queue.depth("default").await.unwrap().held_back, 1);
+    let worker = Worker::start(&state);
+    wait_for_status(&app, next.as_str(), "succeeded").await;
+    worker.stop().await;
+    let (_, failed) = get(&app, &format!("/api/v1/runs/{cursed}")).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(failed["error"].as_str().unwrap().contains("lost by 5 workers"), "{failed}");
+    let depth = state.stores.queue.depth("default").await.unwrap();
+    assert_eq!((depth.ready, depth.held_back, depth.dead), (0, 0, 0), "{depth:?}");
+    cleanup(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_prunes_finished_runs_by_age_and_by_count() {
     let (app, state, dir) = app_with_state(&[]).await;

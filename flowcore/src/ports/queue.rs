@@ -160,13 +160,16 @@ pub struct QueueDepth {
 /// Hands runs to workers: at-least-once delivery with leases, one queue per worker group.
 ///
 /// A job leased and not acked before its lease lapses is delivered again; after
-/// `max_deliveries` deliveries it moves to the dead-letter list instead.
+/// `max_deliveries` deliveries it moves to the dead-letter list instead, unless it holds a
+/// concurrency slot.
 ///
 /// Ready jobs are leased by priority, then in the order they became ready. A job with a
 /// concurrency key ([`JobKey`]) takes one of its key's slots when it becomes ready, and keeps it
 /// while ready or leased, across lapsed leases (another worker takes the job, and the slot with
-/// it), until it is acked, dead-lettered or nacked to a later time; the next job behind the key
-/// then takes it. Jobs behind a full key cost the other keys nothing.
+/// it), until it is acked or nacked to a later time; the next job behind the key then takes it.
+/// It is never dead-lettered: its run has steps to go, and the next run of its key must not
+/// start before it ends (the server fails a run that too many workers lost, then acks its job).
+/// Jobs behind a full key cost the other keys nothing.
 #[async_trait]
 pub trait Queue: Send + Sync {
     /// Adds a job to `group`'s queue. Returns the job id. A run whose latest job is not held by

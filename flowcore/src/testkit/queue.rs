@@ -187,9 +187,9 @@ async fn lease_all(queue: &dyn Queue, group: &str, ttl: Duration) -> Vec<crate::
 }
 
 /// The concurrency key and priority suite: priorities lease first and in order within one;
-/// a key lets `limit` jobs out at once and holds the rest back, in order; an ack, a
-/// dead letter and a nack to later free a slot; a lapsed lease keeps its slot and is delivered
-/// again; a long backlog behind one key costs the other keys nothing.
+/// a key lets `limit` jobs out at once and holds the rest back, in order; an ack and a nack
+/// to later free a slot; a lapsed lease keeps its slot and is delivered again; a job holding a
+/// slot is not dead-lettered; a long backlog behind one key costs the other keys nothing.
 pub async fn queue_keys(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
     let ttl = Duration::from_millis(300);
     let run = |n: u8| NewJob::run(RunId::from(format!("run-{n}")));
@@ -309,7 +309,9 @@ pub async fn queue_keys(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
         "{depth:?}"
     );
 
-    // A dead letter frees its slot.
+    // A job holding its key's slot is never dead-lettered: its run still has steps to go, and
+    // the next run of the key must not start before it ends. Past `max_deliveries` it is
+    // delivered again with its slot; its ack frees the slot.
     if let Some(max) = max_deliveries {
         let g = "kit-keys-dead";
         queue
@@ -322,15 +324,27 @@ pub async fn queue_keys(queue: Arc<dyn Queue>, max_deliveries: Option<u32>) {
             .expect("enqueue");
         for _ in 0..max {
             let job = lease_all(queue.as_ref(), g, Duration::from_secs(30)).await;
-            assert_eq!(ids(&job), ["run-1"]);
+            assert_eq!(ids(&job), ["run-1"], "the job keeps its slot");
             queue.nack(&job[0], None).await.expect("nack");
         }
+        // Past `max_deliveries`, through lapsed leases too (a worker killed under it).
+        for _ in 0..2 {
+            let job = lease_all(queue.as_ref(), g, ttl).await;
+            assert_eq!(
+                ids(&job),
+                ["run-1"],
+                "the job keeps its slot past its deliveries"
+            );
+            tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+        }
+        assert_eq!(queue.depth(g).await.expect("depth").dead, 0);
+        let job = lease_all(queue.as_ref(), g, Duration::from_secs(30)).await;
+        assert_eq!(ids(&job), ["run-1"]);
+        assert!(job[0].job.deliveries > max);
+        queue.ack(&job[0]).await.expect("ack");
         let after = lease_all(queue.as_ref(), g, Duration::from_secs(30)).await;
-        assert_eq!(
-            ids(&after),
-            ["run-2"],
-            "the dead job's slot went to the next"
-        );
+        assert_eq!(ids(&after), ["run-2"], "the ack gave the slot to the next");
+        queue.ack(&after[0]).await.expect("ack");
     }
 
     // A long backlog behind one key does not hold the others back.

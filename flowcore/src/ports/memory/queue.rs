@@ -89,7 +89,9 @@ impl MemoryQueue {
             let Some(q) = g.jobs.get_mut(&id) else {
                 continue;
             };
-            if q.job.deliveries >= self.max_deliveries {
+            // A job holding its key's slot is never dead-lettered (see the Redis queue's
+            // lease script): its run's guard against workers dying bounds its deliveries.
+            if q.job.deliveries >= self.max_deliveries && !q.admitted {
                 if let Some(q) = g.remove(&id) {
                     g.dead.push(q.job);
                 }

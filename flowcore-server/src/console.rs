@@ -212,6 +212,26 @@ mod tests {
         }
     }
 
+    /// Every module is announced by `index.html` (`modulepreload`), so that the browser fetches
+    /// them all at once, not one level of imports after another.
+    #[test]
+    fn the_page_preloads_every_module() {
+        let page = std::str::from_utf8(ASSETS[0].body).expect("text");
+        for asset in ASSETS
+            .iter()
+            .filter(|a| a.name.ends_with(".js") && a.name != "app.js")
+        {
+            assert!(
+                page.contains(&format!(
+                    "<link rel=\"modulepreload\" href=\"{}\">",
+                    asset.name
+                )),
+                "index.html does not preload {}",
+                asset.name
+            );
+        }
+    }
+
     #[test]
     fn the_console_is_small() {
         let (raw, gz) = sizes();

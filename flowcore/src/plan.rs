@@ -290,7 +290,11 @@ pub fn compile_in(flow: &FlowDef, cx: BuildContext<'_>) -> Result<Plan, CompileE
                 "node id is not 1 to 64 of A-Z a-z 0-9 _ -",
             ));
         } else if index.contains_key(&id) {
-            problems.push(Problem::node(&*def.id, "duplicate node id"));
+            // At the second node with the id, not the first (which `node` alone would name).
+            problems.push(Problem {
+                path: Some(format!("nodes[{i}].id")),
+                ..Problem::node(&*def.id, "duplicate node id")
+            });
         } else {
             index.insert(id.clone(), i);
         }

@@ -160,3 +160,22 @@ fn a_valid_flow_round_trips_through_json() {
     assert_eq!(flow, again);
     assert!(Engine::new().compile(&flow).is_ok());
 }
+
+/// A duplicate node id is placed at the second node that has it: the first is where it belongs.
+#[test]
+fn a_duplicate_node_id_is_placed_at_the_second_node() {
+    let text = "{\"id\": \"f\", \"nodes\": [\n  {\"id\": \"a\", \"type\": \"noop\"},\n  {\"id\": \"b\", \"type\": \"noop\"},\n  {\"id\": \"a\", \"type\": \"noop\"}\n]}";
+    let flow: FlowDef = serde_json::from_str(text).expect("parses");
+    let error = Engine::new()
+        .compile(&flow)
+        .expect_err("must be refused")
+        .locate(text.as_bytes());
+    let duplicate = error
+        .problems
+        .iter()
+        .find(|p| p.problem == "duplicate node id")
+        .expect("the duplicate is a problem");
+    assert_eq!(duplicate.node.as_deref(), Some("a"));
+    assert_eq!(duplicate.path.as_deref(), Some("nodes[2].id"));
+    assert_eq!((duplicate.line, duplicate.column), (Some(4), Some(10)));
+}

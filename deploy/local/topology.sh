@@ -2,7 +2,8 @@
 # The production topology as local processes, without Docker: FLOWCORE_APIS api processes
 # (2) and FLOWCORE_WORKERS workers (2), each through deploy/local/run.sh (the settings of
 # deploy/flowcore.env), on a fresh database of the machine's PostgreSQL, a fresh key prefix of
-# its Redis, and S3 through moto_server when it is installed (else local files). Loopback only.
+# its Redis, and S3 through moto_server when it is installed (else local files, one folder that
+# every process shares, as they would share a bucket). Loopback only.
 # Ctrl-C (or SIGTERM) stops everything and drops the database and the keys.
 #
 #   cargo build --release -p flowcore-server
@@ -52,7 +53,7 @@ fi
 start() { # role index
   local port
   port=$(free_port)
-  FLOWCORE_ROLE=$1 FLOWCORE_BIND=127.0.0.1:$port FLOWCORE_DATA_DIR=$dir/$1$2 \
+  FLOWCORE_ROLE=$1 FLOWCORE_BIND=127.0.0.1:$port FLOWCORE_DATA_DIR=$dir/data \
     "$here/deploy/local/run.sh" "$bin" 2>"$dir/$1$2.log" &
   pids+=($!)
   wait_http "127.0.0.1:$port/readyz"

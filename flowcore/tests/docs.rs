@@ -69,3 +69,78 @@ fn the_readmes_flow_is_the_quick_starts_file() {
         .expect("a block in `A flow`");
     assert_eq!(first, include_str!("../../examples/flows/greet.json"));
 }
+
+/// Every relative link of the docs leads somewhere: its file exists, and its `#anchor` is a
+/// heading of that file (as GitHub makes anchors: lower case, punctuation dropped, spaces as
+/// hyphens).
+#[test]
+fn every_link_of_the_docs_resolves() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let pages = [
+        "README.md",
+        "ARCHITECTURE.md",
+        "BENCHMARKS.md",
+        "CHANGELOG.md",
+        "SECURITY.md",
+        "docs/api.md",
+        "docs/console.md",
+        "docs/deployment.md",
+        "docs/flows.md",
+    ];
+    let anchors = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with('#'))
+            .map(|l| {
+                l.trim_start_matches('#')
+                    .trim()
+                    .to_lowercase()
+                    .chars()
+                    .filter(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | ' '))
+                    .map(|c| if c == ' ' { '-' } else { c })
+                    .collect()
+            })
+            .collect()
+    };
+    let mut checked = 0;
+    for page in pages {
+        let path = root.join(page);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{page}: {e}"));
+        // `](target)` outside code blocks; targets with a scheme are not ours to check.
+        let mut in_code = false;
+        for line in text.lines() {
+            if line.trim_start().starts_with("```") {
+                in_code = !in_code;
+            }
+            if in_code {
+                continue;
+            }
+            for part in line.split("](").skip(1) {
+                let Some(target) = part.split(')').next() else {
+                    continue;
+                };
+                if target.contains("://") || target.starts_with("mailto:") || target.contains(' ') {
+                    continue;
+                }
+                let (file, anchor) = target.split_once('#').unwrap_or((target, ""));
+                let linked = if file.is_empty() {
+                    path.clone()
+                } else {
+                    path.parent().expect("a folder").join(file)
+                };
+                assert!(
+                    linked.exists(),
+                    "{page} links to {target}, which does not exist"
+                );
+                if !anchor.is_empty() {
+                    let text = std::fs::read_to_string(&linked).unwrap_or_default();
+                    assert!(
+                        anchors(&text).iter().any(|a| a == anchor),
+                        "{page} links to {target}: no such heading"
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 30, "{checked} links checked");
+}

@@ -12,6 +12,12 @@
 # that PostgreSQL (dropped at the end) instead of SQLite, and each line adds the dead row
 # versions of `runs` and `steps` that autovacuum has not yet made reusable.
 #
+# FLOWCORE_SOAK_WARMUP (minutes, default 2) runs the load first without measuring it, so that
+# minute 1 starts on a database that retention already holds at its size (on an empty one the
+# first minute runs a third faster). With FLOWCORE_SOAK_CONTROL=1, one unwarmed minute on a fresh
+# server and database runs before and after the soak: if the after one is slower too, the
+# machine slowed, not the soaked server.
+#
 # Needs wrk, curl (and psql for PostgreSQL). Loopback only; the data dir is a fresh temp dir.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
@@ -19,6 +25,14 @@ bin=${1:-${CARGO_TARGET_DIR:-$here/target}/release/flowcore}
 minutes=${2:-60}
 connections=${3:-8}
 keep=${4:-20000}
+warmup=${FLOWCORE_SOAK_WARMUP:-2}
+control() {
+  echo "control ($1): one minute on a fresh server and database"
+  FLOWCORE_SOAK_CONTROL=0 FLOWCORE_SOAK_WARMUP=0 bash "$0" "$bin" 1 "$connections" "$keep" | sed -n 2p
+}
+if [ "${FLOWCORE_SOAK_CONTROL:-0}" = 1 ]; then
+  control before
+fi
 # shellcheck source=serve.sh
 . "$here/benches/load/serve.sh"
 pg=${FLOWCORE_SOAK_POSTGRES:-}
@@ -48,6 +62,10 @@ dead() {
   [ -n "$pg" ] || { echo -; return; }
   psql "$pg/$database" -XAtqc "SELECT sum(n_dead_tup) FROM pg_stat_user_tables WHERE relname IN ('runs', 'steps')"
 }
+if [ "$warmup" -gt 0 ]; then
+  echo "warming up for $warmup minutes"
+  wrk -t2 -c"$connections" -d"$((warmup * 60))s" -s "$dir/post.lua" "http://127.0.0.1:$port/webhooks/greet" >/dev/null
+fi
 printf '%-6s %10s %9s %8s %10s %10s %10s\n' minute "req/s" "p99" "RSS MB" "db MB" "runs done" "dead rows"
 for minute in $(seq "$minutes"); do
   out=$(wrk -t2 -c"$connections" -d60s --latency -s "$dir/post.lua" "http://127.0.0.1:$port/webhooks/greet")
@@ -60,3 +78,8 @@ for minute in $(seq "$minutes"); do
 done
 pruned=$(curl -fs "127.0.0.1:$port/metrics" | awk '/^flowcore_runs_pruned_total/ {print $2}')
 echo "runs pruned by retention: ${pruned:-0}"
+if [ "${FLOWCORE_SOAK_CONTROL:-0}" = 1 ]; then
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+  control after
+fi

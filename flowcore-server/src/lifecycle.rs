@@ -1112,11 +1112,12 @@ fn owners_lost(run: &RunRecord) -> u64 {
         .saturating_sub(run.parked.as_ref().map_or(0, |p| p.epoch))
 }
 
-/// Whether `run`, just claimed by this process, was lost by more than [`MAX_OWNERS`] workers
-/// before it. Hand-backs by a shutdown count too: a run lives at most `timeout_seconds`, so five
-/// shutdowns in a row under one run are not a rollout.
+/// Whether `run`, just claimed by this process, was claimed by more than twice
+/// [`MAX_OWNERS`] workers before it without ending or parking. Twice: those include the
+/// workers that handed it back at a shutdown (the count cannot tell them apart), which the
+/// reaper's own test, of lapsed runs only, leaves out.
 pub fn lost_too_often(run: &RunRecord) -> bool {
-    owners_lost(run) > MAX_OWNERS
+    owners_lost(run) > 2 * MAX_OWNERS
 }
 
 /// Fails `run`, claimed by this process, that [`lost_too_often`] says too many workers lost: the
@@ -1125,7 +1126,8 @@ pub fn lost_too_often(run: &RunRecord) -> bool {
 /// dead-lettered, which would have left the run to the reaper).
 pub async fn give_up_claimed(state: &AppState, run: RunRecord) -> Result<(), StoreError> {
     let error = format!(
-        "the run was lost by {} workers in a row (their leases lapsed); not retried again",
+        "the run was lost by {} workers in a row (their leases lapsed, or they stopped); not \
+         retried again",
         owners_lost(&run).saturating_sub(1)
     );
     tracing::warn!(run_id = %run.id, "a run lost by too many workers was failed");

@@ -90,15 +90,14 @@ pub async fn work(state: Shared, shutdown: CancellationToken) {
     }
 }
 
-/// Whether run `id` is running under a live lease of another worker (read only when a claim
-/// was refused).
+/// Whether run `id` is running under a live lease (read only when a claim was refused). The
+/// lease may be this process's own: a run whose execution here failed keeps it until it lapses
+/// (one executing here never gets this far: its job is set aside before the claim).
 async fn owned_elsewhere(state: &AppState, id: &RunId) -> bool {
     match state.stores.runs.get(id).await {
         Ok(run) => {
             run.status == RunStatus::Running
-                && run.lease.is_some_and(|l| {
-                    l.owner != state.worker_name && l.expires_at > chrono::Utc::now()
-                })
+                && run.lease.is_some_and(|l| l.expires_at > chrono::Utc::now())
         }
         Err(_) => false,
     }
@@ -218,13 +217,15 @@ async fn run_job(
                 // Done: this delivery is over.
                 Ok(_) => Ok(()),
                 // This process lost the run's lease (another worker took it over, or the
-                // lease could not be renewed in time). The run may be unfinished: acking would
-                // free its concurrency slot under it, for the next run of its key. The job is
-                // left to lapse and come back, and is acked then if the run has ended.
-                Err(RunError::Store(StoreError::StaleLease(_))) => {
+                // lease could not be renewed in time). The run may be unfinished: for a keyed
+                // run, acking would free its concurrency slot under it, for the next run of its
+                // key. Its job is left to lapse and come back, and is acked then if the run has
+                // ended. Another job stands for an unkeyed run (the reaper's).
+                Err(RunError::Store(StoreError::StaleLease(_))) if keyed => {
                     drop(heartbeat);
                     return;
                 }
+                Err(RunError::Store(StoreError::StaleLease(_))) => Ok(()),
                 Err(e) => Err((e.to_string(), keyed)),
             }
         }
@@ -245,16 +246,17 @@ async fn run_job(
             }
             Ok(())
         }
-        Err(e) => Err((e.to_string(), false)),
+        // The run is not known here, nor whether it has a key: its job keeps any slot.
+        Err(e) => Err((e.to_string(), true)),
     };
     drop(heartbeat);
     match outcome {
         Ok(()) => {
             let _ = state.stores.queue.ack(&job).await;
         }
-        // A run with a concurrency key keeps its slot through the retry (a nack to later would
-        // give it to the next run of the key while this one has steps done): its job is left
-        // to lapse, and comes back after a lease.
+        // A run with a concurrency key (or one whose claim failed) keeps its slot through the
+        // retry (a nack to later would give it to the next run of the key while this one has
+        // steps done): its job is left to lapse, and comes back after a lease.
         Err((error, true)) => {
             tracing::warn!(run_id = %job.job.run_id, %error, "run failed to execute; retrying after its lease");
         }

@@ -1472,10 +1472,11 @@ async fn a_worker_fails_a_keyed_run_lost_too_often_and_frees_its_key() {
         flowcore::RunId::from(run["run_id"].as_str().unwrap().to_owned())
     };
     let (cursed, next) = (start().await, start().await);
-    // Five workers claimed it and died (their leases lapsed); its job holds the key's slot.
+    // Ten workers claimed it and died (their leases lapsed, each time before a reaper looked);
+    // its job holds the key's slot.
     let ttl = std::time::Duration::from_millis(20);
-    for owner in ["dead-1", "dead-2", "dead-3", "dead-4", "dead-5"] {
-        state.stores.runs.claim(&cursed, owner, ttl).await.unwrap();
+    for i in 1..=10 {
+        state.stores.runs.claim(&cursed, &format!("dead-{i}"), ttl).await.unwrap();
         tokio::time::sleep(ttl * 2).await;
     }
     assert_eq!(state.stores.queue.depth("default").await.unwrap().held_back, 1);
@@ -1484,7 +1485,7 @@ async fn a_worker_fails_a_keyed_run_lost_too_often_and_frees_its_key() {
     worker.stop().await;
     let (_, failed) = get(&app, &format!("/api/v1/runs/{cursed}")).await;
     assert_eq!(failed["status"], "failed", "{failed}");
-    assert!(failed["error"].as_str().unwrap().contains("lost by 5 workers"), "{failed}");
+    assert!(failed["error"].as_str().unwrap().contains("lost by 10 workers"), "{failed}");
     let depth = state.stores.queue.depth("default").await.unwrap();
     assert_eq!((depth.ready, depth.held_back, depth.dead), (0, 0, 0), "{depth:?}");
     cleanup(&dir);

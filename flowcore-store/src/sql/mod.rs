@@ -207,16 +207,24 @@ impl SqlStore {
                 })?;
             }
             let busy_ms = config.statement_timeout.as_millis();
-            let setup = move || -> SetupFn<Sqlite> {
+            let setup = move |writer: bool| -> SetupFn<Sqlite> {
                 Box::new(move |url: &str| {
                     let url = url.to_owned();
                     Box::pin(async move {
                         let mut conn = Sqlite::establish(&url).await?;
                         // `auto_vacuum` first: it takes effect only in a database that has no
                         // table yet (a new one), and lets `reclaim` give deleted rows' pages
-                        // back without a full VACUUM, which would stop every writer.
+                        // back without a full VACUUM, which would stop every writer. The writer
+                        // alone sets it: setting it writes the database's header, so a reader
+                        // connecting under load wrote too, and the writer's next transaction
+                        // that read before writing failed at once with "database is locked".
+                        let auto_vacuum = if writer {
+                            "PRAGMA auto_vacuum = INCREMENTAL;"
+                        } else {
+                            ""
+                        };
                         conn.batch_execute(&format!(
-                            "PRAGMA auto_vacuum = INCREMENTAL; \
+                            "{auto_vacuum} \
                              PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
                              PRAGMA busy_timeout = {busy_ms}; PRAGMA foreign_keys = ON;"
                         ))
@@ -234,11 +242,11 @@ impl SqlStore {
             };
             // `:memory:` is one database per connection: keep a single connection for all.
             let memory = path == ":memory:";
-            let writer = build_pool!(manager(setup()), 1, config)?;
+            let writer = build_pool!(manager(setup(true)), 1, config)?;
             let readers = if memory {
                 writer.clone()
             } else {
-                build_pool!(manager(setup()), config.pool_size.max(1), config)?
+                build_pool!(manager(setup(false)), config.pool_size.max(1), config)?
             };
             let batcher = batch::Batcher::start(writer.clone());
             Pools::Sqlite {
@@ -469,4 +477,60 @@ pub(crate) fn stored_value(s: &str) -> serde_json::Value {
         tracing::warn!(error = %e, "a stored JSON value could not be read");
         serde_json::json!({ "$unreadable": format!("the stored value could not be read: {e}") })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader connecting while the writer is in a transaction that read and is about to
+    /// write must not write the database: the writer's write would then fail at once with
+    /// "database is locked" (its snapshot is stale), whatever the busy timeout. It did, as
+    /// each connection set `auto_vacuum`, which writes the header, and retention's deletes
+    /// (which read first) failed now and then under load.
+    #[tokio::test]
+    async fn a_reader_connecting_does_not_write_the_database() {
+        let dir = std::env::temp_dir().join(format!(
+            "flowcore-sql-unit-{}-{}",
+            std::process::id(),
+            flowcore::ids::new_id()
+        ));
+        let url = format!("sqlite://{}/db.sqlite", dir.display());
+        let store = SqlStore::connect(SqlConfig::new(&url))
+            .await
+            .expect("connect");
+        store.migrate().await.expect("migrate");
+        let Pools::Sqlite {
+            writer, readers, ..
+        } = &store.pools
+        else {
+            unreachable!("a SQLite URL")
+        };
+        let mut write = writer.get().await.expect("the writer");
+        write
+            .batch_execute("BEGIN DEFERRED; SELECT count(*) FROM runs;")
+            .await
+            .expect("a transaction that reads");
+        // Connections are made when first needed: these are new.
+        let first = readers.get().await.expect("a reader");
+        let second = readers.get().await.expect("another reader");
+        write
+            .batch_execute("DELETE FROM runs WHERE id = 'none'; COMMIT;")
+            .await
+            .expect("the writer writes after readers connected");
+        drop((second, write));
+        let mut read = first;
+        let mode: i64 = diesel_async::RunQueryDsl::get_result(
+            diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+                "(SELECT auto_vacuum FROM pragma_auto_vacuum())",
+            )),
+            &mut *read,
+        )
+        .await
+        .expect("auto_vacuum");
+        assert_eq!(mode, 2, "the writer still made the database incremental");
+        drop(read);
+        drop(store);
+        std::fs::remove_dir_all(dir).ok();
+    }
 }

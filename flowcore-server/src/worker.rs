@@ -195,81 +195,77 @@ async fn run_job(
         Err(e) if outage(&e) => claim_through(state, &job.job.run_id, ttl).await,
         claim => claim,
     };
-    let outcome = match claim {
+    let delivery = match claim {
         // Too many workers lost it: something in it kills them. Ended here, under the claim
         // just taken (the reaper ends those it finds lapsed; this one did not lapse long enough
         // to be seen).
         Ok(Some(run)) if lifecycle::lost_too_often(&run) => {
             match lifecycle::give_up_claimed(state, run).await {
-                Ok(()) => Ok(()),
-                Err(e) => Err((e.to_string(), true)),
+                Ok(()) => Delivery::Done,
+                Err(e) => Delivery::FailedKeepingSlot(e.to_string()),
             }
         }
         Ok(Some(run)) => {
             let keyed = run.concurrency.is_some();
             match lifecycle::execute(state, run, slot).await {
                 // Handed back by a shutdown: due again at once, for another worker.
-                Ok(done) if done.status == RunStatus::Queued => {
-                    drop(heartbeat);
-                    let _ = state.stores.queue.nack(&job, None).await;
-                    return;
-                }
-                // Done: this delivery is over.
-                Ok(_) => Ok(()),
+                Ok(done) if done.status == RunStatus::Queued => Delivery::Again,
+                Ok(_) => Delivery::Done,
                 // This process lost the run's lease (another worker took it over, or the
                 // lease could not be renewed in time). The run may be unfinished: for a keyed
                 // run, acking would free its concurrency slot under it, for the next run of its
                 // key. Its job is left to lapse and come back, and is acked then if the run has
                 // ended. Another job stands for an unkeyed run (the reaper's).
-                Err(RunError::Store(StoreError::StaleLease(_))) if keyed => {
-                    drop(heartbeat);
-                    return;
-                }
-                Err(RunError::Store(StoreError::StaleLease(_))) => Ok(()),
-                Err(e) => Err((e.to_string(), keyed)),
+                Err(RunError::Store(StoreError::StaleLease(_))) if keyed => Delivery::Lapse,
+                Err(RunError::Store(StoreError::StaleLease(_))) => Delivery::Done,
+                Err(e) if keyed => Delivery::FailedKeepingSlot(e.to_string()),
+                Err(e) => Delivery::Failed(e.to_string()),
             }
         }
         // Handed back while the store was away.
-        Err(e) if outage(&e) && state.hand_back.is_cancelled() => {
-            drop(heartbeat);
-            let _ = state.stores.queue.nack(&job, None).await;
-            return;
-        }
-        Ok(None) => {
-            if owned_elsewhere(state, &job.job.run_id).await {
-                // Another worker executes the run (this job's lease lapsed under it, or the
-                // job is a second one of the run): acking would free the concurrency slot the
-                // run holds. The job is left to lapse and come back; by then the run has
-                // ended, or its owner is gone and the run is claimed.
-                drop(heartbeat);
-                return;
-            }
-            Ok(())
-        }
+        Err(e) if outage(&e) && state.hand_back.is_cancelled() => Delivery::Again,
+        // Another worker executes the run (this job's lease lapsed under it, or the job is a
+        // second one of the run): acking would free the concurrency slot the run holds. By the
+        // time the job comes back, the run has ended, or its owner is gone and it is claimed.
+        Ok(None) if owned_elsewhere(state, &job.job.run_id).await => Delivery::Lapse,
+        Ok(None) => Delivery::Done,
         // The run is not known here, nor whether it has a key: its job keeps any slot.
-        Err(e) => Err((e.to_string(), true)),
+        Err(e) => Delivery::FailedKeepingSlot(e.to_string()),
     };
     drop(heartbeat);
-    match outcome {
-        Ok(()) => {
-            let _ = state.stores.queue.ack(&job).await;
+    let queue = &state.stores.queue;
+    match delivery {
+        Delivery::Done => {
+            let _ = queue.ack(&job).await;
         }
-        // A run with a concurrency key (or one whose claim failed) keeps its slot through the
-        // retry (a nack to later would give it to the next run of the key while this one has
-        // steps done): its job is left to lapse, and comes back after a lease.
-        Err((error, true)) => {
+        Delivery::Again => {
+            let _ = queue.nack(&job, None).await;
+        }
+        Delivery::Lapse => {}
+        Delivery::FailedKeepingSlot(error) => {
             tracing::warn!(run_id = %job.job.run_id, %error, "run failed to execute; retrying after its lease");
         }
-        Err((error, false)) => {
+        Delivery::Failed(error) => {
             tracing::warn!(run_id = %job.job.run_id, %error, "run failed to execute; retrying later");
-            let _ = state
-                .stores
-                .queue
-                .nack(
-                    &job,
-                    Some(chrono::Utc::now() + chrono::Duration::seconds(5)),
-                )
-                .await;
+            let due = chrono::Utc::now() + chrono::Duration::seconds(5);
+            let _ = queue.nack(&job, Some(due)).await;
         }
     }
+}
+
+/// What becomes of a job's delivery once [`run_job`] is done with it.
+enum Delivery {
+    /// Over: acked (which frees a concurrency key's slot).
+    Done,
+    /// Given back, due again at once for another worker (a shutdown handed the run back).
+    Again,
+    /// Left alone: its lease lapses and the job comes back then. A job that holds a
+    /// concurrency key's slot keeps it meanwhile (the queue never dead-letters such a job).
+    Lapse,
+    /// The run failed to execute and keeps its slot: left to lapse, as [`Delivery::Lapse`]. A
+    /// nack to later would give the slot to the next run of the key while this one has steps
+    /// done.
+    FailedKeepingSlot(String),
+    /// The run (without a concurrency key) failed to execute: given back, due in 5 seconds.
+    Failed(String),
 }

@@ -70,6 +70,7 @@ pub struct Metrics {
     data_dropped: Counter,
     archive_lag: Gauge,
     database_bytes: Gauge,
+    sqlite_memory: Gauge,
     memory: Gauge,
     cpu_millis: Gauge,
 }
@@ -106,6 +107,7 @@ impl Metrics {
         let data_dropped = Counter::default();
         let archive_lag = Gauge::default();
         let database_bytes = Gauge::default();
+        let sqlite_memory = Gauge::default();
         let memory = Gauge::default();
         let cpu_millis = Gauge::default();
         registry.register(
@@ -175,6 +177,11 @@ impl Metrics {
             llm_tokens.clone(),
         );
         registry.register(
+            "flowcore_sqlite_memory_bytes",
+            "Memory SQLite holds in this process (page caches, statements); 0 without SQLite",
+            sqlite_memory.clone(),
+        );
+        registry.register(
             "process_resident_memory_bytes",
             "Resident memory of this process",
             memory.clone(),
@@ -201,6 +208,7 @@ impl Metrics {
             data_dropped,
             archive_lag,
             database_bytes,
+            sqlite_memory,
             memory,
             cpu_millis,
         }
@@ -341,6 +349,8 @@ impl Metrics {
             self.memory.set(rss);
             self.cpu_millis.set(cpu_ms);
         }
+        self.sqlite_memory
+            .set(i64::try_from(flowcore_store::sql::sqlite_memory_bytes()).unwrap_or(i64::MAX));
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();

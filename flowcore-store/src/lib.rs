@@ -16,6 +16,13 @@ pub use redis::{
 };
 pub use sql::{Backend, SqlConfig, SqlStore};
 
+// The unit tests count their threads' heap bytes, to see SQLite allocate through the global
+// allocator.
+#[cfg(test)]
+#[global_allocator]
+static ALLOCATOR: flowcore::memory::Counting<std::alloc::System> =
+    flowcore::memory::Counting(std::alloc::System);
+
 /// Creates `dir` and its missing parents readable by this user only (0700 on Unix): the data
 /// folder holds the database, the blobs and the credentials key. A folder that exists is left
 /// as it is.

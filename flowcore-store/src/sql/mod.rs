@@ -18,6 +18,12 @@ mod prepared;
 mod rows;
 mod runs;
 pub mod schema;
+// SQLite's allocations through the global allocator, and its memory figure: FFI, unsafe by
+// nature, kept to that file.
+#[allow(unsafe_code)]
+mod sqlite_alloc;
+
+pub use sqlite_alloc::sqlite_memory_bytes;
 
 use std::fmt;
 use std::path::Path;
@@ -185,9 +191,15 @@ pub(crate) use returned;
 
 impl SqlStore {
     /// Connects to the database of `config.url`. Does not migrate: call [`SqlStore::migrate`].
+    ///
+    /// The first SQLite database of the process makes SQLite allocate through the process's
+    /// global allocator rather than the C library's `malloc` (under glibc, the memory SQLite
+    /// freed on the runtime's many blocking threads stayed in their arenas); unless the
+    /// process used SQLite before, which keeps it as it was.
     pub async fn connect(config: SqlConfig) -> Result<Self, StoreError> {
         let url = config.url.trim();
         let pools = if let Some(path) = sqlite_path(url) {
+            sqlite_alloc::use_global_allocator();
             // A plain path (not `:memory:`, not a `file:` URI with options).
             if path != ":memory:" && !path.starts_with("file:") && !path.contains('?') {
                 let file = Path::new(&path);

@@ -3,7 +3,9 @@
 # in-process queue) under a steady sync-webhook load for MINUTES minutes, with a retention short
 # enough to prune during the run (FLOWCORE_RUN_RETENTION_MAX_COUNT, default 20,000 runs of the
 # flow). Prints, a line a minute: requests/s and p99 of that minute, the server's resident
-# memory, the database's size (file and WAL) and the runs stored.
+# memory (the mean and the peak of a sample every 5 seconds) and the part of it SQLite holds
+# (its page caches, `flowcore_sqlite_memory_bytes`), the database's size (file and WAL) and the
+# runs finished.
 #
 #   cargo build --release -p flowcore-server
 #   benches/load/soak.sh [path/to/flowcore] [minutes] [connections] [max runs kept]
@@ -66,15 +68,27 @@ if [ "$warmup" -gt 0 ]; then
   echo "warming up for $warmup minutes"
   wrk -t2 -c"$connections" -d"$((warmup * 60))s" -s "$dir/post.lua" "http://127.0.0.1:$port/webhooks/greet" >/dev/null
 fi
-printf '%-6s %10s %9s %8s %10s %10s %10s\n' minute "req/s" "p99" "RSS MB" "db MB" "runs done" "dead rows"
+printf '%-6s %10s %9s %8s %8s %9s %10s %10s %10s\n' minute "req/s" "p99" "RSS MB" "max MB" "sqlite MB" "db MB" "runs done" "dead rows"
 for minute in $(seq "$minutes"); do
-  out=$(wrk -t2 -c"$connections" -d60s --latency -s "$dir/post.lua" "http://127.0.0.1:$port/webhooks/greet")
+  wrk -t2 -c"$connections" -d60s --latency -s "$dir/post.lua" "http://127.0.0.1:$port/webhooks/greet" >"$dir/wrk.out" &
+  load=$!
+  # Resident memory swings by a tenth within seconds under load: sampled every 5 seconds
+  # through the minute, its mean and its peak.
+  : >"$dir/rss"
+  while kill -0 "$load" 2>/dev/null; do
+    awk '/VmRSS/ {print $2}' "/proc/$pid/status" >>"$dir/rss"
+    sleep 5
+  done
+  wait "$load"
+  out=$(cat "$dir/wrk.out")
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-  rss=$(( $(awk '/VmRSS/ {print $2}' "/proc/$pid/status") / 1024 ))
+  read -r rss rss_max < <(awk '{s += $1; if ($1 > m) m = $1} END {printf "%.1f %d\n", s / NR / 1024, m / 1024}' "$dir/rss")
   db=$(( $(size) / 1024 / 1024 ))
-  runs=$(curl -fs "127.0.0.1:$port/metrics" | awk '/^flowcore_runs_total/ {s += $2} END {print s + 0}')
-  printf '%-6s %10s %9s %8s %10s %10s %10s\n' "$minute" "$rps" "$p99" "$rss" "$db" "$runs" "$(dead)"
+  metrics=$(curl -fs "127.0.0.1:$port/metrics")
+  runs=$(awk '/^flowcore_runs_total/ {s += $2} END {print s + 0}' <<<"$metrics")
+  sqlite=$(awk '/^flowcore_sqlite_memory_bytes/ {printf "%.1f", $2 / 1048576}' <<<"$metrics")
+  printf '%-6s %10s %9s %8s %8s %9s %10s %10s %10s\n' "$minute" "$rps" "$p99" "$rss" "$rss_max" "$sqlite" "$db" "$runs" "$(dead)"
 done
 pruned=$(curl -fs "127.0.0.1:$port/metrics" | awk '/^flowcore_runs_pruned_total/ {print $2}')
 echo "runs pruned by retention: ${pruned:-0}"

@@ -2,8 +2,8 @@
 //! the `flowcore` binary makes mimalloc) instead of the C library's `malloc`.
 //!
 //! Why: under load SQLite runs on the runtime's blocking threads, which come and go, and glibc
-//! gives each its own arena. The memory SQLite frees stays in those arenas: in an hour-long
-//! soak SQLite held 3 MB while glibc's arenas grew from 5 to 16 MB and more (BENCHMARKS.md,
+//! gives each its own arena. The memory SQLite frees stays in those arenas: in a soak, SQLite
+//! held 3 MB while glibc's arenas grew from 13 to 19 MB between minutes 10 and 20 (BENCHMARKS.md,
 //! "where the memory went"). One allocator for the whole process reuses what SQLite frees.
 //!
 //! Written here because neither diesel nor libsqlite3-sys offers the hook (sqlx has one, for its

@@ -90,15 +90,15 @@ pub async fn work(state: Shared, shutdown: CancellationToken) {
     }
 }
 
-/// Whether run `id` is running under a live lease (read only when a claim was refused). The
-/// lease may be this process's own: a run whose execution here failed keeps it until it lapses
-/// (one executing here never gets this far: its job is set aside before the claim).
-async fn owned_elsewhere(state: &AppState, id: &RunId) -> bool {
+/// Whether run `id`, whose claim was just refused, is still unfinished: running (under a live
+/// lease, which may be this process's own: a run whose execution here failed keeps it until it
+/// lapses) or queued. Running under a lease that lapsed counts too: the claim was refused while
+/// the lease of a worker that died still held, and the lease lapsed before this read. The job
+/// must then not be acked, which would free a concurrency key's slot under the unfinished run:
+/// it comes back after a lease, and claims the run then.
+async fn unfinished(state: &AppState, id: &RunId) -> bool {
     match state.stores.runs.get(id).await {
-        Ok(run) => {
-            run.status == RunStatus::Running
-                && run.lease.is_some_and(|l| l.expires_at > chrono::Utc::now())
-        }
+        Ok(run) => matches!(run.status, RunStatus::Running | RunStatus::Queued),
         Err(_) => false,
     }
 }
@@ -225,9 +225,10 @@ async fn run_job(
         // Handed back while the store was away.
         Err(e) if outage(&e) && state.hand_back.is_cancelled() => Delivery::Again,
         // Another worker executes the run (this job's lease lapsed under it, or the job is a
-        // second one of the run): acking would free the concurrency slot the run holds. By the
-        // time the job comes back, the run has ended, or its owner is gone and it is claimed.
-        Ok(None) if owned_elsewhere(state, &job.job.run_id).await => Delivery::Lapse,
+        // second one of the run), or did until it died a moment ago: acking would free the
+        // concurrency slot the run holds. By the time the job comes back, the run has ended, or
+        // its owner is gone and it is claimed.
+        Ok(None) if unfinished(state, &job.job.run_id).await => Delivery::Lapse,
         Ok(None) => Delivery::Done,
         // The run is not known here, nor whether it has a key: its job keeps any slot.
         Err(e) => Delivery::FailedKeepingSlot(e.to_string()),

@@ -95,11 +95,13 @@ pub async fn work(state: Shared, shutdown: CancellationToken) {
 /// lapses) or queued. Running under a lease that lapsed counts too: the claim was refused while
 /// the lease of a worker that died still held, and the lease lapsed before this read. The job
 /// must then not be acked, which would free a concurrency key's slot under the unfinished run:
-/// it comes back after a lease, and claims the run then.
+/// it comes back after a lease, and claims the run then. A run that could not be read counts
+/// as unfinished too; only one that is gone does not.
 async fn unfinished(state: &AppState, id: &RunId) -> bool {
     match state.stores.runs.get(id).await {
         Ok(run) => matches!(run.status, RunStatus::Running | RunStatus::Queued),
-        Err(_) => false,
+        Err(StoreError::NotFound { .. }) => false,
+        Err(_) => true,
     }
 }
 

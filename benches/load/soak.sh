@@ -83,7 +83,7 @@ for minute in $(seq "$minutes"); do
   out=$(cat "$dir/wrk.out")
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-  read -r rss rss_max < <(awk '{s += $1; if ($1 > m) m = $1} END {printf "%.1f %d\n", s / NR / 1024, m / 1024}' "$dir/rss")
+  read -r rss rss_max < <(awk '{s += $1; if ($1 > m) m = $1} END {if (NR) printf "%.1f %d\n", s / NR / 1024, m / 1024; else print "- -"}' "$dir/rss")
   db=$(( $(size) / 1024 / 1024 ))
   metrics=$(curl -fs "127.0.0.1:$port/metrics")
   runs=$(awk '/^flowcore_runs_total/ {s += $2} END {print s + 0}' <<<"$metrics")
